@@ -1,0 +1,28 @@
+"""gradwire: a Tinker-compatible Python SDK for the gradwire gRPC training service.
+
+    import gradwire
+    service = gradwire.ServiceClient(base_url="localhost:50051")
+    tc = service.create_lora_training_client(base_model="tiny-random", rank=8)
+    out = tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(gradwire.AdamParams(learning_rate=1e-3)).result()
+"""
+from gradwire import types
+from gradwire.client import ServiceClient, TrainingClient
+from gradwire.errors import (AbortedError, APIConnectionError, APIError, APIStatusError,
+                             APITimeoutError, AuthenticationError, BadRequestError, ConflictError,
+                             CustomLossError, GradwireError, InternalServerError, NotFoundError,
+                             PermissionDeniedError, RateLimitError, RequestCancelledError)
+from gradwire.futures import APIFuture
+from gradwire.types import (AdamParams, Datum, EncodedTextChunk, ForwardBackwardOutput,
+                            GetInfoResponse, GetServerCapabilitiesResponse, LoraConfig, ModelInput,
+                            OptimStepResponse, SupportedModel, TensorData)
+
+__all__ = [
+    "APIConnectionError", "APIError", "APIFuture", "APIStatusError", "APITimeoutError",
+    "AbortedError", "AdamParams", "AuthenticationError", "BadRequestError", "ConflictError",
+    "CustomLossError", "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "GetInfoResponse",
+    "GetServerCapabilitiesResponse", "GradwireError", "InternalServerError", "LoraConfig",
+    "ModelInput", "NotFoundError", "OptimStepResponse", "PermissionDeniedError", "RateLimitError",
+    "RequestCancelledError", "ServiceClient", "SupportedModel", "TensorData", "TrainingClient",
+    "types",
+]

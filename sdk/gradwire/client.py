@@ -1,0 +1,346 @@
+"""ServiceClient and TrainingClient: the Tinker-style SDK over gRPC.
+
+Every training call returns an APIFuture at once. A training client's requests
+go out one by one from its own sender thread, numbered by seq_id in call
+order, and the server runs them in that order; so forward_backward and
+optim_step can be submitted back to back. If a request fails before it is
+accepted, the requests queued behind it fail with AbortedError; requests made
+after that run normally.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+
+from gradwire import _convert, custom_loss, types
+from gradwire.errors import (AbortedError, APITimeoutError, GradwireError, error_from_rpc,
+                             error_from_status)
+from gradwire.futures import APIFuture
+from gradwire.v1 import training_service_pb2 as pb
+from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+
+DEFAULT_BASE_URL = "localhost:50051"
+_POLL_S = 30.0  # one WaitOperation long-poll; the server caps it too
+
+
+class ServiceClient:
+    """Entry point: connects to a gradwire server and creates clients.
+
+    base_url defaults to $GRADWIRE_BASE_URL, else localhost:50051; api_key
+    (default $GRADWIRE_API_KEY) is sent as a bearer token when set.
+    """
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None):
+        target = base_url or os.environ.get("GRADWIRE_BASE_URL") or DEFAULT_BASE_URL
+        for scheme in ("grpc://", "http://"):
+            target = target.removeprefix(scheme)
+        self.base_url = target
+        api_key = api_key or os.environ.get("GRADWIRE_API_KEY")
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._channel = grpc.insecure_channel(target)
+        self._training = pb_grpc.TrainingServiceStub(self._channel)
+        self._operations = operations_pb2_grpc.OperationsStub(self._channel)
+        self._tokenizers: dict[str, Any] = {}
+
+    # ---- plumbing shared by the clients ------------------------------------------
+
+    def _call(self, method: str, request, timeout: float | None = None):
+        """A unary TrainingService call; gRPC errors become SDK exceptions."""
+        try:
+            return getattr(self._training, method)(request, metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+
+    def _wait_operation(self, name: str, timeout: float | None) -> operations_pb2.Operation:
+        """Long-polls until the operation is done or `timeout` seconds pass."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            poll = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
+            request = operations_pb2.WaitOperationRequest(
+                name=name, timeout=duration_pb2.Duration(seconds=int(poll), nanos=int(poll % 1 * 1e9)))
+            try:
+                operation = self._operations.WaitOperation(request, metadata=self._metadata,
+                                                           timeout=poll + 30.0)
+            except grpc.RpcError as error:
+                raise error_from_rpc(error) from None
+            if operation.done:
+                return operation
+            if deadline is not None and time.monotonic() >= deadline:
+                raise APITimeoutError(f"{name} is not done after {timeout} s; it keeps running, "
+                                      "call result() again to keep waiting")
+
+    def _operation_result(self, name: str, message_type, timeout: float | None):
+        """The unpacked response of a finished operation, which is then deleted."""
+        operation = self._wait_operation(name, timeout)
+        try:
+            self._operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name),
+                                             metadata=self._metadata)
+        except grpc.RpcError:
+            pass  # the server's TTL removes it anyway
+        if operation.HasField("error"):
+            raise error_from_status(operation.error)
+        response = message_type()
+        operation.response.Unpack(response)
+        return response
+
+    def _tokenizer(self, base_model: str):
+        if base_model not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            files = self._call("GetTokenizer", pb.GetTokenizerRequest(base_model=base_model)).files
+            with tempfile.TemporaryDirectory() as folder:
+                for name, content in files.items():
+                    with open(os.path.join(folder, os.path.basename(name)), "wb") as out:
+                        out.write(content)
+                self._tokenizers[base_model] = AutoTokenizer.from_pretrained(folder)
+        return self._tokenizers[base_model]
+
+    # ---- public API ---------------------------------------------------------------
+
+    def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:
+        """Models, built-in losses, limits and device of the server."""
+        response = self._call("GetServerCapabilities", pb.GetServerCapabilitiesRequest())
+        limits = response.limits
+        return types.GetServerCapabilitiesResponse(
+            supported_models=[types.SupportedModel(m.model_name, m.max_context_length, m.vocab_size)
+                              for m in response.supported_models],
+            loss_fns=list(response.loss_fns), device=response.device,
+            limits={"max_message_bytes": limits.max_message_bytes,
+                    "max_lora_rank": limits.max_lora_rank,
+                    "max_wait_seconds": limits.max_wait_seconds,
+                    "operation_ttl_seconds": limits.operation_ttl_seconds})
+
+    async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
+        return await asyncio.to_thread(self.get_server_capabilities)
+
+    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
+                                    train_mlp: bool = True, train_attn: bool = True,
+                                    train_unembed: bool = True,
+                                    user_metadata: dict[str, str] | None = None) -> TrainingClient:
+        """A new training run: a LoRA adapter of `rank` on `base_model`, with its own AdamW."""
+        config = pb.LoraConfig(rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
+                               train_unembed=train_unembed)
+        response = self._call("CreateModel", pb.CreateModelRequest(
+            base_model=base_model, lora_config=config, user_metadata=user_metadata or {}))
+        return TrainingClient(self, response.model_id, base_model)
+
+    async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:
+        return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ServiceClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+@dataclass
+class _Pending:
+    """A request waiting in a training client's send queue."""
+
+    send: Callable[[Callable[[], int]], Any]   # given next_seq(), sends; returns what result needs
+    submitted: concurrent.futures.Future
+    label: str
+
+
+class TrainingClient:
+    """A training run. Calls return APIFutures and run on the server in call order."""
+
+    def __init__(self, service: ServiceClient, model_id: str, base_model: str):
+        self.service = service
+        self.model_id = model_id
+        self.base_model = base_model
+        self._seq = 0
+        self._queue: queue.Queue[_Pending] = queue.Queue()
+        self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                        name=f"gradwire-sender-{model_id}")
+        self._sender.start()
+
+    # ---- training ---------------------------------------------------------------
+
+    def forward(self, data: Sequence[types.Datum], loss_fn: str,
+                loss_fn_config: dict[str, float] | None = None) -> APIFuture[types.ForwardBackwardOutput]:
+        """Loss and per-token logprobs; gradients are not touched."""
+        return self._loss_call("Forward", data, loss_fn, loss_fn_config)
+
+    def forward_backward(self, data: Sequence[types.Datum], loss_fn: str,
+                         loss_fn_config: dict[str, float] | None = None
+                         ) -> APIFuture[types.ForwardBackwardOutput]:
+        """Loss and logprobs; the gradient accumulates until optim_step."""
+        return self._loss_call("ForwardBackward", data, loss_fn, loss_fn_config)
+
+    def forward_backward_custom(self, data: Sequence[types.Datum], loss_fn: custom_loss.CustomLossFn
+                                ) -> APIFuture[types.ForwardBackwardOutput]:
+        """Trains any loss written in PyTorch over per-token logprobs.
+
+        loss_fn(data, logprobs_list) -> (scalar loss tensor, metrics), where
+        logprobs_list[i] is shaped like data[i]'s target_tokens. The function
+        runs here, never on the server: a forward pass fetches the logprobs,
+        loss_fn runs when they arrive, and a cross-entropy pass weighted by
+        -dLoss/dlogprobs applies exactly the loss's gradient. Every
+        loss_fn_inputs key reaches loss_fn; only target_tokens travels.
+        Result metrics: loss:sum (the custom loss), surrogate_loss:sum, and
+        the user's metrics.
+        """
+        data = list(data)
+        service, model_id = self.service, self.model_id
+
+        def send(next_seq: Callable[[], int]):
+            forward = service._call("Forward", _convert.forward_backward_request(
+                model_id, next_seq(), data, "cross_entropy", None, keys=("target_tokens",)))
+            logprobs = [out["logprobs"].data for out in _convert.forward_backward_output(
+                service._operation_result(forward.name, pb.ForwardBackwardOutput, None)).loss_fn_outputs]
+            loss, metrics, grads = custom_loss.logprob_gradients(data, logprobs, loss_fn)
+            backward = service._call("ForwardBackward", _convert.forward_backward_request(
+                model_id, next_seq(), custom_loss.surrogate_data(data, grads), "cross_entropy", None))
+            return backward.name, loss, metrics
+
+        def fetch(submitted, timeout):
+            name, loss, metrics = submitted
+            output = _convert.forward_backward_output(
+                service._operation_result(name, pb.ForwardBackwardOutput, timeout))
+            output.metrics = {**metrics, "loss:sum": loss,
+                              "surrogate_loss:sum": output.metrics["loss:sum"]}
+            return output
+
+        return self._enqueue(send, fetch, "forward_backward_custom")
+
+    def optim_step(self, adam_params: types.AdamParams) -> APIFuture[types.OptimStepResponse]:
+        """One AdamW step with the accumulated gradients, which are then cleared."""
+        service, model_id = self.service, self.model_id
+        params = _convert.adam_params(adam_params)
+
+        def send(next_seq):
+            return service._call("OptimStep", pb.OptimStepRequest(
+                model_id=model_id, seq_id=next_seq(), adam_params=params)).name
+
+        def fetch(name, timeout):
+            response = service._operation_result(name, pb.OptimStepResponse, timeout)
+            return types.OptimStepResponse(metrics=dict(response.metrics))
+
+        return self._enqueue(send, fetch, "optim_step")
+
+    async def forward_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
+        """Submits forward; the awaited APIFuture gives the result."""
+        return await _submitted(self.forward(*args, **kwargs))
+
+    async def forward_backward_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
+        """Submits forward_backward; the awaited APIFuture gives the result."""
+        return await _submitted(self.forward_backward(*args, **kwargs))
+
+    async def forward_backward_custom_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
+        """Submits forward_backward_custom; the awaited APIFuture gives the result."""
+        return await _submitted(self.forward_backward_custom(*args, **kwargs))
+
+    async def optim_step_async(self, *args, **kwargs) -> APIFuture[types.OptimStepResponse]:
+        """Submits optim_step; the awaited APIFuture gives the result."""
+        return await _submitted(self.optim_step(*args, **kwargs))
+
+    # ---- information --------------------------------------------------------------
+
+    def get_info(self) -> types.GetInfoResponse:
+        """Base model, LoRA rank and settings, steps taken."""
+        info = self.service._call("GetInfo", pb.GetInfoRequest(model_id=self.model_id))
+        return types.GetInfoResponse(model_id=info.model_id, model_name=info.model_name,
+                                     is_lora=info.is_lora, lora_rank=info.lora_rank,
+                                     lora_config=_convert.lora_config(info.lora_config),
+                                     model_data=dict(info.model_data), step=info.step)
+
+    async def get_info_async(self) -> types.GetInfoResponse:
+        return await asyncio.to_thread(self.get_info)
+
+    def get_tokenizer(self):
+        """The base model's Hugging Face tokenizer (fetched from the server, no download)."""
+        return self.service._tokenizer(self.base_model)
+
+    async def get_tokenizer_async(self):
+        return await asyncio.to_thread(self.get_tokenizer)
+
+    # Client-creation methods return the client; it also answers .result() and
+    # await, so code written for newer Tinker SDKs (which return futures) runs.
+    def result(self, timeout: float | None = None) -> TrainingClient:
+        return self
+
+    def __await__(self) -> Generator[Any, None, TrainingClient]:
+        async def itself() -> TrainingClient:
+            return self
+        return itself().__await__()
+
+    # ---- the send queue ---------------------------------------------------------------
+
+    def _loss_call(self, rpc: str, data: Sequence[types.Datum], loss_fn: str,
+                   loss_fn_config: dict[str, float] | None) -> APIFuture[types.ForwardBackwardOutput]:
+        data = [d if isinstance(d, types.Datum) else types.Datum(**d) for d in data]
+        service, model_id = self.service, self.model_id
+
+        def send(next_seq):
+            return service._call(rpc, _convert.forward_backward_request(
+                model_id, next_seq(), data, loss_fn, loss_fn_config)).name
+
+        def fetch(name, timeout):
+            return _convert.forward_backward_output(
+                service._operation_result(name, pb.ForwardBackwardOutput, timeout))
+
+        return self._enqueue(send, fetch, rpc)
+
+    def _enqueue(self, send, fetch, label: str) -> APIFuture:
+        pending = _Pending(send, concurrent.futures.Future(), label)
+        self._queue.put(pending)
+
+        def result(timeout: float | None):
+            try:
+                submitted = pending.submitted.result(timeout)
+            except concurrent.futures.TimeoutError:
+                raise APITimeoutError(f"{label} was not submitted within {timeout} s") from None
+            return fetch(submitted, timeout)
+
+        return APIFuture(result, pending.submitted)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _send_loop(self) -> None:
+        while True:
+            pending = self._queue.get()
+            try:
+                pending.submitted.set_result(pending.send(self._next_seq))
+            except BaseException as error:  # noqa: BLE001 - delivered through the future
+                pending.submitted.set_exception(error)
+                self._abort_queued(pending, error)
+
+    def _abort_queued(self, failed: _Pending, error: BaseException) -> None:
+        """Fails what was queued behind a failed request (never an optimizer step
+        without the gradient the user meant to include)."""
+        while True:
+            try:
+                pending = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            pending.submitted.set_exception(AbortedError(
+                f"ABORTED: not sent: an earlier {failed.label} of {self.model_id} failed: {error}",
+                grpc.StatusCode.ABORTED, "EARLIER_REQUEST_FAILED"))
+
+
+async def _submitted(future: APIFuture) -> APIFuture:
+    """Waits (without blocking the loop) until the request has its place on the server."""
+    try:
+        await asyncio.wrap_future(future._submitted)
+    except GradwireError:
+        pass  # delivered by future.result()
+    return future

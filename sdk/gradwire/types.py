@@ -1,0 +1,222 @@
+"""SDK data types, named and shaped as in the Tinker API."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "AdamParams", "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "GetInfoResponse",
+    "GetServerCapabilitiesResponse", "LoraConfig", "ModelInput", "OptimStepResponse",
+    "SupportedModel", "TensorData",
+]
+
+_NUMPY_DTYPES = {"int64": np.int64, "float32": np.float32}
+# Loss inputs whose dtype is fixed by their name; other keys keep their kind.
+_DTYPE_OF_KEY = {"target_tokens": "int64", "weights": "float32", "advantages": "float32",
+                 "logprobs": "float32"}
+
+
+@dataclass
+class TensorData:
+    """An int64 or float32 array: flat row-major `data`, `dtype` and `shape`."""
+
+    data: Any
+    dtype: Literal["int64", "float32"]
+    shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _NUMPY_DTYPES:
+            raise ValueError(f"TensorData dtype must be int64 or float32, got {self.dtype!r}")
+        flat = np.asarray(self.data, dtype=_NUMPY_DTYPES[self.dtype]).reshape(-1)
+        self.shape = tuple(self.shape) if self.shape is not None else (flat.size,)
+        self.data = flat.reshape(self.shape)  # stored shaped; validates the size
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> TensorData:
+        """Wraps an integer (as int64) or floating (as float32) array."""
+        array = np.asarray(array)
+        dtype = "int64" if np.issubdtype(array.dtype, np.integer) or array.dtype == bool else "float32"
+        return cls(array, dtype, array.shape)
+
+    @classmethod
+    def from_torch(cls, tensor: torch.Tensor) -> TensorData:
+        """Wraps a torch tensor (bf16/fp16 are widened to float32)."""
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+        return cls.from_numpy(tensor.numpy())
+
+    def to_numpy(self) -> np.ndarray:
+        """The array with its shape."""
+        return self.data
+
+    def to_torch(self) -> torch.Tensor:
+        """The array as a torch tensor (a copy)."""
+        import torch
+
+        return torch.from_numpy(np.array(self.data))
+
+    def tolist(self) -> list:
+        """Nested Python lists."""
+        return self.data.tolist()
+
+
+def as_tensor_data(value: Any, key: str = "") -> TensorData:
+    """Converts a TensorData, torch tensor, numpy array or (nested) list to TensorData."""
+    if isinstance(value, TensorData):
+        array = value.data
+    elif hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        array = TensorData.from_torch(value).data
+    else:
+        array = np.asarray(value)
+    dtype = _DTYPE_OF_KEY.get(key)
+    if dtype is None:
+        dtype = "int64" if np.issubdtype(array.dtype, np.integer) or array.dtype == bool else "float32"
+    return TensorData(array, dtype, array.shape)
+
+
+@dataclass
+class EncodedTextChunk:
+    """A run of token ids."""
+
+    tokens: list[int]
+    type: Literal["encoded_text"] = "encoded_text"
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class ModelInput:
+    """What the model reads: a list of chunks (token runs)."""
+
+    chunks: list[EncodedTextChunk] = field(default_factory=list)
+
+    @classmethod
+    def from_ints(cls, tokens: Any) -> ModelInput:
+        """One chunk holding `tokens` (a list, numpy array or torch tensor of ids)."""
+        if hasattr(tokens, "tolist"):
+            tokens = tokens.tolist()
+        return cls([EncodedTextChunk([int(t) for t in tokens])])
+
+    @classmethod
+    def empty(cls) -> ModelInput:
+        return cls([])
+
+    def to_ints(self) -> list[int]:
+        """All token ids, chunk after chunk."""
+        out: list[int] = []
+        for chunk in self.chunks:
+            if not isinstance(chunk, EncodedTextChunk):
+                raise ValueError(f"to_ints: {type(chunk).__name__} holds no token ids")
+            out.extend(chunk.tokens)
+        return out
+
+    @property
+    def length(self) -> int:
+        """Number of model positions."""
+        return sum(chunk.length for chunk in self.chunks)
+
+    def append(self, chunk: EncodedTextChunk) -> ModelInput:
+        """A new ModelInput with `chunk` added at the end."""
+        return ModelInput([*self.chunks, chunk])
+
+    def append_int(self, token: int) -> ModelInput:
+        """A new ModelInput with one more token at the end."""
+        if self.chunks and isinstance(self.chunks[-1], EncodedTextChunk):
+            last = EncodedTextChunk([*self.chunks[-1].tokens, int(token)])
+            return ModelInput([*self.chunks[:-1], last])
+        return self.append(EncodedTextChunk([int(token)]))
+
+
+@dataclass
+class Datum:
+    """One training example: model input plus per-token loss inputs.
+
+    `loss_fn_inputs` values may be TensorData, torch tensors, numpy arrays or
+    lists; they are converted on construction (target_tokens to int64;
+    weights, advantages and logprobs to float32).
+    """
+
+    model_input: ModelInput
+    loss_fn_inputs: dict[str, TensorData] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.loss_fn_inputs = {key: as_tensor_data(value, key)
+                               for key, value in self.loss_fn_inputs.items()}
+
+
+@dataclass
+class ForwardBackwardOutput:
+    """Result of forward / forward_backward / forward_backward_custom."""
+
+    loss_fn_output_type: str
+    loss_fn_outputs: list[dict[str, TensorData]]
+    metrics: dict[str, float]
+
+
+@dataclass
+class AdamParams:
+    """AdamW hyperparameters (Tinker's defaults; weight decay is decoupled)."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+@dataclass
+class OptimStepResponse:
+    """Result of optim_step."""
+
+    metrics: dict[str, float] | None = None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA settings of a training run."""
+
+    rank: int = 32
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+@dataclass
+class SupportedModel:
+    model_name: str
+    max_context_length: int
+    vocab_size: int
+
+
+@dataclass
+class GetServerCapabilitiesResponse:
+    """What the server offers."""
+
+    supported_models: list[SupportedModel]
+    loss_fns: list[str]
+    limits: dict[str, float]
+    device: str
+
+
+@dataclass
+class GetInfoResponse:
+    """Description of a training run."""
+
+    model_id: str
+    model_name: str
+    is_lora: bool
+    lora_rank: int
+    lora_config: LoraConfig
+    model_data: dict[str, str]
+    step: int
+

@@ -1,0 +1,1 @@
+"""gradwire's gRPC training server. Entry point: `gradwire-server` (gradwire_server.cli)."""

@@ -1,0 +1,3 @@
+from gradwire_server.cli import main
+
+main()

@@ -1,0 +1,29 @@
+"""`gradwire-server --model NAME_OR_PATH [--host H] [--port P] [--checkpoint-dir DIR]`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import pathlib
+
+from gradwire_server.server import ServerConfig, serve
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="gradwire-server",
+                                     description="gradwire training service (gRPC)")
+    parser.add_argument("--model", required=True,
+                        help="tiny-random, smollm2-135m, a local Hugging Face model folder or a hub id")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    parser.add_argument("--checkpoint-dir", type=pathlib.Path, default=None,
+                        help="where checkpoints are written (default: ./gradwire-checkpoints)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    checkpoint_dir = args.checkpoint_dir or pathlib.Path("gradwire-checkpoints")
+    asyncio.run(serve(ServerConfig(model=args.model, host=args.host, port=args.port,
+                                   checkpoint_dir=checkpoint_dir)))
+
+
+if __name__ == "__main__":
+    main()

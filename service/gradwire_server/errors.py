@@ -1,0 +1,80 @@
+"""google.rpc.Status errors (AIP-193): canonical code, ErrorInfo always,
+BadRequest field violations for bad input."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+DOMAIN = "gradwire.dev"
+
+
+@dataclass
+class FieldViolation:
+    field: str        # e.g. 'data[3].loss_fn_inputs["weights"]'
+    description: str
+
+
+class ServiceError(Exception):
+    """An error with a canonical code, raised anywhere below the servicers."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str,
+                 violations: list[FieldViolation] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.violations = violations or []
+
+    def to_status(self) -> status_pb2.Status:
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN))
+        details = [info]
+        if self.violations:
+            bad = any_pb2.Any()
+            bad.Pack(error_details_pb2.BadRequest(field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in self.violations]))
+            details.append(bad)
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+
+
+def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
+    """INVALID_ARGUMENT listing every violation (the first few in the message)."""
+    shown = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
+    more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, shown + more, "INVALID_INPUT", violations)
+
+
+def not_found(what: str, name: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, f"{what} {name!r} not found",
+                        f"{what.upper().replace(' ', '_')}_NOT_FOUND")
+
+
+def aborted(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.ABORTED, message, "EARLIER_REQUEST_FAILED")
+
+
+def already_used(seq_id: int, request_id: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.ALREADY_EXISTS,
+                        f"seq_id {seq_id} is already taken by request_id {request_id!r}",
+                        "SEQ_ID_ALREADY_USED")
+
+
+def internal(error: BaseException) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}", "INTERNAL")
+
+
+def cancelled(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.CANCELLED, message, "CANCELLED")
+
+
+async def abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
+    """Ends the RPC with the error's rich status."""
+    from grpc_status import rpc_status
+
+    await context.abort_with_status(rpc_status.to_status(error.to_status()))
+
+

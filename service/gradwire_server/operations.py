@@ -1,0 +1,162 @@
+"""Operation store and the google.longrunning.Operations service (AIP-151).
+
+A finished operation stays retrievable until deleted or `ttl_s` after it
+finished, so a waiter that timed out never loses a result. Lives on the event
+loop; the worker thread reports through loop.call_soon_threadsafe.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import empty_pb2, message, timestamp_pb2
+
+from gradwire.v1 import training_service_pb2 as pb
+from gradwire_server.errors import ServiceError, abort, not_found
+
+State = pb.OperationMetadata.State
+
+
+@dataclass
+class OperationRecord:
+    operation: operations_pb2.Operation
+    metadata: pb.OperationMetadata
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    finished_at: float | None = None
+    on_cancel: Callable[[], bool] | None = None  # cancels it if still queued
+
+    def snapshot(self) -> operations_pb2.Operation:
+        self.operation.metadata.Pack(self.metadata)
+        return self.operation
+
+
+class OperationStore:
+    def __init__(self, ttl_s: float = 1800.0, max_wait_s: float = 30.0):
+        self.ttl_s = ttl_s
+        self.max_wait_s = max_wait_s
+        self._records: dict[str, OperationRecord] = {}
+        self._counter = itertools.count(1)
+
+    def create(self, kind: str, model_id: str, seq_id: int, num_datums: int) -> OperationRecord:
+        name = f"operations/{model_id}/{next(self._counter)}-{secrets.token_hex(4)}"
+        metadata = pb.OperationMetadata(model_id=model_id, seq_id=seq_id, kind=kind,
+                                        state=State.QUEUED, create_time=_now(),
+                                        num_datums=num_datums)
+        record = OperationRecord(operations_pb2.Operation(name=name), metadata)
+        self._records[name] = record
+        return record
+
+    def get(self, name: str) -> OperationRecord:
+        record = self._records.get(name)
+        if record is None:
+            raise not_found("operation", name)
+        return record
+
+    def set_running(self, name: str) -> None:
+        record = self._records.get(name)
+        if record is not None and not record.operation.done:
+            record.metadata.state = State.RUNNING
+            record.metadata.start_time.CopyFrom(_now())
+
+    def finish(self, name: str, response: message.Message | None = None,
+               error: ServiceError | None = None) -> None:
+        """Completes an operation with a response or an error (first call wins)."""
+        record = self._records.get(name)
+        if record is None or record.operation.done:
+            return
+        if error is not None:
+            record.operation.error.CopyFrom(error.to_status())
+            record.metadata.state = State.CANCELLED if error.reason == "CANCELLED" else State.FAILED
+        else:
+            record.operation.response.Pack(response)
+            record.metadata.state = State.SUCCEEDED
+        record.metadata.end_time.CopyFrom(_now())
+        record.operation.done = True
+        record.finished_at = time.monotonic()
+        record.on_cancel = None
+        record.done.set()
+
+    async def wait(self, name: str, timeout_s: float) -> OperationRecord:
+        record = self.get(name)
+        if not record.operation.done:
+            try:
+                await asyncio.wait_for(record.done.wait(), min(timeout_s, self.max_wait_s))
+            except asyncio.TimeoutError:
+                pass
+        return record
+
+    def delete(self, name: str) -> None:
+        self.get(name)
+        del self._records[name]
+
+    def names(self, prefix: str) -> list[str]:
+        return [name for name in self._records if name.startswith(prefix)]
+
+    def expire(self) -> int:
+        """Drops operations finished more than ttl_s ago; returns how many."""
+        cutoff = time.monotonic() - self.ttl_s
+        stale = [name for name, r in self._records.items()
+                 if r.finished_at is not None and r.finished_at < cutoff]
+        for name in stale:
+            del self._records[name]
+        return len(stale)
+
+
+class OperationsServicer(operations_pb2_grpc.OperationsServicer):
+    """google.longrunning.Operations over the store. `name` filters List by prefix
+    (e.g. "operations/run-abc")."""
+
+    def __init__(self, store: OperationStore):
+        self.store = store
+
+    async def GetOperation(self, request, context):
+        try:
+            return self.store.get(request.name).snapshot()
+        except ServiceError as error:
+            await abort(context, error)
+
+    async def WaitOperation(self, request, context):
+        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") \
+            else self.store.max_wait_s
+        try:
+            return (await self.store.wait(request.name, timeout)).snapshot()
+        except ServiceError as error:
+            await abort(context, error)
+
+    async def ListOperations(self, request, context):
+        names = self.store.names(request.name or request.filter or "")
+        start = int(request.page_token or 0)
+        size = request.page_size or 100
+        page = names[start:start + size]
+        response = operations_pb2.ListOperationsResponse(
+            operations=[self.store.get(name).snapshot() for name in page])
+        if start + size < len(names):
+            response.next_page_token = str(start + size)
+        return response
+
+    async def CancelOperation(self, request, context):
+        try:
+            record = self.store.get(request.name)
+        except ServiceError as error:
+            await abort(context, error)
+        if record.on_cancel is not None:
+            record.on_cancel()
+        return empty_pb2.Empty()
+
+    async def DeleteOperation(self, request, context):
+        try:
+            self.store.delete(request.name)
+        except ServiceError as error:
+            await abort(context, error)
+        return empty_pb2.Empty()
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return stamp

@@ -1,0 +1,232 @@
+"""Per-run ordering and the single compute worker.
+
+Each training run numbers its requests (seq_id from 1). A request is held
+until every lower seq_id of its run has been accepted (waiting at most
+`gap_timeout_s` for a missing one), then queued. One worker thread owns the
+device and takes queued jobs round-robin across runs, so no run waits behind
+another run's whole queue. When a run's request fails, the requests of that
+run queued behind it fail with ABORTED naming it; later ones run normally.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from google.protobuf import message
+
+from gradwire_server.errors import ServiceError, aborted, already_used, cancelled, internal
+from gradwire_server.operations import OperationRecord, OperationStore
+
+log = logging.getLogger(__name__)
+
+Work = Callable[[], message.Message]
+
+
+@dataclass
+class Job:
+    op_name: str
+    run_id: str
+    seq_id: int
+    work: Work | None        # None: a rejected request that only holds its place
+    cancelled: bool = False
+
+
+@dataclass
+class RunOrder:
+    next_seq: int = 1
+    held: dict[int, Job] = field(default_factory=dict)
+    op_of_seq: dict[int, str] = field(default_factory=dict)
+    request_of_seq: dict[int, str] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, store: OperationStore, loop: asyncio.AbstractEventLoop,
+                 gap_timeout_s: float = 60.0):
+        self.store = store
+        self.loop = loop
+        self.gap_timeout_s = gap_timeout_s
+        self._orders: dict[str, RunOrder] = {}
+        # Shared with the worker thread, under _lock.
+        self._lock = threading.Condition()
+        self._ready: dict[str, deque[Job]] = {}
+        self._rotation: deque[str] = deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- event-loop side ------------------------------------------------------
+
+    def existing(self, run_id: str, seq_id: int, request_id: str) -> str | None:
+        """The operation of an already-accepted (run, seq_id): a retry (AIP-155).
+        Raises ALREADY_EXISTS-style errors if the seq_id was used by another request."""
+        order = self._orders.get(run_id)
+        if order is None or seq_id == 0 or seq_id not in order.op_of_seq:
+            return None
+        if request_id and order.request_of_seq.get(seq_id, request_id) != request_id:
+            raise already_used(seq_id, order.request_of_seq[seq_id])
+        return order.op_of_seq[seq_id]
+
+    def submit(self, run_id: str, seq_id: int, request_id: str, kind: str,
+               work: Work, num_datums: int = 0) -> OperationRecord:
+        """Accepts a validated request; returns its operation."""
+        order = self._orders.setdefault(run_id, RunOrder())
+        seq_id = seq_id or self._next_free(order)
+        record = self.store.create(kind, run_id, seq_id, num_datums)
+        job = Job(record.operation.name, run_id, seq_id, work)
+        record.on_cancel = lambda: self._cancel(job)
+        self._place(order, job, request_id)
+        return record
+
+    def reject(self, run_id: str, seq_id: int, request_id: str, error: ServiceError) -> None:
+        """A request failed validation: it still consumes its seq_id, and the
+        run's requests held behind it are aborted."""
+        if seq_id == 0:
+            return
+        order = self._orders.setdefault(run_id, RunOrder())
+        if seq_id < order.next_seq or seq_id in order.held:
+            return
+        record = self.store.create("Rejected", run_id, seq_id, 0)
+        self.store.finish(record.operation.name, error=error)
+        self._place(order, Job(record.operation.name, run_id, seq_id, None), request_id)
+
+    def _next_free(self, order: RunOrder) -> int:
+        return max([order.next_seq - 1, *order.held]) + 1
+
+    def _place(self, order: RunOrder, job: Job, request_id: str) -> None:
+        if job.seq_id < order.next_seq:
+            raise aborted(f"seq_id {job.seq_id} of {job.run_id} has already run or was skipped")
+        order.op_of_seq[job.seq_id] = job.op_name
+        order.request_of_seq[job.seq_id] = request_id
+        order.held[job.seq_id] = job
+        if job.seq_id > order.next_seq:
+            self.loop.call_later(self.gap_timeout_s, self._gap_expired, job.run_id, job.seq_id)
+        self._release(order)
+
+    def _release(self, order: RunOrder) -> None:
+        while order.next_seq in order.held:
+            job = order.held.pop(order.next_seq)
+            order.next_seq += 1
+            if job.work is None:
+                self._abort_held(order, f"request {job.op_name} (seq_id {job.seq_id}) was rejected")
+            elif not job.cancelled:
+                with self._lock:
+                    self._enqueue(job)
+
+    def _abort_held(self, order: RunOrder, why: str) -> None:
+        for seq in sorted(order.held):
+            job = order.held.pop(seq)
+            self.store.finish(job.op_name, error=aborted(f"not run: {why}"))
+
+    def _gap_expired(self, run_id: str, seq_id: int) -> None:
+        order = self._orders[run_id]
+        if seq_id in order.held and order.next_seq < seq_id:
+            missing = order.next_seq
+            order.next_seq = max(order.held) + 1
+            self._abort_held(order, f"seq_id {missing} of {run_id} never arrived "
+                                    f"within {self.gap_timeout_s:g} s")
+
+    def _cancel(self, job: Job) -> bool:
+        with self._lock:
+            if job.cancelled:
+                return False
+            job.cancelled = True  # the worker skips it; a held one still releases its place
+        self.store.finish(job.op_name, error=cancelled("cancelled by the client"))
+        return True
+
+    def _on_failure(self, run_id: str, failed_op: str) -> None:
+        order = self._orders.get(run_id)
+        if order is not None:
+            self._abort_held(order, f"earlier request {failed_op} failed")
+
+    # ---- worker side ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work_loop, name="gradwire-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def run_on_worker(self, run_id: str, work: Callable[[], object]) -> asyncio.Future:
+        """Runs unordered device work (e.g. creating a run) on the worker; awaitable."""
+        future = self.loop.create_future()
+
+        def wrapped() -> None:
+            try:
+                result = work()
+            except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
+                self.loop.call_soon_threadsafe(_settle, future, None, error)
+            else:
+                self.loop.call_soon_threadsafe(_settle, future, result, None)
+
+        with self._lock:
+            self._enqueue(Job("", f"__control__/{run_id}", 0, wrapped))
+        return future
+
+    def _enqueue(self, job: Job) -> None:  # caller holds _lock
+        queue = self._ready.setdefault(job.run_id, deque())
+        if not queue:
+            self._rotation.append(job.run_id)
+        queue.append(job)
+        self._lock.notify()
+
+    def _next_job(self) -> Job | None:
+        with self._lock:
+            while True:
+                if self._stopping:
+                    return None
+                if self._rotation:
+                    run_id = self._rotation.popleft()
+                    queue = self._ready[run_id]
+                    job = queue.popleft()
+                    if queue:
+                        self._rotation.append(run_id)
+                    else:
+                        del self._ready[run_id]
+                    if not job.cancelled:
+                        return job
+                else:
+                    self._lock.wait()
+
+    def _work_loop(self) -> None:
+        while (job := self._next_job()) is not None:
+            if not job.op_name:
+                job.work()
+                continue
+            self.loop.call_soon_threadsafe(self.store.set_running, job.op_name)
+            try:
+                response, error = job.work(), None
+            except ServiceError as service_error:
+                response, error = None, service_error
+            except Exception as failure:  # noqa: BLE001 - reported in Operation.error
+                log.exception("%s failed", job.op_name)
+                response, error = None, internal(failure)
+            self.loop.call_soon_threadsafe(self.store.finish, job.op_name, response, error)
+            if error is not None:
+                self._abort_queued(job)
+
+    def _abort_queued(self, failed: Job) -> None:
+        with self._lock:
+            queue = self._ready.pop(failed.run_id, deque())
+            if failed.run_id in self._rotation:
+                self._rotation.remove(failed.run_id)
+        why = aborted(f"not run: earlier request {failed.op_name} (seq_id {failed.seq_id}) failed")
+        for job in queue:
+            self.loop.call_soon_threadsafe(self.store.finish, job.op_name, None, why)
+        self.loop.call_soon_threadsafe(self._on_failure, failed.run_id, failed.op_name)
+
+
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,158 @@
+"""Builds and runs the gRPC server: training, operations, health, reflection.
+
+The port opens at once with health NOT_SERVING; the model loads; then health
+turns SERVING and one line `gradwire-server listening on HOST:PORT` is logged.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import signal
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import grpc
+import torch
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gradwire.v1 import training_service_pb2 as pb
+from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+from gradwire_server.engine import Engine
+from gradwire_server.models import LoadedModel, load_model
+from gradwire_server.operations import OperationsServicer, OperationStore
+from gradwire_server.scheduler import Scheduler
+from gradwire_server.training_servicer import ModelInfo, TrainingServicer
+
+log = logging.getLogger("gradwire_server")
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default, so any client's defaults work
+TRAINING_SERVICE = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
+OPERATIONS_SERVICE = operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
+_EXPIRY_INTERVAL_S = 60.0
+
+
+@dataclass
+class ServerConfig:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    checkpoint_dir: pathlib.Path | None = None
+    operation_ttl_s: float = 1800.0
+    max_wait_s: float = 30.0
+
+
+class GradwireServer:
+    """One running server. `await start()`, then `await wait_for_termination()` or `await stop()`."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.store = OperationStore(config.operation_ttl_s, config.max_wait_s)
+        self.training = TrainingServicer(self.store, MAX_MESSAGE_BYTES)
+        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
+        self.port: int | None = None
+        self._expiry: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        # Created here: gRPC's aio objects bind to the running event loop.
+        self.health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        pb_grpc.add_TrainingServiceServicer_to_server(self.training, self._server)
+        operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.store), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            [TRAINING_SERVICE, OPERATIONS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self._server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+        await self._server.start()
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = await asyncio.to_thread(load_model, self.config.model, device)
+        self.engine = Engine(loaded, device)
+        self.scheduler = Scheduler(self.store, asyncio.get_running_loop())
+        self.scheduler.start()
+        self.training.attach(self.engine, self.scheduler, _model_info(loaded, device))
+        self._expiry = asyncio.create_task(self._expire_operations())
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("gradwire-server listening on %s:%d", self.config.host, self.port)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Drains: NOT_SERVING, stop accepting, let in-flight RPCs finish, stop the worker."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.stop(grace_s)
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self.scheduler is not None:
+            await asyncio.to_thread(self.scheduler.stop)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", TRAINING_SERVICE):
+            await self.health.set(service, status)
+
+    async def _expire_operations(self) -> None:
+        while True:
+            await asyncio.sleep(_EXPIRY_INTERVAL_S)
+            self.store.expire()
+
+
+def _model_info(loaded: LoadedModel, device: torch.device) -> ModelInfo:
+    with tempfile.TemporaryDirectory() as folder:
+        loaded.tokenizer.save_pretrained(folder)
+        files = {path.name: path.read_bytes() for path in pathlib.Path(folder).iterdir() if path.is_file()}
+    return ModelInfo(name=loaded.name, architecture=type(loaded.model).__name__,
+                     vocab_size=loaded.vocab_size, max_context_length=loaded.max_context_length,
+                     device=device.type, tokenizer_files=files)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs until SIGTERM or SIGINT, then drains and stops."""
+    server = GradwireServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    log.info("gradwire-server stopping")
+    await server.stop()
+
+
+class BackgroundServer:
+    """A server on its own event loop in a daemon thread, for embedding it in a
+    Python process (notebooks, tests). `address` is "host:port"."""
+
+    def __init__(self, config: ServerConfig):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gradwire-server",
+                                        daemon=True)
+        self._thread.start()
+        self.server = GradwireServer(config)
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
+        self.address = f"{config.host}:{self.server.port}"
+
+    @property
+    def engine(self) -> Engine:
+        return self.server.engine
+
+    def call(self, fn, *args):
+        """Runs fn(*args) on the worker thread (the device owner) and returns its result."""
+        async def run():
+            return await self.server.scheduler.run_on_worker("call", lambda: fn(*args))
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace_s=1.0), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
