@@ -1,0 +1,70 @@
+"""Shared fixtures: a real gradwire server on 127.0.0.1 serving tiny-random,
+in this process (so tests can read the engine's weights and gradients) or as
+a `gradwire-server` subprocess."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+import gradwire  # noqa: E402
+from gradwire_server.server import BackgroundServer, ServerConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def server():
+    """An in-process server; `server.engine` is its engine, `server.call(fn)` runs fn on its worker."""
+    background = BackgroundServer(ServerConfig(model="tiny-random", port=0))
+    yield background
+    background.stop()
+
+
+@pytest.fixture(scope="session")
+def service(server):
+    client = gradwire.ServiceClient(base_url=server.address)
+    yield client
+    client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cli_server(*args: str) -> tuple[subprocess.Popen, str]:
+    """Starts `python -m gradwire_server --model tiny-random` on a free port and
+    waits for its "listening" line; its output keeps draining into a thread."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gradwire_server", "--model", "tiny-random", "--port", str(port), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    listening = threading.Event()
+    output: list[str] = []
+
+    def drain() -> None:
+        for line in process.stdout:
+            output.append(line)
+            if "gradwire-server listening on" in line:
+                listening.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    if not listening.wait(timeout=120):
+        process.kill()
+        pytest.fail("gradwire-server did not start:\n" + "".join(output))
+    return process, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def cli_server():
+    """A `gradwire-server` subprocess serving tiny-random; yields its address."""
+    process, address = start_cli_server()
+    yield address
+    process.terminate()
+    process.wait(timeout=30)
