@@ -1,0 +1,117 @@
+"""In-process PyTorch reference: the same tiny-random model and the same LoRA
+weights as a server run, for exactness checks, plus snapshots of a run's state."""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+import peft
+import torch
+
+import gradwire
+from gradwire_server.models import tiny_random_model
+
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+def run_state(server, run_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """name -> (weight, accumulated grad) of the run's adapter, copied on the server's worker."""
+    def read():
+        return {name: (p.detach().clone(), None if p.grad is None else p.grad.clone())
+                for name, p in server.engine.peft_model.named_parameters() if f".{run_id}." in name}
+    return server.call(read)
+
+
+def assert_state_equal(before: dict, after: dict) -> None:
+    """Exact equality of weights and gradients (nothing changed)."""
+    assert before.keys() == after.keys()
+    for name, (weight, grad) in before.items():
+        weight_after, grad_after = after[name]
+        assert torch.equal(weight, weight_after), f"weight {name} changed"
+        assert (grad is None) == (grad_after is None), f"grad {name} appeared or vanished"
+        if grad is not None:
+            assert torch.equal(grad, grad_after), f"grad {name} changed"
+
+
+def reference_model(server, run_id: str, rank: int) -> peft.PeftModel:
+    """A fresh in-process tiny-random with a LoRA adapter holding the run's current weights."""
+    model = peft.get_peft_model(
+        tiny_random_model(),
+        peft.LoraConfig(r=rank, lora_alpha=32, lora_dropout=0.0, target_modules=ALL_MODULES))
+    weights = {name.replace(f".{run_id}.", ".default."): weight
+               for name, (weight, _) in run_state(server, run_id).items()}
+    result = model.load_state_dict(weights, strict=False)
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lora_" in k]
+    return model
+
+
+def reference_logprobs(model, datum: gradwire.Datum) -> torch.Tensor:
+    """log_softmax(logits) at the target tokens, for one unpadded sequence."""
+    tokens = torch.tensor([datum.model_input.to_ints()])
+    targets = datum.loss_fn_inputs["target_tokens"].to_torch()
+    logprobs = torch.log_softmax(model(input_ids=tokens).logits[0].float(), dim=-1)
+    if targets.ndim == 1:
+        return logprobs.gather(-1, targets[:, None])[:, 0]
+    return logprobs.gather(-1, targets)
+
+
+def reference_gradients(model, run_id: str) -> dict[str, torch.Tensor]:
+    """The reference adapter's .grad, named as the server run's parameters."""
+    return {name.replace(".default.", f".{run_id}."): p.grad.clone()
+            for name, p in model.named_parameters() if ".default." in name and p.grad is not None}
+
+
+def relative_error(server_grads: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    """||server - expected|| / ||expected|| over every adapter parameter."""
+    assert server_grads.keys() == expected.keys()
+    names = sorted(expected)
+    got = torch.cat([server_grads[n].reshape(-1).double() for n in names])
+    want = torch.cat([expected[n].reshape(-1).double() for n in names])
+    assert want.norm() > 0
+    return float((got - want).norm() / want.norm())
+
+
+def server_gradients(server, run_id: str) -> dict[str, torch.Tensor]:
+    return {name: grad for name, (_, grad) in run_state(server, run_id).items() if grad is not None}
+
+
+def random_data(seed: int, lengths=(9, 14, 5, 12), vocab: int = 320) -> list[gradwire.Datum]:
+    """Next-token datums of random tokens and weights, of different lengths."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for n in lengths:
+        seq = rng.integers(0, vocab, size=n + 1)
+        data.append(gradwire.Datum(
+            model_input=gradwire.ModelInput.from_ints(seq[:-1]),
+            loss_fn_inputs={"target_tokens": seq[1:],
+                            "weights": rng.uniform(0.0, 1.0, size=n).astype(np.float32)}))
+    return data
+
+
+def trained_run(service, rank: int = 4, seed: int = 0):
+    """A run after one optimizer step, so both LoRA factors are non-zero."""
+    tc = service.create_lora_training_client("tiny-random", rank=rank, seed=seed)
+    tc.forward_backward(random_data(100), "cross_entropy")
+    tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
+    return tc
+
+
+@contextlib.contextmanager
+def sender_held(tc):
+    """Keeps the training client's sender busy until the block ends, so the requests
+    made inside it are all queued before any of them is sent. The holding request
+    is a custom loss of exactly zero gradient: it changes no weight or gradient."""
+    gate = threading.Event()
+
+    def wait_for_gate(data, logprobs):
+        gate.wait()
+        return (logprobs[0] * 0.0).sum(), {}
+
+    holder = tc.forward_backward_custom(random_data(99, lengths=(3,)), wait_for_gate)
+    try:
+        yield
+    finally:
+        gate.set()
+    holder.result()

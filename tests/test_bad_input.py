@@ -1,0 +1,133 @@
+"""Bad input gets INVALID_ARGUMENT / NOT_FOUND naming the datum index and field,
+and changes nothing: weights and accumulated gradients stay exactly as they were."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+import gradwire
+from gradwire import _codec, _convert
+from gradwire.v1 import tensor_pb2
+from gradwire.v1 import training_service_pb2 as pb
+from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+from reference import assert_state_equal, random_data, run_state, sender_held, trained_run
+
+
+def datum(tokens, **inputs) -> gradwire.Datum:
+    return gradwire.Datum(model_input=gradwire.ModelInput.from_ints(tokens), loss_fn_inputs=inputs)
+
+
+GOOD = [1, 2, 3, 4]
+
+# (case, data, loss_fn, the field named in the error, words in its description)
+SDK_CASES = [
+    ("token outside vocab", [datum(GOOD, target_tokens=GOOD), datum([5, 320, 7], target_tokens=[1, 2, 3])],
+     "cross_entropy", "data[1].model_input", "outside the vocabulary"),
+    ("target outside vocab", [datum(GOOD, target_tokens=[1, 2, -1, 4])],
+     "cross_entropy", 'data[0].loss_fn_inputs["target_tokens"]', "outside the vocabulary"),
+    ("target length", [datum(GOOD, target_tokens=GOOD), datum(GOOD, target_tokens=[1, 2, 3])],
+     "cross_entropy", 'data[1].loss_fn_inputs["target_tokens"]', "does not match the model input"),
+    ("weights shape", [datum(GOOD, target_tokens=GOOD, weights=[1.0, 1.0, 1.0, 1.0, 1.0])],
+     "cross_entropy", 'data[0].loss_fn_inputs["weights"]', "does not match the model input"),
+    ("unknown loss", [datum(GOOD, target_tokens=GOOD)], "no_such_loss", "loss_fn", "unknown loss"),
+    ("missing input", [datum(GOOD, target_tokens=GOOD), datum(GOOD, weights=[1.0] * 4)],
+     "cross_entropy", 'data[1].loss_fn_inputs["target_tokens"]', "required"),
+    ("nan weight", [datum(GOOD, target_tokens=GOOD, weights=[1.0, float("nan"), 1.0, 1.0])],
+     "cross_entropy", 'data[0].loss_fn_inputs["weights"]', "NaN"),
+    ("inf weight", [datum(GOOD, target_tokens=GOOD), datum(GOOD, target_tokens=GOOD, weights=[np.inf] * 4)],
+     "cross_entropy", 'data[1].loss_fn_inputs["weights"]', "infinity"),
+    ("unknown input", [datum(GOOD, target_tokens=GOOD, weight=[1.0] * 4)],
+     "cross_entropy", 'data[0].loss_fn_inputs["weight"]', "not an input of this loss"),
+    ("empty data", [], "cross_entropy", "data", "empty"),
+    ("empty model input", [datum([], target_tokens=np.zeros(0, np.int64))],
+     "cross_entropy", "data[0].model_input", "empty"),
+]
+
+
+@pytest.mark.parametrize("case, data, loss_fn, field, words", SDK_CASES, ids=[c[0] for c in SDK_CASES])
+def test_bad_batch_is_rejected_and_changes_nothing(server, service, case, data, loss_fn, field, words):
+    tc = trained_run(service)
+    tc.forward_backward(random_data(50), "cross_entropy").result()  # accumulated gradients to protect
+    before = run_state(server, tc.model_id)
+    with sender_held(tc):
+        rejected = tc.forward_backward(data, loss_fn)
+        queued_step = tc.optim_step(gradwire.AdamParams(learning_rate=1e-2))
+    with pytest.raises(gradwire.BadRequestError) as raised:
+        rejected.result()
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in str(raised.value) and words in str(raised.value)
+    assert any(f == field and words in d for f, d in raised.value.field_violations)
+    with pytest.raises(gradwire.AbortedError):
+        queued_step.result()  # never a step without the gradient the user meant to include
+    assert_state_equal(before, run_state(server, tc.model_id))
+    tc.forward(random_data(51), "cross_entropy").result()  # the run stays usable
+
+
+def raw_request(model_id: str, tensors: dict[str, tensor_pb2.Tensor], tokens=GOOD) -> pb.ForwardBackwardRequest:
+    request = _convert.forward_backward_request(model_id, 0, [datum(tokens)], "cross_entropy", None)
+    for key, tensor in tensors.items():
+        request.data[0].loss_fn_inputs[key].CopyFrom(tensor)
+    return request
+
+
+WIRE_CASES = [
+    ("int32 targets", {"target_tokens": _codec.tensor_to_proto(np.array(GOOD, dtype=np.int32))},
+     'data[0].loss_fn_inputs["target_tokens"]', "expected int64"),
+    ("int64 weights", {"target_tokens": _codec.tensor_to_proto(np.array(GOOD)),
+                       "weights": _codec.tensor_to_proto(np.ones(4, dtype=np.int64))},
+     'data[0].loss_fn_inputs["weights"]', "expected float32"),
+    ("truncated bytes", {"target_tokens": tensor_pb2.Tensor(dense=b"\x01" * 12, dtype=tensor_pb2.INT64,
+                                                            shape=[4])},
+     'data[0].loss_fn_inputs["target_tokens"]', "whole number"),
+    ("shape mismatch", {"target_tokens": tensor_pb2.Tensor(dense=np.array(GOOD).tobytes(),
+                                                           dtype=tensor_pb2.INT64, shape=[2, 3])},
+     'data[0].loss_fn_inputs["target_tokens"]', "do not fill shape"),
+]
+
+
+@pytest.mark.parametrize("case, tensors, field, words", WIRE_CASES, ids=[c[0] for c in WIRE_CASES])
+def test_malformed_wire_tensors_are_rejected(server, service, case, tensors, field, words):
+    """What another language's client could send: wrong dtypes and inconsistent bytes.
+    The rich status carries ErrorInfo and a BadRequest naming the field."""
+    tc = trained_run(service)
+    tc.forward_backward(random_data(52), "cross_entropy").result()
+    before = run_state(server, tc.model_id)
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            pb_grpc.TrainingServiceStub(channel).ForwardBackward(raw_request(tc.model_id, tensors))
+    status = rpc_status.from_call(raised.value)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(info) and info.reason == "INVALID_INPUT"
+    assert status.details[1].Unpack(bad)
+    assert [(v.field, words in v.description) for v in bad.field_violations] == [(field, True)]
+    assert_state_equal(before, run_state(server, tc.model_id))
+
+
+def test_unknown_run_is_not_found(service):
+    ghost = gradwire.TrainingClient(service, "run-does-not-exist", "tiny-random")
+    with pytest.raises(gradwire.NotFoundError, match="run-does-not-exist"):
+        ghost.forward_backward(random_data(53), "cross_entropy").result()
+    with pytest.raises(gradwire.NotFoundError):
+        ghost.get_info()
+
+
+def test_bad_adam_params_and_lora_config(server, service):
+    tc = trained_run(service)
+    tc.forward_backward(random_data(54), "cross_entropy").result()
+    before = run_state(server, tc.model_id)
+    with pytest.raises(gradwire.BadRequestError, match="adam_params.learning_rate"):
+        tc.optim_step(gradwire.AdamParams(learning_rate=-1.0)).result()
+    with pytest.raises(gradwire.BadRequestError, match="adam_params.beta2"):
+        tc.optim_step(gradwire.AdamParams(beta2=1.0)).result()
+    assert_state_equal(before, run_state(server, tc.model_id))
+    with pytest.raises(gradwire.BadRequestError, match="lora_config.rank"):
+        service.create_lora_training_client("tiny-random", rank=100000)
+    with pytest.raises(gradwire.BadRequestError, match="selects no module"):
+        service.create_lora_training_client("tiny-random", rank=4, train_mlp=False, train_attn=False,
+                                            train_unembed=False)
+    with pytest.raises(gradwire.BadRequestError, match="base_model"):
+        service.create_lora_training_client("some-other-model", rank=4)

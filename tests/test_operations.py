@@ -1,0 +1,119 @@
+"""Futures as google.longrunning Operations: per-run seq_id order, long-polls that
+never lose a result, idempotent retries, cancel, delete, list — over raw stubs,
+as a client in another language would use them."""
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+
+from gradwire import _convert
+from gradwire.v1 import training_service_pb2 as pb
+from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+from reference import random_data
+
+
+@pytest.fixture()
+def stubs(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
+
+
+@pytest.fixture()
+def run_id(stubs):
+    training, _ = stubs
+    return training.CreateModel(pb.CreateModelRequest(
+        base_model="tiny-random", lora_config=pb.LoraConfig(rank=2, seed=0))).model_id
+
+
+def fb_request(run_id: str, seq_id: int, seed: int = 60, request_id: str = "") -> pb.ForwardBackwardRequest:
+    request = _convert.forward_backward_request(run_id, seq_id, random_data(seed), "cross_entropy", None)
+    request.request_id = request_id
+    return request
+
+
+def wait(operations, name: str, seconds: float = 30) -> operations_pb2.Operation:
+    return operations.WaitOperation(operations_pb2.WaitOperationRequest(
+        name=name, timeout=duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))))
+
+
+def metadata(operation) -> pb.OperationMetadata:
+    meta = pb.OperationMetadata()
+    operation.metadata.Unpack(meta)
+    return meta
+
+
+def test_requests_run_in_seq_id_order_even_when_they_arrive_out_of_order(stubs, run_id):
+    training, operations = stubs
+    late = training.ForwardBackward(fb_request(run_id, 2))
+    # seq_id 2 waits for 1: it must not run yet.
+    assert not wait(operations, late.name, 0.3).done
+    assert metadata(operations.GetOperation(operations_pb2.GetOperationRequest(name=late.name))).state \
+        == pb.OperationMetadata.QUEUED
+    early = training.ForwardBackward(fb_request(run_id, 1))
+    first, second = wait(operations, early.name), wait(operations, late.name)
+    assert first.done and second.done and not first.HasField("error") and not second.HasField("error")
+    assert metadata(first).end_time.ToNanoseconds() <= metadata(second).start_time.ToNanoseconds()
+    assert (metadata(first).seq_id, metadata(second).seq_id) == (1, 2)
+
+
+def test_result_survives_a_waiter_that_timed_out(stubs, run_id):
+    training, operations = stubs
+    name = training.ForwardBackward(fb_request(run_id, 1)).name
+    wait(operations, name, 0.0)  # a poll that gives up at once
+    done = wait(operations, name)
+    again = operations.GetOperation(operations_pb2.GetOperationRequest(name=name))
+    assert done.done and again.done and again.response == done.response
+    output = pb.ForwardBackwardOutput()
+    assert again.response.Unpack(output) and output.metrics["loss:sum"] > 0
+
+
+def test_retry_with_same_request_id_is_the_same_operation(stubs, run_id):
+    training, operations = stubs
+    first = training.ForwardBackward(fb_request(run_id, 1, request_id="req-1"))
+    retry = training.ForwardBackward(fb_request(run_id, 1, request_id="req-1"))
+    assert retry.name == first.name
+    with pytest.raises(grpc.RpcError) as raised:
+        training.ForwardBackward(fb_request(run_id, 1, request_id="req-other"))
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_rejected_request_keeps_the_order_moving(stubs, run_id):
+    """A request rejected at validation consumes its seq_id, so the next one runs."""
+    training, operations = stubs
+    bad = fb_request(run_id, 1)
+    bad.loss_fn = "nope"
+    with pytest.raises(grpc.RpcError) as raised:
+        training.ForwardBackward(bad)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    good = wait(operations, training.ForwardBackward(fb_request(run_id, 2)).name)
+    assert good.done and not good.HasField("error")
+
+
+def test_held_requests_behind_a_rejected_one_are_aborted(stubs, run_id):
+    training, operations = stubs
+    held = training.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=2)).name
+    bad = fb_request(run_id, 1)
+    bad.loss_fn = "nope"
+    with pytest.raises(grpc.RpcError):
+        training.ForwardBackward(bad)
+    result = wait(operations, held)
+    assert result.done and result.error.code == grpc.StatusCode.ABORTED.value[0]
+    assert "rejected" in result.error.message
+
+
+def test_cancel_list_and_delete(stubs, run_id):
+    training, operations = stubs
+    held = training.ForwardBackward(fb_request(run_id, 2)).name  # waits for seq_id 1
+    operations.CancelOperation(operations_pb2.CancelOperationRequest(name=held))
+    cancelled = wait(operations, held)
+    assert cancelled.done and cancelled.error.code == grpc.StatusCode.CANCELLED.value[0]
+    done = training.ForwardBackward(fb_request(run_id, 1)).name
+    assert not wait(operations, done).HasField("error")
+    listed = operations.ListOperations(operations_pb2.ListOperationsRequest(name=f"operations/{run_id}"))
+    assert {op.name for op in listed.operations} == {held, done}
+    operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=done))
+    with pytest.raises(grpc.RpcError) as raised:
+        operations.GetOperation(operations_pb2.GetOperationRequest(name=done))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,153 @@
+"""forward / forward_backward / optim_step over real gRPC, checked against
+in-process PyTorch on identical weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gradwire
+from reference import (random_data, reference_gradients, reference_logprobs, reference_model,
+                       relative_error, run_state, server_gradients, trained_run)
+
+
+def test_forward_logprobs_and_loss_match_in_process(server, service):
+    """Per-token logprobs and loss:sum equal in-process log_softmax on the same weights,
+    and forward leaves gradients untouched."""
+    tc = trained_run(service)
+    data = random_data(1)
+    out = tc.forward(data, "cross_entropy").result()
+    model = reference_model(server, tc.model_id, rank=4)
+    expected_loss = 0.0
+    with torch.no_grad():
+        for datum, output in zip(data, out.loss_fn_outputs):
+            expected = reference_logprobs(model, datum)
+            np.testing.assert_allclose(output["logprobs"].to_numpy(), expected.numpy(), atol=1e-5)
+            expected_loss += float(-(expected * datum.loss_fn_inputs["weights"].to_torch()).sum())
+    assert out.metrics["loss:sum"] == pytest.approx(expected_loss, rel=1e-5)
+    assert server_gradients(server, tc.model_id) == {}
+
+
+def test_forward_backward_gradient_matches_autograd(server, service):
+    """The accumulated gradient equals autograd of Σ -logprob·weight in-process."""
+    tc = trained_run(service)
+    data = random_data(2)
+    model = reference_model(server, tc.model_id, rank=4)
+    tc.forward_backward(data, "cross_entropy").result()
+    loss = sum(-(reference_logprobs(model, d) * d.loss_fn_inputs["weights"].to_torch()).sum()
+               for d in data)
+    loss.backward()
+    assert relative_error(server_gradients(server, tc.model_id),
+                          reference_gradients(model, tc.model_id)) <= 1e-5
+
+
+def test_gradients_accumulate_until_optim_step(server, service):
+    """Two forward_backward calls accumulate the sum of both gradients; optim_step clears them."""
+    tc = trained_run(service)
+    first, second = random_data(3), random_data(4)
+    model = reference_model(server, tc.model_id, rank=4)
+    tc.forward_backward(first, "cross_entropy")
+    tc.forward_backward(second, "cross_entropy").result()
+    loss = sum(-(reference_logprobs(model, d) * d.loss_fn_inputs["weights"].to_torch()).sum()
+               for d in first + second)
+    loss.backward()
+    assert relative_error(server_gradients(server, tc.model_id),
+                          reference_gradients(model, tc.model_id)) <= 1e-5
+    tc.optim_step(gradwire.AdamParams()).result()
+    assert server_gradients(server, tc.model_id) == {}
+
+
+def test_multi_target_tokens(server, service):
+    """target_tokens [N, K] give the logprobs of K candidates per position (shape [N, K]),
+    and the gradient of Σ -lp·w over them matches autograd."""
+    tc = trained_run(service)
+    rng = np.random.default_rng(5)
+    data = []
+    for n in (6, 11):
+        targets = rng.integers(0, 320, size=(n, 3))
+        weights = rng.uniform(0, 1, size=(n, 3)).astype(np.float32)
+        data.append(gradwire.Datum(model_input=gradwire.ModelInput.from_ints(rng.integers(0, 320, n)),
+                                   loss_fn_inputs={"target_tokens": targets, "weights": weights}))
+    model = reference_model(server, tc.model_id, rank=4)
+    out = tc.forward_backward(data, "cross_entropy").result()
+    loss = 0
+    for datum, output in zip(data, out.loss_fn_outputs):
+        expected = reference_logprobs(model, datum)
+        assert output["logprobs"].shape == tuple(datum.loss_fn_inputs["target_tokens"].shape)
+        np.testing.assert_allclose(output["logprobs"].to_numpy(), expected.detach().numpy(), atol=1e-5)
+        loss = loss - (expected * datum.loss_fn_inputs["weights"].to_torch()).sum()
+    loss.backward()
+    assert relative_error(server_gradients(server, tc.model_id),
+                          reference_gradients(model, tc.model_id)) <= 1e-5
+
+
+def test_optim_step_matches_torch_adamw(server, service):
+    """optim_step is torch AdamW (decoupled weight decay, the given betas/eps/lr) applied
+    to the accumulated gradient, then the gradient is cleared."""
+    tc = service.create_lora_training_client("tiny-random", rank=4, seed=3)
+    tc.forward_backward(random_data(6), "cross_entropy").result()
+    before = run_state(server, tc.model_id)
+    params = [torch.nn.Parameter(weight.clone()) for weight, _ in before.values()]
+    for p, (_, grad) in zip(params, before.values()):
+        p.grad = grad.clone()
+    adam = gradwire.AdamParams(learning_rate=3e-3, beta1=0.8, beta2=0.9, eps=1e-8, weight_decay=0.1)
+    torch.optim.AdamW(params, lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
+                      weight_decay=adam.weight_decay).step()
+    tc.optim_step(adam).result()
+    after = run_state(server, tc.model_id)
+    for p, (weight, grad) in zip(params, after.values()):
+        torch.testing.assert_close(weight, p.detach(), rtol=1e-6, atol=1e-8)
+        assert grad is None
+
+
+def test_pipelined_submission_equals_waiting(server, service):
+    """forward_backward + optim_step submitted back to back give the same weights as
+    waiting for each result in between (the server runs a run's requests in call order)."""
+    pipelined = service.create_lora_training_client("tiny-random", rank=4, seed=7)
+    waited = service.create_lora_training_client("tiny-random", rank=4, seed=7)
+    adam = gradwire.AdamParams(learning_rate=1e-2)
+    futures = []
+    for step in range(3):
+        futures.append(pipelined.forward_backward(random_data(10 + step), "cross_entropy"))
+        futures.append(pipelined.optim_step(adam))
+    for step in range(3):
+        waited.forward_backward(random_data(10 + step), "cross_entropy").result()
+        waited.optim_step(adam).result()
+    [f.result() for f in futures]
+    a, b = run_state(server, pipelined.model_id), run_state(server, waited.model_id)
+    for (name_a, (wa, _)), (name_b, (wb, _)) in zip(sorted(a.items()), sorted(b.items())):
+        assert name_a.replace(pipelined.model_id, "") == name_b.replace(waited.model_id, "")
+        assert torch.equal(wa, wb), name_a
+    assert pipelined.get_info().step == 3
+
+
+def test_equal_seeds_give_equal_adapters_and_futures_await(server, service):
+    """Runs created with the same seed start identical; the async twins double-await."""
+    import asyncio
+
+    first = service.create_lora_training_client("tiny-random", rank=4, seed=11)
+    second = asyncio.run(service.create_lora_training_client_async("tiny-random", rank=4, seed=11))
+    a, b = run_state(server, first.model_id), run_state(server, second.model_id)
+    assert all(torch.equal(wa, wb) for (wa, _), (wb, _) in zip(a.values(), b.values()))
+
+    async def loop():
+        future = await second.forward_async(random_data(12), "cross_entropy")
+        return await future
+
+    out = asyncio.run(loop())
+    assert len(out.loss_fn_outputs) == 4 and out.metrics["loss:sum"] > 0
+
+
+def test_server_info_and_tokenizer(service):
+    """Capabilities list the model, losses and limits; the tokenizer arrives offline with its chat template."""
+    caps = service.get_server_capabilities()
+    assert caps.supported_models[0].model_name == "tiny-random"
+    assert "cross_entropy" in caps.loss_fns
+    assert caps.limits["max_message_bytes"] == 4 * 1024 * 1024
+    tc = service.create_lora_training_client("tiny-random", rank=2, seed=0, train_unembed=False)
+    info = tc.get_info()
+    assert (info.model_name, info.lora_rank, info.lora_config.train_unembed) == ("tiny-random", 2, False)
+    tokenizer = tc.get_tokenizer()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                        add_generation_prompt=True, return_dict=False)
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")

@@ -1,0 +1,71 @@
+"""SDK types and the wire codec (pure data, no server)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gradwire
+from gradwire import _codec
+from gradwire.v1 import tensor_pb2
+
+
+def test_model_input_methods():
+    mi = gradwire.ModelInput.from_ints([1, 2, 3])
+    grown = mi.append_int(4).append(gradwire.EncodedTextChunk([5, 6]))
+    assert mi.to_ints() == [1, 2, 3] and mi.length == 3  # append* return new objects
+    assert grown.to_ints() == [1, 2, 3, 4, 5, 6] and grown.length == 6
+    assert gradwire.ModelInput.empty().length == 0
+    assert gradwire.ModelInput.from_ints(torch.tensor([7, 8])).to_ints() == [7, 8]
+
+
+def test_datum_converts_torch_numpy_and_lists_by_key():
+    datum = gradwire.Datum(model_input=gradwire.ModelInput.from_ints([1, 2]),
+                           loss_fn_inputs={"target_tokens": torch.tensor([3, 4], dtype=torch.int32),
+                                           "weights": np.array([1, 0]),
+                                           "advantages": [0.5, -0.5],
+                                           "extra": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)})
+    inputs = datum.loss_fn_inputs
+    assert inputs["target_tokens"].dtype == "int64" and inputs["target_tokens"].tolist() == [3, 4]
+    assert inputs["weights"].dtype == "float32" and inputs["weights"].to_numpy().dtype == np.float32
+    assert inputs["advantages"].to_torch().dtype == torch.float32
+    assert inputs["extra"].dtype == "float32" and inputs["extra"].tolist() == [1.0, 2.0]
+
+
+def test_tensor_data_round_trips():
+    array = np.arange(12, dtype=np.int64).reshape(3, 4)
+    data = gradwire.TensorData.from_numpy(array)
+    assert data.shape == (3, 4) and data.tolist() == array.tolist()
+    assert torch.equal(data.to_torch(), torch.from_numpy(array))
+    assert gradwire.TensorData.from_torch(torch.ones(2, 2)).dtype == "float32"
+    with pytest.raises(ValueError):
+        gradwire.TensorData([1, 2, 3], "int64", (2, 2))
+
+
+def test_codec_dense_and_readable_forms_agree():
+    array = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    np.testing.assert_array_equal(_codec.tensor_from_proto(_codec.tensor_to_proto(array)), array)
+    readable = tensor_pb2.Tensor(float_values=tensor_pb2.FloatValues(values=array.reshape(-1)), shape=[5, 3])
+    np.testing.assert_array_equal(_codec.tensor_from_proto(readable), array)
+    ints = tensor_pb2.Tensor(int64_values=tensor_pb2.Int64Values(values=[1, 2, 3]))
+    assert _codec.tensor_from_proto(ints).tolist() == [1, 2, 3]
+
+
+def test_codec_bfloat16_and_sparse():
+    values = np.array([1.5, -2.0, 0.25], dtype=np.float32)
+    bf16 = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+    decoded = _codec.tensor_from_proto(tensor_pb2.Tensor(dense=bf16, dtype=tensor_pb2.BFLOAT16, shape=[3]))
+    np.testing.assert_array_equal(decoded, values)
+    csr = tensor_pb2.SparseCsr(values=np.array([7, 8], dtype="<i8").tobytes(),
+                               crow_indices=np.array([0, 1, 1, 2], dtype="<i8").tobytes(),
+                               col_indices=np.array([2, 0], dtype="<i8").tobytes())
+    dense = _codec.tensor_from_proto(tensor_pb2.Tensor(sparse_csr=csr, dtype=tensor_pb2.INT64, shape=[3, 3]))
+    assert dense.tolist() == [[0, 0, 7], [0, 0, 0], [8, 0, 0]]
+
+
+def test_batched_tensor_round_trip():
+    arrays = [np.random.default_rng(i).normal(size=(n, 2)).astype(np.float32) for i, n in enumerate((3, 1, 4))]
+    restored = _codec.batched_from_proto(_codec.batched_to_proto(arrays))
+    assert len(restored) == 3
+    for a, b in zip(arrays, restored):
+        np.testing.assert_array_equal(a, b)
