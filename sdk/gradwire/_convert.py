@@ -1,7 +1,7 @@
 """SDK types <-> gradwire.v1 messages."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -29,9 +29,32 @@ def forward_backward_request(model_id: str, seq_id: int, data: Sequence[types.Da
                                      data=[datum_to_proto(d, keys) for d in data])
 
 
-def forward_backward_output(output: pb.ForwardBackwardOutput) -> types.ForwardBackwardOutput:
+def datum_pieces(data: Iterable[types.Datum], keys: Iterable[str] | None,
+                 budget_bytes: int) -> Iterator[list[datum_pb2.Datum]]:
+    """Encodes datums lazily into consecutive lists of at most budget_bytes each
+    (a datum larger than the budget travels alone)."""
+    keys = None if keys is None else tuple(keys)
+    piece: list[datum_pb2.Datum] = []
+    size = 0
+    for datum in data:
+        if not isinstance(datum, types.Datum):
+            datum = types.Datum(**datum)
+        message = datum_to_proto(datum, keys)
+        message_size = message.ByteSize() + 8  # + field tag and length prefix
+        if piece and size + message_size > budget_bytes:
+            yield piece
+            piece, size = [], 0
+        piece.append(message)
+        size += message_size
+    yield piece
+
+
+def forward_backward_output(output: pb.ForwardBackwardOutput,
+                            streamed: Iterable[pb.ForwardBackwardOutput] = ()) -> types.ForwardBackwardOutput:
+    """The SDK result from the operation's response plus any ReadOutputs chunks."""
     per_datum: list[dict[str, types.TensorData]] = []
-    for record in output.loss_fn_outputs:
+    records = [r for part in (output, *streamed) for r in part.loss_fn_outputs]
+    for record in records:
         fields = {name: _codec.batched_from_proto(batched) for name, batched in record.fields.items()}
         for i in range(record.num_datums):
             per_datum.append({name: types.TensorData.from_numpy(arrays[i])

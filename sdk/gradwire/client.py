@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import os
 import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+import uuid
+from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
+from tqdm.auto import tqdm
 
 from gradwire import _convert, custom_loss, types
 from gradwire.errors import (AbortedError, APITimeoutError, GradwireError, error_from_rpc,
@@ -32,6 +35,7 @@ from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 
 DEFAULT_BASE_URL = "localhost:50051"
+MESSAGE_BUDGET_BYTES = 3 * 1024 * 1024  # datums per message: within gRPC's 4 MiB default
 _POLL_S = 30.0  # one WaitOperation long-poll; the server caps it too
 
 
@@ -39,10 +43,13 @@ class ServiceClient:
     """Entry point: connects to a gradwire server and creates clients.
 
     base_url defaults to $GRADWIRE_BASE_URL, else localhost:50051; api_key
-    (default $GRADWIRE_API_KEY) is sent as a bearer token when set.
+    (default $GRADWIRE_API_KEY) is sent as a bearer token when set. Streamed
+    uploads show a progress bar unless progress=False (or $GRADWIRE_PROGRESS=0).
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None):
+    def __init__(self, base_url: str | None = None, api_key: str | None = None,
+                 progress: bool | None = None):
+        self.progress = progress if progress is not None else os.environ.get("GRADWIRE_PROGRESS", "1") != "0"
         target = base_url or os.environ.get("GRADWIRE_BASE_URL") or DEFAULT_BASE_URL
         for scheme in ("grpc://", "http://"):
             target = target.removeprefix(scheme)
@@ -81,19 +88,71 @@ class ServiceClient:
                 raise APITimeoutError(f"{name} is not done after {timeout} s; it keeps running, "
                                       "call result() again to keep waiting")
 
-    def _operation_result(self, name: str, message_type, timeout: float | None):
-        """The unpacked response of a finished operation, which is then deleted."""
+    def _operation_result(self, name: str, message_type, timeout: float | None,
+                          convert: Callable[[Any], Any] = lambda response: response):
+        """convert(unpacked response) of a finished operation, which is then deleted."""
         operation = self._wait_operation(name, timeout)
+        if operation.HasField("error"):
+            raise error_from_status(operation.error)
+        response = message_type()
+        operation.response.Unpack(response)
+        result = convert(response)
         try:
             self._operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name),
                                              metadata=self._metadata)
         except grpc.RpcError:
             pass  # the server's TTL removes it anyway
-        if operation.HasField("error"):
-            raise error_from_status(operation.error)
-        response = message_type()
-        operation.response.Unpack(response)
-        return response
+        return result
+
+    def _submit_loss(self, model_id: str, seq_id: int, forward_only: bool, data: Iterable[types.Datum],
+                     loss_fn: str, loss_fn_config: dict[str, float] | None,
+                     keys: Iterable[str] | None = None) -> str:
+        """Sends a forward(-backward) batch, unary when it fits one message, else
+        client-streamed in messages of at most MESSAGE_BUDGET_BYTES; returns the
+        operation's name."""
+        pieces = _convert.datum_pieces(data, keys, MESSAGE_BUDGET_BYTES)
+        first = next(pieces)
+        second = next(pieces, None)
+        if second is None:
+            request = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn=loss_fn,
+                                                loss_fn_config=loss_fn_config or {}, data=first,
+                                                request_id=_request_id())
+            return self._call("Forward" if forward_only else "ForwardBackward", request).name
+        header = pb.StreamHeader(model_id=model_id, seq_id=seq_id, loss_fn=loss_fn,
+                                 loss_fn_config=loss_fn_config or {}, request_id=_request_id())
+        total = len(data) if isinstance(data, Sized) else None
+        with tqdm(total=total, unit="datum", desc=f"uploading to {model_id}",
+                  disable=not self.progress, leave=False) as bar:
+            def messages() -> Iterator[pb.ForwardBackwardStreamRequest]:
+                yield pb.ForwardBackwardStreamRequest(header=header)
+                sent = 0
+                for piece in itertools.chain((first, second), pieces):
+                    yield pb.ForwardBackwardStreamRequest(batch=pb.DatumBatch(data=piece))
+                    sent += len(piece)
+                    bar.update(len(piece))
+                yield pb.ForwardBackwardStreamRequest(end=pb.StreamEnd(num_datums=sent))
+
+            requests = _ReraisingIterator(messages())
+            rpc = "ForwardStream" if forward_only else "ForwardBackwardStream"
+            try:
+                return getattr(self._training, rpc)(requests, metadata=self._metadata).name
+            except grpc.RpcError as error:
+                requests.reraise()  # gRPC reports an error raised by the iterator as CANCELLED
+                raise error_from_rpc(error) from None
+
+    def _forward_output(self, name: str, timeout: float | None) -> types.ForwardBackwardOutput:
+        """A finished forward(-backward) operation's result, reading streamed outputs if any."""
+        def read(response: pb.ForwardBackwardOutput) -> types.ForwardBackwardOutput:
+            streamed = []
+            if response.outputs_streamed:
+                try:
+                    streamed = list(self._training.ReadOutputs(pb.ReadOutputsRequest(name=name),
+                                                               metadata=self._metadata))
+                except grpc.RpcError as error:
+                    raise error_from_rpc(error) from None
+            return _convert.forward_backward_output(response, streamed)
+
+        return self._operation_result(name, pb.ForwardBackwardOutput, timeout, read)
 
     def _tokenizer(self, base_model: str):
         if base_model not in self._tokenizers:
@@ -173,18 +232,25 @@ class TrainingClient:
 
     # ---- training ---------------------------------------------------------------
 
-    def forward(self, data: Sequence[types.Datum], loss_fn: str,
+    def forward(self, data: Iterable[types.Datum], loss_fn: str,
                 loss_fn_config: dict[str, float] | None = None) -> APIFuture[types.ForwardBackwardOutput]:
-        """Loss and per-token logprobs; gradients are not touched."""
-        return self._loss_call("Forward", data, loss_fn, loss_fn_config)
+        """Loss and per-token logprobs; gradients are not touched.
 
-    def forward_backward(self, data: Sequence[types.Datum], loss_fn: str,
+        `data` is a list of any length or an iterable (e.g. a generator reading
+        from disk): batches beyond one message are streamed to the server,
+        which computes while it receives."""
+        return self._loss_call(True, data, loss_fn, loss_fn_config)
+
+    def forward_backward(self, data: Iterable[types.Datum], loss_fn: str,
                          loss_fn_config: dict[str, float] | None = None
                          ) -> APIFuture[types.ForwardBackwardOutput]:
-        """Loss and logprobs; the gradient accumulates until optim_step."""
-        return self._loss_call("ForwardBackward", data, loss_fn, loss_fn_config)
+        """Loss and logprobs; the gradient accumulates until optim_step.
 
-    def forward_backward_custom(self, data: Sequence[types.Datum], loss_fn: custom_loss.CustomLossFn
+        `data` may be a list of any length or an iterable; large batches are
+        streamed and applied all or nothing (a broken stream adds no gradient)."""
+        return self._loss_call(False, data, loss_fn, loss_fn_config)
+
+    def forward_backward_custom(self, data: Iterable[types.Datum], loss_fn: custom_loss.CustomLossFn
                                 ) -> APIFuture[types.ForwardBackwardOutput]:
         """Trains any loss written in PyTorch over per-token logprobs.
 
@@ -197,23 +263,22 @@ class TrainingClient:
         Result metrics: loss:sum (the custom loss), surrogate_loss:sum, and
         the user's metrics.
         """
-        data = list(data)
+        data = [d if isinstance(d, types.Datum) else types.Datum(**d) for d in data]
         service, model_id = self.service, self.model_id
 
         def send(next_seq: Callable[[], int]):
-            forward = service._call("Forward", _convert.forward_backward_request(
-                model_id, next_seq(), data, "cross_entropy", None, keys=("target_tokens",)))
-            logprobs = [out["logprobs"].data for out in _convert.forward_backward_output(
-                service._operation_result(forward.name, pb.ForwardBackwardOutput, None)).loss_fn_outputs]
+            forward = service._submit_loss(model_id, next_seq(), True, data, "cross_entropy", None,
+                                           keys=("target_tokens",))
+            logprobs = [out["logprobs"].data
+                        for out in service._forward_output(forward, None).loss_fn_outputs]
             loss, metrics, grads = custom_loss.logprob_gradients(data, logprobs, loss_fn)
-            backward = service._call("ForwardBackward", _convert.forward_backward_request(
-                model_id, next_seq(), custom_loss.surrogate_data(data, grads), "cross_entropy", None))
-            return backward.name, loss, metrics
+            backward = service._submit_loss(model_id, next_seq(), False,
+                                            custom_loss.surrogate_data(data, grads), "cross_entropy", None)
+            return backward, loss, metrics
 
         def fetch(submitted, timeout):
             name, loss, metrics = submitted
-            output = _convert.forward_backward_output(
-                service._operation_result(name, pb.ForwardBackwardOutput, timeout))
+            output = service._forward_output(name, timeout)
             output.metrics = {**metrics, "loss:sum": loss,
                               "surrogate_loss:sum": output.metrics["loss:sum"]}
             return output
@@ -227,7 +292,7 @@ class TrainingClient:
 
         def send(next_seq):
             return service._call("OptimStep", pb.OptimStepRequest(
-                model_id=model_id, seq_id=next_seq(), adam_params=params)).name
+                model_id=model_id, seq_id=next_seq(), adam_params=params, request_id=_request_id())).name
 
         def fetch(name, timeout):
             response = service._operation_result(name, pb.OptimStepResponse, timeout)
@@ -283,20 +348,15 @@ class TrainingClient:
 
     # ---- the send queue ---------------------------------------------------------------
 
-    def _loss_call(self, rpc: str, data: Sequence[types.Datum], loss_fn: str,
+    def _loss_call(self, forward_only: bool, data: Iterable[types.Datum], loss_fn: str,
                    loss_fn_config: dict[str, float] | None) -> APIFuture[types.ForwardBackwardOutput]:
-        data = [d if isinstance(d, types.Datum) else types.Datum(**d) for d in data]
         service, model_id = self.service, self.model_id
 
         def send(next_seq):
-            return service._call(rpc, _convert.forward_backward_request(
-                model_id, next_seq(), data, loss_fn, loss_fn_config)).name
+            return service._submit_loss(model_id, next_seq(), forward_only, data, loss_fn, loss_fn_config)
 
-        def fetch(name, timeout):
-            return _convert.forward_backward_output(
-                service._operation_result(name, pb.ForwardBackwardOutput, timeout))
-
-        return self._enqueue(send, fetch, rpc)
+        return self._enqueue(send, service._forward_output,
+                             "forward" if forward_only else "forward_backward")
 
     def _enqueue(self, send, fetch, label: str) -> APIFuture:
         pending = _Pending(send, concurrent.futures.Future(), label)
@@ -335,6 +395,36 @@ class TrainingClient:
             pending.submitted.set_exception(AbortedError(
                 f"ABORTED: not sent: an earlier {failed.label} of {self.model_id} failed: {error}",
                 grpc.StatusCode.ABORTED, "EARLIER_REQUEST_FAILED"))
+
+
+def _request_id() -> str:
+    """A fresh id per request: a retry reuses it, another client's request cannot."""
+    return uuid.uuid4().hex
+
+
+class _ReraisingIterator:
+    """Wraps a request iterator so an exception it raises reaches the caller as
+    itself rather than as gRPC's CANCELLED."""
+
+    def __init__(self, iterator: Iterator):
+        self._iterator = iterator
+        self._error: BaseException | None = None
+
+    def __iter__(self) -> _ReraisingIterator:
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise
+        except BaseException as error:
+            self._error = error
+            raise
+
+    def reraise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 async def _submitted(future: APIFuture) -> APIFuture:

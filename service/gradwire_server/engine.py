@@ -14,7 +14,7 @@ import numpy as np
 import peft
 import torch
 
-from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings, LossRequest
+from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings
 from gradwire_server.losses import LOSSES
 from gradwire_server.models import LoadedModel
 
@@ -22,16 +22,11 @@ LORA_ALPHA = 32
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 UNEMBED_MODULES = ("lm_head",)
+MICRO_BATCH_TOKENS = 16384  # padded tokens per forward pass; bounds activation memory
 
 
 class RunNotFound(KeyError):
     """No training run has this id."""
-
-
-@dataclass
-class ForwardResult:
-    logprobs: list[np.ndarray]  # per datum, shaped like its target_tokens
-    metrics: dict[str, float]
 
 
 @dataclass
@@ -41,6 +36,94 @@ class Run:
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.AdamW
     step: int = 0
+
+
+class LossPass:
+    """One forward(-backward) over a batch that arrives in pieces.
+
+    Pieces run in micro-batches of at most `MICRO_BATCH_TOKENS` padded tokens.
+    Their gradients are staged apart from the run's accumulated gradients and
+    added to them exactly once, by commit(); discard() (or never committing)
+    leaves the run exactly as it was.
+    """
+
+    def __init__(self, engine: Engine, run: Run, loss_fn: str, config: dict[str, float], backward: bool):
+        self.engine, self.run = engine, run
+        self.loss_fn, self.config, self.backward = loss_fn, config, backward
+        self.staged: list[torch.Tensor | None] = [None] * len(run.params)
+        self.metrics: dict[str, float] = {}
+        self.num_datums = 0
+
+    def feed(self, data: list[DatumArrays]) -> list[np.ndarray]:
+        """Computes the datums' losses (and staged gradients); returns their logprobs."""
+        outputs: list[np.ndarray] = []
+        for micro_batch in _micro_batches(data, MICRO_BATCH_TOKENS):
+            with torch.set_grad_enabled(self.backward):
+                loss, logprobs, metrics = self.engine.micro_batch_loss(
+                    self.run, micro_batch, self.loss_fn, self.config)
+                if self.backward:
+                    self._stage(loss)
+            self.metrics = merge_metrics(self.metrics, self.num_datums, metrics, len(micro_batch))
+            self.num_datums += len(micro_batch)
+            outputs.extend(logprobs)
+        return outputs
+
+    def _stage(self, loss: torch.Tensor) -> None:
+        params = self.run.params
+        accumulated = [p.grad for p in params]
+        for p, staged in zip(params, self.staged):
+            p.grad = staged
+        try:
+            loss.backward()
+            self.staged = [p.grad for p in params]
+        finally:
+            for p, grad in zip(params, accumulated):
+                p.grad = grad
+
+    def commit(self) -> dict[str, float]:
+        """Adds the staged gradients to the run's; returns the merged metrics."""
+        for p, staged in zip(self.run.params, self.staged):
+            if staged is None:
+                continue
+            if p.grad is None:
+                p.grad = staged
+            else:
+                p.grad.add_(staged)
+        self.staged = [None] * len(self.run.params)
+        return self.metrics
+
+
+def merge_metrics(merged: dict[str, float], merged_count: int,
+                  metrics: dict[str, float], count: int) -> dict[str, float]:
+    """Combines the metrics of two parts of a batch by each key's reduction suffix."""
+    out = dict(merged)
+    for key, value in metrics.items():
+        if key not in out:
+            out[key] = value
+            continue
+        reduction = key.rsplit(":", 1)[-1]
+        if reduction == "sum":
+            out[key] += value
+        elif reduction == "max":
+            out[key] = max(out[key], value)
+        elif reduction == "min":
+            out[key] = min(out[key], value)
+        else:  # mean, weighted by datums
+            out[key] = (out[key] * merged_count + value * count) / (merged_count + count)
+    return out
+
+
+def _micro_batches(data: list[DatumArrays], max_tokens: int):
+    """Consecutive slices whose padded size (datums x longest) stays within max_tokens."""
+    start, longest = 0, 0
+    for i, datum in enumerate(data):
+        longest_with = max(longest, len(datum.tokens))
+        if i > start and longest_with * (i - start + 1) > max_tokens:
+            yield data[start:i]
+            start, longest_with = i, len(datum.tokens)
+        longest = longest_with
+    if start < len(data):
+        yield data[start:]
 
 
 class Engine:
@@ -94,17 +177,10 @@ class Engine:
 
     # ---- training -------------------------------------------------------------
 
-    def forward(self, run_id: str, request: LossRequest) -> ForwardResult:
-        """Loss and logprobs; no gradient is recorded."""
-        with torch.no_grad():
-            loss, result = self._loss(run_id, request)
-        return result
-
-    def forward_backward(self, run_id: str, request: LossRequest) -> ForwardResult:
-        """Loss and logprobs; the loss's gradient accumulates into the run's adapter."""
-        loss, result = self._loss(run_id, request)
-        loss.backward()
-        return result
+    def start_pass(self, run_id: str, loss_fn: str, loss_fn_config: dict[str, float],
+                   backward: bool) -> LossPass:
+        """A forward (or forward-backward) pass over a batch fed in pieces."""
+        return LossPass(self, self.run(run_id), loss_fn, loss_fn_config, backward)
 
     def optim_step(self, run_id: str, adam: AdamSettings) -> dict[str, float]:
         """One AdamW step on the accumulated gradients, which are then cleared."""
@@ -124,22 +200,23 @@ class Engine:
 
     # ---- the math -------------------------------------------------------------
 
-    def _loss(self, run_id: str, request: LossRequest) -> tuple[torch.Tensor, ForwardResult]:
-        self._activate(run_id)
-        spec = LOSSES[request.loss_fn]
-        tokens, inputs, lengths, widths = self._pad(request.data)
+    def micro_batch_loss(self, run: Run, data: list[DatumArrays], loss_fn: str,
+                         config: dict[str, float]) -> tuple[torch.Tensor, list[np.ndarray], dict[str, float]]:
+        """(loss, per-datum target logprobs, metrics) of one micro-batch."""
+        self._activate(run.run_id)
+        spec = LOSSES[loss_fn]
+        tokens, inputs, lengths, widths = self._pad(data)
         with self._autocast():
             logits = self.peft_model(input_ids=tokens).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)            # [B, L, V]
         target_logprobs = logprobs.gather(-1, inputs["target_tokens"])    # [B, L, K]
         target_logprobs = target_logprobs * inputs["mask"]               # padding -> 0
-        config = {**spec.config_defaults, **request.loss_fn_config}
-        loss, metrics = spec.fn(target_logprobs, inputs, config)
+        loss, metrics = spec.fn(target_logprobs, inputs, {**spec.config_defaults, **config})
         per_datum = target_logprobs.detach().cpu().numpy()
-        outputs = [per_datum[i, :n, :k] if request.data[i].loss_fn_inputs["target_tokens"].ndim == 2
+        outputs = [per_datum[i, :n, :k] if d.loss_fn_inputs["target_tokens"].ndim == 2
                    else per_datum[i, :n, 0]
-                   for i, (n, k) in enumerate(zip(lengths, widths))]
-        return loss, ForwardResult(outputs, metrics)
+                   for i, (d, n, k) in enumerate(zip(data, lengths, widths))]
+        return loss, outputs, metrics
 
     def _pad(self, data: list[DatumArrays]):
         """Right-pads tokens to [B, L] and loss inputs to [B, L, K]. Causal

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 DOMAIN = "gradwire.dev"
 
@@ -73,8 +74,10 @@ def cancelled(message: str) -> ServiceError:
 
 async def abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
     """Ends the RPC with the error's rich status."""
-    from grpc_status import rpc_status
+    await abort_with_status(context, error.to_status())
 
-    await context.abort_with_status(rpc_status.to_status(error.to_status()))
+
+async def abort_with_status(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+    await context.abort_with_status(rpc_status.to_status(status))
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from google.longrunning import operations_pb2, operations_pb2_grpc
+import numpy as np
 from google.protobuf import empty_pb2, message, timestamp_pb2
 
 from gradwire.v1 import training_service_pb2 as pb
@@ -29,6 +30,17 @@ class OperationRecord:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     finished_at: float | None = None
     on_cancel: Callable[[], bool] | None = None  # cancels it if still queued
+    outputs: list[np.ndarray] = field(default_factory=list)  # per-datum, as computed
+    progress: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def notify_progress(self) -> None:
+        async with self.progress:
+            self.progress.notify_all()
+
+    async def wait_progress(self, seen_outputs: int) -> None:
+        """Returns once there are more than `seen_outputs` outputs or the operation is done."""
+        async with self.progress:
+            await self.progress.wait_for(lambda: len(self.outputs) > seen_outputs or self.operation.done)
 
     def snapshot(self) -> operations_pb2.Operation:
         self.operation.metadata.Pack(self.metadata)
@@ -57,6 +69,12 @@ class OperationStore:
             raise not_found("operation", name)
         return record
 
+    def add_outputs(self, name: str, outputs: list[np.ndarray]) -> None:
+        record = self._records.get(name)
+        if record is not None:
+            record.outputs.extend(outputs)
+            asyncio.ensure_future(record.notify_progress())
+
     def set_running(self, name: str) -> None:
         record = self._records.get(name)
         if record is not None and not record.operation.done:
@@ -80,6 +98,7 @@ class OperationStore:
         record.finished_at = time.monotonic()
         record.on_cancel = None
         record.done.set()
+        asyncio.ensure_future(record.notify_progress())
 
     async def wait(self, name: str, timeout_s: float) -> OperationRecord:
         record = self.get(name)

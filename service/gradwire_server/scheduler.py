@@ -15,6 +15,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from google.protobuf import message
 
@@ -23,7 +24,44 @@ from gradwire_server.operations import OperationRecord, OperationStore
 
 log = logging.getLogger(__name__)
 
-Work = Callable[[], message.Message]
+@dataclass
+class Step:
+    """What a task reports after one turn on the worker."""
+
+    done: bool
+    response: message.Message | None = None
+    outputs: list | None = None  # per-datum outputs computed in this turn
+
+
+class Task(Protocol):
+    """Work for the worker, done in one or more turns (a streamed batch takes a
+    turn per piece, so other runs interleave with it)."""
+
+    def step(self) -> Step: ...
+
+    def ready(self) -> bool:
+        """Whether step() has something to do now (False: waiting for input)."""
+        ...
+
+    def discard(self) -> None:
+        """Drops partial work; the run must be left as it was."""
+        ...
+
+
+class OneShot:
+    """A task done in one turn."""
+
+    def __init__(self, work: Callable[[], message.Message | None]):
+        self.work = work
+
+    def step(self) -> Step:
+        return Step(True, self.work())
+
+    def ready(self) -> bool:
+        return True
+
+    def discard(self) -> None:
+        pass
 
 
 @dataclass
@@ -31,8 +69,9 @@ class Job:
     op_name: str
     run_id: str
     seq_id: int
-    work: Work | None        # None: a rejected request that only holds its place
+    task: Task | None        # None: a rejected request that only holds its place
     cancelled: bool = False
+    started: bool = False
 
 
 @dataclass
@@ -53,7 +92,8 @@ class Scheduler:
         # Shared with the worker thread, under _lock.
         self._lock = threading.Condition()
         self._ready: dict[str, deque[Job]] = {}
-        self._rotation: deque[str] = deque()
+        self._rotation: deque[str] = deque()    # runs with a job to step now
+        self._parked: set[str] = set()          # runs whose head job waits for input
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -70,12 +110,12 @@ class Scheduler:
         return order.op_of_seq[seq_id]
 
     def submit(self, run_id: str, seq_id: int, request_id: str, kind: str,
-               work: Work, num_datums: int = 0) -> OperationRecord:
-        """Accepts a validated request; returns its operation."""
+               task: Task, num_datums: int = 0) -> OperationRecord:
+        """Accepts a validated request (or a stream's header); returns its operation."""
         order = self._orders.setdefault(run_id, RunOrder())
         seq_id = seq_id or self._next_free(order)
         record = self.store.create(kind, run_id, seq_id, num_datums)
-        job = Job(record.operation.name, run_id, seq_id, work)
+        job = Job(record.operation.name, run_id, seq_id, task)
         record.on_cancel = lambda: self._cancel(job)
         self._place(order, job, request_id)
         return record
@@ -109,7 +149,7 @@ class Scheduler:
         while order.next_seq in order.held:
             job = order.held.pop(order.next_seq)
             order.next_seq += 1
-            if job.work is None:
+            if job.task is None:
                 self._abort_held(order, f"request {job.op_name} (seq_id {job.seq_id}) was rejected")
             elif not job.cancelled:
                 with self._lock:
@@ -154,7 +194,7 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
 
-    def run_on_worker(self, run_id: str, work: Callable[[], object]) -> asyncio.Future:
+    def run_on_worker(self, label: str, work: Callable[[], object]) -> asyncio.Future:
         """Runs unordered device work (e.g. creating a run) on the worker; awaitable."""
         future = self.loop.create_future()
 
@@ -167,17 +207,26 @@ class Scheduler:
                 self.loop.call_soon_threadsafe(_settle, future, result, None)
 
         with self._lock:
-            self._enqueue(Job("", f"__control__/{run_id}", 0, wrapped))
+            self._enqueue(Job("", f"__control__/{label}", 0, OneShot(wrapped)))
         return future
+
+    def wake(self, run_id: str) -> None:
+        """A parked run's task has input again (called after feeding it)."""
+        with self._lock:
+            if run_id in self._parked:
+                self._parked.discard(run_id)
+                self._rotation.append(run_id)
+                self._lock.notify()
 
     def _enqueue(self, job: Job) -> None:  # caller holds _lock
         queue = self._ready.setdefault(job.run_id, deque())
-        if not queue:
+        if not queue and job.run_id not in self._parked:
             self._rotation.append(job.run_id)
         queue.append(job)
         self._lock.notify()
 
     def _next_job(self) -> Job | None:
+        """The head job of the next run in rotation (it stays queued until done)."""
         with self._lock:
             while True:
                 if self._stopping:
@@ -185,40 +234,66 @@ class Scheduler:
                 if self._rotation:
                     run_id = self._rotation.popleft()
                     queue = self._ready[run_id]
-                    job = queue.popleft()
-                    if queue:
-                        self._rotation.append(run_id)
-                    else:
-                        del self._ready[run_id]
-                    if not job.cancelled:
-                        return job
-                else:
-                    self._lock.wait()
+                    if queue[0].cancelled:
+                        queue[0].task.discard()
+                        self._pop_head(run_id)
+                        continue
+                    if not queue[0].task.ready():
+                        self._parked.add(run_id)  # wake() brings it back
+                        continue
+                    return queue[0]
+                self._lock.wait()
+
+    def _pop_head(self, run_id: str) -> None:  # caller holds _lock
+        queue = self._ready[run_id]
+        queue.popleft()
+        self._parked.discard(run_id)
+        if queue:
+            if run_id not in self._rotation:
+                self._rotation.append(run_id)
+        else:
+            del self._ready[run_id]
 
     def _work_loop(self) -> None:
         while (job := self._next_job()) is not None:
-            if not job.op_name:
-                job.work()
-                continue
-            self.loop.call_soon_threadsafe(self.store.set_running, job.op_name)
+            if job.op_name and not job.started:
+                job.started = True
+                self.loop.call_soon_threadsafe(self.store.set_running, job.op_name)
             try:
-                response, error = job.work(), None
+                step, error = job.task.step(), None
             except ServiceError as service_error:
-                response, error = None, service_error
+                step, error = None, service_error
             except Exception as failure:  # noqa: BLE001 - reported in Operation.error
-                log.exception("%s failed", job.op_name)
-                response, error = None, internal(failure)
-            self.loop.call_soon_threadsafe(self.store.finish, job.op_name, response, error)
+                log.exception("%s failed", job.op_name or job.run_id)
+                step, error = None, internal(failure)
             if error is not None:
-                self._abort_queued(job)
+                job.task.discard()
+                self._fail(job, error)
+                continue
+            with self._lock:
+                if step.done:
+                    self._pop_head(job.run_id)
+                elif job.task.ready():
+                    self._rotation.append(job.run_id)  # one piece per turn: others interleave
+                else:
+                    self._parked.add(job.run_id)
+            if step.outputs:
+                self.loop.call_soon_threadsafe(self.store.add_outputs, job.op_name, step.outputs)
+            if step.done and job.op_name:
+                self.loop.call_soon_threadsafe(self.store.finish, job.op_name, step.response, None)
 
-    def _abort_queued(self, failed: Job) -> None:
+    def _fail(self, failed: Job, error: ServiceError) -> None:
+        """Fails a job and aborts its run's jobs queued behind it."""
         with self._lock:
             queue = self._ready.pop(failed.run_id, deque())
-            if failed.run_id in self._rotation:
-                self._rotation.remove(failed.run_id)
+            self._parked.discard(failed.run_id)
+        queue.popleft()
+        self.loop.call_soon_threadsafe(self.store.finish, failed.op_name, None, error)
         why = aborted(f"not run: earlier request {failed.op_name} (seq_id {failed.seq_id}) failed")
         for job in queue:
+            if job.cancelled:
+                continue
+            job.task.discard()
             self.loop.call_soon_threadsafe(self.store.finish, job.op_name, None, why)
         self.loop.call_soon_threadsafe(self._on_failure, failed.run_id, failed.op_name)
 

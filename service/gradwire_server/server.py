@@ -76,7 +76,11 @@ class GradwireServer:
         await self._server.start()
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = await asyncio.to_thread(load_model, self.config.model, device)
+        try:
+            loaded = await asyncio.to_thread(load_model, self.config.model, device)
+        except BaseException:
+            await self._server.stop(0)
+            raise
         self.engine = Engine(loaded, device)
         self.scheduler = Scheduler(self.store, asyncio.get_running_loop())
         self.scheduler.start()

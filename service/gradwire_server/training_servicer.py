@@ -2,20 +2,24 @@
 No torch here; the engine runs on the worker thread."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import grpc
 
-from gradwire import _codec
-from gradwire.v1 import tensor_pb2
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import validation
-from gradwire_server.engine import Engine, ForwardResult
-from gradwire_server.errors import FieldViolation, ServiceError, abort, invalid_argument, not_found
+from gradwire_server.engine import Engine
+from gradwire_server.errors import (FieldViolation, ServiceError, abort, abort_with_status, cancelled,
+                                    invalid_argument, not_found)
+from gradwire_server.loss_task import LossTask, outputs_record
 from gradwire_server.losses import LOSSES
 from gradwire_server.operations import OperationStore
-from gradwire_server.scheduler import Scheduler
+from gradwire_server.scheduler import OneShot, Scheduler
+
+MAX_BUFFERED_PIECES = 4          # received stream messages waiting for the worker
+READ_CHUNK_BYTES = 2 * 1024 * 1024  # outputs per ReadOutputs message
 
 
 @dataclass
@@ -110,10 +114,35 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             engine, model_id = self.engine, request.model_id
             record = self.scheduler.submit(
                 model_id, request.seq_id, request.request_id, "OptimStep",
-                lambda: pb.OptimStepResponse(metrics=engine.optim_step(model_id, adam)))
+                OneShot(lambda: pb.OptimStepResponse(metrics=engine.optim_step(model_id, adam))))
             return record.snapshot()
         except ServiceError as error:
             await abort(context, error)
+
+    async def ForwardStream(self, request_iterator, context):
+        return await self._stream_rpc(request_iterator, context, "ForwardStream", backward=False)
+
+    async def ForwardBackwardStream(self, request_iterator, context):
+        return await self._stream_rpc(request_iterator, context, "ForwardBackwardStream", backward=True)
+
+    async def ReadOutputs(self, request, context):
+        try:
+            record = self.store.get(request.name)
+        except ServiceError as error:
+            await abort(context, error)
+        index = request.start_datum_index
+        while True:
+            if index < len(record.outputs):
+                chunk = _outputs_chunk(record.outputs, index)
+                yield pb.ForwardBackwardOutput(loss_fn_output_type="TensorData", first_datum_index=index,
+                                               loss_fn_outputs=[outputs_record(chunk)])
+                index += len(chunk)
+            elif record.operation.done:
+                break
+            else:
+                await record.wait_progress(index)
+        if record.operation.HasField("error"):
+            await abort_with_status(context, record.operation.error)
 
     async def _loss_rpc(self, request: pb.ForwardBackwardRequest, context, kind: str, backward: bool):
         try:
@@ -127,15 +156,85 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             except ServiceError as error:
                 self.scheduler.reject(request.model_id, request.seq_id, request.request_id, error)
                 raise
-            compute = self.engine.forward_backward if backward else self.engine.forward
-            model_id = request.model_id
-            record = self.scheduler.submit(
-                model_id, request.seq_id, request.request_id, kind,
-                lambda: forward_output_proto(compute(model_id, loss_request)),
-                num_datums=len(loss_request.data))
+            task, record = self._submit_loss_task(
+                request.model_id, request.seq_id, request.request_id, kind, request.loss_fn,
+                dict(request.loss_fn_config), backward, len(loss_request.data))
+            task.feed(loss_request.data)
+            task.close()
+            self.scheduler.wake(request.model_id)
             return record.snapshot()
         except ServiceError as error:
             await abort(context, error)
+
+    async def _stream_rpc(self, request_iterator, context, kind: str, backward: bool):
+        """Header, then datum batches: each piece is validated and handed to the
+        worker as it arrives; at most MAX_BUFFERED_PIECES wait in memory."""
+        task, header = None, None
+        try:
+            info = self._ready()
+            first = await anext(aiter(request_iterator), None)
+            if first is None or not first.HasField("header"):
+                raise invalid_argument([FieldViolation("header", "the first message must be a StreamHeader")])
+            header = first.header
+            self._run(header.model_id)
+            if (existing := self.scheduler.existing(header.model_id, header.seq_id,
+                                                    header.request_id)) is not None:
+                return self.store.get(existing).snapshot()
+            try:
+                validation.loss_header(header.loss_fn, header.loss_fn_config)
+            except ServiceError as error:
+                self.scheduler.reject(header.model_id, header.seq_id, header.request_id, error)
+                raise
+            space = asyncio.Event()
+            task, record = self._submit_loss_task(
+                header.model_id, header.seq_id, header.request_id, kind, header.loss_fn,
+                dict(header.loss_fn_config), backward, 0,
+                consumed=lambda: self.scheduler.loop.call_soon_threadsafe(space.set))
+            received, end = 0, None
+            async for message in request_iterator:
+                if end is not None or message.HasField("header"):
+                    raise invalid_argument([FieldViolation(
+                        "kind", "a stream is one header, datum batches, then one end")])
+                if message.HasField("end"):
+                    end = message.end
+                    continue
+                data = validation.data_batch(message.batch.data, header.loss_fn, info.vocab_size,
+                                             info.max_context_length, index_offset=received)
+                received += len(data)
+                record.metadata.num_datums = received
+                task.feed(data)
+                self.scheduler.wake(header.model_id)
+                while task.buffered >= MAX_BUFFERED_PIECES:
+                    space.clear()
+                    await space.wait()
+            if end is None:  # killed, cancelled or out of time: never commit
+                raise asyncio.CancelledError
+            if end.num_datums != received:
+                raise invalid_argument([FieldViolation(
+                    "end.num_datums", f"says {end.num_datums} datums, the server received {received}")])
+            if received == 0:
+                raise invalid_argument([FieldViolation("data", "the stream held no datum")])
+            task.close()
+            self.scheduler.wake(header.model_id)
+            return record.snapshot()
+        except ServiceError as error:
+            if task is not None:
+                task.fail(error)
+                self.scheduler.wake(header.model_id)
+            await abort(context, error)
+        except asyncio.CancelledError:
+            if task is not None:
+                task.fail(cancelled(f"the client cancelled or disconnected during the {kind} stream; "
+                                    "nothing was applied"))
+                self.scheduler.wake(header.model_id)
+            raise
+
+    def _submit_loss_task(self, model_id: str, seq_id: int, request_id: str, kind: str, loss_fn: str,
+                          config: dict[str, float], backward: bool, num_datums: int,
+                          consumed=lambda: None):
+        task = LossTask(self.engine, model_id, loss_fn, config, backward, consumed)
+        record = self.scheduler.submit(model_id, seq_id, request_id, kind, task, num_datums=num_datums)
+        return task, record
 
     def _ready(self) -> ModelInfo:
         if self.info is None:
@@ -149,9 +248,11 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         return run
 
 
-def forward_output_proto(result: ForwardResult) -> pb.ForwardBackwardOutput:
-    record = tensor_pb2.ArrayRecord(
-        type_tag="logprobs", num_datums=len(result.logprobs),
-        fields={"logprobs": _codec.batched_to_proto(result.logprobs)})
-    return pb.ForwardBackwardOutput(loss_fn_output_type="TensorData", loss_fn_outputs=[record],
-                                    metrics=result.metrics)
+
+def _outputs_chunk(outputs: list, start: int) -> list:
+    """Outputs from `start` that fit one ReadOutputs message (at least one)."""
+    end, size = start, 0
+    while end < len(outputs) and (end == start or size + outputs[end].nbytes <= READ_CHUNK_BYTES):
+        size += outputs[end].nbytes
+        end += 1
+    return outputs[start:end]

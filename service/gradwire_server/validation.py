@@ -4,6 +4,7 @@ touches the model, so a rejected request changes nothing."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -17,33 +18,57 @@ MAX_LORA_RANK = 256
 _MAX_VIOLATIONS = 20
 
 
-def loss_request(request: pb.ForwardBackwardRequest, vocab_size: int,
-                 max_context: int, index_offset: int = 0) -> LossRequest:
-    """Validates a ForwardBackwardRequest; datum indices in errors start at index_offset."""
-    violations: list[FieldViolation] = []
-    spec = LOSSES.get(request.loss_fn)
-    if spec is None:
-        violations.append(FieldViolation(
-            "loss_fn", f"unknown loss {request.loss_fn!r}; built-in losses: {sorted(LOSSES)}"))
-    else:
-        for key in request.loss_fn_config:
-            if key not in spec.config_defaults:
-                violations.append(FieldViolation(
-                    f"loss_fn_config[{key!r}]",
-                    f"{request.loss_fn} has no config key {key!r}; accepted: {sorted(spec.config_defaults)}"))
-        for key, value in request.loss_fn_config.items():
-            if not math.isfinite(value):
-                violations.append(FieldViolation(f"loss_fn_config[{key!r}]", "must be finite"))
+def loss_request(request: pb.ForwardBackwardRequest, vocab_size: int, max_context: int) -> LossRequest:
+    """Validates a ForwardBackwardRequest, reporting every violation at once."""
+    violations = _loss_violations(request.loss_fn, request.loss_fn_config)
     if not request.data:
         violations.append(FieldViolation("data", "is empty; send at least one datum"))
-    data = []
-    for i, datum in enumerate(request.data):
-        if len(violations) >= _MAX_VIOLATIONS:
-            break
-        data.append(_datum(datum, index_offset + i, spec, vocab_size, max_context, violations))
+    data = _data(request.data, LOSSES.get(request.loss_fn), vocab_size, max_context, 0, violations)
     if violations:
         raise invalid_argument(violations)
     return LossRequest(data, request.loss_fn, dict(request.loss_fn_config))
+
+
+def loss_header(loss_fn: str, config: Mapping[str, float]) -> None:
+    """Validates the loss and its config (a stream's header)."""
+    violations = _loss_violations(loss_fn, config)
+    if violations:
+        raise invalid_argument(violations)
+
+
+def data_batch(datums: Sequence, loss_fn: str, vocab_size: int, max_context: int,
+               index_offset: int) -> list[DatumArrays]:
+    """Validates one piece of a streamed batch; datum indices count from index_offset."""
+    violations: list[FieldViolation] = []
+    data = _data(datums, LOSSES[loss_fn], vocab_size, max_context, index_offset, violations)
+    if violations:
+        raise invalid_argument(violations)
+    return data
+
+
+def _loss_violations(loss_fn: str, config: Mapping[str, float]) -> list[FieldViolation]:
+    spec = LOSSES.get(loss_fn)
+    if spec is None:
+        return [FieldViolation("loss_fn", f"unknown loss {loss_fn!r}; built-in losses: {sorted(LOSSES)}")]
+    violations = []
+    for key, value in config.items():
+        if key not in spec.config_defaults:
+            violations.append(FieldViolation(
+                f"loss_fn_config[{key!r}]",
+                f"{loss_fn} has no config key {key!r}; accepted: {sorted(spec.config_defaults)}"))
+        elif not math.isfinite(value):
+            violations.append(FieldViolation(f"loss_fn_config[{key!r}]", "must be finite"))
+    return violations
+
+
+def _data(datums: Sequence, spec, vocab_size: int, max_context: int, index_offset: int,
+          violations: list[FieldViolation]) -> list[DatumArrays]:
+    data = []
+    for i, datum in enumerate(datums):
+        if len(violations) >= _MAX_VIOLATIONS:
+            break
+        data.append(_datum(datum, index_offset + i, spec, vocab_size, max_context, violations))
+    return data
 
 
 def _datum(datum, index: int, spec, vocab_size: int, max_context: int,

@@ -180,7 +180,7 @@ class ForwardBackwardRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., data: _Optional[_Iterable[_Union[_datum_pb2.Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., forward_only: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ForwardBackwardOutput(_message.Message):
-    __slots__ = ("loss_fn_output_type", "loss_fn_outputs", "metrics")
+    __slots__ = ("loss_fn_output_type", "loss_fn_outputs", "metrics", "outputs_streamed", "first_datum_index")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -191,10 +191,65 @@ class ForwardBackwardOutput(_message.Message):
     LOSS_FN_OUTPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_STREAMED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_DATUM_INDEX_FIELD_NUMBER: _ClassVar[int]
     loss_fn_output_type: str
     loss_fn_outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.ArrayRecord]
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, loss_fn_output_type: _Optional[str] = ..., loss_fn_outputs: _Optional[_Iterable[_Union[_tensor_pb2.ArrayRecord, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    outputs_streamed: bool
+    first_datum_index: int
+    def __init__(self, loss_fn_output_type: _Optional[str] = ..., loss_fn_outputs: _Optional[_Iterable[_Union[_tensor_pb2.ArrayRecord, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., outputs_streamed: _Optional[bool] = ..., first_datum_index: _Optional[int] = ...) -> None: ...
+
+class StreamHeader(_message.Message):
+    __slots__ = ("model_id", "seq_id", "loss_fn", "loss_fn_config", "request_id")
+    class LossFnConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FN_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    seq_id: int
+    loss_fn: str
+    loss_fn_config: _containers.ScalarMap[str, float]
+    request_id: str
+    def __init__(self, model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class DatumBatch(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: _containers.RepeatedCompositeFieldContainer[_datum_pb2.Datum]
+    def __init__(self, data: _Optional[_Iterable[_Union[_datum_pb2.Datum, _Mapping]]] = ...) -> None: ...
+
+class StreamEnd(_message.Message):
+    __slots__ = ("num_datums",)
+    NUM_DATUMS_FIELD_NUMBER: _ClassVar[int]
+    num_datums: int
+    def __init__(self, num_datums: _Optional[int] = ...) -> None: ...
+
+class ForwardBackwardStreamRequest(_message.Message):
+    __slots__ = ("header", "batch", "end")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    header: StreamHeader
+    batch: DatumBatch
+    end: StreamEnd
+    def __init__(self, header: _Optional[_Union[StreamHeader, _Mapping]] = ..., batch: _Optional[_Union[DatumBatch, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+
+class ReadOutputsRequest(_message.Message):
+    __slots__ = ("name", "start_datum_index")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    START_DATUM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    start_datum_index: int
+    def __init__(self, name: _Optional[str] = ..., start_datum_index: _Optional[int] = ...) -> None: ...
 
 class OptimStepRequest(_message.Message):
     __slots__ = ("model_id", "seq_id", "adam_params", "request_id")

@@ -69,6 +69,21 @@ class TrainingServiceStub:
                 request_serializer=gradwire_dot_v1_dot_training__service__pb2.ForwardBackwardRequest.SerializeToString,
                 response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_unary(
+                '/gradwire.v1.TrainingService/ForwardStream',
+                request_serializer=gradwire_dot_v1_dot_training__service__pb2.ForwardBackwardStreamRequest.SerializeToString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
+        self.ForwardBackwardStream = channel.stream_unary(
+                '/gradwire.v1.TrainingService/ForwardBackwardStream',
+                request_serializer=gradwire_dot_v1_dot_training__service__pb2.ForwardBackwardStreamRequest.SerializeToString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
+        self.ReadOutputs = channel.unary_stream(
+                '/gradwire.v1.TrainingService/ReadOutputs',
+                request_serializer=gradwire_dot_v1_dot_training__service__pb2.ReadOutputsRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_training__service__pb2.ForwardBackwardOutput.FromString,
+                _registered_method=True)
         self.OptimStep = channel.unary_unary(
                 '/gradwire.v1.TrainingService/OptimStep',
                 request_serializer=gradwire_dot_v1_dot_training__service__pb2.OptimStepRequest.SerializeToString,
@@ -126,6 +141,35 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardStream(self, request_iterator, context):
+        """Forward over a client-streamed batch of any size: a StreamHeader, then
+        DatumBatch messages (each within the 4 MiB message limit), then a
+        StreamEnd. The run's place in order is fixed by the header; micro-batches
+        are computed as they arrive. Returns the Operation when the stream closes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardBackwardStream(self, request_iterator, context):
+        """ForwardBackward over a client-streamed batch. All or nothing: the
+        gradient of every datum is added to the run exactly once when the whole
+        stream has been computed; a broken stream or a bad datum adds nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadOutputs(self, request, context):
+        """Streams a Forward/ForwardBackward operation's per-datum outputs in
+        chunks, as they are computed; ends when the operation is done. Use it
+        when ForwardBackwardOutput.outputs_streamed is set (results too large
+        for one message) or to consume results of a long stream early.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def OptimStep(self, request, context):
         """Applies one AdamW step with the accumulated gradients, then clears them.
         """
@@ -165,6 +209,21 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.ForwardBackward,
                     request_deserializer=gradwire_dot_v1_dot_training__service__pb2.ForwardBackwardRequest.FromString,
                     response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.ForwardStream,
+                    request_deserializer=gradwire_dot_v1_dot_training__service__pb2.ForwardBackwardStreamRequest.FromString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'ForwardBackwardStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.ForwardBackwardStream,
+                    request_deserializer=gradwire_dot_v1_dot_training__service__pb2.ForwardBackwardStreamRequest.FromString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'ReadOutputs': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadOutputs,
+                    request_deserializer=gradwire_dot_v1_dot_training__service__pb2.ReadOutputsRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_training__service__pb2.ForwardBackwardOutput.SerializeToString,
             ),
             'OptimStep': grpc.unary_unary_rpc_method_handler(
                     servicer.OptimStep,
@@ -338,6 +397,87 @@ class TrainingService:
             '/gradwire.v1.TrainingService/ForwardBackward',
             gradwire_dot_v1_dot_training__service__pb2.ForwardBackwardRequest.SerializeToString,
             google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradwire.v1.TrainingService/ForwardStream',
+            gradwire_dot_v1_dot_training__service__pb2.ForwardBackwardStreamRequest.SerializeToString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardBackwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradwire.v1.TrainingService/ForwardBackwardStream',
+            gradwire_dot_v1_dot_training__service__pb2.ForwardBackwardStreamRequest.SerializeToString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadOutputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradwire.v1.TrainingService/ReadOutputs',
+            gradwire_dot_v1_dot_training__service__pb2.ReadOutputsRequest.SerializeToString,
+            gradwire_dot_v1_dot_training__service__pb2.ForwardBackwardOutput.FromString,
             options,
             channel_credentials,
             insecure,

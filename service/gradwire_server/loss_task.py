@@ -1,0 +1,89 @@
+"""A Forward/ForwardBackward request as a worker task, fed whole (unary) or in
+pieces as a client stream arrives. Each piece's outputs are reported as it
+finishes, so ReadOutputs can stream them before the operation is done."""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from gradwire import _codec
+from gradwire.v1 import tensor_pb2
+from gradwire.v1 import training_service_pb2 as pb
+from gradwire_server.batch import DatumArrays
+from gradwire_server.engine import Engine, LossPass
+from gradwire_server.errors import ServiceError
+from gradwire_server.scheduler import Step
+
+# Results up to this size ride inside the Operation; larger ones are read
+# with ReadOutputs, so no message exceeds gRPC's 4 MiB default.
+INLINE_OUTPUT_BYTES = 3 * 1024 * 1024
+
+
+class LossTask:
+    """Worker side: step() computes one fed piece per turn, then commits.
+    Event-loop side: feed(), close(), fail()."""
+
+    def __init__(self, engine: Engine, run_id: str, loss_fn: str, config: dict[str, float],
+                 backward: bool, consumed: Callable[[], None] = lambda: None):
+        self._start = lambda: engine.start_pass(run_id, loss_fn, config, backward)
+        self._consumed = consumed
+        self._pending: deque[list[DatumArrays]] = deque()
+        self._closed = False
+        self._error: ServiceError | None = None
+        self._pass: LossPass | None = None
+        self._outputs: list[np.ndarray] = []
+
+    # ---- event-loop side ---------------------------------------------------------
+
+    def feed(self, data: list[DatumArrays]) -> None:
+        self._pending.append(data)
+
+    def close(self) -> None:
+        """No more pieces: commit when the fed ones are computed."""
+        self._closed = True
+
+    def fail(self, error: ServiceError) -> None:
+        """The stream broke or held bad data: the task fails with `error`, committing nothing."""
+        self._error = error
+
+    @property
+    def buffered(self) -> int:
+        return len(self._pending)
+
+    # ---- worker side ---------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return bool(self._pending) or self._closed or self._error is not None
+
+    def step(self) -> Step:
+        if self._error is not None:
+            raise self._error
+        if self._pass is None:
+            self._pass = self._start()
+        if self._pending:
+            outputs = self._pass.feed(self._pending.popleft())
+            self._outputs.extend(outputs)
+            self._consumed()
+            return Step(False, outputs=outputs)
+        metrics = self._pass.commit()
+        return Step(True, output_proto(self._outputs, metrics))
+
+    def discard(self) -> None:
+        self._pass = None
+        self._pending.clear()
+
+
+def output_proto(outputs: list[np.ndarray], metrics: dict[str, float]) -> pb.ForwardBackwardOutput:
+    """The operation's response: outputs inline when they fit, else a pointer to ReadOutputs."""
+    if sum(a.nbytes for a in outputs) > INLINE_OUTPUT_BYTES:
+        return pb.ForwardBackwardOutput(loss_fn_output_type="TensorData", metrics=metrics,
+                                        outputs_streamed=True)
+    return pb.ForwardBackwardOutput(loss_fn_output_type="TensorData", metrics=metrics,
+                                    loss_fn_outputs=[outputs_record(outputs)])
+
+
+def outputs_record(outputs: list[np.ndarray]) -> tensor_pb2.ArrayRecord:
+    return tensor_pb2.ArrayRecord(type_tag="logprobs", num_datums=len(outputs),
+                                  fields={"logprobs": _codec.batched_to_proto(outputs)})
