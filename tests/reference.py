@@ -10,6 +10,8 @@ import peft
 import torch
 
 import gradwire
+from gradwire import _convert
+from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.models import tiny_random_model
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
@@ -75,6 +77,12 @@ def relative_error(server_grads: dict[str, torch.Tensor], expected: dict[str, to
 
 def server_gradients(server, run_id: str) -> dict[str, torch.Tensor]:
     return {name: grad for name, (_, grad) in run_state(server, run_id).items() if grad is not None}
+
+
+def raw_request(model_id: str, seq_id: int, data: list[gradwire.Datum]) -> pb.ForwardBackwardRequest:
+    """A cross_entropy ForwardBackwardRequest as any gRPC client would build it."""
+    return pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy",
+                                     data=[_convert.datum_to_proto(d) for d in data])
 
 
 def random_data(seed: int, lengths=(9, 14, 5, 12), vocab: int = 320) -> list[gradwire.Datum]:

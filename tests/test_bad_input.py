@@ -9,11 +9,11 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 import gradwire
-from gradwire import _codec, _convert
+from gradwire import _codec
 from gradwire.v1 import tensor_pb2
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-from reference import assert_state_equal, random_data, run_state, sender_held, trained_run
+from reference import assert_state_equal, random_data, raw_request, run_state, sender_held, trained_run
 
 
 def datum(tokens, **inputs) -> gradwire.Datum:
@@ -66,8 +66,8 @@ def test_bad_batch_is_rejected_and_changes_nothing(server, service, case, data, 
     tc.forward(random_data(51), "cross_entropy").result()  # the run stays usable
 
 
-def raw_request(model_id: str, tensors: dict[str, tensor_pb2.Tensor], tokens=GOOD) -> pb.ForwardBackwardRequest:
-    request = _convert.forward_backward_request(model_id, 0, [datum(tokens)], "cross_entropy", None)
+def request_with(model_id: str, tensors: dict[str, tensor_pb2.Tensor], tokens=GOOD) -> pb.ForwardBackwardRequest:
+    request = raw_request(model_id, 0, [datum(tokens)])
     for key, tensor in tensors.items():
         request.data[0].loss_fn_inputs[key].CopyFrom(tensor)
     return request
@@ -97,7 +97,7 @@ def test_malformed_wire_tensors_are_rejected(server, service, case, tensors, fie
     before = run_state(server, tc.model_id)
     with grpc.insecure_channel(server.address) as channel:
         with pytest.raises(grpc.RpcError) as raised:
-            pb_grpc.TrainingServiceStub(channel).ForwardBackward(raw_request(tc.model_id, tensors))
+            pb_grpc.TrainingServiceStub(channel).ForwardBackward(request_with(tc.model_id, tensors))
     status = rpc_status.from_call(raised.value)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()

@@ -8,10 +8,9 @@ import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 
-from gradwire import _convert
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-from reference import random_data
+from reference import random_data, raw_request
 
 
 @pytest.fixture()
@@ -28,7 +27,7 @@ def run_id(stubs):
 
 
 def fb_request(run_id: str, seq_id: int, seed: int = 60, request_id: str = "") -> pb.ForwardBackwardRequest:
-    request = _convert.forward_backward_request(run_id, seq_id, random_data(seed), "cross_entropy", None)
+    request = raw_request(run_id, seq_id, random_data(seed))
     request.request_id = request_id
     return request
 

@@ -10,14 +10,14 @@ import time
 import grpc
 import numpy as np
 import pytest
-import torch
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
 import gradwire
 from gradwire import _convert, client
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-from reference import (assert_state_equal, random_data, reference_gradients, reference_logprobs,
+from test_custom_loss import variance_loss
+from reference import (assert_state_equal, random_data, raw_request, reference_gradients, reference_logprobs,
                        reference_model, relative_error, run_state, sender_held, server_gradients,
                        trained_run)
 
@@ -188,7 +188,7 @@ def test_client_killed_mid_stream_applies_nothing(server, service):
         # The run keeps working (seq_id 0: after the killed client's request).
         with grpc.insecure_channel(server.address) as channel:
             name = pb_grpc.TrainingServiceStub(channel).ForwardBackward(
-                _convert.forward_backward_request(tc.model_id, 0, random_data(77), "cross_entropy", None)).name
+                raw_request(tc.model_id, 0, random_data(77))).name
         assert not service._wait_operation(name, 30).HasField("error")
     finally:
         process.kill()
@@ -204,11 +204,6 @@ def _wait_for_failed_stream(server, run_id: str, code: grpc.StatusCode) -> opera
             return done[0]
         assert time.monotonic() < deadline, "the broken stream's operation never ended"
         time.sleep(0.05)
-
-
-def variance_loss(data, logprobs):
-    variance = torch.var(torch.cat(logprobs))
-    return variance, {"variance_loss": variance.item()}
 
 
 def test_streamed_custom_loss_is_exact(server, service, small_messages):

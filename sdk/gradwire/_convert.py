@@ -20,15 +20,6 @@ def datum_to_proto(datum: types.Datum, keys: Iterable[str] | None = None) -> dat
                                            for key, value in inputs.items()})
 
 
-def forward_backward_request(model_id: str, seq_id: int, data: Sequence[types.Datum], loss_fn: str,
-                             loss_fn_config: dict[str, float] | None,
-                             keys: Iterable[str] | None = None) -> pb.ForwardBackwardRequest:
-    keys = None if keys is None else tuple(keys)
-    return pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn=loss_fn,
-                                     loss_fn_config=loss_fn_config or {},
-                                     data=[datum_to_proto(d, keys) for d in data])
-
-
 def datum_pieces(data: Iterable[types.Datum], keys: Iterable[str] | None,
                  budget_bytes: int) -> Iterator[list[datum_pb2.Datum]]:
     """Encodes datums lazily into consecutive lists of at most budget_bytes each
