@@ -1,7 +1,7 @@
 """SDK types <-> gradwire.v1 messages."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
