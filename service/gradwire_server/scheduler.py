@@ -114,6 +114,8 @@ class Scheduler:
         """Accepts a validated request (or a stream's header); returns its operation."""
         order = self._orders.setdefault(run_id, RunOrder())
         seq_id = seq_id or self._next_free(order)
+        if seq_id < order.next_seq:
+            raise aborted(f"seq_id {seq_id} of {run_id} has already run or was skipped")
         record = self.store.create(kind, run_id, seq_id, num_datums)
         job = Job(record.operation.name, run_id, seq_id, task)
         record.on_cancel = lambda: self._cancel(job)
@@ -136,8 +138,6 @@ class Scheduler:
         return max([order.next_seq - 1, *order.held]) + 1
 
     def _place(self, order: RunOrder, job: Job, request_id: str) -> None:
-        if job.seq_id < order.next_seq:
-            raise aborted(f"seq_id {job.seq_id} of {job.run_id} has already run or was skipped")
         order.op_of_seq[job.seq_id] = job.op_name
         order.request_of_seq[job.seq_id] = request_id
         order.held[job.seq_id] = job

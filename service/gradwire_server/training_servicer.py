@@ -3,9 +3,12 @@ No torch here; the engine runs on the worker thread."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
+from google.longrunning import operations_pb2
 
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
@@ -18,6 +21,7 @@ from gradwire_server.losses import LOSSES
 from gradwire_server.operations import OperationStore
 from gradwire_server.scheduler import OneShot, Scheduler
 
+T = TypeVar("T")
 MAX_BUFFERED_PIECES = 4          # received stream messages waiting for the worker
 READ_CHUNK_BYTES = 2 * 1024 * 1024  # outputs per ReadOutputs message
 
@@ -102,15 +106,10 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     async def OptimStep(self, request, context):
         try:
             self._ready()
-            self._run(request.model_id)
-            if (existing := self.scheduler.existing(request.model_id, request.seq_id,
-                                                    request.request_id)) is not None:
-                return self.store.get(existing).snapshot()
-            try:
-                adam = validation.adam_settings(request.adam_params)
-            except ServiceError as error:
-                self.scheduler.reject(request.model_id, request.seq_id, request.request_id, error)
-                raise
+            existing, adam = self._admit(request.model_id, request.seq_id, request.request_id,
+                                         lambda: validation.adam_settings(request.adam_params))
+            if existing is not None:
+                return existing
             engine, model_id = self.engine, request.model_id
             record = self.scheduler.submit(
                 model_id, request.seq_id, request.request_id, "OptimStep",
@@ -147,15 +146,11 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     async def _loss_rpc(self, request: pb.ForwardBackwardRequest, context, kind: str, backward: bool):
         try:
             info = self._ready()
-            self._run(request.model_id)
-            if (existing := self.scheduler.existing(request.model_id, request.seq_id,
-                                                    request.request_id)) is not None:
-                return self.store.get(existing).snapshot()
-            try:
-                loss_request = validation.loss_request(request, info.vocab_size, info.max_context_length)
-            except ServiceError as error:
-                self.scheduler.reject(request.model_id, request.seq_id, request.request_id, error)
-                raise
+            existing, loss_request = self._admit(
+                request.model_id, request.seq_id, request.request_id,
+                lambda: validation.loss_request(request, info.vocab_size, info.max_context_length))
+            if existing is not None:
+                return existing
             task, record = self._submit_loss_task(
                 request.model_id, request.seq_id, request.request_id, kind, request.loss_fn,
                 dict(request.loss_fn_config), backward, len(loss_request.data))
@@ -176,15 +171,10 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             if first is None or not first.HasField("header"):
                 raise invalid_argument([FieldViolation("header", "the first message must be a StreamHeader")])
             header = first.header
-            self._run(header.model_id)
-            if (existing := self.scheduler.existing(header.model_id, header.seq_id,
-                                                    header.request_id)) is not None:
-                return self.store.get(existing).snapshot()
-            try:
-                validation.loss_header(header.loss_fn, header.loss_fn_config)
-            except ServiceError as error:
-                self.scheduler.reject(header.model_id, header.seq_id, header.request_id, error)
-                raise
+            existing, _ = self._admit(header.model_id, header.seq_id, header.request_id,
+                                      lambda: validation.loss_header(header.loss_fn, header.loss_fn_config))
+            if existing is not None:
+                return existing
             space = asyncio.Event()
             task, record = self._submit_loss_task(
                 header.model_id, header.seq_id, header.request_id, kind, header.loss_fn,
@@ -235,6 +225,19 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         task = LossTask(self.engine, model_id, loss_fn, config, backward, consumed)
         record = self.scheduler.submit(model_id, seq_id, request_id, kind, task, num_datums=num_datums)
         return task, record
+
+    def _admit(self, model_id: str, seq_id: int, request_id: str, validate: Callable[[], T]
+               ) -> tuple[operations_pb2.Operation | None, T | None]:
+        """(the operation of a retried request, None) or (None, validate()). A request
+        that fails validation still uses up its seq_id, so the run's order moves on."""
+        self._run(model_id)
+        if (existing := self.scheduler.existing(model_id, seq_id, request_id)) is not None:
+            return self.store.get(existing).snapshot(), None
+        try:
+            return None, validate()
+        except ServiceError as error:
+            self.scheduler.reject(model_id, seq_id, request_id, error)
+            raise
 
     def _ready(self) -> ModelInfo:
         if self.info is None:
