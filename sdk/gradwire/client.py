@@ -106,20 +106,23 @@ class ServiceClient:
 
     def _submit_loss(self, model_id: str, seq_id: int, forward_only: bool, data: Iterable[types.Datum],
                      loss_fn: str, loss_fn_config: dict[str, float] | None,
-                     keys: Iterable[str] | None = None) -> str:
+                     keys: Iterable[str] | None = None, keep_graph: bool = False,
+                     reuse_forward: str = "") -> str:
         """Sends a forward(-backward) batch, unary when it fits one message, else
         client-streamed in messages of at most MESSAGE_BUDGET_BYTES; returns the
-        operation's name."""
+        operation's name. keep_graph / reuse_forward: see ForwardBackwardRequest."""
         pieces = _convert.datum_pieces(data, keys, MESSAGE_BUDGET_BYTES)
         first = next(pieces)
         second = next(pieces, None)
         if second is None:
             request = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn=loss_fn,
                                                 loss_fn_config=loss_fn_config or {}, data=first,
-                                                request_id=_request_id())
+                                                request_id=_request_id(), keep_graph=keep_graph,
+                                                reuse_forward=reuse_forward)
             return self._call("Forward" if forward_only else "ForwardBackward", request).name
         header = pb.StreamHeader(model_id=model_id, seq_id=seq_id, loss_fn=loss_fn,
-                                 loss_fn_config=loss_fn_config or {}, request_id=_request_id())
+                                 loss_fn_config=loss_fn_config or {}, request_id=_request_id(),
+                                 keep_graph=keep_graph, reuse_forward=reuse_forward)
         total = len(data) if isinstance(data, Sized) else None
         with tqdm(total=total, unit="datum", desc=f"uploading to {model_id}",
                   disable=not self.progress, leave=False) as bar:
@@ -268,12 +271,13 @@ class TrainingClient:
 
         def send(next_seq: Callable[[], int]):
             forward = service._submit_loss(model_id, next_seq(), True, data, "cross_entropy", None,
-                                           keys=("target_tokens",))
+                                           keys=("target_tokens",), keep_graph=True)
             logprobs = [out["logprobs"].data
                         for out in service._forward_output(forward, None).loss_fn_outputs]
             loss, metrics, grads = custom_loss.logprob_gradients(data, logprobs, loss_fn)
             backward = service._submit_loss(model_id, next_seq(), False,
-                                            custom_loss.surrogate_data(data, grads), "cross_entropy", None)
+                                            custom_loss.surrogate_data(data, grads), "cross_entropy", None,
+                                            reuse_forward=forward)
             return backward, loss, metrics
 
         def fetch(submitted, timeout):

@@ -1,4 +1,5 @@
-"""`gradwire-server --model NAME_OR_PATH [--host H] [--port P] [--checkpoint-dir DIR]`."""
+"""`gradwire-server --model NAME_OR_PATH [--host H] [--port P] [--checkpoint-dir DIR]
+[--keep-graph-budget-mb MB]`."""
 from __future__ import annotations
 
 import argparse
@@ -18,11 +19,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     parser.add_argument("--checkpoint-dir", type=pathlib.Path, default=None,
                         help="where checkpoints are written (default: ./gradwire-checkpoints)")
+    parser.add_argument("--keep-graph-budget-mb", type=float, default=ServerConfig.keep_graph_budget_mb,
+                        help="activation memory a custom loss's forward leg may keep so its backward "
+                             "leg needs no second forward pass; 0 always recomputes (default: %(default)g)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     checkpoint_dir = args.checkpoint_dir or pathlib.Path("gradwire-checkpoints")
     asyncio.run(serve(ServerConfig(model=args.model, host=args.host, port=args.port,
-                                   checkpoint_dir=checkpoint_dir)))
+                                   checkpoint_dir=checkpoint_dir,
+                                   keep_graph_budget_mb=args.keep_graph_budget_mb)))
 
 
 if __name__ == "__main__":

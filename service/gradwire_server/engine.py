@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 import peft
@@ -23,6 +25,8 @@ ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 UNEMBED_MODULES = ("lm_head",)
 MICRO_BATCH_TOKENS = 16384  # padded tokens per forward pass; bounds activation memory
+KEEP_GRAPH_BUDGET_BYTES = 2 * 1024**3  # activations a Forward may keep for its backward leg
+KEEP_GRAPH_TIMEOUT_S = 60.0
 
 
 class RunNotFound(KeyError):
@@ -38,6 +42,53 @@ class Run:
     step: int = 0
 
 
+@dataclass
+class KeptMicroBatch:
+    """A forward micro-batch held with its autograd graph for the backward leg."""
+
+    target_logprobs: torch.Tensor     # [B, L, K], still attached to the graph
+    data: list[DatumArrays]           # the datums it was computed from
+    outputs: list[np.ndarray]         # their per-datum logprobs
+    arrived: list[DatumArrays] = field(default_factory=list)  # backward datums matched so far
+
+    def matches_next(self, datum: DatumArrays) -> bool:
+        kept = self.data[len(self.arrived)]
+        return (np.array_equal(kept.tokens, datum.tokens)
+                and np.array_equal(kept.loss_fn_inputs["target_tokens"],
+                                   datum.loss_fn_inputs["target_tokens"]))
+
+
+@dataclass
+class KeptForward:
+    """A Forward's graph, kept for the run's next request (custom-loss fast path)."""
+
+    forward_op: str
+    micro_batches: deque[KeptMicroBatch]
+    nbytes: int
+    expires_at: float
+
+
+class _SavedTensorBytes:
+    """Counts the bytes autograd saves for backward (activations), leaving out
+    the model's parameters, which are held anyway."""
+
+    def __init__(self, parameter_storages: set[int]):
+        self.excluded = parameter_storages
+        self.seen: set[int] = set()
+        self.nbytes = 0
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in self.seen and pointer not in self.excluded:
+            self.seen.add(pointer)
+            self.nbytes += storage.nbytes()
+        return tensor
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+
+
 class LossPass:
     """One forward(-backward) over a batch that arrives in pieces.
 
@@ -45,28 +96,88 @@ class LossPass:
     Their gradients are staged apart from the run's accumulated gradients and
     added to them exactly once, by commit(); discard() (or never committing)
     leaves the run exactly as it was.
+
+    A forward pass with `keep_graph` keeps its micro-batches' graphs (while
+    they fit the engine's budget); a backward pass given that `reuse` applies
+    its loss to the kept logprobs of matching datums instead of recomputing
+    them: one forward and one backward in all.
     """
 
-    def __init__(self, engine: Engine, run: Run, loss_fn: str, config: dict[str, float], backward: bool):
+    def __init__(self, engine: Engine, run: Run, loss_fn: str, config: dict[str, float], backward: bool,
+                 keep_graph: bool = False, reuse: KeptForward | None = None):
         self.engine, self.run = engine, run
         self.loss_fn, self.config, self.backward = loss_fn, config, backward
         self.staged: list[torch.Tensor | None] = [None] * len(run.params)
         self.metrics: dict[str, float] = {}
         self.num_datums = 0
+        self.reuse, self.reused_datums = reuse, 0
+        self.graph_kept = False
+        self.kept: list[KeptMicroBatch] | None = [] if keep_graph and not backward else None
+        self.saved_bytes = _SavedTensorBytes(engine.parameter_storages()) if self.kept is not None else None
 
     def feed(self, data: list[DatumArrays]) -> list[np.ndarray]:
         """Computes the datums' losses (and staged gradients); returns their logprobs."""
         outputs: list[np.ndarray] = []
+        if self.reuse is not None:
+            reused, reused_outputs = self._feed_reused(data)
+            outputs.extend(reused_outputs)
+            data = data[reused:]
         for micro_batch in _micro_batches(data, MICRO_BATCH_TOKENS):
-            with torch.set_grad_enabled(self.backward):
-                loss, logprobs, metrics = self.engine.micro_batch_loss(
-                    self.run, micro_batch, self.loss_fn, self.config)
+            keeping = self.kept is not None
+            with torch.set_grad_enabled(self.backward or keeping), \
+                    (self.saved_bytes.hooks() if keeping else contextlib.nullcontext()):
+                target_logprobs, inputs = self.engine.micro_batch_logprobs(self.run, micro_batch)
+                loss, metrics = self.engine.loss(target_logprobs, inputs, self.loss_fn, self.config)
                 if self.backward:
                     self._stage(loss)
-            self.metrics = merge_metrics(self.metrics, self.num_datums, metrics, len(micro_batch))
-            self.num_datums += len(micro_batch)
-            outputs.extend(logprobs)
+            micro_outputs = per_datum_outputs(target_logprobs, micro_batch)
+            if keeping:
+                self._keep(KeptMicroBatch(target_logprobs, micro_batch, micro_outputs))
+            self._add_metrics(metrics, len(micro_batch))
+            outputs.extend(micro_outputs)
         return outputs
+
+    def _keep(self, micro_batch: KeptMicroBatch) -> None:
+        if self.saved_bytes.nbytes > self.engine.keep_graph_budget_bytes:
+            self.kept = None  # over budget: the backward leg will recompute
+        else:
+            self.kept.append(micro_batch)
+
+    def _feed_reused(self, data: list[DatumArrays]) -> tuple[int, list[np.ndarray]]:
+        """Matches datums to the kept forward, in order; returns how many matched
+        and their logprobs. The first mismatch ends reuse: the rest is recomputed."""
+        outputs = []
+        for i, datum in enumerate(data):
+            kept = self.reuse.micro_batches[0] if self.reuse.micro_batches else None
+            if kept is None or not kept.matches_next(datum):
+                self._finish_reuse()
+                return i, outputs
+            outputs.append(kept.outputs[len(kept.arrived)])
+            kept.arrived.append(datum)
+            if len(kept.arrived) == len(kept.data):
+                self._backward_kept(self.reuse.micro_batches.popleft())
+        return len(data), outputs
+
+    def _backward_kept(self, kept: KeptMicroBatch) -> None:
+        """This pass's loss on the kept logprobs of the datums that arrived, backpropagated."""
+        count = len(kept.arrived)
+        _, inputs = self.engine.pad(kept.arrived)
+        length, width = inputs["mask"].shape[1:]
+        target_logprobs = kept.target_logprobs[:count, :length, :width]
+        loss, metrics = self.engine.loss(target_logprobs, inputs, self.loss_fn, self.config)
+        self._stage(loss)
+        self._add_metrics(metrics, count)
+        self.reused_datums += count
+
+    def _finish_reuse(self) -> None:
+        """Applies the partly matched kept micro-batch, then frees the kept graph."""
+        if self.reuse is not None and self.reuse.micro_batches and self.reuse.micro_batches[0].arrived:
+            self._backward_kept(self.reuse.micro_batches[0])
+        self.reuse = None
+
+    def _add_metrics(self, metrics: dict[str, float], count: int) -> None:
+        self.metrics = merge_metrics(self.metrics, self.num_datums, metrics, count)
+        self.num_datums += count
 
     def _stage(self, loss: torch.Tensor) -> None:
         params = self.run.params
@@ -80,8 +191,10 @@ class LossPass:
             for p, grad in zip(params, accumulated):
                 p.grad = grad
 
-    def commit(self) -> dict[str, float]:
-        """Adds the staged gradients to the run's; returns the merged metrics."""
+    def commit(self, forward_op: str = "") -> dict[str, float]:
+        """Adds the staged gradients to the run's (and hands a kept graph to the
+        engine); returns the merged metrics."""
+        self._finish_reuse()
         for p, staged in zip(self.run.params, self.staged):
             if staged is None:
                 continue
@@ -90,7 +203,14 @@ class LossPass:
             else:
                 p.grad.add_(staged)
         self.staged = [None] * len(self.run.params)
+        self.graph_kept = bool(self.kept)
+        if self.kept:
+            self.engine.kept[self.run.run_id] = KeptForward(
+                forward_op, deque(self.kept), self.saved_bytes.nbytes,
+                time.monotonic() + self.engine.keep_graph_timeout_s)
+        self.kept = None
         return self.metrics
+
 
 
 def merge_metrics(merged: dict[str, float], merged_count: int,
@@ -113,6 +233,19 @@ def merge_metrics(merged: dict[str, float], merged_count: int,
     return out
 
 
+def per_datum_outputs(target_logprobs: torch.Tensor, data: list[DatumArrays]) -> list[np.ndarray]:
+    """Each datum's logprobs, shaped like its target_tokens ([N] or [N, K])."""
+    values = target_logprobs.detach().cpu().numpy()
+    return [values[i, :len(d.tokens), :_width(d)] if d.loss_fn_inputs["target_tokens"].ndim == 2
+            else values[i, :len(d.tokens), 0]
+            for i, d in enumerate(data)]
+
+
+def _width(datum: DatumArrays) -> int:
+    """K: target candidates per position."""
+    return datum.loss_fn_inputs["target_tokens"].reshape(len(datum.tokens), -1).shape[1]
+
+
 def _micro_batches(data: list[DatumArrays], max_tokens: int):
     """Consecutive slices whose padded size (datums x longest) stays within max_tokens."""
     start, longest = 0, 0
@@ -129,11 +262,16 @@ def _micro_batches(data: list[DatumArrays], max_tokens: int):
 class Engine:
     """Training runs on one device. Not thread-safe: call from one thread."""
 
-    def __init__(self, base: LoadedModel, device: torch.device):
+    def __init__(self, base: LoadedModel, device: torch.device,
+                 keep_graph_budget_bytes: int = KEEP_GRAPH_BUDGET_BYTES,
+                 keep_graph_timeout_s: float = KEEP_GRAPH_TIMEOUT_S):
         self.base = base
         self.device = device
         self.peft_model: peft.PeftModel | None = None
         self.runs: dict[str, Run] = {}
+        self.keep_graph_budget_bytes = keep_graph_budget_bytes
+        self.keep_graph_timeout_s = keep_graph_timeout_s
+        self.kept: dict[str, KeptForward] = {}  # run_id -> its last Forward's graph
 
     # ---- runs ---------------------------------------------------------------
 
@@ -178,13 +316,30 @@ class Engine:
     # ---- training -------------------------------------------------------------
 
     def start_pass(self, run_id: str, loss_fn: str, loss_fn_config: dict[str, float],
-                   backward: bool) -> LossPass:
-        """A forward (or forward-backward) pass over a batch fed in pieces."""
-        return LossPass(self, self.run(run_id), loss_fn, loss_fn_config, backward)
+                   backward: bool, keep_graph: bool = False, reuse_forward: str = "") -> LossPass:
+        """A forward (or forward-backward) pass over a batch fed in pieces.
+        A kept graph serves only the run's very next request, if it asks for it."""
+        run = self.run(run_id)
+        kept = self.kept.pop(run_id, None)
+        reuse = kept if backward and kept is not None and kept.forward_op == reuse_forward else None
+        return LossPass(self, run, loss_fn, loss_fn_config, backward, keep_graph, reuse)
+
+    def drop_kept_graph(self, run_id: str) -> None:
+        """Frees the run's kept forward graph, if any."""
+        self.kept.pop(run_id, None)
+
+    def drop_expired_graphs(self) -> None:
+        now = time.monotonic()
+        for run_id in [r for r, kept in self.kept.items() if kept.expires_at <= now]:
+            del self.kept[run_id]
+
+    def parameter_storages(self) -> set[int]:
+        return {p.untyped_storage().data_ptr() for p in self.peft_model.parameters()}
 
     def optim_step(self, run_id: str, adam: AdamSettings) -> dict[str, float]:
         """One AdamW step on the accumulated gradients, which are then cleared."""
         run = self.run(run_id)
+        self.drop_kept_graph(run_id)
         grads = [p.grad for p in run.params if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
             if grads else torch.zeros(())
@@ -200,29 +355,29 @@ class Engine:
 
     # ---- the math -------------------------------------------------------------
 
-    def micro_batch_loss(self, run: Run, data: list[DatumArrays], loss_fn: str,
-                         config: dict[str, float]) -> tuple[torch.Tensor, list[np.ndarray], dict[str, float]]:
-        """(loss, per-datum target logprobs, metrics) of one micro-batch."""
+    def micro_batch_logprobs(self, run: Run, data: list[DatumArrays]
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Target-token logprobs [B, L, K] of one micro-batch (0 on padding), and
+        its loss inputs padded to the same shape."""
         self._activate(run.run_id)
-        spec = LOSSES[loss_fn]
-        tokens, inputs, lengths, widths = self._pad(data)
+        tokens, inputs = self.pad(data)
         with self._autocast():
             logits = self.peft_model(input_ids=tokens).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)            # [B, L, V]
         target_logprobs = logprobs.gather(-1, inputs["target_tokens"])    # [B, L, K]
-        target_logprobs = target_logprobs * inputs["mask"]               # padding -> 0
-        loss, metrics = spec.fn(target_logprobs, inputs, {**spec.config_defaults, **config})
-        per_datum = target_logprobs.detach().cpu().numpy()
-        outputs = [per_datum[i, :n, :k] if d.loss_fn_inputs["target_tokens"].ndim == 2
-                   else per_datum[i, :n, 0]
-                   for i, (d, n, k) in enumerate(zip(data, lengths, widths))]
-        return loss, outputs, metrics
+        return target_logprobs * inputs["mask"], inputs
 
-    def _pad(self, data: list[DatumArrays]):
-        """Right-pads tokens to [B, L] and loss inputs to [B, L, K]. Causal
-        attention keeps real positions blind to the padding after them."""
+    @staticmethod
+    def loss(target_logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], loss_fn: str,
+             config: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        spec = LOSSES[loss_fn]
+        return spec.fn(target_logprobs, inputs, {**spec.config_defaults, **config})
+
+    def pad(self, data: list[DatumArrays]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Right-pads tokens to [B, L] and loss inputs (plus a 0/1 `mask`) to
+        [B, L, K]. Causal attention keeps real positions blind to the padding after them."""
         lengths = [len(d.tokens) for d in data]
-        widths = [d.loss_fn_inputs["target_tokens"].reshape(len(d.tokens), -1).shape[1] for d in data]
+        widths = [_width(d) for d in data]
         batch, length, width = len(data), max(lengths), max(widths)
         tokens = np.zeros((batch, length), dtype=np.int64)
         keys = set().union(*(d.loss_fn_inputs for d in data))
@@ -235,7 +390,7 @@ class Engine:
             for key, value in d.loss_fn_inputs.items():
                 padded[key][i, :n, :k] = value.reshape(n, k)
         as_tensor = {key: torch.from_numpy(value).to(self.device) for key, value in padded.items()}
-        return torch.from_numpy(tokens).to(self.device), as_tensor, lengths, widths
+        return torch.from_numpy(tokens).to(self.device), as_tensor
 
     def _activate(self, run_id: str) -> None:
         self.run(run_id)

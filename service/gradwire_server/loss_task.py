@@ -26,8 +26,11 @@ class LossTask:
     Event-loop side: feed(), close(), fail()."""
 
     def __init__(self, engine: Engine, run_id: str, loss_fn: str, config: dict[str, float],
-                 backward: bool, consumed: Callable[[], None] = lambda: None):
-        self._start = lambda: engine.start_pass(run_id, loss_fn, config, backward)
+                 backward: bool, consumed: Callable[[], None] = lambda: None,
+                 keep_graph: bool = False, reuse_forward: str = ""):
+        self._start = lambda: engine.start_pass(run_id, loss_fn, config, backward, keep_graph, reuse_forward)
+        self._release_kept = (lambda: engine.drop_kept_graph(run_id)) if reuse_forward else lambda: None
+        self.op_name = ""  # set once the scheduler has named the operation, before any feed()
         self._consumed = consumed
         self._pending: deque[list[DatumArrays]] = deque()
         self._closed = False
@@ -67,21 +70,25 @@ class LossTask:
             self._outputs.extend(outputs)
             self._consumed()
             return Step(False, outputs=outputs)
-        metrics = self._pass.commit()
-        return Step(True, output_proto(self._outputs, metrics))
+        metrics = self._pass.commit(self.op_name)
+        response = output_proto(self._outputs, metrics)
+        response.graph_kept, response.reused_datums = self._pass.graph_kept, self._pass.reused_datums
+        return Step(True, response)
 
     def discard(self) -> None:
         self._pass = None
         self._pending.clear()
+        self._release_kept()  # a cancelled backward leg frees the graph it was to use
 
 
 def output_proto(outputs: list[np.ndarray], metrics: dict[str, float]) -> pb.ForwardBackwardOutput:
     """The operation's response: outputs inline when they fit, else a pointer to ReadOutputs."""
+    response = pb.ForwardBackwardOutput(loss_fn_output_type="TensorData", metrics=metrics)
     if sum(a.nbytes for a in outputs) > INLINE_OUTPUT_BYTES:
-        return pb.ForwardBackwardOutput(loss_fn_output_type="TensorData", metrics=metrics,
-                                        outputs_streamed=True)
-    return pb.ForwardBackwardOutput(loss_fn_output_type="TensorData", metrics=metrics,
-                                    loss_fn_outputs=[outputs_record(outputs)])
+        response.outputs_streamed = True
+    else:
+        response.loss_fn_outputs.append(outputs_record(outputs))
+    return response
 
 
 def outputs_record(outputs: list[np.ndarray]) -> tensor_pb2.ArrayRecord:

@@ -151,7 +151,7 @@ class Scheduler:
             order.next_seq += 1
             if job.task is None:
                 self._abort_held(order, f"request {job.op_name} (seq_id {job.seq_id}) was rejected")
-            elif not job.cancelled:
+            else:  # a cancelled job too: the worker discards it, freeing what it holds
                 with self._lock:
                     self._enqueue(job)
 

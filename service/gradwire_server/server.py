@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-from gradwire_server.engine import Engine
+from gradwire_server.engine import KEEP_GRAPH_BUDGET_BYTES, KEEP_GRAPH_TIMEOUT_S, Engine
 from gradwire_server.models import LoadedModel, load_model
 from gradwire_server.operations import OperationsServicer, OperationStore
 from gradwire_server.scheduler import Scheduler
@@ -43,6 +43,9 @@ class ServerConfig:
     checkpoint_dir: pathlib.Path | None = None
     operation_ttl_s: float = 1800.0
     max_wait_s: float = 30.0
+    # Activations a custom loss's forward leg may keep for its backward leg (0: always recompute).
+    keep_graph_budget_mb: float = KEEP_GRAPH_BUDGET_BYTES / 2**20
+    keep_graph_timeout_s: float = KEEP_GRAPH_TIMEOUT_S
 
 
 class GradwireServer:
@@ -55,7 +58,7 @@ class GradwireServer:
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
         self.port: int | None = None
-        self._expiry: asyncio.Task | None = None
+        self._expiry: list[asyncio.Task] = []
 
     async def start(self) -> None:
         # Created here: gRPC's aio objects bind to the running event loop.
@@ -81,11 +84,13 @@ class GradwireServer:
         except BaseException:
             await self._server.stop(0)
             raise
-        self.engine = Engine(loaded, device)
+        self.engine = Engine(loaded, device, int(self.config.keep_graph_budget_mb * 2**20),
+                             self.config.keep_graph_timeout_s)
         self.scheduler = Scheduler(self.store, asyncio.get_running_loop())
         self.scheduler.start()
         self.training.attach(self.engine, self.scheduler, _model_info(loaded, device))
-        self._expiry = asyncio.create_task(self._expire_operations())
+        self._expiry = [asyncio.create_task(self._expire_operations()),
+                        asyncio.create_task(self._expire_kept_graphs())]
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("gradwire-server listening on %s:%d", self.config.host, self.port)
 
@@ -93,8 +98,8 @@ class GradwireServer:
         """Drains: NOT_SERVING, stop accepting, let in-flight RPCs finish, stop the worker."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.stop(grace_s)
-        if self._expiry is not None:
-            self._expiry.cancel()
+        for task in self._expiry:
+            task.cancel()
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.stop)
 
@@ -109,6 +114,13 @@ class GradwireServer:
         while True:
             await asyncio.sleep(_EXPIRY_INTERVAL_S)
             self.store.expire()
+
+    async def _expire_kept_graphs(self) -> None:
+        """Frees forward graphs whose backward leg never came (the client went away)."""
+        while True:
+            await asyncio.sleep(self.config.keep_graph_timeout_s / 4)
+            if self.engine.kept:
+                await self.scheduler.run_on_worker("expire-graphs", self.engine.drop_expired_graphs)
 
 
 def _model_info(loaded: LoadedModel, device: torch.device) -> ModelInfo:

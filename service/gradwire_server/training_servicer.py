@@ -153,7 +153,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                 return existing
             task, record = self._submit_loss_task(
                 request.model_id, request.seq_id, request.request_id, kind, request.loss_fn,
-                dict(request.loss_fn_config), backward, len(loss_request.data))
+                dict(request.loss_fn_config), backward, len(loss_request.data),
+                keep_graph=request.keep_graph, reuse_forward=request.reuse_forward)
             task.feed(loss_request.data)
             task.close()
             self.scheduler.wake(request.model_id)
@@ -179,7 +180,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             task, record = self._submit_loss_task(
                 header.model_id, header.seq_id, header.request_id, kind, header.loss_fn,
                 dict(header.loss_fn_config), backward, 0,
-                consumed=lambda: self.scheduler.loop.call_soon_threadsafe(space.set))
+                consumed=lambda: self.scheduler.loop.call_soon_threadsafe(space.set),
+                keep_graph=header.keep_graph, reuse_forward=header.reuse_forward)
             received, end = 0, None
             async for message in request_iterator:
                 if end is not None or message.HasField("header"):
@@ -221,9 +223,11 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     def _submit_loss_task(self, model_id: str, seq_id: int, request_id: str, kind: str, loss_fn: str,
                           config: dict[str, float], backward: bool, num_datums: int,
-                          consumed=lambda: None):
-        task = LossTask(self.engine, model_id, loss_fn, config, backward, consumed)
+                          consumed=lambda: None, keep_graph: bool = False, reuse_forward: str = ""):
+        task = LossTask(self.engine, model_id, loss_fn, config, backward, consumed,
+                        keep_graph=keep_graph and not backward, reuse_forward=reuse_forward if backward else "")
         record = self.scheduler.submit(model_id, seq_id, request_id, kind, task, num_datums=num_datums)
+        task.op_name = record.operation.name  # the task is not ready before its first feed()
         return task, record
 
     def _admit(self, model_id: str, seq_id: int, request_id: str, validate: Callable[[], T]

@@ -155,7 +155,7 @@ class GetTokenizerResponse(_message.Message):
     def __init__(self, files: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("model_id", "seq_id", "data", "loss_fn", "loss_fn_config", "forward_only", "request_id")
+    __slots__ = ("model_id", "seq_id", "data", "loss_fn", "loss_fn_config", "forward_only", "request_id", "keep_graph", "reuse_forward")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,8 @@ class ForwardBackwardRequest(_message.Message):
     LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ONLY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_GRAPH_FIELD_NUMBER: _ClassVar[int]
+    REUSE_FORWARD_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     seq_id: int
     data: _containers.RepeatedCompositeFieldContainer[_datum_pb2.Datum]
@@ -177,10 +179,12 @@ class ForwardBackwardRequest(_message.Message):
     loss_fn_config: _containers.ScalarMap[str, float]
     forward_only: bool
     request_id: str
-    def __init__(self, model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., data: _Optional[_Iterable[_Union[_datum_pb2.Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., forward_only: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    keep_graph: bool
+    reuse_forward: str
+    def __init__(self, model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., data: _Optional[_Iterable[_Union[_datum_pb2.Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., forward_only: _Optional[bool] = ..., request_id: _Optional[str] = ..., keep_graph: _Optional[bool] = ..., reuse_forward: _Optional[str] = ...) -> None: ...
 
 class ForwardBackwardOutput(_message.Message):
-    __slots__ = ("loss_fn_output_type", "loss_fn_outputs", "metrics", "outputs_streamed", "first_datum_index")
+    __slots__ = ("loss_fn_output_type", "loss_fn_outputs", "metrics", "outputs_streamed", "first_datum_index", "graph_kept", "reused_datums")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -193,15 +197,19 @@ class ForwardBackwardOutput(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_STREAMED_FIELD_NUMBER: _ClassVar[int]
     FIRST_DATUM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_KEPT_FIELD_NUMBER: _ClassVar[int]
+    REUSED_DATUMS_FIELD_NUMBER: _ClassVar[int]
     loss_fn_output_type: str
     loss_fn_outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.ArrayRecord]
     metrics: _containers.ScalarMap[str, float]
     outputs_streamed: bool
     first_datum_index: int
-    def __init__(self, loss_fn_output_type: _Optional[str] = ..., loss_fn_outputs: _Optional[_Iterable[_Union[_tensor_pb2.ArrayRecord, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., outputs_streamed: _Optional[bool] = ..., first_datum_index: _Optional[int] = ...) -> None: ...
+    graph_kept: bool
+    reused_datums: int
+    def __init__(self, loss_fn_output_type: _Optional[str] = ..., loss_fn_outputs: _Optional[_Iterable[_Union[_tensor_pb2.ArrayRecord, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., outputs_streamed: _Optional[bool] = ..., first_datum_index: _Optional[int] = ..., graph_kept: _Optional[bool] = ..., reused_datums: _Optional[int] = ...) -> None: ...
 
 class StreamHeader(_message.Message):
-    __slots__ = ("model_id", "seq_id", "loss_fn", "loss_fn_config", "request_id")
+    __slots__ = ("model_id", "seq_id", "loss_fn", "loss_fn_config", "request_id", "keep_graph", "reuse_forward")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -214,12 +222,16 @@ class StreamHeader(_message.Message):
     LOSS_FN_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_GRAPH_FIELD_NUMBER: _ClassVar[int]
+    REUSE_FORWARD_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     seq_id: int
     loss_fn: str
     loss_fn_config: _containers.ScalarMap[str, float]
     request_id: str
-    def __init__(self, model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    keep_graph: bool
+    reuse_forward: str
+    def __init__(self, model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., request_id: _Optional[str] = ..., keep_graph: _Optional[bool] = ..., reuse_forward: _Optional[str] = ...) -> None: ...
 
 class DatumBatch(_message.Message):
     __slots__ = ("data",)
