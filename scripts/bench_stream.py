@@ -16,6 +16,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -27,12 +28,16 @@ import gradwire  # noqa: E402
 from gradwire import client  # noqa: E402
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, "-m", "gradwire_server", "--model", "tiny-random",
-                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_server(model: str = "tiny-random", *args: str) -> tuple[subprocess.Popen, str]:
+    """A `gradwire-server --model MODEL --port 0 ARGS...` subprocess and its address."""
+    process = subprocess.Popen([sys.executable, "-m", "gradwire_server", "--model", model,
+                                "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     for line in process.stdout:
         match = re.search(r"listening on (\S+)", line)
         if match:
+            # Keep reading its output so the server never blocks on a full pipe.
+            threading.Thread(target=process.stdout.read, daemon=True).start()
             return process, match.group(1)
     raise RuntimeError("server did not start")
 

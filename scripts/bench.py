@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""gradwire's main benchmark: prints one table of ratios, each measured in this run.
+
+A ~10M-parameter random Llama is written to a temporary Hugging Face folder and
+served with `gradwire-server --model DIR` (CPU float32 here, bf16 autocast on a
+GPU); batches are 8 datums x 128 tokens, LoRA rank 8.
+
+1. forward_backward_custom (the seed's logprob_squared_loss) vs forward_backward,
+   wall time per call (goal <= 1.10), and the same with the fast path off
+   (`--keep-graph-budget-mb 0`: the forward is recomputed; expected ~1.33-1.5).
+2. gradwire training loop (forward_backward + optim_step submitted back to
+   back) vs the identical loop in-process with transformers + peft + torch
+   AdamW, tokens/s (goal >= 0.95).
+3. 4 runs training at once vs 1 alone, aggregate tokens/s (goal >= 0.9), and
+   the slowest run's share of the steps done while all 4 were running, as a
+   fraction of a fair share (goal >= 0.8).
+4. The SDK's wire codec vs JSON lists: encode + decode of a 256 MiB Datum batch
+   (tokens, target_tokens, weights, logprobs), MB/s of in-memory array data.
+5. Sampling: gradwire `sample` vs in-process `generate` on the same model,
+   tokens/s, batch 1 and num_samples 8 (goal >= 0.9).
+
+Usage: .venv/bin/python scripts/bench.py [--steps 8] [--codec-mib 256]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADWIRE_PROGRESS", "0")
+
+import peft  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import gradwire  # noqa: E402
+from bench_stream import start_server  # noqa: E402
+from gradwire import _codec, _convert  # noqa: E402
+from gradwire.v1 import datum_pb2  # noqa: E402
+from gradwire_server.engine import ATTENTION_MODULES, LORA_ALPHA, MLP_MODULES, UNEMBED_MODULES  # noqa: E402
+from gradwire_server.models import tiny_random_tokenizer  # noqa: E402
+
+BATCH, TOKENS, RANK, VOCAB = 8, 128, 8, 8192
+ADAM = gradwire.AdamParams(learning_rate=1e-4)
+
+
+def write_model(folder: str) -> int:
+    """A random ~10M-parameter Llama (seed 0) and a byte-level tokenizer; returns the parameter count."""
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                         tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, pad_token_id=256)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tiny_random_tokenizer().save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def batch(seed: int) -> list[gradwire.Datum]:
+    rng = np.random.default_rng(seed)
+    data = []
+    for _ in range(BATCH):
+        seq = rng.integers(0, VOCAB, TOKENS + 1)
+        data.append(gradwire.Datum(model_input=gradwire.ModelInput.from_ints(seq[:-1]),
+                                   loss_fn_inputs={"target_tokens": seq[1:],
+                                                   "weights": np.ones(TOKENS, np.float32)}))
+    return data
+
+
+def logprob_squared_loss(data, logprobs):
+    loss = (torch.cat(logprobs) ** 2).sum()
+    return loss, {"logprob_squared_loss": loss.item()}
+
+
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---- 1. custom loss vs forward_backward ------------------------------------------
+
+def custom_loss_ratios(fast, recompute, repeats: int) -> dict[str, float]:
+    """Median wall time per call; the four measurements are interleaved so drift hits all alike."""
+    data = batch(1)
+    calls = {
+        "fb": lambda: fast.forward_backward(data, "cross_entropy").result(),
+        "custom": lambda: fast.forward_backward_custom(data, logprob_squared_loss).result(),
+        "fb_off": lambda: recompute.forward_backward(data, "cross_entropy").result(),
+        "custom_off": lambda: recompute.forward_backward_custom(data, logprob_squared_loss).result(),
+    }
+    for call in calls.values():
+        call()  # warm up
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            times[key].append(median_seconds(call, 1))
+    median = {key: statistics.median(value) for key, value in times.items()}
+    return {"fb_s": median["fb"], "custom_s": median["custom"], "custom_off_s": median["custom_off"],
+            "custom": median["custom"] / median["fb"], "custom_off": median["custom_off"] / median["fb_off"]}
+
+
+# ---- 2. SDK loop vs in-process loop -------------------------------------------------
+
+def sdk_loop_tokens_per_s(tc, steps: int) -> float:
+    data = [batch(10 + i) for i in range(steps)]
+    tc.forward_backward(data[0], "cross_entropy").result()  # warm up
+    tc.optim_step(ADAM).result()
+    start = time.perf_counter()
+    futures = []
+    for step_data in data:
+        futures.append(tc.forward_backward(step_data, "cross_entropy"))
+        futures.append(tc.optim_step(ADAM))
+    for future in futures:
+        future.result()
+    return steps * BATCH * TOKENS / (time.perf_counter() - start)
+
+
+def in_process_tokens_per_s(folder: str, steps: int) -> float:
+    """The same loop written in-process: transformers + peft + torch AdamW."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.requires_grad_(False)
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+        target_modules=[*ATTENTION_MODULES, *MLP_MODULES, *UNEMBED_MODULES]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=ADAM.learning_rate, betas=(ADAM.beta1, ADAM.beta2),
+                                  eps=ADAM.eps, weight_decay=0.0)
+
+    def step(data: list[gradwire.Datum]) -> None:
+        tokens = torch.tensor(np.stack([d.model_input.to_ints() for d in data]))
+        targets = torch.stack([d.loss_fn_inputs["target_tokens"].to_torch() for d in data])
+        weights = torch.stack([d.loss_fn_inputs["weights"].to_torch() for d in data])
+        logprobs = torch.log_softmax(model(input_ids=tokens).logits.float(), dim=-1)
+        loss = -(logprobs.gather(-1, targets[..., None])[..., 0] * weights).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    data = [batch(10 + i) for i in range(steps)]
+    step(data[0])  # warm up
+    start = time.perf_counter()
+    for step_data in data:
+        step(step_data)
+    return steps * BATCH * TOKENS / (time.perf_counter() - start)
+
+
+# ---- 3. concurrent runs ---------------------------------------------------------------
+
+def concurrent_runs(service, base_model: str, runs: int, steps: int) -> tuple[float, list[float]]:
+    """(aggregate tokens/s, each run's steps finished while all runs were still training)."""
+    clients = [service.create_lora_training_client(base_model, rank=RANK, seed=i) for i in range(runs)]
+    for tc in clients:
+        tc.forward_backward(batch(0), "cross_entropy").result()  # warm up
+    finished: list[list[float]] = [[] for _ in clients]
+    data = [batch(20 + i) for i in range(steps)]
+    barrier = threading.Barrier(runs + 1)
+
+    def train(i: int, tc) -> None:
+        barrier.wait()
+        pending = []
+        for step_data in data:
+            tc.forward_backward(step_data, "cross_entropy")
+            pending.append(tc.optim_step(ADAM))
+        for future in pending:
+            future.result()
+            finished[i].append(time.perf_counter())
+
+    threads = [threading.Thread(target=train, args=(i, tc)) for i, tc in enumerate(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = max(times[-1] for times in finished) - start
+    first_done = min(times[-1] for times in finished)
+    steps_while_all_ran = [sum(t <= first_done for t in times) for times in finished]
+    return runs * steps * BATCH * TOKENS / elapsed, steps_while_all_ran
+
+
+# ---- 4. codec vs JSON -------------------------------------------------------------------
+
+def codec_batch(mib: int) -> list[gradwire.Datum]:
+    """Datums of 1024 tokens: int64 tokens and target_tokens, float32 weights and logprobs."""
+    n, rng = 1024, np.random.default_rng(3)
+    per_datum = n * (8 + 8 + 4 + 4)
+    data = []
+    for _ in range(mib * 2**20 // per_datum):
+        data.append(gradwire.Datum(
+            model_input=gradwire.ModelInput.from_ints(rng.integers(0, VOCAB, n)),
+            loss_fn_inputs={"target_tokens": rng.integers(0, VOCAB, n),
+                            "weights": rng.random(n, dtype=np.float32),
+                            "logprobs": -rng.random(n, dtype=np.float32)}))
+    return data
+
+
+def codec_mb_per_s(data: list[gradwire.Datum]) -> tuple[float, float, float]:
+    """(array MB, SDK codec MB/s, JSON MB/s) for encode to bytes + decode back to numpy."""
+    array_bytes = sum(len(d.model_input.to_ints()) * 8
+                      + sum(v.to_numpy().nbytes for v in d.loss_fn_inputs.values()) for d in data)
+
+    def proto_round_trip() -> None:
+        wire = [_convert.datum_to_proto(d).SerializeToString() for d in data]
+        for message in wire:
+            datum = datum_pb2.Datum.FromString(message)
+            np.concatenate([_codec.tokens_from_text_chunk(c.encoded_text) for c in datum.model_input])
+            {k: _codec.tensor_from_proto(t) for k, t in datum.loss_fn_inputs.items()}
+
+    def json_round_trip() -> None:
+        wire = [json.dumps({"model_input": d.model_input.to_ints(),
+                            "loss_fn_inputs": {k: v.to_numpy().tolist() for k, v in d.loss_fn_inputs.items()}})
+                for d in data]
+        for message in wire:
+            datum = json.loads(message)
+            np.asarray(datum["model_input"], dtype=np.int64)
+            {k: np.asarray(v, dtype=np.int64 if k == "target_tokens" else np.float32)
+             for k, v in datum["loss_fn_inputs"].items()}
+
+    proto_s = median_seconds(proto_round_trip, 1)
+    json_s = median_seconds(json_round_trip, 1)
+    mb = array_bytes / 1e6
+    return mb, mb / proto_s, mb / json_s
+
+
+# ---- 5. sampling ---------------------------------------------------------------------------
+
+def sampling_ratio(address: str, folder: str) -> dict[str, float] | None:
+    """From scripts/bench_sampling.py, if present."""
+    try:
+        from bench_sampling import measure_sampling
+    except ImportError:
+        return None
+    return measure_sampling(address, folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8, help="training steps per loop measurement")
+    parser.add_argument("--repeats", type=int, default=7, help="calls per custom-loss measurement")
+    parser.add_argument("--codec-mib", type=int, default=256, help="size of the codec batch")
+    args = parser.parse_args()
+
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory() as folder:
+        parameters = write_model(folder)
+        fast_server, fast_address = start_server(folder)
+        off_server, off_address = start_server(folder, "--keep-graph-budget-mb", "0")
+        try:
+            service = gradwire.ServiceClient(fast_address)
+            off_service = gradwire.ServiceClient(off_address)
+            fast = service.create_lora_training_client(folder, rank=RANK, seed=0)
+            recompute = off_service.create_lora_training_client(folder, rank=RANK, seed=0)
+
+            custom = custom_loss_ratios(fast, recompute, args.repeats)
+            rows += [("forward_backward, s per call", f"{custom['fb_s']:.3f}"),
+                     ("forward_backward_custom, s per call", f"{custom['custom_s']:.3f}"),
+                     ("custom / forward_backward wall time (goal <= 1.10)", f"{custom['custom']:.3f}"),
+                     ("fast path off (recompute) / forward_backward (expect ~1.33-1.5)",
+                      f"{custom['custom_off']:.3f}")]
+            off_server.terminate()
+
+            remote = sdk_loop_tokens_per_s(service.create_lora_training_client(folder, rank=RANK, seed=1),
+                                           args.steps)
+            local = in_process_tokens_per_s(folder, args.steps)
+            rows += [("gradwire loop (fb + optim_step, pipelined), tokens/s", f"{remote:,.0f}"),
+                     ("in-process loop (transformers + peft + AdamW), tokens/s", f"{local:,.0f}"),
+                     ("gradwire / in-process (goal >= 0.95)", f"{remote / local:.3f}")]
+
+            alone, _ = concurrent_runs(service, folder, 1, args.steps)
+            together, shares = concurrent_runs(service, folder, 4, args.steps)
+            fair = sum(shares) / len(shares)
+            rows += [("1 run alone, tokens/s", f"{alone:,.0f}"),
+                     ("4 runs at once, aggregate tokens/s", f"{together:,.0f}"),
+                     ("4 runs / 1 run aggregate (goal >= 0.9)", f"{together / alone:.3f}"),
+                     (f"steps per run while all 4 ran {shares}", ""),
+                     ("slowest run / fair share (goal >= 0.8)", f"{min(shares) / fair:.3f}")]
+
+            sampling = sampling_ratio(fast_address, folder)
+            if sampling is None:
+                rows.append(("sampling vs in-process generate", "not measured (no sampling bench)"))
+            else:
+                rows += [(key, f"{value:,.3f}") for key, value in sampling.items()]
+        finally:
+            fast_server.terminate()
+            off_server.terminate()
+
+    mb, proto_rate, json_rate = codec_mb_per_s(codec_batch(args.codec_mib))
+    rows += [(f"codec encode+decode of {mb:,.0f} MB of arrays, MB/s", f"{proto_rate:,.0f}"),
+             ("same data as JSON lists, MB/s", f"{json_rate:,.1f}"),
+             ("codec / JSON", f"{proto_rate / json_rate:,.1f}")]
+
+    device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU float32"
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"torch {torch.__version__}, {device}; model: random Llama, {parameters / 1e6:.1f}M parameters, "
+          f"batch {BATCH}x{TOKENS}, LoRA rank {RANK}")
+    width = max(len(name) for name, _ in rows) + 2
+    for name, value in rows:
+        print(f"{name:<{width}}{value:>14}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
