@@ -116,8 +116,10 @@ def test_loss_and_gradient_match_the_formula(server, service, seed, loss_fn, con
             ratio = torch.exp(lp.detach() - inputs["logprobs"])
             a = inputs["advantages"]
             clipped_branches |= {name for name, where in [
-                ("above, A>0 (clipped)", (ratio > hi) & (a >= 0)), ("below, A<0 (clipped)", (ratio < lo) & (a < 0)),
-                ("above, A<0 (unclipped)", (ratio > hi) & (a < 0)), ("inside", (ratio >= lo) & (ratio <= hi))]
+                ("above, A>0 (clipped)", (ratio > hi) & (a >= 0)),
+                ("below, A<0 (clipped)", (ratio < lo) & (a < 0)),
+                ("above, A<0 (unclipped)", (ratio > hi) & (a < 0)),
+                ("inside", (ratio >= lo) & (ratio <= hi))]
                 if where.any()}
     assert out.metrics["loss:sum"] == pytest.approx(loss.item(), rel=TOLERANCE, abs=1e-4)
     if loss_fn in DEFAULT_CLIPS:
