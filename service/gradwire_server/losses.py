@@ -3,7 +3,12 @@
 Every loss takes `logprobs` [B, L, K] (the learner's logprobs of the target
 tokens, K candidates per position, padded), the request's `inputs` padded to
 the same shape (padding slots hold 0, and `mask` is 1 on real slots), and the
-loss config; it returns (scalar loss, metrics).
+loss config (defaults filled in); it returns (scalar loss, metrics).
+
+The RL losses follow Tinker's hosted service: with lp the learner's logprob,
+q = inputs["logprobs"] (the sampler's), A = inputs["advantages"] and
+r = exp(lp - q), each sums a per-token objective over every real slot (never
+averaged). Padding is masked explicitly: there lp = q = A = 0, so r = 1.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import torch
 
 Tensor = torch.Tensor
 LossFn = Callable[[Tensor, dict[str, Tensor], dict[str, float]], tuple[Tensor, dict[str, float]]]
+# (config key, what is wrong with its value) for each bad value of a full config.
+ConfigCheck = Callable[[dict[str, float]], list[tuple[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,13 @@ class LossSpec:
     required_inputs: frozenset[str]
     optional_inputs: frozenset[str] = frozenset()
     config_defaults: dict[str, float] = field(default_factory=dict)
+    required_config: frozenset[str] = frozenset()
+    multi_target: bool = True               # accepts [N, K] inputs, not only [N]
+    check_config: ConfigCheck | None = None
+
+    @property
+    def config_keys(self) -> frozenset[str]:
+        return frozenset(self.config_defaults) | self.required_config
 
 
 def cross_entropy(logprobs: Tensor, inputs: dict[str, Tensor],
@@ -32,6 +46,83 @@ def cross_entropy(logprobs: Tensor, inputs: dict[str, Tensor],
     return loss, {"loss:sum": loss.item()}
 
 
+def importance_sampling(logprobs: Tensor, inputs: dict[str, Tensor],
+                        config: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+    """-Σ r·A: REINFORCE corrected for sampling from q, [N] or [N, K]."""
+    ratio = torch.exp(logprobs - inputs["logprobs"])
+    loss = -(ratio * inputs["advantages"] * inputs["mask"]).sum()
+    return loss, {"loss:sum": loss.item()}
+
+
+def ppo(logprobs: Tensor, inputs: dict[str, Tensor],
+        config: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+    """-Σ min(r·A, clip(r, lo, hi)·A), lo/hi = clip_low/high_threshold (0.8, 1.2).
+
+    clip_fraction:mean is the mean over datums of the fraction of a datum's
+    tokens whose ratio lies outside [lo, hi]."""
+    lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
+    ratio = torch.exp(logprobs - inputs["logprobs"])
+    advantages, mask = inputs["advantages"], inputs["mask"]
+    objective = torch.minimum(ratio * advantages, ratio.clamp(lo, hi) * advantages)
+    loss = -(objective * mask).sum()
+    return loss, {"loss:sum": loss.item(), "clip_fraction:mean": _clip_fraction(ratio, mask, lo, hi)}
+
+
+def cispo(logprobs: Tensor, inputs: dict[str, Tensor],
+          config: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+    """-Σ stopgrad(clip(r, lo, hi))·lp·A, lo/hi = clip_low/high_threshold (0, 4).
+
+    The clipped ratio only weighs each token's policy gradient, so no token's
+    gradient is dropped. clip_fraction:mean as for ppo."""
+    lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
+    ratio = torch.exp(logprobs - inputs["logprobs"])
+    mask = inputs["mask"]
+    loss = -(ratio.clamp(lo, hi).detach() * logprobs * inputs["advantages"] * mask).sum()
+    return loss, {"loss:sum": loss.item(), "clip_fraction:mean": _clip_fraction(ratio, mask, lo, hi)}
+
+
+def dro(logprobs: Tensor, inputs: dict[str, Tensor],
+        config: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+    """-Σ [lp·A - ½·beta·(lp - q)²].
+
+    `beta` (>= 0) is required: Tinker documents no default, and a guessed one
+    would silently train differently from the hosted service."""
+    penalty = 0.5 * config["beta"] * (logprobs - inputs["logprobs"]) ** 2
+    loss = -((logprobs * inputs["advantages"] - penalty) * inputs["mask"]).sum()
+    return loss, {"loss:sum": loss.item()}
+
+
+def _clip_fraction(ratio: Tensor, mask: Tensor, lo: float, hi: float) -> float:
+    """Mean over datums of each datum's fraction of real tokens with r outside [lo, hi]
+    (a datum mean, so merge_metrics combines micro-batches exactly)."""
+    outside = ((ratio < lo) | (ratio > hi)).float() * mask
+    per_datum = outside.sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
+    return per_datum.mean().item()
+
+
+def _clip_range(config: dict[str, float]) -> list[tuple[str, str]]:
+    lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
+    if lo < 0:
+        return [("clip_low_threshold", f"must be >= 0, got {lo}")]
+    if lo > hi:
+        return [("clip_low_threshold", f"{lo} exceeds clip_high_threshold {hi}")]
+    return []
+
+
+def _beta_range(config: dict[str, float]) -> list[tuple[str, str]]:
+    beta = config["beta"]
+    return [("beta", f"must be >= 0, got {beta}")] if beta < 0 else []
+
+
+_RL_INPUTS = frozenset({"target_tokens", "logprobs", "advantages"})
+
 LOSSES: dict[str, LossSpec] = {
     "cross_entropy": LossSpec(cross_entropy, frozenset({"target_tokens"}), frozenset({"weights"})),
+    "importance_sampling": LossSpec(importance_sampling, _RL_INPUTS),
+    "ppo": LossSpec(ppo, _RL_INPUTS, multi_target=False, check_config=_clip_range,
+                    config_defaults={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
+    "cispo": LossSpec(cispo, _RL_INPUTS, multi_target=False, check_config=_clip_range,
+                      config_defaults={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),
+    "dro": LossSpec(dro, _RL_INPUTS, multi_target=False, required_config=frozenset({"beta"}),
+                    check_config=_beta_range),
 }

@@ -52,12 +52,18 @@ def _loss_violations(loss_fn: str, config: Mapping[str, float]) -> list[FieldVio
         return [FieldViolation("loss_fn", f"unknown loss {loss_fn!r}; built-in losses: {sorted(LOSSES)}")]
     violations = []
     for key, value in config.items():
-        if key not in spec.config_defaults:
+        if key not in spec.config_keys:
             violations.append(FieldViolation(
                 f"loss_fn_config[{key!r}]",
-                f"{loss_fn} has no config key {key!r}; accepted: {sorted(spec.config_defaults)}"))
+                f"{loss_fn} has no config key {key!r}; accepted: {sorted(spec.config_keys)}"))
         elif not math.isfinite(value):
             violations.append(FieldViolation(f"loss_fn_config[{key!r}]", "must be finite"))
+    for key in sorted(spec.required_config - set(config)):
+        violations.append(FieldViolation(f"loss_fn_config[{key!r}]",
+                                         f"is required by {loss_fn} and missing (no default)"))
+    if not violations and spec.check_config is not None:
+        for key, problem in spec.check_config({**spec.config_defaults, **config}):
+            violations.append(FieldViolation(f"loss_fn_config[{key!r}]", problem))
     return violations
 
 
@@ -119,6 +125,12 @@ def _datum(datum, index: int, spec, vocab_size: int, max_context: int,
                        f"or [{n}, K] (position i predicts target i)"))
             continue
         if key == "target_tokens":
+            if array.ndim == 2 and spec is not None and not spec.multi_target:
+                violations.append(FieldViolation(
+                    field, f"shape {list(array.shape)}: this loss takes one target per position, "
+                           f"shape [{n}]; multi-target [N, K] works with "
+                           f"{sorted(name for name, s in LOSSES.items() if s.multi_target)}"))
+                continue
             _check_token_range(array, field, vocab_size, violations)
         elif not np.isfinite(array).all():
             bad = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
