@@ -1,0 +1,64 @@
+"""The worker never waits on a client, and runs take turns: orderings read from the
+operations' own start/end timestamps (no durations are asserted)."""
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+
+import gradwire
+from gradwire.v1 import training_service_pb2 as pb
+from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+from reference import random_data, raw_request
+
+
+@pytest.fixture()
+def stubs(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
+
+
+def finished(operations, name: str) -> pb.OperationMetadata:
+    operation = operations.WaitOperation(operations_pb2.WaitOperationRequest(
+        name=name, timeout=duration_pb2.Duration(seconds=30)))
+    assert operation.done and not operation.HasField("error"), operation.error
+    meta = pb.OperationMetadata()
+    operation.metadata.Unpack(meta)
+    return meta
+
+
+def new_run(training) -> str:
+    return training.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=2, seed=0))).model_id
+
+
+def test_optim_step_runs_without_the_client_fetching_the_gradient_result(service):
+    """forward_backward and optim_step submitted back to back: the step is done while
+    the forward_backward's result has never been asked for."""
+    tc = service.create_lora_training_client("tiny-random", rank=2, seed=0)
+    backward = tc.forward_backward(random_data(70), "cross_entropy")
+    step = tc.optim_step(gradwire.AdamParams(learning_rate=1e-3))
+    assert step.result(timeout=60).metrics["grad_norm:mean"] > 0
+    assert backward.result().metrics["loss:sum"] > 0
+
+
+def test_runs_take_turns_instead_of_waiting_behind_a_whole_queue(server, stubs):
+    """Run A queues three requests and run B one while the worker is busy: B's is
+    done before A's second starts, not after all of A's."""
+    training, operations = stubs
+    run_a, run_b = new_run(training), new_run(training)
+    release = threading.Event()
+    blocker = threading.Thread(target=server.call, args=(release.wait,))
+    blocker.start()
+    try:
+        a_ops = [training.ForwardBackward(raw_request(run_a, seq, random_data(71 + seq))).name
+                 for seq in (1, 2, 3)]
+        b_op = training.ForwardBackward(raw_request(run_b, 1, random_data(75))).name
+    finally:
+        release.set()
+        blocker.join()
+    a_meta = [finished(operations, name) for name in a_ops]
+    b_meta = finished(operations, b_op)
+    assert b_meta.end_time.ToNanoseconds() <= a_meta[1].start_time.ToNanoseconds()
