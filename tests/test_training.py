@@ -59,13 +59,15 @@ def test_gradients_accumulate_until_optim_step(server, service):
 
 def test_multi_target_tokens(server, service):
     """target_tokens [N, K] give the logprobs of K candidates per position (shape [N, K]),
-    and the gradient of Σ -lp·w over them matches autograd."""
+    and the gradient of Σ -lp·w over them matches autograd; one batch may mix [N]
+    and [N, K] datums of different K."""
     tc = trained_run(service)
     rng = np.random.default_rng(5)
     data = []
-    for n in (6, 11):
-        targets = rng.integers(0, 320, size=(n, 3))
-        weights = rng.uniform(0, 1, size=(n, 3)).astype(np.float32)
+    for shape in ((6, 3), (11, 3), (7,), (5, 2)):
+        n = shape[0]
+        targets = rng.integers(0, 320, size=shape)
+        weights = rng.uniform(0, 1, size=shape).astype(np.float32)
         data.append(gradwire.Datum(model_input=gradwire.ModelInput.from_ints(rng.integers(0, 320, n)),
                                    loss_fn_inputs={"target_tokens": targets, "weights": weights}))
     model = reference_model(server, tc.model_id, rank=4)

@@ -87,10 +87,19 @@ def output_proto(outputs: list[np.ndarray], metrics: dict[str, float]) -> pb.For
     if sum(a.nbytes for a in outputs) > INLINE_OUTPUT_BYTES:
         response.outputs_streamed = True
     else:
-        response.loss_fn_outputs.append(outputs_record(outputs))
+        response.loss_fn_outputs.extend(output_records(outputs))
     return response
 
 
-def outputs_record(outputs: list[np.ndarray]) -> tensor_pb2.ArrayRecord:
-    return tensor_pb2.ArrayRecord(type_tag="logprobs", num_datums=len(outputs),
-                                  fields={"logprobs": _codec.batched_to_proto(outputs)})
+def output_records(outputs: list[np.ndarray]) -> list[tensor_pb2.ArrayRecord]:
+    """Per-datum logprobs as ArrayRecords, one per run of consecutive datums of the
+    same trailing shape ([N] and [N, K] targets may be mixed in one batch)."""
+    records = []
+    start = 0
+    for end in range(1, len(outputs) + 1):
+        if end == len(outputs) or outputs[end].shape[1:] != outputs[start].shape[1:]:
+            records.append(tensor_pb2.ArrayRecord(
+                type_tag="logprobs", num_datums=end - start,
+                fields={"logprobs": _codec.batched_to_proto(outputs[start:end])}))
+            start = end
+    return records

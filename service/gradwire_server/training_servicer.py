@@ -16,7 +16,7 @@ from gradwire_server import validation
 from gradwire_server.engine import Engine
 from gradwire_server.errors import (FieldViolation, ServiceError, abort, abort_with_status, cancelled,
                                     invalid_argument, not_found)
-from gradwire_server.loss_task import LossTask, outputs_record
+from gradwire_server.loss_task import LossTask, output_records
 from gradwire_server.losses import LOSSES
 from gradwire_server.operations import OperationStore
 from gradwire_server.scheduler import OneShot, Scheduler
@@ -134,7 +134,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             if index < len(record.outputs):
                 chunk = _outputs_chunk(record.outputs, index)
                 yield pb.ForwardBackwardOutput(loss_fn_output_type="TensorData", first_datum_index=index,
-                                               loss_fn_outputs=[outputs_record(chunk)])
+                                               loss_fn_outputs=output_records(chunk))
                 index += len(chunk)
             elif record.operation.done:
                 break
