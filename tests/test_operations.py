@@ -3,13 +3,18 @@ never lose a result, idempotent retries, cancel, delete, list — over raw stubs
 as a client in another language would use them."""
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 
+import gradwire
+from conftest import free_port
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+from gradwire_server.server import BackgroundServer, ServerConfig
 from reference import random_data, raw_request
 
 
@@ -116,3 +121,24 @@ def test_cancel_list_and_delete(stubs, run_id):
     with pytest.raises(grpc.RpcError) as raised:
         operations.GetOperation(operations_pb2.GetOperationRequest(name=done))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_sdk_retries_while_the_server_is_not_up_yet(tmp_path):
+    """A loop started before its server (or across a restart) gets through: UNAVAILABLE
+    is retried with the same request. A server that never comes raises APIConnectionError."""
+    port = free_port()
+    started: list[BackgroundServer] = []
+    starter = threading.Timer(1.0, lambda: started.append(
+        BackgroundServer(ServerConfig(model="tiny-random", port=port, checkpoint_dir=tmp_path))))
+    starter.start()
+    try:
+        with gradwire.ServiceClient(f"127.0.0.1:{port}") as service:
+            tc = service.create_lora_training_client("tiny-random", rank=2, seed=0)
+            assert tc.forward_backward(random_data(61), "cross_entropy").result().metrics["loss:sum"] > 0
+    finally:
+        starter.join()
+        for server in started:
+            server.stop()
+    with gradwire.ServiceClient(f"127.0.0.1:{free_port()}", retry_s=0.5) as service:
+        with pytest.raises(gradwire.APIConnectionError):
+            service.get_server_capabilities()

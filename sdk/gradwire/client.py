@@ -45,10 +45,13 @@ class ServiceClient:
     base_url defaults to $GRADWIRE_BASE_URL, else localhost:50051; api_key
     (default $GRADWIRE_API_KEY) is sent as a bearer token when set. Streamed
     uploads show a progress bar unless progress=False (or $GRADWIRE_PROGRESS=0).
+    Calls are retried for up to retry_s seconds while the server is unreachable
+    or still loading its model.
     """
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
-                 progress: bool | None = None):
+                 progress: bool | None = None, retry_s: float = 60.0):
+        self.retry_s = retry_s
         self.progress = progress if progress is not None else os.environ.get("GRADWIRE_PROGRESS", "1") != "0"
         target = base_url or os.environ.get("GRADWIRE_BASE_URL") or DEFAULT_BASE_URL
         for scheme in ("grpc://", "http://"):
@@ -65,10 +68,20 @@ class ServiceClient:
 
     def _call(self, method: str, request, timeout: float | None = None):
         """A unary TrainingService call; gRPC errors become SDK exceptions."""
-        try:
-            return getattr(self._training, method)(request, metadata=self._metadata, timeout=timeout)
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
+        return self._unary(getattr(self._training, method), request, timeout)
+
+    def _unary(self, stub_method, request, timeout: float | None):
+        """Calls stub_method, retrying while the server is unreachable or still loading
+        (UNAVAILABLE) for up to `retry_s` seconds. Retrying is safe: a training request
+        carries its request_id, so a copy that did arrive is the same request (AIP-155)."""
+        give_up = time.monotonic() + self.retry_s
+        for pause in _backoff():
+            try:
+                return stub_method(request, metadata=self._metadata, timeout=timeout)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + pause > give_up:
+                    raise error_from_rpc(error) from None
+            time.sleep(pause)
 
     def _wait_operation(self, name: str, timeout: float | None) -> operations_pb2.Operation:
         """Long-polls until the operation is done or `timeout` seconds pass."""
@@ -77,11 +90,7 @@ class ServiceClient:
             poll = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
             request = operations_pb2.WaitOperationRequest(
                 name=name, timeout=duration_pb2.Duration(seconds=int(poll), nanos=int(poll % 1 * 1e9)))
-            try:
-                operation = self._operations.WaitOperation(request, metadata=self._metadata,
-                                                           timeout=poll + 30.0)
-            except grpc.RpcError as error:
-                raise error_from_rpc(error) from None
+            operation = self._unary(self._operations.WaitOperation, request, timeout=poll + 30.0)
             if operation.done:
                 return operation
             if deadline is not None and time.monotonic() >= deadline:
@@ -399,6 +408,14 @@ class TrainingClient:
             pending.submitted.set_exception(AbortedError(
                 f"ABORTED: not sent: an earlier {failed.label} of {self.model_id} failed: {error}",
                 grpc.StatusCode.ABORTED, "EARLIER_REQUEST_FAILED"))
+
+
+def _backoff() -> Iterator[float]:
+    """Pauses between retries: 0.1 s doubling up to 2 s."""
+    pause = 0.1
+    while True:
+        yield pause
+        pause = min(2 * pause, 2.0)
 
 
 def _request_id() -> str:
