@@ -150,6 +150,11 @@ def find(root: pathlib.Path, path: str, field: str = "path") -> Checkpoint:
         raise failed_precondition(f"checkpoint {path} has format version "
                                   f"{metadata.get('format_version')!r}; this server reads "
                                   f"{FORMAT_VERSION}", "CHECKPOINT_FORMAT")
+    if (metadata.get("run_id"), metadata.get("kind"), metadata.get("name")) != \
+            (parsed.run_id, parsed.kind, parsed.name):
+        raise data_loss(f"the folder of checkpoint {path} holds a copy of "
+                        f"{SCHEME}{metadata.get('run_id')}/{metadata.get('kind')}/{metadata.get('name')}; "
+                        "checkpoint folders must not be moved or copied by hand")
     return Checkpoint(parsed, folder, metadata)
 
 
