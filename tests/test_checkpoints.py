@@ -211,3 +211,23 @@ def test_unload_frees_the_adapter_and_optimizer(server, service):
     assert service.create_rest_client().get_training_run(tc.model_id).loaded is False
     reloaded = service.create_training_client_from_state(path)
     reloaded.forward(random_data(17), "cross_entropy").result()
+
+
+def test_async_twins_double_await(server, service):
+    """The _async twins return the APIFuture once the request has its place in the order."""
+    import asyncio
+
+    tc = trained_run(service)
+
+    async def flow():
+        saved = await (await tc.save_state_async("async"))
+        sampler = await (await tc.save_weights_for_sampler_async("async"))
+        loaded = await (await tc.load_state_with_optimizer_async(saved.path))
+        resumed = await service.create_training_client_from_state_with_optimizer_async(saved.path)
+        unloaded = await (await resumed.unload_async())
+        return saved, sampler, loaded, unloaded, resumed
+
+    saved, sampler, loaded, unloaded, resumed = asyncio.run(flow())
+    assert saved.path == f"gradwire://{tc.model_id}/weights/async" == loaded.path
+    assert sampler.path == f"gradwire://{tc.model_id}/sampler_weights/async"
+    assert unloaded.model_id == resumed.model_id not in server.engine.runs
