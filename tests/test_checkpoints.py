@@ -154,6 +154,7 @@ def test_exact_resume_in_a_restarted_server(tmp_path):
             old = rest.get_training_run(original_run)
             assert (old.loaded, old.step, old.user_metadata) == (False, 5, {"purpose": "resume"})
             assert [c.path for c in rest.list_checkpoints(original_run)] == [path, original]
+            assert not (run_folder / "weights" / ".tmp-step4-0badc0de").exists()  # cleaned up at start
             for leftover in ("weights/unfinished", "weights/.tmp-step4-0badc0de", "sampler_weights/removed"):
                 with pytest.raises((gradwire.NotFoundError, gradwire.BadRequestError)):
                     service.create_training_client_from_state(f"gradwire://{original_run}/{leftover}")

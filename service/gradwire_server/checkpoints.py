@@ -247,6 +247,15 @@ def scan(root: pathlib.Path) -> Iterator[Checkpoint]:
             continue
 
 
+def remove_leftovers(root: pathlib.Path) -> list[pathlib.Path]:
+    """Deletes the temporary folders of saves and deletions a crash interrupted
+    (at start-up, when no save is running); returns them."""
+    leftovers = sorted(root.glob(f"*/*/{_TEMP_PREFIX}*"))
+    for folder in leftovers:
+        shutil.rmtree(folder, ignore_errors=True)
+    return leftovers
+
+
 def _verify(checkpoint: Checkpoint, name: str) -> None:
     expected = checkpoint.metadata["files"].get(name)
     file = checkpoint.folder / name

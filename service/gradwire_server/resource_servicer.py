@@ -74,19 +74,22 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
             checkpoint = checkpoints.find(self.checkpoint_root, request.path)
         except ServiceError as error:
             await abort(context, error)
-        for file in checkpoints.files(checkpoint):
-            size = file.stat().st_size
-            with open(file, "rb") as handle:
-                offset = 0
-                while True:
-                    data = await asyncio.to_thread(handle.read, DOWNLOAD_CHUNK_BYTES)
-                    if offset and not data:
-                        break
-                    yield rpb.CheckpointChunk(relative_path=file.name, offset=offset, data=data,
-                                              file_size=size)
-                    offset += len(data)
-                    if len(data) < DOWNLOAD_CHUNK_BYTES:  # an empty file still gets one chunk
-                        break
+        try:
+            for file in checkpoints.files(checkpoint):
+                size = file.stat().st_size
+                with open(file, "rb") as handle:
+                    offset = 0
+                    while True:
+                        data = await asyncio.to_thread(handle.read, DOWNLOAD_CHUNK_BYTES)
+                        if offset and not data:
+                            break
+                        yield rpb.CheckpointChunk(relative_path=file.name, offset=offset, data=data,
+                                                  file_size=size)
+                        offset += len(data)
+                        if len(data) < DOWNLOAD_CHUNK_BYTES:  # an empty file still gets one chunk
+                            break
+        except FileNotFoundError:  # deleted while streaming
+            await abort(context, not_found("checkpoint", request.path))
 
     def _run(self, run: RunRecord) -> rpb.TrainingRun:
         lora = run.lora

@@ -62,6 +62,7 @@ class GradwireServer:
         self.checkpoint_root = pathlib.Path(config.checkpoint_dir)
         self.index = RunIndex(self.checkpoint_root / INDEX_FILE)
         # Checkpoint folders are the truth; no run of an earlier process is in memory.
+        checkpoints.remove_leftovers(self.checkpoint_root)
         self.index.unload_all()
         self.index.reconcile(saved.record() for saved in checkpoints.scan(self.checkpoint_root))
         self.training = TrainingServicer(self.store, MAX_MESSAGE_BYTES, self.checkpoint_root, self.index)
@@ -119,7 +120,7 @@ class GradwireServer:
         await self._server.wait_for_termination()
 
     async def _set_health(self, status: int) -> None:
-        for service in ("", TRAINING_SERVICE):
+        for service in ("", TRAINING_SERVICE, RESOURCE_SERVICE):
             await self.health.set(service, status)
 
     async def _expire_operations(self) -> None:
