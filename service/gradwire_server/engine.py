@@ -110,32 +110,6 @@ class LossPass:
         return self.metrics
 
 
-def _cpu_copy(state: Any) -> Any:
-    """A deep copy of an optimizer state_dict with every tensor cloned to the CPU."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {key: _cpu_copy(value) for key, value in state.items()}
-    if isinstance(state, list):
-        return [_cpu_copy(value) for value in state]
-    return copy.deepcopy(state)
-
-
-def _check_optimizer_state(state: dict[str, Any], params: list[torch.nn.Parameter]) -> None:
-    """Raises ValueError unless `state` is an AdamW state_dict for exactly these parameters."""
-    groups = state.get("param_groups") if isinstance(state, dict) else None
-    if not isinstance(groups, list) or len(groups) != 1 or len(groups[0].get("params", ())) != len(params):
-        raise ValueError("the checkpoint's optimizer state is not for this run's parameters")
-    for index, per_param in state.get("state", {}).items():
-        if not isinstance(index, int) or not 0 <= index < len(params):
-            raise ValueError(f"the checkpoint's optimizer state names parameter {index!r}")
-        for key in ("exp_avg", "exp_avg_sq"):
-            value = per_param.get(key)
-            if not isinstance(value, torch.Tensor) or value.shape != params[index].shape:
-                raise ValueError(f"the checkpoint's optimizer {key} of parameter {index} "
-                                 f"does not match its shape {list(params[index].shape)}")
-
-
 def merge_metrics(merged: dict[str, float], merged_count: int,
                   metrics: dict[str, float], count: int) -> dict[str, float]:
     """Combines the metrics of two parts of a batch by each key's reduction suffix."""
@@ -341,3 +315,29 @@ class Engine:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+def _cpu_copy(state: Any) -> Any:
+    """A deep copy of an optimizer state_dict with every tensor cloned to the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: _cpu_copy(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [_cpu_copy(value) for value in state]
+    return copy.deepcopy(state)
+
+
+def _check_optimizer_state(state: dict[str, Any], params: list[torch.nn.Parameter]) -> None:
+    """Raises ValueError unless `state` is an AdamW state_dict for exactly these parameters."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or len(groups) != 1 or len(groups[0].get("params", ())) != len(params):
+        raise ValueError("the checkpoint's optimizer state is not for this run's parameters")
+    for index, per_param in state.get("state", {}).items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            raise ValueError(f"the checkpoint's optimizer state names parameter {index!r}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = per_param.get(key)
+            if not isinstance(value, torch.Tensor) or value.shape != params[index].shape:
+                raise ValueError(f"the checkpoint's optimizer {key} of parameter {index} "
+                                 f"does not match its shape {list(params[index].shape)}")
