@@ -56,11 +56,12 @@ def test_list_training_runs_pages(server, service):
             if not token:
                 break
         everything = stub.ListTrainingRuns(rpb.ListTrainingRunsRequest(page_size=1000)).training_runs
-        with pytest.raises(grpc.RpcError) as raised:
-            stub.ListTrainingRuns(rpb.ListTrainingRunsRequest(page_token="garbage"))
+        for bad in (rpb.ListTrainingRunsRequest(page_token="garbage"), rpb.ListTrainingRunsRequest(page_size=-1)):
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.ListTrainingRuns(bad)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert all(len(page) <= 2 for page in pages) and len(pages) >= 2
     assert [run for page in pages for run in page] == [r.training_run_id for r in everything]
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_download_streams_the_files_in_chunks(server, service, tmp_path):

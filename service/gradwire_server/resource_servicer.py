@@ -18,6 +18,7 @@ from gradwire_server.scheduler import Scheduler
 
 DOWNLOAD_CHUNK_BYTES = 2 * 1024 * 1024
 DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 
 
 class ResourceServicer(rpb_grpc.ResourceServiceServicer):
@@ -33,6 +34,8 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
     async def ListTrainingRuns(self, request, context):
         try:
             offset = _page_offset(request.page_token)
+            if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+                raise invalid_argument([FieldViolation("page_size", f"must be in [0, {MAX_PAGE_SIZE}]")])
         except ServiceError as error:
             await abort(context, error)
         size = request.page_size or DEFAULT_PAGE_SIZE

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from gradwire_server.batch import LoraSettings
 
@@ -96,7 +96,7 @@ class RunIndex:
             "INSERT INTO training_runs (run_id, base_model, lora_rank, lora_config, user_metadata,"
             " created_time, last_request_time, last_step, loaded, source_checkpoint)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
-            (run_id, base_model, lora.rank, json.dumps(lora.__dict__), json.dumps(user_metadata),
+            (run_id, base_model, lora.rank, json.dumps(asdict(lora)), json.dumps(user_metadata),
              now, now, step, source_checkpoint))
 
     def set_step(self, run_id: str, step: int) -> None:
