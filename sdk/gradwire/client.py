@@ -31,6 +31,7 @@ from gradwire import _convert, custom_loss, types
 from gradwire.errors import (AbortedError, APITimeoutError, GradwireError, error_from_rpc,
                              error_from_status)
 from gradwire.futures import APIFuture
+from gradwire.rest_client import RestClient
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
@@ -229,8 +230,6 @@ class ServiceClient:
 
     def create_rest_client(self) -> RestClient:
         """A client for training runs and checkpoints as resources (list, get, delete, download)."""
-        from gradwire.rest_client import RestClient
-
         return RestClient(self)
 
     def close(self) -> None:
