@@ -18,9 +18,11 @@ from gradwire_server.server import BackgroundServer, ServerConfig  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def server():
-    """An in-process server; `server.engine` is its engine, `server.call(fn)` runs fn on its worker."""
-    background = BackgroundServer(ServerConfig(model="tiny-random", port=0))
+def server(tmp_path_factory):
+    """An in-process server; `server.engine` is its engine, `server.call(fn)` runs fn on its worker,
+    `server.server.checkpoint_root` its (temporary) checkpoint folder."""
+    background = BackgroundServer(ServerConfig(model="tiny-random", port=0,
+                                               checkpoint_dir=tmp_path_factory.mktemp("checkpoints")))
     yield background
     background.stop()
 
@@ -62,9 +64,9 @@ def start_cli_server(*args: str) -> tuple[subprocess.Popen, str]:
 
 
 @pytest.fixture(scope="session")
-def cli_server():
+def cli_server(tmp_path_factory):
     """A `gradwire-server` subprocess serving tiny-random; yields its address."""
-    process, address = start_cli_server()
+    process, address = start_cli_server("--checkpoint-dir", str(tmp_path_factory.mktemp("cli-checkpoints")))
     yield address
     process.terminate()
     process.wait(timeout=30)

@@ -36,6 +36,23 @@ def assert_state_equal(before: dict, after: dict) -> None:
             assert torch.equal(grad, grad_after), f"grad {name} changed"
 
 
+def optimizer_state(server, run_id: str) -> dict:
+    """A copy of the run's AdamW state (per-parameter tensors), read on the server's worker."""
+    def read():
+        state = server.engine.run(run_id).optimizer.state_dict()["state"]
+        return {index: {key: value.clone() for key, value in entry.items()} for index, entry in state.items()}
+    return server.call(read)
+
+
+def assert_optimizer_equal(before: dict, after: dict) -> None:
+    """Exact equality of two optimizer_state snapshots."""
+    assert before.keys() == after.keys()
+    for index, entry in before.items():
+        assert entry.keys() == after[index].keys()
+        for key, value in entry.items():
+            assert torch.equal(value, after[index][key]), f"optimizer {key} of parameter {index} changed"
+
+
 def reference_model(server, run_id: str, rank: int) -> peft.PeftModel:
     """A fresh in-process tiny-random with a LoRA adapter holding the run's current weights."""
     model = peft.get_peft_model(

@@ -198,3 +198,15 @@ def test_graph_of_a_backward_leg_that_never_comes_expires():
             assert graph() is None and not background.engine.kept
     finally:
         background.stop()
+
+
+def test_unloading_the_run_frees_the_graph(server, service, stubs):
+    training, operations = stubs
+    tc = trained_run(service)
+    kept_forward(stubs, tc.model_id, 3, random_data(58))
+    graph = kept_graph(server, tc.model_id)
+    assert graph() is not None
+    unload = training.UnloadModel(pb.UnloadModelRequest(model_id=tc.model_id, seq_id=4)).name
+    assert operations.WaitOperation(operations_pb2.WaitOperationRequest(
+        name=unload, timeout=duration_pb2.Duration(seconds=30))).done
+    assert graph() is None and tc.model_id not in server.engine.kept

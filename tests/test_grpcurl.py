@@ -63,7 +63,8 @@ def test_list_shows_the_services(cli_server):
     result = grpcurl(cli_server, "list")
     assert result.returncode == 0, result.stderr
     services = result.stdout.split()
-    for service in ("gradwire.v1.TrainingService", "grpc.health.v1.Health", "google.longrunning.Operations"):
+    for service in ("gradwire.v1.TrainingService", "gradwire.v1.ResourceService", "grpc.health.v1.Health",
+                    "google.longrunning.Operations"):
         assert service in services
 
 

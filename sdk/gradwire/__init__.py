@@ -13,16 +13,20 @@ from gradwire.errors import (AbortedError, APIConnectionError, APIError, APIStat
                              CustomLossError, GradwireError, InternalServerError, NotFoundError,
                              PermissionDeniedError, RateLimitError, RequestCancelledError)
 from gradwire.futures import APIFuture
-from gradwire.types import (AdamParams, Datum, EncodedTextChunk, ForwardBackwardOutput,
-                            GetInfoResponse, GetServerCapabilitiesResponse, LoraConfig, ModelInput,
-                            OptimStepResponse, SupportedModel, TensorData)
+from gradwire.rest_client import RestClient
+from gradwire.types import (AdamParams, Checkpoint, Datum, EncodedTextChunk, ForwardBackwardOutput,
+                            GetInfoResponse, GetServerCapabilitiesResponse, LoadWeightsResponse,
+                            LoraConfig, ModelInput, OptimStepResponse, SaveWeightsForSamplerResponse,
+                            SaveWeightsResponse, SupportedModel, TensorData, TrainingRun,
+                            UnloadModelResponse)
 
 __all__ = [
     "APIConnectionError", "APIError", "APIFuture", "APIStatusError", "APITimeoutError",
-    "AbortedError", "AdamParams", "AuthenticationError", "BadRequestError", "ConflictError",
-    "CustomLossError", "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "GetInfoResponse",
-    "GetServerCapabilitiesResponse", "GradwireError", "InternalServerError", "LoraConfig",
-    "ModelInput", "NotFoundError", "OptimStepResponse", "PermissionDeniedError", "RateLimitError",
-    "RequestCancelledError", "ServiceClient", "SupportedModel", "TensorData", "TrainingClient",
-    "types",
+    "AbortedError", "AdamParams", "AuthenticationError", "BadRequestError", "Checkpoint",
+    "ConflictError", "CustomLossError", "Datum", "EncodedTextChunk", "ForwardBackwardOutput",
+    "GetInfoResponse", "GetServerCapabilitiesResponse", "GradwireError", "InternalServerError",
+    "LoadWeightsResponse", "LoraConfig", "ModelInput", "NotFoundError", "OptimStepResponse",
+    "PermissionDeniedError", "RateLimitError", "RequestCancelledError", "RestClient",
+    "SaveWeightsForSamplerResponse", "SaveWeightsResponse", "ServiceClient", "SupportedModel",
+    "TensorData", "TrainingClient", "TrainingRun", "UnloadModelResponse", "types",
 ]

@@ -1,12 +1,14 @@
 """SDK types <-> gradwire.v1 messages."""
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from gradwire import _codec, types
 from gradwire.v1 import datum_pb2
+from gradwire.v1 import resource_service_pb2 as rpb
 from gradwire.v1 import training_service_pb2 as pb
 
 
@@ -64,3 +66,28 @@ def lora_config(response: pb.LoraConfig) -> types.LoraConfig:
                             seed=response.seed if response.HasField("seed") else None,
                             train_unembed=response.train_unembed, train_mlp=response.train_mlp,
                             train_attn=response.train_attn)
+
+
+def checkpoint(message: rpb.Checkpoint) -> types.Checkpoint:
+    return types.Checkpoint(
+        checkpoint_id=message.checkpoint_id, checkpoint_type=message.checkpoint_type,
+        time=message.time.ToDatetime(datetime.timezone.utc), path=message.path,
+        size_bytes=message.size_bytes,
+        expires_at=message.expires_at.ToDatetime(datetime.timezone.utc)
+        if message.HasField("expires_at") else None,
+        training_run_id=message.training_run_id)
+
+
+def training_run(message: rpb.TrainingRun) -> types.TrainingRun:
+    return types.TrainingRun(
+        training_run_id=message.training_run_id, base_model=message.base_model,
+        is_lora=message.is_lora, lora_rank=message.lora_rank,
+        lora_config=lora_config(message.lora_config), user_metadata=dict(message.user_metadata),
+        created_time=message.create_time.ToDatetime(datetime.timezone.utc),
+        last_request_time=message.last_request_time.ToDatetime(datetime.timezone.utc),
+        step=message.step, loaded=message.loaded,
+        source_checkpoint=message.source_checkpoint or None,
+        last_checkpoint=checkpoint(message.last_checkpoint)
+        if message.HasField("last_checkpoint") else None,
+        last_sampler_checkpoint=checkpoint(message.last_sampler_checkpoint)
+        if message.HasField("last_sampler_checkpoint") else None)

@@ -31,6 +31,8 @@ from gradwire import _convert, custom_loss, types
 from gradwire.errors import (AbortedError, APITimeoutError, GradwireError, error_from_rpc,
                              error_from_status)
 from gradwire.futures import APIFuture
+from gradwire.rest_client import RestClient
+from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 
@@ -61,14 +63,15 @@ class ServiceClient:
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._channel = grpc.insecure_channel(target)
         self._training = pb_grpc.TrainingServiceStub(self._channel)
+        self._resources = rpb_grpc.ResourceServiceStub(self._channel)
         self._operations = operations_pb2_grpc.OperationsStub(self._channel)
         self._tokenizers: dict[str, Any] = {}
 
     # ---- plumbing shared by the clients ------------------------------------------
 
-    def _call(self, method: str, request, timeout: float | None = None):
-        """A unary TrainingService call; gRPC errors become SDK exceptions."""
-        return self._unary(getattr(self._training, method), request, timeout)
+    def _call(self, method: str, request, timeout: float | None = None, stub=None):
+        """A TrainingService call (or one of `stub`'s); gRPC errors become SDK exceptions."""
+        return self._unary(getattr(stub or self._training, method), request, timeout)
 
     def _unary(self, stub_method, request, timeout: float | None):
         """Calls stub_method, retrying while the server is unreachable or still loading
@@ -210,6 +213,36 @@ class ServiceClient:
     async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:
         return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
 
+    def create_training_client_from_state(self, path: str,
+                                          user_metadata: dict[str, str] | None = None) -> TrainingClient:
+        """A new training run (new model_id) with the LoRA config and weights of the
+        checkpoint at `path`; its optimizer starts afresh."""
+        return self._training_client_from_state(path, False, user_metadata)
+
+    def create_training_client_from_state_with_optimizer(
+            self, path: str, user_metadata: dict[str, str] | None = None) -> TrainingClient:
+        """A new training run continuing exactly from the training checkpoint at
+        `path` (gradwire://<run_id>/weights/<name>): weights, AdamW state and step."""
+        return self._training_client_from_state(path, True, user_metadata)
+
+    async def create_training_client_from_state_async(self, *args, **kwargs) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state, *args, **kwargs)
+
+    async def create_training_client_from_state_with_optimizer_async(self, *args, **kwargs) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state_with_optimizer,
+                                       *args, **kwargs)
+
+    def _training_client_from_state(self, path: str, optimizer: bool,
+                                    user_metadata: dict[str, str] | None) -> TrainingClient:
+        response = self._call("CreateModelFromState", pb.CreateModelFromStateRequest(
+            path=path, optimizer=optimizer, user_metadata=user_metadata or {}))
+        info = self._call("GetInfo", pb.GetInfoRequest(model_id=response.model_id))
+        return TrainingClient(self, response.model_id, info.model_name)
+
+    def create_rest_client(self) -> RestClient:
+        """A client for training runs and checkpoints as resources (list, get, delete, download)."""
+        return RestClient(self)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -328,6 +361,89 @@ class TrainingClient:
     async def optim_step_async(self, *args, **kwargs) -> APIFuture[types.OptimStepResponse]:
         """Submits optim_step; the awaited APIFuture gives the result."""
         return await _submitted(self.optim_step(*args, **kwargs))
+
+    # ---- checkpoints (ordered like training requests) -------------------------------
+
+    def save_state(self, name: str) -> APIFuture[types.SaveWeightsResponse]:
+        """Saves the adapter and AdamW state, after every request made before it, as
+        the checkpoint gradwire://<model_id>/weights/<name> (a name is never reused)."""
+        return self._ordered_call("SaveWeights", pb.SaveWeightsRequest, pb.SaveWeightsResponse,
+                                  lambda r: types.SaveWeightsResponse(path=r.path), "save_state", name=name)
+
+    def save_weights_for_sampler(self, name: str) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+        """Saves the adapter alone (a peft adapter folder) as
+        gradwire://<model_id>/sampler_weights/<name>, for sampling."""
+        return self._ordered_call("SaveWeightsForSampler", pb.SaveWeightsForSamplerRequest,
+                                  pb.SaveWeightsForSamplerResponse,
+                                  lambda r: types.SaveWeightsForSamplerResponse(path=r.path),
+                                  "save_weights_for_sampler", name=name)
+
+    def load_state(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+        """Replaces this run's adapter weights by the checkpoint's; the optimizer starts
+        afresh and accumulated gradients are dropped. A checkpoint that is missing,
+        damaged or does not fit leaves the run as it was."""
+        return self._load_call(path, False)
+
+    def load_state_with_optimizer(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+        """As load_state, and restores the AdamW state and step too (training
+        checkpoints only), so training continues exactly as it would have."""
+        return self._load_call(path, True)
+
+    def unload(self) -> APIFuture[types.UnloadModelResponse]:
+        """Frees the run's adapter and optimizer state on the server, after every
+        request made before it. Its checkpoints stay; later calls fail."""
+        return self._ordered_call("UnloadModel", pb.UnloadModelRequest, pb.UnloadModelResponse,
+                                  lambda r: types.UnloadModelResponse(model_id=r.model_id), "unload")
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None):
+        """save_weights_for_sampler, then a SamplingClient on those weights."""
+        name = name or f"sampler-{uuid.uuid4().hex[:12]}"
+        path = self.save_weights_for_sampler(name).result().path
+        return self.service.create_sampling_client(model_path=path)
+
+    async def save_state_async(self, *args, **kwargs) -> APIFuture[types.SaveWeightsResponse]:
+        """Submits save_state; the awaited APIFuture gives the result."""
+        return await _submitted(self.save_state(*args, **kwargs))
+
+    async def save_weights_for_sampler_async(self, *args, **kwargs
+                                             ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+        """Submits save_weights_for_sampler; the awaited APIFuture gives the result."""
+        return await _submitted(self.save_weights_for_sampler(*args, **kwargs))
+
+    async def load_state_async(self, *args, **kwargs) -> APIFuture[types.LoadWeightsResponse]:
+        """Submits load_state; the awaited APIFuture gives the result."""
+        return await _submitted(self.load_state(*args, **kwargs))
+
+    async def load_state_with_optimizer_async(self, *args, **kwargs) -> APIFuture[types.LoadWeightsResponse]:
+        """Submits load_state_with_optimizer; the awaited APIFuture gives the result."""
+        return await _submitted(self.load_state_with_optimizer(*args, **kwargs))
+
+    async def unload_async(self) -> APIFuture[types.UnloadModelResponse]:
+        """Submits unload; the awaited APIFuture gives the result."""
+        return await _submitted(self.unload())
+
+    async def save_weights_and_get_sampling_client_async(self, name: str | None = None):
+        return await asyncio.to_thread(self.save_weights_and_get_sampling_client, name)
+
+    def _load_call(self, path: str, optimizer: bool) -> APIFuture[types.LoadWeightsResponse]:
+        return self._ordered_call("LoadWeights", pb.LoadWeightsRequest, pb.LoadWeightsResponse,
+                                  lambda r: types.LoadWeightsResponse(path=r.path),
+                                  "load_state_with_optimizer" if optimizer else "load_state",
+                                  path=path, optimizer=optimizer)
+
+    def _ordered_call(self, rpc: str, request_type, response_type, convert: Callable[[Any], Any],
+                      label: str, **fields) -> APIFuture:
+        """A request that takes its place in the run's order and returns an Operation."""
+        service, model_id = self.service, self.model_id
+
+        def send(next_seq):
+            return service._call(rpc, request_type(model_id=model_id, seq_id=next_seq(),
+                                                   request_id=_request_id(), **fields)).name
+
+        def fetch(name, timeout):
+            return convert(service._operation_result(name, response_type, timeout))
+
+        return self._enqueue(send, fetch, label)
 
     # ---- information --------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """SDK data types, named and shaped as in the Tinker API."""
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -10,9 +11,10 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "AdamParams", "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "GetInfoResponse",
-    "GetServerCapabilitiesResponse", "LoraConfig", "ModelInput", "OptimStepResponse",
-    "SupportedModel", "TensorData",
+    "AdamParams", "Checkpoint", "Datum", "EncodedTextChunk", "ForwardBackwardOutput",
+    "GetInfoResponse", "GetServerCapabilitiesResponse", "LoadWeightsResponse", "LoraConfig",
+    "ModelInput", "OptimStepResponse", "SaveWeightsForSamplerResponse", "SaveWeightsResponse",
+    "SupportedModel", "TensorData", "TrainingRun", "UnloadModelResponse",
 ]
 
 _NUMPY_DTYPES = {"int64": np.int64, "float32": np.float32}
@@ -220,3 +222,62 @@ class GetInfoResponse:
     model_data: dict[str, str]
     step: int
 
+
+@dataclass
+class SaveWeightsResponse:
+    """Result of save_state: the checkpoint's path, gradwire://<run_id>/weights/<name>."""
+
+    path: str
+
+
+@dataclass
+class SaveWeightsForSamplerResponse:
+    """Result of save_weights_for_sampler: gradwire://<run_id>/sampler_weights/<name>."""
+
+    path: str
+
+
+@dataclass
+class LoadWeightsResponse:
+    """Result of load_state / load_state_with_optimizer: the checkpoint loaded."""
+
+    path: str
+
+
+@dataclass
+class UnloadModelResponse:
+    """Result of unload."""
+
+    model_id: str
+
+
+@dataclass
+class Checkpoint:
+    """A saved checkpoint (Tinker's fields, plus the run that saved it)."""
+
+    checkpoint_id: str                       # "weights/<name>" or "sampler_weights/<name>"
+    checkpoint_type: Literal["training", "sampler"]
+    time: datetime.datetime
+    path: str
+    size_bytes: int
+    expires_at: datetime.datetime | None = None  # None: kept until deleted
+    training_run_id: str = ""
+
+
+@dataclass
+class TrainingRun:
+    """A training run known to the server, loaded in memory or not."""
+
+    training_run_id: str
+    base_model: str
+    is_lora: bool
+    lora_rank: int
+    lora_config: LoraConfig
+    user_metadata: dict[str, str]
+    created_time: datetime.datetime
+    last_request_time: datetime.datetime
+    step: int
+    loaded: bool
+    source_checkpoint: str | None = None
+    last_checkpoint: Checkpoint | None = None
+    last_sampler_checkpoint: Checkpoint | None = None

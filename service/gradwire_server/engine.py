@@ -7,10 +7,12 @@ tokens; every loss is summed over tokens and datums.
 from __future__ import annotations
 
 import contextlib
+import copy
 import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import peft
@@ -29,8 +31,12 @@ KEEP_GRAPH_BUDGET_BYTES = 2 * 1024**3  # activations a Forward may keep for its 
 KEEP_GRAPH_TIMEOUT_S = 60.0
 
 
-class RunNotFound(KeyError):
-    """No training run has this id."""
+class RunNotFound(LookupError):
+    """No training run with this id is loaded."""
+
+    def __init__(self, run_id: str):
+        super().__init__(f"training run {run_id!r} is not loaded")
+        self.run_id = run_id
 
 
 @dataclass
@@ -87,6 +93,17 @@ class _SavedTensorBytes:
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+
+
+@dataclass
+class RunState:
+    """A run's training state, detached from the device (what a checkpoint holds)."""
+
+    lora: LoraSettings
+    adapter_config: dict[str, Any]          # peft LoraConfig.to_dict()
+    adapter: dict[str, torch.Tensor]        # CPU; peft state-dict names (no adapter name)
+    optimizer: dict[str, Any] | None        # CPU copy of AdamW.state_dict(), if asked for
+    step: int
 
 
 class LossPass:
@@ -296,6 +313,61 @@ class Engine:
         self.runs[run_id] = Run(run_id, lora, params, optimizer)
         return run_id
 
+    def save_state(self, run_id: str, with_optimizer: bool) -> RunState:
+        """A CPU copy of the run's adapter (and optimizer state), safe to write out later."""
+        run = self.run(run_id)
+        self.drop_kept_graph(run_id)  # a kept graph serves only the run's very next request
+        # save_embedding_layers=False: an adapted lm_head must not drag the base
+        # model's unembedding into the adapter file.
+        adapter = peft.get_peft_model_state_dict(self.peft_model, adapter_name=run_id,
+                                                 save_embedding_layers=False)
+        return RunState(
+            lora=run.lora, adapter_config=self.peft_model.peft_config[run_id].to_dict(),
+            adapter={name: t.detach().to("cpu", copy=True).contiguous() for name, t in adapter.items()},
+            optimizer=_cpu_copy(run.optimizer.state_dict()) if with_optimizer else None,
+            step=run.step)
+
+    def load_state(self, run_id: str, adapter: dict[str, torch.Tensor],
+                   optimizer: dict[str, Any] | None, step: int) -> None:
+        """Replaces the run's adapter weights, and its AdamW state when given (else a
+        fresh AdamW), and drops accumulated gradients. Everything is checked before
+        anything changes: a ValueError leaves the run exactly as it was."""
+        run = self.run(run_id)
+        params = self._adapter_parameters(run_id)
+        if adapter.keys() != params.keys():
+            missing, unexpected = sorted(params.keys() - adapter.keys()), sorted(adapter.keys() - params.keys())
+            raise ValueError(f"the checkpoint's adapter does not fit this run's LoRA config "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        for name, p in params.items():
+            if adapter[name].shape != p.shape:
+                raise ValueError(f"the checkpoint's {name} has shape {list(adapter[name].shape)}, "
+                                 f"this run's has {list(p.shape)} (another LoRA rank?)")
+        if optimizer is not None:
+            _check_optimizer_state(optimizer, run.params)
+        self.drop_kept_graph(run_id)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(adapter[name])
+        for p in run.params:
+            p.grad = None
+        if optimizer is not None:
+            run.optimizer.load_state_dict(optimizer)
+        else:
+            run.optimizer = torch.optim.AdamW(run.params, weight_decay=0.0, foreach=False)
+        run.step = step
+
+    def unload(self, run_id: str) -> None:
+        """Removes the run's adapter from the model and drops its optimizer state."""
+        self.run(run_id)
+        self.drop_kept_graph(run_id)
+        self.peft_model.delete_adapter(run_id)
+        del self.runs[run_id]
+
+    def _adapter_parameters(self, run_id: str) -> dict[str, torch.nn.Parameter]:
+        """The run's parameters under peft's state-dict names."""
+        return {name.replace(f".{run_id}.", "."): p for name, p in self.peft_model.named_parameters()
+                if f".{run_id}." in name}
+
     def run(self, run_id: str) -> Run:
         try:
             return self.runs[run_id]
@@ -401,3 +473,29 @@ class Engine:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+def _cpu_copy(state: Any) -> Any:
+    """A deep copy of an optimizer state_dict with every tensor cloned to the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: _cpu_copy(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [_cpu_copy(value) for value in state]
+    return copy.deepcopy(state)
+
+
+def _check_optimizer_state(state: dict[str, Any], params: list[torch.nn.Parameter]) -> None:
+    """Raises ValueError unless `state` is an AdamW state_dict for exactly these parameters."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or len(groups) != 1 or len(groups[0].get("params", ())) != len(params):
+        raise ValueError("the checkpoint's optimizer state is not for this run's parameters")
+    for index, per_param in state.get("state", {}).items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            raise ValueError(f"the checkpoint's optimizer state names parameter {index!r}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = per_param.get(key)
+            if not isinstance(value, torch.Tensor) or value.shape != params[index].shape:
+                raise ValueError(f"the checkpoint's optimizer {key} of parameter {index} "
+                                 f"does not match its shape {list(params[index].shape)}")

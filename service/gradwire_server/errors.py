@@ -54,6 +54,19 @@ def not_found(what: str, name: str) -> ServiceError:
                         f"{what.upper().replace(' ', '_')}_NOT_FOUND")
 
 
+def failed_precondition(message: str, reason: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, message, reason)
+
+
+def already_exists(message: str, reason: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.ALREADY_EXISTS, message, reason)
+
+
+def data_loss(message: str) -> ServiceError:
+    """A stored file is corrupt or truncated."""
+    return ServiceError(grpc.StatusCode.DATA_LOSS, message, "CORRUPT_CHECKPOINT")
+
+
 def aborted(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.ABORTED, message, "EARLIER_REQUEST_FAILED")
 

@@ -19,7 +19,9 @@ from typing import Protocol
 
 from google.protobuf import message
 
-from gradwire_server.errors import ServiceError, aborted, already_used, cancelled, internal
+from gradwire_server.engine import RunNotFound
+from gradwire_server.errors import (ServiceError, aborted, already_used, cancelled, failed_precondition,
+                                    internal)
 from gradwire_server.operations import OperationRecord, OperationStore
 
 log = logging.getLogger(__name__)
@@ -263,6 +265,8 @@ class Scheduler:
                 step, error = job.task.step(), None
             except ServiceError as service_error:
                 step, error = None, service_error
+            except RunNotFound as gone:  # e.g. queued behind an UnloadModel
+                step, error = None, failed_precondition(str(gone), "RUN_NOT_LOADED")
             except Exception as failure:  # noqa: BLE001 - reported in Operation.error
                 log.exception("%s failed", job.op_name or job.run_id)
                 step, error = None, internal(failure)

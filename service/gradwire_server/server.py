@@ -19,11 +19,16 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gradwire.v1 import resource_service_pb2 as rpb
+from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+from gradwire_server import checkpoints
 from gradwire_server.engine import KEEP_GRAPH_BUDGET_BYTES, KEEP_GRAPH_TIMEOUT_S, Engine
 from gradwire_server.models import LoadedModel, load_model
 from gradwire_server.operations import OperationsServicer, OperationStore
+from gradwire_server.resource_servicer import ResourceServicer
+from gradwire_server.run_index import RunIndex
 from gradwire_server.scheduler import Scheduler
 from gradwire_server.training_servicer import ModelInfo, TrainingServicer
 
@@ -31,6 +36,9 @@ log = logging.getLogger("gradwire_server")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default, so any client's defaults work
 TRAINING_SERVICE = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
+RESOURCE_SERVICE = rpb.DESCRIPTOR.services_by_name["ResourceService"].full_name
+DEFAULT_CHECKPOINT_DIR = pathlib.Path("gradwire-checkpoints")
+INDEX_FILE = "index.sqlite3"
 OPERATIONS_SERVICE = operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
 _EXPIRY_INTERVAL_S = 60.0
 
@@ -40,7 +48,7 @@ class ServerConfig:
     model: str
     host: str = "127.0.0.1"
     port: int = 50051
-    checkpoint_dir: pathlib.Path | None = None
+    checkpoint_dir: pathlib.Path = DEFAULT_CHECKPOINT_DIR
     operation_ttl_s: float = 1800.0
     max_wait_s: float = 30.0
     # Activations a custom loss's forward leg may keep for its backward leg (0: always recompute).
@@ -54,7 +62,14 @@ class GradwireServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.store = OperationStore(config.operation_ttl_s, config.max_wait_s)
-        self.training = TrainingServicer(self.store, MAX_MESSAGE_BYTES)
+        self.checkpoint_root = pathlib.Path(config.checkpoint_dir)
+        self.index = RunIndex(self.checkpoint_root / INDEX_FILE)
+        # Checkpoint folders are the truth; no run of an earlier process is in memory.
+        checkpoints.remove_leftovers(self.checkpoint_root)
+        self.index.unload_all()
+        self.index.reconcile(saved.record() for saved in checkpoints.scan(self.checkpoint_root))
+        self.training = TrainingServicer(self.store, MAX_MESSAGE_BYTES, self.checkpoint_root, self.index)
+        self.resources = ResourceServicer(self.checkpoint_root, self.index)
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
         self.port: int | None = None
@@ -67,10 +82,11 @@ class GradwireServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         pb_grpc.add_TrainingServiceServicer_to_server(self.training, self._server)
+        rpb_grpc.add_ResourceServiceServicer_to_server(self.resources, self._server)
         operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.store), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            [TRAINING_SERVICE, OPERATIONS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            [TRAINING_SERVICE, RESOURCE_SERVICE, OPERATIONS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self._server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
@@ -89,6 +105,7 @@ class GradwireServer:
         self.scheduler = Scheduler(self.store, asyncio.get_running_loop())
         self.scheduler.start()
         self.training.attach(self.engine, self.scheduler, _model_info(loaded, device))
+        self.resources.attach(self.scheduler)
         self._expiry = [asyncio.create_task(self._expire_operations()),
                         asyncio.create_task(self._expire_kept_graphs())]
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -102,12 +119,13 @@ class GradwireServer:
             task.cancel()
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.stop)
+        self.index.close()
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 
     async def _set_health(self, status: int) -> None:
-        for service in ("", TRAINING_SERVICE):
+        for service in ("", TRAINING_SERVICE, RESOURCE_SERVICE):
             await self.health.set(service, status)
 
     async def _expire_operations(self) -> None:

@@ -3,6 +3,7 @@ No torch here; the engine runs on the worker thread."""
 from __future__ import annotations
 
 import asyncio
+import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -12,13 +13,14 @@ from google.longrunning import operations_pb2
 
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-from gradwire_server import validation
+from gradwire_server import checkpoints, validation
 from gradwire_server.engine import Engine
 from gradwire_server.errors import (FieldViolation, ServiceError, abort, abort_with_status, cancelled,
-                                    invalid_argument, not_found)
+                                    failed_precondition, invalid_argument, not_found)
 from gradwire_server.loss_task import LossTask, output_records
 from gradwire_server.losses import LOSSES
 from gradwire_server.operations import OperationStore
+from gradwire_server.run_index import RunIndex
 from gradwire_server.scheduler import OneShot, Scheduler
 
 T = TypeVar("T")
@@ -37,9 +39,12 @@ class ModelInfo:
 
 
 class TrainingServicer(pb_grpc.TrainingServiceServicer):
-    def __init__(self, store: OperationStore, max_message_bytes: int):
+    def __init__(self, store: OperationStore, max_message_bytes: int, checkpoint_root: pathlib.Path,
+                 index: RunIndex):
         self.store = store
         self.max_message_bytes = max_message_bytes
+        self.checkpoint_root = checkpoint_root
+        self.index = index
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
         self.info: ModelInfo | None = None
@@ -71,6 +76,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                 run_id = await self.scheduler.run_on_worker("create", lambda: self.engine.create_run(lora))
             except ValueError as error:
                 raise invalid_argument([FieldViolation("lora_config", str(error))]) from None
+            self.index.add_run(run_id, info.name, lora, dict(request.user_metadata))
             return pb.CreateModelResponse(model_id=run_id)
         except ServiceError as error:
             await abort(context, error)
@@ -110,13 +116,130 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                                          lambda: validation.adam_settings(request.adam_params))
             if existing is not None:
                 return existing
-            engine, model_id = self.engine, request.model_id
-            record = self.scheduler.submit(
-                model_id, request.seq_id, request.request_id, "OptimStep",
-                OneShot(lambda: pb.OptimStepResponse(metrics=engine.optim_step(model_id, adam))))
+            engine, index, model_id = self.engine, self.index, request.model_id
+
+            def step() -> pb.OptimStepResponse:
+                metrics = engine.optim_step(model_id, adam)
+                index.set_step(model_id, engine.run(model_id).step)
+                return pb.OptimStepResponse(metrics=metrics)
+
+            record = self.scheduler.submit(model_id, request.seq_id, request.request_id, "OptimStep",
+                                           OneShot(step))
             return record.snapshot()
         except ServiceError as error:
             await abort(context, error)
+
+    # ---- checkpoints and unloading (ordered like training requests) -----------------
+
+    async def SaveWeights(self, request, context):
+        return await self._save_rpc(request, context, "weights", "SaveWeights", pb.SaveWeightsResponse)
+
+    async def SaveWeightsForSampler(self, request, context):
+        return await self._save_rpc(request, context, "sampler_weights", "SaveWeightsForSampler",
+                                    pb.SaveWeightsForSamplerResponse)
+
+    async def LoadWeights(self, request, context):
+        try:
+            info = self._ready()
+            existing, _ = self._admit(request.model_id, request.seq_id, request.request_id,
+                                      lambda: self._loadable(request.path, request.optimizer, info.name))
+            if existing is not None:
+                return existing
+            model_id, path, optimizer = request.model_id, request.path, request.optimizer
+
+            def load() -> pb.LoadWeightsResponse:
+                self.index.set_step(model_id, self._load_into(model_id, path, optimizer, info.name))
+                return pb.LoadWeightsResponse(path=path)
+
+            record = self.scheduler.submit(model_id, request.seq_id, request.request_id, "LoadWeights",
+                                           OneShot(load))
+            return record.snapshot()
+        except ServiceError as error:
+            await abort(context, error)
+
+    async def CreateModelFromState(self, request, context):
+        try:
+            info = self._ready()
+            checkpoint = self._loadable(request.path, request.optimizer, info.name)
+
+            def create() -> str:
+                run_id = self.engine.create_run(checkpoint.lora)
+                try:
+                    step = self._load_into(run_id, request.path, request.optimizer, info.name)
+                except BaseException:
+                    self.engine.unload(run_id)
+                    raise
+                self.index.add_run(run_id, info.name, checkpoint.lora, dict(request.user_metadata),
+                                   step=step, source_checkpoint=request.path)
+                return run_id
+
+            run_id = await self.scheduler.run_on_worker("create_from_state", create)
+            return pb.CreateModelResponse(model_id=run_id)
+        except ServiceError as error:
+            await abort(context, error)
+
+    async def UnloadModel(self, request, context):
+        try:
+            self._ready()
+            existing, _ = self._admit(request.model_id, request.seq_id, request.request_id, lambda: None)
+            if existing is not None:
+                return existing
+            model_id = request.model_id
+
+            def unload() -> pb.UnloadModelResponse:
+                self.engine.unload(model_id)
+                self.index.set_unloaded(model_id)
+                return pb.UnloadModelResponse(model_id=model_id)
+
+            record = self.scheduler.submit(model_id, request.seq_id, request.request_id, "UnloadModel",
+                                           OneShot(unload))
+            return record.snapshot()
+        except ServiceError as error:
+            await abort(context, error)
+
+    async def _save_rpc(self, request, context, kind: str, label: str, response_type):
+        try:
+            info = self._ready()
+            existing, path = self._admit(
+                request.model_id, request.seq_id, request.request_id,
+                lambda: checkpoints.CheckpointPath(request.model_id, kind,
+                                                   checkpoints.validate_name(request.name)))
+            if existing is not None:
+                return existing
+
+            def save():
+                state = self.engine.save_state(path.run_id, with_optimizer=kind == "weights")
+                saved = checkpoints.write(self.checkpoint_root, path, state, info.name)
+                self.index.add_checkpoint(saved.record())
+                return response_type(path=path.path)
+
+            record = self.scheduler.submit(request.model_id, request.seq_id, request.request_id, label,
+                                           OneShot(save))
+            return record.snapshot()
+        except ServiceError as error:
+            await abort(context, error)
+
+    def _loadable(self, path: str, optimizer: bool, base_model: str) -> checkpoints.Checkpoint:
+        """The checkpoint at `path`, if it exists and can be loaded here as asked."""
+        checkpoint = checkpoints.find(self.checkpoint_root, path)
+        if optimizer and checkpoint.path.kind != "weights":
+            raise invalid_argument([FieldViolation(
+                "path", f"{path} is a sampler checkpoint and holds no optimizer state: load it "
+                        "without the optimizer, or pass a gradwire://<run_id>/weights/<name> path")])
+        checkpoints.check_base_model(checkpoint, base_model)
+        return checkpoint
+
+    def _load_into(self, run_id: str, path: str, optimizer: bool, base_model: str) -> int:
+        """Worker side: loads the checkpoint into the run (checked again: it may have
+        been deleted since); returns the step it was saved at."""
+        checkpoint = self._loadable(path, optimizer, base_model)
+        adapter, optimizer_state = checkpoints.read(checkpoint, optimizer)
+        try:
+            self.engine.load_state(run_id, adapter, optimizer_state, checkpoint.step)
+        except ValueError as error:
+            raise failed_precondition(f"checkpoint {path} does not fit training run {run_id}: {error}",
+                                      "CHECKPOINT_MISMATCH") from None
+        return checkpoint.step
 
     async def ForwardStream(self, request_iterator, context):
         return await self._stream_rpc(request_iterator, context, "ForwardStream", backward=False)
@@ -251,6 +374,11 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     def _run(self, model_id: str):
         run = self.engine.runs.get(model_id)
         if run is None:
+            if self.index.get_run(model_id) is not None:
+                raise failed_precondition(
+                    f"training run {model_id!r} is not loaded (it was unloaded, or the server "
+                    "restarted); continue from one of its checkpoints with "
+                    "create_training_client_from_state", "RUN_NOT_LOADED")
             raise not_found("training run", model_id)
         return run
 

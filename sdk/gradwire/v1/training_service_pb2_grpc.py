@@ -89,6 +89,31 @@ class TrainingServiceStub:
                 request_serializer=gradwire_dot_v1_dot_training__service__pb2.OptimStepRequest.SerializeToString,
                 response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
+        self.SaveWeights = channel.unary_unary(
+                '/gradwire.v1.TrainingService/SaveWeights',
+                request_serializer=gradwire_dot_v1_dot_training__service__pb2.SaveWeightsRequest.SerializeToString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
+        self.SaveWeightsForSampler = channel.unary_unary(
+                '/gradwire.v1.TrainingService/SaveWeightsForSampler',
+                request_serializer=gradwire_dot_v1_dot_training__service__pb2.SaveWeightsForSamplerRequest.SerializeToString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
+        self.LoadWeights = channel.unary_unary(
+                '/gradwire.v1.TrainingService/LoadWeights',
+                request_serializer=gradwire_dot_v1_dot_training__service__pb2.LoadWeightsRequest.SerializeToString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
+        self.CreateModelFromState = channel.unary_unary(
+                '/gradwire.v1.TrainingService/CreateModelFromState',
+                request_serializer=gradwire_dot_v1_dot_training__service__pb2.CreateModelFromStateRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_training__service__pb2.CreateModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/gradwire.v1.TrainingService/UnloadModel',
+                request_serializer=gradwire_dot_v1_dot_training__service__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -177,6 +202,49 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveWeights(self, request, context):
+        """Saves the run's training state (adapter and AdamW state) as the
+        checkpoint gradwire://<model_id>/weights/<name>, in the run's order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveWeightsForSampler(self, request, context):
+        """Saves the run's adapter alone (a peft adapter folder, for sampling) as
+        gradwire://<model_id>/sampler_weights/<name>, in the run's order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadWeights(self, request, context):
+        """Replaces the run's adapter weights (and, with `optimizer`, its AdamW
+        state) by a checkpoint's, in the run's order. Accumulated gradients are
+        dropped. A checkpoint that is missing, damaged or does not fit the run
+        fails the operation and leaves the run as it was.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateModelFromState(self, request, context):
+        """Creates a training run from a checkpoint: a new run (new model_id) with
+        the checkpoint's LoRA config and weights, and optionally its AdamW state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Removes the run's adapter and optimizer state from memory, in the run's
+        order. Its checkpoints stay; later calls on the run fail with
+        FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +296,31 @@ def add_TrainingServiceServicer_to_server(servicer, server):
             'OptimStep': grpc.unary_unary_rpc_method_handler(
                     servicer.OptimStep,
                     request_deserializer=gradwire_dot_v1_dot_training__service__pb2.OptimStepRequest.FromString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'SaveWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveWeights,
+                    request_deserializer=gradwire_dot_v1_dot_training__service__pb2.SaveWeightsRequest.FromString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'SaveWeightsForSampler': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveWeightsForSampler,
+                    request_deserializer=gradwire_dot_v1_dot_training__service__pb2.SaveWeightsForSamplerRequest.FromString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'LoadWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadWeights,
+                    request_deserializer=gradwire_dot_v1_dot_training__service__pb2.LoadWeightsRequest.FromString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'CreateModelFromState': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateModelFromState,
+                    request_deserializer=gradwire_dot_v1_dot_training__service__pb2.CreateModelFromStateRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_training__service__pb2.CreateModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=gradwire_dot_v1_dot_training__service__pb2.UnloadModelRequest.FromString,
                     response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
             ),
     }
@@ -504,6 +597,141 @@ class TrainingService:
             target,
             '/gradwire.v1.TrainingService/OptimStep',
             gradwire_dot_v1_dot_training__service__pb2.OptimStepRequest.SerializeToString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.TrainingService/SaveWeights',
+            gradwire_dot_v1_dot_training__service__pb2.SaveWeightsRequest.SerializeToString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveWeightsForSampler(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.TrainingService/SaveWeightsForSampler',
+            gradwire_dot_v1_dot_training__service__pb2.SaveWeightsForSamplerRequest.SerializeToString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.TrainingService/LoadWeights',
+            gradwire_dot_v1_dot_training__service__pb2.LoadWeightsRequest.SerializeToString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateModelFromState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.TrainingService/CreateModelFromState',
+            gradwire_dot_v1_dot_training__service__pb2.CreateModelFromStateRequest.SerializeToString,
+            gradwire_dot_v1_dot_training__service__pb2.CreateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.TrainingService/UnloadModel',
+            gradwire_dot_v1_dot_training__service__pb2.UnloadModelRequest.SerializeToString,
             google_dot_longrunning_dot_operations__pb2.Operation.FromString,
             options,
             channel_credentials,

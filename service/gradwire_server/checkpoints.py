@@ -1,0 +1,297 @@
+"""Checkpoints on disk: gradwire:// paths, the folder format, atomic writing.
+
+    gradwire://<run_id>/weights/<name>          training state (adapter + optimizer)
+    gradwire://<run_id>/sampler_weights/<name>  adapter only, for sampling
+
+live under the checkpoint root as `<root>/<run_id>/<weights|sampler_weights>/<name>/`:
+
+    adapter_config.json        peft LoraConfig: PeftModel.from_pretrained(base, folder) loads it
+    adapter_model.safetensors  the adapter's tensors under peft's state-dict names
+    optimizer.pt               (weights/ only) torch.save of the AdamW state_dict
+    gradwire_checkpoint.json   written last: format version, run, step, LoRA settings, base
+                               model, and the size and sha256 of every other file
+
+A folder is written as a hidden temporary sibling, every file fsynced, renamed
+into place, and the parent fsynced: a crash leaves either nothing or a temporary
+folder (hidden, never listed or loadable), never a half checkpoint. A folder
+without its gradwire_checkpoint.json is not a checkpoint. Names are never
+reused: saving an existing name is ALREADY_EXISTS (rename(2) cannot replace a
+non-empty folder atomically, and a path must always mean the same weights).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from gradwire_server.batch import LoraSettings
+from gradwire_server.engine import RunState
+from gradwire_server.errors import (FieldViolation, ServiceError, already_exists, data_loss,
+                                    failed_precondition, invalid_argument, not_found)
+from gradwire_server.run_index import CheckpointRecord
+
+SCHEME = "gradwire://"
+FORMAT_VERSION = 1
+MARKER = "gradwire_checkpoint.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+OPTIMIZER_STATE = "optimizer.pt"
+KINDS = {"weights": "training", "sampler_weights": "sampler"}  # path kind -> checkpoint_type
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_TEMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class CheckpointPath:
+    """A parsed gradwire:// checkpoint path."""
+
+    run_id: str
+    kind: str   # "weights" or "sampler_weights"
+    name: str
+
+    @property
+    def path(self) -> str:
+        return f"{SCHEME}{self.run_id}/{self.kind}/{self.name}"
+
+    @property
+    def checkpoint_type(self) -> str:
+        """Tinker's name for the kind: "training" or "sampler"."""
+        return KINDS[self.kind]
+
+    @property
+    def checkpoint_id(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+    def folder(self, root: pathlib.Path) -> pathlib.Path:
+        return root / self.run_id / self.kind / self.name
+
+
+@dataclass
+class Checkpoint:
+    """A complete checkpoint folder and what its marker says."""
+
+    path: CheckpointPath
+    folder: pathlib.Path
+    metadata: dict[str, Any]
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk, marker included."""
+        return sum(file.stat().st_size for file in files(self))
+
+    @property
+    def lora(self) -> LoraSettings:
+        return LoraSettings(**self.metadata["lora"])
+
+    @property
+    def step(self) -> int:
+        return int(self.metadata["step"])
+
+    def record(self) -> CheckpointRecord:
+        """Its row in the run index."""
+        return CheckpointRecord(path=self.path.path, run_id=self.path.run_id,
+                                checkpoint_type=self.path.checkpoint_type, name=self.path.name,
+                                created_time=self.metadata["created_time"], size_bytes=self.size_bytes)
+
+
+def validate_name(name: str, field: str = "name") -> str:
+    """A checkpoint name: 1-128 of [A-Za-z0-9._-], not starting with '.', '_' or '-'
+    (so no '/', '..', empty or hidden names can leave or shadow the folder)."""
+    if not _NAME.fullmatch(name):
+        raise invalid_argument([FieldViolation(
+            field, f"{name!r} is not a valid checkpoint name: use 1-128 letters, digits, '.', '_' "
+                   "or '-', starting with a letter or digit")])
+    return name
+
+
+def parse_path(path: str, field: str = "path") -> CheckpointPath:
+    """Parses `gradwire://<run_id>/<weights|sampler_weights>/<name>` (INVALID_ARGUMENT if malformed)."""
+    def bad(why: str) -> ServiceError:
+        return invalid_argument([FieldViolation(field, f"{path!r} is not a checkpoint path: {why}")])
+
+    if not path.startswith(SCHEME):
+        raise bad(f"expected {SCHEME}<run_id>/weights/<name> or {SCHEME}<run_id>/sampler_weights/<name>")
+    parts = path[len(SCHEME):].split("/")
+    if len(parts) != 3:
+        raise bad("expected three parts after the scheme: <run_id>/<kind>/<name>")
+    run_id, kind, name = parts
+    if kind not in KINDS:
+        raise bad(f"kind {kind!r} is neither 'weights' nor 'sampler_weights'")
+    if not _NAME.fullmatch(run_id):
+        raise bad(f"run id {run_id!r} is malformed")
+    if not _NAME.fullmatch(name):
+        raise bad(f"name {name!r} is malformed")
+    return CheckpointPath(run_id, kind, name)
+
+
+def find(root: pathlib.Path, path: str, field: str = "path") -> Checkpoint:
+    """The complete checkpoint at `path`: INVALID_ARGUMENT if malformed, NOT_FOUND if
+    there is none (a folder without its marker is no checkpoint)."""
+    parsed = parse_path(path, field)
+    folder = parsed.folder(root)
+    try:
+        metadata = json.loads((folder / MARKER).read_text())
+    except FileNotFoundError:
+        raise not_found("checkpoint", path) from None
+    except (OSError, ValueError) as error:
+        raise data_loss(f"checkpoint {path}: {MARKER} is unreadable ({error})") from None
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise failed_precondition(f"checkpoint {path} has format version "
+                                  f"{metadata.get('format_version')!r}; this server reads "
+                                  f"{FORMAT_VERSION}", "CHECKPOINT_FORMAT")
+    if (metadata.get("run_id"), metadata.get("kind"), metadata.get("name")) != \
+            (parsed.run_id, parsed.kind, parsed.name):
+        raise data_loss(f"the folder of checkpoint {path} holds a copy of "
+                        f"{SCHEME}{metadata.get('run_id')}/{metadata.get('kind')}/{metadata.get('name')}; "
+                        "checkpoint folders must not be moved or copied by hand")
+    return Checkpoint(parsed, folder, metadata)
+
+
+def checkpoint_directory(checkpoint_root: pathlib.Path, path: str) -> pathlib.Path:
+    """The folder of the complete checkpoint at `path` (e.g. for loading sampler
+    weights with peft); raises ServiceError (INVALID_ARGUMENT, NOT_FOUND) otherwise."""
+    return find(pathlib.Path(checkpoint_root), path).folder
+
+
+def check_base_model(checkpoint: Checkpoint, base_model: str) -> None:
+    """FAILED_PRECONDITION unless the checkpoint was trained on `base_model`."""
+    if checkpoint.metadata.get("base_model") != base_model:
+        raise failed_precondition(
+            f"checkpoint {checkpoint.path.path} is an adapter of base model "
+            f"{checkpoint.metadata.get('base_model')!r}; this server serves {base_model!r}",
+            "BASE_MODEL_MISMATCH")
+
+
+def write(root: pathlib.Path, path: CheckpointPath, state: RunState, base_model: str) -> Checkpoint:
+    """Writes the state as a checkpoint folder, atomically (see the module doc).
+    The optimizer file is written when state.optimizer is set."""
+    folder = path.folder(root)
+    if folder.exists():
+        raise already_exists(f"checkpoint {path.path} already exists; choose another name",
+                             "CHECKPOINT_EXISTS")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = folder.parent / f"{_TEMP_PREFIX}{path.name}-{secrets.token_hex(4)}"
+    temp.mkdir()
+    try:
+        (temp / ADAPTER_CONFIG).write_text(json.dumps(_adapter_config(state, base_model), indent=2))
+        safetensors.torch.save_file(state.adapter, str(temp / ADAPTER_WEIGHTS),
+                                    metadata={"format": "pt"})
+        if state.optimizer is not None:
+            torch.save(state.optimizer, temp / OPTIMIZER_STATE)
+        files = {}
+        for file in sorted(temp.iterdir()):
+            _fsync(file)
+            files[file.name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+        metadata = {"format_version": FORMAT_VERSION, "run_id": path.run_id, "kind": path.kind,
+                    "name": path.name, "base_model": base_model, "lora": asdict(state.lora),
+                    "step": state.step, "created_time": time.time(), "files": files}
+        (temp / MARKER).write_text(json.dumps(metadata, indent=2))
+        _fsync(temp / MARKER)
+        _fsync(temp)
+        temp.rename(folder)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    _fsync(folder.parent)
+    return Checkpoint(path, folder, metadata)
+
+
+def read(checkpoint: Checkpoint, with_optimizer: bool
+         ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(adapter tensors, optimizer state or None), after checking every file's size
+    and sha256 against the marker: DATA_LOSS naming the file if one is damaged."""
+    files = [ADAPTER_WEIGHTS] + ([OPTIMIZER_STATE] if with_optimizer else [])
+    for name in files:
+        _verify(checkpoint, name)
+    try:
+        adapter = safetensors.torch.load_file(str(checkpoint.folder / ADAPTER_WEIGHTS))
+        optimizer = torch.load(checkpoint.folder / OPTIMIZER_STATE, weights_only=True) \
+            if with_optimizer else None
+    except Exception as error:  # noqa: BLE001 - any decoding failure means a damaged file
+        raise data_loss(f"checkpoint {checkpoint.path.path} cannot be decoded: {error}") from None
+    return adapter, optimizer
+
+
+def delete(checkpoint: Checkpoint) -> None:
+    """Removes a checkpoint: renamed to a hidden name first, so it vanishes at once."""
+    doomed = checkpoint.folder.parent / f"{_TEMP_PREFIX}deleted-{checkpoint.path.name}-{secrets.token_hex(4)}"
+    checkpoint.folder.rename(doomed)
+    _fsync(checkpoint.folder.parent)
+    shutil.rmtree(doomed)
+
+
+def files(checkpoint: Checkpoint) -> list[pathlib.Path]:
+    """The checkpoint's files (marker last), for download."""
+    return [checkpoint.folder / name for name in sorted(checkpoint.metadata["files"])] \
+        + [checkpoint.folder / MARKER]
+
+
+def scan(root: pathlib.Path) -> Iterator[Checkpoint]:
+    """Every complete checkpoint under the root (temporary and unmarked folders skipped)."""
+    for marker in sorted(root.glob(f"*/*/*/{MARKER}")):
+        folder = marker.parent
+        try:
+            yield find(root, f"{SCHEME}{folder.parent.parent.name}/{folder.parent.name}/{folder.name}")
+        except ServiceError:
+            continue
+
+
+def remove_leftovers(root: pathlib.Path) -> list[pathlib.Path]:
+    """Deletes the temporary folders of saves and deletions a crash interrupted
+    (at start-up, when no save is running); returns them."""
+    leftovers = sorted(root.glob(f"*/*/{_TEMP_PREFIX}*"))
+    for folder in leftovers:
+        shutil.rmtree(folder, ignore_errors=True)
+    return leftovers
+
+
+def _verify(checkpoint: Checkpoint, name: str) -> None:
+    expected = checkpoint.metadata["files"].get(name)
+    file = checkpoint.folder / name
+    where = f"checkpoint {checkpoint.path.path}: {name}"
+    if expected is None:
+        raise failed_precondition(f"{where} is not part of this checkpoint", "CHECKPOINT_KIND")
+    if not file.is_file():
+        raise data_loss(f"{where} is missing")
+    size = file.stat().st_size
+    if size != expected["size"]:
+        raise data_loss(f"{where} has {size} bytes, expected {expected['size']} (truncated or damaged)")
+    if _sha256(file) != expected["sha256"]:
+        raise data_loss(f"{where} does not match its sha256 (damaged)")
+
+
+def _adapter_config(state: RunState, base_model: str) -> dict[str, Any]:
+    """peft's adapter_config.json: JSON-ready, inference_mode off (PeftModel.from_pretrained
+    sets it from is_trainable anyway), naming the server's base model."""
+    config = {key: sorted(value) if isinstance(value, set) else value
+              for key, value in state.adapter_config.items()}
+    config.update(inference_mode=False, base_model_name_or_path=base_model)
+    return config
+
+
+def _sha256(file: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: pathlib.Path) -> None:
+    """fsync a file or a folder (a folder's entries: new names survive a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

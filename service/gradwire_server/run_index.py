@@ -1,0 +1,184 @@
+"""The index of training runs and checkpoints: one SQLite file under the
+checkpoint root, so runs and checkpoints stay listable across restarts.
+
+Checkpoint folders on disk are the truth; the index mirrors them and is
+reconciled with them at start-up (a crash between a checkpoint's rename and
+its index row loses nothing). Thread-safe: the worker and the event loop both
+write to it.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+from gradwire_server.batch import LoraSettings
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS training_runs (
+    run_id            TEXT PRIMARY KEY,
+    base_model        TEXT NOT NULL,
+    lora_rank         INTEGER NOT NULL,
+    lora_config       TEXT NOT NULL,               -- JSON: rank, seed, train_attn/mlp/unembed
+    user_metadata     TEXT NOT NULL DEFAULT '{}',  -- JSON object of strings
+    created_time      REAL NOT NULL,               -- unix seconds
+    last_request_time REAL NOT NULL,               -- unix seconds of the last optimizer step or save
+    last_step         INTEGER NOT NULL DEFAULT 0,  -- optimizer steps taken
+    loaded            INTEGER NOT NULL,            -- 1 while its adapter is in this server's memory
+    source_checkpoint TEXT                         -- the path it was loaded from, if any
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    path            TEXT PRIMARY KEY,              -- gradwire://<run_id>/<kind>/<name>
+    run_id          TEXT NOT NULL,
+    checkpoint_type TEXT NOT NULL CHECK (checkpoint_type IN ('training', 'sampler')),
+    name            TEXT NOT NULL,
+    created_time    REAL NOT NULL,                 -- unix seconds
+    size_bytes      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checkpoints_of_run ON checkpoints (run_id, created_time);
+"""
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    base_model: str
+    lora: LoraSettings
+    user_metadata: dict[str, str]
+    created_time: float
+    last_request_time: float
+    last_step: int
+    loaded: bool
+    source_checkpoint: str | None
+
+
+@dataclass
+class CheckpointRecord:
+    path: str
+    run_id: str
+    checkpoint_type: str  # "training" or "sampler"
+    name: str
+    created_time: float
+    size_bytes: int
+    checkpoint_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        kind = "weights" if self.checkpoint_type == "training" else "sampler_weights"
+        self.checkpoint_id = f"{kind}/{self.name}"
+
+
+class RunIndex:
+    def __init__(self, file: pathlib.Path):
+        file.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(file, check_same_thread=False, isolation_level=None)
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---- runs -------------------------------------------------------------------------
+
+    def add_run(self, run_id: str, base_model: str, lora: LoraSettings, user_metadata: dict[str, str],
+                step: int = 0, source_checkpoint: str | None = None) -> None:
+        now = time.time()
+        self._execute(
+            "INSERT INTO training_runs (run_id, base_model, lora_rank, lora_config, user_metadata,"
+            " created_time, last_request_time, last_step, loaded, source_checkpoint)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+            (run_id, base_model, lora.rank, json.dumps(asdict(lora)), json.dumps(user_metadata),
+             now, now, step, source_checkpoint))
+
+    def set_step(self, run_id: str, step: int) -> None:
+        self._execute("UPDATE training_runs SET last_step = ?, last_request_time = ? WHERE run_id = ?",
+                      (step, time.time(), run_id))
+
+    def set_unloaded(self, run_id: str) -> None:
+        self._execute("UPDATE training_runs SET loaded = 0 WHERE run_id = ?", (run_id,))
+
+    def unload_all(self) -> None:
+        """At start-up: no run of an earlier process is in memory."""
+        self._execute("UPDATE training_runs SET loaded = 0")
+
+    def remove_run(self, run_id: str) -> None:
+        """Forgets a run whose creation failed half-way (it has no checkpoint)."""
+        self._execute("DELETE FROM training_runs WHERE run_id = ?", (run_id,))
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        rows = self._query("SELECT * FROM training_runs WHERE run_id = ?", (run_id,))
+        return _run(rows[0]) if rows else None
+
+    def list_runs(self, offset: int = 0, limit: int = -1) -> list[RunRecord]:
+        """Runs, oldest first."""
+        return [_run(row) for row in self._query(
+            "SELECT * FROM training_runs ORDER BY created_time, run_id LIMIT ? OFFSET ?", (limit, offset))]
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def add_checkpoint(self, record: CheckpointRecord) -> None:
+        """Records a new checkpoint; it counts as a request of its run."""
+        self._insert_checkpoint(record)
+        self._execute("UPDATE training_runs SET last_request_time = ? WHERE run_id = ?",
+                      (time.time(), record.run_id))
+
+    def _insert_checkpoint(self, record: CheckpointRecord) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO checkpoints (path, run_id, checkpoint_type, name, created_time,"
+            " size_bytes) VALUES (?, ?, ?, ?, ?, ?)",
+            (record.path, record.run_id, record.checkpoint_type, record.name, record.created_time,
+             record.size_bytes))
+
+    def remove_checkpoint(self, path: str) -> None:
+        self._execute("DELETE FROM checkpoints WHERE path = ?", (path,))
+
+    def list_checkpoints(self, run_id: str | None = None) -> list[CheckpointRecord]:
+        """A run's checkpoints (all when run_id is None), oldest first."""
+        where, args = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
+        return [_checkpoint(row) for row in self._query(
+            f"SELECT * FROM checkpoints {where} ORDER BY created_time, path", args)]
+
+    def reconcile(self, on_disk: Iterable[CheckpointRecord]) -> None:
+        """Makes the checkpoint rows exactly the complete folders found on disk."""
+        records = {record.path: record for record in on_disk}
+        for stale in {r.path for r in self.list_checkpoints()} - records.keys():
+            self.remove_checkpoint(stale)
+        known = {r.path for r in self.list_checkpoints()}
+        for path, record in records.items():
+            if path not in known:
+                self._insert_checkpoint(record)
+
+    # ---- plumbing -----------------------------------------------------------------------------
+
+    def _execute(self, sql: str, args: tuple = ()) -> None:
+        with self._lock:
+            self._db.execute(sql, args)
+
+    def _query(self, sql: str, args: tuple = ()) -> list[dict]:
+        with self._lock:
+            cursor = self._db.execute(sql, args)
+            columns = [c[0] for c in cursor.description]
+            return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+
+def _run(row: dict) -> RunRecord:
+    return RunRecord(run_id=row["run_id"], base_model=row["base_model"],
+                     lora=LoraSettings(**json.loads(row["lora_config"])),
+                     user_metadata=json.loads(row["user_metadata"]), created_time=row["created_time"],
+                     last_request_time=row["last_request_time"], last_step=row["last_step"],
+                     loaded=bool(row["loaded"]), source_checkpoint=row["source_checkpoint"])
+
+
+def _checkpoint(row: dict) -> CheckpointRecord:
+    return CheckpointRecord(path=row["path"], run_id=row["run_id"],
+                            checkpoint_type=row["checkpoint_type"], name=row["name"],
+                            created_time=row["created_time"], size_bytes=row["size_bytes"])

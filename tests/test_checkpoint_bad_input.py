@@ -1,0 +1,171 @@
+"""Bad checkpoint paths and names, damaged checkpoint files: a clear error, and the
+run keeps its weights, gradients and optimizer state exactly."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import grpc
+import pytest
+
+import gradwire
+from gradwire_server import checkpoints
+from google.longrunning import operations_pb2, operations_pb2_grpc
+
+from gradwire.v1 import training_service_pb2 as pb
+from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+from reference import (assert_optimizer_equal, assert_state_equal, optimizer_state, random_data,
+                       raw_request, run_state, trained_run)
+
+
+def donor_checkpoint(server, service, kind: str = "weights", rank: int = 4):
+    """(path, folder) of a fresh checkpoint of another run: loading it would change the run."""
+    donor = trained_run(service, rank=rank, seed=5)
+    name = uuid.uuid4().hex[:8]
+    future = donor.save_state(name) if kind == "weights" else donor.save_weights_for_sampler(name)
+    path = future.result().path
+    return path, checkpoints.checkpoint_directory(server.server.checkpoint_root, path)
+
+
+def truncated(file_name: str):
+    def damage(server, service):
+        path, folder = donor_checkpoint(server, service)
+        data = (folder / file_name).read_bytes()
+        (folder / file_name).write_bytes(data[: len(data) // 2])
+        return path
+    return damage
+
+
+def flipped_byte(server, service):
+    path, folder = donor_checkpoint(server, service)
+    data = bytearray((folder / "adapter_model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (folder / "adapter_model.safetensors").write_bytes(bytes(data))
+    return path
+
+
+def undecodable(server, service):
+    """Garbage whose size and sha256 the marker vouches for: the decoder must catch it."""
+    path, folder = donor_checkpoint(server, service)
+    (folder / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    marker = json.loads((folder / checkpoints.MARKER).read_text())
+    marker["files"]["adapter_model.safetensors"] = {"size": 22, "sha256": checkpoints._sha256(
+        folder / "adapter_model.safetensors")}
+    (folder / checkpoints.MARKER).write_text(json.dumps(marker))
+    return path
+
+
+def other_base_model(server, service):
+    path, folder = donor_checkpoint(server, service)
+    marker = json.loads((folder / checkpoints.MARKER).read_text())
+    marker["base_model"] = "some-other-model"
+    (folder / checkpoints.MARKER).write_text(json.dumps(marker))
+    return path
+
+
+# (case, makes the path, with optimizer, error class, gRPC code, words in the message)
+LOAD_CASES = [
+    ("missing", lambda server, service: "gradwire://run-000000000000/weights/nothing-here", False,
+     gradwire.NotFoundError, grpc.StatusCode.NOT_FOUND, "gradwire://run-000000000000/weights/nothing-here"),
+    ("wrong scheme", lambda server, service: "tinker://run-1/weights/a", False,
+     gradwire.BadRequestError, grpc.StatusCode.INVALID_ARGUMENT, "path: 'tinker://run-1/weights/a'"),
+    ("wrong kind", lambda server, service: "gradwire://run-1/checkpoints/a", True,
+     gradwire.BadRequestError, grpc.StatusCode.INVALID_ARGUMENT, "kind 'checkpoints'"),
+    ("too few parts", lambda server, service: "gradwire://run-1/weights", False,
+     gradwire.BadRequestError, grpc.StatusCode.INVALID_ARGUMENT, "three parts"),
+    ("escaping name", lambda server, service: "gradwire://run-1/weights/../../../etc", False,
+     gradwire.BadRequestError, grpc.StatusCode.INVALID_ARGUMENT, "three parts"),
+    ("escaping run", lambda server, service: "gradwire://../weights/a", False,
+     gradwire.BadRequestError, grpc.StatusCode.INVALID_ARGUMENT, "run id '..'"),
+    ("sampler with optimizer", lambda server, service: donor_checkpoint(server, service, "sampler_weights")[0],
+     True, gradwire.BadRequestError, grpc.StatusCode.INVALID_ARGUMENT, "holds no optimizer state"),
+    ("other base model", other_base_model, False,
+     gradwire.ConflictError, grpc.StatusCode.FAILED_PRECONDITION, "of base model 'some-other-model'"),
+    ("other LoRA rank", lambda server, service: donor_checkpoint(server, service, rank=8)[0], True,
+     gradwire.ConflictError, grpc.StatusCode.FAILED_PRECONDITION, "does not fit training run"),
+    ("truncated adapter", truncated("adapter_model.safetensors"), False,
+     gradwire.InternalServerError, grpc.StatusCode.DATA_LOSS, "adapter_model.safetensors has"),
+    ("truncated optimizer", truncated("optimizer.pt"), True,
+     gradwire.InternalServerError, grpc.StatusCode.DATA_LOSS, "optimizer.pt has"),
+    ("damaged adapter", flipped_byte, False,
+     gradwire.InternalServerError, grpc.StatusCode.DATA_LOSS, "does not match its sha256"),
+    ("undecodable adapter", undecodable, False,
+     gradwire.InternalServerError, grpc.StatusCode.DATA_LOSS, "cannot be decoded"),
+]
+
+
+@pytest.mark.parametrize("case, make_path, with_optimizer, error, code, words", LOAD_CASES,
+                         ids=[c[0] for c in LOAD_CASES])
+def test_bad_checkpoint_is_rejected_and_changes_nothing(server, service, case, make_path, with_optimizer,
+                                                        error, code, words):
+    path = make_path(server, service)
+    tc = trained_run(service)
+    tc.forward_backward(random_data(60), "cross_entropy").result()  # pending gradients to protect
+    before, optimizer_before = run_state(server, tc.model_id), optimizer_state(server, tc.model_id)
+    with pytest.raises(error) as raised:
+        (tc.load_state_with_optimizer(path) if with_optimizer else tc.load_state(path)).result()
+    assert raised.value.code == code
+    assert words in str(raised.value)
+    assert_state_equal(before, run_state(server, tc.model_id))
+    assert_optimizer_equal(optimizer_before, optimizer_state(server, tc.model_id))
+    tc.forward(random_data(61), "cross_entropy").result()  # the run stays usable
+    if case == "other LoRA rank":
+        return  # a new run takes the checkpoint's rank: creating one from it is fine
+    # Creating a run from the bad checkpoint fails the same way and leaves no run behind.
+    runs_before = (set(server.engine.runs), len(service.create_rest_client().list_training_runs()))
+    with pytest.raises(error, match=words.replace("(", r"\(")):
+        service.create_training_client_from_state_with_optimizer(path) if with_optimizer \
+            else service.create_training_client_from_state(path)
+    assert (set(server.engine.runs), len(service.create_rest_client().list_training_runs())) == runs_before
+
+
+def test_a_failed_load_aborts_the_requests_queued_behind_it(server, service):
+    """A load that fails while running (a damaged file) aborts the run's requests already
+    queued behind it: no optimizer step is taken on weights the user did not mean."""
+    path = truncated("adapter_model.safetensors")(server, service)
+    with grpc.insecure_channel(server.address) as channel:
+        stub, operations = pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
+        run_id = stub.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=4, seed=0))).model_id
+        forward_backward = stub.ForwardBackward(raw_request(run_id, 1, random_data(63)))
+        operations.WaitOperation(operations_pb2.WaitOperationRequest(name=forward_backward.name))
+        before = run_state(server, run_id)
+        step = stub.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=3))  # held for seq_id 2
+        load = stub.LoadWeights(pb.LoadWeightsRequest(model_id=run_id, seq_id=2, path=path))
+        load_done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=load.name))
+        step_done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=step.name))
+    assert load_done.error.code == grpc.StatusCode.DATA_LOSS.value[0]
+    assert step_done.error.code == grpc.StatusCode.ABORTED.value[0] and load.name in step_done.error.message
+    assert_state_equal(before, run_state(server, run_id))
+
+
+BAD_NAMES = ["a/b", "..", "", ".hidden", "../escape", "x y", "-dash", "é", "a" * 129]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_checkpoint_name_is_rejected_and_writes_nothing(server, service, name):
+    tc = trained_run(service)
+    root = server.server.checkpoint_root
+    files_before = sorted(str(p) for p in root.rglob("*") if "index.sqlite3" not in p.name)
+    before = run_state(server, tc.model_id)
+    for save in (tc.save_state, tc.save_weights_for_sampler):
+        with pytest.raises(gradwire.BadRequestError, match="is not a valid checkpoint name") as raised:
+            save(name).result()
+        assert raised.value.field_violations[0][0] == "name"
+    assert sorted(str(p) for p in root.rglob("*") if "index.sqlite3" not in p.name) == files_before
+    assert_state_equal(before, run_state(server, tc.model_id))
+    assert service.create_rest_client().list_checkpoints(tc.model_id) == []
+
+
+def test_saving_an_existing_name_is_already_exists(server, service):
+    """Names are never reused: the first checkpoint stays exactly as it was."""
+    tc = trained_run(service)
+    path = tc.save_state("once").result().path
+    folder = checkpoints.checkpoint_directory(server.server.checkpoint_root, path)
+    saved = {p.name: p.read_bytes() for p in folder.iterdir()}
+    tc.forward_backward(random_data(62), "cross_entropy")
+    tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
+    with pytest.raises(gradwire.ConflictError, match="already exists") as raised:
+        tc.save_state("once").result()
+    assert raised.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == saved
+    assert [c.path for c in service.create_rest_client().list_checkpoints(tc.model_id)] == [path]
