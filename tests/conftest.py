@@ -11,9 +11,12 @@ import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import grpc  # noqa: E402
 import pytest  # noqa: E402
+from google.longrunning import operations_pb2_grpc  # noqa: E402
 
 import gradwire  # noqa: E402
+from gradwire.v1 import training_service_pb2_grpc as pb_grpc  # noqa: E402
 from gradwire_server.server import BackgroundServer, ServerConfig  # noqa: E402
 
 
@@ -32,6 +35,13 @@ def service(server):
     client = gradwire.ServiceClient(base_url=server.address)
     yield client
     client.close()
+
+
+@pytest.fixture()
+def stubs(server):
+    """Raw (TrainingService, Operations) stubs, as a client in another language uses them."""
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
 
 
 def free_port() -> int:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import threading
 
+from google.longrunning import operations_pb2
+from google.protobuf import duration_pb2
+
 import numpy as np
 import peft
 import torch
@@ -140,3 +143,50 @@ def sender_held(tc):
     finally:
         gate.set()
     holder.result()
+
+
+def wait_operation(operations, name: str, seconds: float = 30) -> operations_pb2.Operation:
+    """One WaitOperation long-poll of at most `seconds`."""
+    return operations.WaitOperation(operations_pb2.WaitOperationRequest(
+        name=name, timeout=duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))))
+
+
+def finished(operations, name: str) -> operations_pb2.Operation:
+    operation = wait_operation(operations, name)
+    assert operation.done, f"{name} is not done after 30 s"
+    return operation
+
+
+@contextlib.contextmanager
+def worker_busy(server):
+    """Keeps the server's worker thread occupied until the block ends, so requests
+    made inside it stay queued."""
+    running, release = threading.Event(), threading.Event()
+
+    def occupy() -> None:
+        running.set()
+        release.wait()
+
+    blocker = threading.Thread(target=server.call, args=(occupy,))
+    blocker.start()
+    running.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        blocker.join()
+
+
+@contextlib.contextmanager
+def forward_batches(server):
+    """Records the batch size of every forward pass of the server's base model."""
+    sizes: list[int] = []
+
+    def record(module, args, kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+
+    handle = server.call(lambda: server.engine.base.model.register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        yield sizes
+    finally:
+        server.call(handle.remove)

@@ -6,36 +6,20 @@ the same result, and frees the graph."""
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 import weakref
 
 import grpc
 import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
-from google.protobuf import duration_pb2
 
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server.server import BackgroundServer, ServerConfig
-from reference import (assert_state_equal, random_data, raw_request, reference_gradients, reference_logprobs,
-                       reference_model, relative_error, run_state, server_gradients, trained_run)
+from reference import (assert_state_equal, finished, forward_batches, random_data, raw_request,
+                       reference_gradients, reference_logprobs, reference_model, relative_error, run_state,
+                       server_gradients, trained_run, worker_busy)
 from test_custom_loss import TOLERANCE, logprob_squared_loss
-
-
-@contextlib.contextmanager
-def forwarded_datums(server):
-    """Counts the datums that go through the base model's forward pass."""
-    counted: list[int] = []
-
-    def count(module, args, kwargs):
-        counted.append(kwargs["input_ids"].shape[0])
-
-    handle = server.call(lambda: server.engine.base.model.register_forward_pre_hook(count, with_kwargs=True))
-    try:
-        yield counted
-    finally:
-        server.call(handle.remove)
 
 
 @contextlib.contextmanager
@@ -57,16 +41,13 @@ def kept_graph(server, run_id: str) -> weakref.ref | None:
     return server.call(read)
 
 
-@pytest.fixture()
-def stubs(server):
-    with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
+def holds_graph(server, run_id: str) -> bool:
+    return server.call(lambda: run_id in server.engine.kept)
 
 
 def result(operations, name: str) -> pb.ForwardBackwardOutput:
-    operation = operations.WaitOperation(operations_pb2.WaitOperationRequest(
-        name=name, timeout=duration_pb2.Duration(seconds=30)))
-    assert operation.done and not operation.HasField("error"), operation.error
+    operation = finished(operations, name)
+    assert not operation.HasField("error"), operation.error
     output = pb.ForwardBackwardOutput()
     operation.response.Unpack(output)
     return output
@@ -89,7 +70,7 @@ def test_one_forward_pass_per_datum_and_exact(server, service, budget, forward_p
     tc = trained_run(service)
     model = reference_model(server, tc.model_id, rank=4)
     budget_context = keep_graph_budget(server, budget) if budget is not None else contextlib.nullcontext()
-    with budget_context, forwarded_datums(server) as counted:
+    with budget_context, forward_batches(server) as counted:
         out = tc.forward_backward_custom(data, logprob_squared_loss).result()
     assert sum(counted) == forward_passes * len(data)
 
@@ -98,20 +79,30 @@ def test_one_forward_pass_per_datum_and_exact(server, service, budget, forward_p
     assert relative_error(server_gradients(server, tc.model_id),
                           reference_gradients(model, tc.model_id)) <= TOLERANCE
     assert out.metrics["loss:sum"] == pytest.approx(expected.item(), rel=1e-5)
-    assert not server.engine.kept  # used, then freed
+    assert not holds_graph(server, tc.model_id)  # used, then freed
 
 
-def test_graph_is_freed_on_use(server, service, stubs):
+def test_another_runs_request_between_the_legs_changes_nothing(server, service, stubs):
+    """The worker serves other runs between a run's two legs (peft then makes only
+    their adapter trainable); the reused graph still yields the exact gradient, and
+    is freed on use."""
     training, operations = stubs
-    tc = trained_run(service)
+    tc, other = trained_run(service), trained_run(service, seed=1)
+    model = reference_model(server, tc.model_id, rank=4)
     data = random_data(51)
     forward = kept_forward(stubs, tc.model_id, 3, data)
     graph = kept_graph(server, tc.model_id)
-    assert graph() is not None
+    other.forward_backward(random_data(59), "cross_entropy").result()
     backward = raw_request(tc.model_id, 4, data)
     backward.reuse_forward = forward
     assert result(operations, training.ForwardBackward(backward).name).reused_datums == len(data)
-    assert not server.engine.kept and graph() is None
+    assert graph() is None
+
+    expected = sum(-(reference_logprobs(model, d) * d.loss_fn_inputs["weights"].to_torch()).sum()
+                   for d in data)
+    expected.backward()
+    assert relative_error(server_gradients(server, tc.model_id),
+                          reference_gradients(model, tc.model_id)) <= TOLERANCE
 
 
 def test_different_data_reuses_the_matching_prefix_and_stays_exact(server, service, stubs):
@@ -143,7 +134,7 @@ def test_another_request_first_frees_the_graph(server, service, stubs):
     forward = kept_forward(stubs, tc.model_id, 3, data)
     graph = kept_graph(server, tc.model_id)
     result(operations, training.Forward(raw_request(tc.model_id, 4, data)).name)
-    assert graph() is None and tc.model_id not in server.engine.kept
+    assert graph() is None and not holds_graph(server, tc.model_id)
     backward = raw_request(tc.model_id, 5, data)
     backward.reuse_forward = forward
     assert result(operations, training.ForwardBackward(backward).name).reused_datums == 0
@@ -156,7 +147,7 @@ def test_over_budget_keeps_nothing(server, service, stubs):
     request.keep_graph = True
     with keep_graph_budget(server, 1024):
         output = result(operations, training.Forward(request).name)
-    assert not output.graph_kept and tc.model_id not in server.engine.kept
+    assert not output.graph_kept and not holds_graph(server, tc.model_id)
 
 
 def test_cancelled_backward_frees_the_graph_and_changes_nothing(server, service, stubs):
@@ -167,19 +158,14 @@ def test_cancelled_backward_frees_the_graph_and_changes_nothing(server, service,
     graph = kept_graph(server, tc.model_id)
     before = run_state(server, tc.model_id)
 
-    release = threading.Event()
-    blocker = threading.Thread(target=server.call, args=(release.wait,))
-    blocker.start()  # the worker is busy: the backward leg stays queued
-    try:
+    with worker_busy(server):  # the backward leg stays queued
         backward = raw_request(tc.model_id, 4, data)
         backward.reuse_forward = forward
         name = training.ForwardBackward(backward).name
         operations.CancelOperation(operations_pb2.CancelOperationRequest(name=name))
-    finally:
-        release.set()
-        blocker.join()
+    assert finished(operations, name).error.code == grpc.StatusCode.CANCELLED.value[0]
     server.call(lambda: None)  # the worker has passed the cancelled job
-    assert graph() is None and tc.model_id not in server.engine.kept
+    assert graph() is None and not holds_graph(server, tc.model_id)
     assert_state_equal(before, run_state(server, tc.model_id))
 
 
@@ -195,7 +181,7 @@ def test_graph_of_a_backward_leg_that_never_comes_expires():
             deadline = time.monotonic() + 30
             while graph() is not None and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert graph() is None and not background.engine.kept
+            assert graph() is None and not holds_graph(background, run_id)
     finally:
         background.stop()
 
@@ -207,6 +193,5 @@ def test_unloading_the_run_frees_the_graph(server, service, stubs):
     graph = kept_graph(server, tc.model_id)
     assert graph() is not None
     unload = training.UnloadModel(pb.UnloadModelRequest(model_id=tc.model_id, seq_id=4)).name
-    assert operations.WaitOperation(operations_pb2.WaitOperationRequest(
-        name=unload, timeout=duration_pb2.Duration(seconds=30))).done
-    assert graph() is None and tc.model_id not in server.engine.kept
+    assert not finished(operations, unload).HasField("error")
+    assert graph() is None and not holds_graph(server, tc.model_id)

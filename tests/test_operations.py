@@ -7,21 +7,13 @@ import threading
 
 import grpc
 import pytest
-from google.longrunning import operations_pb2, operations_pb2_grpc
-from google.protobuf import duration_pb2
+from google.longrunning import operations_pb2
 
 import gradwire
 from conftest import free_port
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server.server import BackgroundServer, ServerConfig
-from reference import random_data, raw_request
-
-
-@pytest.fixture()
-def stubs(server):
-    with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
+from reference import random_data, raw_request, wait_operation
 
 
 @pytest.fixture()
@@ -37,11 +29,6 @@ def fb_request(run_id: str, seq_id: int, seed: int = 60, request_id: str = "") -
     return request
 
 
-def wait(operations, name: str, seconds: float = 30) -> operations_pb2.Operation:
-    return operations.WaitOperation(operations_pb2.WaitOperationRequest(
-        name=name, timeout=duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))))
-
-
 def metadata(operation) -> pb.OperationMetadata:
     meta = pb.OperationMetadata()
     operation.metadata.Unpack(meta)
@@ -52,11 +39,11 @@ def test_requests_run_in_seq_id_order_even_when_they_arrive_out_of_order(stubs, 
     training, operations = stubs
     late = training.ForwardBackward(fb_request(run_id, 2))
     # seq_id 2 waits for 1: it must not run yet.
-    assert not wait(operations, late.name, 0.3).done
+    assert not wait_operation(operations, late.name, 0.3).done
     assert metadata(operations.GetOperation(operations_pb2.GetOperationRequest(name=late.name))).state \
         == pb.OperationMetadata.QUEUED
     early = training.ForwardBackward(fb_request(run_id, 1))
-    first, second = wait(operations, early.name), wait(operations, late.name)
+    first, second = wait_operation(operations, early.name), wait_operation(operations, late.name)
     assert first.done and second.done and not first.HasField("error") and not second.HasField("error")
     assert metadata(first).end_time.ToNanoseconds() <= metadata(second).start_time.ToNanoseconds()
     assert (metadata(first).seq_id, metadata(second).seq_id) == (1, 2)
@@ -65,8 +52,8 @@ def test_requests_run_in_seq_id_order_even_when_they_arrive_out_of_order(stubs, 
 def test_result_survives_a_waiter_that_timed_out(stubs, run_id):
     training, operations = stubs
     name = training.ForwardBackward(fb_request(run_id, 1)).name
-    wait(operations, name, 0.0)  # a poll that gives up at once
-    done = wait(operations, name)
+    wait_operation(operations, name, 0.0)  # a poll that gives up at once
+    done = wait_operation(operations, name)
     again = operations.GetOperation(operations_pb2.GetOperationRequest(name=name))
     assert done.done and again.done and again.response == done.response
     output = pb.ForwardBackwardOutput()
@@ -91,7 +78,7 @@ def test_rejected_request_keeps_the_order_moving(stubs, run_id):
     with pytest.raises(grpc.RpcError) as raised:
         training.ForwardBackward(bad)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    good = wait(operations, training.ForwardBackward(fb_request(run_id, 2)).name)
+    good = wait_operation(operations, training.ForwardBackward(fb_request(run_id, 2)).name)
     assert good.done and not good.HasField("error")
 
 
@@ -102,7 +89,7 @@ def test_held_requests_behind_a_rejected_one_are_aborted(stubs, run_id):
     bad.loss_fn = "nope"
     with pytest.raises(grpc.RpcError):
         training.ForwardBackward(bad)
-    result = wait(operations, held)
+    result = wait_operation(operations, held)
     assert result.done and result.error.code == grpc.StatusCode.ABORTED.value[0]
     assert "rejected" in result.error.message
 
@@ -111,10 +98,10 @@ def test_cancel_list_and_delete(stubs, run_id):
     training, operations = stubs
     held = training.ForwardBackward(fb_request(run_id, 2)).name  # waits for seq_id 1
     operations.CancelOperation(operations_pb2.CancelOperationRequest(name=held))
-    cancelled = wait(operations, held)
+    cancelled = wait_operation(operations, held)
     assert cancelled.done and cancelled.error.code == grpc.StatusCode.CANCELLED.value[0]
     done = training.ForwardBackward(fb_request(run_id, 1)).name
-    assert not wait(operations, done).HasField("error")
+    assert not wait_operation(operations, done).HasField("error")
     listed = operations.ListOperations(operations_pb2.ListOperationsRequest(name=f"operations/{run_id}"))
     assert {op.name for op in listed.operations} == {held, done}
     operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=done))

@@ -12,8 +12,9 @@ import torch
 
 import gradwire
 from gradwire_server import engine
-from reference import (assert_state_equal, random_data, reference_gradients, reference_logprobs,
-                       reference_model, relative_error, run_state, server_gradients, trained_run)
+from reference import (assert_state_equal, forward_batches, random_data, reference_gradients,
+                       reference_logprobs, reference_model, relative_error, run_state, server_gradients,
+                       trained_run)
 
 TOLERANCE = 1e-5  # relative, float32
 DEFAULT_CLIPS = {"ppo": (0.8, 1.2), "cispo": (0.0, 4.0)}
@@ -141,7 +142,9 @@ def test_micro_batches_merge_exactly(server, service, monkeypatch):
     data = rl_data(model, seed=7, shapes=[5, 11, 8], avoid=(0.8, 1.2))
     together = whole.forward_backward(data, "ppo").result()
     monkeypatch.setattr(engine, "MICRO_BATCH_TOKENS", 11)
-    apart = split.forward_backward(data, "ppo").result()
+    with forward_batches(server) as batch_sizes:
+        apart = split.forward_backward(data, "ppo").result()
+    assert batch_sizes == [1, 1, 1]
     assert apart.metrics["loss:sum"] == pytest.approx(together.metrics["loss:sum"], rel=1e-6)
     assert apart.metrics["clip_fraction:mean"] == pytest.approx(together.metrics["clip_fraction:mean"],
                                                                 rel=1e-6)

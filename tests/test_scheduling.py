@@ -2,29 +2,14 @@
 operations' own start/end timestamps (no durations are asserted)."""
 from __future__ import annotations
 
-import threading
-
-import grpc
-import pytest
-from google.longrunning import operations_pb2, operations_pb2_grpc
-from google.protobuf import duration_pb2
-
 import gradwire
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-from reference import random_data, raw_request
+from reference import finished, random_data, raw_request, worker_busy
 
 
-@pytest.fixture()
-def stubs(server):
-    with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
-
-
-def finished(operations, name: str) -> pb.OperationMetadata:
-    operation = operations.WaitOperation(operations_pb2.WaitOperationRequest(
-        name=name, timeout=duration_pb2.Duration(seconds=30)))
-    assert operation.done and not operation.HasField("error"), operation.error
+def succeeded(operations, name: str) -> pb.OperationMetadata:
+    operation = finished(operations, name)
+    assert not operation.HasField("error"), operation.error
     meta = pb.OperationMetadata()
     operation.metadata.Unpack(meta)
     return meta
@@ -49,16 +34,10 @@ def test_runs_take_turns_instead_of_waiting_behind_a_whole_queue(server, stubs):
     done before A's second starts, not after all of A's."""
     training, operations = stubs
     run_a, run_b = new_run(training), new_run(training)
-    release = threading.Event()
-    blocker = threading.Thread(target=server.call, args=(release.wait,))
-    blocker.start()
-    try:
+    with worker_busy(server):
         a_ops = [training.ForwardBackward(raw_request(run_a, seq, random_data(71 + seq))).name
                  for seq in (1, 2, 3)]
         b_op = training.ForwardBackward(raw_request(run_b, 1, random_data(75))).name
-    finally:
-        release.set()
-        blocker.join()
-    a_meta = [finished(operations, name) for name in a_ops]
-    b_meta = finished(operations, b_op)
+    a_meta = [succeeded(operations, name) for name in a_ops]
+    b_meta = succeeded(operations, b_op)
     assert b_meta.end_time.ToNanoseconds() <= a_meta[1].start_time.ToNanoseconds()

@@ -155,7 +155,8 @@ class LossPass:
         return outputs
 
     def _keep(self, micro_batch: KeptMicroBatch) -> None:
-        if self.saved_bytes.nbytes > self.engine.keep_graph_budget_bytes:
+        held = sum(kept.nbytes for kept in self.engine.kept.values())  # other runs' kept graphs
+        if held + self.saved_bytes.nbytes > self.engine.keep_graph_budget_bytes:
             self.kept = None  # over budget: the backward leg will recompute
         else:
             self.kept.append(micro_batch)
@@ -197,6 +198,9 @@ class LossPass:
         self.num_datums += count
 
     def _stage(self, loss: torch.Tensor) -> None:
+        # Another run's request may have run since the forward (a kept graph, a
+        # stream's earlier piece): peft leaves only the active adapter trainable.
+        self.engine._activate(self.run.run_id)
         params = self.run.params
         accumulated = [p.grad for p in params]
         for p, staged in zip(params, self.staged):

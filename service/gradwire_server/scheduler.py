@@ -295,10 +295,9 @@ class Scheduler:
         self.loop.call_soon_threadsafe(self.store.finish, failed.op_name, None, error)
         why = aborted(f"not run: earlier request {failed.op_name} (seq_id {failed.seq_id}) failed")
         for job in queue:
-            if job.cancelled:
-                continue
             job.task.discard()
-            self.loop.call_soon_threadsafe(self.store.finish, job.op_name, None, why)
+            if not job.cancelled:  # a cancelled one is finished already
+                self.loop.call_soon_threadsafe(self.store.finish, job.op_name, None, why)
         self.loop.call_soon_threadsafe(self._on_failure, failed.run_id, failed.op_name)
 
 

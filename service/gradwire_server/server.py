@@ -137,8 +137,7 @@ class GradwireServer:
         """Frees forward graphs whose backward leg never came (the client went away)."""
         while True:
             await asyncio.sleep(self.config.keep_graph_timeout_s / 4)
-            if self.engine.kept:
-                await self.scheduler.run_on_worker("expire-graphs", self.engine.drop_expired_graphs)
+            await self.scheduler.run_on_worker("expire-graphs", self.engine.drop_expired_graphs)
 
 
 def _model_info(loaded: LoadedModel, device: torch.device) -> ModelInfo:
