@@ -206,7 +206,7 @@ class Engine:
         self._activate(run.run_id)
         spec = LOSSES[loss_fn]
         tokens, inputs, lengths, widths = self._pad(data)
-        with self._autocast():
+        with self.autocast():
             logits = self.peft_model(input_ids=tokens).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)            # [B, L, V]
         target_logprobs = logprobs.gather(-1, inputs["target_tokens"])    # [B, L, K]
@@ -242,7 +242,8 @@ class Engine:
         if self.peft_model.active_adapter != run_id:
             self.peft_model.set_adapter(run_id)
 
-    def _autocast(self):
+    def autocast(self):
+        """bf16 autocast on CUDA; float32 (no-op) on CPU."""
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()

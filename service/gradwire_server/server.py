@@ -19,11 +19,14 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gradwire.v1 import sampling_service_pb2, sampling_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server.engine import Engine
 from gradwire_server.models import LoadedModel, load_model
 from gradwire_server.operations import OperationsServicer, OperationStore
+from gradwire_server.sampler_weights import SamplerAdapters
+from gradwire_server.sampling_servicer import SamplingServicer
 from gradwire_server.scheduler import Scheduler
 from gradwire_server.training_servicer import ModelInfo, TrainingServicer
 
@@ -31,6 +34,7 @@ log = logging.getLogger("gradwire_server")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default, so any client's defaults work
 TRAINING_SERVICE = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
+SAMPLING_SERVICE = sampling_service_pb2.DESCRIPTOR.services_by_name["SamplingService"].full_name
 OPERATIONS_SERVICE = operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
 _EXPIRY_INTERVAL_S = 60.0
 
@@ -52,6 +56,7 @@ class GradwireServer:
         self.config = config
         self.store = OperationStore(config.operation_ttl_s, config.max_wait_s)
         self.training = TrainingServicer(self.store, MAX_MESSAGE_BYTES)
+        self.sampling = SamplingServicer(self.store, config.checkpoint_dir)
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
         self.port: int | None = None
@@ -64,11 +69,13 @@ class GradwireServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         pb_grpc.add_TrainingServiceServicer_to_server(self.training, self._server)
+        sampling_service_pb2_grpc.add_SamplingServiceServicer_to_server(self.sampling, self._server)
         operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.store), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            [TRAINING_SERVICE, OPERATIONS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME], self._server)
+            [TRAINING_SERVICE, SAMPLING_SERVICE, OPERATIONS_SERVICE,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self._server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:
@@ -84,7 +91,9 @@ class GradwireServer:
         self.engine = Engine(loaded, device)
         self.scheduler = Scheduler(self.store, asyncio.get_running_loop())
         self.scheduler.start()
-        self.training.attach(self.engine, self.scheduler, _model_info(loaded, device))
+        info = _model_info(loaded, device)
+        self.training.attach(self.engine, self.scheduler, info)
+        self.sampling.attach(self.engine, self.scheduler, info, SamplerAdapters(self.engine))
         self._expiry = asyncio.create_task(self._expire_operations())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("gradwire-server listening on %s:%d", self.config.host, self.port)
@@ -102,7 +111,7 @@ class GradwireServer:
         await self._server.wait_for_termination()
 
     async def _set_health(self, status: int) -> None:
-        for service in ("", TRAINING_SERVICE):
+        for service in ("", TRAINING_SERVICE, SAMPLING_SERVICE):
             await self.health.set(service, status)
 
     async def _expire_operations(self) -> None:
