@@ -18,9 +18,11 @@ from gradwire_server.server import BackgroundServer, ServerConfig  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def server():
-    """An in-process server; `server.engine` is its engine, `server.call(fn)` runs fn on its worker."""
-    background = BackgroundServer(ServerConfig(model="tiny-random", port=0))
+def server(tmp_path_factory):
+    """An in-process server; `server.engine` is its engine, `server.call(fn)` runs fn on its worker,
+    `server.server.config.checkpoint_dir` its (temporary) checkpoint folder."""
+    background = BackgroundServer(ServerConfig(model="tiny-random", port=0,
+                                               checkpoint_dir=tmp_path_factory.mktemp("checkpoints")))
     yield background
     background.stop()
 

@@ -13,9 +13,11 @@ from gradwire.errors import (AbortedError, APIConnectionError, APIError, APIStat
                              CustomLossError, GradwireError, InternalServerError, NotFoundError,
                              PermissionDeniedError, RateLimitError, RequestCancelledError)
 from gradwire.futures import APIFuture
+from gradwire.sampling_client import SamplingClient
 from gradwire.types import (AdamParams, Datum, EncodedTextChunk, ForwardBackwardOutput,
                             GetInfoResponse, GetServerCapabilitiesResponse, LoraConfig, ModelInput,
-                            OptimStepResponse, SupportedModel, TensorData)
+                            OptimStepResponse, SampledSequence, SampledTokens, SampleResponse,
+                            SamplingParams, SupportedModel, TensorData)
 
 __all__ = [
     "APIConnectionError", "APIError", "APIFuture", "APIStatusError", "APITimeoutError",
@@ -23,6 +25,6 @@ __all__ = [
     "CustomLossError", "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "GetInfoResponse",
     "GetServerCapabilitiesResponse", "GradwireError", "InternalServerError", "LoraConfig",
     "ModelInput", "NotFoundError", "OptimStepResponse", "PermissionDeniedError", "RateLimitError",
-    "RequestCancelledError", "ServiceClient", "SupportedModel", "TensorData", "TrainingClient",
-    "types",
+    "RequestCancelledError", "SampleResponse", "SampledSequence", "SampledTokens", "SamplingClient",
+    "SamplingParams", "ServiceClient", "SupportedModel", "TensorData", "TrainingClient", "types",
 ]

@@ -95,7 +95,7 @@ class Generation:
         self._rows: list[int] = list(range(spec.num_samples))  # cache row -> sample index
         self._cache = DynamicCache()
         self._next_logits: torch.Tensor | None = None         # [rows, V], float32
-        self._longest_stop = max((len(s.encode()) for s in self.settings.stop_strings), default=0)
+        self._longest_stop = max((len(s) for s in self.settings.stop_strings), default=0)
 
     @property
     def done(self) -> bool:
@@ -151,12 +151,18 @@ class Generation:
     def _hit_stop_string(self, tokens: list[int]) -> bool:
         """Whether the decoded completion now contains a stop string. Every
         earlier token was checked, so only a match that the newest token
-        completes is new; it lies within the last (longest stop in bytes + 1)
-        tokens, as every token stands for at least one byte of text."""
+        completes is new, and it lies within the last (longest stop + newest
+        token's text) characters: decode a tail of tokens that long, doubling
+        it while it is shorter (some tokens decode to little or nothing)."""
         if not self._longest_stop:
             return False
-        tail = self.decode_text(tokens[-(self._longest_stop + 1):])
-        return any(stop in tail for stop in self.settings.stop_strings)
+        need = self._longest_stop + len(self.decode_text(tokens[-1:])) + 1
+        count = self._longest_stop + 1
+        while True:
+            tail = self.decode_text(tokens[-count:])
+            if len(tail) >= need or count >= len(tokens):
+                return any(stop in tail for stop in self.settings.stop_strings)
+            count *= 2
 
     def news(self) -> list[SequenceNews]:
         """Per sample, the tokens generated (and whether it ended) since the last call."""

@@ -67,7 +67,10 @@ class SamplerAdapters:
                     engine.peft_model.add_adapter(name, config)
             except ValueError as error:  # e.g. target modules this model lacks
                 raise AdapterLoadError(f"the adapter does not fit this model: {error}") from None
-        result = peft.set_peft_model_state_dict(engine.peft_model, weights, adapter_name=name)
+        # Only the LoRA factors: the base weights are shared by every run (peft
+        # may also save embedding layers' base weights into an adapter folder).
+        lora_weights = {key: value for key, value in weights.items() if "lora_" in key}
+        result = peft.set_peft_model_state_dict(engine.peft_model, lora_weights, adapter_name=name)
         missing = [k for k in result.missing_keys if f".{name}." in k]
         if result.unexpected_keys or missing:
             with preserved_adapter_state(engine.peft_model):
