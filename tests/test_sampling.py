@@ -245,6 +245,8 @@ def test_sampling_leaves_training_runs_untouched(server, service, trained):
     tc = trained_run(service, rank=RANK, seed=2)
     tc.forward_backward(random_data(3), "cross_entropy").result()  # accumulated gradients to protect
     other_path = save_sampler_weights(server, tc.model_id, "untouched")
+    # A run created after the active one: its parameters require grad while inactive.
+    service.create_lora_training_client("tiny-random", rank=RANK, seed=3)
     before = _training_view(server, tc.model_id)
     for path in (model_path, other_path):
         sample(service.create_sampling_client(model_path=path), 2, max_tokens=20, seed=1)
