@@ -4,6 +4,9 @@ streaming, and bad input that is rejected without touching any training run."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import time
 
 import grpc
 import numpy as np
@@ -19,6 +22,7 @@ from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
 from gradwire_server.models import tiny_random_model, tiny_random_tokenizer
 from reference import assert_state_equal, random_data, reference_model, run_state, trained_run
+from test_grpcurl import grpcurl
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32]
 RANK = 4
@@ -183,6 +187,23 @@ def test_stream_yields_the_tokens_of_sample(service, trained):
     assert pieces > 3  # several decode turns, not one final message
 
 
+def test_leaving_a_stream_ends_it_on_the_server(server, base_sampler):
+    """Closing the iterator cancels the call; the server drops the job and its operation."""
+    pieces = base_sampler.sample_stream(prompt_input(), 2, gradwire.SamplingParams(max_tokens=1000, seed=1))
+    first = next(pieces)
+    assert first.tokens and first.stop_reason is None
+    pieces.close()
+
+    def sampling_left():
+        queued = [key for key in server.server.scheduler._ready if key.startswith("operations/sampling/")]
+        return queued, server.server.store.names("operations/sampling/")
+
+    deadline = time.monotonic() + 30
+    while sampling_left() != ([], []) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sampling_left() == ([], [])
+
+
 def test_async_twins_and_client_futures(service, base_sampler):
     async def run():
         sampler = await service.create_sampling_client_async(base_model="tiny-random")
@@ -220,6 +241,28 @@ def test_sample_is_a_long_running_operation(server):
         operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     channel.close()
+
+
+def test_sample_stream_typed_into_grpcurl(cli_server):
+    """Reflection lists SamplingService, and a hand-typed SampleStream streams the greedy tokens."""
+    assert "gradwire.v1.SamplingService" in grpcurl(cli_server, "list").stdout.split()
+    result = grpcurl(cli_server, "gradwire.v1.SamplingService/SampleStream", data={
+        "base_model": "tiny-random", "prompt": [{"encoded_text": {"token_ids": PROMPT}}], "num_samples": 2,
+        "sampling_params": {"max_tokens": 20, "temperature": 0}})
+    assert result.returncode == 0, result.stderr
+    decoder, text, messages = json.JSONDecoder(), result.stdout.strip(), []
+    while text:
+        message, end = decoder.raw_decode(text)
+        messages.append(message)
+        text = text[end:].strip()
+    assert len(messages) > 1
+    tokens = {0: [], 1: []}
+    for message in messages:
+        for piece in message["samples"]:
+            tokens[piece.get("sequenceIndex", piece.get("sequence_index", 0))] += np.frombuffer(
+                base64.b64decode(piece.get("tokens", "")), "<i4").tolist()
+    expected = greedy_reference(tiny_random_model(), PROMPT, 20)
+    assert tokens == {0: expected, 1: expected}
 
 
 # ---- training is left alone -----------------------------------------------------------------------------

@@ -51,7 +51,9 @@ class SampleTask:
                 self._scores = generation.prefill(model)
             else:
                 generation.decode(model, DECODE_STEPS_PER_TURN)
-        outputs = [self._stream_message(generation.news(), first)] if self.stream else None
+        outputs = None
+        if self.stream and (news := self._stream_message(generation.news(), first)).ByteSize():
+            outputs = [news]
         if generation.done:
             return Step(True, self._response(), outputs=outputs)
         return Step(False, outputs=outputs)
