@@ -227,9 +227,11 @@ def test_sample_is_a_long_running_operation(server):
     channel = grpc.insecure_channel(server.address)
     operations = operations_pb2_grpc.OperationsStub(channel)
     request = pb.SampleRequest(base_model="tiny-random", prompt=[_codec.tokens_to_chunk(np.array(PROMPT))],
-                               sampling_params=pb.SamplingParams(max_tokens=4, temperature=0.0))
+                               sampling_params=pb.SamplingParams(max_tokens=4, temperature=0.0),
+                               request_id="retried-sample")
     operation = pb_grpc.SamplingServiceStub(channel).Sample(request)
     assert operation.name.startswith("operations/sampling/")
+    assert pb_grpc.SamplingServiceStub(channel).Sample(request).name == operation.name  # a retry (AIP-155)
     done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=operation.name))
     assert done.done and operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name)).done
     response = pb.SampleResponse()
@@ -356,6 +358,14 @@ def test_unknown_weights_are_rejected(service, model, error, field):
     assert field in str(raised.value)
     with pytest.raises(error):
         sampler.compute_logprobs(prompt_input()).result()
+
+
+@pytest.mark.parametrize("prompt, words", [([], "empty"), ([1] * 1025, "context of 1024"),
+                                           ([3, 400], "outside the vocabulary")])
+def test_bad_compute_logprobs_prompt(base_sampler, prompt, words):
+    with pytest.raises(gradwire.BadRequestError) as raised:
+        base_sampler.compute_logprobs(prompt_input(prompt)).result()
+    assert "prompt" in str(raised.value) and words in str(raised.value)
 
 
 def test_unreadable_adapter_folder_fails_the_operation(server, service, trained):

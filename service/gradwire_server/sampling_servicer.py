@@ -19,6 +19,7 @@ from gradwire_server.scheduler import Scheduler
 from gradwire_server.training_servicer import ModelInfo
 
 OPERATION_OWNER = "sampling"  # operations are named operations/sampling/...
+_MAX_REMEMBERED_REQUESTS = 4096  # request_ids kept before forgetting finished, dropped operations
 
 
 class SamplingServicer(pb_grpc.SamplingServiceServicer):
@@ -87,8 +88,15 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         task = SampleTask(self.engine, self.adapters, folder, spec, stream=stream)
         record = self.scheduler.submit_unordered(OPERATION_OWNER, kind, task)
         if request.request_id and not stream:
-            self._operation_of_request[request.request_id] = record.operation.name
+            self._remember(request.request_id, record.operation.name)
         return record
+
+    def _remember(self, request_id: str, operation: str) -> None:
+        """Maps request_id -> operation for retries, forgetting operations the store dropped."""
+        if len(self._operation_of_request) >= _MAX_REMEMBERED_REQUESTS:
+            live = set(self.store.names(f"operations/{OPERATION_OWNER}/"))
+            self._operation_of_request = {r: o for r, o in self._operation_of_request.items() if o in live}
+        self._operation_of_request[request_id] = operation
 
     def _ready(self) -> ModelInfo:
         if self.info is None:
