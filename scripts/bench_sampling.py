@@ -8,7 +8,9 @@ server do not share a GIL). Both sides sample at temperature 1 with no stop,
 so every run generates exactly max_tokens per sample; gradwire's time is end
 to end (request, queue, generation, polling the operation). Goal: ratio >= 0.9.
 
-Usage: .venv/bin/python scripts/bench_sampling.py [--max-tokens 128] [--repeats 5]
+Usage: .venv/bin/python scripts/bench_sampling.py [--max-tokens 128] [--repeats 5] [--threads N]
+(--threads sets torch's CPU threads on both sides; on a small shared CPU box,
+1 avoids the two processes' thread pools fighting over the cores.)
 """
 from __future__ import annotations
 
@@ -102,7 +104,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads, both processes")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the server
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as model_dir:
         parameters = build_model_dir(model_dir)
