@@ -103,8 +103,9 @@ def test_greedy_with_trained_adapter_equals_reference(server, service, trained):
 
 
 @pytest.mark.parametrize("adapter", ["base", "trained"])
-@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)],
-                         ids=["plain", "tempered"])
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9),
+                                    dict(temperature=1.0, stop=list(range(0, 320, 6)))],
+                         ids=["plain", "tempered", "early stops"])
 def test_sampled_logprobs_equal_training_forward(service, trained, adapter, params):
     """The sampler's logprob of each token equals forward's logprob of the same
     tokens on a run with the same weights (a fresh run's adapter is zero: the base)."""
@@ -114,7 +115,9 @@ def test_sampled_logprobs_equal_training_forward(service, trained, adapter, para
     else:
         tc, model_path = trained
         sampler = service.create_sampling_client(model_path=model_path)
-    response = sample(sampler, 3, max_tokens=10, seed=11, **params)
+    response = sample(sampler, 4, max_tokens=12, seed=11, **params)
+    if "stop" in params:  # samples leave the batch at different steps
+        assert len({len(s.tokens) for s in response.sequences}) > 1
     data = []
     for sequence in response.sequences:
         ids = PROMPT + sequence.tokens
@@ -300,13 +303,18 @@ def test_sampling_leaves_training_runs_untouched(server, service, trained):
 
 
 def test_adapter_cache_evicts_least_recently_used(server, service, trained):
+    """Six checkpoints (of equal weights) through a cache of four, while a long
+    generation from the first one is running: it survives its adapter's
+    eviction and gives the tokens it gives alone."""
     tc, _ = trained
     paths = [save_sampler_weights(server, tc.model_id, f"lru{i}") for i in range(6)]
-    expected = None
-    for path in paths:
-        tokens = sample(service.create_sampling_client(model_path=path), 1, max_tokens=6, seed=2).sequences[0].tokens
-        assert expected in (None, tokens)
-        expected = tokens
+    samplers = [service.create_sampling_client(model_path=path) for path in paths]
+    params = gradwire.SamplingParams(max_tokens=150, seed=2)
+    alone = samplers[0].sample(prompt_input(), 1, params).result()
+    long_one = samplers[0].sample(prompt_input(), 1, params)
+    short = [s.sample(prompt_input(), 1, gradwire.SamplingParams(max_tokens=6, seed=2)) for s in samplers[1:]]
+    assert long_one.result() == alone
+    assert len({tuple(f.result().sequences[0].tokens) for f in short}) == 1
     loaded = server.call(lambda: [n for n in server.engine.peft_model.peft_config if n.startswith("sampler-")])
     assert len(loaded) == server.server.sampling.adapters.capacity
 
@@ -377,7 +385,11 @@ def test_unreadable_adapter_folder_fails_the_operation(server, service, trained)
     sampler = service.create_sampling_client(model_path=f"gradwire://{tc.model_id}/sampler_weights/broken")
     with pytest.raises(gradwire.BadRequestError) as raised:
         sample(sampler, 1, max_tokens=4)
-    assert "model_path" in str(raised.value)
+    assert "model_path" in str(raised.value) and "adapter_model.safetensors" in str(raised.value)
+    safetensors.torch.save_file({"base_model.model.no_such.lora_A.weight": torch.zeros(2, 2)},
+                                str(folder / "adapter_model.safetensors"))
+    with pytest.raises(gradwire.BadRequestError, match="model_path"):
+        sample(sampler, 1, max_tokens=4)
     _assert_training_view_equal(before, _training_view(server, tc.model_id))
 
 

@@ -36,7 +36,10 @@ class SamplerAdapters:
 
     def adapter_for(self, folder: pathlib.Path) -> str:
         """The adapter name of a sampler checkpoint folder, loading it if needed."""
-        key = (str(folder.resolve()), (folder / ADAPTER_WEIGHTS).stat().st_mtime_ns)
+        try:
+            key = (str(folder.resolve()), (folder / ADAPTER_WEIGHTS).stat().st_mtime_ns)
+        except FileNotFoundError:
+            raise AdapterLoadError(f"the checkpoint has no {ADAPTER_WEIGHTS}") from None
         if key in self._loaded:
             self._loaded.move_to_end(key)
             return self._loaded[key]
@@ -71,7 +74,7 @@ class SamplerAdapters:
         # may also save embedding layers' base weights into an adapter folder).
         lora_weights = {key: value for key, value in weights.items() if "lora_" in key}
         result = peft.set_peft_model_state_dict(engine.peft_model, lora_weights, adapter_name=name)
-        missing = [k for k in result.missing_keys if f".{name}." in k]
+        missing = [k.replace(f".{name}.", ".") for k in result.missing_keys if f".{name}." in k]
         if result.unexpected_keys or missing:
             with preserved_adapter_state(engine.peft_model):
                 engine.peft_model.delete_adapter(name)

@@ -30,7 +30,6 @@ class SampleTask:
         self.spec, self.stream = spec, stream
         self._generation: Generation | None = None
         self._scores = PromptScores()
-        self._adapter: str | None = None
 
     def ready(self) -> bool:
         return True
@@ -41,12 +40,11 @@ class SampleTask:
     def step(self) -> Step:
         first = self._generation is None
         if first:
-            self._adapter = self._load_adapter()
-            tokenizer = self.engine.base.tokenizer
-            self._generation = Generation(self.spec, self.engine.device,
-                                          lambda ids: tokenizer.decode(ids))
+            self._generation = Generation(self.spec, self.engine.device, self.engine.base.tokenizer.decode)
         generation = self._generation
-        with self.adapters.model_with(self._adapter) as model, self.engine.autocast():
+        # Looked up every turn: other requests' checkpoints may have evicted it since.
+        adapter = self._adapter()
+        with self.adapters.model_with(adapter) as model, self.engine.autocast():
             if first:
                 self._scores = generation.prefill(model)
             else:
@@ -58,12 +56,12 @@ class SampleTask:
             return Step(True, self._response(), outputs=outputs)
         return Step(False, outputs=outputs)
 
-    def _load_adapter(self) -> str | None:
+    def _adapter(self) -> str | None:
         if self.folder is None:
             return None
         try:
             return self.adapters.adapter_for(self.folder)
-        except (AdapterLoadError, FileNotFoundError) as error:
+        except AdapterLoadError as error:
             raise invalid_argument([FieldViolation("model_path", str(error))]) from None
 
     def _response(self) -> message.Message:
