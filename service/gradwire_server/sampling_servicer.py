@@ -70,7 +70,10 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         finally:
             if record.on_cancel is not None:
                 record.on_cancel()
-            self.store.delete(name)
+            try:
+                self.store.delete(name)
+            except ServiceError:
+                pass  # a client deleted it through Operations already
         if record.operation.HasField("error"):
             await abort_with_status(context, record.operation.error)
 
