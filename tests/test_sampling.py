@@ -190,6 +190,24 @@ def test_stream_yields_the_tokens_of_sample(service, trained):
     assert pieces > 3  # several decode turns, not one final message
 
 
+def test_stream_sends_prompt_scores_first(server):
+    channel = grpc.insecure_channel(server.address)
+    stub = pb_grpc.SamplingServiceStub(channel)
+    request = pb.SampleRequest(base_model="tiny-random", prompt=[_codec.tokens_to_chunk(np.array(PROMPT))],
+                               sampling_params=pb.SamplingParams(max_tokens=20, seed=3),
+                               include_prompt_logprobs=True, topk_prompt_logprobs=2)
+    messages = list(stub.SampleStream(request))
+    operations = operations_pb2_grpc.OperationsStub(channel)
+    done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=stub.Sample(request).name))
+    unary = pb.SampleResponse()
+    done.response.Unpack(unary)
+    assert messages[0].prompt_logprobs == unary.prompt_logprobs
+    assert messages[0].topk_prompt_logprobs == unary.topk_prompt_logprobs
+    assert not any(m.HasField("prompt_logprobs") for m in messages[1:])
+    assert b"".join(p.tokens for m in messages for p in m.samples) == unary.sequences[0].tokens
+    channel.close()
+
+
 def test_leaving_a_stream_ends_it_on_the_server(server, base_sampler):
     """Closing the iterator cancels the call; the server drops the job and its operation."""
     pieces = base_sampler.sample_stream(prompt_input(), 2, gradwire.SamplingParams(max_tokens=1000, seed=1))
@@ -268,6 +286,23 @@ def test_sample_stream_typed_into_grpcurl(cli_server):
                 base64.b64decode(piece.get("tokens", "")), "<i4").tolist()
     expected = greedy_reference(tiny_random_model(), PROMPT, 20)
     assert tokens == {0: expected, 1: expected}
+
+
+def test_training_interleaves_with_a_long_sample_which_can_be_cancelled(server, service):
+    """A training request submitted during a long generation runs between its
+    decode turns instead of waiting for it; CancelOperation stops the generation."""
+    tc = service.create_lora_training_client("tiny-random", rank=RANK, seed=6)
+    channel = grpc.insecure_channel(server.address)
+    operations = operations_pb2_grpc.OperationsStub(channel)
+    request = pb.SampleRequest(base_model="tiny-random", prompt=[_codec.tokens_to_chunk(np.array(PROMPT))],
+                               num_samples=8, sampling_params=pb.SamplingParams(max_tokens=1000, seed=0))
+    name = pb_grpc.SamplingServiceStub(channel).Sample(request).name
+    tc.forward(random_data(7), "cross_entropy").result()
+    assert not operations.GetOperation(operations_pb2.GetOperationRequest(name=name)).done
+    operations.CancelOperation(operations_pb2.CancelOperationRequest(name=name))
+    done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=name))
+    assert done.done and done.error.code == grpc.StatusCode.CANCELLED.value[0]
+    channel.close()
 
 
 # ---- training is left alone -----------------------------------------------------------------------------
