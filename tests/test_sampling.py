@@ -199,6 +199,7 @@ def test_stream_sends_prompt_scores_first(server):
     messages = list(stub.SampleStream(request))
     operations = operations_pb2_grpc.OperationsStub(channel)
     done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=stub.Sample(request).name))
+    operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=done.name))
     unary = pb.SampleResponse()
     done.response.Unpack(unary)
     assert messages[0].prompt_logprobs == unary.prompt_logprobs
@@ -210,6 +211,7 @@ def test_stream_sends_prompt_scores_first(server):
 
 def test_leaving_a_stream_ends_it_on_the_server(server, base_sampler):
     """Closing the iterator cancels the call; the server drops the job and its operation."""
+    operations_before = server.server.store.names("operations/sampling/")
     pieces = base_sampler.sample_stream(prompt_input(), 2, gradwire.SamplingParams(max_tokens=1000, seed=1))
     first = next(pieces)
     assert first.tokens and first.stop_reason is None
@@ -220,9 +222,9 @@ def test_leaving_a_stream_ends_it_on_the_server(server, base_sampler):
         return queued, server.server.store.names("operations/sampling/")
 
     deadline = time.monotonic() + 30
-    while sampling_left() != ([], []) and time.monotonic() < deadline:
+    while sampling_left() != ([], operations_before) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sampling_left() == ([], [])
+    assert sampling_left() == ([], operations_before)
 
 
 def test_async_twins_and_client_futures(service, base_sampler):
