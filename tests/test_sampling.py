@@ -304,6 +304,7 @@ def test_training_interleaves_with_a_long_sample_which_can_be_cancelled(server, 
     operations.CancelOperation(operations_pb2.CancelOperationRequest(name=name))
     done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=name))
     assert done.done and done.error.code == grpc.StatusCode.CANCELLED.value[0]
+    operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name))
     channel.close()
 
 
