@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from gradwire.v1 import datum_pb2, tensor_pb2
+from gradwire.v1 import sampling_service_pb2 as sampling_pb
 from gradwire.v1 import training_service_pb2 as pb
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -40,6 +41,11 @@ TINKER_FIELDS = [
     (pb.ForwardBackwardOutput, {"loss_fn_output_type": 1, "loss_fn_outputs": 2, "metrics": 3}),
     (tensor_pb2.ArrayRecord, {"type_tag": 1, "fields": 2, "num_datums": 3}),
     (tensor_pb2.BatchedTensor, {"data": 1, "offsets": 2, "dtype": 3, "trailing_shape": 4}),
+    (sampling_pb.SamplingParams, {"max_tokens": 1, "seed": 2, "temperature": 3, "top_k": 4, "top_p": 5,
+                                  "stop_strs": 6, "stop_tokens": 7}),
+    (sampling_pb.SampleResponse, {"sequences": 1, "prompt_logprobs": 2, "topk_prompt_logprobs": 3,
+                                  "prompt_cache_hit_tokens": 4}),
+    (sampling_pb.SampledSequence, {"stop_reason": 1, "tokens": 2, "logprobs": 3}),
 ]
 
 
@@ -56,3 +62,9 @@ def test_tinker_dtype_values_are_kept():
     values = {v.name: v.number for v in tensor_pb2.DESCRIPTOR.enum_types_by_name["DType"].values}
     assert {name: values.get(name) for name in ("FLOAT32", "INT64", "INT32", "BFLOAT16")} == \
         {"FLOAT32": 1, "INT64": 2, "INT32": 3, "BFLOAT16": 4}
+
+
+def test_tinker_stop_reason_values_are_kept():
+    """StopReason enum values match Tinker's."""
+    assert {v.name: v.number for v in sampling_pb.StopReason.DESCRIPTOR.values} == \
+        {"STOP_REASON_STOP": 0, "STOP_REASON_LENGTH": 1}

@@ -14,9 +14,11 @@ from gradwire.errors import (AbortedError, APIConnectionError, APIError, APIStat
                              PermissionDeniedError, RateLimitError, RequestCancelledError)
 from gradwire.futures import APIFuture
 from gradwire.rest_client import RestClient
+from gradwire.sampling_client import SamplingClient
 from gradwire.types import (AdamParams, Checkpoint, Datum, EncodedTextChunk, ForwardBackwardOutput,
                             GetInfoResponse, GetServerCapabilitiesResponse, LoadWeightsResponse,
-                            LoraConfig, ModelInput, OptimStepResponse, SaveWeightsForSamplerResponse,
+                            LoraConfig, ModelInput, OptimStepResponse, SampledSequence, SampledTokens,
+                            SampleResponse, SamplingParams, SaveWeightsForSamplerResponse,
                             SaveWeightsResponse, SupportedModel, TensorData, TrainingRun,
                             UnloadModelResponse)
 
@@ -27,6 +29,7 @@ __all__ = [
     "GetInfoResponse", "GetServerCapabilitiesResponse", "GradwireError", "InternalServerError",
     "LoadWeightsResponse", "LoraConfig", "ModelInput", "NotFoundError", "OptimStepResponse",
     "PermissionDeniedError", "RateLimitError", "RequestCancelledError", "RestClient",
+    "SampleResponse", "SampledSequence", "SampledTokens", "SamplingClient", "SamplingParams",
     "SaveWeightsForSamplerResponse", "SaveWeightsResponse", "ServiceClient", "SupportedModel",
     "TensorData", "TrainingClient", "TrainingRun", "UnloadModelResponse", "types",
 ]

@@ -9,12 +9,17 @@ import numpy as np
 from gradwire import _codec, types
 from gradwire.v1 import datum_pb2
 from gradwire.v1 import resource_service_pb2 as rpb
+from gradwire.v1 import sampling_service_pb2 as sampling_pb
 from gradwire.v1 import training_service_pb2 as pb
+
+
+def model_input_chunks(model_input: types.ModelInput) -> list[datum_pb2.Chunk]:
+    return [_codec.tokens_to_chunk(np.asarray(chunk.tokens)) for chunk in model_input.chunks]
 
 
 def datum_to_proto(datum: types.Datum, keys: Iterable[str] | None = None) -> datum_pb2.Datum:
     """Encodes a Datum; `keys` limits which loss_fn_inputs travel."""
-    chunks = [_codec.tokens_to_chunk(np.asarray(chunk.tokens)) for chunk in datum.model_input.chunks]
+    chunks = model_input_chunks(datum.model_input)
     inputs = datum.loss_fn_inputs if keys is None else {
         key: datum.loss_fn_inputs[key] for key in keys if key in datum.loss_fn_inputs}
     return datum_pb2.Datum(model_input=chunks,
@@ -91,3 +96,56 @@ def training_run(message: rpb.TrainingRun) -> types.TrainingRun:
         if message.HasField("last_checkpoint") else None,
         last_sampler_checkpoint=checkpoint(message.last_sampler_checkpoint)
         if message.HasField("last_sampler_checkpoint") else None)
+
+
+_STOP_REASONS = {sampling_pb.STOP_REASON_STOP: "stop", sampling_pb.STOP_REASON_LENGTH: "length"}
+
+
+def sampling_params(params: types.SamplingParams) -> sampling_pb.SamplingParams:
+    """SamplingParams as a message; `stop` becomes stop_strs (strings) or stop_tokens (ids)."""
+    message = sampling_pb.SamplingParams(max_tokens=params.max_tokens, seed=params.seed,
+                                         temperature=params.temperature, top_k=params.top_k,
+                                         top_p=params.top_p)
+    stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
+    if stop and all(isinstance(s, str) for s in stop):
+        message.stop_strs.strings.extend(stop)
+    elif stop:
+        message.stop_tokens.tokens.extend(int(s) for s in stop)
+    return message
+
+
+def sample_response(response: sampling_pb.SampleResponse) -> types.SampleResponse:
+    sequences = [types.SampledSequence(stop_reason=_STOP_REASONS[s.stop_reason],
+                                       tokens=_int32_list(s.tokens),
+                                       logprobs=_float32_list(s.logprobs) if s.HasField("logprobs") else None)
+                 for s in response.sequences]
+    prompt = prompt_logprobs(response.prompt_logprobs) if response.HasField("prompt_logprobs") else None
+    topk = None
+    if response.HasField("topk_prompt_logprobs"):
+        top = response.topk_prompt_logprobs
+        shape = (top.prompt_length, top.k)
+        ids = np.frombuffer(top.token_ids, dtype="<i4").reshape(shape).tolist()
+        values = np.frombuffer(top.logprobs, dtype="<f4").reshape(shape).tolist()
+        topk = [None] + [list(zip(i, v)) for i, v in zip(ids[1:], values[1:])]
+    return types.SampleResponse(sequences, prompt, topk)
+
+
+def prompt_logprobs(packed: bytes) -> list[float | None]:
+    """Packed float32 prompt logprobs; the first (NaN: no prediction) becomes None."""
+    values: list[float | None] = _float32_list(packed)
+    if values:
+        values[0] = None
+    return values
+
+
+def sampled_tokens(piece: sampling_pb.SampledTokens) -> types.SampledTokens:
+    return types.SampledTokens(piece.sequence_index, _int32_list(piece.tokens), _float32_list(piece.logprobs),
+                               _STOP_REASONS[piece.stop_reason] if piece.done else None)
+
+
+def _int32_list(packed: bytes) -> list[int]:
+    return np.frombuffer(packed, dtype="<i4").tolist()
+
+
+def _float32_list(packed: bytes) -> list[float]:
+    return np.frombuffer(packed, dtype="<f4").tolist()

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
@@ -35,6 +35,9 @@ from gradwire.rest_client import RestClient
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from gradwire.sampling_client import SamplingClient
 
 DEFAULT_BASE_URL = "localhost:50051"
 MESSAGE_BUDGET_BYTES = 3 * 1024 * 1024  # datums per message: within gRPC's 4 MiB default
@@ -242,6 +245,18 @@ class ServiceClient:
     def create_rest_client(self) -> RestClient:
         """A client for training runs and checkpoints as resources (list, get, delete, download)."""
         return RestClient(self)
+
+    def create_sampling_client(self, model_path: str | None = None,
+                               base_model: str | None = None) -> SamplingClient:
+        """A client that samples from a sampler checkpoint (model_path,
+        `gradwire://<run_id>/sampler_weights/<name>`) or the base model (base_model)."""
+        from gradwire.sampling_client import SamplingClient  # that module imports this one
+
+        return SamplingClient(self, model_path=model_path, base_model=base_model)
+
+    async def create_sampling_client_async(self, model_path: str | None = None,
+                                           base_model: str | None = None) -> SamplingClient:
+        return self.create_sampling_client(model_path, base_model)
 
     def close(self) -> None:
         self._channel.close()

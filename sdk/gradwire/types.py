@@ -13,8 +13,9 @@ if TYPE_CHECKING:
 __all__ = [
     "AdamParams", "Checkpoint", "Datum", "EncodedTextChunk", "ForwardBackwardOutput",
     "GetInfoResponse", "GetServerCapabilitiesResponse", "LoadWeightsResponse", "LoraConfig",
-    "ModelInput", "OptimStepResponse", "SaveWeightsForSamplerResponse", "SaveWeightsResponse",
-    "SupportedModel", "TensorData", "TrainingRun", "UnloadModelResponse",
+    "ModelInput", "OptimStepResponse", "SampleResponse", "SampledSequence", "SampledTokens",
+    "SamplingParams", "SaveWeightsForSamplerResponse", "SaveWeightsResponse", "SupportedModel",
+    "TensorData", "TrainingRun", "UnloadModelResponse",
 ]
 
 _NUMPY_DTYPES = {"int64": np.int64, "float32": np.float32}
@@ -281,3 +282,56 @@ class TrainingRun:
     source_checkpoint: str | None = None
     last_checkpoint: Checkpoint | None = None
     last_sampler_checkpoint: Checkpoint | None = None
+
+
+StopReason = Literal["length", "stop"]
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens.
+
+    max_tokens: most tokens per sample (None: up to the end of the context).
+    seed: the same seed gives the same tokens (None: random).
+    stop: a string, strings (matched in the decoded completion) or token ids
+    that end a sequence; the stop's own tokens end the sequence.
+    temperature: 0 is greedy. top_k: -1 or 0 is off. top_p: 1.0 is off.
+    """
+
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | list[int] | None = None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+
+
+@dataclass
+class SampledSequence:
+    """One completion: generated tokens (without the prompt) and their logprobs,
+    log_softmax of the model's unscaled logits (comparable to training logprobs)."""
+
+    stop_reason: StopReason
+    tokens: list[int]
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class SampleResponse:
+    """Result of sample: the completions, plus the prompt's logprobs when asked for
+    (entry 0 None) and its top-k (token, logprob) pairs per position (entry 0 None)."""
+
+    sequences: list[SampledSequence]
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+@dataclass
+class SampledTokens:
+    """A piece of sample_stream: tokens one sample generated since its previous
+    piece; stop_reason is set in the sample's last piece."""
+
+    sequence_index: int
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: StopReason | None = None

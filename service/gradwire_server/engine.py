@@ -437,7 +437,7 @@ class Engine:
         its loss inputs padded to the same shape."""
         self._activate(run.run_id)
         tokens, inputs = self.pad(data)
-        with self._autocast():
+        with self.autocast():
             logits = self.peft_model(input_ids=tokens).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)            # [B, L, V]
         target_logprobs = logprobs.gather(-1, inputs["target_tokens"])    # [B, L, K]
@@ -473,7 +473,8 @@ class Engine:
         if self.peft_model.active_adapter != run_id:
             self.peft_model.set_adapter(run_id)
 
-    def _autocast(self):
+    def autocast(self):
+        """bf16 autocast on CUDA; float32 (no-op) on CPU."""
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()

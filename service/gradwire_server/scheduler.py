@@ -124,6 +124,17 @@ class Scheduler:
         self._place(order, job, request_id)
         return record
 
+    def submit_unordered(self, owner: str, kind: str, task: Task) -> OperationRecord:
+        """Accepts work outside any run's order (sampling); returns its operation.
+        It is queued on its own, so it takes turns with every run and with other
+        unordered work instead of waiting behind them."""
+        record = self.store.create(kind, owner, 0, 0)
+        job = Job(record.operation.name, record.operation.name, 0, task)
+        record.on_cancel = lambda: self._cancel(job)
+        with self._lock:
+            self._enqueue(job)
+        return record
+
     def reject(self, run_id: str, seq_id: int, request_id: str, error: ServiceError) -> None:
         """A request failed validation: it still consumes its seq_id, and the
         run's requests held behind it are aborted."""

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradwire.v1 import resource_service_pb2 as rpb
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
+from gradwire.v1 import sampling_service_pb2, sampling_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoints
@@ -29,6 +30,8 @@ from gradwire_server.models import LoadedModel, load_model
 from gradwire_server.operations import OperationsServicer, OperationStore
 from gradwire_server.resource_servicer import ResourceServicer
 from gradwire_server.run_index import RunIndex
+from gradwire_server.sampler_weights import SamplerAdapters
+from gradwire_server.sampling_servicer import SamplingServicer
 from gradwire_server.scheduler import Scheduler
 from gradwire_server.training_servicer import ModelInfo, TrainingServicer
 
@@ -39,6 +42,7 @@ TRAINING_SERVICE = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
 RESOURCE_SERVICE = rpb.DESCRIPTOR.services_by_name["ResourceService"].full_name
 DEFAULT_CHECKPOINT_DIR = pathlib.Path("gradwire-checkpoints")
 INDEX_FILE = "index.sqlite3"
+SAMPLING_SERVICE = sampling_service_pb2.DESCRIPTOR.services_by_name["SamplingService"].full_name
 OPERATIONS_SERVICE = operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
 _EXPIRY_INTERVAL_S = 60.0
 
@@ -70,6 +74,7 @@ class GradwireServer:
         self.index.reconcile(saved.record() for saved in checkpoints.scan(self.checkpoint_root))
         self.training = TrainingServicer(self.store, MAX_MESSAGE_BYTES, self.checkpoint_root, self.index)
         self.resources = ResourceServicer(self.checkpoint_root, self.index)
+        self.sampling = SamplingServicer(self.store, self.checkpoint_root)
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
         self.port: int | None = None
@@ -83,11 +88,13 @@ class GradwireServer:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         pb_grpc.add_TrainingServiceServicer_to_server(self.training, self._server)
         rpb_grpc.add_ResourceServiceServicer_to_server(self.resources, self._server)
+        sampling_service_pb2_grpc.add_SamplingServiceServicer_to_server(self.sampling, self._server)
         operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.store), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            [TRAINING_SERVICE, RESOURCE_SERVICE, OPERATIONS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME], self._server)
+            [TRAINING_SERVICE, SAMPLING_SERVICE, RESOURCE_SERVICE, OPERATIONS_SERVICE,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self._server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:
@@ -104,7 +111,9 @@ class GradwireServer:
                              self.config.keep_graph_timeout_s)
         self.scheduler = Scheduler(self.store, asyncio.get_running_loop())
         self.scheduler.start()
-        self.training.attach(self.engine, self.scheduler, _model_info(loaded, device))
+        info = _model_info(loaded, device)
+        self.training.attach(self.engine, self.scheduler, info)
+        self.sampling.attach(self.engine, self.scheduler, info, SamplerAdapters(self.engine))
         self.resources.attach(self.scheduler)
         self._expiry = [asyncio.create_task(self._expire_operations()),
                         asyncio.create_task(self._expire_kept_graphs())]
@@ -125,7 +134,7 @@ class GradwireServer:
         await self._server.wait_for_termination()
 
     async def _set_health(self, status: int) -> None:
-        for service in ("", TRAINING_SERVICE, RESOURCE_SERVICE):
+        for service in ("", TRAINING_SERVICE, SAMPLING_SERVICE, RESOURCE_SERVICE):
             await self.health.set(service, status)
 
     async def _expire_operations(self) -> None:

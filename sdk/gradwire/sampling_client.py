@@ -1,0 +1,139 @@
+"""SamplingClient: generates from a sampler checkpoint or the base model.
+
+Sampling requests are independent of each other and of training order: each
+call is sent from a small thread pool and returns an APIFuture at once, so
+many samples can be in flight together.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from typing import Any
+
+import grpc
+
+from gradwire import _convert, types
+from gradwire.client import ServiceClient, _request_id, _submitted
+from gradwire.errors import APITimeoutError, error_from_rpc
+from gradwire.futures import APIFuture
+from gradwire.v1 import sampling_service_pb2 as pb
+from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
+
+_SENDERS = 8  # requests being submitted at once per client
+
+
+class SamplingClient:
+    """Samples from `model_path` (a `gradwire://<run_id>/sampler_weights/<name>`
+    checkpoint: base model plus that LoRA adapter) or from `base_model` alone.
+    Create it with ServiceClient.create_sampling_client."""
+
+    def __init__(self, service: ServiceClient, model_path: str | None = None, base_model: str | None = None):
+        if (model_path is None) == (base_model is None):
+            raise ValueError("give exactly one of model_path and base_model")
+        self.service = service
+        self.model_path = model_path
+        self.base_model = base_model
+        self._stub = pb_grpc.SamplingServiceStub(service._channel)
+        self._senders = concurrent.futures.ThreadPoolExecutor(_SENDERS, thread_name_prefix="gradwire-sampling")
+
+    def sample(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams,
+               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0
+               ) -> APIFuture[types.SampleResponse]:
+        """num_samples completions of `prompt` (decoded together as one batch).
+
+        Each sequence's logprobs are the model's unscaled log_softmax at the
+        sampled tokens, comparable with training-side logprobs. With
+        include_prompt_logprobs the response has each prompt token's logprob
+        (first None); topk_prompt_logprobs=k (up to 20) adds the k most likely
+        (token, logprob) pairs at each prompt position (first None)."""
+        request = pb.SampleRequest(**self._model(), prompt=_convert.model_input_chunks(prompt),
+                                   num_samples=num_samples,
+                                   sampling_params=_convert.sampling_params(sampling_params),
+                                   include_prompt_logprobs=include_prompt_logprobs,
+                                   topk_prompt_logprobs=topk_prompt_logprobs, request_id=_request_id())
+        return self._submit("Sample", request, pb.SampleResponse, _convert.sample_response)
+
+    def compute_logprobs(self, prompt: types.ModelInput) -> APIFuture[list[float | None]]:
+        """The logprob of each prompt token given the ones before it (the first is None)."""
+        request = pb.ComputeLogprobsRequest(**self._model(), prompt=_convert.model_input_chunks(prompt),
+                                            request_id=_request_id())
+        return self._submit("ComputeLogprobs", request, pb.ComputeLogprobsResponse,
+                            lambda response: _convert.prompt_logprobs(response.logprobs))
+
+    def sample_stream(self, prompt: types.ModelInput, num_samples: int = 1,
+                      sampling_params: types.SamplingParams | None = None) -> Iterator[types.SampledTokens]:
+        """Yields tokens while they are generated: each piece holds one sample's
+        new tokens and logprobs; its last piece has stop_reason set. With the
+        same seed the tokens are exactly those sample() returns. Leaving the
+        loop early cancels the generation on the server."""
+        request = pb.SampleRequest(**self._model(), prompt=_convert.model_input_chunks(prompt),
+                                   num_samples=num_samples,
+                                   sampling_params=_convert.sampling_params(sampling_params or types.SamplingParams()))
+        call = self._stub.SampleStream(request, metadata=self.service._metadata)
+        try:
+            for message in call:
+                for piece in message.samples:
+                    yield _convert.sampled_tokens(piece)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        finally:
+            call.cancel()  # no-op once the stream has ended
+
+    async def sample_async(self, *args, **kwargs) -> APIFuture[types.SampleResponse]:
+        """Submits sample; the awaited APIFuture gives the result."""
+        return await _submitted(self.sample(*args, **kwargs))
+
+    async def compute_logprobs_async(self, *args, **kwargs) -> APIFuture[list[float | None]]:
+        """Submits compute_logprobs; the awaited APIFuture gives the result."""
+        return await _submitted(self.compute_logprobs(*args, **kwargs))
+
+    async def sample_stream_async(self, *args, **kwargs) -> AsyncIterator[types.SampledTokens]:
+        """sample_stream as an async iterator (`async for piece in ...`)."""
+        pieces = self.sample_stream(*args, **kwargs)
+        end = object()
+        try:
+            while (piece := await asyncio.to_thread(next, pieces, end)) is not end:
+                yield piece
+        finally:
+            pieces.close()
+
+    def get_tokenizer(self):
+        """The base model's Hugging Face tokenizer (fetched from the server, no download)."""
+        return self.service._tokenizer(self.base_model or "")
+
+    async def get_tokenizer_async(self):
+        return await asyncio.to_thread(self.get_tokenizer)
+
+    # Returned by create_sampling_client; also answers .result() and await, as
+    # newer Tinker SDKs return a future of the client.
+    def result(self, timeout: float | None = None) -> SamplingClient:
+        return self
+
+    def __await__(self) -> Generator[Any, None, SamplingClient]:
+        async def itself() -> SamplingClient:
+            return self
+        return itself().__await__()
+
+    def _model(self) -> dict[str, str]:
+        return {"model_path": self.model_path} if self.model_path is not None else {"base_model": self.base_model}
+
+    def _submit(self, method: str, request, message_type, convert: Callable[[Any], Any]) -> APIFuture:
+        service = self.service
+
+        def send() -> str:
+            try:
+                return getattr(self._stub, method)(request, metadata=service._metadata).name
+            except grpc.RpcError as error:
+                raise error_from_rpc(error) from None
+
+        submitted = self._senders.submit(send)
+
+        def fetch(timeout: float | None):
+            try:
+                name = submitted.result(timeout)
+            except concurrent.futures.TimeoutError:
+                raise APITimeoutError(f"{method} was not submitted within {timeout} s") from None
+            return service._operation_result(name, message_type, timeout, convert)
+
+        return APIFuture(fetch, submitted)

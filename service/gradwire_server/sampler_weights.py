@@ -1,0 +1,119 @@
+"""Sampler checkpoints as inference-only LoRA adapters on the engine's shared
+peft model, and switching the model to them (or to the bare base model) for
+a sampling turn without disturbing any training run.
+
+A sampler checkpoint is a standard peft adapter folder (adapter_config.json +
+adapter_model.safetensors). Loaded folders stay cached (LRU, keyed by folder
+and file time, so a rewritten folder reloads) under a generated adapter name.
+Worker thread only.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import pathlib
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import peft
+import safetensors.torch
+import torch
+
+from gradwire_server.engine import Engine
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class AdapterLoadError(ValueError):
+    """A sampler checkpoint folder that does not hold an adapter for this model."""
+
+
+class SamplerAdapters:
+    def __init__(self, engine: Engine, capacity: int = 4):
+        self.engine = engine
+        self.capacity = capacity
+        self._loaded: OrderedDict[tuple[str, int], str] = OrderedDict()  # (folder, mtime) -> adapter
+
+    def adapter_for(self, folder: pathlib.Path) -> str:
+        """The adapter name of a sampler checkpoint folder, loading it if needed."""
+        try:
+            key = (str(folder.resolve()), (folder / ADAPTER_WEIGHTS).stat().st_mtime_ns)
+        except FileNotFoundError:
+            raise AdapterLoadError(f"the checkpoint has no {ADAPTER_WEIGHTS}") from None
+        if key in self._loaded:
+            self._loaded.move_to_end(key)
+            return self._loaded[key]
+        name = "sampler-" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+        self._load(folder, name)
+        self._loaded[key] = name
+        if len(self._loaded) > self.capacity:
+            _, evicted = self._loaded.popitem(last=False)
+            with preserved_adapter_state(self.engine.peft_model):
+                self.engine.peft_model.delete_adapter(evicted)
+        return name
+
+    def _load(self, folder: pathlib.Path, name: str) -> None:
+        try:
+            config = peft.LoraConfig.from_pretrained(str(folder))
+            weights = safetensors.torch.load_file(str(folder / ADAPTER_WEIGHTS), device=str(self.engine.device))
+        except (OSError, ValueError, TypeError) as error:
+            raise AdapterLoadError(f"cannot read the adapter: {error}") from None
+        config.inference_mode = True
+        engine = self.engine
+        # Adding an adapter initialises it randomly: keep the global RNG untouched.
+        devices = [engine.device] if engine.device.type == "cuda" else []
+        with preserved_adapter_state(engine.peft_model), torch.random.fork_rng(devices=devices):
+            try:
+                if engine.peft_model is None:
+                    engine.peft_model = peft.get_peft_model(engine.base.model, config, adapter_name=name)
+                else:
+                    engine.peft_model.add_adapter(name, config)
+            except ValueError as error:  # e.g. target modules this model lacks
+                raise AdapterLoadError(f"the adapter does not fit this model: {error}") from None
+        # Only the LoRA factors: the base weights are shared by every run (peft
+        # may also save embedding layers' base weights into an adapter folder).
+        lora_weights = {key: value for key, value in weights.items() if "lora_" in key}
+        result = peft.set_peft_model_state_dict(engine.peft_model, lora_weights, adapter_name=name)
+        missing = [k.replace(f".{name}.", ".") for k in result.missing_keys if f".{name}." in k]
+        if result.unexpected_keys or missing:
+            with preserved_adapter_state(engine.peft_model):
+                engine.peft_model.delete_adapter(name)
+            raise AdapterLoadError("the adapter's weights do not match its config and this model: "
+                                   f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
+        for parameter_name, parameter in engine.peft_model.named_parameters():
+            if f".{name}." in parameter_name:
+                parameter.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def model_with(self, adapter: str | None) -> Iterator[torch.nn.Module]:
+        """The model to call with `adapter` active (None: the base model's own weights).
+        Afterwards the active adapter and every requires_grad flag are as before."""
+        model = self.engine.peft_model
+        if model is None:
+            yield self.engine.base.model
+            return
+        with preserved_adapter_state(model):
+            if adapter is None:
+                with model.disable_adapter():
+                    yield model
+            else:
+                model.set_adapter(adapter, inference_mode=True)
+                yield model
+
+
+@contextlib.contextmanager
+def preserved_adapter_state(model: peft.PeftModel | None) -> Iterator[None]:
+    """Restores the active adapter and requires_grad flags (peft's set_adapter and
+    disable_adapter change both) when the block ends."""
+    if model is None:
+        yield
+        return
+    active = model.active_adapter
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        if model.active_adapter != active and active in model.peft_config:
+            model.set_adapter(active)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)

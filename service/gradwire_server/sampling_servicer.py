@@ -1,0 +1,107 @@
+"""gradwire.v1.SamplingService: validates, resolves the weights, hands a
+SampleTask to the scheduler (outside any training run's order). No torch here."""
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+import grpc
+
+from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
+from gradwire_server import sampling_validation
+from gradwire_server.engine import Engine
+from gradwire_server.errors import ServiceError, abort, abort_with_status
+from gradwire_server.operations import OperationStore
+from gradwire_server.sampler import SampleSpec
+from gradwire_server.sampler_weights import SamplerAdapters
+from gradwire_server.sampling_task import SampleTask
+from gradwire_server.scheduler import Scheduler
+from gradwire_server.training_servicer import ModelInfo
+
+OPERATION_OWNER = "sampling"  # operations are named operations/sampling/...
+_MAX_REMEMBERED_REQUESTS = 4096  # request_ids kept before forgetting finished, dropped operations
+
+
+class SamplingServicer(pb_grpc.SamplingServiceServicer):
+    def __init__(self, store: OperationStore, checkpoint_dir: pathlib.Path | None):
+        self.store = store
+        self.checkpoint_dir = checkpoint_dir
+        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
+        self.info: ModelInfo | None = None
+        self.adapters: SamplerAdapters | None = None
+        self._operation_of_request: dict[str, str] = {}
+
+    def attach(self, engine: Engine, scheduler: Scheduler, info: ModelInfo, adapters: SamplerAdapters) -> None:
+        """Called once the model is loaded; until then every call is UNAVAILABLE."""
+        self.engine, self.scheduler, self.info, self.adapters = engine, scheduler, info, adapters
+
+    async def Sample(self, request, context):
+        try:
+            return self._submit(request, "Sample", lambda info: sampling_validation.sample_spec(
+                request, info.vocab_size, info.max_context_length)).snapshot()
+        except ServiceError as error:
+            await abort(context, error)
+
+    async def ComputeLogprobs(self, request, context):
+        try:
+            return self._submit(request, "ComputeLogprobs", lambda info: sampling_validation.logprobs_spec(
+                request, info.vocab_size, info.max_context_length)).snapshot()
+        except ServiceError as error:
+            await abort(context, error)
+
+    async def SampleStream(self, request, context):
+        """Yields each decode turn's new tokens; the operation is internal and
+        deleted at the end. A client that goes away cancels the generation."""
+        try:
+            record = self._submit(request, "SampleStream", lambda info: sampling_validation.sample_spec(
+                request, info.vocab_size, info.max_context_length), stream=True)
+        except ServiceError as error:
+            await abort(context, error)
+        name, sent = record.operation.name, 0
+        try:
+            while True:
+                await record.wait_progress(sent)
+                while sent < len(record.outputs):
+                    yield record.outputs[sent]
+                    sent += 1
+                if record.operation.done and sent == len(record.outputs):
+                    break
+        finally:
+            if record.on_cancel is not None:
+                record.on_cancel()
+            try:
+                self.store.delete(name)
+            except ServiceError:
+                pass  # a client deleted it through Operations already
+        if record.operation.HasField("error"):
+            await abort_with_status(context, record.operation.error)
+
+    def _submit(self, request, kind: str, validate: Callable[[ModelInfo], SampleSpec], stream: bool = False):
+        """The operation of a retried request_id, or a new one for a valid request."""
+        info = self._ready()
+        existing = self._operation_of_request.get(request.request_id) if request.request_id else None
+        if existing is not None and not stream:
+            try:
+                return self.store.get(existing)
+            except ServiceError:
+                del self._operation_of_request[request.request_id]  # expired or deleted: a new request
+        folder = sampling_validation.weights_folder(request, info.name, self.checkpoint_dir)
+        spec = validate(info)
+        task = SampleTask(self.engine, self.adapters, folder, spec, stream=stream)
+        record = self.scheduler.submit_unordered(OPERATION_OWNER, kind, task)
+        if request.request_id and not stream:
+            self._remember(request.request_id, record.operation.name)
+        return record
+
+    def _remember(self, request_id: str, operation: str) -> None:
+        """Maps request_id -> operation for retries, forgetting operations the store dropped."""
+        if len(self._operation_of_request) >= _MAX_REMEMBERED_REQUESTS:
+            live = set(self.store.names(f"operations/{OPERATION_OWNER}/"))
+            self._operation_of_request = {r: o for r, o in self._operation_of_request.items() if o in live}
+        self._operation_of_request[request_id] = operation
+
+    def _ready(self) -> ModelInfo:
+        if self.info is None:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading", "LOADING")
+        return self.info

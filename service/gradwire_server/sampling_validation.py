@@ -1,0 +1,147 @@
+"""Validation of sampling requests: protobuf in, a SampleSpec and the weights'
+folder out, or INVALID_ARGUMENT / NOT_FOUND naming each offending field.
+Nothing here touches the model, so a rejected request changes nothing."""
+from __future__ import annotations
+
+import math
+import pathlib
+import re
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+
+from gradwire import _codec
+from gradwire.v1 import sampling_service_pb2 as pb
+from gradwire_server.errors import FieldViolation, invalid_argument, not_found
+from gradwire_server.sampler import SampleSpec, SamplingSettings
+from gradwire_server.validation import _check_token_range
+
+MAX_TOPK_PROMPT_LOGPROBS = 20
+# Sample's response rides inside one Operation, within gRPC's 4 MiB default.
+MAX_RESPONSE_BYTES = 3 * 1024 * 1024
+_BYTES_PER_SAMPLED_TOKEN = 8   # int32 token + float32 logprob
+_SAMPLER_PATH = re.compile(r"gradwire://(?P<run_id>[^/]+)/sampler_weights/(?P<name>[^/]+)")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def sampler_weights_folder(checkpoint_dir: pathlib.Path | None, model_path: str) -> pathlib.Path:
+    """The folder of `gradwire://<run_id>/sampler_weights/<name>`:
+    checkpoint_dir/<run_id>/sampler_weights/<name>. Each part must be a plain
+    name (no "/", no "..") so a path cannot leave checkpoint_dir."""
+    match = _SAMPLER_PATH.fullmatch(model_path)
+    if match is None or not all(_SAFE_NAME.fullmatch(part) and ".." not in part for part in match.groups()):
+        raise invalid_argument([FieldViolation(
+            "model_path", f"{model_path!r} is not of the form gradwire://<run_id>/sampler_weights/<name> "
+                          "(names of letters, digits, '.', '_', '-')")])
+    if checkpoint_dir is None:
+        raise not_found("model_path", f"{model_path} (this server has no checkpoint directory)")
+    folder = checkpoint_dir / match["run_id"] / "sampler_weights" / match["name"]
+    if not folder.is_dir():
+        raise not_found("model_path", model_path)
+    return folder
+
+
+def weights_folder(request: pb.SampleRequest | pb.ComputeLogprobsRequest, served_model: str,
+                   checkpoint_dir: pathlib.Path | None) -> pathlib.Path | None:
+    """The sampler checkpoint folder the request names, or None for the base model."""
+    which = request.WhichOneof("model")
+    if which is None:
+        raise invalid_argument([FieldViolation("model", "set model_path or base_model")])
+    if which == "base_model":
+        if request.base_model != served_model:
+            raise not_found("base_model", f"{request.base_model} (this server serves {served_model!r})")
+        return None
+    return sampler_weights_folder(checkpoint_dir, request.model_path)
+
+
+def sample_spec(request: pb.SampleRequest, vocab_size: int, max_context: int) -> SampleSpec:
+    """Validates a SampleRequest's prompt, counts and params, reporting every violation at once."""
+    violations: list[FieldViolation] = []
+    prompt = _prompt(request.prompt, vocab_size, violations)
+    if prompt.size >= max_context:
+        violations.append(FieldViolation(
+            "prompt", f"{prompt.size} tokens leave no room to generate in the model's context "
+                      f"of {max_context}"))
+    num_samples = request.num_samples if request.HasField("num_samples") else 1
+    if num_samples < 1:
+        violations.append(FieldViolation("num_samples", f"must be >= 1, got {num_samples}"))
+    settings = _settings(request.sampling_params, prompt.size, vocab_size, max_context, violations)
+    k = request.topk_prompt_logprobs
+    if not 0 <= k <= MAX_TOPK_PROMPT_LOGPROBS:
+        violations.append(FieldViolation("topk_prompt_logprobs",
+                                         f"must be in [0, {MAX_TOPK_PROMPT_LOGPROBS}], got {k}"))
+    if not violations and num_samples * settings.max_tokens * _BYTES_PER_SAMPLED_TOKEN > MAX_RESPONSE_BYTES:
+        violations.append(FieldViolation(
+            "num_samples", f"{num_samples} samples of up to {settings.max_tokens} tokens exceed one "
+                           f"response message ({MAX_RESPONSE_BYTES} bytes): send fewer samples, a "
+                           "smaller max_tokens, or use SampleStream"))
+    if violations:
+        raise invalid_argument(violations)
+    return SampleSpec(prompt, num_samples, settings, request.include_prompt_logprobs, k)
+
+
+def logprobs_spec(request: pb.ComputeLogprobsRequest, vocab_size: int, max_context: int) -> SampleSpec:
+    """Validates a ComputeLogprobsRequest: a prompt-only SampleSpec."""
+    violations: list[FieldViolation] = []
+    prompt = _prompt(request.prompt, vocab_size, violations)
+    if prompt.size > max_context:
+        violations.append(FieldViolation(
+            "prompt", f"{prompt.size} tokens exceed the model's context of {max_context}"))
+    if violations:
+        raise invalid_argument(violations)
+    return SampleSpec(prompt, 0, SamplingSettings(max_tokens=0, seed=0), prompt_logprobs=True)
+
+
+def _prompt(chunks: Sequence, vocab_size: int, violations: list[FieldViolation]) -> np.ndarray:
+    pieces = []
+    for c, chunk in enumerate(chunks):
+        kind = chunk.WhichOneof("chunk")
+        if kind != "encoded_text":
+            violations.append(FieldViolation(f"prompt[{c}]",
+                                             f"{kind or 'empty'} chunks are not supported by text models"))
+            continue
+        try:
+            pieces.append(_codec.tokens_from_text_chunk(chunk.encoded_text))
+        except _codec.WireFormatError as error:
+            violations.append(FieldViolation(f"prompt[{c}].encoded_text", str(error)))
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    if tokens.size == 0 and not violations:
+        violations.append(FieldViolation("prompt", "is empty; send at least one token"))
+    _check_token_range(tokens, "prompt", vocab_size, violations)
+    return tokens
+
+
+def _settings(params: pb.SamplingParams, prompt_length: int, vocab_size: int, max_context: int,
+              violations: list[FieldViolation]) -> SamplingSettings:
+    where = "sampling_params"
+    room = max_context - prompt_length
+    if params.HasField("max_tokens"):
+        max_tokens = params.max_tokens
+        if max_tokens <= 0:
+            violations.append(FieldViolation(f"{where}.max_tokens", f"must be >= 1, got {max_tokens}"))
+        elif max_tokens > room >= 1:
+            violations.append(FieldViolation(
+                f"{where}.max_tokens", f"prompt ({prompt_length} tokens) + max_tokens ({max_tokens}) "
+                                       f"exceeds the model's context of {max_context}"))
+    else:
+        max_tokens = room
+    temperature = params.temperature if params.HasField("temperature") else 1.0
+    if not math.isfinite(temperature) or temperature < 0:
+        violations.append(FieldViolation(f"{where}.temperature", f"must be finite and >= 0, got {temperature}"))
+    top_k = params.top_k if params.HasField("top_k") else -1
+    if top_k < -1:
+        violations.append(FieldViolation(f"{where}.top_k", f"must be -1 or 0 (off) or >= 1, got {top_k}"))
+    top_p = params.top_p if params.HasField("top_p") else 1.0
+    if not 0 < top_p <= 1:  # also false for NaN
+        violations.append(FieldViolation(f"{where}.top_p", f"must be in (0, 1], got {top_p}"))
+    stop_strings = tuple(params.stop_strs.strings)
+    for i, stop in enumerate(stop_strings):
+        if not stop:
+            violations.append(FieldViolation(f"{where}.stop_strs.strings[{i}]", "is empty"))
+    stop_tokens = np.asarray(params.stop_tokens.tokens, dtype=np.int64)
+    _check_token_range(stop_tokens, f"{where}.stop_tokens.tokens", vocab_size, violations)
+    seed = params.seed if params.HasField("seed") else secrets.randbits(63)
+    return SamplingSettings(max_tokens=max_tokens, seed=seed, temperature=temperature, top_k=max(top_k, 0),
+                            top_p=top_p, stop_strings=stop_strings,
+                            stop_tokens=frozenset(stop_tokens.tolist()))

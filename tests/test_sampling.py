@@ -1,0 +1,437 @@
+"""SamplingService and SamplingClient: determinism, exactness against in-process
+PyTorch on the same weights, agreement with training-side logprobs, stops,
+streaming, and bad input that is rejected without touching any training run."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+import grpc
+import numpy as np
+import peft
+import pytest
+import safetensors.torch
+import torch
+from google.longrunning import operations_pb2, operations_pb2_grpc
+
+import gradwire
+from gradwire import _codec
+from gradwire.v1 import sampling_service_pb2 as pb
+from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
+from gradwire_server.models import tiny_random_model, tiny_random_tokenizer
+from reference import assert_state_equal, random_data, reference_model, run_state, trained_run
+from test_grpcurl import grpcurl
+
+PROMPT = [72, 101, 108, 108, 111, 44, 32]
+RANK = 4
+
+
+def prompt_input(tokens=PROMPT) -> gradwire.ModelInput:
+    return gradwire.ModelInput.from_ints(tokens)
+
+
+def save_sampler_weights(server, run_id: str, name: str) -> str:
+    """Writes the run's adapter as a standard peft folder under the server's
+    checkpoint dir, as save_weights_for_sampler does; returns its model_path."""
+    folder = server.server.config.checkpoint_dir / run_id / "sampler_weights" / name
+
+    def write():
+        model = server.engine.peft_model
+        weights = peft.get_peft_model_state_dict(model, adapter_name=run_id, save_embedding_layers=False)
+        folder.mkdir(parents=True)
+        model.peft_config[run_id].save_pretrained(str(folder))
+        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                                    str(folder / "adapter_model.safetensors"))
+
+    server.call(write)
+    return f"gradwire://{run_id}/sampler_weights/{name}"
+
+
+@pytest.fixture(scope="module")
+def trained(server, service):
+    """(training client, model_path) of a trained run saved as sampler weights."""
+    tc = trained_run(service, rank=RANK, seed=1)
+    return tc, save_sampler_weights(server, tc.model_id, "step1")
+
+
+@pytest.fixture(scope="module")
+def base_sampler(service):
+    return service.create_sampling_client(base_model="tiny-random")
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
+    """Full-recompute argmax loop, no KV cache."""
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def sample(client, num_samples=1, prompt=PROMPT, **params) -> gradwire.SampleResponse:
+    return client.sample(prompt_input(prompt), num_samples, gradwire.SamplingParams(**params)).result()
+
+
+# ---- determinism and exactness --------------------------------------------------------------------
+
+def test_same_seed_same_tokens_and_other_seeds_differ(base_sampler):
+    first = sample(base_sampler, 3, max_tokens=12, seed=7)
+    again = sample(base_sampler, 3, max_tokens=12, seed=7)
+    other = sample(base_sampler, 3, max_tokens=12, seed=8)
+    assert [s.tokens for s in first.sequences] == [s.tokens for s in again.sequences]
+    assert [s.logprobs for s in first.sequences] == [s.logprobs for s in again.sequences]
+    assert [s.tokens for s in first.sequences] != [s.tokens for s in other.sequences]
+    assert len({tuple(s.tokens) for s in first.sequences}) == 3  # the samples of one request differ
+    assert all(len(s.tokens) == 12 and s.stop_reason == "length" for s in first.sequences)
+
+
+def test_greedy_and_top_k_1_equal_reference_argmax(base_sampler):
+    expected = greedy_reference(tiny_random_model(), PROMPT, 20)
+    greedy = sample(base_sampler, 2, max_tokens=20, temperature=0.0)
+    top1 = sample(base_sampler, 1, max_tokens=20, seed=3, top_k=1)
+    assert [s.tokens for s in greedy.sequences] == [expected, expected]
+    assert top1.sequences[0].tokens == expected
+
+
+def test_greedy_with_trained_adapter_equals_reference(server, service, trained):
+    tc, model_path = trained
+    expected = greedy_reference(reference_model(server, tc.model_id, RANK), PROMPT, 20)
+    sampler = service.create_sampling_client(model_path=model_path)
+    assert sample(sampler, 1, max_tokens=20, temperature=0.0).sequences[0].tokens == expected
+
+
+@pytest.mark.parametrize("adapter", ["base", "trained"])
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9),
+                                    dict(temperature=1.0, stop=list(range(0, 320, 6)))],
+                         ids=["plain", "tempered", "early stops"])
+def test_sampled_logprobs_equal_training_forward(service, trained, adapter, params):
+    """The sampler's logprob of each token equals forward's logprob of the same
+    tokens on a run with the same weights (a fresh run's adapter is zero: the base)."""
+    if adapter == "base":
+        tc = service.create_lora_training_client("tiny-random", rank=RANK, seed=5)
+        sampler = service.create_sampling_client(base_model="tiny-random")
+    else:
+        tc, model_path = trained
+        sampler = service.create_sampling_client(model_path=model_path)
+    response = sample(sampler, 4, max_tokens=12, seed=11, **params)
+    if "stop" in params:  # samples leave the batch at different steps
+        assert len({len(s.tokens) for s in response.sequences}) > 1
+    data = []
+    for sequence in response.sequences:
+        ids = PROMPT + sequence.tokens
+        data.append(gradwire.Datum(model_input=prompt_input(ids[:-1]),
+                                   loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)}))
+    out = tc.forward(data, "cross_entropy").result()
+    for sequence, output in zip(response.sequences, out.loss_fn_outputs):
+        trained_side = output["logprobs"].to_numpy()[len(PROMPT) - 1:]
+        np.testing.assert_allclose(sequence.logprobs, trained_side, rtol=0, atol=1e-4)
+
+
+def test_prompt_logprobs_and_topk_equal_reference(server, service, trained):
+    tc, model_path = trained
+    sampler = service.create_sampling_client(model_path=model_path)
+    response = sampler.sample(prompt_input(), 1, gradwire.SamplingParams(max_tokens=1, seed=0),
+                              include_prompt_logprobs=True, topk_prompt_logprobs=3).result()
+    with torch.no_grad():
+        logits = reference_model(server, tc.model_id, RANK)(input_ids=torch.tensor([PROMPT])).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)[:-1]
+    expected = logprobs.gather(-1, torch.tensor(PROMPT[1:])[:, None])[:, 0].numpy()
+    assert response.prompt_logprobs[0] is None
+    np.testing.assert_allclose(response.prompt_logprobs[1:], expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(sampler.compute_logprobs(prompt_input()).result()[1:], expected, rtol=0, atol=1e-5)
+    top = torch.topk(logprobs, 3, dim=-1)
+    assert response.topk_prompt_logprobs[0] is None
+    assert [[t for t, _ in row] for row in response.topk_prompt_logprobs[1:]] == top.indices.tolist()
+    np.testing.assert_allclose([[v for _, v in row] for row in response.topk_prompt_logprobs[1:]],
+                               top.values.numpy(), rtol=0, atol=1e-5)
+
+
+# ---- stops ------------------------------------------------------------------------------------------
+
+def test_stop_token_stop_string_and_length(base_sampler):
+    greedy = greedy_reference(tiny_random_model(), PROMPT, 24)
+    stop_token = greedy[5]
+    by_token = sample(base_sampler, 1, max_tokens=24, temperature=0.0, stop=[stop_token]).sequences[0]
+    assert by_token.stop_reason == "stop"
+    assert by_token.tokens == greedy[:greedy.index(stop_token) + 1]
+
+    tokenizer = tiny_random_tokenizer()
+    text = tokenizer.decode(greedy)
+    stop_string = text[len(text) // 2:len(text) // 2 + 2]
+    assert len(stop_string) == 2
+    end = next(j for j in range(len(greedy)) if stop_string in tokenizer.decode(greedy[:j + 1]))
+    by_string = sample(base_sampler, 1, max_tokens=24, temperature=0.0, stop=stop_string).sequences[0]
+    assert by_string.stop_reason == "stop"
+    assert by_string.tokens == greedy[:end + 1]
+
+    never = sample(base_sampler, 1, max_tokens=6, temperature=0.0, stop=["\x00never\x00"]).sequences[0]
+    assert never.stop_reason == "length" and never.tokens == greedy[:6]
+
+
+# ---- streaming ----------------------------------------------------------------------------------------
+
+def test_stream_yields_the_tokens_of_sample(service, trained):
+    _, model_path = trained
+    sampler = service.create_sampling_client(model_path=model_path)
+    params = gradwire.SamplingParams(max_tokens=40, seed=21, stop=[7, 9, 11])
+    expected = sampler.sample(prompt_input(), 3, params).result().sequences
+    tokens, logprobs, reasons, pieces = [[], [], []], [[], [], []], [None] * 3, 0
+    for piece in sampler.sample_stream(prompt_input(), 3, params):
+        assert reasons[piece.sequence_index] is None  # nothing after a sample's last piece
+        tokens[piece.sequence_index] += piece.tokens
+        logprobs[piece.sequence_index] += piece.logprobs
+        reasons[piece.sequence_index] = piece.stop_reason
+        pieces += 1
+    assert tokens == [s.tokens for s in expected]
+    assert logprobs == [s.logprobs for s in expected]
+    assert reasons == [s.stop_reason for s in expected]
+    assert pieces > 3  # several decode turns, not one final message
+
+
+def test_stream_sends_prompt_scores_first(server):
+    channel = grpc.insecure_channel(server.address)
+    stub = pb_grpc.SamplingServiceStub(channel)
+    request = pb.SampleRequest(base_model="tiny-random", prompt=[_codec.tokens_to_chunk(np.array(PROMPT))],
+                               sampling_params=pb.SamplingParams(max_tokens=20, seed=3),
+                               include_prompt_logprobs=True, topk_prompt_logprobs=2)
+    messages = list(stub.SampleStream(request))
+    operations = operations_pb2_grpc.OperationsStub(channel)
+    done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=stub.Sample(request).name))
+    operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=done.name))
+    unary = pb.SampleResponse()
+    done.response.Unpack(unary)
+    assert messages[0].prompt_logprobs == unary.prompt_logprobs
+    assert messages[0].topk_prompt_logprobs == unary.topk_prompt_logprobs
+    assert not any(m.HasField("prompt_logprobs") for m in messages[1:])
+    assert b"".join(p.tokens for m in messages for p in m.samples) == unary.sequences[0].tokens
+    channel.close()
+
+
+def test_leaving_a_stream_ends_it_on_the_server(server, base_sampler):
+    """Closing the iterator cancels the call; the server drops the job and its operation."""
+    operations_before = server.server.store.names("operations/sampling/")
+    pieces = base_sampler.sample_stream(prompt_input(), 2, gradwire.SamplingParams(max_tokens=1000, seed=1))
+    first = next(pieces)
+    assert first.tokens and first.stop_reason is None
+    pieces.close()
+
+    def sampling_left():
+        queued = [key for key in server.server.scheduler._ready if key.startswith("operations/sampling/")]
+        return queued, server.server.store.names("operations/sampling/")
+
+    deadline = time.monotonic() + 30
+    while sampling_left() != ([], operations_before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sampling_left() == ([], operations_before)
+
+
+def test_async_twins_and_client_futures(service, base_sampler):
+    async def run():
+        sampler = await service.create_sampling_client_async(base_model="tiny-random")
+        assert await sampler is sampler and sampler.result() is sampler
+        future = await sampler.sample_async(prompt_input(), 2, gradwire.SamplingParams(max_tokens=5, seed=4))
+        logprobs = await (await sampler.compute_logprobs_async(prompt_input()))
+        streamed = [piece async for piece in sampler.sample_stream_async(
+            prompt_input(), 2, gradwire.SamplingParams(max_tokens=5, seed=4))]
+        return await future, logprobs, streamed
+
+    response, logprobs, streamed = asyncio.run(run())
+    assert response == sample(base_sampler, 2, max_tokens=5, seed=4)
+    assert logprobs == base_sampler.compute_logprobs(prompt_input()).result()
+    assert [[t for piece in streamed if piece.sequence_index == i for t in piece.tokens] for i in (0, 1)] \
+        == [s.tokens for s in response.sequences]
+    assert base_sampler.get_tokenizer().decode([72, 105]) == "Hi"
+
+
+def test_sample_is_a_long_running_operation(server):
+    """Sample answers with an Operation that Operations.Get / Wait / Delete serve."""
+    channel = grpc.insecure_channel(server.address)
+    operations = operations_pb2_grpc.OperationsStub(channel)
+    request = pb.SampleRequest(base_model="tiny-random", prompt=[_codec.tokens_to_chunk(np.array(PROMPT))],
+                               sampling_params=pb.SamplingParams(max_tokens=4, temperature=0.0),
+                               request_id="retried-sample")
+    operation = pb_grpc.SamplingServiceStub(channel).Sample(request)
+    assert operation.name.startswith("operations/sampling/")
+    assert pb_grpc.SamplingServiceStub(channel).Sample(request).name == operation.name  # a retry (AIP-155)
+    done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=operation.name))
+    assert done.done and operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name)).done
+    response = pb.SampleResponse()
+    done.response.Unpack(response)
+    assert np.frombuffer(response.sequences[0].tokens, "<i4").tolist() == greedy_reference(
+        tiny_random_model(), PROMPT, 4)
+    operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=operation.name))
+    with pytest.raises(grpc.RpcError) as raised:
+        operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    channel.close()
+
+
+def test_sample_stream_typed_into_grpcurl(cli_server):
+    """Reflection lists SamplingService, and a hand-typed SampleStream streams the greedy tokens."""
+    assert "gradwire.v1.SamplingService" in grpcurl(cli_server, "list").stdout.split()
+    result = grpcurl(cli_server, "gradwire.v1.SamplingService/SampleStream", data={
+        "base_model": "tiny-random", "prompt": [{"encoded_text": {"token_ids": PROMPT}}], "num_samples": 2,
+        "sampling_params": {"max_tokens": 20, "temperature": 0}})
+    assert result.returncode == 0, result.stderr
+    decoder, text, messages = json.JSONDecoder(), result.stdout.strip(), []
+    while text:
+        message, end = decoder.raw_decode(text)
+        messages.append(message)
+        text = text[end:].strip()
+    assert len(messages) > 1
+    tokens = {0: [], 1: []}
+    for message in messages:
+        for piece in message["samples"]:
+            tokens[piece.get("sequenceIndex", piece.get("sequence_index", 0))] += np.frombuffer(
+                base64.b64decode(piece.get("tokens", "")), "<i4").tolist()
+    expected = greedy_reference(tiny_random_model(), PROMPT, 20)
+    assert tokens == {0: expected, 1: expected}
+
+
+def test_training_interleaves_with_a_long_sample_which_can_be_cancelled(server, service):
+    """A training request submitted during a long generation runs between its
+    decode turns instead of waiting for it; CancelOperation stops the generation."""
+    tc = service.create_lora_training_client("tiny-random", rank=RANK, seed=6)
+    channel = grpc.insecure_channel(server.address)
+    operations = operations_pb2_grpc.OperationsStub(channel)
+    request = pb.SampleRequest(base_model="tiny-random", prompt=[_codec.tokens_to_chunk(np.array(PROMPT))],
+                               num_samples=8, sampling_params=pb.SamplingParams(max_tokens=1000, seed=0))
+    name = pb_grpc.SamplingServiceStub(channel).Sample(request).name
+    tc.forward(random_data(7), "cross_entropy").result()
+    assert not operations.GetOperation(operations_pb2.GetOperationRequest(name=name)).done
+    operations.CancelOperation(operations_pb2.CancelOperationRequest(name=name))
+    done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=name))
+    assert done.done and done.error.code == grpc.StatusCode.CANCELLED.value[0]
+    operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name))
+    channel.close()
+
+
+# ---- training is left alone -----------------------------------------------------------------------------
+
+def _training_view(server, run_id: str):
+    """The run's weights/grads, the active adapter, every requires_grad flag and the global RNG."""
+    def read():
+        model = server.engine.peft_model
+        return (model.active_adapter, {n: p.requires_grad for n, p in model.named_parameters()},
+                torch.get_rng_state())
+    return run_state(server, run_id), *server.call(read)
+
+
+def _assert_training_view_equal(before, after) -> None:
+    assert_state_equal(before[0], after[0])
+    assert before[1] == after[1], "active adapter changed"
+    assert {n: f for n, f in after[2].items() if n in before[2]} == before[2], "requires_grad changed"
+    assert torch.equal(before[3], after[3]), "global RNG changed"
+
+
+def test_sampling_leaves_training_runs_untouched(server, service, trained):
+    _, model_path = trained
+    tc = trained_run(service, rank=RANK, seed=2)
+    tc.forward_backward(random_data(3), "cross_entropy").result()  # accumulated gradients to protect
+    other_path = save_sampler_weights(server, tc.model_id, "untouched")
+    # A run created after the active one: its parameters require grad while inactive.
+    service.create_lora_training_client("tiny-random", rank=RANK, seed=3)
+    before = _training_view(server, tc.model_id)
+    for path in (model_path, other_path):
+        sample(service.create_sampling_client(model_path=path), 2, max_tokens=20, seed=1)
+    sample(service.create_sampling_client(base_model="tiny-random"), 2, max_tokens=20, seed=1)
+    _assert_training_view_equal(before, _training_view(server, tc.model_id))
+
+
+def test_adapter_cache_evicts_least_recently_used(server, service, trained):
+    """Six checkpoints (of equal weights) through a cache of four, while a long
+    generation from the first one is running: it survives its adapter's
+    eviction and gives the tokens it gives alone."""
+    tc, _ = trained
+    paths = [save_sampler_weights(server, tc.model_id, f"lru{i}") for i in range(6)]
+    samplers = [service.create_sampling_client(model_path=path) for path in paths]
+    params = gradwire.SamplingParams(max_tokens=150, seed=2)
+    alone = samplers[0].sample(prompt_input(), 1, params).result()
+    long_one = samplers[0].sample(prompt_input(), 1, params)
+    short = [s.sample(prompt_input(), 1, gradwire.SamplingParams(max_tokens=6, seed=2)) for s in samplers[1:]]
+    assert long_one.result() == alone
+    assert len({tuple(f.result().sequences[0].tokens) for f in short}) == 1
+    loaded = server.call(lambda: [n for n in server.engine.peft_model.peft_config if n.startswith("sampler-")])
+    assert len(loaded) == server.server.sampling.adapters.capacity
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+BAD_PARAMS = [
+    ("max_tokens zero", 1, PROMPT, dict(max_tokens=0), "sampling_params.max_tokens", "must be >= 1"),
+    ("top_p zero", 1, PROMPT, dict(max_tokens=4, top_p=0.0), "sampling_params.top_p", "(0, 1]"),
+    ("top_p above one", 1, PROMPT, dict(max_tokens=4, top_p=1.5), "sampling_params.top_p", "(0, 1]"),
+    ("negative temperature", 1, PROMPT, dict(max_tokens=4, temperature=-0.5), "sampling_params.temperature",
+     ">= 0"),
+    ("no samples", 0, PROMPT, dict(max_tokens=4), "num_samples", "must be >= 1"),
+    ("past the context", 1, [1] * 1000, dict(max_tokens=25), "sampling_params.max_tokens", "context of 1024"),
+    ("prompt fills the context", 1, [1] * 1024, dict(max_tokens=1), "prompt", "no room"),
+    ("prompt token outside vocab", 1, [1, 320, 2], dict(max_tokens=4), "prompt", "outside the vocabulary"),
+    ("stop token outside vocab", 1, PROMPT, dict(max_tokens=4, stop=[5, -1]), "sampling_params.stop_tokens.tokens",
+     "outside the vocabulary"),
+    ("empty prompt", 1, [], dict(max_tokens=4), "prompt", "empty"),
+]
+
+
+@pytest.mark.parametrize("case, num_samples, prompt, params, field, words", BAD_PARAMS,
+                         ids=[c[0] for c in BAD_PARAMS])
+def test_bad_sample_is_rejected_and_changes_nothing(server, service, trained, case, num_samples, prompt,
+                                                    params, field, words):
+    tc, model_path = trained
+    tc.forward_backward(random_data(4), "cross_entropy").result()
+    before = _training_view(server, tc.model_id)
+    sampler = service.create_sampling_client(model_path=model_path)
+    with pytest.raises(gradwire.BadRequestError) as raised:
+        sample(sampler, num_samples, prompt, **params)
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in str(raised.value) and words in str(raised.value)
+    _assert_training_view_equal(before, _training_view(server, tc.model_id))
+    tc.optim_step(gradwire.AdamParams(learning_rate=1e-3)).result()  # clears the gradients for the next case
+
+
+@pytest.mark.parametrize("model, error, field", [
+    (dict(model_path="gradwire://run-nope/sampler_weights/missing"), gradwire.NotFoundError, "model_path"),
+    (dict(model_path="gradwire://../sampler_weights/x"), gradwire.BadRequestError, "model_path"),
+    (dict(model_path="gradwire://run-1/weights/x"), gradwire.BadRequestError, "model_path"),
+    (dict(base_model="no-such-model"), gradwire.NotFoundError, "base_model"),
+], ids=["missing checkpoint", "path escape", "not sampler weights", "unknown base model"])
+def test_unknown_weights_are_rejected(service, model, error, field):
+    sampler = service.create_sampling_client(**model)
+    with pytest.raises(error) as raised:
+        sample(sampler, 1, max_tokens=4)
+    assert field in str(raised.value)
+    with pytest.raises(error):
+        sampler.compute_logprobs(prompt_input()).result()
+
+
+@pytest.mark.parametrize("prompt, words", [([], "empty"), ([1] * 1025, "context of 1024"),
+                                           ([3, 400], "outside the vocabulary")])
+def test_bad_compute_logprobs_prompt(base_sampler, prompt, words):
+    with pytest.raises(gradwire.BadRequestError) as raised:
+        base_sampler.compute_logprobs(prompt_input(prompt)).result()
+    assert "prompt" in str(raised.value) and words in str(raised.value)
+
+
+def test_unreadable_adapter_folder_fails_the_operation(server, service, trained):
+    tc, _ = trained
+    folder = server.server.config.checkpoint_dir / tc.model_id / "sampler_weights" / "broken"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    before = _training_view(server, tc.model_id)
+    sampler = service.create_sampling_client(model_path=f"gradwire://{tc.model_id}/sampler_weights/broken")
+    with pytest.raises(gradwire.BadRequestError) as raised:
+        sample(sampler, 1, max_tokens=4)
+    assert "model_path" in str(raised.value) and "adapter_model.safetensors" in str(raised.value)
+    safetensors.torch.save_file({"base_model.model.no_such.lora_A.weight": torch.zeros(2, 2)},
+                                str(folder / "adapter_model.safetensors"))
+    with pytest.raises(gradwire.BadRequestError, match="model_path"):
+        sample(sampler, 1, max_tokens=4)
+    _assert_training_view_equal(before, _training_view(server, tc.model_id))
+
+
+def test_topk_prompt_logprobs_limit(base_sampler):
+    with pytest.raises(gradwire.BadRequestError, match="topk_prompt_logprobs"):
+        base_sampler.sample(prompt_input(), 1, gradwire.SamplingParams(max_tokens=1),
+                            topk_prompt_logprobs=21).result()
