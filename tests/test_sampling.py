@@ -10,9 +10,7 @@ import time
 
 import grpc
 import numpy as np
-import peft
 import pytest
-import safetensors.torch
 import torch
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
@@ -20,6 +18,7 @@ import gradwire
 from gradwire import _codec
 from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
+from gradwire_server import checkpoints
 from gradwire_server.models import tiny_random_model, tiny_random_tokenizer
 from reference import assert_state_equal, random_data, reference_model, run_state, trained_run
 from test_grpcurl import grpcurl
@@ -32,28 +31,11 @@ def prompt_input(tokens=PROMPT) -> gradwire.ModelInput:
     return gradwire.ModelInput.from_ints(tokens)
 
 
-def save_sampler_weights(server, run_id: str, name: str) -> str:
-    """Writes the run's adapter as a standard peft folder under the server's
-    checkpoint dir, as save_weights_for_sampler does; returns its model_path."""
-    folder = server.server.config.checkpoint_dir / run_id / "sampler_weights" / name
-
-    def write():
-        model = server.engine.peft_model
-        weights = peft.get_peft_model_state_dict(model, adapter_name=run_id, save_embedding_layers=False)
-        folder.mkdir(parents=True)
-        model.peft_config[run_id].save_pretrained(str(folder))
-        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
-                                    str(folder / "adapter_model.safetensors"))
-
-    server.call(write)
-    return f"gradwire://{run_id}/sampler_weights/{name}"
-
-
 @pytest.fixture(scope="module")
 def trained(server, service):
     """(training client, model_path) of a trained run saved as sampler weights."""
     tc = trained_run(service, rank=RANK, seed=1)
-    return tc, save_sampler_weights(server, tc.model_id, "step1")
+    return tc, tc.save_weights_for_sampler("step1").result().path
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +312,7 @@ def test_sampling_leaves_training_runs_untouched(server, service, trained):
     _, model_path = trained
     tc = trained_run(service, rank=RANK, seed=2)
     tc.forward_backward(random_data(3), "cross_entropy").result()  # accumulated gradients to protect
-    other_path = save_sampler_weights(server, tc.model_id, "untouched")
+    other_path = tc.save_weights_for_sampler("untouched").result().path
     # A run created after the active one: its parameters require grad while inactive.
     service.create_lora_training_client("tiny-random", rank=RANK, seed=3)
     before = _training_view(server, tc.model_id)
@@ -345,7 +327,7 @@ def test_adapter_cache_evicts_least_recently_used(server, service, trained):
     generation from the first one is running: it survives its adapter's
     eviction and gives the tokens it gives alone."""
     tc, _ = trained
-    paths = [save_sampler_weights(server, tc.model_id, f"lru{i}") for i in range(6)]
+    paths = [tc.save_weights_for_sampler(f"lru{i}").result().path for i in range(6)]
     samplers = [service.create_sampling_client(model_path=path) for path in paths]
     params = gradwire.SamplingParams(max_tokens=150, seed=2)
     alone = samplers[0].sample(prompt_input(), 1, params).result()
@@ -414,20 +396,15 @@ def test_bad_compute_logprobs_prompt(base_sampler, prompt, words):
     assert "prompt" in str(raised.value) and words in str(raised.value)
 
 
-def test_unreadable_adapter_folder_fails_the_operation(server, service, trained):
+def test_damaged_adapter_file_fails_the_operation(server, service, trained):
     tc, _ = trained
-    folder = server.server.config.checkpoint_dir / tc.model_id / "sampler_weights" / "broken"
-    folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text("{}")
+    path = tc.save_weights_for_sampler("broken").result().path
+    adapter = checkpoints.checkpoint_directory(server.server.checkpoint_root, path) / "adapter_model.safetensors"
     before = _training_view(server, tc.model_id)
-    sampler = service.create_sampling_client(model_path=f"gradwire://{tc.model_id}/sampler_weights/broken")
-    with pytest.raises(gradwire.BadRequestError) as raised:
-        sample(sampler, 1, max_tokens=4)
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    with pytest.raises(gradwire.GradwireError) as raised:
+        sample(service.create_sampling_client(model_path=path), 1, max_tokens=4)
     assert "model_path" in str(raised.value) and "adapter_model.safetensors" in str(raised.value)
-    safetensors.torch.save_file({"base_model.model.no_such.lora_A.weight": torch.zeros(2, 2)},
-                                str(folder / "adapter_model.safetensors"))
-    with pytest.raises(gradwire.BadRequestError, match="model_path"):
-        sample(sampler, 1, max_tokens=4)
     _assert_training_view_equal(before, _training_view(server, tc.model_id))
 
 
@@ -435,3 +412,21 @@ def test_topk_prompt_logprobs_limit(base_sampler):
     with pytest.raises(gradwire.BadRequestError, match="topk_prompt_logprobs"):
         base_sampler.sample(prompt_input(), 1, gradwire.SamplingParams(max_tokens=1),
                             topk_prompt_logprobs=21).result()
+
+
+def test_save_weights_and_get_sampling_client_samples_the_current_weights(service):
+    """The sampler sees the run's weights at the moment of saving: its prompt logprobs
+    equal the run's forward logprobs then, and no longer after another step."""
+    tc = trained_run(service, rank=RANK, seed=4)
+    tokens = PROMPT + [5, 9, 33]
+    datum = gradwire.Datum(model_input=gradwire.ModelInput.from_ints(tokens[:-1]),
+                           loss_fn_inputs={"target_tokens": tokens[1:]})
+    sampler = tc.save_weights_and_get_sampling_client()
+    training = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    tc.forward_backward([datum], "cross_entropy")
+    tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
+    sampled = np.array(sampler.compute_logprobs(prompt_input(tokens)).result()[1:])
+    np.testing.assert_allclose(sampled, training, atol=1e-4)
+    stepped = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    assert np.abs(stepped - training).max() > 1e-3
+    assert sample(sampler, 2, max_tokens=5, seed=0).sequences[1].tokens

@@ -56,8 +56,8 @@ class SamplerAdapters:
         try:
             config = peft.LoraConfig.from_pretrained(str(folder))
             weights = safetensors.torch.load_file(str(folder / ADAPTER_WEIGHTS), device=str(self.engine.device))
-        except (OSError, ValueError, TypeError) as error:
-            raise AdapterLoadError(f"cannot read the adapter: {error}") from None
+        except Exception as error:  # noqa: BLE001 - any decoding failure means a damaged file
+            raise AdapterLoadError(f"cannot read the adapter ({ADAPTER_WEIGHTS}): {error}") from None
         config.inference_mode = True
         engine = self.engine
         # Adding an adapter initialises it randomly: keep the global RNG untouched.

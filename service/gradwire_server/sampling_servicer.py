@@ -23,9 +23,9 @@ _MAX_REMEMBERED_REQUESTS = 4096  # request_ids kept before forgetting finished, 
 
 
 class SamplingServicer(pb_grpc.SamplingServiceServicer):
-    def __init__(self, store: OperationStore, checkpoint_dir: pathlib.Path | None):
+    def __init__(self, store: OperationStore, checkpoint_root: pathlib.Path):
         self.store = store
-        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_root = checkpoint_root
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
         self.info: ModelInfo | None = None
@@ -86,7 +86,7 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
                 return self.store.get(existing)
             except ServiceError:
                 del self._operation_of_request[request.request_id]  # expired or deleted: a new request
-        folder = sampling_validation.weights_folder(request, info.name, self.checkpoint_dir)
+        folder = sampling_validation.weights_folder(request, info.name, self.checkpoint_root)
         spec = validate(info)
         task = SampleTask(self.engine, self.adapters, folder, spec, stream=stream)
         record = self.scheduler.submit_unordered(OPERATION_OWNER, kind, task)

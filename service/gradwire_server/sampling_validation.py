@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import math
 import pathlib
-import re
 import secrets
 from collections.abc import Sequence
 
+import grpc
 import numpy as np
 
 from gradwire import _codec
 from gradwire.v1 import sampling_service_pb2 as pb
-from gradwire_server.errors import FieldViolation, invalid_argument, not_found
+from gradwire_server import checkpoints
+from gradwire_server.errors import FieldViolation, ServiceError, invalid_argument, not_found
 from gradwire_server.sampler import SampleSpec, SamplingSettings
 from gradwire_server.validation import _check_token_range
 
@@ -21,29 +22,27 @@ MAX_TOPK_PROMPT_LOGPROBS = 20
 # Sample's response rides inside one Operation, within gRPC's 4 MiB default.
 MAX_RESPONSE_BYTES = 3 * 1024 * 1024
 _BYTES_PER_SAMPLED_TOKEN = 8   # int32 token + float32 logprob
-_SAMPLER_PATH = re.compile(r"gradwire://(?P<run_id>[^/]+)/sampler_weights/(?P<name>[^/]+)")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def sampler_weights_folder(checkpoint_dir: pathlib.Path | None, model_path: str) -> pathlib.Path:
-    """The folder of `gradwire://<run_id>/sampler_weights/<name>`:
-    checkpoint_dir/<run_id>/sampler_weights/<name>. Each part must be a plain
-    name (no "/", no "..") so a path cannot leave checkpoint_dir."""
-    match = _SAMPLER_PATH.fullmatch(model_path)
-    if match is None or not all(_SAFE_NAME.fullmatch(part) and ".." not in part for part in match.groups()):
+def sampler_weights_folder(checkpoint_root: pathlib.Path, model_path: str, served_model: str) -> pathlib.Path:
+    """The folder of the complete sampler checkpoint `model_path`
+    (gradwire://<run_id>/sampler_weights/<name>) of the served base model."""
+    if checkpoints.parse_path(model_path, "model_path").kind != "sampler_weights":
         raise invalid_argument([FieldViolation(
-            "model_path", f"{model_path!r} is not of the form gradwire://<run_id>/sampler_weights/<name> "
-                          "(names of letters, digits, '.', '_', '-')")])
-    if checkpoint_dir is None:
-        raise not_found("model_path", f"{model_path} (this server has no checkpoint directory)")
-    folder = checkpoint_dir / match["run_id"] / "sampler_weights" / match["name"]
-    if not folder.is_dir():
-        raise not_found("model_path", model_path)
-    return folder
+            "model_path", f"{model_path!r} is a training checkpoint; sample from a "
+                          "gradwire://<run_id>/sampler_weights/<name> path (save_weights_for_sampler)")])
+    try:
+        checkpoint = checkpoints.find(checkpoint_root, model_path, "model_path")
+    except ServiceError as error:
+        if error.code == grpc.StatusCode.NOT_FOUND:
+            raise not_found("model_path", model_path) from None
+        raise
+    checkpoints.check_base_model(checkpoint, served_model)
+    return checkpoint.folder
 
 
 def weights_folder(request: pb.SampleRequest | pb.ComputeLogprobsRequest, served_model: str,
-                   checkpoint_dir: pathlib.Path | None) -> pathlib.Path | None:
+                   checkpoint_root: pathlib.Path) -> pathlib.Path | None:
     """The sampler checkpoint folder the request names, or None for the base model."""
     which = request.WhichOneof("model")
     if which is None:
@@ -52,7 +51,7 @@ def weights_folder(request: pb.SampleRequest | pb.ComputeLogprobsRequest, served
         if request.base_model != served_model:
             raise not_found("base_model", f"{request.base_model} (this server serves {served_model!r})")
         return None
-    return sampler_weights_folder(checkpoint_dir, request.model_path)
+    return sampler_weights_folder(checkpoint_root, request.model_path, served_model)
 
 
 def sample_spec(request: pb.SampleRequest, vocab_size: int, max_context: int) -> SampleSpec:
