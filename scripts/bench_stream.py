@@ -13,10 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
-import subprocess
-import sys
-import threading
 import time
 
 import numpy as np
@@ -25,21 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADWIRE_PROGRESS", "0")
 
 import gradwire  # noqa: E402
+from local_server import start_server  # noqa: E402
 from gradwire import client  # noqa: E402
-
-
-def start_server(model: str = "tiny-random", *args: str) -> tuple[subprocess.Popen, str]:
-    """A `gradwire-server --model MODEL --port 0 ARGS...` subprocess and its address."""
-    process = subprocess.Popen([sys.executable, "-m", "gradwire_server", "--model", model,
-                                "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    for line in process.stdout:
-        match = re.search(r"listening on (\S+)", line)
-        if match:
-            # Keep reading its output so the server never blocks on a full pipe.
-            threading.Thread(target=process.stdout.read, daemon=True).start()
-            return process, match.group(1)
-    raise RuntimeError("server did not start")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -58,7 +41,7 @@ def datums(count: int, tokens: int, seed: int = 0):
 
 def streamed_peak(count: int, tokens: int) -> tuple[float, float]:
     """(peak RSS after loading, peak RSS after streaming `count` datums) of a fresh server."""
-    process, address = start_server()
+    process, address = start_server("tiny-random")
     try:
         tc = gradwire.ServiceClient(address).create_lora_training_client("tiny-random", rank=8, seed=0)
         tc.forward_backward(list(datums(4, tokens)), "cross_entropy").result()  # warm up
@@ -86,7 +69,7 @@ def main() -> None:
     base_1x, peak_1x = streamed_peak(args.datums, args.tokens)
     base_8x, peak_8x = streamed_peak(8 * args.datums, args.tokens)
 
-    process, address = start_server()
+    process, address = start_server("tiny-random")
     try:
         tc = gradwire.ServiceClient(address).create_lora_training_client("tiny-random", rank=8, seed=0)
         data = list(datums(96, args.tokens, seed=1))  # ~2.5 MiB: fits one unary message

@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import gradwire
+from local_server import local_server
 
 # (prompt, chosen completion, rejected completion)
 PREFERENCES = [
@@ -99,35 +95,6 @@ def evaluate(tc: gradwire.TrainingClient, data: list[gradwire.Datum], beta: floa
     out = tc.forward(plain, "cross_entropy").result()
     loss, margins = preference_stats(data, [o["logprobs"].to_torch() for o in out.loss_fn_outputs], beta)
     return PreferenceStats(loss.item(), (margins > 0).float().mean().item(), margins.mean().item())
-
-
-@contextlib.contextmanager
-def local_server(model: str) -> Iterator[str]:
-    """A `gradwire-server` subprocess on a free port; yields its address."""
-    with tempfile.TemporaryDirectory() as workdir:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gradwire_server", "--model", model, "--port", "0",
-             "--checkpoint-dir", os.path.join(workdir, "checkpoints")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        address: list[str] = []
-        ready = threading.Event()
-
-        def drain() -> None:
-            for line in process.stdout:
-                if not address and "gradwire-server listening on " in line:
-                    address.append(line.rsplit("listening on ", 1)[1].strip())
-                    ready.set()
-            ready.set()  # exited
-
-        threading.Thread(target=drain, daemon=True).start()
-        try:
-            ready.wait(timeout=300)
-            if not address:
-                raise SystemExit(f"gradwire-server --model {model} did not start")
-            yield address[0]
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
 
 
 def train(base_url: str, model: str | None, steps: int, beta: float, learning_rate: float,

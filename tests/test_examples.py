@@ -11,6 +11,8 @@ SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / "scripts"
 
 
 def load_script(name: str):
+    if str(SCRIPTS) not in sys.path:
+        sys.path.append(str(SCRIPTS))  # the scripts import their shared local_server module
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
