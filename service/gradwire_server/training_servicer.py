@@ -177,10 +177,14 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         try:
             self._ready()
             ops, path, optimizer = self.ops, request.path, request.optimizer
-            ops.loadable(path, optimizer)
             user_metadata = dict(request.user_metadata)
-            run_id = await self._create_once(request.request_id, lambda: self.scheduler.run_on_worker(
-                "create_from_state", lambda: ops.create_from_state(path, optimizer, user_metadata)))
+
+            async def create() -> str:
+                await asyncio.to_thread(ops.loadable, path, optimizer)  # fails fast, off the loop
+                return await self.scheduler.run_on_worker(
+                    "create_from_state", lambda: ops.create_from_state(path, optimizer, user_metadata))
+
+            run_id = await self._create_once(request.request_id, create)
             return pb.CreateModelResponse(model_id=run_id)
         except ServiceError as error:
             await abort(context, error)
