@@ -250,7 +250,7 @@ def test_create_is_idempotent_per_request_id(server, service, stubs):
         assert other != first and set(server.engine.runs) - runs_before == {first, other}
 
 
-def test_a_failed_index_write_does_not_fail_a_change_already_made(server, service):
+def test_a_failed_index_write_does_not_fail_a_change_already_made(server, service, caplog):
     """If the run index cannot be written after the engine changed a run (here a real
     SQLite error from a trigger), the optimizer step, load or creation still succeeds."""
     tc = trained_run(service)
@@ -271,6 +271,9 @@ def test_a_failed_index_write_does_not_fail_a_change_already_made(server, servic
         assert_tensors_equal(as_adapter(run_state(server, tc.model_id), tc.model_id), before)
         created = service.create_training_client_from_state(path)
         assert created.get_info().step == 1
+        assert [r.getMessage() for r in caplog.records if r.name == "gradwire_server.run_index"] == [
+            f"run index: cannot record the step of {tc.model_id}"] * 2 + [
+            f"run index: cannot record new run {created.model_id}"]
     finally:
         index._execute("DROP TRIGGER refuse_update")
         index._execute("DROP TRIGGER refuse_insert")
