@@ -38,17 +38,16 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
         self.scheduler = scheduler
 
     async def ListTrainingRuns(self, request, context):
-        try:
-            offset, size = _page(request.page_token, request.page_size)
-        except ServiceError as error:
-            await abort(context, error)
-
         def page() -> rpb.ListTrainingRunsResponse:
+            offset, size = _page(request.page_token, request.page_size)
             runs = self.index.list_runs(offset, size + 1)
             return rpb.ListTrainingRunsResponse(training_runs=[self._run(r) for r in runs[:size]],
                                                 next_page_token=_next_token(offset, size, len(runs)))
 
-        return await asyncio.to_thread(page)
+        try:
+            return await asyncio.to_thread(page)
+        except ServiceError as error:
+            await abort(context, error)
 
     async def GetTrainingRun(self, request, context):
         def get() -> rpb.TrainingRun:
