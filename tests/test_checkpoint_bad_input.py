@@ -10,12 +10,13 @@ import pytest
 
 import gradwire
 from gradwire_server import checkpoints
+from gradwire_server.errors import ServiceError
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-from reference import (assert_optimizer_equal, assert_state_equal, optimizer_state, random_data,
-                       raw_request, run_state, trained_run)
+from reference import (assert_optimizer_equal, assert_state_equal, finished, optimizer_state,
+                       random_data, raw_request, run_state, trained_run, worker_busy)
 
 
 def donor_checkpoint(server, service, kind: str = "weights", rank: int = 4):
@@ -169,3 +170,46 @@ def test_saving_an_existing_name_is_already_exists(server, service):
     assert raised.value.code == grpc.StatusCode.ALREADY_EXISTS
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == saved
     assert [c.path for c in service.create_rest_client().list_checkpoints(tc.model_id)] == [path]
+
+
+def test_a_duplicate_name_is_rejected_at_admission_and_aborts_nothing(server, stubs):
+    """A save of a name that exists, or that a save queued before it will take, is the RPC's
+    ALREADY_EXISTS: it only uses up its seq_id, so the run's requests queued behind it run."""
+    stub, operations = stubs
+    run_id = stub.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=4, seed=0))).model_id
+    finished(operations, stub.SaveWeights(pb.SaveWeightsRequest(model_id=run_id, seq_id=1, name="taken")).name)
+    with worker_busy(server):
+        with pytest.raises(grpc.RpcError) as on_disk:
+            stub.SaveWeights(pb.SaveWeightsRequest(model_id=run_id, seq_id=2, name="taken"))
+        forward_backward = stub.ForwardBackward(raw_request(run_id, 3, random_data(64)))
+        queued = stub.SaveWeightsForSampler(pb.SaveWeightsForSamplerRequest(model_id=run_id, seq_id=4,
+                                                                            name="queued"))
+        with pytest.raises(grpc.RpcError) as in_queue:
+            stub.SaveWeightsForSampler(pb.SaveWeightsForSamplerRequest(model_id=run_id, seq_id=5,
+                                                                       name="queued"))
+        step = stub.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=6,
+                                                  adam_params=pb.AdamParams(learning_rate=1e-2)))
+    for raised in (on_disk, in_queue):
+        assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "already" in raised.value.details()
+    for name in (forward_backward.name, queued.name, step.name):
+        assert not finished(operations, name).HasField("error")
+    assert stub.GetInfo(pb.GetInfoRequest(model_id=run_id)).step == 1
+    # Once the queued save ran, its name stays taken.
+    with pytest.raises(grpc.RpcError) as again:
+        stub.SaveWeightsForSampler(pb.SaveWeightsForSamplerRequest(model_id=run_id, seq_id=7, name="queued"))
+    assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_a_rename_onto_an_existing_checkpoint_is_already_exists(tmp_path):
+    """If another writer's folder appears between the existence check and the rename,
+    the save is ALREADY_EXISTS (rename(2) refuses a non-empty target) and the other
+    folder stays as it was."""
+    temp, folder = tmp_path / ".tmp-new", tmp_path / "new"
+    for made in (temp, folder):
+        made.mkdir()
+        (made / "file").write_text(made.name)
+    with pytest.raises(ServiceError) as raised:
+        checkpoints._rename_into_place(temp, folder, checkpoints.parse_path("gradwire://run-1/weights/new"))
+    assert raised.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert (folder / "file").read_text() == "new"

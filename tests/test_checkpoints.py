@@ -232,3 +232,48 @@ def test_async_twins_double_await(server, service):
     assert saved.path == f"gradwire://{tc.model_id}/weights/async" == loaded.path
     assert sampler.path == f"gradwire://{tc.model_id}/sampler_weights/async"
     assert unloaded.model_id == resumed.model_id not in server.engine.runs
+
+
+def test_create_is_idempotent_per_request_id(server, service, stubs):
+    """A CreateModel or CreateModelFromState repeated with its request_id (a retry after a
+    lost reply) returns the run the first one created; another request_id creates another."""
+    stub, _ = stubs
+    path = trained_run(service).save_state("origin").result().path
+    requests = [pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=2, seed=0), request_id="create-a"),
+                pb.CreateModelFromStateRequest(path=path, request_id="from-state-a")]
+    for request, create in zip(requests, (stub.CreateModel, stub.CreateModelFromState)):
+        runs_before = set(server.engine.runs)
+        first, retry = create(request).model_id, create(request).model_id
+        assert first == retry and set(server.engine.runs) - runs_before == {first}
+        request.request_id += "-other"
+        other = create(request).model_id
+        assert other != first and set(server.engine.runs) - runs_before == {first, other}
+
+
+def test_a_failed_index_write_does_not_fail_a_change_already_made(server, service, caplog):
+    """If the run index cannot be written after the engine changed a run (here a real
+    SQLite error from a trigger), the optimizer step, load or creation still succeeds."""
+    tc = trained_run(service)
+    path = tc.save_state("indexed").result().path
+    index = server.server.index
+    index._execute(f"CREATE TEMP TRIGGER refuse_update BEFORE UPDATE ON training_runs "
+                   f"WHEN NEW.run_id = '{tc.model_id}' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    index._execute(f"CREATE TEMP TRIGGER refuse_insert BEFORE INSERT ON training_runs "
+                   f"WHEN NEW.source_checkpoint = '{path}' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    try:
+        before = as_adapter(run_state(server, tc.model_id), tc.model_id)
+        tc.forward_backward(random_data(18), "cross_entropy")
+        tc.optim_step(ADAM).result()
+        assert tc.get_info().step == 2
+        assert any(not torch.equal(before[n], weights) for n, weights in
+                   as_adapter(run_state(server, tc.model_id), tc.model_id).items())
+        tc.load_state(path).result()
+        assert_tensors_equal(as_adapter(run_state(server, tc.model_id), tc.model_id), before)
+        created = service.create_training_client_from_state(path)
+        assert created.get_info().step == 1
+        assert [r.getMessage() for r in caplog.records if r.name == "gradwire_server.run_index"] == [
+            f"run index: cannot record the step of {tc.model_id}"] * 2 + [
+            f"run index: cannot record new run {created.model_id}"]
+    finally:
+        index._execute("DROP TRIGGER refuse_update")
+        index._execute("DROP TRIGGER refuse_insert")

@@ -2,6 +2,8 @@
 checked against the files on the server's disk."""
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 
@@ -10,7 +12,7 @@ from gradwire.v1 import resource_service_pb2 as rpb
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire_server import checkpoints
 from gradwire_server.resource_servicer import DOWNLOAD_CHUNK_BYTES
-from reference import trained_run
+from reference import trained_run, worker_busy
 
 
 def test_runs_and_checkpoints_are_listed(server, service):
@@ -120,3 +122,62 @@ def test_info_and_capabilities_describe_the_run_and_server(service):
     capabilities = service.create_rest_client().get_server_capabilities()
     assert [m.model_name for m in capabilities.supported_models] == ["tiny-random"]
     assert "cross_entropy" in capabilities.loss_fns and capabilities.limits["max_lora_rank"] > 0
+
+
+def queued_jobs(server, label: str) -> int:
+    """How many of the worker's unordered jobs named `label` wait in its queue."""
+    scheduler = server.server.scheduler
+    with scheduler._lock:
+        return len(scheduler._ready.get(f"__control__/{label}", ()))
+
+
+def test_concurrent_deletes_of_one_checkpoint(server, service):
+    """Two deletes of the same checkpoint queued together: one deletes it, the other is
+    NOT_FOUND (not an unknown error from a folder that vanished under it)."""
+    tc = trained_run(service)
+    path = tc.save_weights_for_sampler("twice").result().path
+    request = rpb.DeleteCheckpointRequest(path=path)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = rpb_grpc.ResourceServiceStub(channel)
+        with worker_busy(server):
+            calls = [stub.DeleteCheckpoint.future(request) for _ in range(2)]
+            for _ in range(3000):  # until both RPCs reached the worker's queue
+                if queued_jobs(server, "delete_checkpoint") == 2:
+                    break
+                threading.Event().wait(0.01)
+        outcomes = []
+        for call in calls:
+            try:
+                call.result()
+                outcomes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as error:
+                outcomes.append(error.code())
+    assert sorted(outcomes, key=str) == sorted([grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND], key=str)
+    assert service.create_rest_client().list_checkpoints(tc.model_id) == []
+
+
+def test_list_checkpoints_pages(server, service):
+    """ListCheckpoints pages like ListTrainingRuns; page tokens are opaque (a bare offset
+    is not one)."""
+    tc = service.create_lora_training_client("tiny-random", rank=2, seed=0)
+    saved = [tc.save_weights_for_sampler(f"page{i}").result().path for i in range(3)]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = rpb_grpc.ResourceServiceStub(channel)
+        pages, token = [], ""
+        while True:
+            page = stub.ListCheckpoints(rpb.ListCheckpointsRequest(training_run_id=tc.model_id, page_size=2,
+                                                                   page_token=token))
+            pages.append([c.path for c in page.checkpoints])
+            token = page.next_page_token
+            if not token:
+                break
+        assert not token.isdigit()
+        for bad, field in ((rpb.ListCheckpointsRequest(training_run_id=tc.model_id, page_token="2"), "page_token"),
+                           (rpb.ListCheckpointsRequest(training_run_id=tc.model_id, page_size=1001), "page_size"),
+                           (rpb.ListTrainingRunsRequest(page_token="1"), "page_token")):
+            method = stub.ListCheckpoints if isinstance(bad, rpb.ListCheckpointsRequest) else stub.ListTrainingRuns
+            with pytest.raises(grpc.RpcError) as raised:
+                method(bad)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in raised.value.details()
+    assert pages == [saved[:2], saved[2:]]
+    assert [c.path for c in service.create_rest_client().list_checkpoints(tc.model_id)] == saved

@@ -79,7 +79,8 @@ class ServiceClient:
     def _unary(self, stub_method, request, timeout: float | None):
         """Calls stub_method, retrying while the server is unreachable or still loading
         (UNAVAILABLE) for up to `retry_s` seconds. Retrying is safe: a training request
-        carries its request_id, so a copy that did arrive is the same request (AIP-155)."""
+        or a run's creation carries its request_id, so a copy that did arrive is the
+        same request (AIP-155); the other calls only read, or delete by name."""
         give_up = time.monotonic() + self.retry_s
         for pause in _backoff():
             try:
@@ -210,7 +211,8 @@ class ServiceClient:
         config = pb.LoraConfig(rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
                                train_unembed=train_unembed)
         response = self._call("CreateModel", pb.CreateModelRequest(
-            base_model=base_model, lora_config=config, user_metadata=user_metadata or {}))
+            base_model=base_model, lora_config=config, user_metadata=user_metadata or {},
+            request_id=_request_id()))
         return TrainingClient(self, response.model_id, base_model)
 
     async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:
@@ -238,7 +240,8 @@ class ServiceClient:
     def _training_client_from_state(self, path: str, optimizer: bool,
                                     user_metadata: dict[str, str] | None) -> TrainingClient:
         response = self._call("CreateModelFromState", pb.CreateModelFromStateRequest(
-            path=path, optimizer=optimizer, user_metadata=user_metadata or {}))
+            path=path, optimizer=optimizer, user_metadata=user_metadata or {},
+            request_id=_request_id()))
         info = self._call("GetInfo", pb.GetInfoRequest(model_id=response.model_id))
         return TrainingClient(self, response.model_id, info.model_name)
 

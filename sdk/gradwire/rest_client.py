@@ -51,8 +51,14 @@ class RestClient:
 
     def list_checkpoints(self, run_id: str) -> list[types.Checkpoint]:
         """The run's checkpoints, oldest first."""
-        response = self._call("ListCheckpoints", rpb.ListCheckpointsRequest(training_run_id=run_id))
-        return [_convert.checkpoint(c) for c in response.checkpoints]
+        saved, token = [], ""
+        while True:
+            response = self._call("ListCheckpoints", rpb.ListCheckpointsRequest(training_run_id=run_id,
+                                                                               page_token=token))
+            saved.extend(_convert.checkpoint(c) for c in response.checkpoints)
+            token = response.next_page_token
+            if not token:
+                return saved
 
     def delete_checkpoint(self, path: str) -> None:
         """Deletes the checkpoint at `path` (gradwire://...) from the server's disk."""

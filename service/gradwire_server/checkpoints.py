@@ -12,7 +12,8 @@ live under the checkpoint root as `<root>/<run_id>/<weights|sampler_weights>/<na
                                model, and the size and sha256 of every other file
 
 A folder is written as a hidden temporary sibling, every file fsynced, renamed
-into place, and the parent fsynced: a crash leaves either nothing or a temporary
+into place, and the parent fsynced (as is the parent of every folder created
+above it): a crash leaves either nothing or a temporary
 folder (hidden, never listed or loadable), never a half checkpoint. A folder
 without its gradwire_checkpoint.json is not a checkpoint. Names are never
 reused: saving an existing name is ALREADY_EXISTS (rename(2) cannot replace a
@@ -20,6 +21,7 @@ non-empty folder atomically, and a path must always mean the same weights).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -173,14 +175,22 @@ def check_base_model(checkpoint: Checkpoint, base_model: str) -> None:
             "BASE_MODEL_MISMATCH")
 
 
+def check_new(root: pathlib.Path, path: CheckpointPath) -> None:
+    """ALREADY_EXISTS if the name is taken (names are never reused)."""
+    if path.folder(root).exists():
+        raise _exists(path.path)
+
+
+def _exists(path: str) -> ServiceError:
+    return already_exists(f"checkpoint {path} already exists; choose another name", "CHECKPOINT_EXISTS")
+
+
 def write(root: pathlib.Path, path: CheckpointPath, state: RunState, base_model: str) -> Checkpoint:
     """Writes the state as a checkpoint folder, atomically (see the module doc).
     The optimizer file is written when state.optimizer is set."""
+    check_new(root, path)
     folder = path.folder(root)
-    if folder.exists():
-        raise already_exists(f"checkpoint {path.path} already exists; choose another name",
-                             "CHECKPOINT_EXISTS")
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    _make_parents(folder)
     temp = folder.parent / f"{_TEMP_PREFIX}{path.name}-{secrets.token_hex(4)}"
     temp.mkdir()
     try:
@@ -199,7 +209,7 @@ def write(root: pathlib.Path, path: CheckpointPath, state: RunState, base_model:
         (temp / MARKER).write_text(json.dumps(metadata, indent=2))
         _fsync(temp / MARKER)
         _fsync(temp)
-        temp.rename(folder)
+        _rename_into_place(temp, folder, path)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -224,9 +234,13 @@ def read(checkpoint: Checkpoint, with_optimizer: bool
 
 
 def delete(checkpoint: Checkpoint) -> None:
-    """Removes a checkpoint: renamed to a hidden name first, so it vanishes at once."""
+    """Removes a checkpoint: renamed to a hidden name first, so it vanishes at once
+    (NOT_FOUND if it is gone already)."""
     doomed = checkpoint.folder.parent / f"{_TEMP_PREFIX}deleted-{checkpoint.path.name}-{secrets.token_hex(4)}"
-    checkpoint.folder.rename(doomed)
+    try:
+        checkpoint.folder.rename(doomed)
+    except FileNotFoundError:
+        raise not_found("checkpoint", checkpoint.path.path) from None
     _fsync(checkpoint.folder.parent)
     shutil.rmtree(doomed)
 
@@ -254,6 +268,29 @@ def remove_leftovers(root: pathlib.Path) -> list[pathlib.Path]:
     for folder in leftovers:
         shutil.rmtree(folder, ignore_errors=True)
     return leftovers
+
+
+def _make_parents(folder: pathlib.Path) -> None:
+    """Creates the missing folders above `folder` (`<run_id>/`, `<run_id>/<kind>/`), each
+    followed by an fsync of its parent, so that the new names survive a crash too."""
+    missing = [parent for parent in folder.parents if not parent.exists()]
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:  # made meanwhile by another save
+            continue
+        _fsync(new.parent)
+
+
+def _rename_into_place(temp: pathlib.Path, folder: pathlib.Path, path: CheckpointPath) -> None:
+    """Renames the finished temporary folder to its name: ALREADY_EXISTS if a folder of
+    that name appeared meanwhile (rename(2) refuses a non-empty target)."""
+    try:
+        temp.rename(folder)
+    except OSError as error:
+        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        raise _exists(path.path) from None
 
 
 def _verify(checkpoint: Checkpoint, name: str) -> None:

@@ -1,9 +1,15 @@
 """gradwire.v1.ResourceService: training runs and checkpoints as resources,
-read from the run index; downloads stream the checkpoint's files."""
+read from the run index; downloads stream the checkpoint's files. Index
+queries and file reads run in helper threads (asyncio.to_thread), deletions
+on the worker: the event loop never blocks on the disk."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import os
 import pathlib
+from typing import BinaryIO
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -11,7 +17,7 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from gradwire.v1 import resource_service_pb2 as rpb
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire_server import checkpoints
+from gradwire_server import checkpoint_ops, checkpoints
 from gradwire_server.errors import FieldViolation, ServiceError, abort, invalid_argument, not_found
 from gradwire_server.run_index import CheckpointRecord, RunIndex, RunRecord
 from gradwire_server.scheduler import Scheduler
@@ -32,55 +38,63 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
         self.scheduler = scheduler
 
     async def ListTrainingRuns(self, request, context):
+        def page() -> rpb.ListTrainingRunsResponse:
+            offset, size = _page(request.page_token, request.page_size)
+            runs = self.index.list_runs(offset, size + 1)
+            return rpb.ListTrainingRunsResponse(training_runs=[self._run(r) for r in runs[:size]],
+                                                next_page_token=_next_token(offset, size, len(runs)))
+
         try:
-            offset = _page_offset(request.page_token)
-            if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-                raise invalid_argument([FieldViolation("page_size", f"must be in [0, {MAX_PAGE_SIZE}]")])
+            return await asyncio.to_thread(page)
         except ServiceError as error:
             await abort(context, error)
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        runs = self.index.list_runs(offset, size + 1)
-        response = rpb.ListTrainingRunsResponse(training_runs=[self._run(r) for r in runs[:size]])
-        if len(runs) > size:
-            response.next_page_token = str(offset + size)
-        return response
 
     async def GetTrainingRun(self, request, context):
-        run = self.index.get_run(request.training_run_id)
-        if run is None:
-            await abort(context, not_found("training run", request.training_run_id))
-        return self._run(run)
+        def get() -> rpb.TrainingRun:
+            run = self.index.get_run(request.training_run_id)
+            if run is None:
+                raise not_found("training run", request.training_run_id)
+            return self._run(run)
+
+        try:
+            return await asyncio.to_thread(get)
+        except ServiceError as error:
+            await abort(context, error)
 
     async def ListCheckpoints(self, request, context):
-        if self.index.get_run(request.training_run_id) is None:
-            await abort(context, not_found("training run", request.training_run_id))
-        return rpb.ListCheckpointsResponse(
-            checkpoints=[_checkpoint(c) for c in self.index.list_checkpoints(request.training_run_id)])
+        def page() -> rpb.ListCheckpointsResponse:
+            offset, size = _page(request.page_token, request.page_size)
+            if self.index.get_run(request.training_run_id) is None:
+                raise not_found("training run", request.training_run_id)
+            saved = self.index.list_checkpoints(request.training_run_id, offset, size + 1)
+            return rpb.ListCheckpointsResponse(checkpoints=[_checkpoint(c) for c in saved[:size]],
+                                               next_page_token=_next_token(offset, size, len(saved)))
+
+        try:
+            return await asyncio.to_thread(page)
+        except ServiceError as error:
+            await abort(context, error)
 
     async def DeleteCheckpoint(self, request, context):
         try:
             if self.scheduler is None:
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading", "LOADING")
-            checkpoint = checkpoints.find(self.checkpoint_root, request.path)
-
-            def delete() -> None:
-                checkpoints.delete(checkpoint)
-                self.index.remove_checkpoint(checkpoint.path.path)
-
-            await self.scheduler.run_on_worker("delete_checkpoint", delete)
+            checkpoints.parse_path(request.path)
+            await self.scheduler.run_on_worker("delete_checkpoint", lambda: checkpoint_ops.delete(
+                self.checkpoint_root, self.index, request.path))
             return empty_pb2.Empty()
         except ServiceError as error:
             await abort(context, error)
 
     async def DownloadCheckpoint(self, request, context):
         try:
-            checkpoint = checkpoints.find(self.checkpoint_root, request.path)
+            checkpoint = await asyncio.to_thread(checkpoints.find, self.checkpoint_root, request.path)
         except ServiceError as error:
             await abort(context, error)
         try:
             for file in checkpoints.files(checkpoint):
-                size = file.stat().st_size
-                with open(file, "rb") as handle:
+                handle, size = await asyncio.to_thread(_open, file)
+                try:
                     offset = 0
                     while True:
                         data = await asyncio.to_thread(handle.read, DOWNLOAD_CHUNK_BYTES)
@@ -91,6 +105,8 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
                         offset += len(data)
                         if len(data) < DOWNLOAD_CHUNK_BYTES:  # an empty file still gets one chunk
                             break
+                finally:
+                    handle.close()
         except FileNotFoundError:  # deleted while streaming
             await abort(context, not_found("checkpoint", request.path))
 
@@ -110,6 +126,12 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
         return message
 
 
+def _open(file: pathlib.Path) -> tuple[BinaryIO, int]:
+    """(the open file, its size in bytes)."""
+    handle = open(file, "rb")
+    return handle, os.fstat(handle.fileno()).st_size
+
+
 def _checkpoint(record: CheckpointRecord) -> rpb.Checkpoint:
     return rpb.Checkpoint(checkpoint_id=record.checkpoint_id, checkpoint_type=record.checkpoint_type,
                           time=_timestamp(record.created_time), path=record.path,
@@ -122,9 +144,28 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+def _page(token: str, page_size: int) -> tuple[int, int]:
+    """(offset, size) of the page a List request asks for (AIP-158)."""
+    if not 0 <= page_size <= MAX_PAGE_SIZE:
+        raise invalid_argument([FieldViolation("page_size", f"must be in [0, {MAX_PAGE_SIZE}]")])
+    return _page_offset(token), page_size or DEFAULT_PAGE_SIZE
+
+
+def _next_token(offset: int, size: int, fetched: int) -> str:
+    """The next page's token when more than `size` items were fetched; else ""."""
+    if fetched <= size:
+        return ""
+    return base64.urlsafe_b64encode(f"offset:{offset + size}".encode()).decode()
+
+
 def _page_offset(token: str) -> int:
+    """The offset a page token (opaque to clients) stands for."""
     if not token:
         return 0
-    if not token.isdigit():
-        raise invalid_argument([FieldViolation("page_token", f"{token!r} is not a page token of this server")])
-    return int(token)
+    try:
+        kind, _, offset = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind == "offset" and offset.isdigit():
+            return int(offset)
+    except (binascii.Error, UnicodeError, ValueError):
+        pass
+    raise invalid_argument([FieldViolation("page_token", f"{token!r} is not a page token of this server")])

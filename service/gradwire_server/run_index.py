@@ -3,20 +3,25 @@ checkpoint root, so runs and checkpoints stay listable across restarts.
 
 Checkpoint folders on disk are the truth; the index mirrors them and is
 reconciled with them at start-up (a crash between a checkpoint's rename and
-its index row loses nothing). Thread-safe: the worker and the event loop both
-write to it.
+its index row loses nothing). Thread-safe: the worker and the event loop's
+helper threads both use it. WAL with synchronous=NORMAL: a commit is not
+fsynced (a power cut may lose the last few, never corrupt the file), so an
+optimizer step does not wait for the disk.
 """
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 from gradwire_server.batch import LoraSettings
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -79,7 +84,7 @@ class RunIndex:
         self._db = sqlite3.connect(file, check_same_thread=False, isolation_level=None)
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -110,10 +115,6 @@ class RunIndex:
         """At start-up: no run of an earlier process is in memory."""
         self._execute("UPDATE training_runs SET loaded = 0")
 
-    def remove_run(self, run_id: str) -> None:
-        """Forgets a run whose creation failed half-way (it has no checkpoint)."""
-        self._execute("DELETE FROM training_runs WHERE run_id = ?", (run_id,))
-
     def get_run(self, run_id: str) -> RunRecord | None:
         rows = self._query("SELECT * FROM training_runs WHERE run_id = ?", (run_id,))
         return _run(rows[0]) if rows else None
@@ -141,11 +142,13 @@ class RunIndex:
     def remove_checkpoint(self, path: str) -> None:
         self._execute("DELETE FROM checkpoints WHERE path = ?", (path,))
 
-    def list_checkpoints(self, run_id: str | None = None) -> list[CheckpointRecord]:
+    def list_checkpoints(self, run_id: str | None = None, offset: int = 0, limit: int = -1
+                         ) -> list[CheckpointRecord]:
         """A run's checkpoints (all when run_id is None), oldest first."""
         where, args = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
         return [_checkpoint(row) for row in self._query(
-            f"SELECT * FROM checkpoints {where} ORDER BY created_time, path", args)]
+            f"SELECT * FROM checkpoints {where} ORDER BY created_time, path LIMIT ? OFFSET ?",
+            (*args, limit, offset))]
 
     def reconcile(self, on_disk: Iterable[CheckpointRecord]) -> None:
         """Makes the checkpoint rows exactly the complete folders found on disk."""
@@ -168,6 +171,15 @@ class RunIndex:
             cursor = self._db.execute(sql, args)
             columns = [c[0] for c in cursor.description]
             return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+
+def record_change(what: str, write: Callable[..., None], *args) -> None:
+    """Runs an index write that follows a change the engine already made: a failure is
+    logged, not raised, since the operation did happen (the run's weights changed)."""
+    try:
+        write(*args)
+    except sqlite3.Error:
+        log.exception("run index: cannot record %s", what)
 
 
 def _run(row: dict) -> RunRecord:

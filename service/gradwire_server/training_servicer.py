@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -14,18 +15,20 @@ from google.longrunning import operations_pb2
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoints, validation
+from gradwire_server.checkpoint_ops import CheckpointOps
 from gradwire_server.engine import Engine
-from gradwire_server.errors import (FieldViolation, ServiceError, abort, abort_with_status, cancelled,
-                                    failed_precondition, invalid_argument, not_found)
+from gradwire_server.errors import (FieldViolation, ServiceError, abort, abort_with_status, already_exists,
+                                    cancelled, failed_precondition, invalid_argument, not_found)
 from gradwire_server.loss_task import LossTask, output_records
 from gradwire_server.losses import LOSSES
 from gradwire_server.operations import OperationStore
-from gradwire_server.run_index import RunIndex
+from gradwire_server.run_index import RunIndex, record_change
 from gradwire_server.scheduler import OneShot, Scheduler
 
 T = TypeVar("T")
 MAX_BUFFERED_PIECES = 4          # received stream messages waiting for the worker
 READ_CHUNK_BYTES = 2 * 1024 * 1024  # outputs per ReadOutputs message
+REMEMBERED_CREATIONS = 1024      # request_ids of CreateModel* whose run a retry gets back
 
 
 @dataclass
@@ -48,10 +51,16 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
         self.info: ModelInfo | None = None
+        self.ops: CheckpointOps | None = None
+        # request_id -> the creation it started (a retry awaits the same one), newest last.
+        self._creations: OrderedDict[str, asyncio.Future] = OrderedDict()
+        # Checkpoint path -> the operation of a save of it admitted in this process.
+        self._saves: dict[str, str] = {}
 
     def attach(self, engine: Engine, scheduler: Scheduler, info: ModelInfo) -> None:
         """Called once the model is loaded; until then every call is UNAVAILABLE."""
         self.engine, self.scheduler, self.info = engine, scheduler, info
+        self.ops = CheckpointOps(engine, self.checkpoint_root, self.index, info.name)
 
     async def GetServerCapabilities(self, request, context):
         info = self._ready()
@@ -72,11 +81,18 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                 raise invalid_argument([FieldViolation(
                     "base_model", f"this server serves {info.name!r}, not {request.base_model!r}")])
             lora = validation.lora_settings(request.lora_config)
-            try:
-                run_id = await self.scheduler.run_on_worker("create", lambda: self.engine.create_run(lora))
-            except ValueError as error:
-                raise invalid_argument([FieldViolation("lora_config", str(error))]) from None
-            self.index.add_run(run_id, info.name, lora, dict(request.user_metadata))
+            engine, index, user_metadata = self.engine, self.index, dict(request.user_metadata)
+
+            def create() -> str:
+                try:
+                    run_id = engine.create_run(lora)
+                except ValueError as error:
+                    raise invalid_argument([FieldViolation("lora_config", str(error))]) from None
+                record_change(f"new run {run_id}", index.add_run, run_id, info.name, lora, user_metadata)
+                return run_id
+
+            run_id = await self._create_once(request.request_id,
+                                             lambda: self.scheduler.run_on_worker("create", create))
             return pb.CreateModelResponse(model_id=run_id)
         except ServiceError as error:
             await abort(context, error)
@@ -120,7 +136,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
             def step() -> pb.OptimStepResponse:
                 metrics = engine.optim_step(model_id, adam)
-                index.set_step(model_id, engine.run(model_id).step)
+                record_change(f"the step of {model_id}", index.set_step, model_id, engine.run(model_id).step)
                 return pb.OptimStepResponse(metrics=metrics)
 
             record = self.scheduler.submit(model_id, request.seq_id, request.request_id, "OptimStep",
@@ -140,15 +156,15 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     async def LoadWeights(self, request, context):
         try:
-            info = self._ready()
+            self._ready()
             existing, _ = self._admit(request.model_id, request.seq_id, request.request_id,
-                                      lambda: self._loadable(request.path, request.optimizer, info.name))
+                                      lambda: self.ops.loadable(request.path, request.optimizer))
             if existing is not None:
                 return existing
-            model_id, path, optimizer = request.model_id, request.path, request.optimizer
+            ops, model_id, path, optimizer = self.ops, request.model_id, request.path, request.optimizer
 
             def load() -> pb.LoadWeightsResponse:
-                self.index.set_step(model_id, self._load_into(model_id, path, optimizer, info.name))
+                ops.load(model_id, path, optimizer)
                 return pb.LoadWeightsResponse(path=path)
 
             record = self.scheduler.submit(model_id, request.seq_id, request.request_id, "LoadWeights",
@@ -159,21 +175,16 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     async def CreateModelFromState(self, request, context):
         try:
-            info = self._ready()
-            checkpoint = self._loadable(request.path, request.optimizer, info.name)
+            self._ready()
+            ops, path, optimizer = self.ops, request.path, request.optimizer
+            user_metadata = dict(request.user_metadata)
 
-            def create() -> str:
-                run_id = self.engine.create_run(checkpoint.lora)
-                try:
-                    step = self._load_into(run_id, request.path, request.optimizer, info.name)
-                except BaseException:
-                    self.engine.unload(run_id)
-                    raise
-                self.index.add_run(run_id, info.name, checkpoint.lora, dict(request.user_metadata),
-                                   step=step, source_checkpoint=request.path)
-                return run_id
+            async def create() -> str:
+                await asyncio.to_thread(ops.loadable, path, optimizer)  # fails fast, off the loop
+                return await self.scheduler.run_on_worker(
+                    "create_from_state", lambda: ops.create_from_state(path, optimizer, user_metadata))
 
-            run_id = await self.scheduler.run_on_worker("create_from_state", create)
+            run_id = await self._create_once(request.request_id, create)
             return pb.CreateModelResponse(model_id=run_id)
         except ServiceError as error:
             await abort(context, error)
@@ -184,11 +195,10 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             existing, _ = self._admit(request.model_id, request.seq_id, request.request_id, lambda: None)
             if existing is not None:
                 return existing
-            model_id = request.model_id
+            ops, model_id = self.ops, request.model_id
 
             def unload() -> pb.UnloadModelResponse:
-                self.engine.unload(model_id)
-                self.index.set_unloaded(model_id)
+                ops.unload(model_id)
                 return pb.UnloadModelResponse(model_id=model_id)
 
             record = self.scheduler.submit(model_id, request.seq_id, request.request_id, "UnloadModel",
@@ -199,47 +209,63 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     async def _save_rpc(self, request, context, kind: str, label: str, response_type):
         try:
-            info = self._ready()
-            existing, path = self._admit(
-                request.model_id, request.seq_id, request.request_id,
-                lambda: checkpoints.CheckpointPath(request.model_id, kind,
-                                                   checkpoints.validate_name(request.name)))
+            self._ready()
+            existing, path = self._admit(request.model_id, request.seq_id, request.request_id,
+                                         lambda: self._new_checkpoint(request.model_id, kind, request.name))
             if existing is not None:
                 return existing
+            ops = self.ops
 
             def save():
-                state = self.engine.save_state(path.run_id, with_optimizer=kind == "weights")
-                saved = checkpoints.write(self.checkpoint_root, path, state, info.name)
-                self.index.add_checkpoint(saved.record())
+                ops.save(path)  # checks the name again: the folder may have appeared since
                 return response_type(path=path.path)
 
             record = self.scheduler.submit(request.model_id, request.seq_id, request.request_id, label,
                                            OneShot(save))
+            self._saves[path.path] = record.operation.name
             return record.snapshot()
         except ServiceError as error:
             await abort(context, error)
 
-    def _loadable(self, path: str, optimizer: bool, base_model: str) -> checkpoints.Checkpoint:
-        """The checkpoint at `path`, if it exists and can be loaded here as asked."""
-        checkpoint = checkpoints.find(self.checkpoint_root, path)
-        if optimizer and checkpoint.path.kind != "weights":
-            raise invalid_argument([FieldViolation(
-                "path", f"{path} is a sampler checkpoint and holds no optimizer state: load it "
-                        "without the optimizer, or pass a gradwire://<run_id>/weights/<name> path")])
-        checkpoints.check_base_model(checkpoint, base_model)
-        return checkpoint
+    def _new_checkpoint(self, model_id: str, kind: str, name: str) -> checkpoints.CheckpointPath:
+        """The path a save will write: ALREADY_EXISTS at admission if the name is taken on
+        disk or by a save admitted before it that has not finished, so the error is the
+        request's own and aborts none of the run's requests queued behind it."""
+        path = checkpoints.CheckpointPath(model_id, kind, checkpoints.validate_name(name))
+        checkpoints.check_new(self.checkpoint_root, path)
+        for saving, operation in list(self._saves.items()):  # forget finished saves
+            if self._finished(operation):
+                del self._saves[saving]
+        if path.path in self._saves:
+            raise already_exists(f"checkpoint {path.path} is already being saved by "
+                                 f"{self._saves[path.path]}; choose another name", "CHECKPOINT_EXISTS")
+        return path
 
-    def _load_into(self, run_id: str, path: str, optimizer: bool, base_model: str) -> int:
-        """Worker side: loads the checkpoint into the run (checked again: it may have
-        been deleted since); returns the step it was saved at."""
-        checkpoint = self._loadable(path, optimizer, base_model)
-        adapter, optimizer_state = checkpoints.read(checkpoint, optimizer)
+    def _finished(self, operation: str) -> bool:
         try:
-            self.engine.load_state(run_id, adapter, optimizer_state, checkpoint.step)
-        except ValueError as error:
-            raise failed_precondition(f"checkpoint {path} does not fit training run {run_id}: {error}",
-                                      "CHECKPOINT_MISMATCH") from None
-        return checkpoint.step
+            return self.store.get(operation).operation.done
+        except ServiceError:  # expired or deleted: finished long ago
+            return True
+
+    async def _create_once(self, request_id: str, create: Callable[[], Awaitable[str]]) -> str:
+        """create()'s run id; a repeated request_id (a retry, AIP-155) gets the run of
+        the first request instead of creating another."""
+        if not request_id:
+            return await create()
+        creation = self._creations.get(request_id)
+        if creation is None:
+            creation = self._creations[request_id] = asyncio.ensure_future(create())
+            creation.add_done_callback(lambda done: self._forget_failed(request_id, done))
+            while len(self._creations) > REMEMBERED_CREATIONS:
+                self._creations.popitem(last=False)
+        # Shielded: a caller that disconnects does not cancel the creation its retry will get.
+        return await asyncio.shield(creation)
+
+    def _forget_failed(self, request_id: str, creation: asyncio.Future) -> None:
+        """A failed creation created nothing: a retry of it tries again."""
+        if (creation.cancelled() or creation.exception() is not None) \
+                and self._creations.get(request_id) is creation:
+            del self._creations[request_id]
 
     async def ForwardStream(self, request_iterator, context):
         return await self._stream_rpc(request_iterator, context, "ForwardStream", backward=False)

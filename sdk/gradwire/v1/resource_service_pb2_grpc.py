@@ -82,7 +82,7 @@ class ResourceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListCheckpoints(self, request, context):
-        """A training run's checkpoints, oldest first.
+        """A training run's checkpoints, oldest first, in pages (AIP-158).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -82,7 +82,7 @@ class GetServerCapabilitiesResponse(_message.Message):
     def __init__(self, supported_models: _Optional[_Iterable[_Union[SupportedModel, _Mapping]]] = ..., loss_fns: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., device: _Optional[str] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
-    __slots__ = ("base_model", "lora_config", "user_metadata")
+    __slots__ = ("base_model", "lora_config", "user_metadata", "request_id")
     class UserMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -93,10 +93,12 @@ class CreateModelRequest(_message.Message):
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     LORA_CONFIG_FIELD_NUMBER: _ClassVar[int]
     USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     lora_config: LoraConfig
     user_metadata: _containers.ScalarMap[str, str]
-    def __init__(self, base_model: _Optional[str] = ..., lora_config: _Optional[_Union[LoraConfig, _Mapping]] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, base_model: _Optional[str] = ..., lora_config: _Optional[_Union[LoraConfig, _Mapping]] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CreateModelResponse(_message.Message):
     __slots__ = ("model_id",)
@@ -379,7 +381,7 @@ class LoadWeightsResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ...) -> None: ...
 
 class CreateModelFromStateRequest(_message.Message):
-    __slots__ = ("path", "optimizer", "user_metadata")
+    __slots__ = ("path", "optimizer", "user_metadata", "request_id")
     class UserMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -390,10 +392,12 @@ class CreateModelFromStateRequest(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     path: str
     optimizer: bool
     user_metadata: _containers.ScalarMap[str, str]
-    def __init__(self, path: _Optional[str] = ..., optimizer: _Optional[bool] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, path: _Optional[str] = ..., optimizer: _Optional[bool] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class UnloadModelRequest(_message.Message):
     __slots__ = ("model_id", "seq_id", "request_id")
