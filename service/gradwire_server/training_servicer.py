@@ -11,11 +11,13 @@ from typing import TypeVar
 
 import grpc
 from google.longrunning import operations_pb2
+from google.protobuf.message import Message
 
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoints, validation
 from gradwire_server.checkpoint_ops import CheckpointOps
+from gradwire_server.batch import AdamSettings
 from gradwire_server.engine import Engine
 from gradwire_server.errors import (FieldViolation, ServiceError, abort, abort_with_status, already_exists,
                                     cancelled, failed_precondition, invalid_argument, not_found)
@@ -126,24 +128,15 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         return await self._loss_rpc(request, context, "ForwardBackward", backward=True)
 
     async def OptimStep(self, request, context):
-        try:
-            self._ready()
-            existing, adam = self._admit(request.model_id, request.seq_id, request.request_id,
-                                         lambda: validation.adam_settings(request.adam_params))
-            if existing is not None:
-                return existing
-            engine, index, model_id = self.engine, self.index, request.model_id
+        engine, index, model_id = self.engine, self.index, request.model_id
 
-            def step() -> pb.OptimStepResponse:
-                metrics = engine.optim_step(model_id, adam)
-                record_change(f"the step of {model_id}", index.set_step, model_id, engine.run(model_id).step)
-                return pb.OptimStepResponse(metrics=metrics)
+        def step(adam: AdamSettings) -> pb.OptimStepResponse:
+            metrics = engine.optim_step(model_id, adam)
+            record_change(f"the step of {model_id}", index.set_step, model_id, engine.run(model_id).step)
+            return pb.OptimStepResponse(metrics=metrics)
 
-            record = self.scheduler.submit(model_id, request.seq_id, request.request_id, "OptimStep",
-                                           OneShot(step))
-            return record.snapshot()
-        except ServiceError as error:
-            await abort(context, error)
+        return await self._one_shot_rpc(request, context, "OptimStep",
+                                         lambda: validation.adam_settings(request.adam_params), step)
 
     # ---- checkpoints and unloading (ordered like training requests) -----------------
 
@@ -155,23 +148,14 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                                     pb.SaveWeightsForSamplerResponse)
 
     async def LoadWeights(self, request, context):
-        try:
-            self._ready()
-            existing, _ = self._admit(request.model_id, request.seq_id, request.request_id,
-                                      lambda: self.ops.loadable(request.path, request.optimizer))
-            if existing is not None:
-                return existing
-            ops, model_id, path, optimizer = self.ops, request.model_id, request.path, request.optimizer
+        ops, model_id, path, optimizer = self.ops, request.model_id, request.path, request.optimizer
 
-            def load() -> pb.LoadWeightsResponse:
-                ops.load(model_id, path, optimizer)
-                return pb.LoadWeightsResponse(path=path)
+        def load(_) -> pb.LoadWeightsResponse:
+            ops.load(model_id, path, optimizer)
+            return pb.LoadWeightsResponse(path=path)
 
-            record = self.scheduler.submit(model_id, request.seq_id, request.request_id, "LoadWeights",
-                                           OneShot(load))
-            return record.snapshot()
-        except ServiceError as error:
-            await abort(context, error)
+        return await self._one_shot_rpc(request, context, "LoadWeights",
+                                         lambda: ops.loadable(path, optimizer), load)
 
     async def CreateModelFromState(self, request, context):
         try:
@@ -190,39 +174,41 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             await abort(context, error)
 
     async def UnloadModel(self, request, context):
-        try:
-            self._ready()
-            existing, _ = self._admit(request.model_id, request.seq_id, request.request_id, lambda: None)
-            if existing is not None:
-                return existing
-            ops, model_id = self.ops, request.model_id
+        ops, model_id = self.ops, request.model_id
 
-            def unload() -> pb.UnloadModelResponse:
-                ops.unload(model_id)
-                return pb.UnloadModelResponse(model_id=model_id)
+        def unload(_) -> pb.UnloadModelResponse:
+            ops.unload(model_id)
+            return pb.UnloadModelResponse(model_id=model_id)
 
-            record = self.scheduler.submit(model_id, request.seq_id, request.request_id, "UnloadModel",
-                                           OneShot(unload))
-            return record.snapshot()
-        except ServiceError as error:
-            await abort(context, error)
+        return await self._one_shot_rpc(request, context, "UnloadModel", lambda: None, unload)
 
     async def _save_rpc(self, request, context, kind: str, label: str, response_type):
+        ops = self.ops
+
+        def save(path: checkpoints.CheckpointPath):
+            ops.save(path)  # checks the name again: the folder may have appeared since
+            return response_type(path=path.path)
+
+        def remember(path: checkpoints.CheckpointPath, operation: str) -> None:
+            self._saves[path.path] = operation
+
+        return await self._one_shot_rpc(
+            request, context, label, lambda: self._new_checkpoint(request.model_id, kind, request.name),
+            save, remember)
+
+    async def _one_shot_rpc(self, request, context, kind: str, validate: Callable[[], T],
+                            work: Callable[[T], Message],
+                            admitted: Callable[[T, str], None] = lambda valid, operation: None):
+        """An ordered request done in one worker turn: work(validate()) runs in the
+        run's seq_id order; returns its Operation (the same one for a retry)."""
         try:
             self._ready()
-            existing, path = self._admit(request.model_id, request.seq_id, request.request_id,
-                                         lambda: self._new_checkpoint(request.model_id, kind, request.name))
+            existing, valid = self._admit(request.model_id, request.seq_id, request.request_id, validate)
             if existing is not None:
                 return existing
-            ops = self.ops
-
-            def save():
-                ops.save(path)  # checks the name again: the folder may have appeared since
-                return response_type(path=path.path)
-
-            record = self.scheduler.submit(request.model_id, request.seq_id, request.request_id, label,
-                                           OneShot(save))
-            self._saves[path.path] = record.operation.name
+            record = self.scheduler.submit(request.model_id, request.seq_id, request.request_id, kind,
+                                           OneShot(lambda: work(valid)))
+            admitted(valid, record.operation.name)
             return record.snapshot()
         except ServiceError as error:
             await abort(context, error)
