@@ -11,12 +11,13 @@ prompt positions have advantage 0 and do not train. Each step prints the mean
 reward, which rises over the steps.
 
     python scripts/example_rl.py                        # starts its own tiny-random server
-    python scripts/example_rl.py --base-url 127.0.0.1:50051 --model smollm2-135m
+    python scripts/example_rl.py --model smollm2-135m --steps 6 --learning-rate 1e-3
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -42,10 +43,11 @@ class RlStep:
 class RlResult:
     steps: list[RlStep]
 
-    def mean_reward(self, steps: slice) -> float:
-        """The mean of the steps' mean rewards, e.g. result.mean_reward(slice(-3, None))."""
-        chosen = self.steps[steps]
-        return sum(s.mean_reward for s in chosen) / len(chosen)
+    def first_and_last(self, count: int) -> tuple[float, float]:
+        """The mean reward of the first `count` steps and of the last `count` steps."""
+        def mean(steps: list[RlStep]) -> float:
+            return sum(s.mean_reward for s in steps) / len(steps)
+        return mean(self.steps[:count]), mean(self.steps[-count:])
 
 
 def lowercase_reward(tokenizer) -> Callable[[list[int]], float]:
@@ -90,14 +92,15 @@ def train(base_url: str, model: str | None, steps: int, loss_fn: str, learning_r
               f"{max_tokens} tokens, loss {loss_fn}, AdamW lr {learning_rate}, policy {policy.model_id}")
 
         adam = gradwire.AdamParams(learning_rate=learning_rate)
+        seeds = random.Random(seed)  # one sampling seed per group: the run repeats exactly
         history = []
         for step in range(steps):
             sampler = policy.save_weights_and_get_sampling_client(f"rl-step-{step}")
             # Every prompt's group is submitted before any result is awaited.
             pending = [sampler.sample(gradwire.ModelInput.from_ints(prompt), group_size,
                                       gradwire.SamplingParams(max_tokens=max_tokens, temperature=1.0,
-                                                              seed=seed * 100_003 + step * 101 + i))
-                       for i, prompt in enumerate(prompts)]
+                                                              seed=seeds.getrandbits(31)))
+                       for prompt in prompts]
             data, rewards = [], []
             for prompt, future in zip(prompts, pending):
                 group = future.result().sequences
@@ -136,14 +139,12 @@ def main(argv: list[str] | None = None) -> RlResult:
         base_url = args.base_url or stack.enter_context(local_server(args.model or "tiny-random"))
         result = train(base_url, args.model, args.steps, args.loss, args.learning_rate, args.rank,
                        args.group_size, args.max_tokens, args.seed)
-    window = slice(None, min(3, len(result.steps)))
-    last = slice(-min(3, len(result.steps)), None)
-    print(f"mean reward, first {window.stop} steps {result.mean_reward(window):.3f} -> last {-last.start} "
-          f"steps {result.mean_reward(last):.3f} in {time.monotonic() - start:.1f} s")
+    first, last = result.first_and_last(3)
+    print(f"mean reward, first 3 steps {first:.3f} -> last 3 steps {last:.3f} "
+          f"in {time.monotonic() - start:.1f} s")
     return result
 
 
 if __name__ == "__main__":
-    outcome = main()
-    window = min(3, len(outcome.steps))
-    sys.exit(0 if outcome.mean_reward(slice(-window, None)) > outcome.mean_reward(slice(None, window)) else 1)
+    first, last = main().first_and_last(3)
+    sys.exit(0 if last > first else 1)

@@ -38,6 +38,6 @@ def test_example_rl_raises_the_mean_reward(server):
     example_rl = load_script("example_rl")
     result = example_rl.main(["--base-url", server.address, "--steps", "10"])
     assert len(result.steps) == 10
-    first, last = result.mean_reward(slice(None, 2)), result.mean_reward(slice(-2, None))
+    first, last = result.first_and_last(2)
     assert first < 0.2  # 26 of the 320 tokens are lowercase letters
     assert last > first + 0.5
