@@ -2,7 +2,7 @@
 
 Each step saves the policy's weights for sampling, samples a group of
 completions per prompt from them, and scores each completion with a
-programmatic reward: the fraction of its tokens that are lowercase words
+programmatic reward: the fraction of its tokens that are lowercase letters
 (tokens that decode to lowercase ASCII letters only; for tiny-random's byte
 tokenizer, the 26 letter bytes). A completion's advantage is its reward minus
 its group's mean. The datums carry the sampler's logprobs of the completion
