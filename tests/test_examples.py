@@ -30,3 +30,14 @@ def test_example_dpo_raises_the_preference_margin(server):
     assert result.final.margin > result.steps[0].margin
     assert result.final.accuracy == 1.0
     assert result.final.loss < result.steps[0].loss
+
+
+def test_example_rl_raises_the_mean_reward(server):
+    """A few RL steps from sampled groups: tiny-random's random policy starts near the
+    chance rate of lowercase letter bytes and learns to emit mostly those."""
+    example_rl = load_script("example_rl")
+    result = example_rl.main(["--base-url", server.address, "--steps", "10"])
+    assert len(result.steps) == 10
+    first, last = result.first_and_last(2)
+    assert first < 0.2  # 26 of the 320 tokens are lowercase letters
+    assert last > first + 0.5
