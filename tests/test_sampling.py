@@ -157,7 +157,7 @@ def test_stop_token_stop_string_and_length(base_sampler):
 def test_stream_yields_the_tokens_of_sample(service, trained):
     _, model_path = trained
     sampler = service.create_sampling_client(model_path=model_path)
-    params = gradwire.SamplingParams(max_tokens=40, seed=21, stop=[7, 9, 11])
+    params = gradwire.SamplingParams(max_tokens=150, seed=21, stop=[7, 9, 11])
     expected = sampler.sample(prompt_input(), 3, params).result().sequences
     tokens, logprobs, reasons, pieces = [[], [], []], [[], [], []], [None] * 3, 0
     for piece in sampler.sample_stream(prompt_input(), 3, params):
@@ -255,7 +255,7 @@ def test_sample_stream_typed_into_grpcurl(cli_server):
     assert "gradwire.v1.SamplingService" in grpcurl(cli_server, "list").stdout.split()
     result = grpcurl(cli_server, "gradwire.v1.SamplingService/SampleStream", data={
         "base_model": "tiny-random", "prompt": [{"encoded_text": {"token_ids": PROMPT}}], "num_samples": 2,
-        "sampling_params": {"max_tokens": 20, "temperature": 0}})
+        "sampling_params": {"max_tokens": 100, "temperature": 0}})
     assert result.returncode == 0, result.stderr
     decoder, text, messages = json.JSONDecoder(), result.stdout.strip(), []
     while text:
@@ -268,7 +268,7 @@ def test_sample_stream_typed_into_grpcurl(cli_server):
         for piece in message["samples"]:
             tokens[piece.get("sequenceIndex", piece.get("sequence_index", 0))] += np.frombuffer(
                 base64.b64decode(piece.get("tokens", "")), "<i4").tolist()
-    expected = greedy_reference(tiny_random_model(), PROMPT, 20)
+    expected = greedy_reference(tiny_random_model(), PROMPT, 100)
     assert tokens == {0: expected, 1: expected}
 
 

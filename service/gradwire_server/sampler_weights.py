@@ -94,8 +94,13 @@ class SamplerAdapters:
             return
         with preserved_adapter_state(model):
             if adapter is None:
-                with model.disable_adapter():
+                # Not peft's disable_adapter(): its model-status check walks every module
+                # and parameter on each call (~20 ms a turn with a few runs loaded).
+                model.base_model.disable_adapter_layers()
+                try:
                     yield model
+                finally:
+                    model.base_model.enable_adapter_layers()
             else:
                 model.set_adapter(adapter, inference_mode=True)
                 yield model

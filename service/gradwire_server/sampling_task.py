@@ -16,7 +16,9 @@ from gradwire_server.sampler import Generation, PromptScores, SampleSpec, Sequen
 from gradwire_server.sampler_weights import AdapterLoadError, SamplerAdapters
 from gradwire_server.scheduler import Step
 
-DECODE_STEPS_PER_TURN = 16
+# Each turn switches adapters, which costs peft a walk over every module and
+# parameter (milliseconds with a few runs loaded): turns long enough to amortise it.
+DECODE_STEPS_PER_TURN = 64
 STOP_REASONS = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
 
 
