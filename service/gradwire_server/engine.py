@@ -129,7 +129,8 @@ class LossPass:
         self.num_datums = 0
         self.reuse, self.reused_datums = reuse, 0
         self.graph_kept = False
-        self.kept: list[KeptMicroBatch] | None = [] if keep_graph and not backward else None
+        keeping = keep_graph and not backward and engine.keep_graph_budget_bytes > 0
+        self.kept: list[KeptMicroBatch] | None = [] if keeping else None
         self.saved_bytes = _SavedTensorBytes(engine.parameter_storages()) if self.kept is not None else None
 
     def feed(self, data: list[DatumArrays]) -> list[np.ndarray]:
