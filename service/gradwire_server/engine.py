@@ -234,7 +234,6 @@ class LossPass:
         return self.metrics
 
 
-
 def merge_metrics(merged: dict[str, float], merged_count: int,
                   metrics: dict[str, float], count: int) -> dict[str, float]:
     """Combines the metrics of two parts of a batch by each key's reduction suffix."""
