@@ -351,18 +351,9 @@ class TrainingClient:
 
     def optim_step(self, adam_params: types.AdamParams) -> APIFuture[types.OptimStepResponse]:
         """One AdamW step with the accumulated gradients, which are then cleared."""
-        service, model_id = self.service, self.model_id
-        params = _convert.adam_params(adam_params)
-
-        def send(next_seq):
-            return service._call("OptimStep", pb.OptimStepRequest(
-                model_id=model_id, seq_id=next_seq(), adam_params=params, request_id=_request_id())).name
-
-        def fetch(name, timeout):
-            response = service._operation_result(name, pb.OptimStepResponse, timeout)
-            return types.OptimStepResponse(metrics=dict(response.metrics))
-
-        return self._enqueue(send, fetch, "optim_step")
+        return self._ordered_call("OptimStep", pb.OptimStepRequest, pb.OptimStepResponse,
+                                  lambda r: types.OptimStepResponse(metrics=dict(r.metrics)), "optim_step",
+                                  adam_params=_convert.adam_params(adam_params))
 
     async def forward_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward; the awaited APIFuture gives the result."""
