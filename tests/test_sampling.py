@@ -324,19 +324,30 @@ def test_sampling_leaves_training_runs_untouched(server, service, trained):
     _assert_training_view_equal(before, _training_view(server, tc.model_id))
 
 
-def test_adapter_cache_evicts_least_recently_used(server, service, trained):
-    """Six checkpoints (of equal weights) through a cache of four, while a long
-    generation from the first one is running: it survives its adapter's
-    eviction and gives the tokens it gives alone."""
-    tc, _ = trained
-    paths = [tc.save_weights_for_sampler(f"lru{i}").result().path for i in range(6)]
+def test_adapter_cache_evicts_least_recently_used(server, service):
+    """Six checkpoints of different weights through a cache of four, while a long
+    generation from the first one is running: it survives its adapter's eviction
+    and gives the tokens it gives alone, and every sampler scores with its own
+    checkpoint's weights (the run's forward logprobs when it was saved)."""
+    tc = trained_run(service, rank=RANK, seed=5)
+    tokens = PROMPT + [5, 9, 33]
+    datum = gradwire.Datum(model_input=gradwire.ModelInput.from_ints(tokens[:-1]),
+                           loss_fn_inputs={"target_tokens": tokens[1:]})
+    paths, expected = [], []
+    for i in range(6):
+        paths.append(tc.save_weights_for_sampler(f"lru{i}").result().path)
+        expected.append(tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy())
+        tc.forward_backward(random_data(20 + i), "cross_entropy")
+        tc.optim_step(gradwire.AdamParams(learning_rate=1e-2))
     samplers = [service.create_sampling_client(model_path=path) for path in paths]
     params = gradwire.SamplingParams(max_tokens=150, seed=2)
     alone = samplers[0].sample(prompt_input(), 1, params).result()
     long_one = samplers[0].sample(prompt_input(), 1, params)
-    short = [s.sample(prompt_input(), 1, gradwire.SamplingParams(max_tokens=6, seed=2)) for s in samplers[1:]]
+    scored = [s.compute_logprobs(prompt_input(tokens)) for s in samplers[1:]]
     assert long_one.result() == alone
-    assert len({tuple(f.result().sequences[0].tokens) for f in short}) == 1
+    for i, future in enumerate(scored, start=1):
+        assert np.abs(expected[i] - expected[i - 1]).max() > 1e-3  # the checkpoints differ
+        np.testing.assert_allclose(np.array(future.result()[1:]), expected[i], atol=1e-4)
     loaded = server.call(lambda: [n for n in server.engine.peft_model.peft_config if n.startswith("sampler-")])
     assert len(loaded) == server.server.sampling.adapters.capacity
 
@@ -349,7 +360,8 @@ BAD_PARAMS = [
     ("top_p above one", 1, PROMPT, dict(max_tokens=4, top_p=1.5), "sampling_params.top_p", "(0, 1]"),
     ("negative temperature", 1, PROMPT, dict(max_tokens=4, temperature=-0.5), "sampling_params.temperature",
      ">= 0"),
-    ("no samples", 0, PROMPT, dict(max_tokens=4), "num_samples", "must be >= 1"),
+    ("no samples", 0, PROMPT, dict(max_tokens=4), "num_samples", "must be in [1, 256]"),
+    ("too many samples", 257, PROMPT, dict(max_tokens=1), "num_samples", "must be in [1, 256]"),
     ("past the context", 1, [1] * 1000, dict(max_tokens=25), "sampling_params.max_tokens", "context of 1024"),
     ("prompt fills the context", 1, [1] * 1024, dict(max_tokens=1), "prompt", "no room"),
     ("prompt token outside vocab", 1, [1, 320, 2], dict(max_tokens=4), "prompt", "outside the vocabulary"),
@@ -406,7 +418,7 @@ def test_damaged_adapter_file_fails_the_operation(server, service, trained):
     adapter.write_bytes(adapter.read_bytes()[:100])
     with pytest.raises(gradwire.GradwireError) as raised:
         sample(service.create_sampling_client(model_path=path), 1, max_tokens=4)
-    assert "model_path" in str(raised.value) and "adapter_model.safetensors" in str(raised.value)
+    assert path in str(raised.value) and "adapter_model.safetensors" in str(raised.value)
     _assert_training_view_equal(before, _training_view(server, tc.model_id))
 
 
@@ -432,3 +444,23 @@ def test_save_weights_and_get_sampling_client_samples_the_current_weights(servic
     stepped = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
     assert np.abs(stepped - training).max() > 1e-3
     assert sample(sampler, 2, max_tokens=5, seed=0).sequences[1].tokens
+
+
+def test_a_path_saved_again_after_delete_serves_the_new_weights(service):
+    """The adapter cache is keyed by the checkpoint file's sha256: a path deleted and
+    saved again with other weights is never served from the stale cached adapter."""
+    tc = trained_run(service, rank=RANK, seed=6)
+    tokens = PROMPT + [5, 9, 33]
+    datum = gradwire.Datum(model_input=gradwire.ModelInput.from_ints(tokens[:-1]),
+                           loss_fn_inputs={"target_tokens": tokens[1:]})
+    path = tc.save_weights_for_sampler("again").result().path
+    sampler = service.create_sampling_client(model_path=path)
+    first = np.array(sampler.compute_logprobs(prompt_input(tokens)).result()[1:])
+    service.create_rest_client().delete_checkpoint(path)
+    tc.forward_backward(random_data(30), "cross_entropy")
+    tc.optim_step(gradwire.AdamParams(learning_rate=1e-2))
+    assert tc.save_weights_for_sampler("again").result().path == path
+    expected = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    assert np.abs(expected - first).max() > 1e-3
+    np.testing.assert_allclose(np.array(sampler.compute_logprobs(prompt_input(tokens)).result()[1:]),
+                               expected, atol=1e-4)

@@ -223,7 +223,7 @@ def read(checkpoint: Checkpoint, with_optimizer: bool
     and sha256 against the marker: DATA_LOSS naming the file if one is damaged."""
     files = [ADAPTER_WEIGHTS] + ([OPTIMIZER_STATE] if with_optimizer else [])
     for name in files:
-        _verify(checkpoint, name)
+        verify(checkpoint, name)
     try:
         adapter = safetensors.torch.load_file(str(checkpoint.folder / ADAPTER_WEIGHTS))
         optimizer = torch.load(checkpoint.folder / OPTIMIZER_STATE, weights_only=True) \
@@ -293,7 +293,8 @@ def _rename_into_place(temp: pathlib.Path, folder: pathlib.Path, path: Checkpoin
         raise _exists(path.path) from None
 
 
-def _verify(checkpoint: Checkpoint, name: str) -> None:
+def verify(checkpoint: Checkpoint, name: str) -> None:
+    """DATA_LOSS naming the file unless `name` has the size and sha256 the marker records."""
     expected = checkpoint.metadata["files"].get(name)
     file = checkpoint.folder / name
     where = f"checkpoint {checkpoint.path.path}: {name}"

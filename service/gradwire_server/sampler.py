@@ -112,7 +112,8 @@ class Generation:
         scores = _prompt_scores(logits, prompt[0], self.spec) if want_scores else PromptScores()
         if self.sequences:
             self._cache.batch_repeat_interleave(len(self.sequences))
-            self._next_logits = logits[-1:].expand(len(self.sequences), -1)
+            # A copy, so the prompt's [L, V] logits are freed now, not after the last token.
+            self._next_logits = logits[-1:].expand(len(self.sequences), -1).clone()
         return scores
 
     @torch.no_grad()

@@ -3,8 +3,9 @@ peft model, and switching the model to them (or to the bare base model) for
 a sampling turn without disturbing any training run.
 
 A sampler checkpoint is a standard peft adapter folder (adapter_config.json +
-adapter_model.safetensors). Loaded folders stay cached (LRU, keyed by folder
-and file time, so a rewritten folder reloads) under a generated adapter name.
+adapter_model.safetensors). Loaded adapters stay cached (LRU, keyed by path
+and the file's sha256, so other weights under a reused path reload) under a
+generated adapter name.
 Worker thread only.
 """
 from __future__ import annotations
@@ -19,9 +20,11 @@ import peft
 import safetensors.torch
 import torch
 
+from gradwire_server import checkpoints
+from gradwire_server.checkpoints import Checkpoint
 from gradwire_server.engine import Engine
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS = checkpoints.ADAPTER_WEIGHTS
 
 
 class AdapterLoadError(ValueError):
@@ -34,17 +37,16 @@ class SamplerAdapters:
         self.capacity = capacity
         self._loaded: OrderedDict[tuple[str, int], str] = OrderedDict()  # (folder, mtime) -> adapter
 
-    def adapter_for(self, folder: pathlib.Path) -> str:
-        """The adapter name of a sampler checkpoint folder, loading it if needed."""
-        try:
-            key = (str(folder.resolve()), (folder / ADAPTER_WEIGHTS).stat().st_mtime_ns)
-        except FileNotFoundError:
-            raise AdapterLoadError(f"the checkpoint has no {ADAPTER_WEIGHTS}") from None
+    def adapter_for(self, checkpoint: Checkpoint) -> str:
+        """The adapter name of a sampler checkpoint, loading it (after checking the
+        file against the checkpoint's sha256) if it is not cached."""
+        key = (checkpoint.path.path, checkpoint.metadata["files"][ADAPTER_WEIGHTS]["sha256"])
         if key in self._loaded:
             self._loaded.move_to_end(key)
             return self._loaded[key]
+        checkpoints.verify(checkpoint, ADAPTER_WEIGHTS)
         name = "sampler-" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
-        self._load(folder, name)
+        self._load(checkpoint.folder, name)
         self._loaded[key] = name
         if len(self._loaded) > self.capacity:
             _, evicted = self._loaded.popitem(last=False)

@@ -55,7 +55,7 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         deleted at the end. A client that goes away cancels the generation."""
         try:
             record = self._submit(request, "SampleStream", lambda info: sampling_validation.sample_spec(
-                request, info.vocab_size, info.max_context_length), stream=True)
+                request, info.vocab_size, info.max_context_length, stream=True), stream=True)
         except ServiceError as error:
             await abort(context, error)
         name, sent = record.operation.name, 0
@@ -86,9 +86,9 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
                 return self.store.get(existing)
             except ServiceError:
                 del self._operation_of_request[request.request_id]  # expired or deleted: a new request
-        folder = sampling_validation.weights_folder(request, info.name, self.checkpoint_root)
+        checkpoint = sampling_validation.weights_checkpoint(request, info.name, self.checkpoint_root)
         spec = validate(info)
-        task = SampleTask(self.engine, self.adapters, folder, spec, stream=stream)
+        task = SampleTask(self.engine, self.adapters, checkpoint, spec, stream=stream)
         record = self.scheduler.submit_unordered(OPERATION_OWNER, kind, task)
         if request.request_id and not stream:
             self._remember(request.request_id, record.operation.name)

@@ -4,31 +4,31 @@ DECODE_STEPS_PER_TURN tokens, so training runs interleave with a long
 generation. A streaming task reports each turn's new tokens as it goes."""
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
 from google.protobuf import message
 
 from gradwire.v1 import sampling_service_pb2 as pb
+from gradwire_server.checkpoints import Checkpoint
 from gradwire_server.engine import Engine
 from gradwire_server.errors import FieldViolation, invalid_argument
 from gradwire_server.sampler import Generation, PromptScores, SampleSpec, SequenceNews
 from gradwire_server.sampler_weights import AdapterLoadError, SamplerAdapters
 from gradwire_server.scheduler import Step
 
-# Each turn switches adapters, which costs peft a walk over every module and
-# parameter (milliseconds with a few runs loaded): turns long enough to amortise it.
+# Each turn switches the model's adapters (to a sampler adapter: peft walks every
+# module and parameter, milliseconds with a few runs loaded): turns long enough to
+# amortise it.
 DECODE_STEPS_PER_TURN = 64
 STOP_REASONS = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
 
 
 class SampleTask:
-    """`folder`: a sampler checkpoint, None for the base model. With `stream`,
+    """`checkpoint`: a sampler checkpoint, None for the base model. With `stream`,
     every turn reports a SampleStreamResponse as an operation output."""
 
-    def __init__(self, engine: Engine, adapters: SamplerAdapters, folder: pathlib.Path | None,
+    def __init__(self, engine: Engine, adapters: SamplerAdapters, checkpoint: Checkpoint | None,
                  spec: SampleSpec, stream: bool = False):
-        self.engine, self.adapters, self.folder = engine, adapters, folder
+        self.engine, self.adapters, self.checkpoint = engine, adapters, checkpoint
         self.spec, self.stream = spec, stream
         self._generation: Generation | None = None
         self._scores = PromptScores()
@@ -55,14 +55,16 @@ class SampleTask:
         if self.stream and (news := self._stream_message(generation.news(), first)).ByteSize():
             outputs = [news]
         if generation.done:
-            return Step(True, self._response(), outputs=outputs)
+            response = self._response()
+            self._generation = None  # frees the KV cache now, not when the job is collected
+            return Step(True, response, outputs=outputs)
         return Step(False, outputs=outputs)
 
     def _adapter(self) -> str | None:
-        if self.folder is None:
+        if self.checkpoint is None:
             return None
         try:
-            return self.adapters.adapter_for(self.folder)
+            return self.adapters.adapter_for(self.checkpoint)
         except AdapterLoadError as error:
             raise invalid_argument([FieldViolation("model_path", str(error))]) from None
 

@@ -1,5 +1,5 @@
 """Validation of sampling requests: protobuf in, a SampleSpec and the weights'
-folder out, or INVALID_ARGUMENT / NOT_FOUND naming each offending field.
+checkpoint out, or INVALID_ARGUMENT / NOT_FOUND naming each offending field.
 Nothing here touches the model, so a rejected request changes nothing."""
 from __future__ import annotations
 
@@ -19,14 +19,16 @@ from gradwire_server.sampler import SampleSpec, SamplingSettings
 from gradwire_server.validation import _check_token_range
 
 MAX_TOPK_PROMPT_LOGPROBS = 20
+MAX_NUM_SAMPLES = 256  # each sample holds a copy of the prompt's KV cache while it decodes
 # Sample's response rides inside one Operation, within gRPC's 4 MiB default.
 MAX_RESPONSE_BYTES = 3 * 1024 * 1024
 _BYTES_PER_SAMPLED_TOKEN = 8   # int32 token + float32 logprob
 
 
-def sampler_weights_folder(checkpoint_root: pathlib.Path, model_path: str, served_model: str) -> pathlib.Path:
-    """The folder of the complete sampler checkpoint `model_path`
-    (gradwire://<run_id>/sampler_weights/<name>) of the served base model."""
+def sampler_checkpoint(checkpoint_root: pathlib.Path, model_path: str, served_model: str
+                       ) -> checkpoints.Checkpoint:
+    """The complete sampler checkpoint `model_path` (gradwire://<run_id>/sampler_weights/<name>)
+    of the served base model."""
     if checkpoints.parse_path(model_path, "model_path").kind != "sampler_weights":
         raise invalid_argument([FieldViolation(
             "model_path", f"{model_path!r} is a training checkpoint; sample from a "
@@ -38,12 +40,12 @@ def sampler_weights_folder(checkpoint_root: pathlib.Path, model_path: str, serve
             raise not_found("model_path", model_path) from None
         raise
     checkpoints.check_base_model(checkpoint, served_model)
-    return checkpoint.folder
+    return checkpoint
 
 
-def weights_folder(request: pb.SampleRequest | pb.ComputeLogprobsRequest, served_model: str,
-                   checkpoint_root: pathlib.Path) -> pathlib.Path | None:
-    """The sampler checkpoint folder the request names, or None for the base model."""
+def weights_checkpoint(request: pb.SampleRequest | pb.ComputeLogprobsRequest, served_model: str,
+                       checkpoint_root: pathlib.Path) -> checkpoints.Checkpoint | None:
+    """The sampler checkpoint the request names, or None for the base model."""
     which = request.WhichOneof("model")
     if which is None:
         raise invalid_argument([FieldViolation("model", "set model_path or base_model")])
@@ -51,11 +53,13 @@ def weights_folder(request: pb.SampleRequest | pb.ComputeLogprobsRequest, served
         if request.base_model != served_model:
             raise not_found("base_model", f"{request.base_model} (this server serves {served_model!r})")
         return None
-    return sampler_weights_folder(checkpoint_root, request.model_path, served_model)
+    return sampler_checkpoint(checkpoint_root, request.model_path, served_model)
 
 
-def sample_spec(request: pb.SampleRequest, vocab_size: int, max_context: int) -> SampleSpec:
-    """Validates a SampleRequest's prompt, counts and params, reporting every violation at once."""
+def sample_spec(request: pb.SampleRequest, vocab_size: int, max_context: int, stream: bool = False
+                ) -> SampleSpec:
+    """Validates a SampleRequest's prompt, counts and params, reporting every violation at once.
+    A Sample's whole result must fit one message; a stream sends it per decode turn."""
     violations: list[FieldViolation] = []
     prompt = _prompt(request.prompt, vocab_size, violations)
     if prompt.size >= max_context:
@@ -63,18 +67,21 @@ def sample_spec(request: pb.SampleRequest, vocab_size: int, max_context: int) ->
             "prompt", f"{prompt.size} tokens leave no room to generate in the model's context "
                       f"of {max_context}"))
     num_samples = request.num_samples if request.HasField("num_samples") else 1
-    if num_samples < 1:
-        violations.append(FieldViolation("num_samples", f"must be >= 1, got {num_samples}"))
+    if not 1 <= num_samples <= MAX_NUM_SAMPLES:
+        violations.append(FieldViolation("num_samples", f"must be in [1, {MAX_NUM_SAMPLES}], got {num_samples}"))
     settings = _settings(request.sampling_params, prompt.size, vocab_size, max_context, violations)
     k = request.topk_prompt_logprobs
     if not 0 <= k <= MAX_TOPK_PROMPT_LOGPROBS:
         violations.append(FieldViolation("topk_prompt_logprobs",
                                          f"must be in [0, {MAX_TOPK_PROMPT_LOGPROBS}], got {k}"))
-    if not violations and num_samples * settings.max_tokens * _BYTES_PER_SAMPLED_TOKEN > MAX_RESPONSE_BYTES:
+    prompt_score_bytes = prompt.size * (4 * request.include_prompt_logprobs + 8 * k)
+    response_bytes = num_samples * settings.max_tokens * _BYTES_PER_SAMPLED_TOKEN + prompt_score_bytes \
+        if not violations else 0
+    if (prompt_score_bytes if stream else response_bytes) > MAX_RESPONSE_BYTES:
         violations.append(FieldViolation(
-            "num_samples", f"{num_samples} samples of up to {settings.max_tokens} tokens exceed one "
-                           f"response message ({MAX_RESPONSE_BYTES} bytes): send fewer samples, a "
-                           "smaller max_tokens, or use SampleStream"))
+            "num_samples", f"{num_samples} samples of up to {settings.max_tokens} tokens and the prompt's "
+                           f"scores exceed one response message ({MAX_RESPONSE_BYTES} bytes): send fewer "
+                           "samples, a smaller max_tokens, fewer prompt scores, or use SampleStream"))
     if violations:
         raise invalid_argument(violations)
     return SampleSpec(prompt, num_samples, settings, request.include_prompt_logprobs, k)

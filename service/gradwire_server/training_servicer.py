@@ -215,8 +215,9 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     def _new_checkpoint(self, model_id: str, kind: str, name: str) -> checkpoints.CheckpointPath:
         """The path a save will write: ALREADY_EXISTS at admission if the name is taken on
-        disk or by a save admitted before it that has not finished, so the error is the
-        request's own and aborts none of the run's requests queued behind it."""
+        disk or by a save admitted before it that has not finished. The error is then the
+        RPC's own (its seq_id is used up, as for any rejected request) instead of a failed
+        operation that aborts the requests already queued on the worker behind it."""
         path = checkpoints.CheckpointPath(model_id, kind, checkpoints.validate_name(name))
         checkpoints.check_new(self.checkpoint_root, path)
         for saving, operation in list(self._saves.items()):  # forget finished saves
