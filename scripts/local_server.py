@@ -29,6 +29,7 @@ def start_server(model: str, *args: str) -> tuple[subprocess.Popen, str]:
     ready.wait(timeout=300)
     if not address:
         process.kill()
+        process.wait()
         raise RuntimeError(f"gradwire-server --model {model} did not start")
     return process, address[0]
 
@@ -42,4 +43,8 @@ def local_server(model: str, *args: str) -> Iterator[str]:
             yield address
         finally:
             process.terminate()
-            process.wait(timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

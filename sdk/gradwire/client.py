@@ -67,6 +67,9 @@ class ServiceClient:
         self._channel = grpc.insecure_channel(target)
         self._training = pb_grpc.TrainingServiceStub(self._channel)
         self._resources = rpb_grpc.ResourceServiceStub(self._channel)
+        # Sampling requests being submitted at once, shared by this service's sampling
+        # clients (an RL loop makes a new one per step).
+        self._sampling_senders = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="gradwire-sampling")
         self._operations = operations_pb2_grpc.OperationsStub(self._channel)
         self._tokenizers: dict[str, Any] = {}
 
@@ -262,6 +265,7 @@ class ServiceClient:
         return self.create_sampling_client(model_path, base_model)
 
     def close(self) -> None:
+        self._sampling_senders.shutdown(wait=False, cancel_futures=True)
         self._channel.close()
 
     def __enter__(self) -> ServiceClient:

@@ -20,7 +20,6 @@ from gradwire.futures import APIFuture
 from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
 
-_SENDERS = 8  # requests being submitted at once per client
 
 
 class SamplingClient:
@@ -35,7 +34,6 @@ class SamplingClient:
         self.model_path = model_path
         self.base_model = base_model
         self._stub = pb_grpc.SamplingServiceStub(service._channel)
-        self._senders = concurrent.futures.ThreadPoolExecutor(_SENDERS, thread_name_prefix="gradwire-sampling")
 
     def sample(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0
@@ -127,7 +125,7 @@ class SamplingClient:
             except grpc.RpcError as error:
                 raise error_from_rpc(error) from None
 
-        submitted = self._senders.submit(send)
+        submitted = self.service._sampling_senders.submit(send)
 
         def fetch(timeout: float | None):
             try:
