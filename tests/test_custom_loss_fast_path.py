@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
+import gradwire
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server.server import BackgroundServer, ServerConfig
@@ -83,9 +84,9 @@ def test_one_forward_pass_per_datum_and_exact(server, service, budget, forward_p
 
 
 def test_another_runs_request_between_the_legs_changes_nothing(server, service, stubs):
-    """The worker serves other runs between a run's two legs (peft then makes only
-    their adapter trainable); the reused graph still yields the exact gradient, and
-    is freed on use."""
+    """The worker serves other runs and samples between a run's two legs (peft then
+    makes only their adapter trainable); the reused graph still yields the exact
+    gradient, and is freed on use."""
     training, operations = stubs
     tc, other = trained_run(service), trained_run(service, seed=1)
     model = reference_model(server, tc.model_id, rank=4)
@@ -93,6 +94,8 @@ def test_another_runs_request_between_the_legs_changes_nothing(server, service, 
     forward = kept_forward(stubs, tc.model_id, 3, data)
     graph = kept_graph(server, tc.model_id)
     other.forward_backward(random_data(59), "cross_entropy").result()
+    sampler = service.create_sampling_client(base_model="tiny-random")  # switches adapters too
+    sampler.sample(gradwire.ModelInput.from_ints([1, 2, 3]), 2, gradwire.SamplingParams(max_tokens=4)).result()
     backward = raw_request(tc.model_id, 4, data)
     backward.reuse_forward = forward
     assert result(operations, training.ForwardBackward(backward).name).reused_datums == len(data)
