@@ -157,6 +157,13 @@ def finished(operations, name: str) -> operations_pb2.Operation:
     return operation
 
 
+def succeeded(operations, name: str) -> operations_pb2.Operation:
+    """The finished operation, which must hold no error."""
+    operation = finished(operations, name)
+    assert not operation.HasField("error"), operation.error
+    return operation
+
+
 @contextlib.contextmanager
 def worker_busy(server):
     """Keeps the server's worker thread occupied until the block ends, so requests

@@ -19,7 +19,7 @@ from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server.server import BackgroundServer, ServerConfig
 from reference import (assert_state_equal, finished, forward_batches, random_data, raw_request,
                        reference_gradients, reference_logprobs, reference_model, relative_error, run_state,
-                       server_gradients, trained_run, worker_busy)
+                       server_gradients, succeeded, trained_run, worker_busy)
 from test_custom_loss import TOLERANCE, logprob_squared_loss
 
 
@@ -47,10 +47,8 @@ def holds_graph(server, run_id: str) -> bool:
 
 
 def result(operations, name: str) -> pb.ForwardBackwardOutput:
-    operation = finished(operations, name)
-    assert not operation.HasField("error"), operation.error
     output = pb.ForwardBackwardOutput()
-    operation.response.Unpack(output)
+    succeeded(operations, name).response.Unpack(output)
     return output
 
 
@@ -196,5 +194,5 @@ def test_unloading_the_run_frees_the_graph(server, service, stubs):
     graph = kept_graph(server, tc.model_id)
     assert graph() is not None
     unload = training.UnloadModel(pb.UnloadModelRequest(model_id=tc.model_id, seq_id=4)).name
-    assert not finished(operations, unload).HasField("error")
+    succeeded(operations, unload)
     assert graph() is None and not holds_graph(server, tc.model_id)

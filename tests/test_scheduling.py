@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import gradwire
 from gradwire.v1 import training_service_pb2 as pb
-from reference import finished, random_data, raw_request, worker_busy
+from reference import random_data, raw_request, succeeded, worker_busy
 
 
-def succeeded(operations, name: str) -> pb.OperationMetadata:
-    operation = finished(operations, name)
-    assert not operation.HasField("error"), operation.error
+def metadata(operations, name: str) -> pb.OperationMetadata:
+    """The metadata of a finished operation that succeeded."""
     meta = pb.OperationMetadata()
-    operation.metadata.Unpack(meta)
+    succeeded(operations, name).metadata.Unpack(meta)
     return meta
 
 
@@ -38,6 +37,6 @@ def test_runs_take_turns_instead_of_waiting_behind_a_whole_queue(server, stubs):
         a_ops = [training.ForwardBackward(raw_request(run_a, seq, random_data(71 + seq))).name
                  for seq in (1, 2, 3)]
         b_op = training.ForwardBackward(raw_request(run_b, 1, random_data(75))).name
-    a_meta = [succeeded(operations, name) for name in a_ops]
-    b_meta = succeeded(operations, b_op)
+    a_meta = [metadata(operations, name) for name in a_ops]
+    b_meta = metadata(operations, b_op)
     assert b_meta.end_time.ToNanoseconds() <= a_meta[1].start_time.ToNanoseconds()

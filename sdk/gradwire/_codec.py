@@ -23,6 +23,7 @@ _DTYPE_OF_NAME = {"float32": DType.FLOAT32, "int64": DType.INT64, "int32": DType
                   "bfloat16": DType.BFLOAT16}
 NAME_OF_DTYPE = {v: k for k, v in _DTYPE_OF_NAME.items()}
 _INT32_LE = np.dtype("<i4")
+_FLOAT32_LE = np.dtype("<f4")
 
 
 class WireFormatError(ValueError):
@@ -59,10 +60,27 @@ def tensor_from_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:
     return _reshape(_frombuffer(tensor.dense, tensor.dtype), shape)
 
 
+def pack_int32(values) -> bytes:
+    """Little-endian int32 bytes of a sequence of integers."""
+    return np.ascontiguousarray(values, dtype=_INT32_LE).tobytes()
+
+
+def pack_float32(values) -> bytes:
+    """Little-endian float32 bytes of a sequence of numbers."""
+    return np.ascontiguousarray(values, dtype=_FLOAT32_LE).tobytes()
+
+
+def unpack_int32(packed: bytes) -> list[int]:
+    return np.frombuffer(packed, dtype=_INT32_LE).tolist()
+
+
+def unpack_float32(packed: bytes) -> list[float]:
+    return np.frombuffer(packed, dtype=_FLOAT32_LE).tolist()
+
+
 def tokens_to_chunk(tokens: np.ndarray) -> datum_pb2.Chunk:
     """An encoded_text chunk with packed int32 token ids."""
-    packed = np.ascontiguousarray(tokens, dtype=_INT32_LE).tobytes()
-    return datum_pb2.Chunk(encoded_text=datum_pb2.EncodedTextChunk(tokens=packed))
+    return datum_pb2.Chunk(encoded_text=datum_pb2.EncodedTextChunk(tokens=pack_int32(tokens)))
 
 
 def tokens_from_text_chunk(chunk: datum_pb2.EncodedTextChunk) -> np.ndarray:

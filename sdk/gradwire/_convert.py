@@ -116,8 +116,8 @@ def sampling_params(params: types.SamplingParams) -> sampling_pb.SamplingParams:
 
 def sample_response(response: sampling_pb.SampleResponse) -> types.SampleResponse:
     sequences = [types.SampledSequence(stop_reason=_STOP_REASONS[s.stop_reason],
-                                       tokens=_int32_list(s.tokens),
-                                       logprobs=_float32_list(s.logprobs) if s.HasField("logprobs") else None)
+                                       tokens=_codec.unpack_int32(s.tokens),
+                                       logprobs=_codec.unpack_float32(s.logprobs) if s.HasField("logprobs") else None)
                  for s in response.sequences]
     prompt = prompt_logprobs(response.prompt_logprobs) if response.HasField("prompt_logprobs") else None
     topk = None
@@ -132,20 +132,13 @@ def sample_response(response: sampling_pb.SampleResponse) -> types.SampleRespons
 
 def prompt_logprobs(packed: bytes) -> list[float | None]:
     """Packed float32 prompt logprobs; the first (NaN: no prediction) becomes None."""
-    values: list[float | None] = _float32_list(packed)
+    values: list[float | None] = _codec.unpack_float32(packed)
     if values:
         values[0] = None
     return values
 
 
 def sampled_tokens(piece: sampling_pb.SampledTokens) -> types.SampledTokens:
-    return types.SampledTokens(piece.sequence_index, _int32_list(piece.tokens), _float32_list(piece.logprobs),
+    return types.SampledTokens(piece.sequence_index, _codec.unpack_int32(piece.tokens), _codec.unpack_float32(piece.logprobs),
                                _STOP_REASONS[piece.stop_reason] if piece.done else None)
 
-
-def _int32_list(packed: bytes) -> list[int]:
-    return np.frombuffer(packed, dtype="<i4").tolist()
-
-
-def _float32_list(packed: bytes) -> list[float]:
-    return np.frombuffer(packed, dtype="<f4").tolist()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Callable
 
-import grpc
 
 from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
 from gradwire_server import sampling_validation
@@ -16,7 +15,7 @@ from gradwire_server.sampler import SampleSpec
 from gradwire_server.sampler_weights import SamplerAdapters
 from gradwire_server.sampling_task import SampleTask
 from gradwire_server.scheduler import Scheduler
-from gradwire_server.training_servicer import ModelInfo
+from gradwire_server.training_servicer import ModelInfo, loaded
 
 OPERATION_OWNER = "sampling"  # operations are named operations/sampling/...
 _MAX_REMEMBERED_REQUESTS = 4096  # request_ids kept before forgetting finished, dropped operations
@@ -102,6 +101,4 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         self._operation_of_request[request_id] = operation
 
     def _ready(self) -> ModelInfo:
-        if self.info is None:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading", "LOADING")
-        return self.info
+        return loaded(self.info)

@@ -16,7 +16,7 @@ from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire_server import checkpoints
 from gradwire_server.errors import FieldViolation, ServiceError, invalid_argument, not_found
 from gradwire_server.sampler import SampleSpec, SamplingSettings
-from gradwire_server.validation import _check_token_range
+from gradwire_server.validation import check_token_range
 
 MAX_TOPK_PROMPT_LOGPROBS = 20
 MAX_NUM_SAMPLES = 256  # each sample holds a copy of the prompt's KV cache while it decodes
@@ -114,7 +114,7 @@ def _prompt(chunks: Sequence, vocab_size: int, violations: list[FieldViolation])
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     if tokens.size == 0 and not violations:
         violations.append(FieldViolation("prompt", "is empty; send at least one token"))
-    _check_token_range(tokens, "prompt", vocab_size, violations)
+    check_token_range(tokens, "prompt", vocab_size, violations)
     return tokens
 
 
@@ -146,7 +146,7 @@ def _settings(params: pb.SamplingParams, prompt_length: int, vocab_size: int, ma
         if not stop:
             violations.append(FieldViolation(f"{where}.stop_strs.strings[{i}]", "is empty"))
     stop_tokens = np.asarray(params.stop_tokens.tokens, dtype=np.int64)
-    _check_token_range(stop_tokens, f"{where}.stop_tokens.tokens", vocab_size, violations)
+    check_token_range(stop_tokens, f"{where}.stop_tokens.tokens", vocab_size, violations)
     seed = params.seed if params.HasField("seed") else secrets.randbits(63)
     return SamplingSettings(max_tokens=max_tokens, seed=seed, temperature=temperature, top_k=max(top_k, 0),
                             top_p=top_p, stop_strings=stop_strings,

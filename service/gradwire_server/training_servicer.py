@@ -43,6 +43,13 @@ class ModelInfo:
     tokenizer_files: dict[str, bytes]
 
 
+def loaded(info: ModelInfo | None) -> ModelInfo:
+    """The served model's info; UNAVAILABLE while it is still loading."""
+    if info is None:
+        raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading", "LOADING")
+    return info
+
+
 class TrainingServicer(pb_grpc.TrainingServiceServicer):
     def __init__(self, store: OperationStore, max_message_bytes: int, checkpoint_root: pathlib.Path,
                  index: RunIndex):
@@ -380,9 +387,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             raise
 
     def _ready(self) -> ModelInfo:
-        if self.info is None:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading", "LOADING")
-        return self.info
+        return loaded(self.info)
 
     def _run(self, model_id: str):
         run = self.engine.runs.get(model_id)

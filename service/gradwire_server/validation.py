@@ -100,7 +100,7 @@ def _datum(datum, index: int, spec, vocab_size: int, max_context: int,
     if n > max_context:
         violations.append(FieldViolation(f"{where}.model_input",
                                          f"{n} tokens exceed the model's context of {max_context}"))
-    _check_token_range(tokens, f"{where}.model_input", vocab_size, violations)
+    check_token_range(tokens, f"{where}.model_input", vocab_size, violations)
 
     inputs: dict[str, np.ndarray] = {}
     for key, tensor in datum.loss_fn_inputs.items():
@@ -131,7 +131,7 @@ def _datum(datum, index: int, spec, vocab_size: int, max_context: int,
                            f"shape [{n}]; multi-target [N, K] works with "
                            f"{sorted(name for name, s in LOSSES.items() if s.multi_target)}"))
                 continue
-            _check_token_range(array, field, vocab_size, violations)
+            check_token_range(array, field, vocab_size, violations)
         elif not np.isfinite(array).all():
             bad = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
             violations.append(FieldViolation(field, f"holds NaN or infinity (first at flat index {bad})"))
@@ -150,7 +150,7 @@ def _datum(datum, index: int, spec, vocab_size: int, max_context: int,
     return DatumArrays(tokens, inputs)
 
 
-def _check_token_range(tokens: np.ndarray, field: str, vocab_size: int,
+def check_token_range(tokens: np.ndarray, field: str, vocab_size: int,
                        violations: list[FieldViolation]) -> None:
     outside = (tokens < 0) | (tokens >= vocab_size)
     if outside.any():
