@@ -52,6 +52,8 @@ OPTIMIZER_STATE = "optimizer.pt"
 KINDS = {"weights": "training", "sampler_weights": "sampler"}  # path kind -> checkpoint_type
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TEMP_PREFIX = ".tmp-"
+CRASH_AT_ENV = "GRADWIRE_CHECKPOINT_CRASH_AT"  # tests only: see _crash_point
+CRASH_EXIT_CODE = 86
 
 
 @dataclass(frozen=True)
@@ -206,13 +208,17 @@ def write(root: pathlib.Path, path: CheckpointPath, state: RunState, base_model:
         metadata = {"format_version": FORMAT_VERSION, "run_id": path.run_id, "kind": path.kind,
                     "name": path.name, "base_model": base_model, "lora": asdict(state.lora),
                     "step": state.step, "created_time": time.time(), "files": files}
+        _crash_point("before_marker")
         (temp / MARKER).write_text(json.dumps(metadata, indent=2))
+        _crash_point("after_marker")
         _fsync(temp / MARKER)
         _fsync(temp)
+        _crash_point("before_rename")
         _rename_into_place(temp, folder, path)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+    _crash_point("after_rename")
     _fsync(folder.parent)
     return Checkpoint(path, folder, metadata)
 
@@ -324,6 +330,14 @@ def _sha256(file: pathlib.Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _crash_point(step: str) -> None:
+    """Fault injection for the crash-safety tests: the process dies on the spot (no
+    cleanup, like a power cut or SIGKILL) when $GRADWIRE_CHECKPOINT_CRASH_AT names this
+    step of write() (before_marker, after_marker, before_rename, after_rename)."""
+    if os.environ.get(CRASH_AT_ENV) == step:
+        os._exit(CRASH_EXIT_CODE)
 
 
 def _fsync(path: pathlib.Path) -> None:

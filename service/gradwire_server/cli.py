@@ -10,7 +10,8 @@ import pathlib
 from gradwire_server.server import DEFAULT_CHECKPOINT_DIR, ServerConfig, serve
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_config(argv: list[str] | None = None) -> ServerConfig:
+    """The server's configuration from command-line arguments."""
     parser = argparse.ArgumentParser(prog="gradwire-server",
                                      description="gradwire training service (gRPC)")
     parser.add_argument("--model", required=True,
@@ -24,10 +25,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="activation memory a custom loss's forward leg may keep so its backward "
                              "leg needs no second forward pass; 0 always recomputes (default: %(default)g)")
     args = parser.parse_args(argv)
+    return ServerConfig(model=args.model, host=args.host, port=args.port, checkpoint_dir=args.checkpoint_dir,
+                        keep_graph_budget_mb=args.keep_graph_budget_mb)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(ServerConfig(model=args.model, host=args.host, port=args.port,
-                                   checkpoint_dir=args.checkpoint_dir,
-                                   keep_graph_budget_mb=args.keep_graph_budget_mb)))
+    asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

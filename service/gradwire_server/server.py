@@ -55,6 +55,8 @@ class ServerConfig:
     checkpoint_dir: pathlib.Path = DEFAULT_CHECKPOINT_DIR
     operation_ttl_s: float = 1800.0
     max_wait_s: float = 30.0
+    # How long a run's request waits for a missing lower seq_id before it is aborted.
+    seq_gap_timeout_s: float = 60.0
     # Activations a custom loss's forward leg may keep for its backward leg (0: always recompute).
     keep_graph_budget_mb: float = KEEP_GRAPH_BUDGET_BYTES / 2**20
     keep_graph_timeout_s: float = KEEP_GRAPH_TIMEOUT_S
@@ -109,7 +111,7 @@ class GradwireServer:
             raise
         self.engine = Engine(loaded, device, int(self.config.keep_graph_budget_mb * 2**20),
                              self.config.keep_graph_timeout_s)
-        self.scheduler = Scheduler(self.store, asyncio.get_running_loop())
+        self.scheduler = Scheduler(self.store, asyncio.get_running_loop(), self.config.seq_gap_timeout_s)
         self.scheduler.start()
         info = _model_info(loaded, device)
         self.training.attach(self.engine, self.scheduler, info)
@@ -138,8 +140,8 @@ class GradwireServer:
             await self.health.set(service, status)
 
     async def _expire_operations(self) -> None:
-        while True:
-            await asyncio.sleep(_EXPIRY_INTERVAL_S)
+        while True:  # a short TTL (tests) is checked as often as it lasts
+            await asyncio.sleep(min(_EXPIRY_INTERVAL_S, self.config.operation_ttl_s))
             self.store.expire()
 
     async def _expire_kept_graphs(self) -> None:

@@ -1,0 +1,337 @@
+"""Mutation check: does the suite notice small deliberate bugs?
+
+For each mutation below (one small bug a user would notice), copies the tree
+to a temporary folder, applies the mutation there, runs the tests that cover
+it against that copy, and reports whether they failed (caught) or passed
+(survived). A developer tool, not part of CI:
+
+    .venv/bin/python scripts/mutation_check.py            # every mutation
+    .venv/bin/python scripts/mutation_check.py --list     # names only
+    .venv/bin/python scripts/mutation_check.py --only sampler-top-p-ignored --only ...
+    .venv/bin/python scripts/mutation_check.py -j 2       # two at a time
+
+A mutation whose `old` snippet is not found exactly once is an error: the list
+must follow the code, so it fails loudly instead of testing nothing. After
+editing a mutated file, update its snippet here.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info",
+                                     "build", "gradwire-checkpoints")
+TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str          # relative to the repository root
+    old: str           # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]   # pytest arguments: files or node ids that should catch it
+    bug: str           # what a user would see
+
+
+S = "service/gradwire_server/"
+SAMPLER, ENGINE, VALIDATION, SCHEDULER = S + "sampler.py", S + "engine.py", S + "validation.py", S + "scheduler.py"
+CHECKPOINTS, SERVICER, OPERATIONS, SERVER = (S + "checkpoints.py", S + "training_servicer.py",
+                                             S + "operations.py", S + "server.py")
+
+MUTATIONS = [
+    # ---- the six the issue found surviving ------------------------------------------------------
+    Mutation("sampler-top-p-ignored", SAMPLER,
+             "        if settings.top_p < 1.0:\n            scores = _nucleus(scores, settings.top_p)\n", "",
+             ("tests/test_sampling_params.py",), "nucleus sampling silently off"),
+    Mutation("sampler-temperature-ignored", SAMPLER,
+             "scores = logits / settings.temperature", "scores = logits",
+             ("tests/test_sampling_params.py",), "every temperature samples at 1.0"),
+    Mutation("optim-grad-clip-ignored", ENGINE,
+             "if adam.grad_clip_norm > 0:", "if False:",
+             ("tests/test_optim_exact.py",), "clipping silently off"),
+    Mutation("validation-context-length-skipped", VALIDATION,
+             "    if n > max_context:\n", "    if False:\n",
+             ("tests/test_optim_exact.py",), "a datum longer than the context trains"),
+    Mutation("checkpoint-renamed-before-marker", CHECKPOINTS,
+             '        _crash_point("before_marker")\n'
+             "        (temp / MARKER).write_text(json.dumps(metadata, indent=2))\n"
+             '        _crash_point("after_marker")\n'
+             "        _fsync(temp / MARKER)\n"
+             "        _fsync(temp)\n"
+             '        _crash_point("before_rename")\n'
+             "        _rename_into_place(temp, folder, path)\n",
+             '        _crash_point("before_rename")\n'
+             "        _rename_into_place(temp, folder, path)\n"
+             "        temp = folder\n"
+             '        _crash_point("before_marker")\n'
+             "        (temp / MARKER).write_text(json.dumps(metadata, indent=2))\n"
+             '        _crash_point("after_marker")\n',
+             ("tests/test_crash_safety.py",), "a crash mid-save leaves a half checkpoint under the name"),
+    Mutation("checkpoint-files-not-fsynced", CHECKPOINTS,
+             "        for file in sorted(temp.iterdir()):\n            _fsync(file)\n",
+             "        for file in sorted(temp.iterdir()):\n",
+             ("tests/test_crash_safety.py",), "after a power cut a listed checkpoint can hold empty files"),
+    Mutation("stream-end-count-unchecked", SERVICER,
+             "if end.num_datums != received:", "if False:",
+             ("tests/test_stream_protocol.py",), "a truncated upload is applied as if complete"),
+    # ---- the four the issue found caught --------------------------------------------------------
+    Mutation("dro-penalty-sign", S + "losses.py",
+             "loss = -((logprobs * inputs[\"advantages\"] - penalty)",
+             "loss = -((logprobs * inputs[\"advantages\"] + penalty)",
+             ("tests/test_rl_losses.py",), "DRO pushes away from the reference policy"),
+    Mutation("stage-without-activating-the-run", ENGINE,
+             "        self.engine._activate(self.run.run_id)\n        params = self.run.params\n",
+             "        params = self.run.params\n",
+             ("tests/test_custom_loss_fast_path.py", "tests/test_streaming.py"),
+             "a gradient lands in the wrong run's adapter (or nowhere)"),
+    Mutation("micro-batch-off-by-one", ENGINE,
+             "longest_with * (i - start + 1) > max_tokens", "longest_with * (i - start) > max_tokens",
+             ("tests/test_rl_losses.py",), "micro-batches exceed the activation budget"),
+    Mutation("held-requests-released-out-of-order", SCHEDULER,
+             "job = order.held.pop(order.next_seq)", "job = order.held.pop(max(order.held))",
+             ("tests/test_operations.py", "tests/test_checkpoints.py"), "requests run out of call order"),
+    # ---- validation ---------------------------------------------------------------------------------
+    Mutation("validation-vocab-bound-off-by-one", VALIDATION,
+             "outside = (tokens < 0) | (tokens >= vocab_size)", "outside = (tokens < 0) | (tokens > vocab_size)",
+             ("tests/test_bad_input.py",), "token id == vocab size reaches the embedding"),
+    Mutation("validation-context-boundary", VALIDATION,
+             "    if n > max_context:\n", "    if n >= max_context:\n",
+             ("tests/test_optim_exact.py",), "a datum of exactly the context is refused"),
+    Mutation("validation-nan-weights-accepted", VALIDATION,
+             "elif not np.isfinite(array).all():", "elif False:",
+             ("tests/test_bad_input.py",), "a NaN weight poisons the weights"),
+    Mutation("validation-max-lora-rank-exclusive", VALIDATION,
+             "if not 1 <= rank <= MAX_LORA_RANK:", "if not 1 <= rank < MAX_LORA_RANK:",
+             ("tests/test_optim_exact.py",), "the advertised largest rank is refused"),
+    Mutation("validation-non-text-chunk-unchecked", VALIDATION,
+             '        if kind != "encoded_text":\n            violations.append(FieldViolation(f"{where}.model_input[{c}]",',
+             '        if kind is None:\n            violations.append(FieldViolation(f"{where}.model_input[{c}]",',
+             ("tests/test_stream_protocol.py",), "an image chunk crashes the request (INTERNAL)"),
+    # ---- streams ------------------------------------------------------------------------------------
+    Mutation("stream-header-not-required", SERVICER,
+             'if first is None or not first.HasField("header"):', "if first is None:",
+             ("tests/test_stream_protocol.py",), "a headless stream gets a confusing error"),
+    Mutation("stream-message-after-end-accepted", SERVICER,
+             'if end is not None or message.HasField("header"):', 'if message.HasField("header"):',
+             ("tests/test_stream_protocol.py",), "datums after the end are silently applied"),
+    Mutation("stream-empty-accepted", SERVICER,
+             "            if received == 0:\n", "            if False:\n",
+             ("tests/test_stream_protocol.py",), "an empty stream succeeds doing nothing"),
+    Mutation("stream-datum-index-not-offset", SERVICER,
+             "info.max_context_length, index_offset=received)", "info.max_context_length, index_offset=0)",
+             ("tests/test_streaming.py::test_bad_datum_deep_in_a_stream_applies_nothing",),
+             "a bad streamed datum is named by its index within one message"),
+    Mutation("read-outputs-reordered", SERVICER,
+             "    return outputs[start:end]\n", "    return outputs[start:end][::-1]\n",
+             ("tests/test_streaming.py::test_dataset_larger_than_64_mib_with_default_limits",),
+             "streamed-back logprobs belong to other datums"),
+    # ---- scheduler and operations ------------------------------------------------------------------
+    Mutation("scheduler-gap-never-expires", SCHEDULER,
+             "            order.next_seq = max(order.held) + 1\n            self._abort_held(",
+             "            return\n            self._abort_held(",
+             ("tests/test_server_lifecycle.py",), "a lost request wedges its run forever"),
+    Mutation("scheduler-skipped-seq-id-accepted", SCHEDULER,
+             "        if seq_id < order.next_seq:\n            raise aborted(",
+             "        if False:\n            raise aborted(",
+             ("tests/test_server_lifecycle.py",), "a late request is held forever instead of ABORTED"),
+    Mutation("scheduler-rejected-request-does-not-abort-held", SCHEDULER,
+             '                self._abort_held(order, f"request {job.op_name} (seq_id {job.seq_id}) was rejected")',
+             "                pass",
+             ("tests/test_operations.py",), "an optim_step runs without the gradient meant for it"),
+    Mutation("scheduler-failure-does-not-abort-queued", SCHEDULER,
+             "            if not job.cancelled:  # a cancelled one is finished already\n",
+             "            if False:\n",
+             ("tests/test_checkpoint_bad_input.py::test_a_failed_load_aborts_the_requests_queued_behind_it",),
+             "requests queued behind a failed one never finish"),
+    Mutation("retry-runs-again", SCHEDULER,
+             "if order is None or seq_id == 0 or seq_id not in order.op_of_seq:",
+             "if order is None or seq_id == 0 or seq_id in order.op_of_seq:",
+             ("tests/test_operations.py",), "a retried request runs twice"),
+    Mutation("operations-never-expire", OPERATIONS,
+             "if r.finished_at is not None and r.finished_at < cutoff]", "if False]",
+             ("tests/test_server_lifecycle.py",), "server memory grows with every finished operation"),
+    Mutation("operations-wait-uncapped", OPERATIONS,
+             "min(timeout_s, self.max_wait_s)", "timeout_s",
+             ("tests/test_server_lifecycle.py",), "a long-poll holds a connection past the advertised cap"),
+    Mutation("optim-grad-norm-l1", ENGINE,
+             "torch.stack([torch.linalg.vector_norm(g) for g in grads])",
+             "torch.stack([g.abs().sum() for g in grads])",
+             ("tests/test_optim_exact.py",), "grad_norm:mean reports another number"),
+    # ---- checkpoints ------------------------------------------------------------------------------
+    Mutation("checkpoint-format-version-unchecked", CHECKPOINTS,
+             'if metadata.get("format_version") != FORMAT_VERSION:', "if False:",
+             ("tests/test_checkpoint_format.py",), "a newer format is misread"),
+    Mutation("checkpoint-moved-folder-accepted", CHECKPOINTS,
+             '    if (metadata.get("run_id"), metadata.get("kind"), metadata.get("name")) != \\\n',
+             '    if False and (metadata.get("run_id"), metadata.get("kind"), metadata.get("name")) != \\\n',
+             ("tests/test_checkpoint_format.py",), "a path serves another checkpoint's weights"),
+    Mutation("checkpoint-sha256-unchecked", CHECKPOINTS,
+             'if _sha256(file) != expected["sha256"]:', "if False:",
+             ("tests/test_checkpoint_bad_input.py",), "a damaged adapter loads silently"),
+    Mutation("checkpoint-failed-save-leaves-temp", CHECKPOINTS,
+             "    except BaseException:\n        shutil.rmtree(temp, ignore_errors=True)\n        raise\n",
+             "    except BaseException:\n        raise\n",
+             ("tests/test_checkpoint_format.py",), "failed saves pile up hidden folders"),
+    Mutation("checkpoint-leftovers-kept-at-start", SERVER,
+             "        checkpoints.remove_leftovers(self.checkpoint_root)\n", "",
+             ("tests/test_crash_safety.py",), "crash leftovers fill the disk"),
+    # ---- sampler -------------------------------------------------------------------------------------
+    Mutation("sampler-top-k-ignored", SAMPLER,
+             "if 0 < settings.top_k < scores.shape[-1]:", "if False:",
+             ("tests/test_sampling_params.py",), "top_k silently off"),
+    Mutation("sampler-nucleus-too-wide", SAMPLER,
+             "mass_before >= top_p", "mass_before >= top_p + 0.1",
+             ("tests/test_sampling_params.py",), "top_p keeps more tokens than asked"),
+    Mutation("sampler-tempered-logprobs", SAMPLER,
+             "    logprobs = torch.log_softmax(logits, dim=-1)\n    if settings.temperature == 0:",
+             "    logprobs = torch.log_softmax(logits / max(settings.temperature, 1e-6), dim=-1)\n"
+             "    if settings.temperature == 0:",
+             ("tests/test_sampling.py",), "RL importance ratios compare the wrong logprobs"),
+    # ---- codec, SDK, CLI, server --------------------------------------------------------------------
+    Mutation("codec-token-bytes-unchecked", "sdk/gradwire/_codec.py",
+             "    if len(chunk.tokens) % 4:\n", "    if False:\n",
+             ("tests/test_stream_protocol.py",), "a malformed token chunk crashes the request (INTERNAL)"),
+    Mutation("sdk-surrogate-loss-misreported", "sdk/gradwire/client.py",
+             '"surrogate_loss:sum": output.metrics["loss:sum"]', '"surrogate_loss:sum": loss',
+             ("tests/test_custom_loss.py",), "surrogate_loss:sum repeats the loss"),
+    Mutation("sdk-base-url-env-ignored", "sdk/gradwire/client.py",
+             'target = base_url or os.environ.get("GRADWIRE_BASE_URL") or DEFAULT_BASE_URL',
+             "target = base_url or DEFAULT_BASE_URL",
+             ("tests/test_server_lifecycle.py",), "$GRADWIRE_BASE_URL is ignored"),
+    Mutation("cli-keep-graph-budget-dropped", S + "cli.py",
+             "                        keep_graph_budget_mb=args.keep_graph_budget_mb)",
+             "                        )",
+             ("tests/test_server_lifecycle.py",), "--keep-graph-budget-mb has no effect"),
+    Mutation("server-serving-while-loading", SERVER,
+             "        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)\n"
+             "        self.port = ",
+             "        await self._set_health(health_pb2.HealthCheckResponse.SERVING)\n"
+             "        self.port = ",
+             ("tests/test_server_lifecycle.py",), "load balancers route to a server still loading"),
+    Mutation("server-sigterm-not-handled", SERVER,
+             "    for sig in (signal.SIGTERM, signal.SIGINT):", "    for sig in (signal.SIGINT,):",
+             ("tests/test_server_lifecycle.py",), "SIGTERM kills in-flight requests"),
+]
+
+
+def apply(mutation: Mutation, tree: pathlib.Path) -> None:
+    """Applies the mutation to the copy; ValueError unless its snippet occurs exactly once."""
+    path = tree / mutation.file
+    text = path.read_text()
+    count = text.count(mutation.old)
+    if count != 1:
+        raise ValueError(f"{mutation.name}: the old snippet occurs {count} times in {mutation.file} "
+                         "(the code changed: update the snippet in scripts/mutation_check.py)")
+    path.write_text(text.replace(mutation.old, mutation.new))
+
+
+def check_snippets(mutations: list[Mutation]) -> list[str]:
+    """Problems with the list: snippets not found once, unknown test files, repeated names."""
+    problems, names = [], set()
+    for mutation in mutations:
+        if mutation.name in names:
+            problems.append(f"{mutation.name}: repeated name")
+        names.add(mutation.name)
+        count = (ROOT / mutation.file).read_text().count(mutation.old) if (ROOT / mutation.file).exists() else -1
+        if count != 1:
+            problems.append(f"{mutation.name}: old snippet found {count} times in {mutation.file}")
+        for test in mutation.tests:
+            if not (ROOT / test.split("::")[0]).exists():
+                problems.append(f"{mutation.name}: no test file {test}")
+    return problems
+
+
+def run_tests(tree: pathlib.Path, tests: tuple[str, ...], timeout_s: float) -> tuple[int, str]:
+    """(pytest's exit code, its output tail) for the tests, run against the tree."""
+    env = dict(os.environ, PYTHONPATH=f"{tree / 'sdk'}{os.pathsep}{tree / 'service'}", HF_HUB_OFFLINE="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                              cwd=tree, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {timeout_s:g} s"
+    return done.returncode, (done.stdout + done.stderr)[-3000:]
+
+
+def check(mutation: Mutation | None, timeout_s: float) -> tuple[str, float, str]:
+    """(caught | survived | error, seconds, pytest output tail). None: the unmutated baseline."""
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gradwire-mutant-") as folder:
+        tree = pathlib.Path(folder) / "tree"
+        shutil.copytree(ROOT, tree, ignore=COPY_IGNORE, symlinks=True)
+        if mutation is not None:
+            apply(mutation, tree)
+        tests = mutation.tests if mutation is not None else \
+            tuple(sorted({t for m in MUTATIONS for t in m.tests}))
+        code, output = run_tests(tree, tests, timeout_s)
+    # pytest: 0 all passed, 1 some failed; anything else (collection error, crash, timeout) is no verdict.
+    verdict = {0: "survived", 1: "caught"}.get(code, "error")
+    return verdict, time.monotonic() - start, output
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="run only this mutation (repeatable)")
+    parser.add_argument("-j", "--jobs", type=int, default=1, help="mutations checked at once (default 1)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="first run every covering test on the unmutated tree (must pass)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per mutation")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print pytest's output tail")
+    args = parser.parse_args()
+
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:50s} {m.file}  [{', '.join(m.tests)}]\n{'':50s} bug: {m.bug}")
+        return 0
+    unknown = set(args.only) - {m.name for m in MUTATIONS}
+    if unknown:
+        print(f"unknown mutation(s): {sorted(unknown)}; see --list")
+        return 2
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    problems = check_snippets(chosen)
+    if problems:
+        print("the mutation list is out of sync with the code:", *problems, sep="\n  ")
+        return 2
+
+    if args.baseline:
+        verdict, seconds, output = check(None, args.timeout * 3)
+        print(f"baseline: {'passed' if verdict == 'survived' else 'FAILED'} ({seconds:.0f} s)")
+        if verdict != "survived":
+            print(output)
+            return 2
+
+    results: dict[str, str] = {}
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {pool.submit(check, m, args.timeout): m for m in chosen}
+        for future in concurrent.futures.as_completed(futures):
+            mutation = futures[future]
+            verdict, seconds, output = future.result()
+            results[mutation.name] = verdict
+            print(f"{verdict.upper():8s} {mutation.name} ({seconds:.0f} s): {mutation.bug}", flush=True)
+            if args.verbose or verdict == "error":
+                print("    " + output.replace("\n", "\n    "))
+    caught = [n for n in results if results[n] == "caught"]
+    survived = [m.name for m in chosen if results[m.name] == "survived"]
+    errors = [m.name for m in chosen if results[m.name] == "error"]
+    print(f"\n{len(caught)} of {len(chosen)} mutations caught")
+    if survived:
+        print("survived:", ", ".join(survived))
+    if errors:
+        print("no verdict (error or timeout):", ", ".join(errors))
+    return 0 if not survived and not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
