@@ -72,7 +72,10 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         self.ops = CheckpointOps(engine, self.checkpoint_root, self.index, info.name)
 
     async def GetServerCapabilities(self, request, context):
-        info = self._ready()
+        try:
+            info = self._ready()
+        except ServiceError as error:
+            await abort(context, error)
         return pb.GetServerCapabilitiesResponse(
             supported_models=[pb.SupportedModel(model_name=info.name,
                                                 max_context_length=info.max_context_length,

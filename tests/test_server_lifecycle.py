@@ -1,0 +1,284 @@
+"""The server's life around the requests: health while the model loads, a SIGTERM
+that drains, operation TTL and long-poll cap, the seq_id gap timeout, the CLI
+flags as parsed, and the SDK's environment variables. Timeouts are shortened
+through ServerConfig instead of waiting them out."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import gradwire
+from gradwire import _convert, client
+from gradwire.v1 import sampling_service_pb2, sampling_service_pb2_grpc
+from gradwire.v1 import training_service_pb2 as pb
+from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+from gradwire_server import cli, server as server_module
+from gradwire_server.server import BackgroundServer, GradwireServer, ServerConfig
+from conftest import free_port, start_cli_server
+from reference import (assert_state_equal, finished, random_data, raw_request, run_state, succeeded,
+                       wait_operation, worker_busy)
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+TTL_S, MAX_WAIT_S, GAP_S = 3.0, 0.5, 1.0
+
+
+@pytest.fixture(scope="module")
+def short_server(tmp_path_factory):
+    """An in-process server with a 3 s operation TTL, a 0.5 s long-poll cap and a 1 s seq_id gap timeout."""
+    background = BackgroundServer(ServerConfig(
+        model="tiny-random", port=0, checkpoint_dir=tmp_path_factory.mktemp("short"),
+        operation_ttl_s=TTL_S, max_wait_s=MAX_WAIT_S, seq_gap_timeout_s=GAP_S))
+    yield background
+    background.stop()
+
+
+@pytest.fixture()
+def short_stubs(short_server):
+    with grpc.insecure_channel(short_server.address) as channel:
+        yield pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
+
+
+def new_run(training) -> str:
+    return training.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=2, seed=0))).model_id
+
+
+def wait_done(operations, name: str) -> operations_pb2.Operation:
+    """Polls (each WaitOperation returns after at most the cap) until the operation is done."""
+    deadline = time.monotonic() + 30
+    while not (operation := wait_operation(operations, name)).done:
+        assert time.monotonic() < deadline, f"{name} never finished"
+    return operation
+
+
+# ---- operations: TTL and the long-poll cap --------------------------------------------------------
+
+def test_capabilities_advertise_the_configured_limits(short_server):
+    with gradwire.ServiceClient(base_url=short_server.address) as service:
+        limits = service.get_server_capabilities().limits
+    assert (limits["operation_ttl_seconds"], limits["max_wait_seconds"]) == (TTL_S, MAX_WAIT_S)
+
+
+def test_wait_operation_returns_at_the_cap_with_the_operation_not_done(short_server, short_stubs):
+    """A 30 s WaitOperation on an operation that cannot finish (the worker is busy) comes
+    back unfinished at the server's 0.5 s cap, well within the call's 10 s deadline."""
+    training, operations = short_stubs
+    run_id = new_run(training)
+    with worker_busy(short_server):
+        name = training.ForwardBackward(raw_request(run_id, 1, random_data(80))).name
+        waited = operations.WaitOperation(operations_pb2.WaitOperationRequest(
+            name=name, timeout={"seconds": 30}), timeout=10)
+        assert not waited.done
+    assert not wait_done(operations, name).HasField("error")
+
+
+def test_a_finished_operation_expires_after_its_ttl_and_an_unfinished_one_never(short_server, short_stubs):
+    training, operations = short_stubs
+    run_id = new_run(training)
+    name = training.ForwardBackward(raw_request(run_id, 1, random_data(81))).name
+    done = wait_done(operations, name)
+    assert operations.GetOperation(operations_pb2.GetOperationRequest(name=name)) == done
+    with worker_busy(short_server):
+        queued = training.ForwardBackward(raw_request(run_id, 2, random_data(82))).name
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                operations.GetOperation(operations_pb2.GetOperationRequest(name=name))
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.NOT_FOUND
+                break
+            assert time.monotonic() < deadline, "the finished operation never expired"
+            time.sleep(0.2)
+        # Queued for longer than the TTL, yet still there.
+        assert not operations.GetOperation(operations_pb2.GetOperationRequest(name=queued)).done
+    assert not wait_done(operations, queued).HasField("error")
+
+
+# ---- the seq_id gap ---------------------------------------------------------------------------------
+
+def test_a_missing_seq_id_aborts_the_held_requests_after_the_gap_timeout(short_server, short_stubs):
+    """seq_id 2 and 3 wait for 1, which never comes: after the gap timeout both are ABORTED
+    naming the missing seq_id, nothing ran; a late seq_id 1 is ABORTED as skipped; the run
+    then goes on with seq_id 4."""
+    training, operations = short_stubs
+    run_id = new_run(training)
+    before = run_state(short_server, run_id)
+    held = [training.ForwardBackward(raw_request(run_id, 2, random_data(83))).name,
+            training.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=3,
+                                                   adam_params=pb.AdamParams(learning_rate=1e-2))).name]
+    for name in held:
+        aborted = wait_done(operations, name)
+        assert aborted.error.code == grpc.StatusCode.ABORTED.value[0]
+        assert f"seq_id 1 of {run_id} never arrived within {GAP_S:g} s" in aborted.error.message
+    assert_state_equal(before, run_state(short_server, run_id))
+    with pytest.raises(grpc.RpcError) as late:
+        training.ForwardBackward(raw_request(run_id, 1, random_data(84)))
+    assert late.value.code() == grpc.StatusCode.ABORTED
+    assert f"seq_id 1 of {run_id} has already run or was skipped" in late.value.details()
+    assert_state_equal(before, run_state(short_server, run_id))
+    assert not wait_done(operations, training.ForwardBackward(raw_request(run_id, 4, random_data(85))).name) \
+        .HasField("error")
+
+
+# ---- health while the model loads ---------------------------------------------------------------------
+
+def test_health_is_not_serving_and_calls_unavailable_while_the_model_loads(tmp_path, monkeypatch):
+    """The port opens before the model is loaded: health says NOT_SERVING (overall and per
+    service) and every call is UNAVAILABLE "still loading" until the model is in; then
+    SERVING. The real loader runs, held back until the checks are done. The server is
+    configured from a command line, so --keep-graph-budget-mb reaches the engine."""
+    loading = threading.Event()
+    real_load = server_module.load_model
+
+    def held_load(*args):
+        loading.wait(60)
+        return real_load(*args)
+
+    monkeypatch.setattr(server_module, "load_model", held_load)
+    port = free_port()
+    config = cli.parse_config(["--model", "tiny-random", "--port", str(port), "--checkpoint-dir", str(tmp_path),
+                               "--keep-graph-budget-mb", "1.5"])
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    gradwire_server = GradwireServer(config)
+    started = asyncio.run_coroutine_threadsafe(gradwire_server.start(), loop)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        services = ["", "gradwire.v1.TrainingService", "gradwire.v1.SamplingService", "gradwire.v1.ResourceService"]
+        statuses = [health.Check(health_pb2.HealthCheckRequest(service=s), wait_for_ready=True, timeout=60).status
+                    for s in services]
+        assert statuses == [NOT_SERVING] * 4
+        calls = [lambda: pb_grpc.TrainingServiceStub(channel).GetServerCapabilities(pb.GetServerCapabilitiesRequest()),
+                 lambda: pb_grpc.TrainingServiceStub(channel).ForwardBackward(raw_request("run-x", 1, random_data(86))),
+                 lambda: sampling_service_pb2_grpc.SamplingServiceStub(channel).Sample(
+                     sampling_service_pb2.SampleRequest(base_model="tiny-random"))]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as raised:
+                call()
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "still loading" in raised.value.details()
+        assert not started.done()
+        loading.set()
+        started.result(60)
+        assert [health.Check(health_pb2.HealthCheckRequest(service=s)).status for s in services] == [SERVING] * 4
+        assert pb_grpc.TrainingServiceStub(channel).GetServerCapabilities(
+            pb.GetServerCapabilitiesRequest()).supported_models[0].model_name == "tiny-random"
+        assert gradwire_server.engine.keep_graph_budget_bytes == int(1.5 * 2**20)
+    finally:
+        loading.set()
+        channel.close()
+        if started.done() and started.exception() is None:
+            asyncio.run_coroutine_threadsafe(gradwire_server.stop(grace_s=1.0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+
+
+def test_cli_flags_are_parsed_into_the_config(tmp_path):
+    config = cli.parse_config(["--model", "tiny-random", "--host", "0.0.0.0", "--port", "0",
+                               "--checkpoint-dir", str(tmp_path), "--keep-graph-budget-mb", "0"])
+    assert (config.model, config.host, config.port, config.checkpoint_dir, config.keep_graph_budget_mb) == \
+        ("tiny-random", "0.0.0.0", 0, tmp_path, 0.0)
+    default = cli.parse_config(["--model", "tiny-random"])
+    assert default.keep_graph_budget_mb == 2048 and default.port == 50051
+
+
+# ---- SIGTERM ------------------------------------------------------------------------------------------------
+
+def test_sigterm_drains_an_upload_in_flight_then_exits_cleanly(tmp_path):
+    """SIGTERM while a client is mid-stream: health turns NOT_SERVING at once, the stream may
+    still finish (and gets its operation), then the process exits with status 0."""
+    process, address = start_cli_server("--checkpoint-dir", str(tmp_path))
+    try:
+        channel = grpc.insecure_channel(address)
+        training, operations = pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
+        run_id = new_run(training)
+        rest = threading.Event()
+
+        def messages():
+            yield pb.ForwardBackwardStreamRequest(header=pb.StreamHeader(model_id=run_id, loss_fn="cross_entropy"))
+            yield pb.ForwardBackwardStreamRequest(batch=pb.DatumBatch(
+                data=[_convert.datum_to_proto(d) for d in random_data(87)]))
+            rest.wait(30)
+            yield pb.ForwardBackwardStreamRequest(batch=pb.DatumBatch(
+                data=[_convert.datum_to_proto(d) for d in random_data(88)]))
+            yield pb.ForwardBackwardStreamRequest(end=pb.StreamEnd(num_datums=8))
+
+        outcome: list = []
+        upload = threading.Thread(target=lambda: outcome.append(_call(training.ForwardBackwardStream, messages())))
+        upload.start()
+        deadline = time.monotonic() + 30
+        while not _stream_received(operations, run_id, 4):
+            assert time.monotonic() < deadline, "the stream never reached the server"
+            time.sleep(0.02)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == SERVING
+        process.send_signal(signal.SIGTERM)
+        assert next(watch).status == NOT_SERVING
+        watch.cancel()
+        rest.set()
+        upload.join(30)
+        assert isinstance(outcome[0], operations_pb2.Operation), outcome[0]
+        assert outcome[0].name.startswith(f"operations/{run_id}/")
+        assert process.wait(timeout=60) == 0
+        channel.close()
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _call(method, request):
+    try:
+        return method(request)
+    except grpc.RpcError as error:
+        return error
+
+
+def _stream_received(operations, run_id: str, count: int) -> bool:
+    for op in operations.ListOperations(operations_pb2.ListOperationsRequest(name=f"operations/{run_id}/")).operations:
+        meta = pb.OperationMetadata()
+        op.metadata.Unpack(meta)
+        if "Stream" in meta.kind and meta.num_datums >= count:
+            return True
+    return False
+
+
+# ---- the SDK's environment variables -------------------------------------------------------------------
+
+def test_gradwire_base_url_is_the_default_address(server, monkeypatch):
+    monkeypatch.setenv("GRADWIRE_BASE_URL", f"grpc://{server.address}")
+    with gradwire.ServiceClient(retry_s=0) as service:
+        assert service.base_url == server.address
+        assert service.get_server_capabilities().supported_models[0].model_name == "tiny-random"
+    monkeypatch.setenv("GRADWIRE_BASE_URL", f"127.0.0.1:{free_port()}")  # nothing listens there
+    with gradwire.ServiceClient(base_url=server.address, retry_s=0) as service:  # an explicit one wins
+        assert service.get_server_capabilities().supported_models[0].model_name == "tiny-random"
+    with gradwire.ServiceClient(retry_s=0) as service:
+        with pytest.raises(gradwire.APIConnectionError):
+            service.get_server_capabilities()
+
+
+@pytest.mark.parametrize("setting, shown", [(None, True), ("1", True), ("0", False)])
+def test_gradwire_progress_controls_the_upload_progress_bar(server, monkeypatch, capsys, setting, shown):
+    """A streamed upload draws a progress bar on stderr unless GRADWIRE_PROGRESS=0."""
+    if setting is None:
+        monkeypatch.delenv("GRADWIRE_PROGRESS", raising=False)
+    else:
+        monkeypatch.setenv("GRADWIRE_PROGRESS", setting)
+    monkeypatch.setattr(client, "MESSAGE_BUDGET_BYTES", 1024)  # stream even a small batch
+    with gradwire.ServiceClient(base_url=server.address) as service:
+        assert service.progress is shown
+        tc = service.create_lora_training_client("tiny-random", rank=2, seed=0)
+        capsys.readouterr()
+        data = random_data(89, lengths=tuple(np.full(30, 20)))
+        assert len(tc.forward(data, "cross_entropy").result().loss_fn_outputs) == 30
+    bar = f"uploading to {tc.model_id}"
+    assert (bar in capsys.readouterr().err) is shown
