@@ -195,10 +195,10 @@ def test_unload_frees_the_adapter_and_optimizer(server, service):
         return weakref.ref(run.params[0]), weakref.ref(run.optimizer), weakref.ref(run)
 
     refs = server.call(references)
+    unload = tc.unload()
+    queued = tc.forward(random_data(16), "cross_entropy")
+    assert unload.result().model_id == tc.model_id
     with pytest.raises(gradwire.ConflictError, match="not loaded"):
-        unload = tc.unload()
-        queued = tc.forward(random_data(16), "cross_entropy")
-        assert unload.result().model_id == tc.model_id
         queued.result()
     server.call(gc.collect)
     assert all(ref() is None for ref in refs)

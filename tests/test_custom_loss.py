@@ -81,16 +81,21 @@ def test_custom_loss_gradient_is_exact(server, service, case):
     model = reference_model(server, tc.model_id, rank=4)
     out = tc.forward_backward_custom(data, loss_fn).result()
 
-    expected_loss, expected_metrics = loss_fn(data, [reference_logprobs(model, d) for d in data])
+    logprobs = [reference_logprobs(model, d) for d in data]
+    for lp in logprobs:
+        lp.retain_grad()
+    expected_loss, expected_metrics = loss_fn(data, logprobs)
     expected_loss.backward()
     assert relative_error(server_gradients(server, tc.model_id),
                           reference_gradients(model, tc.model_id)) <= TOLERANCE
     assert out.metrics["loss:sum"] == pytest.approx(expected_loss.item(), rel=1e-5, abs=1e-6)
-    assert "surrogate_loss:sum" in out.metrics
-    for key in expected_metrics:
-        assert key in out.metrics
-    for datum, output in zip(data, out.loss_fn_outputs):
-        assert output["logprobs"].shape == datum.loss_fn_inputs["target_tokens"].shape
+    # The surrogate cross-entropy with weights -dLoss/dlogprobs: Σ logprob · dLoss/dlogprob.
+    surrogate = sum(float((lp.detach().double() * lp.grad.double()).sum()) for lp in logprobs)
+    assert out.metrics["surrogate_loss:sum"] == pytest.approx(surrogate, rel=1e-5, abs=1e-6)
+    assert expected_metrics and all(out.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6)
+                                    for key, value in expected_metrics.items())
+    for lp, output in zip(logprobs, out.loss_fn_outputs):
+        np.testing.assert_allclose(output["logprobs"].to_numpy(), lp.detach().numpy(), rtol=0, atol=1e-5)
 
 
 def test_extra_inputs_reach_the_loss_but_not_the_server(server, service):

@@ -7,13 +7,14 @@ import threading
 
 import grpc
 import pytest
+import torch
 from google.longrunning import operations_pb2
 
 import gradwire
 from conftest import free_port
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.server import BackgroundServer, ServerConfig
-from reference import random_data, raw_request, wait_operation
+from reference import random_data, raw_request, server_gradients, wait_operation
 
 
 @pytest.fixture()
@@ -60,7 +61,9 @@ def test_result_survives_a_waiter_that_timed_out(stubs, run_id):
     assert again.response.Unpack(output) and output.metrics["loss:sum"] > 0
 
 
-def test_retry_with_same_request_id_is_the_same_operation(stubs, run_id):
+def test_retry_with_same_request_id_is_the_same_operation(server, stubs, run_id):
+    """The retry gets the first request's operation and the work runs once: the gradient
+    is exactly that of one forward_backward on a run with the same start."""
     training, operations = stubs
     first = training.ForwardBackward(fb_request(run_id, 1, request_id="req-1"))
     retry = training.ForwardBackward(fb_request(run_id, 1, request_id="req-1"))
@@ -68,6 +71,14 @@ def test_retry_with_same_request_id_is_the_same_operation(stubs, run_id):
     with pytest.raises(grpc.RpcError) as raised:
         training.ForwardBackward(fb_request(run_id, 1, request_id="req-other"))
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert not wait_operation(operations, first.name).HasField("error")
+    once = training.CreateModel(pb.CreateModelRequest(
+        base_model="tiny-random", lora_config=pb.LoraConfig(rank=2, seed=0))).model_id
+    assert not wait_operation(operations, training.ForwardBackward(fb_request(once, 1)).name).HasField("error")
+    retried, single = server_gradients(server, run_id), server_gradients(server, once)
+    assert retried.keys() == {name.replace(once, run_id) for name in single}
+    for name, grad in single.items():
+        assert torch.equal(retried[name.replace(once, run_id)], grad), name
 
 
 def test_rejected_request_keeps_the_order_moving(stubs, run_id):

@@ -121,7 +121,7 @@ def test_info_and_capabilities_describe_the_run_and_server(service):
                                                    train_attn=True)
     capabilities = service.create_rest_client().get_server_capabilities()
     assert [m.model_name for m in capabilities.supported_models] == ["tiny-random"]
-    assert "cross_entropy" in capabilities.loss_fns and capabilities.limits["max_lora_rank"] > 0
+    assert "cross_entropy" in capabilities.loss_fns and capabilities.limits["max_lora_rank"] == 256
 
 
 def queued_jobs(server, label: str) -> int:

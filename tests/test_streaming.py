@@ -10,12 +10,14 @@ import time
 import grpc
 import numpy as np
 import pytest
+import torch
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
 import gradwire
 from gradwire import _convert, client
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+from gradwire_server.models import tiny_random_model
 from test_custom_loss import variance_loss
 from reference import (assert_state_equal, random_data, raw_request, reference_gradients, reference_logprobs,
                        reference_model, relative_error, run_state, sender_held, server_gradients,
@@ -83,9 +85,28 @@ def test_dataset_larger_than_64_mib_with_default_limits(server, service):
     rng = np.random.default_rng(0)
     out = tc.forward_backward(data(), "cross_entropy").result()
     assert len(out.loss_fn_outputs) == count
-    assert out.loss_fn_outputs[-1]["logprobs"].shape == (n, k)
-    assert np.isfinite(out.metrics["loss:sum"]) and out.metrics["loss:sum"] > 0
     assert server_gradients(server, tc.model_id)
+    # Content and order of what came back through ReadOutputs: each datum's [n, k] logprobs equal
+    # in-process log_softmax on the same weights (a fresh adapter is zero: the base model).
+    rng = np.random.default_rng(0)
+    model = tiny_random_model()
+    expected_loss, batch = 0.0, []
+    for i, datum in enumerate(data()):
+        batch.append(datum)
+        if len(batch) < 20 and i < count - 1:
+            continue
+        with torch.no_grad():
+            tokens = torch.tensor(np.stack([d.model_input.to_ints() for d in batch]))
+            logprobs = torch.log_softmax(model(input_ids=tokens).logits.float(), dim=-1)
+            targets = torch.stack([d.loss_fn_inputs["target_tokens"].to_torch() for d in batch])
+            expected = logprobs.gather(-1, targets).numpy()
+        for j, want in enumerate(expected):
+            got = out.loss_fn_outputs[i - len(batch) + 1 + j]["logprobs"].to_numpy()
+            assert got.shape == (n, k)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        expected_loss += float(-(expected * 1e-3).sum())
+        batch = []
+    assert out.metrics["loss:sum"] == pytest.approx(expected_loss, rel=1e-5)
 
 
 def test_bad_datum_deep_in_a_stream_applies_nothing(server, service):

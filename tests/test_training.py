@@ -137,7 +137,11 @@ def test_equal_seeds_give_equal_adapters_and_futures_await(server, service):
         return await future
 
     out = asyncio.run(loop())
-    assert len(out.loss_fn_outputs) == 4 and out.metrics["loss:sum"] > 0
+    expected = second.forward(random_data(12), "cross_entropy").result()  # the synchronous call
+    assert out.metrics == expected.metrics
+    assert len(out.loss_fn_outputs) == len(expected.loss_fn_outputs) == 4
+    for got, want in zip(out.loss_fn_outputs, expected.loss_fn_outputs):
+        np.testing.assert_array_equal(got["logprobs"].to_numpy(), want["logprobs"].to_numpy())
 
 
 def test_server_info_and_tokenizer(service):
