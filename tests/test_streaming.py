@@ -189,7 +189,7 @@ def test_client_killed_mid_stream_applies_nothing(server, service):
         with grpc.insecure_channel(server.address) as channel:
             name = pb_grpc.TrainingServiceStub(channel).ForwardBackward(
                 raw_request(tc.model_id, 0, random_data(77))).name
-        assert not service._wait_operation(name, 30).HasField("error")
+        assert not service._transport.wait_operation(name, 30).HasField("error")
     finally:
         process.kill()
 

@@ -16,32 +16,24 @@ import os
 import queue
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
-from google.longrunning import operations_pb2, operations_pb2_grpc
-from google.protobuf import duration_pb2
 from tqdm.auto import tqdm
 
 from gradwire import _convert, custom_loss, types
-from gradwire.errors import (AbortedError, APITimeoutError, GradwireError, error_from_rpc,
-                             error_from_status)
+from gradwire.errors import AbortedError, APITimeoutError, error_from_rpc
+from gradwire._transport import Transport, request_id, submitted
 from gradwire.futures import APIFuture
 from gradwire.rest_client import RestClient
-from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
+from gradwire.sampling_client import SamplingClient
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from gradwire.sampling_client import SamplingClient
 
 DEFAULT_BASE_URL = "localhost:50051"
 MESSAGE_BUDGET_BYTES = 3 * 1024 * 1024  # datums per message: within gRPC's 4 MiB default
-_POLL_S = 30.0  # one WaitOperation long-poll; the server caps it too
 
 
 class ServiceClient:
@@ -56,72 +48,22 @@ class ServiceClient:
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
                  progress: bool | None = None, retry_s: float = 60.0):
-        self.retry_s = retry_s
         self.progress = progress if progress is not None else os.environ.get("GRADWIRE_PROGRESS", "1") != "0"
         target = base_url or os.environ.get("GRADWIRE_BASE_URL") or DEFAULT_BASE_URL
         for scheme in ("grpc://", "http://"):
             target = target.removeprefix(scheme)
         self.base_url = target
-        api_key = api_key or os.environ.get("GRADWIRE_API_KEY")
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._channel = grpc.insecure_channel(target)
-        self._training = pb_grpc.TrainingServiceStub(self._channel)
-        self._resources = rpb_grpc.ResourceServiceStub(self._channel)
+        self._transport = Transport(target, api_key or os.environ.get("GRADWIRE_API_KEY"), retry_s)
         # Sampling requests being submitted at once, shared by this service's sampling
         # clients (an RL loop makes a new one per step).
         self._sampling_senders = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="gradwire-sampling")
-        self._operations = operations_pb2_grpc.OperationsStub(self._channel)
         self._tokenizers: dict[str, Any] = {}
 
     # ---- plumbing shared by the clients ------------------------------------------
 
     def _call(self, method: str, request, timeout: float | None = None, stub=None):
         """A TrainingService call (or one of `stub`'s); gRPC errors become SDK exceptions."""
-        return self._unary(getattr(stub or self._training, method), request, timeout)
-
-    def _unary(self, stub_method, request, timeout: float | None):
-        """Calls stub_method, retrying while the server is unreachable or still loading
-        (UNAVAILABLE) for up to `retry_s` seconds. Retrying is safe: a training request
-        or a run's creation carries its request_id, so a copy that did arrive is the
-        same request (AIP-155); the other calls only read, or delete by name."""
-        give_up = time.monotonic() + self.retry_s
-        for pause in _backoff():
-            try:
-                return stub_method(request, metadata=self._metadata, timeout=timeout)
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + pause > give_up:
-                    raise error_from_rpc(error) from None
-            time.sleep(pause)
-
-    def _wait_operation(self, name: str, timeout: float | None) -> operations_pb2.Operation:
-        """Long-polls until the operation is done or `timeout` seconds pass."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            poll = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
-            request = operations_pb2.WaitOperationRequest(
-                name=name, timeout=duration_pb2.Duration(seconds=int(poll), nanos=int(poll % 1 * 1e9)))
-            operation = self._unary(self._operations.WaitOperation, request, timeout=poll + 30.0)
-            if operation.done:
-                return operation
-            if deadline is not None and time.monotonic() >= deadline:
-                raise APITimeoutError(f"{name} is not done after {timeout} s; it keeps running, "
-                                      "call result() again to keep waiting")
-
-    def _operation_result(self, name: str, message_type, timeout: float | None,
-                          convert: Callable[[Any], Any] = lambda response: response):
-        """convert(unpacked response) of a finished operation, which is then deleted."""
-        operation = self._wait_operation(name, timeout)
-        if operation.HasField("error"):
-            raise error_from_status(operation.error)
-        response = message_type()
-        operation.response.Unpack(response)
-        result = convert(response)
-        try:
-            self._operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name),
-                                             metadata=self._metadata)
-        except grpc.RpcError:
-            pass  # the server's TTL removes it anyway
-        return result
+        return self._transport.unary(getattr(stub or self._transport.training, method), request, timeout)
 
     def _submit_loss(self, model_id: str, seq_id: int, forward_only: bool, data: Iterable[types.Datum],
                      loss_fn: str, loss_fn_config: dict[str, float] | None,
@@ -136,11 +78,11 @@ class ServiceClient:
         if second is None:
             request = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn=loss_fn,
                                                 loss_fn_config=loss_fn_config or {}, data=first,
-                                                request_id=_request_id(), keep_graph=keep_graph,
+                                                request_id=request_id(), keep_graph=keep_graph,
                                                 reuse_forward=reuse_forward)
             return self._call("Forward" if forward_only else "ForwardBackward", request).name
         header = pb.StreamHeader(model_id=model_id, seq_id=seq_id, loss_fn=loss_fn,
-                                 loss_fn_config=loss_fn_config or {}, request_id=_request_id(),
+                                 loss_fn_config=loss_fn_config or {}, request_id=request_id(),
                                  keep_graph=keep_graph, reuse_forward=reuse_forward)
         total = len(data) if isinstance(data, Sized) else None
         with tqdm(total=total, unit="datum", desc=f"uploading to {model_id}",
@@ -157,7 +99,7 @@ class ServiceClient:
             requests = _ReraisingIterator(messages())
             rpc = "ForwardStream" if forward_only else "ForwardBackwardStream"
             try:
-                return getattr(self._training, rpc)(requests, metadata=self._metadata).name
+                return getattr(self._transport.training, rpc)(requests, metadata=self._transport.metadata).name
             except grpc.RpcError as error:
                 requests.reraise()  # gRPC reports an error raised by the iterator as CANCELLED
                 raise error_from_rpc(error) from None
@@ -168,13 +110,13 @@ class ServiceClient:
             streamed = []
             if response.outputs_streamed:
                 try:
-                    streamed = list(self._training.ReadOutputs(pb.ReadOutputsRequest(name=name),
-                                                               metadata=self._metadata))
+                    streamed = list(self._transport.training.ReadOutputs(
+                        pb.ReadOutputsRequest(name=name), metadata=self._transport.metadata))
                 except grpc.RpcError as error:
                     raise error_from_rpc(error) from None
             return _convert.forward_backward_output(response, streamed)
 
-        return self._operation_result(name, pb.ForwardBackwardOutput, timeout, read)
+        return self._transport.operation_result(name, pb.ForwardBackwardOutput, timeout, read)
 
     def _tokenizer(self, base_model: str):
         if base_model not in self._tokenizers:
@@ -215,7 +157,7 @@ class ServiceClient:
                                train_unembed=train_unembed)
         response = self._call("CreateModel", pb.CreateModelRequest(
             base_model=base_model, lora_config=config, user_metadata=user_metadata or {},
-            request_id=_request_id()))
+            request_id=request_id()))
         return TrainingClient(self, response.model_id, base_model)
 
     async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:
@@ -244,7 +186,7 @@ class ServiceClient:
                                     user_metadata: dict[str, str] | None) -> TrainingClient:
         response = self._call("CreateModelFromState", pb.CreateModelFromStateRequest(
             path=path, optimizer=optimizer, user_metadata=user_metadata or {},
-            request_id=_request_id()))
+            request_id=request_id()))
         info = self._call("GetInfo", pb.GetInfoRequest(model_id=response.model_id))
         return TrainingClient(self, response.model_id, info.model_name)
 
@@ -256,8 +198,6 @@ class ServiceClient:
                                base_model: str | None = None) -> SamplingClient:
         """A client that samples from a sampler checkpoint (model_path,
         `gradwire://<run_id>/sampler_weights/<name>`) or the base model (base_model)."""
-        from gradwire.sampling_client import SamplingClient  # that module imports this one
-
         return SamplingClient(self, model_path=model_path, base_model=base_model)
 
     async def create_sampling_client_async(self, model_path: str | None = None,
@@ -266,7 +206,7 @@ class ServiceClient:
 
     def close(self) -> None:
         self._sampling_senders.shutdown(wait=False, cancel_futures=True)
-        self._channel.close()
+        self._transport.close()
 
     def __enter__(self) -> ServiceClient:
         return self
@@ -361,19 +301,19 @@ class TrainingClient:
 
     async def forward_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward; the awaited APIFuture gives the result."""
-        return await _submitted(self.forward(*args, **kwargs))
+        return await submitted(self.forward(*args, **kwargs))
 
     async def forward_backward_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward_backward; the awaited APIFuture gives the result."""
-        return await _submitted(self.forward_backward(*args, **kwargs))
+        return await submitted(self.forward_backward(*args, **kwargs))
 
     async def forward_backward_custom_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward_backward_custom; the awaited APIFuture gives the result."""
-        return await _submitted(self.forward_backward_custom(*args, **kwargs))
+        return await submitted(self.forward_backward_custom(*args, **kwargs))
 
     async def optim_step_async(self, *args, **kwargs) -> APIFuture[types.OptimStepResponse]:
         """Submits optim_step; the awaited APIFuture gives the result."""
-        return await _submitted(self.optim_step(*args, **kwargs))
+        return await submitted(self.optim_step(*args, **kwargs))
 
     # ---- checkpoints (ordered like training requests) -------------------------------
 
@@ -416,24 +356,24 @@ class TrainingClient:
 
     async def save_state_async(self, *args, **kwargs) -> APIFuture[types.SaveWeightsResponse]:
         """Submits save_state; the awaited APIFuture gives the result."""
-        return await _submitted(self.save_state(*args, **kwargs))
+        return await submitted(self.save_state(*args, **kwargs))
 
     async def save_weights_for_sampler_async(self, *args, **kwargs
                                              ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         """Submits save_weights_for_sampler; the awaited APIFuture gives the result."""
-        return await _submitted(self.save_weights_for_sampler(*args, **kwargs))
+        return await submitted(self.save_weights_for_sampler(*args, **kwargs))
 
     async def load_state_async(self, *args, **kwargs) -> APIFuture[types.LoadWeightsResponse]:
         """Submits load_state; the awaited APIFuture gives the result."""
-        return await _submitted(self.load_state(*args, **kwargs))
+        return await submitted(self.load_state(*args, **kwargs))
 
     async def load_state_with_optimizer_async(self, *args, **kwargs) -> APIFuture[types.LoadWeightsResponse]:
         """Submits load_state_with_optimizer; the awaited APIFuture gives the result."""
-        return await _submitted(self.load_state_with_optimizer(*args, **kwargs))
+        return await submitted(self.load_state_with_optimizer(*args, **kwargs))
 
     async def unload_async(self) -> APIFuture[types.UnloadModelResponse]:
         """Submits unload; the awaited APIFuture gives the result."""
-        return await _submitted(self.unload())
+        return await submitted(self.unload())
 
     async def save_weights_and_get_sampling_client_async(self, name: str | None = None):
         return await asyncio.to_thread(self.save_weights_and_get_sampling_client, name)
@@ -451,10 +391,10 @@ class TrainingClient:
 
         def send(next_seq):
             return service._call(rpc, request_type(model_id=model_id, seq_id=next_seq(),
-                                                   request_id=_request_id(), **fields)).name
+                                                   request_id=request_id(), **fields)).name
 
         def fetch(name, timeout):
-            return convert(service._operation_result(name, response_type, timeout))
+            return convert(service._transport.operation_result(name, response_type, timeout))
 
         return self._enqueue(send, fetch, label)
 
@@ -539,19 +479,6 @@ class TrainingClient:
                 grpc.StatusCode.ABORTED, "EARLIER_REQUEST_FAILED"))
 
 
-def _backoff() -> Iterator[float]:
-    """Pauses between retries: 0.1 s doubling up to 2 s."""
-    pause = 0.1
-    while True:
-        yield pause
-        pause = min(2 * pause, 2.0)
-
-
-def _request_id() -> str:
-    """A fresh id per request: a retry reuses it, another client's request cannot."""
-    return uuid.uuid4().hex
-
-
 class _ReraisingIterator:
     """Wraps a request iterator so an exception it raises reaches the caller as
     itself rather than as gRPC's CANCELLED."""
@@ -575,12 +502,3 @@ class _ReraisingIterator:
     def reraise(self) -> None:
         if self._error is not None:
             raise self._error
-
-
-async def _submitted(future: APIFuture) -> APIFuture:
-    """Waits (without blocking the loop) until the request has its place on the server."""
-    try:
-        await asyncio.wrap_future(future._submitted)
-    except GradwireError:
-        pass  # delivered by future.result()
-    return future
