@@ -114,9 +114,10 @@ def test_bad_datum_deep_in_a_stream_applies_nothing(server, service):
     assert_state_equal(before, run_state(server, tc.model_id))
 
 
-def test_client_cancelling_mid_stream_applies_nothing(server, service, small_messages):
-    """The client's data source fails mid-stream: the SDK cancels the stream and re-raises the
-    original exception; the operation ends CANCELLED and nothing is applied."""
+def test_client_data_failing_mid_stream_applies_nothing(server, service, small_messages):
+    """The client's data source fails mid-stream: the SDK abandons the stream (closes it
+    without StreamEnd) and re-raises the original exception; the operation ends
+    INVALID_ARGUMENT "abandoned" and nothing is applied."""
     tc = trained_run(service)
     tc.forward_backward(random_data(72), "cross_entropy").result()
     before = run_state(server, tc.model_id)
@@ -127,7 +128,7 @@ def test_client_cancelling_mid_stream_applies_nothing(server, service, small_mes
 
     with pytest.raises(OSError, match="disk went away"):
         tc.forward_backward(data(), "cross_entropy").result()
-    _wait_for_failed_stream(server, tc.model_id, grpc.StatusCode.CANCELLED)
+    assert "abandoned" in _wait_for_failed_stream(server, tc.model_id, grpc.StatusCode.INVALID_ARGUMENT).error.message
     assert_state_equal(before, run_state(server, tc.model_id))
 
 

@@ -25,7 +25,7 @@ import grpc
 from tqdm.auto import tqdm
 
 from gradwire import _convert, custom_loss, types
-from gradwire.errors import AbortedError, APITimeoutError, error_from_rpc
+from gradwire.errors import AbortedError, APITimeoutError, GradwireError, error_from_rpc
 from gradwire._transport import Transport, request_id, submitted
 from gradwire.futures import APIFuture
 from gradwire.rest_client import RestClient
@@ -34,6 +34,10 @@ from gradwire.v1 import training_service_pb2 as pb
 
 DEFAULT_BASE_URL = "localhost:50051"
 MESSAGE_BUDGET_BYTES = 3 * 1024 * 1024  # datums per message: within gRPC's 4 MiB default
+# A stream that ends with one of these codes may have broken on this side, unseen by the server.
+_BROKEN_HERE = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                          grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+_SETTLE_S = 60.0  # how long settling a broken stream may take
 
 
 class ServiceClient:
@@ -65,26 +69,34 @@ class ServiceClient:
         """A TrainingService call (or one of `stub`'s); gRPC errors become SDK exceptions."""
         return self._transport.unary(getattr(stub or self._transport.training, method), request, timeout)
 
-    def _submit_loss(self, model_id: str, seq_id: int, forward_only: bool, data: Iterable[types.Datum],
-                     loss_fn: str, loss_fn_config: dict[str, float] | None,
+    def _submit_loss(self, model_id: str, next_seq: Callable[[], int], forward_only: bool,
+                     data: Iterable[types.Datum], loss_fn: str, loss_fn_config: dict[str, float] | None,
                      keys: Iterable[str] | None = None, keep_graph: bool = False,
                      reuse_forward: str = "") -> str:
         """Sends a forward(-backward) batch, unary when it fits one message, else
         client-streamed in messages of at most MESSAGE_BUDGET_BYTES; returns the
-        operation's name. keep_graph / reuse_forward: see ForwardBackwardRequest."""
+        operation's name. keep_graph / reuse_forward: see ForwardBackwardRequest.
+
+        The request takes its seq_id from next_seq() only once it is about to go
+        out, so data that fails before then leaves no gap in the run's order.
+        A stream that breaks on this side (the data's iterator raises, the
+        connection drops) is settled on the server before the error reaches the
+        caller, so whatever the caller sends next is not aborted by it (see
+        _settle_stream)."""
         pieces = _convert.datum_pieces(data, keys, MESSAGE_BUDGET_BYTES)
         first = next(pieces)
         second = next(pieces, None)
         if second is None:
-            request = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn=loss_fn,
+            request = pb.ForwardBackwardRequest(model_id=model_id, seq_id=next_seq(), loss_fn=loss_fn,
                                                 loss_fn_config=loss_fn_config or {}, data=first,
                                                 request_id=request_id(), keep_graph=keep_graph,
                                                 reuse_forward=reuse_forward)
             return self._call("Forward" if forward_only else "ForwardBackward", request).name
-        header = pb.StreamHeader(model_id=model_id, seq_id=seq_id, loss_fn=loss_fn,
+        header = pb.StreamHeader(model_id=model_id, seq_id=next_seq(), loss_fn=loss_fn,
                                  loss_fn_config=loss_fn_config or {}, request_id=request_id(),
                                  keep_graph=keep_graph, reuse_forward=reuse_forward)
         total = len(data) if isinstance(data, Sized) else None
+        rpc = getattr(self._transport.training, "ForwardStream" if forward_only else "ForwardBackwardStream")
         with tqdm(total=total, unit="datum", desc=f"uploading to {model_id}",
                   disable=not self.progress, leave=False) as bar:
             def messages() -> Iterator[pb.ForwardBackwardStreamRequest]:
@@ -96,13 +108,30 @@ class ServiceClient:
                     bar.update(len(piece))
                 yield pb.ForwardBackwardStreamRequest(end=pb.StreamEnd(num_datums=sent))
 
-            requests = _ReraisingIterator(messages())
-            rpc = "ForwardStream" if forward_only else "ForwardBackwardStream"
+            requests = _AbandoningIterator(messages())
             try:
-                return getattr(self._transport.training, rpc)(requests, metadata=self._transport.metadata).name
+                return rpc(requests, metadata=self._transport.metadata).name
             except grpc.RpcError as error:
-                requests.reraise()  # gRPC reports an error raised by the iterator as CANCELLED
+                if error.code() in _BROKEN_HERE:
+                    self._settle_stream(rpc, header)
+                requests.reraise()  # the data's own exception, once the server has settled the stream
                 raise error_from_rpc(error) from None
+
+    def _settle_stream(self, rpc, header: pb.StreamHeader) -> None:
+        """After a stream broke on this side, sends its header again (same seq_id and
+        request_id, so the server treats it as a retry) and closes it at once: the
+        server answers with the first stream's operation, which is then awaited, or,
+        if the header never arrived, fails the abandoned stream before answering.
+        Either way the failure is settled before the next request goes out."""
+        retry = iter([pb.ForwardBackwardStreamRequest(header=header)])
+        try:
+            operation = rpc(retry, metadata=self._transport.metadata, timeout=_SETTLE_S)
+        except grpc.RpcError:
+            return  # settled (the server answers an abandoned stream with its error) or unreachable
+        try:
+            self._transport.wait_operation(operation.name, _SETTLE_S)
+        except GradwireError:
+            pass
 
     def _forward_output(self, name: str, timeout: float | None) -> types.ForwardBackwardOutput:
         """A finished forward(-backward) operation's result, reading streamed outputs if any."""
@@ -274,12 +303,12 @@ class TrainingClient:
         service, model_id = self.service, self.model_id
 
         def send(next_seq: Callable[[], int]):
-            forward = service._submit_loss(model_id, next_seq(), True, data, "cross_entropy", None,
+            forward = service._submit_loss(model_id, next_seq, True, data, "cross_entropy", None,
                                            keys=("target_tokens",), keep_graph=True)
             logprobs = [out["logprobs"].data
                         for out in service._forward_output(forward, None).loss_fn_outputs]
             loss, metrics, grads = custom_loss.logprob_gradients(data, logprobs, loss_fn)
-            backward = service._submit_loss(model_id, next_seq(), False,
+            backward = service._submit_loss(model_id, next_seq, False,
                                             custom_loss.surrogate_data(data, grads), "cross_entropy", None,
                                             reuse_forward=forward)
             return backward, loss, metrics
@@ -435,7 +464,7 @@ class TrainingClient:
         service, model_id = self.service, self.model_id
 
         def send(next_seq):
-            return service._submit_loss(model_id, next_seq(), forward_only, data, loss_fn, loss_fn_config)
+            return service._submit_loss(model_id, next_seq, forward_only, data, loss_fn, loss_fn_config)
 
         return self._enqueue(send, service._forward_output,
                              "forward" if forward_only else "forward_backward")
@@ -463,8 +492,9 @@ class TrainingClient:
             try:
                 pending.submitted.set_result(pending.send(self._next_seq))
             except BaseException as error:  # noqa: BLE001 - delivered through the future
-                pending.submitted.set_exception(error)
+                # Abort first: a request the caller submits once it sees this error must run.
                 self._abort_queued(pending, error)
+                pending.submitted.set_exception(error)
 
     def _abort_queued(self, failed: _Pending, error: BaseException) -> None:
         """Fails what was queued behind a failed request (never an optimizer step
@@ -479,25 +509,29 @@ class TrainingClient:
                 grpc.StatusCode.ABORTED, "EARLIER_REQUEST_FAILED"))
 
 
-class _ReraisingIterator:
-    """Wraps a request iterator so an exception it raises reaches the caller as
-    itself rather than as gRPC's CANCELLED."""
+class _AbandoningIterator:
+    """Wraps a stream's request iterator: if the iterator raises, the stream ends
+    there without a StreamEnd (the server then abandons it, settles the failure
+    and answers) instead of being cancelled, and reraise() gives the caller the
+    iterator's own exception."""
 
     def __init__(self, iterator: Iterator):
         self._iterator = iterator
         self._error: BaseException | None = None
 
-    def __iter__(self) -> _ReraisingIterator:
+    def __iter__(self) -> _AbandoningIterator:
         return self
 
     def __next__(self):
+        if self._error is not None:
+            raise StopIteration
         try:
             return next(self._iterator)
         except StopIteration:
             raise
-        except BaseException as error:
+        except Exception as error:  # noqa: BLE001 - handed to the caller by reraise()
             self._error = error
-            raise
+            raise StopIteration from None
 
     def reraise(self) -> None:
         if self._error is not None:
