@@ -46,7 +46,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 import gradwire  # noqa: E402
 from local_server import start_server  # noqa: E402
-from gradwire import _codec, _convert  # noqa: E402
+from gradwire import _convert
+from gradwire.v1 import codec  # noqa: E402
 from gradwire.v1 import datum_pb2  # noqa: E402
 from gradwire_server.engine import ATTENTION_MODULES, LORA_ALPHA, MLP_MODULES, UNEMBED_MODULES  # noqa: E402
 from gradwire_server.models import tiny_random_tokenizer  # noqa: E402
@@ -224,8 +225,8 @@ def codec_mb_per_s(data: list[gradwire.Datum]) -> tuple[float, float, float]:
         wire = [_convert.datum_to_proto(d).SerializeToString() for d in data]
         for message in wire:
             datum = datum_pb2.Datum.FromString(message)
-            np.concatenate([_codec.tokens_from_text_chunk(c.encoded_text) for c in datum.model_input])
-            {k: _codec.tensor_from_proto(t) for k, t in datum.loss_fn_inputs.items()}
+            np.concatenate([codec.tokens_from_text_chunk(c.encoded_text) for c in datum.model_input])
+            {k: codec.tensor_from_proto(t) for k, t in datum.loss_fn_inputs.items()}
 
     def json_round_trip() -> None:
         wire = [json.dumps({"model_input": d.model_input.to_ints(),

@@ -9,7 +9,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 import gradwire
-from gradwire import _codec
+from gradwire.v1 import codec
 from gradwire.v1 import tensor_pb2
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
@@ -74,10 +74,10 @@ def request_with(model_id: str, tensors: dict[str, tensor_pb2.Tensor], tokens=GO
 
 
 WIRE_CASES = [
-    ("int32 targets", {"target_tokens": _codec.tensor_to_proto(np.array(GOOD, dtype=np.int32))},
+    ("int32 targets", {"target_tokens": codec.tensor_to_proto(np.array(GOOD, dtype=np.int32))},
      'data[0].loss_fn_inputs["target_tokens"]', "expected int64"),
-    ("int64 weights", {"target_tokens": _codec.tensor_to_proto(np.array(GOOD)),
-                       "weights": _codec.tensor_to_proto(np.ones(4, dtype=np.int64))},
+    ("int64 weights", {"target_tokens": codec.tensor_to_proto(np.array(GOOD)),
+                       "weights": codec.tensor_to_proto(np.ones(4, dtype=np.int64))},
      'data[0].loss_fn_inputs["weights"]', "expected float32"),
     ("truncated bytes", {"target_tokens": tensor_pb2.Tensor(dense=b"\x01" * 12, dtype=tensor_pb2.INT64,
                                                             shape=[4])},

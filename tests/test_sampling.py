@@ -15,7 +15,7 @@ import torch
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
 import gradwire
-from gradwire import _codec
+from gradwire.v1 import codec
 from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoints
@@ -175,7 +175,7 @@ def test_stream_yields_the_tokens_of_sample(service, trained):
 def test_stream_sends_prompt_scores_first(server):
     channel = grpc.insecure_channel(server.address)
     stub = pb_grpc.SamplingServiceStub(channel)
-    request = pb.SampleRequest(base_model="tiny-random", prompt=[_codec.tokens_to_chunk(np.array(PROMPT))],
+    request = pb.SampleRequest(base_model="tiny-random", prompt=[codec.tokens_to_chunk(np.array(PROMPT))],
                                sampling_params=pb.SamplingParams(max_tokens=20, seed=3),
                                include_prompt_logprobs=True, topk_prompt_logprobs=2)
     messages = list(stub.SampleStream(request))
@@ -231,7 +231,7 @@ def test_sample_is_a_long_running_operation(server):
     """Sample answers with an Operation that Operations.Get / Wait / Delete serve."""
     channel = grpc.insecure_channel(server.address)
     operations = operations_pb2_grpc.OperationsStub(channel)
-    request = pb.SampleRequest(base_model="tiny-random", prompt=[_codec.tokens_to_chunk(np.array(PROMPT))],
+    request = pb.SampleRequest(base_model="tiny-random", prompt=[codec.tokens_to_chunk(np.array(PROMPT))],
                                sampling_params=pb.SamplingParams(max_tokens=4, temperature=0.0),
                                request_id="retried-sample")
     operation = pb_grpc.SamplingServiceStub(channel).Sample(request)
@@ -278,7 +278,7 @@ def test_training_interleaves_with_a_long_sample_which_can_be_cancelled(server, 
     tc = service.create_lora_training_client("tiny-random", rank=RANK, seed=6)
     channel = grpc.insecure_channel(server.address)
     operations = operations_pb2_grpc.OperationsStub(channel)
-    request = pb.SampleRequest(base_model="tiny-random", prompt=[_codec.tokens_to_chunk(np.array(PROMPT))],
+    request = pb.SampleRequest(base_model="tiny-random", prompt=[codec.tokens_to_chunk(np.array(PROMPT))],
                                num_samples=8, sampling_params=pb.SamplingParams(max_tokens=1000, seed=0))
     name = pb_grpc.SamplingServiceStub(channel).Sample(request).name
     tc.forward(random_data(7), "cross_entropy").result()

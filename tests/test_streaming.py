@@ -135,9 +135,10 @@ def test_bad_datum_deep_in_a_stream_applies_nothing(server, service):
     assert_state_equal(before, run_state(server, tc.model_id))
 
 
-def test_client_cancelling_mid_stream_applies_nothing(server, service, small_messages):
-    """The client's data source fails mid-stream: the SDK cancels the stream and re-raises the
-    original exception; the operation ends CANCELLED and nothing is applied."""
+def test_client_data_failing_mid_stream_applies_nothing(server, service, small_messages):
+    """The client's data source fails mid-stream: the SDK abandons the stream (closes it
+    without StreamEnd) and re-raises the original exception; the operation ends
+    INVALID_ARGUMENT "abandoned" and nothing is applied."""
     tc = trained_run(service)
     tc.forward_backward(random_data(72), "cross_entropy").result()
     before = run_state(server, tc.model_id)
@@ -148,7 +149,7 @@ def test_client_cancelling_mid_stream_applies_nothing(server, service, small_mes
 
     with pytest.raises(OSError, match="disk went away"):
         tc.forward_backward(data(), "cross_entropy").result()
-    _wait_for_failed_stream(server, tc.model_id, grpc.StatusCode.CANCELLED)
+    assert "abandoned" in _wait_for_failed_stream(server, tc.model_id, grpc.StatusCode.INVALID_ARGUMENT).error.message
     assert_state_equal(before, run_state(server, tc.model_id))
 
 
@@ -210,7 +211,7 @@ def test_client_killed_mid_stream_applies_nothing(server, service):
         with grpc.insecure_channel(server.address) as channel:
             name = pb_grpc.TrainingServiceStub(channel).ForwardBackward(
                 raw_request(tc.model_id, 0, random_data(77))).name
-        assert not service._wait_operation(name, 30).HasField("error")
+        assert not service._transport.wait_operation(name, 30).HasField("error")
     finally:
         process.kill()
 

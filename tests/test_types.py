@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradwire
-from gradwire import _codec
+from gradwire.v1 import codec
 from gradwire.v1 import tensor_pb2
 
 
@@ -44,28 +44,28 @@ def test_tensor_data_round_trips():
 
 def test_codec_dense_and_readable_forms_agree():
     array = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
-    np.testing.assert_array_equal(_codec.tensor_from_proto(_codec.tensor_to_proto(array)), array)
+    np.testing.assert_array_equal(codec.tensor_from_proto(codec.tensor_to_proto(array)), array)
     readable = tensor_pb2.Tensor(float_values=tensor_pb2.FloatValues(values=array.reshape(-1)), shape=[5, 3])
-    np.testing.assert_array_equal(_codec.tensor_from_proto(readable), array)
+    np.testing.assert_array_equal(codec.tensor_from_proto(readable), array)
     ints = tensor_pb2.Tensor(int64_values=tensor_pb2.Int64Values(values=[1, 2, 3]))
-    assert _codec.tensor_from_proto(ints).tolist() == [1, 2, 3]
+    assert codec.tensor_from_proto(ints).tolist() == [1, 2, 3]
 
 
 def test_codec_bfloat16_and_sparse():
     values = np.array([1.5, -2.0, 0.25], dtype=np.float32)
     bf16 = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
-    decoded = _codec.tensor_from_proto(tensor_pb2.Tensor(dense=bf16, dtype=tensor_pb2.BFLOAT16, shape=[3]))
+    decoded = codec.tensor_from_proto(tensor_pb2.Tensor(dense=bf16, dtype=tensor_pb2.BFLOAT16, shape=[3]))
     np.testing.assert_array_equal(decoded, values)
     csr = tensor_pb2.SparseCsr(values=np.array([7, 8], dtype="<i8").tobytes(),
                                crow_indices=np.array([0, 1, 1, 2], dtype="<i8").tobytes(),
                                col_indices=np.array([2, 0], dtype="<i8").tobytes())
-    dense = _codec.tensor_from_proto(tensor_pb2.Tensor(sparse_csr=csr, dtype=tensor_pb2.INT64, shape=[3, 3]))
+    dense = codec.tensor_from_proto(tensor_pb2.Tensor(sparse_csr=csr, dtype=tensor_pb2.INT64, shape=[3, 3]))
     assert dense.tolist() == [[0, 0, 7], [0, 0, 0], [8, 0, 0]]
 
 
 def test_batched_tensor_round_trip():
     arrays = [np.random.default_rng(i).normal(size=(n, 2)).astype(np.float32) for i, n in enumerate((3, 1, 4))]
-    restored = _codec.batched_from_proto(_codec.batched_to_proto(arrays))
+    restored = codec.batched_from_proto(codec.batched_to_proto(arrays))
     assert len(restored) == 3
     for a, b in zip(arrays, restored):
         np.testing.assert_array_equal(a, b)

@@ -6,15 +6,15 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from gradwire import _codec, types
-from gradwire.v1 import datum_pb2
+from gradwire import types
+from gradwire.v1 import codec, datum_pb2
 from gradwire.v1 import resource_service_pb2 as rpb
 from gradwire.v1 import sampling_service_pb2 as sampling_pb
 from gradwire.v1 import training_service_pb2 as pb
 
 
 def model_input_chunks(model_input: types.ModelInput) -> list[datum_pb2.Chunk]:
-    return [_codec.tokens_to_chunk(np.asarray(chunk.tokens)) for chunk in model_input.chunks]
+    return [codec.tokens_to_chunk(np.asarray(chunk.tokens)) for chunk in model_input.chunks]
 
 
 def datum_to_proto(datum: types.Datum, keys: Iterable[str] | None = None) -> datum_pb2.Datum:
@@ -23,7 +23,7 @@ def datum_to_proto(datum: types.Datum, keys: Iterable[str] | None = None) -> dat
     inputs = datum.loss_fn_inputs if keys is None else {
         key: datum.loss_fn_inputs[key] for key in keys if key in datum.loss_fn_inputs}
     return datum_pb2.Datum(model_input=chunks,
-                           loss_fn_inputs={key: _codec.tensor_to_proto(value.data)
+                           loss_fn_inputs={key: codec.tensor_to_proto(value.data)
                                            for key, value in inputs.items()})
 
 
@@ -53,7 +53,7 @@ def forward_backward_output(output: pb.ForwardBackwardOutput,
     per_datum: list[dict[str, types.TensorData]] = []
     records = [r for part in (output, *streamed) for r in part.loss_fn_outputs]
     for record in records:
-        fields = {name: _codec.batched_from_proto(batched) for name, batched in record.fields.items()}
+        fields = {name: codec.batched_from_proto(batched) for name, batched in record.fields.items()}
         for i in range(record.num_datums):
             per_datum.append({name: types.TensorData.from_numpy(arrays[i])
                               for name, arrays in fields.items()})
@@ -116,8 +116,8 @@ def sampling_params(params: types.SamplingParams) -> sampling_pb.SamplingParams:
 
 def sample_response(response: sampling_pb.SampleResponse) -> types.SampleResponse:
     sequences = [types.SampledSequence(stop_reason=_STOP_REASONS[s.stop_reason],
-                                       tokens=_codec.unpack_int32(s.tokens),
-                                       logprobs=_codec.unpack_float32(s.logprobs) if s.HasField("logprobs") else None)
+                                       tokens=codec.unpack_int32(s.tokens),
+                                       logprobs=codec.unpack_float32(s.logprobs) if s.HasField("logprobs") else None)
                  for s in response.sequences]
     prompt = prompt_logprobs(response.prompt_logprobs) if response.HasField("prompt_logprobs") else None
     topk = None
@@ -132,13 +132,13 @@ def sample_response(response: sampling_pb.SampleResponse) -> types.SampleRespons
 
 def prompt_logprobs(packed: bytes) -> list[float | None]:
     """Packed float32 prompt logprobs; the first (NaN: no prediction) becomes None."""
-    values: list[float | None] = _codec.unpack_float32(packed)
+    values: list[float | None] = codec.unpack_float32(packed)
     if values:
         values[0] = None
     return values
 
 
 def sampled_tokens(piece: sampling_pb.SampledTokens) -> types.SampledTokens:
-    return types.SampledTokens(piece.sequence_index, _codec.unpack_int32(piece.tokens), _codec.unpack_float32(piece.logprobs),
+    return types.SampledTokens(piece.sequence_index, codec.unpack_int32(piece.tokens), codec.unpack_float32(piece.logprobs),
                                _STOP_REASONS[piece.stop_reason] if piece.done else None)
 

@@ -16,32 +16,28 @@ import os
 import queue
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
-from google.longrunning import operations_pb2, operations_pb2_grpc
-from google.protobuf import duration_pb2
 from tqdm.auto import tqdm
 
 from gradwire import _convert, custom_loss, types
-from gradwire.errors import (AbortedError, APITimeoutError, GradwireError, error_from_rpc,
-                             error_from_status)
+from gradwire.errors import AbortedError, APITimeoutError, GradwireError, error_from_rpc
+from gradwire._transport import Transport, request_id, submitted
 from gradwire.futures import APIFuture
 from gradwire.rest_client import RestClient
-from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
+from gradwire.sampling_client import SamplingClient
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from gradwire.sampling_client import SamplingClient
 
 DEFAULT_BASE_URL = "localhost:50051"
 MESSAGE_BUDGET_BYTES = 3 * 1024 * 1024  # datums per message: within gRPC's 4 MiB default
-_POLL_S = 30.0  # one WaitOperation long-poll; the server caps it too
+# A stream that ends with one of these codes may have broken on this side, unseen by the server.
+_BROKEN_HERE = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                          grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+_SETTLE_S = 60.0  # how long settling a broken stream may take
 
 
 class ServiceClient:
@@ -56,93 +52,51 @@ class ServiceClient:
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
                  progress: bool | None = None, retry_s: float = 60.0):
-        self.retry_s = retry_s
         self.progress = progress if progress is not None else os.environ.get("GRADWIRE_PROGRESS", "1") != "0"
         target = base_url or os.environ.get("GRADWIRE_BASE_URL") or DEFAULT_BASE_URL
         for scheme in ("grpc://", "http://"):
             target = target.removeprefix(scheme)
         self.base_url = target
-        api_key = api_key or os.environ.get("GRADWIRE_API_KEY")
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._channel = grpc.insecure_channel(target)
-        self._training = pb_grpc.TrainingServiceStub(self._channel)
-        self._resources = rpb_grpc.ResourceServiceStub(self._channel)
+        self._transport = Transport(target, api_key or os.environ.get("GRADWIRE_API_KEY"), retry_s)
         # Sampling requests being submitted at once, shared by this service's sampling
         # clients (an RL loop makes a new one per step).
         self._sampling_senders = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="gradwire-sampling")
-        self._operations = operations_pb2_grpc.OperationsStub(self._channel)
         self._tokenizers: dict[str, Any] = {}
 
     # ---- plumbing shared by the clients ------------------------------------------
 
     def _call(self, method: str, request, timeout: float | None = None, stub=None):
         """A TrainingService call (or one of `stub`'s); gRPC errors become SDK exceptions."""
-        return self._unary(getattr(stub or self._training, method), request, timeout)
+        return self._transport.unary(getattr(stub or self._transport.training, method), request, timeout)
 
-    def _unary(self, stub_method, request, timeout: float | None):
-        """Calls stub_method, retrying while the server is unreachable or still loading
-        (UNAVAILABLE) for up to `retry_s` seconds. Retrying is safe: a training request
-        or a run's creation carries its request_id, so a copy that did arrive is the
-        same request (AIP-155); the other calls only read, or delete by name."""
-        give_up = time.monotonic() + self.retry_s
-        for pause in _backoff():
-            try:
-                return stub_method(request, metadata=self._metadata, timeout=timeout)
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + pause > give_up:
-                    raise error_from_rpc(error) from None
-            time.sleep(pause)
-
-    def _wait_operation(self, name: str, timeout: float | None) -> operations_pb2.Operation:
-        """Long-polls until the operation is done or `timeout` seconds pass."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            poll = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
-            request = operations_pb2.WaitOperationRequest(
-                name=name, timeout=duration_pb2.Duration(seconds=int(poll), nanos=int(poll % 1 * 1e9)))
-            operation = self._unary(self._operations.WaitOperation, request, timeout=poll + 30.0)
-            if operation.done:
-                return operation
-            if deadline is not None and time.monotonic() >= deadline:
-                raise APITimeoutError(f"{name} is not done after {timeout} s; it keeps running, "
-                                      "call result() again to keep waiting")
-
-    def _operation_result(self, name: str, message_type, timeout: float | None,
-                          convert: Callable[[Any], Any] = lambda response: response):
-        """convert(unpacked response) of a finished operation, which is then deleted."""
-        operation = self._wait_operation(name, timeout)
-        if operation.HasField("error"):
-            raise error_from_status(operation.error)
-        response = message_type()
-        operation.response.Unpack(response)
-        result = convert(response)
-        try:
-            self._operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name),
-                                             metadata=self._metadata)
-        except grpc.RpcError:
-            pass  # the server's TTL removes it anyway
-        return result
-
-    def _submit_loss(self, model_id: str, seq_id: int, forward_only: bool, data: Iterable[types.Datum],
-                     loss_fn: str, loss_fn_config: dict[str, float] | None,
+    def _submit_loss(self, model_id: str, next_seq: Callable[[], int], forward_only: bool,
+                     data: Iterable[types.Datum], loss_fn: str, loss_fn_config: dict[str, float] | None,
                      keys: Iterable[str] | None = None, keep_graph: bool = False,
                      reuse_forward: str = "") -> str:
         """Sends a forward(-backward) batch, unary when it fits one message, else
         client-streamed in messages of at most MESSAGE_BUDGET_BYTES; returns the
-        operation's name. keep_graph / reuse_forward: see ForwardBackwardRequest."""
+        operation's name. keep_graph / reuse_forward: see ForwardBackwardRequest.
+
+        The request takes its seq_id from next_seq() only once it is about to go
+        out, so data that fails before then leaves no gap in the run's order.
+        A stream that breaks on this side (the data's iterator raises, the
+        connection drops) is settled on the server before the error reaches the
+        caller, so whatever the caller sends next is not aborted by it (see
+        _settle_stream)."""
         pieces = _convert.datum_pieces(data, keys, MESSAGE_BUDGET_BYTES)
         first = next(pieces)
         second = next(pieces, None)
         if second is None:
-            request = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn=loss_fn,
+            request = pb.ForwardBackwardRequest(model_id=model_id, seq_id=next_seq(), loss_fn=loss_fn,
                                                 loss_fn_config=loss_fn_config or {}, data=first,
-                                                request_id=_request_id(), keep_graph=keep_graph,
+                                                request_id=request_id(), keep_graph=keep_graph,
                                                 reuse_forward=reuse_forward)
             return self._call("Forward" if forward_only else "ForwardBackward", request).name
-        header = pb.StreamHeader(model_id=model_id, seq_id=seq_id, loss_fn=loss_fn,
-                                 loss_fn_config=loss_fn_config or {}, request_id=_request_id(),
+        header = pb.StreamHeader(model_id=model_id, seq_id=next_seq(), loss_fn=loss_fn,
+                                 loss_fn_config=loss_fn_config or {}, request_id=request_id(),
                                  keep_graph=keep_graph, reuse_forward=reuse_forward)
         total = len(data) if isinstance(data, Sized) else None
+        rpc = getattr(self._transport.training, "ForwardStream" if forward_only else "ForwardBackwardStream")
         with tqdm(total=total, unit="datum", desc=f"uploading to {model_id}",
                   disable=not self.progress, leave=False) as bar:
             def messages() -> Iterator[pb.ForwardBackwardStreamRequest]:
@@ -154,13 +108,30 @@ class ServiceClient:
                     bar.update(len(piece))
                 yield pb.ForwardBackwardStreamRequest(end=pb.StreamEnd(num_datums=sent))
 
-            requests = _ReraisingIterator(messages())
-            rpc = "ForwardStream" if forward_only else "ForwardBackwardStream"
+            requests = _AbandoningIterator(messages())
             try:
-                return getattr(self._training, rpc)(requests, metadata=self._metadata).name
+                return rpc(requests, metadata=self._transport.metadata).name
             except grpc.RpcError as error:
-                requests.reraise()  # gRPC reports an error raised by the iterator as CANCELLED
+                if error.code() in _BROKEN_HERE:
+                    self._settle_stream(rpc, header)
+                requests.reraise()  # the data's own exception, once the server has settled the stream
                 raise error_from_rpc(error) from None
+
+    def _settle_stream(self, rpc, header: pb.StreamHeader) -> None:
+        """After a stream broke on this side, sends its header again (same seq_id and
+        request_id, so the server treats it as a retry) and closes it at once: the
+        server answers with the first stream's operation, which is then awaited, or,
+        if the header never arrived, fails the abandoned stream before answering.
+        Either way the failure is settled before the next request goes out."""
+        retry = iter([pb.ForwardBackwardStreamRequest(header=header)])
+        try:
+            operation = rpc(retry, metadata=self._transport.metadata, timeout=_SETTLE_S)
+        except grpc.RpcError:
+            return  # settled (the server answers an abandoned stream with its error) or unreachable
+        try:
+            self._transport.wait_operation(operation.name, _SETTLE_S)
+        except GradwireError:
+            pass
 
     def _forward_output(self, name: str, timeout: float | None) -> types.ForwardBackwardOutput:
         """A finished forward(-backward) operation's result, reading streamed outputs if any."""
@@ -168,13 +139,13 @@ class ServiceClient:
             streamed = []
             if response.outputs_streamed:
                 try:
-                    streamed = list(self._training.ReadOutputs(pb.ReadOutputsRequest(name=name),
-                                                               metadata=self._metadata))
+                    streamed = list(self._transport.training.ReadOutputs(
+                        pb.ReadOutputsRequest(name=name), metadata=self._transport.metadata))
                 except grpc.RpcError as error:
                     raise error_from_rpc(error) from None
             return _convert.forward_backward_output(response, streamed)
 
-        return self._operation_result(name, pb.ForwardBackwardOutput, timeout, read)
+        return self._transport.operation_result(name, pb.ForwardBackwardOutput, timeout, read)
 
     def _tokenizer(self, base_model: str):
         if base_model not in self._tokenizers:
@@ -215,7 +186,7 @@ class ServiceClient:
                                train_unembed=train_unembed)
         response = self._call("CreateModel", pb.CreateModelRequest(
             base_model=base_model, lora_config=config, user_metadata=user_metadata or {},
-            request_id=_request_id()))
+            request_id=request_id()))
         return TrainingClient(self, response.model_id, base_model)
 
     async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:
@@ -244,7 +215,7 @@ class ServiceClient:
                                     user_metadata: dict[str, str] | None) -> TrainingClient:
         response = self._call("CreateModelFromState", pb.CreateModelFromStateRequest(
             path=path, optimizer=optimizer, user_metadata=user_metadata or {},
-            request_id=_request_id()))
+            request_id=request_id()))
         info = self._call("GetInfo", pb.GetInfoRequest(model_id=response.model_id))
         return TrainingClient(self, response.model_id, info.model_name)
 
@@ -256,8 +227,6 @@ class ServiceClient:
                                base_model: str | None = None) -> SamplingClient:
         """A client that samples from a sampler checkpoint (model_path,
         `gradwire://<run_id>/sampler_weights/<name>`) or the base model (base_model)."""
-        from gradwire.sampling_client import SamplingClient  # that module imports this one
-
         return SamplingClient(self, model_path=model_path, base_model=base_model)
 
     async def create_sampling_client_async(self, model_path: str | None = None,
@@ -266,7 +235,7 @@ class ServiceClient:
 
     def close(self) -> None:
         self._sampling_senders.shutdown(wait=False, cancel_futures=True)
-        self._channel.close()
+        self._transport.close()
 
     def __enter__(self) -> ServiceClient:
         return self
@@ -334,12 +303,12 @@ class TrainingClient:
         service, model_id = self.service, self.model_id
 
         def send(next_seq: Callable[[], int]):
-            forward = service._submit_loss(model_id, next_seq(), True, data, "cross_entropy", None,
+            forward = service._submit_loss(model_id, next_seq, True, data, "cross_entropy", None,
                                            keys=("target_tokens",), keep_graph=True)
             logprobs = [out["logprobs"].data
                         for out in service._forward_output(forward, None).loss_fn_outputs]
             loss, metrics, grads = custom_loss.logprob_gradients(data, logprobs, loss_fn)
-            backward = service._submit_loss(model_id, next_seq(), False,
+            backward = service._submit_loss(model_id, next_seq, False,
                                             custom_loss.surrogate_data(data, grads), "cross_entropy", None,
                                             reuse_forward=forward)
             return backward, loss, metrics
@@ -361,19 +330,19 @@ class TrainingClient:
 
     async def forward_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward; the awaited APIFuture gives the result."""
-        return await _submitted(self.forward(*args, **kwargs))
+        return await submitted(self.forward(*args, **kwargs))
 
     async def forward_backward_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward_backward; the awaited APIFuture gives the result."""
-        return await _submitted(self.forward_backward(*args, **kwargs))
+        return await submitted(self.forward_backward(*args, **kwargs))
 
     async def forward_backward_custom_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward_backward_custom; the awaited APIFuture gives the result."""
-        return await _submitted(self.forward_backward_custom(*args, **kwargs))
+        return await submitted(self.forward_backward_custom(*args, **kwargs))
 
     async def optim_step_async(self, *args, **kwargs) -> APIFuture[types.OptimStepResponse]:
         """Submits optim_step; the awaited APIFuture gives the result."""
-        return await _submitted(self.optim_step(*args, **kwargs))
+        return await submitted(self.optim_step(*args, **kwargs))
 
     # ---- checkpoints (ordered like training requests) -------------------------------
 
@@ -416,24 +385,24 @@ class TrainingClient:
 
     async def save_state_async(self, *args, **kwargs) -> APIFuture[types.SaveWeightsResponse]:
         """Submits save_state; the awaited APIFuture gives the result."""
-        return await _submitted(self.save_state(*args, **kwargs))
+        return await submitted(self.save_state(*args, **kwargs))
 
     async def save_weights_for_sampler_async(self, *args, **kwargs
                                              ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         """Submits save_weights_for_sampler; the awaited APIFuture gives the result."""
-        return await _submitted(self.save_weights_for_sampler(*args, **kwargs))
+        return await submitted(self.save_weights_for_sampler(*args, **kwargs))
 
     async def load_state_async(self, *args, **kwargs) -> APIFuture[types.LoadWeightsResponse]:
         """Submits load_state; the awaited APIFuture gives the result."""
-        return await _submitted(self.load_state(*args, **kwargs))
+        return await submitted(self.load_state(*args, **kwargs))
 
     async def load_state_with_optimizer_async(self, *args, **kwargs) -> APIFuture[types.LoadWeightsResponse]:
         """Submits load_state_with_optimizer; the awaited APIFuture gives the result."""
-        return await _submitted(self.load_state_with_optimizer(*args, **kwargs))
+        return await submitted(self.load_state_with_optimizer(*args, **kwargs))
 
     async def unload_async(self) -> APIFuture[types.UnloadModelResponse]:
         """Submits unload; the awaited APIFuture gives the result."""
-        return await _submitted(self.unload())
+        return await submitted(self.unload())
 
     async def save_weights_and_get_sampling_client_async(self, name: str | None = None):
         return await asyncio.to_thread(self.save_weights_and_get_sampling_client, name)
@@ -451,10 +420,10 @@ class TrainingClient:
 
         def send(next_seq):
             return service._call(rpc, request_type(model_id=model_id, seq_id=next_seq(),
-                                                   request_id=_request_id(), **fields)).name
+                                                   request_id=request_id(), **fields)).name
 
         def fetch(name, timeout):
-            return convert(service._operation_result(name, response_type, timeout))
+            return convert(service._transport.operation_result(name, response_type, timeout))
 
         return self._enqueue(send, fetch, label)
 
@@ -495,7 +464,7 @@ class TrainingClient:
         service, model_id = self.service, self.model_id
 
         def send(next_seq):
-            return service._submit_loss(model_id, next_seq(), forward_only, data, loss_fn, loss_fn_config)
+            return service._submit_loss(model_id, next_seq, forward_only, data, loss_fn, loss_fn_config)
 
         return self._enqueue(send, service._forward_output,
                              "forward" if forward_only else "forward_backward")
@@ -523,8 +492,9 @@ class TrainingClient:
             try:
                 pending.submitted.set_result(pending.send(self._next_seq))
             except BaseException as error:  # noqa: BLE001 - delivered through the future
-                pending.submitted.set_exception(error)
+                # Abort first: a request the caller submits once it sees this error must run.
                 self._abort_queued(pending, error)
+                pending.submitted.set_exception(error)
 
     def _abort_queued(self, failed: _Pending, error: BaseException) -> None:
         """Fails what was queued behind a failed request (never an optimizer step
@@ -539,48 +509,30 @@ class TrainingClient:
                 grpc.StatusCode.ABORTED, "EARLIER_REQUEST_FAILED"))
 
 
-def _backoff() -> Iterator[float]:
-    """Pauses between retries: 0.1 s doubling up to 2 s."""
-    pause = 0.1
-    while True:
-        yield pause
-        pause = min(2 * pause, 2.0)
-
-
-def _request_id() -> str:
-    """A fresh id per request: a retry reuses it, another client's request cannot."""
-    return uuid.uuid4().hex
-
-
-class _ReraisingIterator:
-    """Wraps a request iterator so an exception it raises reaches the caller as
-    itself rather than as gRPC's CANCELLED."""
+class _AbandoningIterator:
+    """Wraps a stream's request iterator: if the iterator raises, the stream ends
+    there without a StreamEnd (the server then abandons it, settles the failure
+    and answers) instead of being cancelled, and reraise() gives the caller the
+    iterator's own exception."""
 
     def __init__(self, iterator: Iterator):
         self._iterator = iterator
         self._error: BaseException | None = None
 
-    def __iter__(self) -> _ReraisingIterator:
+    def __iter__(self) -> _AbandoningIterator:
         return self
 
     def __next__(self):
+        if self._error is not None:
+            raise StopIteration
         try:
             return next(self._iterator)
         except StopIteration:
             raise
-        except BaseException as error:
+        except Exception as error:  # noqa: BLE001 - handed to the caller by reraise()
             self._error = error
-            raise
+            raise StopIteration from None
 
     def reraise(self) -> None:
         if self._error is not None:
             raise self._error
-
-
-async def _submitted(future: APIFuture) -> APIFuture:
-    """Waits (without blocking the loop) until the request has its place on the server."""
-    try:
-        await asyncio.wrap_future(future._submitted)
-    except GradwireError:
-        pass  # delivered by future.result()
-    return future

@@ -32,7 +32,7 @@ class RestClient:
         self.service = service
 
     def _call(self, method: str, request):
-        return self.service._call(method, request, stub=self.service._resources)
+        return self.service._call(method, request, stub=self.service._transport.resources)
 
     def list_training_runs(self) -> list[types.TrainingRun]:
         """Every training run the server knows, oldest first, loaded in memory or not."""
@@ -76,8 +76,9 @@ class RestClient:
             written: dict[str, int] = {}
             announced: dict[str, int] = {}
             try:
-                for chunk in self.service._resources.DownloadCheckpoint(
-                        rpb.DownloadCheckpointRequest(path=path), metadata=self.service._metadata):
+                transport = self.service._transport
+                for chunk in transport.resources.DownloadCheckpoint(
+                        rpb.DownloadCheckpointRequest(path=path), metadata=transport.metadata):
                     _write_chunk(partial, chunk, written)
                     announced[chunk.relative_path] = chunk.file_size
             except grpc.RpcError as error:

@@ -9,17 +9,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from gradwire import _convert, types
-from gradwire.client import ServiceClient, _request_id, _submitted
+from gradwire._transport import request_id, submitted
 from gradwire.errors import APITimeoutError, error_from_rpc
 from gradwire.futures import APIFuture
 from gradwire.v1 import sampling_service_pb2 as pb
-from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:
+    from gradwire.client import ServiceClient
 
 
 class SamplingClient:
@@ -33,7 +34,7 @@ class SamplingClient:
         self.service = service
         self.model_path = model_path
         self.base_model = base_model
-        self._stub = pb_grpc.SamplingServiceStub(service._channel)
+        self._stub = service._transport.sampling
 
     def sample(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0
@@ -49,13 +50,13 @@ class SamplingClient:
                                    num_samples=num_samples,
                                    sampling_params=_convert.sampling_params(sampling_params),
                                    include_prompt_logprobs=include_prompt_logprobs,
-                                   topk_prompt_logprobs=topk_prompt_logprobs, request_id=_request_id())
+                                   topk_prompt_logprobs=topk_prompt_logprobs, request_id=request_id())
         return self._submit("Sample", request, pb.SampleResponse, _convert.sample_response)
 
     def compute_logprobs(self, prompt: types.ModelInput) -> APIFuture[list[float | None]]:
         """The logprob of each prompt token given the ones before it (the first is None)."""
         request = pb.ComputeLogprobsRequest(**self._model(), prompt=_convert.model_input_chunks(prompt),
-                                            request_id=_request_id())
+                                            request_id=request_id())
         return self._submit("ComputeLogprobs", request, pb.ComputeLogprobsResponse,
                             lambda response: _convert.prompt_logprobs(response.logprobs))
 
@@ -68,7 +69,7 @@ class SamplingClient:
         request = pb.SampleRequest(**self._model(), prompt=_convert.model_input_chunks(prompt),
                                    num_samples=num_samples,
                                    sampling_params=_convert.sampling_params(sampling_params or types.SamplingParams()))
-        call = self._stub.SampleStream(request, metadata=self.service._metadata)
+        call = self._stub.SampleStream(request, metadata=self.service._transport.metadata)
         try:
             for message in call:
                 for piece in message.samples:
@@ -80,11 +81,11 @@ class SamplingClient:
 
     async def sample_async(self, *args, **kwargs) -> APIFuture[types.SampleResponse]:
         """Submits sample; the awaited APIFuture gives the result."""
-        return await _submitted(self.sample(*args, **kwargs))
+        return await submitted(self.sample(*args, **kwargs))
 
     async def compute_logprobs_async(self, *args, **kwargs) -> APIFuture[list[float | None]]:
         """Submits compute_logprobs; the awaited APIFuture gives the result."""
-        return await _submitted(self.compute_logprobs(*args, **kwargs))
+        return await submitted(self.compute_logprobs(*args, **kwargs))
 
     async def sample_stream_async(self, *args, **kwargs) -> AsyncIterator[types.SampledTokens]:
         """sample_stream as an async iterator (`async for piece in ...`)."""
@@ -121,7 +122,7 @@ class SamplingClient:
 
         def send() -> str:
             try:
-                return getattr(self._stub, method)(request, metadata=service._metadata).name
+                return getattr(self._stub, method)(request, metadata=service._transport.metadata).name
             except grpc.RpcError as error:
                 raise error_from_rpc(error) from None
 
@@ -132,6 +133,6 @@ class SamplingClient:
                 name = submitted.result(timeout)
             except concurrent.futures.TimeoutError:
                 raise APITimeoutError(f"{method} was not submitted within {timeout} s") from None
-            return service._operation_result(name, message_type, timeout, convert)
+            return service._transport.operation_result(name, message_type, timeout, convert)
 
         return APIFuture(fetch, submitted)

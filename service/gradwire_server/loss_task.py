@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from gradwire import _codec
+from gradwire.v1 import codec
 from gradwire.v1 import tensor_pb2
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.batch import DatumArrays
@@ -100,6 +100,6 @@ def output_records(outputs: list[np.ndarray]) -> list[tensor_pb2.ArrayRecord]:
         if end == len(outputs) or outputs[end].shape[1:] != outputs[start].shape[1:]:
             records.append(tensor_pb2.ArrayRecord(
                 type_tag="logprobs", num_datums=end - start,
-                fields={"logprobs": _codec.batched_to_proto(outputs[start:end])}))
+                fields={"logprobs": codec.batched_to_proto(outputs[start:end])}))
             start = end
     return records

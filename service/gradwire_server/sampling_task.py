@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from google.protobuf import message
 
-from gradwire import _codec
+from gradwire.v1 import codec
 from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire_server.checkpoints import Checkpoint
 from gradwire_server.engine import Engine
@@ -70,17 +70,17 @@ class SampleTask:
 
     def _response(self) -> message.Message:
         if self.spec.num_samples == 0:
-            return pb.ComputeLogprobsResponse(logprobs=_codec.pack_float32(self._scores.logprobs))
+            return pb.ComputeLogprobsResponse(logprobs=codec.pack_float32(self._scores.logprobs))
         response = pb.SampleResponse(sequences=[
-            pb.SampledSequence(stop_reason=STOP_REASONS[s.stop_reason], tokens=_codec.pack_int32(s.tokens),
-                               logprobs=_codec.pack_float32(s.logprobs))
+            pb.SampledSequence(stop_reason=STOP_REASONS[s.stop_reason], tokens=codec.pack_int32(s.tokens),
+                               logprobs=codec.pack_float32(s.logprobs))
             for s in self._generation.sequences])
         self._add_scores(response)
         return response
 
     def _stream_message(self, news: list[SequenceNews], first: bool) -> pb.SampleStreamResponse:
         out = pb.SampleStreamResponse(samples=[
-            pb.SampledTokens(sequence_index=n.index, tokens=_codec.pack_int32(n.tokens), logprobs=_codec.pack_float32(n.logprobs),
+            pb.SampledTokens(sequence_index=n.index, tokens=codec.pack_int32(n.tokens), logprobs=codec.pack_float32(n.logprobs),
                              done=n.stop_reason is not None,
                              stop_reason=STOP_REASONS.get(n.stop_reason, pb.STOP_REASON_STOP))
             for n in news])
@@ -91,10 +91,10 @@ class SampleTask:
     def _add_scores(self, out: pb.SampleResponse | pb.SampleStreamResponse) -> None:
         scores = self._scores
         if scores.logprobs is not None:
-            out.prompt_logprobs = _codec.pack_float32(scores.logprobs)
+            out.prompt_logprobs = codec.pack_float32(scores.logprobs)
         if scores.topk_ids is not None:
             length, k = scores.topk_ids.shape
             out.topk_prompt_logprobs.CopyFrom(pb.TopkPromptLogprobs(
-                token_ids=_codec.pack_int32(scores.topk_ids), logprobs=_codec.pack_float32(scores.topk_logprobs),
+                token_ids=codec.pack_int32(scores.topk_ids), logprobs=codec.pack_float32(scores.topk_logprobs),
                 k=k, prompt_length=length))
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
-from gradwire import _codec
+from gradwire.v1 import codec
 from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire_server import checkpoints
 from gradwire_server.errors import FieldViolation, ServiceError, invalid_argument, not_found
@@ -108,8 +108,8 @@ def _prompt(chunks: Sequence, vocab_size: int, violations: list[FieldViolation])
                                              f"{kind or 'empty'} chunks are not supported by text models"))
             continue
         try:
-            pieces.append(_codec.tokens_from_text_chunk(chunk.encoded_text))
-        except _codec.WireFormatError as error:
+            pieces.append(codec.tokens_from_text_chunk(chunk.encoded_text))
+        except codec.WireFormatError as error:
             violations.append(FieldViolation(f"prompt[{c}].encoded_text", str(error)))
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     if tokens.size == 0 and not violations:

@@ -26,6 +26,7 @@ from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoints
 from gradwire_server.engine import KEEP_GRAPH_BUDGET_BYTES, KEEP_GRAPH_TIMEOUT_S, Engine
+from gradwire_server.malformed import MalformedRequestGuard
 from gradwire_server.models import LoadedModel, load_model
 from gradwire_server.operations import OperationsServicer, OperationStore
 from gradwire_server.resource_servicer import ResourceServicer
@@ -85,7 +86,7 @@ class GradwireServer:
     async def start(self) -> None:
         # Created here: gRPC's aio objects bind to the running event loop.
         self.health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(options=[
+        self._server = grpc.aio.server(interceptors=[MalformedRequestGuard()], options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         pb_grpc.add_TrainingServiceServicer_to_server(self.training, self._server)

@@ -23,7 +23,7 @@ from gradwire_server.errors import (FieldViolation, ServiceError, abort, abort_w
                                     cancelled, failed_precondition, invalid_argument, not_found)
 from gradwire_server.loss_task import LossTask, output_records
 from gradwire_server.losses import LOSSES
-from gradwire_server.operations import OperationStore
+from gradwire_server.operations import OperationRecord, OperationStore
 from gradwire_server.run_index import RunIndex, record_change
 from gradwire_server.scheduler import OneShot, Scheduler
 
@@ -310,8 +310,16 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     async def _stream_rpc(self, request_iterator, context, kind: str, backward: bool):
         """Header, then datum batches: each piece is validated and handed to the
-        worker as it arrives; at most MAX_BUFFERED_PIECES wait in memory."""
-        task, header = None, None
+        worker as it arrives; at most MAX_BUFFERED_PIECES wait in memory.
+
+        However a stream breaks, its job never stays parked: a bad message, an
+        undecodable one, or a stream that ends without StreamEnd (how a client
+        abandons it) fail the job, and the RPC answers only once the server has
+        settled that failure (the job failed, the run's requests queued behind
+        it aborted). So a request the client sends after reading the answer is
+        never aborted by it. A job that fails underneath the stream (aborted by
+        an earlier failure, cancelled) ends the RPC at once with that error."""
+        task, header, record = None, None, None
         try:
             info = self._ready()
             first = await anext(aiter(request_iterator), None)
@@ -321,7 +329,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             existing, _ = self._admit(header.model_id, header.seq_id, header.request_id,
                                       lambda: validation.loss_header(header.loss_fn, header.loss_fn_config))
             if existing is not None:
-                return existing
+                return existing  # a retry: the first stream's operation, whatever became of it
             space = asyncio.Event()
             task, record = self._submit_loss_task(
                 header.model_id, header.seq_id, header.request_id, kind, header.loss_fn,
@@ -329,11 +337,16 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                 consumed=lambda: self.scheduler.loop.call_soon_threadsafe(space.set),
                 keep_graph=header.keep_graph, reuse_forward=header.reuse_forward)
             received, end = 0, None
-            async for message in request_iterator:
-                if end is not None or message.HasField("header"):
+            while (message := await _until_done(anext(request_iterator, None), record)) is not None:
+                kind_set = message.WhichOneof("kind")
+                if end is not None or kind_set == "header":
                     raise invalid_argument([FieldViolation(
                         "kind", "a stream is one header, datum batches, then one end")])
-                if message.HasField("end"):
+                if kind_set is None:
+                    raise invalid_argument([FieldViolation(
+                        "kind", f"message {received and 'after datum ' + str(received - 1) or 'after the header'}"
+                                " sets none of header, batch, end")])
+                if kind_set == "end":
                     end = message.end
                     continue
                 data = validation.data_batch(message.batch.data, header.loss_fn, info.vocab_size,
@@ -344,9 +357,13 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                 self.scheduler.wake(header.model_id)
                 while task.buffered >= MAX_BUFFERED_PIECES:
                     space.clear()
-                    await space.wait()
-            if end is None:  # killed, cancelled or out of time: never commit
+                    await _until_done(space.wait(), record)
+            if end is None and _cut_off(context):
                 raise asyncio.CancelledError
+            if end is None:
+                raise invalid_argument([FieldViolation(
+                    "end", f"the stream was closed after {received} datums without a StreamEnd: "
+                           "abandoned, nothing was applied")])
             if end.num_datums != received:
                 raise invalid_argument([FieldViolation(
                     "end.num_datums", f"says {end.num_datums} datums, the server received {received}")])
@@ -355,10 +372,14 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             task.close()
             self.scheduler.wake(header.model_id)
             return record.snapshot()
+        except _JobFinished:
+            await abort_with_status(context, record.operation.error)
         except ServiceError as error:
             if task is not None:
                 task.fail(error)
                 self.scheduler.wake(header.model_id)
+                await record.done.wait()  # settled: the job failed, what was queued behind it aborted
+                await abort_with_status(context, record.operation.error)
             await abort(context, error)
         except asyncio.CancelledError:
             if task is not None:
@@ -403,6 +424,33 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             raise not_found("training run", model_id)
         return run
 
+
+
+def _cut_off(context) -> bool:
+    """Whether the client was killed, cancelled or ran out of time (its reads just end)."""
+    remaining = context.time_remaining()
+    return context.cancelled() or (remaining is not None and remaining <= 0)
+
+
+class _JobFinished(Exception):
+    """A stream's job finished (failed) while the stream was still arriving."""
+
+
+async def _until_done(awaitable: Awaitable[T], record: OperationRecord) -> T:
+    """awaitable's result, unless the operation finishes first: then _JobFinished."""
+    if record.operation.done:
+        raise _JobFinished
+    waiting = asyncio.ensure_future(awaitable)
+    finished = asyncio.ensure_future(record.done.wait())
+    try:
+        await asyncio.wait((waiting, finished), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        finished.cancel()
+        if not waiting.done():
+            waiting.cancel()
+    if not waiting.done() or waiting.cancelled():
+        raise _JobFinished
+    return waiting.result()
 
 
 def _outputs_chunk(outputs: list, start: int) -> list:

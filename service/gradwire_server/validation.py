@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from gradwire import _codec
+from gradwire.v1 import codec
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings, LossRequest
 from gradwire_server.errors import FieldViolation, invalid_argument
@@ -88,8 +88,8 @@ def _datum(datum, index: int, spec, vocab_size: int, max_context: int,
                                              f"{kind or 'empty'} chunks are not supported by text models"))
             return None
         try:
-            pieces.append(_codec.tokens_from_text_chunk(chunk.encoded_text))
-        except _codec.WireFormatError as error:
+            pieces.append(codec.tokens_from_text_chunk(chunk.encoded_text))
+        except codec.WireFormatError as error:
             violations.append(FieldViolation(f"{where}.model_input[{c}].encoded_text", str(error)))
             return None
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
@@ -110,8 +110,8 @@ def _datum(datum, index: int, spec, vocab_size: int, max_context: int,
                                              f"{sorted(spec.required_inputs | spec.optional_inputs)}"))
             continue
         try:
-            array = _codec.tensor_from_proto(tensor)
-        except _codec.WireFormatError as error:
+            array = codec.tensor_from_proto(tensor)
+        except codec.WireFormatError as error:
             violations.append(FieldViolation(field, str(error)))
             continue
         expected = np.int64 if key == "target_tokens" else np.float32

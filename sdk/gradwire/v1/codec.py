@@ -1,6 +1,8 @@
 """Wire codec: numpy arrays <-> gradwire.v1 protobuf messages.
 
-Shared by the SDK and the server. Every conversion is one numpy call over a
+Part of the wire contract beside the generated stubs (hand-written, not
+generated): the SDK and the server both import it, so neither reaches into
+the other. Every conversion is one numpy call over a
 whole buffer (no per-element Python), and decoding views the message's bytes
 without copying where numpy allows it.
 """

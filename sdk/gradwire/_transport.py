@@ -1,0 +1,113 @@
+"""The SDK's transport: one gRPC channel, its retry rule, and operation polling.
+
+Every client (ServiceClient, TrainingClient, SamplingClient, RestClient) goes
+through one Transport, so none of the client modules imports another for
+plumbing.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+
+from gradwire.errors import APITimeoutError, GradwireError, error_from_rpc, error_from_status
+from gradwire.futures import APIFuture
+from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
+from gradwire.v1 import sampling_service_pb2_grpc as sampling_grpc
+from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+
+POLL_S = 30.0  # one WaitOperation long-poll; the server caps it too
+
+
+class Transport:
+    """A channel to one server with a stub per service, the bearer token as call
+    metadata, and calls retried for up to retry_s seconds while the server is
+    unreachable or still loading its model."""
+
+    def __init__(self, target: str, api_key: str | None, retry_s: float):
+        self.retry_s = retry_s
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.channel = grpc.insecure_channel(target)
+        self.training = pb_grpc.TrainingServiceStub(self.channel)
+        self.resources = rpb_grpc.ResourceServiceStub(self.channel)
+        self.sampling = sampling_grpc.SamplingServiceStub(self.channel)
+        self.operations = operations_pb2_grpc.OperationsStub(self.channel)
+
+    def unary(self, stub_method, request, timeout: float | None = None):
+        """Calls stub_method, retrying while the server is unreachable or still loading
+        (UNAVAILABLE) for up to `retry_s` seconds. Retrying is safe: a training request
+        or a run's creation carries its request_id, so a copy that did arrive is the
+        same request (AIP-155); the other calls only read, or delete by name."""
+        give_up = time.monotonic() + self.retry_s
+        for pause in backoff():
+            try:
+                return stub_method(request, metadata=self.metadata, timeout=timeout)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + pause > give_up:
+                    raise error_from_rpc(error) from None
+            time.sleep(pause)
+
+    def wait_operation(self, name: str, timeout: float | None) -> operations_pb2.Operation:
+        """Long-polls until the operation is done or `timeout` seconds pass."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            poll = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
+            request = operations_pb2.WaitOperationRequest(
+                name=name, timeout=duration_pb2.Duration(seconds=int(poll), nanos=int(poll % 1 * 1e9)))
+            operation = self.unary(self.operations.WaitOperation, request, timeout=poll + 30.0)
+            if operation.done:
+                return operation
+            if deadline is not None and time.monotonic() >= deadline:
+                raise APITimeoutError(f"{name} is not done after {timeout} s; it keeps running, "
+                                      "call result() again to keep waiting")
+
+    def operation_result(self, name: str, message_type, timeout: float | None,
+                         convert: Callable[[Any], Any] = lambda response: response):
+        """convert(unpacked response) of a finished operation, which is then deleted."""
+        operation = self.wait_operation(name, timeout)
+        if operation.HasField("error"):
+            raise error_from_status(operation.error)
+        response = message_type()
+        operation.response.Unpack(response)
+        result = convert(response)
+        self.delete_operation(name)
+        return result
+
+    def delete_operation(self, name: str) -> None:
+        """Deletes a finished operation; best effort (the server's TTL removes it anyway)."""
+        try:
+            self.operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name),
+                                            metadata=self.metadata)
+        except grpc.RpcError:
+            pass
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def backoff() -> Iterator[float]:
+    """Pauses between retries: 0.1 s doubling up to 2 s."""
+    pause = 0.1
+    while True:
+        yield pause
+        pause = min(2 * pause, 2.0)
+
+
+def request_id() -> str:
+    """A fresh id per request: a retry reuses it, another client's request cannot."""
+    return uuid.uuid4().hex
+
+
+async def submitted(future: APIFuture) -> APIFuture:
+    """Waits (without blocking the loop) until the request has its place on the server."""
+    try:
+        await asyncio.wrap_future(future._submitted)
+    except GradwireError:
+        pass  # delivered by future.result()
+    return future
