@@ -156,14 +156,8 @@ class LossPass:
                     if self.backward:
                         self._stage(loss)
             except torch.OutOfMemoryError:
-                # Raised outside this handler, so the failed pass's frames and
-                # tensors go with the torch error, before the scheduler reports it.
-                failed = micro_batch
-            else:
-                failed = None
-            if failed is not None:
-                raise OutOfMemory(len(failed), max(len(d.tokens) for d in failed),
-                                  memory.free_bytes(self.engine.device), self.engine.device)
+                raise OutOfMemory(len(micro_batch), max(len(d.tokens) for d in micro_batch),
+                                  memory.free_bytes(self.engine.device), self.engine.device) from None
             micro_outputs = per_datum_outputs(target_logprobs, micro_batch)
             if keeping:
                 self._keep(KeptMicroBatch(target_logprobs, micro_batch, micro_outputs))
@@ -271,8 +265,10 @@ def merge_metrics(merged: dict[str, float], merged_count: int,
 
 
 def per_datum_outputs(target_logprobs: torch.Tensor, data: list[DatumArrays]) -> list[np.ndarray]:
-    """Each datum's logprobs, shaped like its target_tokens ([N] or [N, K])."""
-    values = target_logprobs.detach().cpu().numpy()
+    """Each datum's logprobs, shaped like its target_tokens ([N] or [N, K]). Plain
+    numpy arrays: on the CPU a tensor's .numpy() would keep the tensor alive for as
+    long as the operation keeps its outputs."""
+    values = target_logprobs.detach().cpu().numpy().copy()
     return [values[i, :len(d.tokens), :_width(d)] if d.loss_fn_inputs["target_tokens"].ndim == 2
             else values[i, :len(d.tokens), 0]
             for i, d in enumerate(data)]
