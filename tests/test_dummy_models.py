@@ -30,6 +30,7 @@ def test_config_folder_gives_the_same_random_weights_each_time(tmp_path):
     first = load_model(str(tmp_path), torch.device("cpu"), torch.float32, "dummy")
     again = load_model(str(tmp_path), torch.device("cpu"), torch.bfloat16, "dummy")
     assert first.vocab_size == 320 and first.max_context_length == 1024
+    assert first.model.config._attn_implementation == "sdpa"  # PyTorch's fused attention kernels
     assert again.dtype == torch.bfloat16
     for (name, weight), (_, weight_again) in zip(first.model.state_dict().items(),
                                                   again.model.state_dict().items()):

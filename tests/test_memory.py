@@ -9,6 +9,7 @@ import gc
 import warnings
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from google.longrunning import operations_pb2
@@ -17,6 +18,9 @@ import gradwire
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import memory
+from gradwire_server.batch import DatumArrays, LoraSettings
+from gradwire_server.engine import Engine
+from gradwire_server.models import load_model
 from gradwire_server.server import BackgroundServer, ServerConfig
 from reference import (assert_state_equal, finished, micro_batch_tokens, random_data, raw_request,
                        reference_gradients, reference_logprobs, reference_model, relative_error, run_state,
@@ -184,15 +188,22 @@ def test_out_of_memory_reaches_the_sdk(server, service):
         with pytest.raises(gradwire.APIStatusError) as raised:
             tc.forward_backward(random_data(68), "cross_entropy").result()
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "out of cpu memory" in str(raised.value)
+    assert f"out of {server.engine.device.type} memory" in str(raised.value)
 
 
-def test_capabilities_report_the_sizes(stubs):
-    response = stubs[0].GetServerCapabilities(pb.GetServerCapabilitiesRequest())
-    assert response.dtype == "float32"
-    assert response.limits.micro_batch_tokens == memory.CPU_MICRO_BATCH_TOKENS
-    assert response.limits.keep_graph_budget_bytes == memory.CPU_KEEP_GRAPH_BUDGET_BYTES
-    assert response.limits.activation_bytes_per_token == 0  # no probe on the CPU
+def test_capabilities_report_the_sizes(server, stubs):
+    limits = stubs[0].GetServerCapabilities(pb.GetServerCapabilitiesRequest()).limits
+    engine = server.engine
+    assert (limits.micro_batch_tokens, limits.keep_graph_budget_bytes) == (
+        engine.micro_batch_tokens, engine.keep_graph_budget_bytes)
+    if engine.device.type == "cpu":
+        assert limits.micro_batch_tokens == memory.CPU_MICRO_BATCH_TOKENS
+        assert limits.keep_graph_budget_bytes == memory.CPU_KEEP_GRAPH_BUDGET_BYTES
+        assert limits.activation_bytes_per_token == 0  # no probe on the CPU
+    else:  # sized from the card's free memory by the probe's measurement
+        assert limits.activation_bytes_per_token > 0
+        assert memory.MIN_MICRO_BATCH_TOKENS <= limits.micro_batch_tokens <= memory.MAX_MICRO_BATCH_TOKENS
+        assert limits.keep_graph_budget_bytes > 0
 
 
 def test_flags_set_the_sizes(tmp_path):
@@ -220,6 +231,20 @@ def test_probe_measures_a_token_and_leaves_the_engine_as_it_was(server, service)
     assert server.call(lambda: server.engine.peft_model.active_adapter) in adapters
     assert_state_equal(before, run_state(server, tc.model_id))
     trained_run(service, seed=2)  # runs are still created and trained
+
+
+def test_probe_as_the_first_adapter_leaves_a_working_engine():
+    """On CUDA the probe runs right after loading, before any run: peft wraps the
+    model for it and it deletes its adapter; runs created after train as usual."""
+    engine = Engine(load_model("tiny-random", torch.device("cpu")), torch.device("cpu"))
+    assert engine.activation_bytes_per_token(16) > 0
+    assert not engine.runs and not engine.peft_model.peft_config
+    run_id = engine.create_run(LoraSettings(rank=2, seed=0))
+    training = engine.start_pass(run_id, "cross_entropy", {}, backward=True)
+    sequence = np.arange(10)
+    training.feed([DatumArrays(sequence, {"target_tokens": sequence})])
+    training.commit()
+    assert all(p.grad is not None for p in engine.run(run_id).params)
 
 
 def test_plan_from_free_memory():
