@@ -252,6 +252,6 @@ def test_plan_from_free_memory():
     tokens, budget = memory.plan_from_free(80 * 2**30, per_token)
     usable = 80 * 2**30 * (1 - memory.HEADROOM_FRACTION)
     assert tokens % 256 == 0 and tokens * per_token <= usable / 4 < (tokens + 256) * per_token
-    assert budget == int(usable) - tokens * per_token
+    assert budget == int(usable) // 2
     assert memory.plan_from_free(2**30, per_token) == (memory.MIN_MICRO_BATCH_TOKENS, 0)
     assert memory.plan_from_free(2**40, 1)[0] == memory.MAX_MICRO_BATCH_TOKENS
