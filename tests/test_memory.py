@@ -191,11 +191,14 @@ def test_out_of_memory_reaches_the_sdk(server, service):
     assert f"out of {server.engine.device.type} memory" in str(raised.value)
 
 
-def test_capabilities_report_the_sizes(server, stubs):
+def test_capabilities_report_the_sizes(server, service, stubs):
     limits = stubs[0].GetServerCapabilities(pb.GetServerCapabilitiesRequest()).limits
     engine = server.engine
     assert (limits.micro_batch_tokens, limits.keep_graph_budget_bytes) == (
         engine.micro_batch_tokens, engine.keep_graph_budget_bytes)
+    sdk_limits = service.get_server_capabilities().limits
+    for key in ("micro_batch_tokens", "keep_graph_budget_bytes", "activation_bytes_per_token"):
+        assert sdk_limits[key] == getattr(limits, key)
     if engine.device.type == "cpu":
         assert limits.micro_batch_tokens == memory.CPU_MICRO_BATCH_TOKENS
         assert limits.keep_graph_budget_bytes == memory.CPU_KEEP_GRAPH_BUDGET_BYTES
