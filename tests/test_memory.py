@@ -258,3 +258,23 @@ def test_plan_from_free_memory():
     assert budget == int(usable) // 2
     assert memory.plan_from_free(2**30, per_token) == (memory.MIN_MICRO_BATCH_TOKENS, 0)
     assert memory.plan_from_free(2**40, 1)[0] == memory.MAX_MICRO_BATCH_TOKENS
+
+
+def test_out_of_memory_outside_a_loss_pass_fails_alone(server, service):
+    """Sampling that runs out of memory (raised by the model's decoder) is
+    RESOURCE_EXHAUSTED too, and the next request is served."""
+    def out_of_memory(module, args, kwargs):
+        raise torch.OutOfMemoryError("injected")
+
+    decoder = server.engine.base.model.get_decoder()
+    handle = server.call(lambda: decoder.register_forward_pre_hook(out_of_memory, with_kwargs=True))
+    sampler = service.create_sampling_client(base_model="tiny-random")
+    prompt, params = gradwire.ModelInput.from_ints([1, 2, 3]), gradwire.SamplingParams(max_tokens=4, seed=0)
+    try:
+        with pytest.raises(gradwire.APIStatusError) as raised:
+            sampler.sample(prompt, 1, params).result()
+    finally:
+        server.call(handle.remove)
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "out of device memory" in str(raised.value)
+    assert len(sampler.sample(prompt, 1, params).result().sequences[0].tokens) == 4

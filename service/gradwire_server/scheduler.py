@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
 from google.protobuf import message
 
 from gradwire_server.engine import RunNotFound
@@ -281,6 +282,8 @@ class Scheduler:
                 step, error = None, service_error.with_traceback(None)
             except OutOfMemory as out_of_memory:
                 step, error = None, resource_exhausted(str(out_of_memory))
+            except torch.OutOfMemoryError as out_of_memory:  # outside a loss pass (optimizer, sampling)
+                step, error = None, resource_exhausted(f"out of device memory: {out_of_memory}")
             except RunNotFound as gone:  # e.g. queued behind an UnloadModel
                 step, error = None, failed_precondition(str(gone), "RUN_NOT_LOADED")
             except Exception as failure:  # noqa: BLE001 - reported in Operation.error
