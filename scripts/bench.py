@@ -20,7 +20,17 @@ GPU); batches are 8 datums x 128 tokens, LoRA rank 8.
    tokens/s, one prompt of 32 tokens, 128 new tokens at temperature 1,
    num_samples 1 and 8 (goal >= 0.9).
 
-Usage: .venv/bin/python scripts/bench.py [--steps 8] [--codec-mib 256]
+With --size 1b|8b (for a GPU) it benchmarks a random Llama of that size built on
+the server's device (`--load-format dummy`, default memory settings and dtype):
+6. custom / forward_backward at default settings over --calls calls each, with the
+   memory in use along the way (goal <= 1.05, memory flat); for 1b also
+7. the gradwire loop vs the naive in-process loop (float32 base, bf16 autocast on
+   CUDA, full log_softmax, AdamW) on the same device, tokens/s (goal >= 1.5), and
+8. sampled vs training logprobs of the same tokens, max and mean abs difference
+   (goal <= 0.02 in bf16).
+(`--size tiny` runs the same sections on tiny-random, to try them on a CPU.)
+
+Usage: .venv/bin/python scripts/bench.py [--steps 8] [--codec-mib 256] [--size 1b|8b [--calls 50]]
 """
 from __future__ import annotations
 
@@ -49,8 +59,9 @@ from local_server import start_server  # noqa: E402
 from gradwire import _convert
 from gradwire.v1 import codec  # noqa: E402
 from gradwire.v1 import datum_pb2  # noqa: E402
+from gradwire.v1 import training_service_pb2 as gradwire_pb  # noqa: E402
 from gradwire_server.engine import ATTENTION_MODULES, LORA_ALPHA, MLP_MODULES, UNEMBED_MODULES  # noqa: E402
-from gradwire_server.models import tiny_random_tokenizer  # noqa: E402
+from gradwire_server.models import dummy_model, tiny_random_tokenizer  # noqa: E402
 
 BATCH, TOKENS, RANK, VOCAB = 8, 128, 8, 8192
 ADAM = gradwire.AdamParams(learning_rate=1e-4)
@@ -68,14 +79,14 @@ def write_model(folder: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def batch(seed: int) -> list[gradwire.Datum]:
+def batch(seed: int, size: int = BATCH, tokens: int = TOKENS, vocab: int = VOCAB) -> list[gradwire.Datum]:
     rng = np.random.default_rng(seed)
     data = []
-    for _ in range(BATCH):
-        seq = rng.integers(0, VOCAB, TOKENS + 1)
+    for _ in range(size):
+        seq = rng.integers(0, vocab, tokens + 1)
         data.append(gradwire.Datum(model_input=gradwire.ModelInput.from_ints(seq[:-1]),
                                    loss_fn_inputs={"target_tokens": seq[1:],
-                                                   "weights": np.ones(TOKENS, np.float32)}))
+                                                   "weights": np.ones(tokens, np.float32)}))
     return data
 
 
@@ -95,10 +106,11 @@ def median_seconds(call: Callable[[], object], repeats: int) -> float:
 
 # ---- 1. custom loss vs forward_backward ------------------------------------------
 
-def custom_vs_forward_backward(tc, repeats: int) -> tuple[float, float]:
+def custom_vs_forward_backward(tc, repeats: int, data: list[gradwire.Datum] | None = None
+                               ) -> tuple[float, float]:
     """Median seconds per call of (forward_backward, forward_backward_custom) on one
     run, the two interleaved so that drift in machine load hits both alike."""
-    data = batch(1)
+    data = data or batch(1)
     calls = [lambda: tc.forward_backward(data, "cross_entropy").result(),
              lambda: tc.forward_backward_custom(data, logprob_squared_loss).result()]
     for call in calls:
@@ -112,15 +124,17 @@ def custom_vs_forward_backward(tc, repeats: int) -> tuple[float, float]:
 
 # ---- 2. SDK loop vs in-process loop -------------------------------------------------
 
-def loop_tokens_per_s(step: Callable[[list[gradwire.Datum]], Callable[[], object]], steps: int) -> float:
+def loop_tokens_per_s(step: Callable[[list[gradwire.Datum]], Callable[[], object]], steps: int,
+                      make_batch: Callable[[int], list[gradwire.Datum]] = batch) -> float:
     """Tokens/s of `steps` training steps; step(data) submits one and returns what
     waits for it, so a remote loop submits everything before waiting (pipelined)."""
-    data = [batch(10 + i) for i in range(steps)]
+    data = [make_batch(10 + i) for i in range(steps)]
     start = time.perf_counter()
     waits = [step(step_data) for step_data in data]
     for wait in waits:
         wait()
-    return steps * BATCH * TOKENS / (time.perf_counter() - start)
+    return sum(len(d.model_input.to_ints()) for step_data in data for d in step_data) / (
+        time.perf_counter() - start)
 
 
 def sdk_step(tc) -> Callable[[list[gradwire.Datum]], Callable[[], object]]:
@@ -130,27 +144,33 @@ def sdk_step(tc) -> Callable[[list[gradwire.Datum]], Callable[[], object]]:
     return step
 
 
-def in_process_step(folder: str) -> Callable[[list[gradwire.Datum]], Callable[[], object]]:
-    """The same loop written in-process: transformers + peft + torch AdamW."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+def in_process_step(folder: str, model=None, rank: int = RANK
+                    ) -> Callable[[list[gradwire.Datum]], Callable[[], object]]:
+    """The same loop written in-process, as a user would: transformers + peft + torch
+    AdamW, a float32 base (the folder's model, or `model`), bf16 autocast on CUDA."""
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.requires_grad_(False)
     model = peft.get_peft_model(model, peft.LoraConfig(
-        r=RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+        r=rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
         target_modules=[*ATTENTION_MODULES, *MLP_MODULES, *UNEMBED_MODULES]))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=ADAM.learning_rate, betas=(ADAM.beta1, ADAM.beta2),
                                   eps=ADAM.eps, weight_decay=0.0)
+    device = params[0].device
 
     def step(data: list[gradwire.Datum]) -> Callable[[], object]:
-        tokens = torch.tensor(np.stack([d.model_input.to_ints() for d in data]))
-        targets = torch.stack([d.loss_fn_inputs["target_tokens"].to_torch() for d in data])
-        weights = torch.stack([d.loss_fn_inputs["weights"].to_torch() for d in data])
-        logprobs = torch.log_softmax(model(input_ids=tokens).logits.float(), dim=-1)
+        tokens = torch.tensor(np.stack([d.model_input.to_ints() for d in data]), device=device)
+        targets = torch.stack([d.loss_fn_inputs["target_tokens"].to_torch() for d in data]).to(device)
+        weights = torch.stack([d.loss_fn_inputs["weights"].to_torch() for d in data]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=tokens).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         loss = -(logprobs.gather(-1, targets[..., None])[..., 0] * weights).sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return lambda: None
+        return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     return step
 
 
@@ -287,13 +307,120 @@ def sampling_vs_generate(sampler, folder: str, num_samples: int, max_tokens: int
     return statistics.median(served), statistics.median(local)
 
 
+# ---- 6-8. a model of a given size on the server's device ---------------------------------
+
+SIZES = {  # preset, datums, tokens per datum, LoRA rank
+    "tiny": ("tiny-random", 8, 128, 8),
+    "1b": ("llama-1b", 8, 1024, 32),
+    "8b": ("llama-8b", 8, 2048, 32),
+}
+
+
+def memory_in_use(server) -> str:
+    """The device memory in use (CUDA: the whole card, this process included) or the
+    server's resident memory (CPU), in GiB."""
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return f"{(total - free) / 2**30:.1f}"
+    with open(f"/proc/{server.pid}/status") as status:
+        rss_kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return f"{rss_kib / 2**20:.2f}"
+
+
+def sampled_vs_training(service, tc, vocab: int) -> tuple[float, float]:
+    """(max, mean) abs difference of the sampled and the training logprobs of the
+    same tokens, 4 samples of 128 tokens from the run's saved weights."""
+    prompt = list(range(40, 72))
+    sampler = service.create_sampling_client(model_path=tc.save_weights_for_sampler("bench").result().path)
+    response = sampler.sample(gradwire.ModelInput.from_ints(prompt), 4,
+                              gradwire.SamplingParams(max_tokens=128, seed=0)).result()
+    diffs = []
+    for sequence in response.sequences:
+        tokens = prompt + list(sequence.tokens)
+        datum = gradwire.Datum(model_input=gradwire.ModelInput.from_ints(tokens[:-1]),
+                               loss_fn_inputs={"target_tokens": np.array(tokens[1:])})
+        training = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+        diffs.append(np.abs(training[len(prompt) - 1:] - np.array(sequence.logprobs)))
+    every = np.concatenate(diffs)
+    return float(every.max()), float(every.mean())
+
+
+def device_main(size: str, calls: int, steps: int) -> list[tuple[str, str]]:
+    preset, datums, tokens, rank = SIZES[size]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vocab = dummy_model(preset, torch.device("meta"), torch.float32)[0].config.vocab_size
+    make_batch = lambda seed: batch(seed, datums, tokens, vocab)  # noqa: E731
+    rows: list[tuple[str, str]] = []
+    if size != "8b":  # first, so the server then plans its memory with the card to itself
+        model, _ = dummy_model(preset, device, torch.float32)
+        local = in_process_step("", model, rank)
+        loop_tokens_per_s(local, 1, make_batch)  # warm up
+        in_process = loop_tokens_per_s(local, steps, make_batch)
+        del model, local
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    server, address = start_server(preset, "--load-format", "dummy")
+    try:
+        service = gradwire.ServiceClient(address)
+        capabilities = service._call("GetServerCapabilities", gradwire_pb.GetServerCapabilitiesRequest())
+        limits = capabilities.limits
+        rows += [("server: device, base dtype", f"{capabilities.device}, {capabilities.dtype}"),
+                 ("micro-batch tokens / keep-graph budget MiB / activation bytes per token (chosen)",
+                  f"{limits.micro_batch_tokens} / {limits.keep_graph_budget_bytes / 2**20:,.0f} / "
+                  f"{limits.activation_bytes_per_token:,}")]
+        tc = service.create_lora_training_client(preset, rank=rank, seed=0)
+        data = make_batch(1)
+        memory = [memory_in_use(server)]
+        fb_s, custom_s = [], []
+        for call in range(calls):
+            fb_s.append(median_seconds(lambda: tc.forward_backward(data, "cross_entropy").result(), 1))
+            custom_s.append(median_seconds(lambda: tc.forward_backward_custom(data, logprob_squared_loss)
+                                           .result(), 1))
+            if call in (0, calls // 2, calls - 1):
+                memory.append(memory_in_use(server))
+        fb, custom = statistics.median(fb_s[1:] or fb_s), statistics.median(custom_s[1:] or custom_s)
+        unit = "GiB on the card" if device.type == "cuda" else "GiB server RSS"
+        rows += [(f"{datums} x {tokens} tokens: forward_backward / custom, s per call (median of {calls})",
+                  f"{fb:.3f} / {custom:.3f}"),
+                 ("custom / forward_backward, default settings (goal <= 1.05)", f"{custom / fb:.3f}"),
+                 (f"memory in use, {unit}: start, after 1, {calls // 2 + 1}, {calls} calls of each",
+                  " -> ".join(memory))]
+        remote = sdk_step(tc)
+        loop_tokens_per_s(remote, 1, make_batch)  # warm up
+        served = loop_tokens_per_s(remote, steps, make_batch)
+        rows.append(("gradwire loop (fb + optim_step, pipelined), tokens/s", f"{served:,.0f}"))
+        if size != "8b":
+            rows += [("in-process naive loop (float32 base, bf16 autocast on CUDA, AdamW), tokens/s",
+                      f"{in_process:,.0f}"),
+                     ("gradwire / in-process (goal >= 1.5 on CUDA)", f"{served / in_process:.3f}")]
+            worst, mean = sampled_vs_training(service, tc, vocab)
+            rows.append(("sampled vs training logprobs, max / mean abs diff (goal <= 0.02)",
+                         f"{worst:.4f} / {mean:.5f}"))
+        service.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="training steps per loop measurement")
     parser.add_argument("--repeats", type=int, default=7, help="calls per custom-loss measurement")
     parser.add_argument("--codec-mib", type=int, default=256, help="size of the codec batch")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per sample")
+    parser.add_argument("--size", choices=list(SIZES), help="a random Llama of this size on the device")
+    parser.add_argument("--calls", type=int, default=50, help="--size: calls of each per custom-loss measurement")
     args = parser.parse_args()
+    if args.size:
+        rows = device_main(args.size, args.calls, args.steps)
+        device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        preset, datums, tokens, rank = SIZES[args.size]
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+              f"torch {torch.__version__}, {device}; model: random {preset} (--load-format dummy), "
+              f"batch {datums}x{tokens}, LoRA rank {rank}")
+        print_rows(rows)
+        return
 
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as folder:
@@ -349,9 +476,13 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"torch {torch.__version__}, {device}; model: random Llama, {parameters / 1e6:.1f}M parameters, "
           f"batch {BATCH}x{TOKENS}, LoRA rank {RANK}")
+    print_rows(rows)
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(name) for name, _ in rows) + 2
     for name, value in rows:
-        print(f"{name:<{width}}{value:>14}")
+        print(f"{name:<{width}}{value:>14}", flush=True)
 
 
 if __name__ == "__main__":

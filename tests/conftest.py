@@ -24,7 +24,7 @@ from gradwire_server.server import BackgroundServer, ServerConfig  # noqa: E402
 def server(tmp_path_factory):
     """An in-process server; `server.engine` is its engine, `server.call(fn)` runs fn on its worker,
     `server.server.checkpoint_root` its (temporary) checkpoint folder."""
-    background = BackgroundServer(ServerConfig(model="tiny-random", port=0,
+    background = BackgroundServer(ServerConfig(model="tiny-random", port=0, dtype="float32",
                                                checkpoint_dir=tmp_path_factory.mktemp("checkpoints")))
     yield background
     background.stop()
@@ -55,7 +55,8 @@ def start_cli_server(*args: str) -> tuple[subprocess.Popen, str]:
     waits for its "listening" line; its output keeps draining into a thread."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "gradwire_server", "--model", "tiny-random", "--port", str(port), *args],
+        [sys.executable, "-m", "gradwire_server", "--model", "tiny-random", "--port", str(port),
+         "--dtype", "float32", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     listening = threading.Event()
     output: list[str] = []

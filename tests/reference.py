@@ -1,5 +1,6 @@
 """In-process PyTorch reference: the same tiny-random model and the same LoRA
-weights as a server run, for exactness checks, plus snapshots of a run's state."""
+weights as a server run, on the server's device and in its dtype, for exactness
+checks, plus snapshots of a run's state. Reference logprobs come back on the CPU."""
 from __future__ import annotations
 
 import contextlib
@@ -56,10 +57,16 @@ def assert_optimizer_equal(before: dict, after: dict) -> None:
             assert torch.equal(value, after[index][key]), f"optimizer {key} of parameter {index} changed"
 
 
+def reference_base_model(server) -> torch.nn.Module:
+    """A fresh tiny-random on the server's device, its weights in the server's dtype."""
+    return tiny_random_model().to(device=server.engine.device, dtype=server.engine.dtype)
+
+
 def reference_model(server, run_id: str, rank: int) -> peft.PeftModel:
-    """A fresh in-process tiny-random with a LoRA adapter holding the run's current weights."""
+    """A fresh in-process tiny-random with a LoRA adapter holding the run's current weights
+    (float32, as the server keeps them)."""
     model = peft.get_peft_model(
-        tiny_random_model(),
+        reference_base_model(server),
         peft.LoraConfig(r=rank, lora_alpha=32, lora_dropout=0.0, target_modules=ALL_MODULES))
     weights = {name.replace(f".{run_id}.", ".default."): weight
                for name, (weight, _) in run_state(server, run_id).items()}
@@ -70,13 +77,18 @@ def reference_model(server, run_id: str, rank: int) -> peft.PeftModel:
 
 
 def reference_logprobs(model, datum: gradwire.Datum) -> torch.Tensor:
-    """log_softmax(logits) at the target tokens, for one unpadded sequence."""
-    tokens = torch.tensor([datum.model_input.to_ints()])
-    targets = datum.loss_fn_inputs["target_tokens"].to_torch()
-    logprobs = torch.log_softmax(model(input_ids=tokens).logits[0].float(), dim=-1)
+    """log_softmax(logits) at the target tokens, for one unpadded sequence, on the CPU
+    (computed on the model's device, under bf16 autocast for a bf16 model)."""
+    device = next(model.parameters()).device
+    tokens = torch.tensor([datum.model_input.to_ints()], device=device)
+    targets = datum.loss_fn_inputs["target_tokens"].to_torch().to(device)
+    bf16 = model.get_output_embeddings().weight.dtype == torch.bfloat16
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=tokens).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
     if targets.ndim == 1:
-        return logprobs.gather(-1, targets[:, None])[:, 0]
-    return logprobs.gather(-1, targets)
+        return logprobs.gather(-1, targets[:, None])[:, 0].cpu()
+    return logprobs.gather(-1, targets).cpu()
 
 
 def reference_gradients(model, run_id: str) -> dict[str, torch.Tensor]:
@@ -89,8 +101,8 @@ def relative_error(server_grads: dict[str, torch.Tensor], expected: dict[str, to
     """||server - expected|| / ||expected|| over every adapter parameter."""
     assert server_grads.keys() == expected.keys()
     names = sorted(expected)
-    got = torch.cat([server_grads[n].reshape(-1).double() for n in names])
-    want = torch.cat([expected[n].reshape(-1).double() for n in names])
+    got = torch.cat([server_grads[n].reshape(-1).double().cpu() for n in names])
+    want = torch.cat([expected[n].reshape(-1).double().cpu() for n in names])
     assert want.norm() > 0
     return float((got - want).norm() / want.norm())
 
@@ -186,14 +198,28 @@ def worker_busy(server):
 
 @contextlib.contextmanager
 def forward_batches(server):
-    """Records the batch size of every forward pass of the server's base model."""
+    """Records the batch size of every forward pass of the server's base model's decoder
+    (training runs the decoder, then unembeds in chunks)."""
     sizes: list[int] = []
 
     def record(module, args, kwargs):
         sizes.append(kwargs["input_ids"].shape[0])
 
-    handle = server.call(lambda: server.engine.base.model.register_forward_pre_hook(record, with_kwargs=True))
+    decoder = server.engine.base.model.get_decoder()
+    handle = server.call(lambda: decoder.register_forward_pre_hook(record, with_kwargs=True))
     try:
         yield sizes
     finally:
         server.call(handle.remove)
+
+
+@contextlib.contextmanager
+def micro_batch_tokens(server, tokens: int):
+    """The server's micro-batch size set to `tokens` until the block ends."""
+    engine = server.engine
+    before = engine.micro_batch_tokens
+    server.call(lambda: setattr(engine, "micro_batch_tokens", tokens))
+    try:
+        yield
+    finally:
+        server.call(lambda: setattr(engine, "micro_batch_tokens", before))

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import gradwire
-from gradwire_server import engine
-from reference import (assert_state_equal, forward_batches, random_data, reference_gradients,
-                       reference_logprobs, reference_model, relative_error, run_state, server_gradients,
-                       trained_run)
+from reference import (assert_state_equal, forward_batches, micro_batch_tokens, random_data,
+                       reference_gradients, reference_logprobs, reference_model, relative_error, run_state,
+                       server_gradients, trained_run)
 
 TOLERANCE = 1e-5  # relative, float32
 DEFAULT_CLIPS = {"ppo": (0.8, 1.2), "cispo": (0.0, 4.0)}
@@ -133,7 +132,7 @@ def test_loss_and_gradient_match_the_formula(server, service, seed, loss_fn, con
                           reference_gradients(model, tc.model_id)) <= TOLERANCE
 
 
-def test_micro_batches_merge_exactly(server, service, monkeypatch):
+def test_micro_batches_merge_exactly(server, service):
     """One datum per micro-batch gives the same loss:sum, clip_fraction:mean and gradient as
     one micro-batch for all (the metrics merge by their reduction)."""
     whole = trained_run(service, seed=1)
@@ -141,8 +140,7 @@ def test_micro_batches_merge_exactly(server, service, monkeypatch):
     model = reference_model(server, whole.model_id, rank=4)
     data = rl_data(model, seed=7, shapes=[5, 11, 8], avoid=(0.8, 1.2))
     together = whole.forward_backward(data, "ppo").result()
-    monkeypatch.setattr(engine, "MICRO_BATCH_TOKENS", 11)
-    with forward_batches(server) as batch_sizes:
+    with micro_batch_tokens(server, 11), forward_batches(server) as batch_sizes:
         apart = split.forward_backward(data, "ppo").result()
     assert batch_sizes == [1, 1, 1]
     assert apart.metrics["loss:sum"] == pytest.approx(together.metrics["loss:sum"], rel=1e-6)

@@ -172,7 +172,10 @@ class ServiceClient:
             limits={"max_message_bytes": limits.max_message_bytes,
                     "max_lora_rank": limits.max_lora_rank,
                     "max_wait_seconds": limits.max_wait_seconds,
-                    "operation_ttl_seconds": limits.operation_ttl_seconds})
+                    "operation_ttl_seconds": limits.operation_ttl_seconds,
+                    "micro_batch_tokens": limits.micro_batch_tokens,
+                    "keep_graph_budget_bytes": limits.keep_graph_budget_bytes,
+                    "activation_bytes_per_token": limits.activation_bytes_per_token})
 
     async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
         return await asyncio.to_thread(self.get_server_capabilities)

@@ -1,12 +1,15 @@
 """`gradwire-server --model NAME_OR_PATH [--host H] [--port P] [--checkpoint-dir DIR]
+[--dtype auto|float32|bfloat16] [--load-format auto|dummy] [--micro-batch-tokens N]
 [--keep-graph-budget-mb MB]`."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import pathlib
 
+from gradwire_server.models import DTYPES, LOAD_FORMATS, preset_configs
 from gradwire_server.server import DEFAULT_CHECKPOINT_DIR, ServerConfig, serve
 
 
@@ -21,16 +24,33 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--checkpoint-dir", type=pathlib.Path, default=DEFAULT_CHECKPOINT_DIR,
                         help="where checkpoints and the run index are kept "
                              f"(default: ./{DEFAULT_CHECKPOINT_DIR})")
-    parser.add_argument("--keep-graph-budget-mb", type=float, default=ServerConfig.keep_graph_budget_mb,
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="the frozen base weights' dtype; auto: bfloat16 on CUDA, float32 on the CPU. "
+                             "LoRA weights, gradients and AdamW state are float32 either way")
+    parser.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
+                        help="dummy: random weights from --model's config.json, or a preset "
+                             f"({', '.join(preset_configs())}), made on the device (for benchmarks)")
+    parser.add_argument("--micro-batch-tokens", type=int, default=None,
+                        help="padded tokens per forward pass (default: from the free memory on CUDA, "
+                             "16384 on the CPU)")
+    parser.add_argument("--keep-graph-budget-mb", type=float, default=None,
                         help="activation memory a custom loss's forward leg may keep so its backward "
-                             "leg needs no second forward pass; 0 always recomputes (default: %(default)g)")
+                             "leg needs no second forward pass; 0 always recomputes (default: from the "
+                             "free memory on CUDA, 2048 on the CPU)")
     args = parser.parse_args(argv)
+    if args.micro_batch_tokens is not None and args.micro_batch_tokens < 1:
+        parser.error("--micro-batch-tokens must be at least 1")
     return ServerConfig(model=args.model, host=args.host, port=args.port, checkpoint_dir=args.checkpoint_dir,
-                        keep_graph_budget_mb=args.keep_graph_budget_mb)
+                        keep_graph_budget_mb=args.keep_graph_budget_mb,
+                        micro_batch_tokens=args.micro_batch_tokens, dtype=args.dtype,
+                        load_format=args.load_format)
 
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
+    # Fewer out-of-memory failures from fragmentation when batch shapes vary;
+    # read when CUDA first allocates, which is after this.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(config))
 

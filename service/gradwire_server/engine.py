@@ -11,6 +11,7 @@ import copy
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,17 +19,19 @@ import numpy as np
 import peft
 import torch
 
+from gradwire_server import memory
 from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings
+from gradwire_server.logprobs import chunked_target_logprobs
 from gradwire_server.losses import LOSSES
+from gradwire_server.memory import MemoryPlan, OutOfMemory
 from gradwire_server.models import LoadedModel
 
 LORA_ALPHA = 32
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 UNEMBED_MODULES = ("lm_head",)
-MICRO_BATCH_TOKENS = 16384  # padded tokens per forward pass; bounds activation memory
-KEEP_GRAPH_BUDGET_BYTES = 2 * 1024**3  # activations a Forward may keep for its backward leg
 KEEP_GRAPH_TIMEOUT_S = 60.0
+PROBE_LORA_RANK = 32
 
 
 class RunNotFound(LookupError):
@@ -89,7 +92,10 @@ class _SavedTensorBytes:
         if pointer not in self.seen and pointer not in self.excluded:
             self.seen.add(pointer)
             self.nbytes += storage.nbytes()
-        return tensor
+        # Detached: a saved output that packed itself would hold its own grad_fn
+        # (a reference cycle through C++ that no garbage collector sees), so a
+        # graph never backpropagated would never be freed.
+        return tensor.detach()
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
@@ -109,7 +115,7 @@ class RunState:
 class LossPass:
     """One forward(-backward) over a batch that arrives in pieces.
 
-    Pieces run in micro-batches of at most `MICRO_BATCH_TOKENS` padded tokens.
+    Pieces run in micro-batches of at most `engine.micro_batch_tokens` padded tokens.
     Their gradients are staged apart from the run's accumulated gradients and
     added to them exactly once, by commit(); discard() (or never committing)
     leaves the run exactly as it was.
@@ -140,14 +146,18 @@ class LossPass:
             reused, reused_outputs = self._feed_reused(data)
             outputs.extend(reused_outputs)
             data = data[reused:]
-        for micro_batch in _micro_batches(data, MICRO_BATCH_TOKENS):
+        for micro_batch in _micro_batches(data, self.engine.micro_batch_tokens):
             keeping = self.kept is not None
-            with torch.set_grad_enabled(self.backward or keeping), \
-                    (self.saved_bytes.hooks() if keeping else contextlib.nullcontext()):
-                target_logprobs, inputs = self.engine.micro_batch_logprobs(self.run, micro_batch)
-                loss, metrics = self.engine.loss(target_logprobs, inputs, self.loss_fn, self.config)
-                if self.backward:
-                    self._stage(loss)
+            try:
+                with torch.set_grad_enabled(self.backward or keeping), \
+                        (self.saved_bytes.hooks() if keeping else contextlib.nullcontext()):
+                    target_logprobs, inputs = self.engine.micro_batch_logprobs(self.run, micro_batch)
+                    loss, metrics = self.engine.loss(target_logprobs, inputs, self.loss_fn, self.config)
+                    if self.backward:
+                        self._stage(loss)
+            except torch.OutOfMemoryError:
+                raise OutOfMemory(len(micro_batch), max(len(d.tokens) for d in micro_batch),
+                                  memory.free_bytes(self.engine.device), self.engine.device) from None
             micro_outputs = per_datum_outputs(target_logprobs, micro_batch)
             if keeping:
                 self._keep(KeptMicroBatch(target_logprobs, micro_batch, micro_outputs))
@@ -255,8 +265,10 @@ def merge_metrics(merged: dict[str, float], merged_count: int,
 
 
 def per_datum_outputs(target_logprobs: torch.Tensor, data: list[DatumArrays]) -> list[np.ndarray]:
-    """Each datum's logprobs, shaped like its target_tokens ([N] or [N, K])."""
-    values = target_logprobs.detach().cpu().numpy()
+    """Each datum's logprobs, shaped like its target_tokens ([N] or [N, K]). Plain
+    numpy arrays: on the CPU a tensor's .numpy() would keep the tensor alive for as
+    long as the operation keeps its outputs."""
+    values = target_logprobs.detach().cpu().numpy().copy()
     return [values[i, :len(d.tokens), :_width(d)] if d.loss_fn_inputs["target_tokens"].ndim == 2
             else values[i, :len(d.tokens), 0]
             for i, d in enumerate(data)]
@@ -284,15 +296,20 @@ class Engine:
     """Training runs on one device. Not thread-safe: call from one thread."""
 
     def __init__(self, base: LoadedModel, device: torch.device,
-                 keep_graph_budget_bytes: int = KEEP_GRAPH_BUDGET_BYTES,
+                 micro_batch_tokens: int = memory.CPU_MICRO_BATCH_TOKENS,
+                 keep_graph_budget_bytes: int = memory.CPU_KEEP_GRAPH_BUDGET_BYTES,
                  keep_graph_timeout_s: float = KEEP_GRAPH_TIMEOUT_S):
         self.base = base
         self.device = device
         self.peft_model: peft.PeftModel | None = None
         self.runs: dict[str, Run] = {}
-        self.keep_graph_budget_bytes = keep_graph_budget_bytes
+        self.micro_batch_tokens = micro_batch_tokens                # padded tokens per forward pass
+        self.keep_graph_budget_bytes = keep_graph_budget_bytes      # activations Forwards may keep
         self.keep_graph_timeout_s = keep_graph_timeout_s
         self.kept: dict[str, KeptForward] = {}  # run_id -> its last Forward's graph
+        # Fault injection for tests: called with (datums, padded length) just
+        # before a micro-batch's forward allocates its activations.
+        self.before_forward: Callable[[int, int], None] | None = None
 
     # ---- runs ---------------------------------------------------------------
 
@@ -312,9 +329,7 @@ class Engine:
         params = [p for name, p in self.peft_model.named_parameters() if f".{run_id}." in name]
         for p in params:
             p.requires_grad_(True)
-        # foreach=False: the same implementation before and after a resume.
-        optimizer = torch.optim.AdamW(params, weight_decay=0.0, foreach=False)
-        self.runs[run_id] = Run(run_id, lora, params, optimizer)
+        self.runs[run_id] = Run(run_id, lora, params, self._adamw(params))
         return run_id
 
     def save_state(self, run_id: str, with_optimizer: bool) -> RunState:
@@ -357,8 +372,15 @@ class Engine:
         if optimizer is not None:
             run.optimizer.load_state_dict(optimizer)
         else:
-            run.optimizer = torch.optim.AdamW(run.params, weight_decay=0.0, foreach=False)
+            run.optimizer = self._adamw(run.params)
         run.step = step
+
+    def _adamw(self, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+        """One implementation per device, the same before and after a resume (bit-exact):
+        on CUDA fused (one kernel launch per step), on the CPU one parameter at a time."""
+        if self.device.type == "cuda":
+            return torch.optim.AdamW(params, weight_decay=0.0, fused=True)
+        return torch.optim.AdamW(params, weight_decay=0.0, foreach=False)
 
     def unload(self, run_id: str) -> None:
         """Removes the run's adapter from the model and drops its optimizer state."""
@@ -420,7 +442,8 @@ class Engine:
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
             if grads else torch.zeros(())
         if adam.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(run.params, adam.grad_clip_norm, foreach=False)
+            torch.nn.utils.clip_grad_norm_(run.params, adam.grad_clip_norm,
+                                           foreach=self.device.type == "cuda")
         for group in run.optimizer.param_groups:
             group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
                          weight_decay=adam.weight_decay)
@@ -437,11 +460,14 @@ class Engine:
         its loss inputs padded to the same shape."""
         self._activate(run.run_id)
         tokens, inputs = self.pad(data)
+        if self.before_forward is not None:
+            self.before_forward(*tokens.shape)
+        model = self.base.model  # peft has put the LoRA layers into its modules
         with self.autocast():
-            logits = self.peft_model(input_ids=tokens).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)            # [B, L, V]
-        target_logprobs = logprobs.gather(-1, inputs["target_tokens"])    # [B, L, K]
-        return target_logprobs * inputs["mask"], inputs
+            hidden = model.get_decoder()(input_ids=tokens).last_hidden_state     # [B, L, H]
+            logprobs = chunked_target_logprobs(hidden, model.get_output_embeddings(),
+                                               inputs["target_tokens"], self.base.vocab_size)  # [B, L, K]
+        return logprobs * inputs["mask"], inputs
 
     @staticmethod
     def loss(target_logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], loss_fn: str,
@@ -465,19 +491,70 @@ class Engine:
             padded["mask"][i, :n, :k] = 1.0
             for key, value in d.loss_fn_inputs.items():
                 padded[key][i, :n, :k] = value.reshape(n, k)
-        as_tensor = {key: torch.from_numpy(value).to(self.device) for key, value in padded.items()}
-        return torch.from_numpy(tokens).to(self.device), as_tensor
+        as_tensor = {key: self._upload(value) for key, value in padded.items()}
+        return self._upload(tokens), as_tensor
+
+    def _upload(self, array: np.ndarray) -> torch.Tensor:
+        """The array on the device; to CUDA from pinned memory, without waiting for the copy."""
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
 
     def _activate(self, run_id: str) -> None:
         self.run(run_id)
         if self.peft_model.active_adapter != run_id:
             self.peft_model.set_adapter(run_id)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen base weights' dtype; LoRA weights, gradients and AdamW state are float32."""
+        return self.base.dtype
+
     def autocast(self):
-        """bf16 autocast on CUDA; float32 (no-op) on CPU."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast over a bf16 base (the float32 LoRA matmuls run in bf16 too);
+        a float32 base runs in float32 throughout."""
+        if self.dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def plan_memory(self, micro_batch_tokens: int | None = None,
+                    keep_graph_budget_bytes: int | None = None) -> MemoryPlan:
+        """Sets the micro-batch size and keep-graph budget: the given ones, else on
+        CUDA derived from the free memory and a probe pass, else the CPU defaults."""
+        per_token = 0
+        if self.device.type == "cuda" and (micro_batch_tokens is None or keep_graph_budget_bytes is None):
+            per_token = self.activation_bytes_per_token(min(memory.PROBE_TOKENS, self.base.max_context_length))
+            derived_tokens, derived_budget = memory.plan_from_free(memory.free_bytes(self.device), per_token)
+        else:
+            derived_tokens, derived_budget = memory.CPU_MICRO_BATCH_TOKENS, memory.CPU_KEEP_GRAPH_BUDGET_BYTES
+        self.micro_batch_tokens = micro_batch_tokens if micro_batch_tokens is not None else derived_tokens
+        self.keep_graph_budget_bytes = (keep_graph_budget_bytes if keep_graph_budget_bytes is not None
+                                        else derived_budget)
+        return MemoryPlan(self.micro_batch_tokens, self.keep_graph_budget_bytes, per_token)
+
+    def activation_bytes_per_token(self, tokens: int) -> int:
+        """Memory one token of a forward-backward pass costs, measured on a sequence of
+        `tokens` through a temporary rank-32 adapter on every module: on CUDA the
+        allocator's peak above what was allocated before; elsewhere the bytes autograd
+        saves for backward. The engine is left as it was."""
+        run_id = self.create_run(LoraSettings(rank=PROBE_LORA_RANK, seed=0))
+        try:
+            sequence = np.zeros(tokens, dtype=np.int64)
+            data = [DatumArrays(sequence, {"target_tokens": sequence})]
+            cuda = self.device.type == "cuda"
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                allocated = torch.cuda.memory_allocated(self.device)
+            saved = _SavedTensorBytes(self.parameter_storages())
+            with torch.enable_grad(), saved.hooks():
+                logprobs, inputs = self.micro_batch_logprobs(self.run(run_id), data)
+            self.loss(logprobs, inputs, "cross_entropy", {})[0].backward()
+            peak = torch.cuda.max_memory_allocated(self.device) - allocated if cuda else 0
+            return max(peak, saved.nbytes) // tokens
+        finally:
+            self.unload(run_id)
 
 
 def _cpu_copy(state: Any) -> Any:

@@ -81,6 +81,11 @@ def internal(error: BaseException) -> ServiceError:
     return ServiceError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}", "INTERNAL")
 
 
+def resource_exhausted(message: str) -> ServiceError:
+    """The device ran out of memory for this request (others are unaffected)."""
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, "OUT_OF_MEMORY")
+
+
 def cancelled(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.CANCELLED, message, "CANCELLED")
 

@@ -1,5 +1,9 @@
 """Base models the server can load, by name or local path. Nothing downloads here
-unless the name is a hub id and the machine is online."""
+unless the name is a hub id and the machine is online.
+
+`load_format="dummy"` builds the model from its config alone (a folder holding
+config.json, or a named preset) with random weights made on the device: for
+benchmarks at scales whose weights are better never written to disk."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,12 +11,14 @@ import pathlib
 from dataclasses import dataclass
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, LlamaConfig,
+                          LlamaForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
 TINY_RANDOM = "tiny-random"
 SMOLLM2_135M = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LOAD_FORMATS = ("auto", "dummy")
 
 # ChatML, as SmolLM2 uses it.
 CHAT_TEMPLATE = (
@@ -31,23 +37,80 @@ class LoadedModel:
     max_context_length: int
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The frozen base weights' dtype."""
+        return self.model.get_output_embeddings().weight.dtype
+
+    @property
     def vocab_size(self) -> int:
         return self.model.get_output_embeddings().weight.shape[0]
 
 
-def load_model(name_or_path: str, device: torch.device) -> LoadedModel:
-    """Loads `tiny-random`, `smollm2-135m`, a local HF directory or a hub id."""
-    if name_or_path == TINY_RANDOM:
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA (half the memory, no per-forward casts) and float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32,
+               load_format: str = "auto") -> LoadedModel:
+    """Loads `tiny-random`, `smollm2-135m`, a local HF directory or a hub id, its
+    weights in `dtype`; with load_format "dummy", a preset or config folder with
+    random weights."""
+    if load_format == "dummy":
+        model, tokenizer = dummy_model(name_or_path, device, dtype)
+    elif name_or_path == TINY_RANDOM:
         model, tokenizer = tiny_random_model(), tiny_random_tokenizer()
     elif name_or_path == SMOLLM2_135M:
         model, tokenizer = _smollm2_135m()
     else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model.to(device).eval()
+    model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     return LoadedModel(name_or_path, model, tokenizer, int(context))
+
+
+def preset_configs() -> dict[str, PretrainedConfig]:
+    """Named Llama shapes for --load-format dummy."""
+    llama = dict(tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, pad_token_id=256,
+                 rope_theta=500000.0)
+    return {
+        TINY_RANDOM: tiny_random_config(),
+        # TinyLlama-1.1B's shape.
+        "llama-1b": LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                                max_position_embeddings=2048, **llama),
+        # Llama-3-8B's shape.
+        "llama-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                max_position_embeddings=8192, **llama),
+    }
+
+
+def dummy_model(preset_or_folder: str, device: torch.device, dtype: torch.dtype
+                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model of a preset's or a folder's config.json with random weights (seed 0)
+    initialised on `device` in `dtype`; the folder's tokenizer if it has one, else
+    the byte-level tokenizer."""
+    presets = preset_configs()
+    if preset_or_folder in presets:
+        config, tokenizer = presets[preset_or_folder], tiny_random_tokenizer()
+    elif (pathlib.Path(preset_or_folder) / "config.json").is_file():
+        config = AutoConfig.from_pretrained(preset_or_folder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(preset_or_folder)
+        except (OSError, ValueError):
+            tokenizer = tiny_random_tokenizer()
+    else:
+        raise ValueError(f"--load-format dummy needs a preset ({', '.join(presets)}) or a folder "
+                         f"holding config.json, not {preset_or_folder!r}")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, tokenizer
 
 
 def tiny_random_tokenizer() -> GPT2TokenizerFast:

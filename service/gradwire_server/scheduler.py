@@ -17,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
 from google.protobuf import message
 
 from gradwire_server.engine import RunNotFound
 from gradwire_server.errors import (ServiceError, aborted, already_used, cancelled, failed_precondition,
-                                    internal)
+                                    internal, resource_exhausted)
+from gradwire_server.memory import OutOfMemory
 from gradwire_server.operations import OperationRecord, OperationStore
 
 log = logging.getLogger(__name__)
@@ -275,7 +277,13 @@ class Scheduler:
             try:
                 step, error = job.task.step(), None
             except ServiceError as service_error:
-                step, error = None, service_error
+                # Without its traceback: the frames of the failed step (and the
+                # tensors they hold) are freed now, not when the next job comes.
+                step, error = None, service_error.with_traceback(None)
+            except OutOfMemory as out_of_memory:
+                step, error = None, resource_exhausted(str(out_of_memory))
+            except torch.OutOfMemoryError as out_of_memory:  # outside a loss pass (optimizer, sampling)
+                step, error = None, resource_exhausted(f"out of device memory: {out_of_memory}")
             except RunNotFound as gone:  # e.g. queued behind an UnloadModel
                 step, error = None, failed_precondition(str(gone), "RUN_NOT_LOADED")
             except Exception as failure:  # noqa: BLE001 - reported in Operation.error

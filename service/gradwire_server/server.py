@@ -25,9 +25,10 @@ from gradwire.v1 import sampling_service_pb2, sampling_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoints
-from gradwire_server.engine import KEEP_GRAPH_BUDGET_BYTES, KEEP_GRAPH_TIMEOUT_S, Engine
+from gradwire_server.engine import KEEP_GRAPH_TIMEOUT_S, Engine
 from gradwire_server.malformed import MalformedRequestGuard
-from gradwire_server.models import LoadedModel, load_model
+from gradwire_server.memory import MemoryPlan
+from gradwire_server.models import LoadedModel, load_model, resolve_dtype
 from gradwire_server.operations import OperationsServicer, OperationStore
 from gradwire_server.resource_servicer import ResourceServicer
 from gradwire_server.run_index import RunIndex
@@ -58,9 +59,14 @@ class ServerConfig:
     max_wait_s: float = 30.0
     # How long a run's request waits for a missing lower seq_id before it is aborted.
     seq_gap_timeout_s: float = 60.0
-    # Activations a custom loss's forward leg may keep for its backward leg (0: always recompute).
-    keep_graph_budget_mb: float = KEEP_GRAPH_BUDGET_BYTES / 2**20
+    # Activations custom losses' forward legs may keep for their backward legs
+    # (0: always recompute); None: sized from the device's free memory.
+    keep_graph_budget_mb: float | None = None
     keep_graph_timeout_s: float = KEEP_GRAPH_TIMEOUT_S
+    # Padded tokens per forward pass; None: sized from the device's free memory.
+    micro_batch_tokens: int | None = None
+    dtype: str = "auto"          # the base weights': auto (bfloat16 on CUDA), float32 or bfloat16
+    load_format: str = "auto"    # "dummy": random weights from a config (see models.py)
 
 
 class GradwireServer:
@@ -105,16 +111,22 @@ class GradwireServer:
         await self._server.start()
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        config = self.config
+        budget = None if config.keep_graph_budget_mb is None else int(config.keep_graph_budget_mb * 2**20)
         try:
-            loaded = await asyncio.to_thread(load_model, self.config.model, device)
+            loaded = await asyncio.to_thread(load_model, config.model, device,
+                                             resolve_dtype(config.dtype, device), config.load_format)
+            self.engine = Engine(loaded, device, keep_graph_timeout_s=config.keep_graph_timeout_s)
+            plan = await asyncio.to_thread(self.engine.plan_memory, config.micro_batch_tokens, budget)
         except BaseException:
             await self._server.stop(0)
             raise
-        self.engine = Engine(loaded, device, int(self.config.keep_graph_budget_mb * 2**20),
-                             self.config.keep_graph_timeout_s)
+        log.info("base weights %s on %s; micro-batches of %d tokens, keep-graph budget %.0f MiB "
+                 "(%d bytes per token measured)", loaded.dtype, device, plan.micro_batch_tokens,
+                 plan.keep_graph_budget_bytes / 2**20, plan.activation_bytes_per_token)
         self.scheduler = Scheduler(self.store, asyncio.get_running_loop(), self.config.seq_gap_timeout_s)
         self.scheduler.start()
-        info = _model_info(loaded, device)
+        info = _model_info(loaded, device, plan)
         self.training.attach(self.engine, self.scheduler, info)
         self.sampling.attach(self.engine, self.scheduler, info, SamplerAdapters(self.engine))
         self.resources.attach(self.scheduler)
@@ -152,13 +164,14 @@ class GradwireServer:
             await self.scheduler.run_on_worker("expire-graphs", self.engine.drop_expired_graphs)
 
 
-def _model_info(loaded: LoadedModel, device: torch.device) -> ModelInfo:
+def _model_info(loaded: LoadedModel, device: torch.device, plan: MemoryPlan) -> ModelInfo:
     with tempfile.TemporaryDirectory() as folder:
         loaded.tokenizer.save_pretrained(folder)
         files = {path.name: path.read_bytes() for path in pathlib.Path(folder).iterdir() if path.is_file()}
     return ModelInfo(name=loaded.name, architecture=type(loaded.model).__name__,
                      vocab_size=loaded.vocab_size, max_context_length=loaded.max_context_length,
-                     device=device.type, tokenizer_files=files)
+                     device=device.type, tokenizer_files=files,
+                     dtype=str(loaded.dtype).removeprefix("torch."), memory=plan)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -23,6 +23,7 @@ from gradwire_server.errors import (FieldViolation, ServiceError, abort, abort_w
                                     cancelled, failed_precondition, invalid_argument, not_found)
 from gradwire_server.loss_task import LossTask, output_records
 from gradwire_server.losses import LOSSES
+from gradwire_server.memory import MemoryPlan
 from gradwire_server.operations import OperationRecord, OperationStore
 from gradwire_server.run_index import RunIndex, record_change
 from gradwire_server.scheduler import OneShot, Scheduler
@@ -41,6 +42,8 @@ class ModelInfo:
     max_context_length: int
     device: str
     tokenizer_files: dict[str, bytes]
+    dtype: str
+    memory: MemoryPlan
 
 
 def loaded(info: ModelInfo | None) -> ModelInfo:
@@ -80,11 +83,14 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             supported_models=[pb.SupportedModel(model_name=info.name,
                                                 max_context_length=info.max_context_length,
                                                 vocab_size=info.vocab_size)],
-            loss_fns=sorted(LOSSES), device=info.device,
+            loss_fns=sorted(LOSSES), device=info.device, dtype=info.dtype,
             limits=pb.ServerLimits(max_message_bytes=self.max_message_bytes,
                                    max_lora_rank=validation.MAX_LORA_RANK,
                                    max_wait_seconds=self.store.max_wait_s,
-                                   operation_ttl_seconds=self.store.ttl_s))
+                                   operation_ttl_seconds=self.store.ttl_s,
+                                   micro_batch_tokens=info.memory.micro_batch_tokens,
+                                   keep_graph_budget_bytes=info.memory.keep_graph_budget_bytes,
+                                   activation_bytes_per_token=info.memory.activation_bytes_per_token))
 
     async def CreateModel(self, request, context):
         try:

@@ -58,28 +58,36 @@ class SupportedModel(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., max_context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_lora_rank", "max_wait_seconds", "operation_ttl_seconds")
+    __slots__ = ("max_message_bytes", "max_lora_rank", "max_wait_seconds", "operation_ttl_seconds", "micro_batch_tokens", "keep_graph_budget_bytes", "activation_bytes_per_token")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     OPERATION_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_GRAPH_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_lora_rank: int
     max_wait_seconds: float
     operation_ttl_seconds: float
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_wait_seconds: _Optional[float] = ..., operation_ttl_seconds: _Optional[float] = ...) -> None: ...
+    micro_batch_tokens: int
+    keep_graph_budget_bytes: int
+    activation_bytes_per_token: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_wait_seconds: _Optional[float] = ..., operation_ttl_seconds: _Optional[float] = ..., micro_batch_tokens: _Optional[int] = ..., keep_graph_budget_bytes: _Optional[int] = ..., activation_bytes_per_token: _Optional[int] = ...) -> None: ...
 
 class GetServerCapabilitiesResponse(_message.Message):
-    __slots__ = ("supported_models", "loss_fns", "limits", "device")
+    __slots__ = ("supported_models", "loss_fns", "limits", "device", "dtype")
     SUPPORTED_MODELS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FNS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     supported_models: _containers.RepeatedCompositeFieldContainer[SupportedModel]
     loss_fns: _containers.RepeatedScalarFieldContainer[str]
     limits: ServerLimits
     device: str
-    def __init__(self, supported_models: _Optional[_Iterable[_Union[SupportedModel, _Mapping]]] = ..., loss_fns: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., device: _Optional[str] = ...) -> None: ...
+    dtype: str
+    def __init__(self, supported_models: _Optional[_Iterable[_Union[SupportedModel, _Mapping]]] = ..., loss_fns: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("base_model", "lora_config", "user_metadata", "request_id")

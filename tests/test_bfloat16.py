@@ -1,0 +1,90 @@
+"""A server with --dtype bfloat16 (CUDA's default; it runs on the CPU too): frozen
+base weights in bf16, LoRA weights, gradients and AdamW state in float32, and the
+numbers within stated bf16 tolerances of the in-process reference (bf16 weights
+under bf16 autocast, on the server's device). Sampled and training logprobs of
+the same tokens take the same numeric path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gradwire
+from gradwire.v1 import training_service_pb2 as pb
+from gradwire_server.server import BackgroundServer, ServerConfig
+from reference import (optimizer_state, random_data, reference_gradients, reference_logprobs, reference_model,
+                       relative_error, run_state, server_gradients, trained_run)
+
+LOGPROB_TOLERANCE = 0.02     # max abs, nats: bf16 keeps 8 bits of mantissa (logprobs here are ~ -6)
+GRADIENT_TOLERANCE = 0.02    # relative, over every adapter parameter
+SAMPLED_TOLERANCE = 0.02     # max abs, sampled vs training logprob of the same token (the issue's goal)
+PROMPT = [72, 101, 108, 108, 111, 44, 32]
+
+
+@pytest.fixture(scope="module")
+def bf16_server(tmp_path_factory):
+    background = BackgroundServer(ServerConfig(model="tiny-random", port=0, dtype="bfloat16",
+                                               checkpoint_dir=tmp_path_factory.mktemp("bf16")))
+    yield background
+    background.stop()
+
+
+@pytest.fixture(scope="module")
+def bf16_service(bf16_server):
+    client = gradwire.ServiceClient(base_url=bf16_server.address)
+    yield client
+    client.close()
+
+
+def squared_logprob_loss(data, logprobs):
+    return (torch.cat(logprobs) ** 2).sum(), {}
+
+
+def test_base_is_bf16_and_training_state_float32(bf16_server, bf16_service):
+    tc = trained_run(bf16_service)
+    tc.forward_backward(random_data(80), "cross_entropy").result()
+    base = bf16_server.engine.base.model
+    assert {p.dtype for name, p in base.named_parameters() if "lora_" not in name} == {torch.bfloat16}
+    state = run_state(bf16_server, tc.model_id)
+    assert {weight.dtype for weight, _ in state.values()} == {torch.float32}
+    assert {grad.dtype for _, grad in state.values()} == {torch.float32}
+    moments = optimizer_state(bf16_server, tc.model_id)
+    assert {value.dtype for entry in moments.values() for key, value in entry.items() if key != "step"} \
+        == {torch.float32}
+    capabilities = bf16_service._call("GetServerCapabilities", pb.GetServerCapabilitiesRequest())
+    assert capabilities.dtype == "bfloat16"
+
+
+def test_forward_logprobs_within_bf16_tolerance(bf16_server, bf16_service):
+    tc = trained_run(bf16_service)
+    model = reference_model(bf16_server, tc.model_id, rank=4)
+    data = random_data(81, lengths=(40, 100, 7, 64))
+    out = tc.forward(data, "cross_entropy").result()
+    for datum, output in zip(data, out.loss_fn_outputs):
+        expected = reference_logprobs(model, datum).detach()
+        assert (output["logprobs"].to_torch() - expected).abs().max() <= LOGPROB_TOLERANCE
+
+
+def test_custom_loss_gradient_within_bf16_tolerance(bf16_server, bf16_service):
+    tc = trained_run(bf16_service)
+    model = reference_model(bf16_server, tc.model_id, rank=4)
+    data = random_data(82)
+    tc.forward_backward_custom(data, squared_logprob_loss).result()
+    expected, _ = squared_logprob_loss(data, [reference_logprobs(model, d) for d in data])
+    expected.backward()
+    assert relative_error(server_gradients(bf16_server, tc.model_id),
+                          reference_gradients(model, tc.model_id)) <= GRADIENT_TOLERANCE
+
+
+def test_sampled_logprobs_equal_training_logprobs(bf16_service):
+    tc = trained_run(bf16_service)
+    sampler = bf16_service.create_sampling_client(model_path=tc.save_weights_for_sampler("bf16").result().path)
+    response = sampler.sample(gradwire.ModelInput.from_ints(PROMPT), 4,
+                              gradwire.SamplingParams(max_tokens=48, seed=5)).result()
+    for sequence in response.sequences:
+        tokens = PROMPT + list(sequence.tokens)
+        datum = gradwire.Datum(model_input=gradwire.ModelInput.from_ints(tokens[:-1]),
+                               loss_fn_inputs={"target_tokens": np.array(tokens[1:])})
+        training = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+        sampled = np.array(sequence.logprobs)
+        assert np.abs(training[len(PROMPT) - 1:] - sampled).max() <= SAMPLED_TOLERANCE
