@@ -1,5 +1,6 @@
 """Sampler checkpoints as inference-only LoRA adapters on the engine's shared
-peft model, and switching the model to them (or to the bare base model) for
+peft model, their factors as plain tensors for the sampler's batched LoRA
+(key -> adapter weights), and switching the model to its bare base weights for
 a sampling turn without disturbing any training run.
 
 A sampler checkpoint is a standard peft adapter folder (adapter_config.json +
@@ -23,6 +24,7 @@ import torch
 from gradwire_server import checkpoints
 from gradwire_server.checkpoints import Checkpoint
 from gradwire_server.engine import Engine
+from gradwire_server.lora_batch import AdapterWeights, adapter_weights
 
 ADAPTER_WEIGHTS = checkpoints.ADAPTER_WEIGHTS
 
@@ -35,7 +37,19 @@ class SamplerAdapters:
     def __init__(self, engine: Engine, capacity: int = 4):
         self.engine = engine
         self.capacity = capacity
-        self._loaded: OrderedDict[tuple[str, int], str] = OrderedDict()  # (folder, mtime) -> adapter
+        self._loaded: OrderedDict[tuple[str, str], str] = OrderedDict()  # (folder, sha256) -> adapter
+        self._weights: dict[str, AdapterWeights] = {}  # adapter -> its factors
+
+    def weights_for(self, checkpoint: Checkpoint) -> AdapterWeights:
+        """The LoRA factors of a sampler checkpoint (loaded as in adapter_for). They
+        stay valid for whoever holds them after the adapter is evicted."""
+        name = self.adapter_for(checkpoint)
+        if name not in self._weights:
+            try:
+                self._weights[name] = adapter_weights(self.engine.base.model, name)
+            except ValueError as error:
+                raise AdapterLoadError(str(error)) from None
+        return self._weights[name]
 
     def adapter_for(self, checkpoint: Checkpoint) -> str:
         """The adapter name of a sampler checkpoint, loading it (after checking the
@@ -50,6 +64,7 @@ class SamplerAdapters:
         self._loaded[key] = name
         if len(self._loaded) > self.capacity:
             _, evicted = self._loaded.popitem(last=False)
+            self._weights.pop(evicted, None)
             with preserved_adapter_state(self.engine.peft_model):
                 self.engine.peft_model.delete_adapter(evicted)
         return name
@@ -87,25 +102,22 @@ class SamplerAdapters:
                 parameter.requires_grad_(False)
 
     @contextlib.contextmanager
-    def model_with(self, adapter: str | None) -> Iterator[torch.nn.Module]:
-        """The model to call with `adapter` active (None: the base model's own weights).
+    def base_weights(self) -> Iterator[None]:
+        """The model computes with its own weights (every adapter layer off) and the
+        engine's autocast while the block runs: the sampler adds LoRA deltas itself.
         Afterwards the active adapter and every requires_grad flag are as before."""
         model = self.engine.peft_model
-        if model is None:
-            yield self.engine.base.model
-            return
-        with preserved_adapter_state(model):
-            if adapter is None:
-                # Not peft's disable_adapter(): its model-status check walks every module
-                # and parameter on each call (~20 ms a turn with a few runs loaded).
-                model.base_model.disable_adapter_layers()
-                try:
-                    yield model
-                finally:
-                    model.base_model.enable_adapter_layers()
-            else:
-                model.set_adapter(adapter, inference_mode=True)
-                yield model
+        with preserved_adapter_state(model), self.engine.autocast():
+            if model is None:
+                yield
+                return
+            # Not peft's disable_adapter(): its model-status check walks every module
+            # and parameter on each call.
+            model.base_model.disable_adapter_layers()
+            try:
+                yield
+            finally:
+                model.base_model.enable_adapter_layers()
 
 
 @contextlib.contextmanager

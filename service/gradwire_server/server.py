@@ -26,10 +26,12 @@ from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoints
 from gradwire_server.engine import KEEP_GRAPH_BUDGET_BYTES, KEEP_GRAPH_TIMEOUT_S, Engine
+from gradwire_server.kv_cache import BlockPool
 from gradwire_server.models import LoadedModel, load_model
 from gradwire_server.operations import OperationsServicer, OperationStore
 from gradwire_server.resource_servicer import ResourceServicer
 from gradwire_server.run_index import RunIndex
+from gradwire_server.sampler import DecodeLoop
 from gradwire_server.sampler_weights import SamplerAdapters
 from gradwire_server.sampling_servicer import SamplingServicer
 from gradwire_server.scheduler import Scheduler
@@ -45,6 +47,8 @@ INDEX_FILE = "index.sqlite3"
 SAMPLING_SERVICE = sampling_service_pb2.DESCRIPTOR.services_by_name["SamplingService"].full_name
 OPERATIONS_SERVICE = operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
 _EXPIRY_INTERVAL_S = 60.0
+DEFAULT_CPU_KV_CACHE_MB = 512.0
+CUDA_KV_CACHE_SHARE = 0.4  # of the memory free after loading the model, when no budget is given
 
 
 @dataclass
@@ -58,6 +62,8 @@ class ServerConfig:
     # Activations a custom loss's forward leg may keep for its backward leg (0: always recompute).
     keep_graph_budget_mb: float = KEEP_GRAPH_BUDGET_BYTES / 2**20
     keep_graph_timeout_s: float = KEEP_GRAPH_TIMEOUT_S
+    # The sampler's KV cache budget; None: DEFAULT_CPU_KV_CACHE_MB on CPU, a share of free memory on CUDA.
+    kv_cache_mb: float | None = None
 
 
 class GradwireServer:
@@ -113,7 +119,11 @@ class GradwireServer:
         self.scheduler.start()
         info = _model_info(loaded, device)
         self.training.attach(self.engine, self.scheduler, info)
-        self.sampling.attach(self.engine, self.scheduler, info, SamplerAdapters(self.engine))
+        adapters = SamplerAdapters(self.engine)
+        pool = BlockPool(loaded.model.config, _kv_cache_bytes(self.config.kv_cache_mb, device),
+                         _kv_dtype(loaded, device), device)
+        self.sampling.attach(self.engine, self.scheduler, info, adapters,
+                             DecodeLoop(loaded.model, pool, device, adapters.base_weights))
         self.resources.attach(self.scheduler)
         self._expiry = [asyncio.create_task(self._expire_operations()),
                         asyncio.create_task(self._expire_kept_graphs())]
@@ -147,6 +157,19 @@ class GradwireServer:
         while True:
             await asyncio.sleep(self.config.keep_graph_timeout_s / 4)
             await self.scheduler.run_on_worker("expire-graphs", self.engine.drop_expired_graphs)
+
+
+def _kv_cache_bytes(budget_mb: float | None, device: torch.device) -> int:
+    if budget_mb is not None:
+        return int(budget_mb * 2**20)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * CUDA_KV_CACHE_SHARE)
+    return int(DEFAULT_CPU_KV_CACHE_MB * 2**20)
+
+
+def _kv_dtype(loaded: LoadedModel, device: torch.device) -> torch.dtype:
+    """What the attention layers' keys come out as: bf16 under CUDA autocast."""
+    return torch.bfloat16 if device.type == "cuda" else loaded.model.dtype
 
 
 def _model_info(loaded: LoadedModel, device: torch.device) -> ModelInfo:
