@@ -1,5 +1,5 @@
 """`gradwire-server --model NAME_OR_PATH [--host H] [--port P] [--checkpoint-dir DIR]
-[--keep-graph-budget-mb MB]`."""
+[--keep-graph-budget-mb MB] [--kv-cache-mb MB]`."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,8 @@ import asyncio
 import logging
 import pathlib
 
-from gradwire_server.server import DEFAULT_CHECKPOINT_DIR, ServerConfig, serve
+from gradwire_server.server import (CUDA_KV_CACHE_SHARE, DEFAULT_CHECKPOINT_DIR, DEFAULT_CPU_KV_CACHE_MB,
+                                   ServerConfig, serve)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,11 +24,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-graph-budget-mb", type=float, default=ServerConfig.keep_graph_budget_mb,
                         help="activation memory a custom loss's forward leg may keep so its backward "
                              "leg needs no second forward pass; 0 always recomputes (default: %(default)g)")
+    parser.add_argument("--kv-cache-mb", type=float, default=None,
+                        help="memory for the sampler's KV cache; sampling requests wait for room in it "
+                             f"(default: {DEFAULT_CPU_KV_CACHE_MB:g} on CPU, "
+                             f"{CUDA_KV_CACHE_SHARE:g} of the memory free after loading the model on CUDA)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(ServerConfig(model=args.model, host=args.host, port=args.port,
                                    checkpoint_dir=args.checkpoint_dir,
-                                   keep_graph_budget_mb=args.keep_graph_budget_mb)))
+                                   keep_graph_budget_mb=args.keep_graph_budget_mb,
+                                   kv_cache_mb=args.kv_cache_mb)))
 
 
 if __name__ == "__main__":

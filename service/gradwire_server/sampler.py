@@ -210,6 +210,16 @@ class Generation:
         return out
 
 
+@dataclass
+class KvCacheUsage:
+    budget_bytes: int
+    used_bytes: int
+    reserved_bytes: int
+    block_tokens: int
+    running_sequences: int
+    waiting_requests: int
+
+
 class DecodeLoop:
     """The running batch of every request's samples. `model`: the transformers
     causal LM (its peft adapter layers, if any, switched off by `base_weights`
@@ -231,9 +241,12 @@ class DecodeLoop:
         self.turns = 0   # turns run
         self.steps = 0   # decode steps run
 
-    @property
-    def batch_size(self) -> int:
-        return len(self._rows)
+    def usage(self) -> KvCacheUsage:
+        """The KV cache's budget and use now (read from any thread: plain counters)."""
+        pool = self.pool
+        return KvCacheUsage(budget_bytes=pool.budget_bytes, used_bytes=pool.used_bytes,
+                            reserved_bytes=pool.reserved * pool.block_bytes, block_tokens=BLOCK_TOKENS,
+                            running_sequences=len(self._rows), waiting_requests=len(self.waiting))
 
     def add(self, generation: Generation) -> None:
         self.waiting.append(generation)

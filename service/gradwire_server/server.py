@@ -122,8 +122,9 @@ class GradwireServer:
         adapters = SamplerAdapters(self.engine)
         pool = BlockPool(loaded.model.config, _kv_cache_bytes(self.config.kv_cache_mb, device),
                          _kv_dtype(loaded, device), device)
-        self.sampling.attach(self.engine, self.scheduler, info, adapters,
-                             DecodeLoop(loaded.model, pool, device, adapters.base_weights))
+        decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights)
+        self.sampling.attach(self.engine, self.scheduler, info, adapters, decode_loop)
+        self.training.kv_cache_usage = decode_loop.usage
         self.resources.attach(self.scheduler)
         self._expiry = [asyncio.create_task(self._expire_operations()),
                         asyncio.create_task(self._expire_kept_graphs())]

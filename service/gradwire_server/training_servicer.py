@@ -3,6 +3,7 @@ No torch here; the engine runs on the worker thread."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pathlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -61,6 +62,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         self.scheduler: Scheduler | None = None
         self.info: ModelInfo | None = None
         self.ops: CheckpointOps | None = None
+        self.kv_cache_usage: Callable[[], object] | None = None  # the sampler's (a dataclass), once loaded
         # request_id -> the creation it started (a retry awaits the same one), newest last.
         self._creations: OrderedDict[str, asyncio.Future] = OrderedDict()
         # Checkpoint path -> the operation of a save of it admitted in this process.
@@ -81,7 +83,9 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             limits=pb.ServerLimits(max_message_bytes=self.max_message_bytes,
                                    max_lora_rank=validation.MAX_LORA_RANK,
                                    max_wait_seconds=self.store.max_wait_s,
-                                   operation_ttl_seconds=self.store.ttl_s))
+                                   operation_ttl_seconds=self.store.ttl_s),
+            kv_cache=pb.KvCacheUsage(**dataclasses.asdict(self.kv_cache_usage()))
+            if self.kv_cache_usage is not None else None)
 
     async def CreateModel(self, request, context):
         try:
