@@ -34,27 +34,39 @@ class AdapterLoadError(ValueError):
 
 
 class SamplerAdapters:
-    def __init__(self, engine: Engine, capacity: int = 4):
+    """`capacity`: adapters kept loaded in the peft model (which checks an adapter
+    against the model as it loads it); `weights_capacity`: checkpoints whose
+    factors are kept for the sampler, so that several checkpoints sampling at
+    once (e.g. 8 runs' latest weights) are not loaded again for every request."""
+
+    def __init__(self, engine: Engine, capacity: int = 4, weights_capacity: int = 8):
         self.engine = engine
         self.capacity = capacity
+        self.weights_capacity = weights_capacity
         self._loaded: OrderedDict[tuple[str, str], str] = OrderedDict()  # (folder, sha256) -> adapter
-        self._weights: dict[str, AdapterWeights] = {}  # adapter -> its factors
+        self._weights: OrderedDict[tuple[str, str], AdapterWeights] = OrderedDict()  # (folder, sha256) -> factors
 
     def weights_for(self, checkpoint: Checkpoint) -> AdapterWeights:
-        """The LoRA factors of a sampler checkpoint (loaded as in adapter_for). They
-        stay valid for whoever holds them after the adapter is evicted."""
+        """The LoRA factors of a sampler checkpoint (loaded as in adapter_for if they
+        are not cached). They stay valid for whoever holds them after eviction."""
+        key = _key(checkpoint)
+        if key in self._weights:
+            self._weights.move_to_end(key)
+            return self._weights[key]
         name = self.adapter_for(checkpoint)
-        if name not in self._weights:
-            try:
-                self._weights[name] = adapter_weights(self.engine.base.model, name)
-            except ValueError as error:
-                raise AdapterLoadError(str(error)) from None
-        return self._weights[name]
+        try:
+            weights = adapter_weights(self.engine.base.model, name)
+        except ValueError as error:
+            raise AdapterLoadError(str(error)) from None
+        self._weights[key] = weights
+        if len(self._weights) > self.weights_capacity:
+            self._weights.popitem(last=False)
+        return weights
 
     def adapter_for(self, checkpoint: Checkpoint) -> str:
         """The adapter name of a sampler checkpoint, loading it (after checking the
         file against the checkpoint's sha256) if it is not cached."""
-        key = (checkpoint.path.path, checkpoint.metadata["files"][ADAPTER_WEIGHTS]["sha256"])
+        key = _key(checkpoint)
         if key in self._loaded:
             self._loaded.move_to_end(key)
             return self._loaded[key]
@@ -64,7 +76,6 @@ class SamplerAdapters:
         self._loaded[key] = name
         if len(self._loaded) > self.capacity:
             _, evicted = self._loaded.popitem(last=False)
-            self._weights.pop(evicted, None)
             with preserved_adapter_state(self.engine.peft_model):
                 self.engine.peft_model.delete_adapter(evicted)
         return name
@@ -118,6 +129,12 @@ class SamplerAdapters:
                 yield
             finally:
                 model.base_model.enable_adapter_layers()
+
+
+def _key(checkpoint: Checkpoint) -> tuple[str, str]:
+    """A checkpoint's cache key: its path and its adapter file's sha256 (a path saved
+    again with other weights is another key)."""
+    return checkpoint.path.path, checkpoint.metadata["files"][ADAPTER_WEIGHTS]["sha256"]
 
 
 @contextlib.contextmanager
