@@ -1,6 +1,6 @@
 """`gradwire-server --model NAME_OR_PATH [--host H] [--port P] [--checkpoint-dir DIR]
 [--dtype auto|float32|bfloat16] [--load-format auto|dummy] [--micro-batch-tokens N]
-[--keep-graph-budget-mb MB]`."""
+[--keep-graph-budget-mb MB] [--kv-cache-mb MB]`."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,8 @@ import os
 import pathlib
 
 from gradwire_server.models import DTYPES, LOAD_FORMATS, preset_configs
-from gradwire_server.server import DEFAULT_CHECKPOINT_DIR, ServerConfig, serve
+from gradwire_server.server import (CUDA_KV_CACHE_SHARE, DEFAULT_CHECKPOINT_DIR, DEFAULT_CPU_KV_CACHE_MB,
+                                   ServerConfig, serve)
 
 
 def parse_config(argv: list[str] | None = None) -> ServerConfig:
@@ -37,13 +38,17 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
                         help="activation memory a custom loss's forward leg may keep so its backward "
                              "leg needs no second forward pass; 0 always recomputes (default: from the "
                              "free memory on CUDA, 2048 on the CPU)")
+    parser.add_argument("--kv-cache-mb", type=float, default=None,
+                        help="memory for the sampler's KV cache; sampling requests wait for room in it "
+                             f"(default: {DEFAULT_CPU_KV_CACHE_MB:g} on CPU, "
+                             f"{CUDA_KV_CACHE_SHARE:g} of the memory free after loading the model on CUDA)")
     args = parser.parse_args(argv)
     if args.micro_batch_tokens is not None and args.micro_batch_tokens < 1:
         parser.error("--micro-batch-tokens must be at least 1")
     return ServerConfig(model=args.model, host=args.host, port=args.port, checkpoint_dir=args.checkpoint_dir,
                         keep_graph_budget_mb=args.keep_graph_budget_mb,
                         micro_batch_tokens=args.micro_batch_tokens, dtype=args.dtype,
-                        load_format=args.load_format)
+                        load_format=args.load_format, kv_cache_mb=args.kv_cache_mb)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,30 +1,44 @@
-"""Token generation, nanoGPT-style: one prefill pass over the prompt, then a
-decode loop that feeds one token per sample through the KV cache.
+"""Token generation for every request at once: one decode loop whose batch
+holds the samples of all running requests (continuous batching).
 
-The num_samples completions of a request decode together as one batch (the
-prompt is prefilled once and its cache repeated); a finished sample's row
-leaves the batch. Each request draws from its own torch.Generator seeded from
-`seed`, so the same seed gives the same tokens and nothing touches the global
-RNG.
+A request's prompt is prefilled in chunks of at most PREFILL_CHUNK_TOKENS
+between decode steps, so a long prompt never stalls the running batch for
+long; its samples then join the batch at the next step and each leaves it the
+step it finishes. Rows may use different LoRA adapters (a sampler checkpoint,
+or none: the base model): see lora_batch. Keys and values live in a paged
+block pool under a byte budget (kv_cache); a request waits for admission
+until its worst case fits.
+
+Every sample draws from its own torch.Generator, seeded from the request's
+`seed` and the sample's index, one uniform number per token (inverse-CDF
+sampling), so its tokens do not depend on what else is in the batch and
+nothing touches the global RNG.
 
 A sampled token's logprob is log_softmax of the model's *unscaled* logits at
 that token: exactly what the training side computes for the same tokens (RL
 losses compare the two), not the temperature / top-k / top-p distribution the
 token was drawn from.
 
-Runs on the worker thread; knows nothing about gRPC or adapters (the caller
-passes the model to call).
+Runs on the worker thread; knows nothing about gRPC.
 """
 from __future__ import annotations
 
+import contextlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+
+from gradwire_server import kv_cache, lora_batch
+from gradwire_server.kv_cache import BLOCK_TOKENS, BlockPool, blocks_for
+from gradwire_server.lora_batch import AdapterWeights, StackedAdapters
 
 TOPK_MASK_LOGPROB = -99999.0  # fills top-k rows that have no prediction (Tinker's sentinel)
+DECODE_STEPS_PER_TURN = 16     # decode steps per scheduler turn: what a pending training request waits at most
+PREFILL_CHUNK_TOKENS = 256     # prompt tokens per prefill forward pass
+PREFILL_TOKENS_PER_STEP = 512  # prompt tokens prefilled between two decode steps while others decode
 
 
 @dataclass
@@ -72,82 +86,80 @@ class SequenceNews:
 
 @dataclass
 class _Sequence:
+    generator: torch.Generator
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
     reported: int = 0
     done_reported: bool = False
+    blocks: list[int] = field(default_factory=list)  # KV block table
+    length: int = 0                                   # tokens in the KV cache
+
+
+def sequence_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request seeded `seed` (decorrelated streams)."""
+    return int(np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)[0])
 
 
 class Generation:
-    """One request's generation: prefill(), then decode() a few steps at a time
-    until done. Keeps its KV cache between calls, so other work can use the
-    model in between (with whatever adapter it needs)."""
+    """One request's generation, as the decode loop advances it. `adapter`: the
+    LoRA factors its rows apply (None: the base model). `error`: set by the
+    loop when the request cannot run (e.g. it can never fit the KV budget)."""
 
-    def __init__(self, spec: SampleSpec, device: torch.device, decode_text: Callable[[list[int]], str]):
+    def __init__(self, spec: SampleSpec, decode_text: Callable[[list[int]], str],
+                 adapter: AdapterWeights | None = None):
         self.spec = spec
         self.settings = spec.settings
-        self.device = device
         self.decode_text = decode_text
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(spec.settings.seed)
-        self.sequences = [_Sequence() for _ in range(spec.num_samples)]
-        self._rows: list[int] = list(range(spec.num_samples))  # cache row -> sample index
-        self._cache = DynamicCache()
-        self._next_logits: torch.Tensor | None = None         # [rows, V], float32
+        self.adapter = adapter
+        self.sequences = [_Sequence(torch.Generator().manual_seed(sequence_seed(spec.settings.seed, i)))
+                          for i in range(spec.num_samples)]
+        self.scores = PromptScores()
+        self.prefilled = 0                 # prompt tokens in the KV cache
+        self.prompt_blocks: list[int] = []
+        self.reservation = 0               # KV blocks reserved, not yet taken
+        self.error: Exception | None = None
+        self._prompt_logits: list[torch.Tensor] = []
         self._longest_stop = max((len(s) for s in self.settings.stop_strings), default=0)
 
     @property
+    def want_scores(self) -> bool:
+        return self.spec.prompt_logprobs or self.spec.topk_prompt_logprobs > 0
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.prefilled == len(self.spec.prompt)
+
+    @property
     def done(self) -> bool:
-        return all(s.stop_reason is not None for s in self.sequences)
+        return self.prefill_done and all(s.stop_reason is not None for s in self.sequences)
 
-    @torch.no_grad()
-    def prefill(self, model) -> PromptScores:
-        """Runs the prompt through the model; returns the prompt's scores if asked for."""
-        prompt = torch.from_numpy(self.spec.prompt).to(self.device)[None]
-        want_scores = self.spec.prompt_logprobs or self.spec.topk_prompt_logprobs > 0
-        # Only the last position's logits are needed unless the prompt is scored.
-        logits = model(input_ids=prompt, cache=self._cache, use_cache=True,
-                       logits_to_keep=0 if want_scores else 1).logits[0].float()   # [L or 1, V]
-        scores = _prompt_scores(logits, prompt[0], self.spec) if want_scores else PromptScores()
-        if self.sequences:
-            self._cache.batch_repeat_interleave(len(self.sequences))
-            # A copy, so the prompt's [L, V] logits are freed now, not after the last token.
-            self._next_logits = logits[-1:].expand(len(self.sequences), -1).clone()
-        return scores
+    def blocks_needed(self) -> int:
+        """KV blocks of the worst case: the prompt's full blocks (shared by the
+        samples), and per sample the rest of the prompt and max_tokens."""
+        length = len(self.spec.prompt)
+        if not self.sequences:
+            return blocks_for(length)
+        full = length // BLOCK_TOKENS
+        return full + len(self.sequences) * self._blocks_per_sample()
 
-    @torch.no_grad()
-    def decode(self, model, steps: int) -> None:
-        """Generates up to `steps` more tokens per unfinished sample."""
-        for _ in range(steps):
-            if self.done:
-                return
-            tokens, logprobs = choose_tokens(self._next_logits, self.settings, self.generator)
-            keep = self._record(tokens.tolist(), logprobs.tolist())
-            if not keep:
-                return
-            if len(keep) < len(self._rows):
-                index = torch.tensor(keep, device=self.device)
-                self._cache.batch_select_indices(index)
-                tokens = tokens[index]
-                self._rows = [self._rows[k] for k in keep]
-            self._next_logits = model(input_ids=tokens[:, None], cache=self._cache,
-                                      use_cache=True).logits[:, -1].float()
+    def _blocks_per_sample(self) -> int:
+        length = len(self.spec.prompt)
+        return blocks_for(length + self.settings.max_tokens) - length // BLOCK_TOKENS
 
-    def _record(self, tokens: list[int], logprobs: list[float]) -> list[int]:
-        """Appends each row's token; returns the rows still generating."""
-        keep = []
-        for row, (token, logprob) in enumerate(zip(tokens, logprobs)):
-            sequence = self.sequences[self._rows[row]]
-            sequence.tokens.append(token)
-            sequence.logprobs.append(logprob)
-            if token in self.settings.stop_tokens or self._hit_stop_string(sequence.tokens):
-                sequence.stop_reason = "stop"
-            elif len(sequence.tokens) >= self.settings.max_tokens:
-                sequence.stop_reason = "length"
-            else:
-                keep.append(row)
-        return keep
+    def take(self, pool: BlockPool) -> int:
+        self.reservation -= 1
+        return pool.take()
+
+    def record(self, sequence: _Sequence, token: int, logprob: float) -> bool:
+        """Appends a sampled token; returns whether the sequence goes on."""
+        sequence.tokens.append(token)
+        sequence.logprobs.append(logprob)
+        if token in self.settings.stop_tokens or self._hit_stop_string(sequence.tokens):
+            sequence.stop_reason = "stop"
+        elif len(sequence.tokens) >= self.settings.max_tokens:
+            sequence.stop_reason = "length"
+        return sequence.stop_reason is None
 
     def _hit_stop_string(self, tokens: list[int]) -> bool:
         """Whether the decoded completion now contains a stop string. Every
@@ -165,6 +177,25 @@ class Generation:
                 return any(stop in tail for stop in self.settings.stop_strings)
             count *= 2
 
+    def release_sequence(self, pool: BlockPool, sequence: _Sequence) -> None:
+        """Frees a finished sample's blocks and hands back its unused reservation."""
+        own = len(sequence.blocks) - len(self.spec.prompt) // BLOCK_TOKENS
+        unused = self._blocks_per_sample() - own
+        pool.release(sequence.blocks)
+        sequence.blocks = []
+        self.reservation -= unused
+        pool.unreserve(unused)
+
+    def release_all(self, pool: BlockPool) -> None:
+        """Frees every block and reservation the request still holds."""
+        pool.release(self.prompt_blocks)
+        self.prompt_blocks = []
+        for sequence in self.sequences:
+            pool.release(sequence.blocks)
+            sequence.blocks = []
+        pool.unreserve(self.reservation)
+        self.reservation = 0
+
     def news(self) -> list[SequenceNews]:
         """Per sample, the tokens generated (and whether it ended) since the last call."""
         out = []
@@ -179,30 +210,257 @@ class Generation:
         return out
 
 
-def choose_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator
+@dataclass
+class KvCacheUsage:
+    budget_bytes: int
+    used_bytes: int
+    reserved_bytes: int
+    block_tokens: int
+    running_sequences: int
+    waiting_requests: int
+
+
+class DecodeLoop:
+    """The running batch of every request's samples. `model`: the transformers
+    causal LM (its peft adapter layers, if any, switched off by `base_weights`
+    around each turn). Worker thread only."""
+
+    def __init__(self, model: torch.nn.Module, pool: BlockPool, device: torch.device,
+                 base_weights: Callable[[], contextlib.AbstractContextManager]):
+        self.model, self.pool, self.device = model, pool, device
+        self.base_weights = base_weights
+        attention = model.config._attn_implementation
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(f"the sampler needs sdpa or eager attention, not {attention!r}")
+        self._additive_mask = attention == "eager"
+        self.waiting: deque[Generation] = deque()   # not admitted yet (KV budget)
+        self.prefilling: list[Generation] = []
+        self._rows: list[tuple[Generation, _Sequence]] = []
+        self._logits: torch.Tensor | None = None     # [rows, V] float32: each row's next-token logits
+        self._stacks: dict[tuple[int, ...], StackedAdapters] = {}
+        self.turns = 0   # turns run
+        self.steps = 0   # decode steps run
+
+    def usage(self) -> KvCacheUsage:
+        """The KV cache's budget and use now (read from any thread: plain counters)."""
+        pool = self.pool
+        return KvCacheUsage(budget_bytes=pool.budget_bytes, used_bytes=pool.used_bytes,
+                            reserved_bytes=pool.reserved * pool.block_bytes, block_tokens=BLOCK_TOKENS,
+                            running_sequences=len(self._rows), waiting_requests=len(self.waiting))
+
+    def add(self, generation: Generation) -> None:
+        self.waiting.append(generation)
+
+    def remove(self, generation: Generation) -> None:
+        """Drops a request (cancelled), freeing its KV blocks at once."""
+        if generation in self.waiting:
+            self.waiting.remove(generation)
+        if generation in self.prefilling:
+            self.prefilling.remove(generation)
+        keep = [i for i, (g, _) in enumerate(self._rows) if g is not generation]
+        if len(keep) < len(self._rows):
+            self._select(keep)
+        generation.release_all(self.pool)
+
+    @torch.no_grad()
+    def turn(self) -> None:
+        """Admits what fits, prefills, and runs up to DECODE_STEPS_PER_TURN decode
+        steps. A failure fails every request in the loop (their state is unknown)."""
+        try:
+            with self.base_weights():
+                for _ in range(DECODE_STEPS_PER_TURN):
+                    self._admit()
+                    self._prefill(PREFILL_TOKENS_PER_STEP if self._rows else None)
+                    if not self._rows:
+                        if not self.prefilling:
+                            break
+                        continue
+                    self._decode_step()
+        except Exception as failure:
+            for generation in [*self.waiting, *self.prefilling, *{id(g): g for g, _ in self._rows}.values()]:
+                generation.error = failure
+                generation.release_all(self.pool)
+            self.waiting.clear()
+            self.prefilling.clear()
+            self._rows, self._logits = [], None
+            raise
+        finally:
+            self.turns += 1
+
+    def _admit(self) -> None:
+        """Admits waiting requests in arrival order while their worst case fits."""
+        while self.waiting:
+            generation = self.waiting[0]
+            need = generation.blocks_needed()
+            if need > self.pool.num_blocks - 1:
+                self.waiting.popleft()
+                generation.error = KvBudgetError(need * self.pool.block_bytes, self.pool.budget_bytes)
+                continue
+            if not self.pool.reserve(need):
+                return  # waits for running requests to free blocks
+            generation.reservation = need
+            self.prefilling.append(self.waiting.popleft())
+
+    def _prefill(self, budget: int | None) -> None:
+        """Prefills prompt chunks, oldest request first, up to `budget` tokens (None: all)."""
+        while self.prefilling and (budget is None or budget > 0):
+            generation = self.prefilling[0]
+            start = generation.prefilled
+            count = min(PREFILL_CHUNK_TOKENS, len(generation.spec.prompt) - start,
+                        budget if budget is not None else PREFILL_CHUNK_TOKENS)
+            while len(generation.prompt_blocks) * BLOCK_TOKENS < start + count:
+                generation.prompt_blocks.append(generation.take(self.pool))
+            tokens = torch.from_numpy(generation.spec.prompt[start:start + count]).to(self.device)[None]
+            logits = self._forward(tokens, [generation.prompt_blocks], [start], [generation.adapter],
+                                   keep=0 if generation.want_scores else 1)[0].float()
+            generation.prefilled += count
+            if budget is not None:
+                budget -= count
+            if generation.want_scores:
+                generation._prompt_logits.append(logits)
+            if generation.prefill_done:
+                self.prefilling.pop(0)
+                self._finish_prefill(generation, logits[-1:])
+
+    def _finish_prefill(self, generation: Generation, last_logits: torch.Tensor) -> None:
+        """Scores the prompt if asked; hands each sample its block table (sharing
+        the prompt's full blocks, copying its last partial one) and joins them."""
+        prompt = generation.spec.prompt
+        if generation.want_scores:
+            logits = torch.cat(generation._prompt_logits)
+            generation._prompt_logits = []
+            generation.scores = _prompt_scores(logits, torch.from_numpy(prompt).to(self.device), generation.spec)
+        if not generation.sequences:
+            generation.release_all(self.pool)
+            return
+        full, partial = divmod(len(prompt), BLOCK_TOKENS)
+        shared = generation.prompt_blocks[:full]
+        for index, sequence in enumerate(generation.sequences):
+            sequence.blocks = list(shared)
+            for block in shared:
+                self.pool.share(block)
+            if partial:
+                if index == 0:
+                    sequence.blocks.append(generation.prompt_blocks[full])
+                else:
+                    block = generation.take(self.pool)
+                    self.pool.copy_block(generation.prompt_blocks[full], block, partial)
+                    sequence.blocks.append(block)
+            sequence.length = len(prompt)
+        self.pool.release(shared)  # the prefill's own hold
+        generation.prompt_blocks = []
+        rows = [(generation, sequence) for sequence in generation.sequences]
+        joining = last_logits.expand(len(rows), -1)
+        self._logits = joining.clone() if self._logits is None else torch.cat([self._logits, joining])
+        self._rows += rows
+
+    def _decode_step(self) -> None:
+        """Picks every row's next token; finished rows leave; the rest are fed through the model."""
+        tokens, logprobs = choose_tokens(self._logits, [g.settings for g, _ in self._rows],
+                                         [s.generator for _, s in self._rows])
+        keep = []
+        for i, ((generation, sequence), token, logprob) in enumerate(
+                zip(self._rows, tokens.tolist(), logprobs.tolist())):
+            if generation.record(sequence, token, logprob):
+                keep.append(i)
+            else:
+                generation.release_sequence(self.pool, sequence)
+        self.steps += 1
+        if len(keep) < len(self._rows):
+            self._select(keep)
+            tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
+        if not self._rows:
+            return
+        for generation, sequence in self._rows:
+            if sequence.length == len(sequence.blocks) * BLOCK_TOKENS:
+                sequence.blocks.append(generation.take(self.pool))
+        logits = self._forward(tokens[:, None], [s.blocks for _, s in self._rows],
+                               [s.length for _, s in self._rows], [g.adapter for g, _ in self._rows], keep=1)
+        for _, sequence in self._rows:
+            sequence.length += 1
+        self._logits = logits[:, -1].float()
+
+    def _select(self, keep: list[int]) -> None:
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._logits = None
+        else:
+            self._logits = self._logits[torch.tensor(keep, dtype=torch.long, device=self._logits.device)]
+
+    def _forward(self, tokens: torch.Tensor, tables: list[list[int]], starts: list[int],
+                 adapters: list[AdapterWeights | None], keep: int) -> torch.Tensor:
+        """Logits [B, keep or Q, V] of B rows of Q new tokens each, written to the KV pool."""
+        step = kv_cache.build_step(self.pool, tables, starts, tokens.shape[1], self.device)
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(tokens.shape[1], device=self.device)
+        mask = step.attend
+        if self._additive_mask:
+            mask = torch.zeros(mask.shape, device=self.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        factors = self._stack(adapters)
+        with lora_batch.applied(self.model, factors) if factors else contextlib.nullcontext():
+            return self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=step,
+                              use_cache=True, logits_to_keep=keep).logits
+
+    def _stack(self, adapters: list[AdapterWeights | None]) -> dict:
+        """The per-module factors and row masks for rows using `adapters`."""
+        distinct = list({id(a): a for a in adapters if a is not None}.values())
+        if not distinct:
+            return {}
+        key = tuple(id(a) for a in distinct)
+        if key not in self._stacks:
+            if len(self._stacks) >= 16:
+                self._stacks.clear()
+            self._stacks[key] = StackedAdapters(distinct, self.device)
+        return self._stacks[key].masks(adapters)
+
+
+class KvBudgetError(ValueError):
+    """A request whose worst case exceeds the whole KV cache budget."""
+
+    def __init__(self, need_bytes: int, budget_bytes: int):
+        super().__init__(f"the prompt and samples need up to {need_bytes / 2**20:.1f} MiB of KV cache, "
+                         f"more than the server's whole budget of {budget_bytes / 2**20:.1f} MiB")
+
+
+def choose_tokens(logits: torch.Tensor, settings: list[SamplingSettings], generators: list[torch.Generator]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Picks one token per row of logits [B, V]; returns (tokens [B], their unscaled logprobs [B])."""
+    """Picks one token per row of logits [B, V], row i with settings[i] and
+    generators[i]; returns (tokens [B], their unscaled logprobs [B])."""
     logprobs = torch.log_softmax(logits, dim=-1)
-    if settings.temperature == 0:
-        chosen = logits.argmax(dim=-1)
-    else:
-        scores = logits / settings.temperature
-        if 0 < settings.top_k < scores.shape[-1]:
-            kth = torch.topk(scores, settings.top_k, dim=-1).values[:, -1:]
+    chosen = logits.argmax(dim=-1)
+    sampled_rows = [i for i, s in enumerate(settings) if s.temperature > 0]
+    if sampled_rows:
+        vocab = logits.shape[-1]
+        index = torch.tensor(sampled_rows, device=logits.device)
+        picked = [settings[i] for i in sampled_rows]
+        temperature = torch.tensor([s.temperature for s in picked], device=logits.device)
+        scores = logits[index] / temperature[:, None]
+        top_k = [s.top_k if 0 < s.top_k < vocab else vocab for s in picked]
+        if min(top_k) < vocab:
+            values = torch.topk(scores, max(top_k), dim=-1).values
+            kth = values.gather(1, torch.tensor(top_k, device=logits.device)[:, None] - 1)
             scores = scores.masked_fill(scores < kth, float("-inf"))
-        if settings.top_p < 1.0:
-            scores = _nucleus(scores, settings.top_p)
-        chosen = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
+        if any(s.top_p < 1.0 for s in picked):
+            scores = _nucleus(scores, torch.tensor([s.top_p if s.top_p < 1.0 else 2.0 for s in picked],
+                                                   device=logits.device))
+        cdf = torch.cumsum(torch.softmax(scores, dim=-1), dim=-1)
+        total = cdf[:, -1:]
+        uniform = torch.tensor([float(torch.rand(1, generator=generators[i])) for i in sampled_rows],
+                               device=logits.device)
+        # The first token whose cumulative probability exceeds u * total (never a
+        # zero-probability one), clamped to the last token with any probability.
+        sampled = (cdf <= uniform[:, None] * total).sum(dim=-1)
+        sampled = torch.minimum(sampled, (cdf < total).sum(dim=-1))
+        chosen = chosen.index_copy(0, index, sampled)
     return chosen, logprobs.gather(-1, chosen[:, None])[:, 0]
 
 
-def _nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Masks all but the most likely tokens whose probabilities first reach top_p
-    (the most likely token always stays)."""
+def _nucleus(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Masks all but each row's most likely tokens whose probabilities first reach
+    its top_p [B] (the most likely token always stays; a top_p of 2 masks nothing)."""
     ordered, order = torch.sort(scores, dim=-1, descending=True)
     probs = torch.softmax(ordered, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    ordered = ordered.masked_fill(mass_before >= top_p, float("-inf"))
+    ordered = ordered.masked_fill(mass_before >= top_p[:, None], float("-inf"))
     return torch.full_like(scores, float("-inf")).scatter(-1, order, ordered)
 
 

@@ -1,5 +1,6 @@
 """Sampler checkpoints as inference-only LoRA adapters on the engine's shared
-peft model, and switching the model to them (or to the bare base model) for
+peft model, their factors as plain tensors for the sampler's batched LoRA
+(key -> adapter weights), and switching the model to its bare base weights for
 a sampling turn without disturbing any training run.
 
 A sampler checkpoint is a standard peft adapter folder (adapter_config.json +
@@ -23,6 +24,7 @@ import torch
 from gradwire_server import checkpoints
 from gradwire_server.checkpoints import Checkpoint
 from gradwire_server.engine import Engine
+from gradwire_server.lora_batch import AdapterWeights, adapter_weights
 
 ADAPTER_WEIGHTS = checkpoints.ADAPTER_WEIGHTS
 
@@ -32,15 +34,39 @@ class AdapterLoadError(ValueError):
 
 
 class SamplerAdapters:
-    def __init__(self, engine: Engine, capacity: int = 4):
+    """`capacity`: adapters kept loaded in the peft model (which checks an adapter
+    against the model as it loads it); `weights_capacity`: checkpoints whose
+    factors are kept for the sampler, so that several checkpoints sampling at
+    once (e.g. 8 runs' latest weights) are not loaded again for every request."""
+
+    def __init__(self, engine: Engine, capacity: int = 4, weights_capacity: int = 8):
         self.engine = engine
         self.capacity = capacity
-        self._loaded: OrderedDict[tuple[str, int], str] = OrderedDict()  # (folder, mtime) -> adapter
+        self.weights_capacity = weights_capacity
+        self._loaded: OrderedDict[tuple[str, str], str] = OrderedDict()  # (folder, sha256) -> adapter
+        self._weights: OrderedDict[tuple[str, str], AdapterWeights] = OrderedDict()  # (folder, sha256) -> factors
+
+    def weights_for(self, checkpoint: Checkpoint) -> AdapterWeights:
+        """The LoRA factors of a sampler checkpoint (loaded as in adapter_for if they
+        are not cached). They stay valid for whoever holds them after eviction."""
+        key = _key(checkpoint)
+        if key in self._weights:
+            self._weights.move_to_end(key)
+            return self._weights[key]
+        name = self.adapter_for(checkpoint)
+        try:
+            weights = adapter_weights(self.engine.base.model, name)
+        except ValueError as error:
+            raise AdapterLoadError(str(error)) from None
+        self._weights[key] = weights
+        if len(self._weights) > self.weights_capacity:
+            self._weights.popitem(last=False)
+        return weights
 
     def adapter_for(self, checkpoint: Checkpoint) -> str:
         """The adapter name of a sampler checkpoint, loading it (after checking the
         file against the checkpoint's sha256) if it is not cached."""
-        key = (checkpoint.path.path, checkpoint.metadata["files"][ADAPTER_WEIGHTS]["sha256"])
+        key = _key(checkpoint)
         if key in self._loaded:
             self._loaded.move_to_end(key)
             return self._loaded[key]
@@ -87,25 +113,28 @@ class SamplerAdapters:
                 parameter.requires_grad_(False)
 
     @contextlib.contextmanager
-    def model_with(self, adapter: str | None) -> Iterator[torch.nn.Module]:
-        """The model to call with `adapter` active (None: the base model's own weights).
+    def base_weights(self) -> Iterator[None]:
+        """The model computes with its own weights (every adapter layer off) and the
+        engine's autocast while the block runs: the sampler adds LoRA deltas itself.
         Afterwards the active adapter and every requires_grad flag are as before."""
         model = self.engine.peft_model
-        if model is None:
-            yield self.engine.base.model
-            return
-        with preserved_adapter_state(model):
-            if adapter is None:
-                # Not peft's disable_adapter(): its model-status check walks every module
-                # and parameter on each call (~20 ms a turn with a few runs loaded).
-                model.base_model.disable_adapter_layers()
-                try:
-                    yield model
-                finally:
-                    model.base_model.enable_adapter_layers()
-            else:
-                model.set_adapter(adapter, inference_mode=True)
-                yield model
+        with preserved_adapter_state(model), self.engine.autocast():
+            if model is None:
+                yield
+                return
+            # Not peft's disable_adapter(): its model-status check walks every module
+            # and parameter on each call.
+            model.base_model.disable_adapter_layers()
+            try:
+                yield
+            finally:
+                model.base_model.enable_adapter_layers()
+
+
+def _key(checkpoint: Checkpoint) -> tuple[str, str]:
+    """A checkpoint's cache key: its path and its adapter file's sha256 (a path saved
+    again with other weights is another key)."""
+    return checkpoint.path.path, checkpoint.metadata["files"][ADAPTER_WEIGHTS]["sha256"]
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from gradwire_server import sampling_validation
 from gradwire_server.engine import Engine
 from gradwire_server.errors import ServiceError, abort, abort_with_status
 from gradwire_server.operations import OperationStore
-from gradwire_server.sampler import SampleSpec
+from gradwire_server.sampler import DecodeLoop, SampleSpec
 from gradwire_server.sampler_weights import SamplerAdapters
 from gradwire_server.sampling_task import SampleTask
 from gradwire_server.scheduler import Scheduler
@@ -29,11 +29,13 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         self.scheduler: Scheduler | None = None
         self.info: ModelInfo | None = None
         self.adapters: SamplerAdapters | None = None
+        self.loop: DecodeLoop | None = None
         self._operation_of_request: dict[str, str] = {}
 
-    def attach(self, engine: Engine, scheduler: Scheduler, info: ModelInfo, adapters: SamplerAdapters) -> None:
+    def attach(self, engine: Engine, scheduler: Scheduler, info: ModelInfo, adapters: SamplerAdapters,
+               loop: DecodeLoop) -> None:
         """Called once the model is loaded; until then every call is UNAVAILABLE."""
-        self.engine, self.scheduler, self.info, self.adapters = engine, scheduler, info, adapters
+        self.engine, self.scheduler, self.info, self.adapters, self.loop = engine, scheduler, info, adapters, loop
 
     async def Sample(self, request, context):
         try:
@@ -87,7 +89,8 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
                 del self._operation_of_request[request.request_id]  # expired or deleted: a new request
         checkpoint = sampling_validation.weights_checkpoint(request, info.name, self.checkpoint_root)
         spec = validate(info)
-        task = SampleTask(self.engine, self.adapters, checkpoint, spec, stream=stream)
+        task = SampleTask(self.loop, self.adapters, checkpoint, spec, self.engine.base.tokenizer.decode,
+                          stream=stream)
         record = self.scheduler.submit_unordered(OPERATION_OWNER, kind, task)
         if request.request_id and not stream:
             self._remember(request.request_id, record.operation.name)

@@ -1,7 +1,13 @@
-"""A Sample / SampleStream / ComputeLogprobs request as a worker task: the first
-turn loads the adapter and prefills the prompt, each later turn decodes
-DECODE_STEPS_PER_TURN tokens, so training runs interleave with a long
-generation. A streaming task reports each turn's new tokens as it goes."""
+"""A Sample / SampleStream / ComputeLogprobs request as a worker task, whose
+generation runs in the shared decode loop.
+
+The loop advances every request at once, one turn at a time. A task's turn
+runs the loop's next turn only if no other task has run it since this task's
+last turn, so however many requests are sampling, the loop takes one turn per
+round of the scheduler's rotation, like one training run: a pending training
+request waits at most one loop turn. Every turn reports the task's news (a
+streaming task sends it as an operation output) and finishes the task once
+its generation is done."""
 from __future__ import annotations
 
 from google.protobuf import message
@@ -9,68 +15,69 @@ from google.protobuf import message
 from gradwire.v1 import codec
 from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire_server.checkpoints import Checkpoint
-from gradwire_server.engine import Engine
-from gradwire_server.errors import FieldViolation, invalid_argument
-from gradwire_server.sampler import Generation, PromptScores, SampleSpec, SequenceNews
+from gradwire_server.errors import FieldViolation, ServiceError, invalid_argument
+from gradwire_server.sampler import DecodeLoop, Generation, KvBudgetError, SampleSpec, SequenceNews
 from gradwire_server.sampler_weights import AdapterLoadError, SamplerAdapters
 from gradwire_server.scheduler import Step
 
-# Each turn switches the model's adapters (to a sampler adapter: peft walks every
-# module and parameter, milliseconds with a few runs loaded): turns long enough to
-# amortise it.
-DECODE_STEPS_PER_TURN = 64
 STOP_REASONS = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
 
 
 class SampleTask:
     """`checkpoint`: a sampler checkpoint, None for the base model. With `stream`,
-    every turn reports a SampleStreamResponse as an operation output."""
+    every turn with news reports a SampleStreamResponse as an operation output."""
 
-    def __init__(self, engine: Engine, adapters: SamplerAdapters, checkpoint: Checkpoint | None,
-                 spec: SampleSpec, stream: bool = False):
-        self.engine, self.adapters, self.checkpoint = engine, adapters, checkpoint
-        self.spec, self.stream = spec, stream
+    def __init__(self, loop: DecodeLoop, adapters: SamplerAdapters, checkpoint: Checkpoint | None,
+                 spec: SampleSpec, decode_text, stream: bool = False):
+        self.loop, self.adapters, self.checkpoint = loop, adapters, checkpoint
+        self.spec, self.decode_text, self.stream = spec, decode_text, stream
         self._generation: Generation | None = None
-        self._scores = PromptScores()
+        self._seen_turn = -1       # the loop's turn count at this task's last turn
+        self._scores_sent = False
 
     def ready(self) -> bool:
         return True
 
     def discard(self) -> None:
-        self._generation = None  # frees the KV cache
+        if self._generation is not None:
+            self.loop.remove(self._generation)  # frees its KV blocks now
+            self._generation = None
 
     def step(self) -> Step:
-        first = self._generation is None
-        if first:
-            self._generation = Generation(self.spec, self.engine.device, self.engine.base.tokenizer.decode)
+        if self._generation is None:
+            # Joins the loop; the next turn (this task's or another's) admits it.
+            self._generation = Generation(self.spec, self.decode_text, self._adapter())
+            self.loop.add(self._generation)
+            self._seen_turn = self.loop.turns
+            return Step(False)
+        if self._seen_turn == self.loop.turns:
+            self.loop.turn()
+        self._seen_turn = self.loop.turns
         generation = self._generation
-        # Looked up every turn: other requests' checkpoints may have evicted it since.
-        adapter = self._adapter()
-        with self.adapters.model_with(adapter) as model, self.engine.autocast():
-            if first:
-                self._scores = generation.prefill(model)
-            else:
-                generation.decode(model, DECODE_STEPS_PER_TURN)
+        if generation.error is not None:
+            self.discard()
+            raise _service_error(generation.error)
         outputs = None
-        if self.stream and (news := self._stream_message(generation.news(), first)).ByteSize():
+        if self.stream and (news := self._stream_message(generation)).ByteSize():
             outputs = [news]
         if generation.done:
             response = self._response()
-            self._generation = None  # frees the KV cache now, not when the job is collected
+            self._generation = None  # its KV blocks were freed as its samples finished
             return Step(True, response, outputs=outputs)
         return Step(False, outputs=outputs)
 
-    def _adapter(self) -> str | None:
+    def _adapter(self):
         if self.checkpoint is None:
             return None
         try:
-            return self.adapters.adapter_for(self.checkpoint)
+            return self.adapters.weights_for(self.checkpoint)
         except AdapterLoadError as error:
             raise invalid_argument([FieldViolation("model_path", str(error))]) from None
 
     def _response(self) -> message.Message:
+        scores = self._generation.scores
         if self.spec.num_samples == 0:
-            return pb.ComputeLogprobsResponse(logprobs=codec.pack_float32(self._scores.logprobs))
+            return pb.ComputeLogprobsResponse(logprobs=codec.pack_float32(scores.logprobs))
         response = pb.SampleResponse(sequences=[
             pb.SampledSequence(stop_reason=STOP_REASONS[s.stop_reason], tokens=codec.pack_int32(s.tokens),
                                logprobs=codec.pack_float32(s.logprobs))
@@ -78,18 +85,20 @@ class SampleTask:
         self._add_scores(response)
         return response
 
-    def _stream_message(self, news: list[SequenceNews], first: bool) -> pb.SampleStreamResponse:
+    def _stream_message(self, generation: Generation) -> pb.SampleStreamResponse:
+        news: list[SequenceNews] = generation.news()
         out = pb.SampleStreamResponse(samples=[
             pb.SampledTokens(sequence_index=n.index, tokens=codec.pack_int32(n.tokens), logprobs=codec.pack_float32(n.logprobs),
                              done=n.stop_reason is not None,
                              stop_reason=STOP_REASONS.get(n.stop_reason, pb.STOP_REASON_STOP))
             for n in news])
-        if first:
-            self._add_scores(out)
+        if generation.prefill_done and not self._scores_sent:
+            self._add_scores(out)  # the prompt's scores come with the first message
+            self._scores_sent = True
         return out
 
     def _add_scores(self, out: pb.SampleResponse | pb.SampleStreamResponse) -> None:
-        scores = self._scores
+        scores = self._generation.scores
         if scores.logprobs is not None:
             out.prompt_logprobs = codec.pack_float32(scores.logprobs)
         if scores.topk_ids is not None:
@@ -98,3 +107,11 @@ class SampleTask:
                 token_ids=codec.pack_int32(scores.topk_ids), logprobs=codec.pack_float32(scores.topk_logprobs),
                 k=k, prompt_length=length))
 
+
+def _service_error(error: Exception) -> Exception:
+    """What a loop-side failure of this request means to its client."""
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, KvBudgetError):
+        return invalid_argument([FieldViolation("sampling_params.max_tokens", str(error))])
+    return error

@@ -26,12 +26,14 @@ from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoints
 from gradwire_server.engine import KEEP_GRAPH_TIMEOUT_S, Engine
+from gradwire_server.kv_cache import BlockPool
 from gradwire_server.malformed import MalformedRequestGuard
 from gradwire_server.memory import MemoryPlan
 from gradwire_server.models import LoadedModel, load_model, resolve_dtype
 from gradwire_server.operations import OperationsServicer, OperationStore
 from gradwire_server.resource_servicer import ResourceServicer
 from gradwire_server.run_index import RunIndex
+from gradwire_server.sampler import DecodeLoop
 from gradwire_server.sampler_weights import SamplerAdapters
 from gradwire_server.sampling_servicer import SamplingServicer
 from gradwire_server.scheduler import Scheduler
@@ -47,6 +49,8 @@ INDEX_FILE = "index.sqlite3"
 SAMPLING_SERVICE = sampling_service_pb2.DESCRIPTOR.services_by_name["SamplingService"].full_name
 OPERATIONS_SERVICE = operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
 _EXPIRY_INTERVAL_S = 60.0
+DEFAULT_CPU_KV_CACHE_MB = 512.0
+CUDA_KV_CACHE_SHARE = 0.4  # of the memory free after loading the model, when no budget is given
 
 
 @dataclass
@@ -67,6 +71,8 @@ class ServerConfig:
     micro_batch_tokens: int | None = None
     dtype: str = "auto"          # the base weights': auto (bfloat16 on CUDA), float32 or bfloat16
     load_format: str = "auto"    # "dummy": random weights from a config (see models.py)
+    # The sampler's KV cache budget; None: DEFAULT_CPU_KV_CACHE_MB on CPU, a share of free memory on CUDA.
+    kv_cache_mb: float | None = None
 
 
 class GradwireServer:
@@ -117,6 +123,8 @@ class GradwireServer:
             loaded = await asyncio.to_thread(load_model, config.model, device,
                                              resolve_dtype(config.dtype, device), config.load_format)
             self.engine = Engine(loaded, device, keep_graph_timeout_s=config.keep_graph_timeout_s)
+            # The KV cache is allocated first, so the training plan sizes itself from what is left.
+            pool = BlockPool(loaded.model.config, _kv_cache_bytes(config.kv_cache_mb, device), loaded.dtype, device)
             plan = await asyncio.to_thread(self.engine.plan_memory, config.micro_batch_tokens, budget)
         except BaseException:
             await self._server.stop(0)
@@ -128,7 +136,10 @@ class GradwireServer:
         self.scheduler.start()
         info = _model_info(loaded, device, plan)
         self.training.attach(self.engine, self.scheduler, info)
-        self.sampling.attach(self.engine, self.scheduler, info, SamplerAdapters(self.engine))
+        adapters = SamplerAdapters(self.engine)
+        decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights)
+        self.sampling.attach(self.engine, self.scheduler, info, adapters, decode_loop)
+        self.training.kv_cache_usage = decode_loop.usage
         self.resources.attach(self.scheduler)
         self._expiry = [asyncio.create_task(self._expire_operations()),
                         asyncio.create_task(self._expire_kept_graphs())]
@@ -162,6 +173,14 @@ class GradwireServer:
         while True:
             await asyncio.sleep(self.config.keep_graph_timeout_s / 4)
             await self.scheduler.run_on_worker("expire-graphs", self.engine.drop_expired_graphs)
+
+
+def _kv_cache_bytes(budget_mb: float | None, device: torch.device) -> int:
+    if budget_mb is not None:
+        return int(budget_mb * 2**20)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * CUDA_KV_CACHE_SHARE)
+    return int(DEFAULT_CPU_KV_CACHE_MB * 2**20)
 
 
 def _model_info(loaded: LoadedModel, device: torch.device, plan: MemoryPlan) -> ModelInfo:

@@ -3,6 +3,7 @@ No torch here; the engine runs on the worker thread."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pathlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -64,6 +65,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         self.scheduler: Scheduler | None = None
         self.info: ModelInfo | None = None
         self.ops: CheckpointOps | None = None
+        self.kv_cache_usage: Callable[[], object] | None = None  # the sampler's (a dataclass), once loaded
         # request_id -> the creation it started (a retry awaits the same one), newest last.
         self._creations: OrderedDict[str, asyncio.Future] = OrderedDict()
         # Checkpoint path -> the operation of a save of it admitted in this process.
@@ -90,7 +92,9 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                                    operation_ttl_seconds=self.store.ttl_s,
                                    micro_batch_tokens=info.memory.micro_batch_tokens,
                                    keep_graph_budget_bytes=info.memory.keep_graph_budget_bytes,
-                                   activation_bytes_per_token=info.memory.activation_bytes_per_token))
+                                   activation_bytes_per_token=info.memory.activation_bytes_per_token),
+            kv_cache=pb.KvCacheUsage(**dataclasses.asdict(self.kv_cache_usage()))
+            if self.kv_cache_usage is not None else None)
 
     async def CreateModel(self, request, context):
         try:

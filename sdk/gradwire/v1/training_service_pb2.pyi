@@ -76,18 +76,36 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_wait_seconds: _Optional[float] = ..., operation_ttl_seconds: _Optional[float] = ..., micro_batch_tokens: _Optional[int] = ..., keep_graph_budget_bytes: _Optional[int] = ..., activation_bytes_per_token: _Optional[int] = ...) -> None: ...
 
 class GetServerCapabilitiesResponse(_message.Message):
-    __slots__ = ("supported_models", "loss_fns", "limits", "device", "dtype")
+    __slots__ = ("supported_models", "loss_fns", "limits", "device", "dtype", "kv_cache")
     SUPPORTED_MODELS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FNS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_FIELD_NUMBER: _ClassVar[int]
     supported_models: _containers.RepeatedCompositeFieldContainer[SupportedModel]
     loss_fns: _containers.RepeatedScalarFieldContainer[str]
     limits: ServerLimits
     device: str
     dtype: str
-    def __init__(self, supported_models: _Optional[_Iterable[_Union[SupportedModel, _Mapping]]] = ..., loss_fns: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    kv_cache: KvCacheUsage
+    def __init__(self, supported_models: _Optional[_Iterable[_Union[SupportedModel, _Mapping]]] = ..., loss_fns: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_cache: _Optional[_Union[KvCacheUsage, _Mapping]] = ...) -> None: ...
+
+class KvCacheUsage(_message.Message):
+    __slots__ = ("budget_bytes", "used_bytes", "reserved_bytes", "block_tokens", "running_sequences", "waiting_requests")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    used_bytes: int
+    reserved_bytes: int
+    block_tokens: int
+    running_sequences: int
+    waiting_requests: int
+    def __init__(self, budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., block_tokens: _Optional[int] = ..., running_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("base_model", "lora_config", "user_metadata", "request_id")

@@ -1,0 +1,82 @@
+"""Per-row LoRA for a batch whose rows use different adapters (the Punica /
+S-LoRA idea, in plain torch).
+
+The model runs with its peft adapter layers switched off (the base weights);
+a forward hook on each adapted Linear adds every row's own low-rank delta.
+The factors of the batch's adapters are stacked along the rank: A [R, in] and
+B·scale [out, R], R the sum of their ranks. One matmul takes every row into
+the stacked rank space, a per-row 0/1 mask keeps the columns of the row's own
+adapter (none for a base-model row), one matmul takes it back:
+
+    delta = ((x @ A.T) * mask[row]) @ B.T
+
+so N adapters cost two matmuls per module, not N.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from peft.tuners.lora import LoraLayer
+
+# module name -> (A [r, in], B * scaling [out, r]) of one adapter.
+AdapterWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def adapter_weights(model: torch.nn.Module, adapter: str) -> AdapterWeights:
+    """The factors of a peft adapter loaded in `model`, as plain tensors that stay
+    valid if the adapter is deleted from the model later."""
+    weights = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            if module.use_dora.get(adapter) or not isinstance(module.lora_A[adapter], torch.nn.Linear):
+                raise ValueError(f"{name}: only plain LoRA on Linear layers can be sampled")
+            a = module.lora_A[adapter].weight.detach()
+            b = module.lora_B[adapter].weight.detach() * module.scaling[adapter]
+            weights[name] = (a, b)
+    return weights
+
+
+class StackedAdapters:
+    """Some adapters' factors stacked along the rank, per module: A [R, in],
+    B·scale [out, R] and owner [R] (the index in `adapters` of each column)."""
+
+    def __init__(self, adapters: list[AdapterWeights], device: torch.device):
+        self.adapters = adapters  # held: the stack is found again by the adapters' identities
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for module in sorted({name for weights in adapters for name in weights}):
+            parts = [(index, *weights[module]) for index, weights in enumerate(adapters) if module in weights]
+            a = torch.cat([a for _, a, _ in parts]).to(device)
+            b = torch.cat([b for _, _, b in parts], dim=1).to(device)
+            owner = torch.cat([torch.full((a.shape[0],), index) for index, a, _ in parts]).to(device)
+            self.factors[module] = (a, b, owner)
+
+    def masks(self, rows: list[AdapterWeights | None]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per module (A, B, mask [B, 1, R]) for a batch whose row i uses rows[i] (None: no adapter)."""
+        index = {id(weights): k for k, weights in enumerate(self.adapters)}
+        row_ids = torch.tensor([index[id(w)] if w is not None else -1 for w in rows])
+        out = {}
+        for module, (a, b, owner) in self.factors.items():
+            mask = (row_ids.to(owner.device)[:, None] == owner[None, :]).to(a.dtype)
+            out[module] = (a, b, mask[:, None, :])
+        return out
+
+
+@contextlib.contextmanager
+def applied(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+            ) -> Iterator[None]:
+    """Adds each row's LoRA delta to the adapted modules' outputs while the block runs.
+    The caller switches the peft adapter layers off (their outputs are the base's)."""
+    handles = []
+    modules = dict(model.named_modules())
+    for name, (a, b, mask) in factors.items():
+        def add_delta(module, inputs, output, a=a, b=b, mask=mask):
+            x = inputs[0]
+            return output + ((x @ a.to(x.dtype).T) * mask.to(x.dtype)) @ b.to(x.dtype).T
+        handles.append(modules[name].register_forward_hook(add_delta))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,268 @@
+"""The sampler's one decode loop: requests decode together in one batch across
+LoRA adapters, each sample's tokens are what it gets alone, logprobs equal the
+training side's, the KV cache keeps to its budget (admission waits), and
+training and sampling each wait at most one turn of the other."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from google.longrunning import operations_pb2, operations_pb2_grpc
+
+import gradwire
+from gradwire import _codec
+from gradwire.v1 import sampling_service_pb2 as pb
+from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
+from gradwire.v1 import training_service_pb2 as tpb
+from gradwire.v1 import training_service_pb2_grpc as tpb_grpc
+from gradwire_server import sampler
+from gradwire_server.kv_cache import BLOCK_TOKENS
+from gradwire_server.models import tiny_random_model
+from gradwire_server.server import BackgroundServer, ServerConfig
+from reference import (finished, forward_batches, random_data, raw_request, reference_model, succeeded,
+                       trained_run, worker_busy)
+
+PROMPT = [72, 101, 108, 108, 111, 44, 32]
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def adapters(service):
+    """Two trained runs saved as sampler weights: [(training client, model_path)]."""
+    runs = [trained_run(service, rank=RANK, seed=seed) for seed in (41, 42)]
+    return [(tc, tc.save_weights_for_sampler(f"batched-{i}").result().path) for i, tc in enumerate(runs)]
+
+
+@pytest.fixture()
+def raw(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.SamplingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
+
+
+def request(weights: dict, num_samples: int, prompt=PROMPT, **params) -> pb.SampleRequest:
+    stop = params.pop("stop", None)
+    sampling = pb.SamplingParams(**params)
+    if isinstance(stop, str):
+        sampling.stop_strs.strings.append(stop)
+    elif stop:
+        sampling.stop_tokens.tokens.extend(stop)
+    return pb.SampleRequest(prompt=[_codec.tokens_to_chunk(np.array(prompt))], num_samples=num_samples,
+                            sampling_params=sampling, **weights)
+
+
+def outcome(operations, name: str) -> list[tuple[list[int], np.ndarray, int]]:
+    """(tokens, logprobs, stop_reason) per sequence of a finished Sample operation."""
+    response = pb.SampleResponse()
+    succeeded(operations, name).response.Unpack(response)
+    operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name))
+    return [(np.frombuffer(s.tokens, "<i4").tolist(), np.frombuffer(s.logprobs, "<f4"), s.stop_reason)
+            for s in response.sequences]
+
+
+def sample_alone(raw, sample_request: pb.SampleRequest):
+    stub, operations = raw
+    return outcome(operations, stub.Sample(sample_request).name)
+
+
+def mixed_requests(adapters) -> list[pb.SampleRequest]:
+    """Requests on the base model and two adapters, with every kind of setting."""
+    base = dict(base_model="tiny-random")
+    first, second = (dict(model_path=path) for _, path in adapters)
+    return [request(base, 3, max_tokens=40, seed=1),
+            request(first, 2, max_tokens=40, seed=2, temperature=0.7, top_k=20, top_p=0.9),
+            request(second, 4, max_tokens=40, seed=3, stop=list(range(0, 320, 9))),
+            request(first, 1, prompt=PROMPT * 3, max_tokens=30, temperature=0.0),
+            request(base, 2, max_tokens=35, seed=5, stop=", "),
+            request(second, 2, prompt=PROMPT[:3], max_tokens=40, seed=6, top_k=5)]
+
+
+def test_concurrent_requests_decode_in_one_batch_and_get_their_tokens_alone(server, raw, adapters):
+    """Requests queued together (three adapters, mixed settings) share decode
+    steps; every sample's tokens are those it gets alone, its logprobs too (up
+    to float32 noise: batching changes the matmuls' summation order)."""
+    requests = mixed_requests(adapters)
+    alone = [sample_alone(raw, r) for r in requests]
+    stub, operations = raw
+    with forward_batches(server) as sizes:
+        with worker_busy(server):
+            names = [stub.Sample(r).name for r in requests]
+        together = [outcome(operations, name) for name in names]
+    # Every sample that outlived its first token was in one decode batch.
+    assert max(sizes) == sum(len(t) > 1 for result in together for t, _, _ in result) > 10
+    for single, batched in zip(alone, together):
+        assert [t for t, _, _ in single] == [t for t, _, _ in batched]
+        assert [r for _, _, r in single] == [r for _, _, r in batched]
+        for (_, expected, _), (_, got, _) in zip(single, batched):
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    assert len({len(t) for result in together for t, _, _ in result}) > 1  # samples left at different steps
+
+
+def test_rows_of_different_adapters_match_their_references(server, raw, adapters):
+    """Greedy tokens of one batch mixing the base model and two adapters equal each
+    model's full-recompute argmax, and the sampled logprobs equal each training
+    run's forward logprobs of the same tokens."""
+    stub, operations = raw
+    weights = [dict(base_model="tiny-random")] + [dict(model_path=path) for _, path in adapters]
+    with worker_busy(server):
+        greedy = [stub.Sample(request(w, 1, max_tokens=24, temperature=0.0)).name for w in weights]
+        sampled = [stub.Sample(request(w, 3, max_tokens=24, seed=9)).name for w in weights]
+    models = [tiny_random_model()] + [reference_model(server, tc.model_id, RANK) for tc, _ in adapters]
+    for name, model in zip(greedy, models):
+        assert outcome(operations, name)[0][0] == greedy_reference(model, PROMPT, 24)
+    for name, model in zip(sampled, models):
+        for tokens, logprobs, _ in outcome(operations, name):
+            ids = torch.tensor([PROMPT + tokens])
+            with torch.no_grad():
+                expected = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+            positions = torch.arange(len(PROMPT) - 1, ids.shape[1] - 1)
+            np.testing.assert_allclose(logprobs, expected[positions, ids[0, positions + 1]].numpy(),
+                                       rtol=0, atol=1e-4)
+
+
+def test_long_prompt_is_prefilled_in_chunks_exactly(server, service):
+    """A prompt longer than one prefill chunk, ending mid-block, sampled 3 ways:
+    prompt logprobs and greedy tokens equal the in-process model's."""
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 256, size=2 * sampler.PREFILL_CHUNK_TOKENS + BLOCK_TOKENS // 2).tolist()
+    client = service.create_sampling_client(base_model="tiny-random")
+    response = client.sample(gradwire.ModelInput.from_ints(prompt), 3, gradwire.SamplingParams(
+        max_tokens=12, temperature=0.0), include_prompt_logprobs=True).result()
+    model = tiny_random_model()
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0], dim=-1)
+    expected = logprobs[:-1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(response.prompt_logprobs[1:], expected, rtol=0, atol=1e-5)
+    assert [s.tokens for s in response.sequences] == [greedy_reference(model, prompt, 12)] * 3
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+# ---- turns: training and sampling each wait a bounded number of the other's turns ----------------------
+
+def test_pending_training_waits_at_most_one_loop_turn_however_many_requests_sample(server, raw, service):
+    """Twelve long generations are running; a Forward submitted meanwhile runs
+    after at most the loop turn in progress and one more, not a turn per
+    request. Counted in decode steps (each turn decodes at most
+    DECODE_STEPS_PER_TURN), read when a worker call queued after it runs."""
+    tc = service.create_lora_training_client("tiny-random", rank=RANK, seed=7)
+    loop = server.server.sampling.loop
+    stub, operations = raw
+    names = [stub.Sample(request(dict(base_model="tiny-random"), 2, max_tokens=1000, seed=s)).name
+             for s in range(12)]
+    deadline = time.monotonic() + 60
+    while loop.usage().running_sequences < 24 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop.usage().running_sequences == 24
+    before = loop.steps
+    tc.forward(random_data(3), "cross_entropy").result()
+    after = server.call(lambda: loop.steps)
+    # The Forward waits <= 2 turns; the call after it <= 2 more.
+    assert after - before <= 4 * sampler.DECODE_STEPS_PER_TURN
+    for name in names:
+        operations.CancelOperation(operations_pb2.CancelOperationRequest(name=name))
+        operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name))
+
+
+def test_sampling_waits_at_most_one_request_per_training_run(server, raw, stubs):
+    """Three runs have three Forward requests queued each and a short sample is
+    queued after them: it is done before any run's third request starts
+    (one turn to join the loop, one to decode), not after every queued request."""
+    training, _ = stubs
+    stub, operations = raw
+    runs = [training.CreateModel(tpb.CreateModelRequest(lora_config=tpb.LoraConfig(rank=2, seed=s))).model_id
+            for s in range(3)]
+    with worker_busy(server):
+        forwards = [[training.Forward(raw_request(run, seq, random_data(80 + seq))).name for seq in (1, 2, 3)]
+                    for run in runs]
+        sample = stub.Sample(request(dict(base_model="tiny-random"), 2,
+                                     max_tokens=sampler.DECODE_STEPS_PER_TURN - 1, seed=0)).name
+    sample_end = finished(operations, sample).metadata
+    meta = tpb.OperationMetadata()
+    sample_end.Unpack(meta)
+    for run in forwards:
+        third = tpb.OperationMetadata()
+        succeeded(operations, run[2]).metadata.Unpack(third)
+        assert meta.end_time.ToNanoseconds() <= third.start_time.ToNanoseconds()
+
+
+# ---- the KV cache budget -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_cache_server(tmp_path_factory):
+    """A server whose KV cache holds 20 blocks (one is the zero block)."""
+    block_bytes = 2 * 2 * 2 * 16 * 4 * BLOCK_TOKENS  # k+v, layers, kv heads, head dim, float32
+    background = BackgroundServer(ServerConfig(model="tiny-random", port=0, kv_cache_mb=20 * block_bytes / 2**20,
+                                               checkpoint_dir=tmp_path_factory.mktemp("small-cache")))
+    yield background
+    background.stop()
+
+
+def capabilities(server) -> tpb.GetServerCapabilitiesResponse:
+    with grpc.insecure_channel(server.address) as channel:
+        return tpb_grpc.TrainingServiceStub(channel).GetServerCapabilities(tpb.GetServerCapabilitiesRequest())
+
+
+def test_admission_waits_for_room_in_the_kv_cache(small_cache_server):
+    """Three requests that fit only one at a time: they run one after another
+    (never more than one request's samples in a batch), each with the tokens it
+    gets alone; afterwards every block is free again."""
+    server = small_cache_server
+    budget = capabilities(server).kv_cache
+    assert budget.budget_bytes == 20 * 2 * 2 * 2 * 16 * 4 * BLOCK_TOKENS and budget.block_tokens == BLOCK_TOKENS
+    with grpc.insecure_channel(server.address) as channel:
+        raw = pb_grpc.SamplingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
+        # 2 samples x blocks_for(7 + 100) = 14 blocks each: two never fit together.
+        requests = [request(dict(base_model="tiny-random"), 2, max_tokens=100, seed=s) for s in range(3)]
+        alone = [sample_alone(raw, r) for r in requests]
+        with forward_batches(server) as sizes:
+            with worker_busy(server):
+                names = [raw[0].Sample(r).name for r in requests]
+            together = [outcome(raw[1], name) for name in names]
+    assert max(sizes) == 2
+    assert [[t for t, _, _ in r] for r in together] == [[t for t, _, _ in r] for r in alone]
+    usage = capabilities(server).kv_cache
+    assert (usage.used_bytes, usage.reserved_bytes, usage.running_sequences) == (0, 0, 0)
+
+
+def test_a_request_larger_than_the_whole_cache_is_rejected_and_changes_nothing(small_cache_server):
+    """Its error names max_tokens and the budget; a request running beside it is unaffected."""
+    server = small_cache_server
+    with grpc.insecure_channel(server.address) as channel:
+        stub, operations = pb_grpc.SamplingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
+        fits = request(dict(base_model="tiny-random"), 1, max_tokens=60, seed=4)
+        alone = outcome(operations, stub.Sample(fits).name)
+        with worker_busy(server):
+            beside = stub.Sample(fits).name
+            too_big = stub.Sample(request(dict(base_model="tiny-random"), 4, max_tokens=200, seed=4)).name
+        failed = finished(operations, too_big)
+        assert failed.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "sampling_params.max_tokens" in failed.error.message and "budget" in failed.error.message
+        assert [t for t, _, _ in outcome(operations, beside)] == [t for t, _, _ in alone]
+    usage = capabilities(server).kv_cache
+    assert (usage.used_bytes, usage.reserved_bytes) == (0, 0)
+
+
+def test_kv_use_is_visible_and_freed_on_cancel(server, raw):
+    """While a long generation runs its blocks show as used; cancelling it frees them."""
+    stub, operations = raw
+    idle = capabilities(server).kv_cache
+    name = stub.Sample(request(dict(base_model="tiny-random"), 4, max_tokens=1000, seed=2)).name
+    deadline = time.monotonic() + 60
+    while capabilities(server).kv_cache.running_sequences < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    running = capabilities(server).kv_cache
+    assert running.used_bytes > idle.used_bytes and running.reserved_bytes > 0 and running.running_sequences >= 4
+    operations.CancelOperation(operations_pb2.CancelOperationRequest(name=name))
+    while capabilities(server).kv_cache.used_bytes != idle.used_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert capabilities(server).kv_cache.used_bytes == idle.used_bytes
+    operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name))
