@@ -129,7 +129,7 @@ MUTATIONS = [
              ("tests/test_stream_protocol.py",), "an empty stream succeeds doing nothing"),
     Mutation("stream-datum-index-not-offset", SERVICER,
              "info.max_context_length, index_offset=received)", "info.max_context_length, index_offset=0)",
-             ("tests/test_streaming.py::test_bad_datum_deep_in_a_stream_applies_nothing",),
+             ("tests/test_stream_protocol.py", "tests/test_streaming.py::test_bad_datum_deep_in_a_stream_applies_nothing"),
              "a bad streamed datum is named by its index within one message"),
     Mutation("read-outputs-reordered", SERVICER,
              "    return outputs[start:end]\n", "    return outputs[start:end][::-1]\n",
