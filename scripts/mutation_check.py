@@ -277,16 +277,16 @@ def run_tests(tree: pathlib.Path, tests: tuple[str, ...], timeout_s: float) -> t
     return done.returncode, (done.stdout + done.stderr)[-3000:]
 
 
-def check(mutation: Mutation | None, timeout_s: float) -> tuple[str, float, str]:
-    """(caught | survived | error, seconds, pytest output tail). None: the unmutated baseline."""
+def check(mutation: Mutation | None, timeout_s: float, tests: tuple[str, ...] = ()) -> tuple[str, float, str]:
+    """(caught | survived | error, seconds, pytest output tail) of the mutation's tests.
+    None: the unmutated baseline, running `tests`."""
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gradwire-mutant-") as folder:
         tree = pathlib.Path(folder) / "tree"
         shutil.copytree(ROOT, tree, ignore=COPY_IGNORE, symlinks=True)
         if mutation is not None:
             apply(mutation, tree)
-        tests = mutation.tests if mutation is not None else \
-            tuple(sorted({t for m in MUTATIONS for t in m.tests}))
+            tests = mutation.tests
         code, output = run_tests(tree, tests, timeout_s)
     # pytest: 0 all passed, 1 some failed; anything else (collection error, crash, timeout) is no verdict.
     verdict = {0: "survived", 1: "caught"}.get(code, "error")
@@ -300,7 +300,7 @@ def main() -> int:
                         help="run only this mutation (repeatable)")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="mutations checked at once (default 1)")
     parser.add_argument("--baseline", action="store_true",
-                        help="first run every covering test on the unmutated tree (must pass)")
+                        help="first run the chosen mutations' tests on the unmutated tree (must pass)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per mutation")
     parser.add_argument("-v", "--verbose", action="store_true", help="print pytest's output tail")
     args = parser.parse_args()
@@ -320,7 +320,7 @@ def main() -> int:
         return 2
 
     if args.baseline:
-        verdict, seconds, output = check(None, args.timeout * 3)
+        verdict, seconds, output = check(None, args.timeout * 3, tuple(sorted({t for m in chosen for t in m.tests})))
         print(f"baseline: {'passed' if verdict == 'survived' else 'FAILED'} ({seconds:.0f} s)")
         if verdict != "survived":
             print(output)
