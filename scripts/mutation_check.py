@@ -129,7 +129,7 @@ MUTATIONS = [
              ("tests/test_stream_protocol.py",), "an empty stream succeeds doing nothing"),
     Mutation("stream-datum-index-not-offset", SERVICER,
              "info.max_context_length, index_offset=received)", "info.max_context_length, index_offset=0)",
-             ("tests/test_streaming.py::test_bad_datum_deep_in_a_stream_applies_nothing",),
+             ("tests/test_stream_protocol.py", "tests/test_streaming.py::test_bad_datum_deep_in_a_stream_applies_nothing"),
              "a bad streamed datum is named by its index within one message"),
     Mutation("read-outputs-reordered", SERVICER,
              "    return outputs[start:end]\n", "    return outputs[start:end][::-1]\n",
@@ -163,6 +163,12 @@ MUTATIONS = [
     Mutation("operations-wait-uncapped", OPERATIONS,
              "min(timeout_s, self.max_wait_s)", "timeout_s",
              ("tests/test_server_lifecycle.py",), "a long-poll holds a connection past the advertised cap"),
+    Mutation("optim-weight-decay-ignored", ENGINE,
+             "weight_decay=adam.weight_decay)", "weight_decay=0.0)",
+             ("tests/test_training.py::test_optim_step_matches_torch_adamw",), "weight_decay silently off"),
+    Mutation("cross-entropy-weights-ignored", S + "losses.py",
+             'weights = inputs.get("weights", inputs["mask"])', 'weights = inputs["mask"]',
+             ("tests/test_training.py",), "every token weighs 1 whatever the weights say"),
     Mutation("optim-grad-norm-l1", ENGINE,
              "torch.stack([torch.linalg.vector_norm(g) for g in grads])",
              "torch.stack([g.abs().sum() for g in grads])",
@@ -197,10 +203,18 @@ MUTATIONS = [
              "    logprobs = torch.log_softmax(logits / max(settings.temperature, 1e-6), dim=-1)\n"
              "    if settings.temperature == 0:",
              ("tests/test_sampling.py",), "RL importance ratios compare the wrong logprobs"),
+    Mutation("sampler-stop-tokens-ignored", SAMPLER,
+             "if token in self.settings.stop_tokens or self._hit_stop_string(",
+             "if self._hit_stop_string(",
+             ("tests/test_sampling.py::test_stop_token_stop_string_and_length",), "stop tokens never stop a sample"),
     # ---- codec, SDK, CLI, server --------------------------------------------------------------------
     Mutation("codec-token-bytes-unchecked", "sdk/gradwire/_codec.py",
              "    if len(chunk.tokens) % 4:\n", "    if False:\n",
              ("tests/test_stream_protocol.py",), "a malformed token chunk crashes the request (INTERNAL)"),
+    Mutation("codec-shape-unchecked", "sdk/gradwire/_codec.py",
+             "if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.int64)) != flat.size:",
+             "if any(d < 0 for d in shape):",
+             ("tests/test_bad_input.py",), "a tensor whose bytes do not fill its shape is an INTERNAL error"),
     Mutation("sdk-surrogate-loss-misreported", "sdk/gradwire/client.py",
              '"surrogate_loss:sum": output.metrics["loss:sum"]', '"surrogate_loss:sum": loss',
              ("tests/test_custom_loss.py",), "surrogate_loss:sum repeats the loss"),
@@ -263,16 +277,16 @@ def run_tests(tree: pathlib.Path, tests: tuple[str, ...], timeout_s: float) -> t
     return done.returncode, (done.stdout + done.stderr)[-3000:]
 
 
-def check(mutation: Mutation | None, timeout_s: float) -> tuple[str, float, str]:
-    """(caught | survived | error, seconds, pytest output tail). None: the unmutated baseline."""
+def check(mutation: Mutation | None, timeout_s: float, tests: tuple[str, ...] = ()) -> tuple[str, float, str]:
+    """(caught | survived | error, seconds, pytest output tail) of the mutation's tests.
+    None: the unmutated baseline, running `tests`."""
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gradwire-mutant-") as folder:
         tree = pathlib.Path(folder) / "tree"
         shutil.copytree(ROOT, tree, ignore=COPY_IGNORE, symlinks=True)
         if mutation is not None:
             apply(mutation, tree)
-        tests = mutation.tests if mutation is not None else \
-            tuple(sorted({t for m in MUTATIONS for t in m.tests}))
+            tests = mutation.tests
         code, output = run_tests(tree, tests, timeout_s)
     # pytest: 0 all passed, 1 some failed; anything else (collection error, crash, timeout) is no verdict.
     verdict = {0: "survived", 1: "caught"}.get(code, "error")
@@ -286,7 +300,7 @@ def main() -> int:
                         help="run only this mutation (repeatable)")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="mutations checked at once (default 1)")
     parser.add_argument("--baseline", action="store_true",
-                        help="first run every covering test on the unmutated tree (must pass)")
+                        help="first run the chosen mutations' tests on the unmutated tree (must pass)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per mutation")
     parser.add_argument("-v", "--verbose", action="store_true", help="print pytest's output tail")
     args = parser.parse_args()
@@ -306,7 +320,7 @@ def main() -> int:
         return 2
 
     if args.baseline:
-        verdict, seconds, output = check(None, args.timeout * 3)
+        verdict, seconds, output = check(None, args.timeout * 3, tuple(sorted({t for m in chosen for t in m.tests})))
         print(f"baseline: {'passed' if verdict == 'survived' else 'FAILED'} ({seconds:.0f} s)")
         if verdict != "survived":
             print(output)

@@ -109,9 +109,11 @@ def test_dataset_larger_than_64_mib_with_default_limits(server, service):
     assert out.metrics["loss:sum"] == pytest.approx(expected_loss, rel=1e-5)
 
 
-def test_bad_datum_deep_in_a_stream_applies_nothing(server, service):
-    """Datum 5,000 of a stream is invalid: BadRequestError naming data[5000], no gradient added,
-    and the optim_step queued behind it does not run."""
+def test_bad_datum_deep_in_a_stream_applies_nothing(server, service, monkeypatch):
+    """Datum 5,000 of a stream (of several 64 KiB messages: 6,000 such datums fit one 3 MiB
+    message) is invalid: BadRequestError naming data[5000], no gradient added, and the
+    optim_step queued behind it does not run."""
+    monkeypatch.setattr(client, "MESSAGE_BUDGET_BYTES", 64 * 1024)
     tc = trained_run(service)
     tc.forward_backward(random_data(71), "cross_entropy").result()
     before = run_state(server, tc.model_id)

@@ -165,7 +165,7 @@ class GradwireServer:
 
     async def _expire_operations(self) -> None:
         while True:  # a short TTL (tests) is checked as often as it lasts
-            await asyncio.sleep(min(_EXPIRY_INTERVAL_S, self.config.operation_ttl_s))
+            await asyncio.sleep(min(_EXPIRY_INTERVAL_S, max(self.config.operation_ttl_s, 0.1)))
             self.store.expire()
 
     async def _expire_kept_graphs(self) -> None:
