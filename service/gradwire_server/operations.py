@@ -18,7 +18,8 @@ import numpy as np
 from google.protobuf import empty_pb2, message, timestamp_pb2
 
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire_server.errors import ServiceError, abort, not_found
+from gradwire_server import paging
+from gradwire_server.errors import FieldViolation, ServiceError, abort, invalid_argument, not_found
 
 State = pb.OperationMetadata.State
 
@@ -140,23 +141,24 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
             await abort(context, error)
 
     async def WaitOperation(self, request, context):
-        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") \
-            else self.store.max_wait_s
+        """Waits up to `timeout` (default and cap: the server's max_wait_s; a longer one is
+        clamped, a negative or malformed one is INVALID_ARGUMENT)."""
         try:
+            timeout = _wait_seconds(request, self.store.max_wait_s)
             return (await self.store.wait(request.name, timeout)).snapshot()
         except ServiceError as error:
             await abort(context, error)
 
     async def ListOperations(self, request, context):
+        try:
+            start, size = paging.page(request.page_token, request.page_size)
+        except ServiceError as error:
+            await abort(context, error)
         names = self.store.names(request.name or request.filter or "")
-        start = int(request.page_token or 0)
-        size = request.page_size or 100
         page = names[start:start + size]
-        response = operations_pb2.ListOperationsResponse(
-            operations=[self.store.get(name).snapshot() for name in page])
-        if start + size < len(names):
-            response.next_page_token = str(start + size)
-        return response
+        return operations_pb2.ListOperationsResponse(
+            operations=[self.store.get(name).snapshot() for name in page],
+            next_page_token=paging.next_token(start, size, len(names) - start))
 
     async def CancelOperation(self, request, context):
         try:
@@ -173,6 +175,16 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         except ServiceError as error:
             await abort(context, error)
         return empty_pb2.Empty()
+
+
+def _wait_seconds(request: operations_pb2.WaitOperationRequest, cap_s: float) -> float:
+    if not request.HasField("timeout"):
+        return cap_s
+    seconds, nanos = request.timeout.seconds, request.timeout.nanos
+    if seconds < 0 or nanos < 0 or nanos >= 1_000_000_000:
+        raise invalid_argument([FieldViolation(
+            "timeout", f"must be a non-negative duration, got {seconds} s and {nanos} ns")])
+    return min(seconds + nanos / 1e9, cap_s)
 
 
 def _now() -> timestamp_pb2.Timestamp:
