@@ -123,6 +123,9 @@ def _input_bytes(datum, index: int, violations: list[FieldViolation]) -> int:
             violations.append(FieldViolation(field, f"shape {_shown_shape(shape)} is not [N] or [N, K]"))
         elif len(shape) == 2 and shape[1] == 0:
             violations.append(FieldViolation(field, f"shape {shape} has no target per position (K = 0)"))
+        elif nbytes > MAX_DATUM_INPUT_BYTES:
+            violations.append(FieldViolation(field, f"shape {shape} decodes to {nbytes} bytes, more than "
+                                                    f"{MAX_DATUM_INPUT_BYTES} per datum"))
         else:
             total += nbytes
     if total > MAX_DATUM_INPUT_BYTES:
