@@ -281,8 +281,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             await abort(context, error)
         index = request.start_datum_index
         while True:
-            if index < len(record.outputs):
-                chunk = _outputs_chunk(record.outputs, index)
+            if index < record.output_count:
+                chunk = record.spool.read(index, READ_CHUNK_BYTES)
                 yield pb.ForwardBackwardOutput(loss_fn_output_type="TensorData", first_datum_index=index,
                                                loss_fn_outputs=output_records(chunk))
                 index += len(chunk)
@@ -398,6 +398,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         task = LossTask(self.engine, model_id, loss_fn, config, backward, consumed,
                         keep_graph=keep_graph and not backward, reuse_forward=reuse_forward if backward else "")
         record = self.scheduler.submit(model_id, seq_id, request_id, kind, task, num_datums=num_datums)
+        self.store.spool_outputs(record)
         task.op_name = record.operation.name  # the task is not ready before its first feed()
         return task, record
 
@@ -457,12 +458,3 @@ async def _until_done(awaitable: Awaitable[T], record: OperationRecord) -> T:
     if not waiting.done() or waiting.cancelled():
         raise _JobFinished
     return waiting.result()
-
-
-def _outputs_chunk(outputs: list, start: int) -> list:
-    """Outputs from `start` that fit one ReadOutputs message (at least one)."""
-    end, size = start, 0
-    while end < len(outputs) and (end == start or size + outputs[end].nbytes <= READ_CHUNK_BYTES):
-        size += outputs[end].nbytes
-        end += 1
-    return outputs[start:end]
