@@ -126,7 +126,7 @@ def test_a_failed_load_aborts_the_requests_queued_behind_it(server, service):
     path = truncated("adapter_model.safetensors")(server, service)
     with grpc.insecure_channel(server.address) as channel:
         stub, operations = pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
-        run_id = stub.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=4, seed=0))).model_id
+        run_id = stub.CreateModel(pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=4, seed=0))).model_id
         forward_backward = stub.ForwardBackward(raw_request(run_id, 1, random_data(63)))
         operations.WaitOperation(operations_pb2.WaitOperationRequest(name=forward_backward.name))
         before = run_state(server, run_id)
@@ -176,7 +176,7 @@ def test_a_duplicate_name_is_rejected_at_admission_and_aborts_nothing(server, st
     """A save of a name that exists, or that a save queued before it will take, is the RPC's
     ALREADY_EXISTS: it only uses up its seq_id, so the run's requests queued behind it run."""
     stub, operations = stubs
-    run_id = stub.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=4, seed=0))).model_id
+    run_id = stub.CreateModel(pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=4, seed=0))).model_id
     finished(operations, stub.SaveWeights(pb.SaveWeightsRequest(model_id=run_id, seq_id=1, name="taken")).name)
     with worker_busy(server):
         with pytest.raises(grpc.RpcError) as on_disk:

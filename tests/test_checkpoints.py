@@ -239,7 +239,7 @@ def test_create_is_idempotent_per_request_id(server, service, stubs):
     lost reply) returns the run the first one created; another request_id creates another."""
     stub, _ = stubs
     path = trained_run(service).save_state("origin").result().path
-    requests = [pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=2, seed=0), request_id="create-a"),
+    requests = [pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=2, seed=0), request_id="create-a"),
                 pb.CreateModelFromStateRequest(path=path, request_id="from-state-a")]
     for request, create in zip(requests, (stub.CreateModel, stub.CreateModelFromState)):
         runs_before = set(server.engine.runs)

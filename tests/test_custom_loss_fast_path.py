@@ -176,7 +176,7 @@ def test_graph_of_a_backward_leg_that_never_comes_expires():
     try:
         with grpc.insecure_channel(background.address) as channel:
             stubs = pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
-            run_id = stubs[0].CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=2))).model_id
+            run_id = stubs[0].CreateModel(pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=2))).model_id
             kept_forward(stubs, run_id, 1, random_data(57))
             graph = kept_graph(background, run_id)
             deadline = time.monotonic() + 30

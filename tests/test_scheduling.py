@@ -15,7 +15,7 @@ def metadata(operations, name: str) -> pb.OperationMetadata:
 
 
 def new_run(training) -> str:
-    return training.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=2, seed=0))).model_id
+    return training.CreateModel(pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=2, seed=0))).model_id
 
 
 def test_optim_step_runs_without_the_client_fetching_the_gradient_result(service):

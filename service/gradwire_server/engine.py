@@ -34,6 +34,10 @@ KEEP_GRAPH_TIMEOUT_S = 60.0
 PROBE_LORA_RANK = 32
 
 
+class NonFiniteStep(ArithmeticError):
+    """An optimizer step would have written a non-finite weight (and was undone)."""
+
+
 class RunNotFound(LookupError):
     """No training run with this id is loaded."""
 
@@ -441,6 +445,9 @@ class Engine:
         grads = [p.grad for p in run.params if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
             if grads else torch.zeros(())
+        # Kept until the step is known finite: a step that would write inf/NaN is undone.
+        before = ([p.detach().clone() for p in run.params], [g.clone() for g in grads],
+                  copy.deepcopy(run.optimizer.state_dict()))
         if adam.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(run.params, adam.grad_clip_norm,
                                            foreach=self.device.type == "cuda")
@@ -448,6 +455,16 @@ class Engine:
             group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
                          weight_decay=adam.weight_decay)
         run.optimizer.step()
+        if not all(torch.isfinite(p).all() for p in run.params):
+            weights, kept_grads, optimizer_state = before
+            with torch.no_grad():
+                for p, weight in zip(run.params, weights):
+                    p.copy_(weight)
+                for g, kept in zip(grads, kept_grads):
+                    g.copy_(kept)
+            run.optimizer.load_state_dict(optimizer_state)
+            raise NonFiniteStep(f"this step (grad norm {float(grad_norm):.4g}) would make a weight of "
+                                f"{run_id} infinite or NaN; nothing was changed")
         run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
         return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": adam.learning_rate}

@@ -10,6 +10,19 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "gradwire.dev"
+# The status travels in trailing metadata (grpc-message, grpc-status-details-bin in
+# base64), which gRPC peers refuse beyond 8 KiB in all: the message is cut, and the
+# violations listed within a budget, each cut too.
+MAX_MESSAGE_CHARS = 1000
+MAX_FIELD_CHARS = 100
+MAX_DESCRIPTION_CHARS = 300
+MAX_VIOLATIONS_CHARS = 3000
+_SHOWN_VALUE_CHARS = 100
+
+
+def cut(value: str, limit: int = _SHOWN_VALUE_CHARS) -> str:
+    """`value` as shown in an error: at most `limit` characters, the rest counted."""
+    return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
 
 
 @dataclass
@@ -35,11 +48,21 @@ class ServiceError(Exception):
         details = [info]
         if self.violations:
             bad = any_pb2.Any()
-            bad.Pack(error_details_pb2.BadRequest(field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in self.violations]))
+            bad.Pack(error_details_pb2.BadRequest(field_violations=_within_budget(self.violations)))
             details.append(bad)
-        return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+        return status_pb2.Status(code=self.code.value[0], message=cut(self.message, MAX_MESSAGE_CHARS),
+                                 details=details)
+
+
+def _within_budget(violations: list[FieldViolation]) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    shown, used = [], 0
+    for violation in violations:
+        field, description = cut(violation.field, MAX_FIELD_CHARS), cut(violation.description, MAX_DESCRIPTION_CHARS)
+        used += len(field) + len(description)
+        if shown and used > MAX_VIOLATIONS_CHARS:
+            break
+        shown.append(error_details_pb2.BadRequest.FieldViolation(field=field, description=description))
+    return shown
 
 
 def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
@@ -50,7 +73,7 @@ def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
 
 
 def not_found(what: str, name: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.NOT_FOUND, f"{what} {name!r} not found",
+    return ServiceError(grpc.StatusCode.NOT_FOUND, f"{what} {cut(name)!r} not found",
                         f"{what.upper().replace(' ', '_')}_NOT_FOUND")
 
 

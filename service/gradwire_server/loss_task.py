@@ -36,7 +36,10 @@ class LossTask:
         self._closed = False
         self._error: ServiceError | None = None
         self._pass: LossPass | None = None
-        self._outputs: list[np.ndarray] = []
+        # Outputs kept for an inline response; None once they outgrow it (then they
+        # are read back from the operation's spool with ReadOutputs).
+        self._inline: list[np.ndarray] | None = []
+        self._inline_bytes = 0
 
     # ---- event-loop side ---------------------------------------------------------
 
@@ -67,13 +70,22 @@ class LossTask:
             self._pass = self._start()
         if self._pending:
             outputs = self._pass.feed(self._pending.popleft())
-            self._outputs.extend(outputs)
+            self._keep_inline(outputs)
             self._consumed()
             return Step(False, outputs=outputs)
         metrics = self._pass.commit(self.op_name)
-        response = output_proto(self._outputs, metrics)
+        response = output_proto(self._inline, metrics)
         response.graph_kept, response.reused_datums = self._pass.graph_kept, self._pass.reused_datums
         return Step(True, response)
+
+    def _keep_inline(self, outputs: list[np.ndarray]) -> None:
+        if self._inline is None:
+            return
+        self._inline_bytes += sum(a.nbytes for a in outputs)
+        if self._inline_bytes > INLINE_OUTPUT_BYTES:
+            self._inline = None
+        else:
+            self._inline.extend(outputs)
 
     def discard(self) -> None:
         self._pass = None
@@ -81,13 +93,14 @@ class LossTask:
         self._release_kept()  # a cancelled backward leg frees the graph it was to use
 
 
-def output_proto(outputs: list[np.ndarray], metrics: dict[str, float]) -> pb.ForwardBackwardOutput:
-    """The operation's response: outputs inline when they fit, else a pointer to ReadOutputs."""
+def output_proto(inline: list[np.ndarray] | None, metrics: dict[str, float]) -> pb.ForwardBackwardOutput:
+    """The operation's response: the outputs inline when they fit (`inline`), else
+    (None) a pointer to ReadOutputs."""
     response = pb.ForwardBackwardOutput(loss_fn_output_type="TensorData", metrics=metrics)
-    if sum(a.nbytes for a in outputs) > INLINE_OUTPUT_BYTES:
+    if inline is None:
         response.outputs_streamed = True
     else:
-        response.loss_fn_outputs.extend(output_records(outputs))
+        response.loss_fn_outputs.extend(output_records(inline))
     return response
 
 

@@ -7,7 +7,8 @@ surfaces as a ServiceError raised by the request iterator, so the handler
 fails the stream's job like any other bad message (it never stays parked).
 
 An exception that escapes a handler is a server bug, never the client's: it is
-logged and answered INTERNAL with its type, instead of UNKNOWN. (The fuzz test
+logged and answered INTERNAL with its type, instead of UNKNOWN (a method a
+servicer leaves unimplemented answers UNIMPLEMENTED). (The fuzz test
 asserts that no malformed request gets either code.)
 """
 from __future__ import annotations
@@ -83,6 +84,9 @@ async def _checked(requests: AsyncIterator) -> AsyncIterator:
 async def _fail(context, method: str, error: BaseException) -> None:
     if isinstance(error, ServiceError):
         await abort(context, error)
+    if isinstance(error, NotImplementedError):  # a generated servicer's default method
+        await abort(context, ServiceError(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented",
+                                          "UNIMPLEMENTED"))
     log.error("%s failed", method, exc_info=error)
     await abort(context, internal(error))
 

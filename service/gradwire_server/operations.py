@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import pathlib
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from google.longrunning import operations_pb2, operations_pb2_grpc
-import numpy as np
 from google.protobuf import empty_pb2, message, timestamp_pb2
 
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire_server.errors import ServiceError, abort, not_found
+from gradwire_server import paging
+from gradwire_server.errors import FieldViolation, ServiceError, abort, invalid_argument, not_found
+from gradwire_server.output_spool import OutputSpool, fresh_folder
 
 State = pb.OperationMetadata.State
 
@@ -30,8 +32,13 @@ class OperationRecord:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     finished_at: float | None = None
     on_cancel: Callable[[], bool] | None = None  # cancels it if still queued
-    outputs: list[np.ndarray] = field(default_factory=list)  # per-datum, as computed
+    outputs: list = field(default_factory=list)  # streamed pieces (sampling), as computed
+    spool: OutputSpool | None = None  # per-datum arrays of a forward(-backward), on disk
     progress: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    @property
+    def output_count(self) -> int:
+        return len(self.spool) if self.spool is not None else len(self.outputs)
 
     async def notify_progress(self) -> None:
         async with self.progress:
@@ -40,7 +47,7 @@ class OperationRecord:
     async def wait_progress(self, seen_outputs: int) -> None:
         """Returns once there are more than `seen_outputs` outputs or the operation is done."""
         async with self.progress:
-            await self.progress.wait_for(lambda: len(self.outputs) > seen_outputs or self.operation.done)
+            await self.progress.wait_for(lambda: self.output_count > seen_outputs or self.operation.done)
 
     def snapshot(self) -> operations_pb2.Operation:
         self.operation.metadata.Pack(self.metadata)
@@ -48,9 +55,13 @@ class OperationRecord:
 
 
 class OperationStore:
-    def __init__(self, ttl_s: float = 1800.0, max_wait_s: float = 30.0):
+    """Operations by name. Per-datum outputs of forward(-backward) operations go to a
+    file each under `spool_folder` (emptied now), removed with the operation."""
+
+    def __init__(self, spool_folder: pathlib.Path, ttl_s: float = 1800.0, max_wait_s: float = 30.0):
         self.ttl_s = ttl_s
         self.max_wait_s = max_wait_s
+        self.spool_folder = fresh_folder(spool_folder)
         self._records: dict[str, OperationRecord] = {}
         self._counter = itertools.count(1)
 
@@ -69,10 +80,17 @@ class OperationStore:
             raise not_found("operation", name)
         return record
 
-    def add_outputs(self, name: str, outputs: list[np.ndarray]) -> None:
+    def spool_outputs(self, record: OperationRecord) -> None:
+        """The record's outputs (numpy arrays) will go to a file of their own."""
+        record.spool = OutputSpool(self.spool_folder / record.operation.name.replace("/", "_"))
+
+    def add_outputs(self, name: str, outputs: list) -> None:
         record = self._records.get(name)
         if record is not None:
-            record.outputs.extend(outputs)
+            if record.spool is not None:
+                record.spool.append(outputs)
+            else:
+                record.outputs.extend(outputs)
             asyncio.ensure_future(record.notify_progress())
 
     def set_running(self, name: str) -> None:
@@ -110,8 +128,12 @@ class OperationStore:
         return record
 
     def delete(self, name: str) -> None:
-        self.get(name)
-        del self._records[name]
+        self._drop(self.get(name))
+
+    def _drop(self, record: OperationRecord) -> None:
+        del self._records[record.operation.name]
+        if record.spool is not None:
+            record.spool.remove()
 
     def names(self, prefix: str) -> list[str]:
         return [name for name in self._records if name.startswith(prefix)]
@@ -119,11 +141,16 @@ class OperationStore:
     def expire(self) -> int:
         """Drops operations finished more than ttl_s ago; returns how many."""
         cutoff = time.monotonic() - self.ttl_s
-        stale = [name for name, r in self._records.items()
-                 if r.finished_at is not None and r.finished_at < cutoff]
-        for name in stale:
-            del self._records[name]
+        stale = [r for r in self._records.values() if r.finished_at is not None and r.finished_at < cutoff]
+        for record in stale:
+            self._drop(record)
         return len(stale)
+
+    def close(self) -> None:
+        """Removes every spool file (the server stops)."""
+        for record in self._records.values():
+            if record.spool is not None:
+                record.spool.remove()
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
@@ -140,23 +167,24 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
             await abort(context, error)
 
     async def WaitOperation(self, request, context):
-        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") \
-            else self.store.max_wait_s
+        """Waits up to `timeout` (default and cap: the server's max_wait_s; a longer one is
+        clamped, a negative or malformed one is INVALID_ARGUMENT)."""
         try:
+            timeout = _wait_seconds(request, self.store.max_wait_s)
             return (await self.store.wait(request.name, timeout)).snapshot()
         except ServiceError as error:
             await abort(context, error)
 
     async def ListOperations(self, request, context):
+        try:
+            start, size = paging.page(request.page_token, request.page_size)
+        except ServiceError as error:
+            await abort(context, error)
         names = self.store.names(request.name or request.filter or "")
-        start = int(request.page_token or 0)
-        size = request.page_size or 100
         page = names[start:start + size]
-        response = operations_pb2.ListOperationsResponse(
-            operations=[self.store.get(name).snapshot() for name in page])
-        if start + size < len(names):
-            response.next_page_token = str(start + size)
-        return response
+        return operations_pb2.ListOperationsResponse(
+            operations=[self.store.get(name).snapshot() for name in page],
+            next_page_token=paging.next_token(start, size, len(names) - start))
 
     async def CancelOperation(self, request, context):
         try:
@@ -173,6 +201,16 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         except ServiceError as error:
             await abort(context, error)
         return empty_pb2.Empty()
+
+
+def _wait_seconds(request: operations_pb2.WaitOperationRequest, cap_s: float) -> float:
+    if not request.HasField("timeout"):
+        return cap_s
+    seconds, nanos = request.timeout.seconds, request.timeout.nanos
+    if seconds < 0 or nanos < 0 or nanos >= 1_000_000_000:
+        raise invalid_argument([FieldViolation(
+            "timeout", f"must be a non-negative duration, got {seconds} s and {nanos} ns")])
+    return min(seconds + nanos / 1e9, cap_s)
 
 
 def _now() -> timestamp_pb2.Timestamp:

@@ -5,8 +5,6 @@ on the worker: the event loop never blocks on the disk."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import os
 import pathlib
 from typing import BinaryIO
@@ -17,14 +15,12 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from gradwire.v1 import resource_service_pb2 as rpb
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire_server import checkpoint_ops, checkpoints
+from gradwire_server import checkpoint_ops, checkpoints, paging
 from gradwire_server.errors import FieldViolation, ServiceError, abort, invalid_argument, not_found
 from gradwire_server.run_index import CheckpointRecord, RunIndex, RunRecord
 from gradwire_server.scheduler import Scheduler
 
 DOWNLOAD_CHUNK_BYTES = 2 * 1024 * 1024
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 
 
 class ResourceServicer(rpb_grpc.ResourceServiceServicer):
@@ -39,10 +35,10 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
 
     async def ListTrainingRuns(self, request, context):
         def page() -> rpb.ListTrainingRunsResponse:
-            offset, size = _page(request.page_token, request.page_size)
+            offset, size = paging.page(request.page_token, request.page_size)
             runs = self.index.list_runs(offset, size + 1)
             return rpb.ListTrainingRunsResponse(training_runs=[self._run(r) for r in runs[:size]],
-                                                next_page_token=_next_token(offset, size, len(runs)))
+                                                next_page_token=paging.next_token(offset, size, len(runs)))
 
         try:
             return await asyncio.to_thread(page)
@@ -63,12 +59,12 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
 
     async def ListCheckpoints(self, request, context):
         def page() -> rpb.ListCheckpointsResponse:
-            offset, size = _page(request.page_token, request.page_size)
+            offset, size = paging.page(request.page_token, request.page_size)
             if self.index.get_run(request.training_run_id) is None:
                 raise not_found("training run", request.training_run_id)
             saved = self.index.list_checkpoints(request.training_run_id, offset, size + 1)
             return rpb.ListCheckpointsResponse(checkpoints=[_checkpoint(c) for c in saved[:size]],
-                                               next_page_token=_next_token(offset, size, len(saved)))
+                                               next_page_token=paging.next_token(offset, size, len(saved)))
 
         try:
             return await asyncio.to_thread(page)
@@ -142,30 +138,3 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
-
-
-def _page(token: str, page_size: int) -> tuple[int, int]:
-    """(offset, size) of the page a List request asks for (AIP-158)."""
-    if not 0 <= page_size <= MAX_PAGE_SIZE:
-        raise invalid_argument([FieldViolation("page_size", f"must be in [0, {MAX_PAGE_SIZE}]")])
-    return _page_offset(token), page_size or DEFAULT_PAGE_SIZE
-
-
-def _next_token(offset: int, size: int, fetched: int) -> str:
-    """The next page's token when more than `size` items were fetched; else ""."""
-    if fetched <= size:
-        return ""
-    return base64.urlsafe_b64encode(f"offset:{offset + size}".encode()).decode()
-
-
-def _page_offset(token: str) -> int:
-    """The offset a page token (opaque to clients) stands for."""
-    if not token:
-        return 0
-    try:
-        kind, _, offset = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind == "offset" and offset.isdigit():
-            return int(offset)
-    except (binascii.Error, UnicodeError, ValueError):
-        pass
-    raise invalid_argument([FieldViolation("page_token", f"{token!r} is not a page token of this server")])

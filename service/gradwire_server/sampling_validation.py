@@ -22,6 +22,9 @@ MAX_TOPK_PROMPT_LOGPROBS = 20
 MAX_NUM_SAMPLES = 256  # each sample holds a copy of the prompt's KV cache while it decodes
 # Sample's response rides inside one Operation, within gRPC's 4 MiB default.
 MAX_RESPONSE_BYTES = 3 * 1024 * 1024
+# A temperature below this samples greedily (the limit it tends to), as logits
+# divided by a tiny one overflow float32.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 _BYTES_PER_SAMPLED_TOKEN = 8   # int32 token + float32 logprob
 
 
@@ -135,6 +138,8 @@ def _settings(params: pb.SamplingParams, prompt_length: int, vocab_size: int, ma
     temperature = params.temperature if params.HasField("temperature") else 1.0
     if not math.isfinite(temperature) or temperature < 0:
         violations.append(FieldViolation(f"{where}.temperature", f"must be finite and >= 0, got {temperature}"))
+    elif temperature < GREEDY_BELOW_TEMPERATURE:
+        temperature = 0.0  # greedy: dividing logits by it would overflow to inf
     top_k = params.top_k if params.HasField("top_k") else -1
     if top_k < -1:
         violations.append(FieldViolation(f"{where}.top_k", f"must be -1 or 0 (off) or >= 1, got {top_k}"))

@@ -21,12 +21,14 @@ import torch
 from google.protobuf import message
 
 from gradwire_server.engine import RunNotFound
-from gradwire_server.errors import (ServiceError, aborted, already_used, cancelled, failed_precondition,
-                                    internal, resource_exhausted)
+from gradwire_server.errors import (FieldViolation, ServiceError, aborted, already_used, cancelled,
+                                    failed_precondition, internal, invalid_argument, resource_exhausted)
 from gradwire_server.memory import OutOfMemory
 from gradwire_server.operations import OperationRecord, OperationStore
 
 log = logging.getLogger(__name__)
+
+MAX_SEQ_ID = 2**31 - 1  # seq_id is an int32: 1..MAX_SEQ_ID, and 0 asks for the next free one
 
 @dataclass
 class Step:
@@ -118,6 +120,9 @@ class Scheduler:
         """Accepts a validated request (or a stream's header); returns its operation."""
         order = self._orders.setdefault(run_id, RunOrder())
         seq_id = seq_id or self._next_free(order)
+        if seq_id > MAX_SEQ_ID:
+            raise invalid_argument([FieldViolation(
+                "seq_id", f"0 asks for the next free seq_id of {run_id}, but {MAX_SEQ_ID} is taken")])
         if seq_id < order.next_seq:
             raise aborted(f"seq_id {seq_id} of {run_id} has already run or was skipped")
         record = self.store.create(kind, run_id, seq_id, num_datums)

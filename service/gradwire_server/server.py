@@ -46,6 +46,7 @@ TRAINING_SERVICE = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
 RESOURCE_SERVICE = rpb.DESCRIPTOR.services_by_name["ResourceService"].full_name
 DEFAULT_CHECKPOINT_DIR = pathlib.Path("gradwire-checkpoints")
 INDEX_FILE = "index.sqlite3"
+OUTPUTS_FOLDER = ".operation-outputs"  # a file of per-datum outputs per operation
 SAMPLING_SERVICE = sampling_service_pb2.DESCRIPTOR.services_by_name["SamplingService"].full_name
 OPERATIONS_SERVICE = operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
 _EXPIRY_INTERVAL_S = 60.0
@@ -80,8 +81,9 @@ class GradwireServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.store = OperationStore(config.operation_ttl_s, config.max_wait_s)
         self.checkpoint_root = pathlib.Path(config.checkpoint_dir)
+        self.store = OperationStore(self.checkpoint_root / OUTPUTS_FOLDER, config.operation_ttl_s,
+                                    config.max_wait_s)
         self.index = RunIndex(self.checkpoint_root / INDEX_FILE)
         # Checkpoint folders are the truth; no run of an earlier process is in memory.
         checkpoints.remove_leftovers(self.checkpoint_root)
@@ -154,6 +156,7 @@ class GradwireServer:
             task.cancel()
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.stop)
+        self.store.close()
         self.index.close()
 
     async def wait_for_termination(self) -> None:

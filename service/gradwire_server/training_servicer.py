@@ -19,9 +19,9 @@ from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoints, validation
 from gradwire_server.checkpoint_ops import CheckpointOps
 from gradwire_server.batch import AdamSettings
-from gradwire_server.engine import Engine
+from gradwire_server.engine import Engine, NonFiniteStep
 from gradwire_server.errors import (FieldViolation, ServiceError, abort, abort_with_status, already_exists,
-                                    cancelled, failed_precondition, invalid_argument, not_found)
+                                    cancelled, cut, failed_precondition, invalid_argument, not_found)
 from gradwire_server.loss_task import LossTask, output_records
 from gradwire_server.losses import LOSSES
 from gradwire_server.memory import MemoryPlan
@@ -99,9 +99,9 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     async def CreateModel(self, request, context):
         try:
             info = self._ready()
-            if request.base_model not in ("", info.name):
+            if request.base_model != info.name:
                 raise invalid_argument([FieldViolation(
-                    "base_model", f"this server serves {info.name!r}, not {request.base_model!r}")])
+                    "base_model", f"this server serves {info.name!r}, not {cut(request.base_model)!r}")])
             lora = validation.lora_settings(request.lora_config)
             engine, index, user_metadata = self.engine, self.index, dict(request.user_metadata)
 
@@ -151,7 +151,10 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         engine, index, model_id = self.engine, self.index, request.model_id
 
         def step(adam: AdamSettings) -> pb.OptimStepResponse:
-            metrics = engine.optim_step(model_id, adam)
+            try:
+                metrics = engine.optim_step(model_id, adam)
+            except NonFiniteStep as error:
+                raise failed_precondition(str(error), "NON_FINITE_STEP") from None
             record_change(f"the step of {model_id}", index.set_step, model_id, engine.run(model_id).step)
             return pb.OptimStepResponse(metrics=metrics)
 
@@ -257,6 +260,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     async def _create_once(self, request_id: str, create: Callable[[], Awaitable[str]]) -> str:
         """create()'s run id; a repeated request_id (a retry, AIP-155) gets the run of
         the first request instead of creating another."""
+        validation.request_id(request_id)
         if not request_id:
             return await create()
         creation = self._creations.get(request_id)
@@ -283,12 +287,15 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     async def ReadOutputs(self, request, context):
         try:
             record = self.store.get(request.name)
+            if request.start_datum_index < 0:
+                raise invalid_argument([FieldViolation(
+                    "start_datum_index", f"must be >= 0, got {request.start_datum_index}")])
         except ServiceError as error:
             await abort(context, error)
         index = request.start_datum_index
         while True:
-            if index < len(record.outputs):
-                chunk = _outputs_chunk(record.outputs, index)
+            if index < record.output_count:
+                chunk = record.spool.read(index, READ_CHUNK_BYTES)
                 yield pb.ForwardBackwardOutput(loss_fn_output_type="TensorData", first_datum_index=index,
                                                loss_fn_outputs=output_records(chunk))
                 index += len(chunk)
@@ -404,6 +411,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         task = LossTask(self.engine, model_id, loss_fn, config, backward, consumed,
                         keep_graph=keep_graph and not backward, reuse_forward=reuse_forward if backward else "")
         record = self.scheduler.submit(model_id, seq_id, request_id, kind, task, num_datums=num_datums)
+        self.store.spool_outputs(record)
         task.op_name = record.operation.name  # the task is not ready before its first feed()
         return task, record
 
@@ -411,6 +419,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                ) -> tuple[operations_pb2.Operation | None, T | None]:
         """(the operation of a retried request, None) or (None, validate()). A request
         that fails validation still uses up its seq_id, so the run's order moves on."""
+        validation.seq_id(seq_id)
+        validation.request_id(request_id)
         self._run(model_id)
         if (existing := self.scheduler.existing(model_id, seq_id, request_id)) is not None:
             return self.store.get(existing).snapshot(), None
@@ -461,12 +471,3 @@ async def _until_done(awaitable: Awaitable[T], record: OperationRecord) -> T:
     if not waiting.done() or waiting.cancelled():
         raise _JobFinished
     return waiting.result()
-
-
-def _outputs_chunk(outputs: list, start: int) -> list:
-    """Outputs from `start` that fit one ReadOutputs message (at least one)."""
-    end, size = start, 0
-    while end < len(outputs) and (end == start or size + outputs[end].nbytes <= READ_CHUNK_BYTES):
-        size += outputs[end].nbytes
-        end += 1
-    return outputs[start:end]

@@ -13,8 +13,19 @@ from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings, LossRequest
 from gradwire_server.errors import FieldViolation, invalid_argument
 from gradwire_server.losses import LOSSES
+from gradwire_server.scheduler import MAX_SEQ_ID
 
 MAX_LORA_RANK = 256
+# Decoded loss inputs (target_tokens, weights, ...), checked from the shapes before
+# anything is allocated: a sparse tensor of a few bytes may claim terabytes.
+MAX_DATUM_INPUT_BYTES = 64 * 2**20    # all loss_fn_inputs of one datum
+MAX_REQUEST_INPUT_BYTES = 256 * 2**20  # all datums of a unary request, or of one stream message
+MAX_REQUEST_ID_CHARS = 256
+MAX_CONFIG_VALUE = 1e6                 # |loss_fn_config value|: far beyond any sensible setting
+# AdamW hyperparameters: finite, and bounded so a step cannot overflow float32 weights.
+MAX_LEARNING_RATE = 10.0
+MAX_WEIGHT_DECAY = 100.0
+MAX_EPS = 1.0
 _MAX_VIOLATIONS = 20
 
 
@@ -56,8 +67,9 @@ def _loss_violations(loss_fn: str, config: Mapping[str, float]) -> list[FieldVio
             violations.append(FieldViolation(
                 f"loss_fn_config[{key!r}]",
                 f"{loss_fn} has no config key {key!r}; accepted: {sorted(spec.config_keys)}"))
-        elif not math.isfinite(value):
-            violations.append(FieldViolation(f"loss_fn_config[{key!r}]", "must be finite"))
+        elif not abs(value) <= MAX_CONFIG_VALUE:  # also false for NaN
+            violations.append(FieldViolation(f"loss_fn_config[{key!r}]",
+                                             f"must be finite and within ±{MAX_CONFIG_VALUE:g}, got {value}"))
     for key in sorted(spec.required_config - set(config)):
         violations.append(FieldViolation(f"loss_fn_config[{key!r}]",
                                          f"is required by {loss_fn} and missing (no default)"))
@@ -67,14 +79,63 @@ def _loss_violations(loss_fn: str, config: Mapping[str, float]) -> list[FieldVio
     return violations
 
 
+def seq_id(value: int) -> None:
+    """A request's seq_id: 0 (next free) or 1..MAX_SEQ_ID."""
+    if not 0 <= value <= MAX_SEQ_ID:
+        raise invalid_argument([FieldViolation(
+            "seq_id", f"must be 0 (after every request already submitted) or in [1, {MAX_SEQ_ID}], "
+                      f"got {value}")])
+
+
+def request_id(value: str) -> None:
+    """A client-chosen request id (AIP-155: a UUID fits) of at most MAX_REQUEST_ID_CHARS."""
+    if len(value) > MAX_REQUEST_ID_CHARS:
+        raise invalid_argument([FieldViolation(
+            "request_id", f"has {len(value)} characters, at most {MAX_REQUEST_ID_CHARS} are allowed")])
+
+
 def _data(datums: Sequence, spec, vocab_size: int, max_context: int, index_offset: int,
           violations: list[FieldViolation]) -> list[DatumArrays]:
+    sizes = [_input_bytes(datum, index_offset + i, violations) for i, datum in enumerate(datums)]
+    if violations:
+        return []
+    if sum(sizes) > MAX_REQUEST_INPUT_BYTES:
+        violations.append(FieldViolation("data", f"loss_fn_inputs decode to {sum(sizes)} bytes, more than "
+                                                 f"{MAX_REQUEST_INPUT_BYTES} per request or stream message"))
+        return []
     data = []
     for i, datum in enumerate(datums):
         if len(violations) >= _MAX_VIOLATIONS:
             break
         data.append(_datum(datum, index_offset + i, spec, vocab_size, max_context, violations))
     return data
+
+
+def _input_bytes(datum, index: int, violations: list[FieldViolation]) -> int:
+    """Bytes the datum's loss_fn_inputs decode to, from their shapes alone; a shape that is
+    not [N] or [N, K] with K >= 1, or too large a datum, is a violation."""
+    total = 0
+    for key, tensor in datum.loss_fn_inputs.items():
+        field = f'data[{index}].loss_fn_inputs["{key}"]'
+        shape = list(tensor.shape)
+        nbytes = codec.decoded_nbytes(tensor)
+        if len(shape) > 2 or nbytes is None:
+            violations.append(FieldViolation(field, f"shape {_shown_shape(shape)} is not [N] or [N, K]"))
+        elif len(shape) == 2 and shape[1] == 0:
+            violations.append(FieldViolation(field, f"shape {shape} has no target per position (K = 0)"))
+        elif nbytes > MAX_DATUM_INPUT_BYTES:
+            violations.append(FieldViolation(field, f"shape {shape} decodes to {nbytes} bytes, more than "
+                                                    f"{MAX_DATUM_INPUT_BYTES} per datum"))
+        else:
+            total += nbytes
+    if total > MAX_DATUM_INPUT_BYTES:
+        violations.append(FieldViolation(f"data[{index}].loss_fn_inputs",
+                                         f"decode to {total} bytes, more than {MAX_DATUM_INPUT_BYTES} per datum"))
+    return total
+
+
+def _shown_shape(shape: list[int]) -> str:
+    return str(shape) if len(shape) <= 4 else f"[{shape[0]}, {shape[1]}, ... ({len(shape)} dimensions)]"
 
 
 def _datum(datum, index: int, spec, vocab_size: int, max_context: int,
@@ -177,6 +238,12 @@ def adam_settings(params: pb.AdamParams) -> AdamSettings:
     for name in ("beta1", "beta2"):
         if getattr(settings, name) >= 1:
             violations.append(FieldViolation(f"adam_params.{name}", "must be < 1"))
+    if not 0 < settings.eps <= MAX_EPS:  # 0 divides by zero where a gradient is 0
+        violations.append(FieldViolation("adam_params.eps", f"must be in (0, {MAX_EPS:g}], got {settings.eps}"))
+    for name, high in (("learning_rate", MAX_LEARNING_RATE), ("weight_decay", MAX_WEIGHT_DECAY)):
+        if getattr(settings, name) > high:
+            violations.append(FieldViolation(f"adam_params.{name}",
+                                             f"must be at most {high:g}, got {getattr(settings, name)}"))
     if violations:
         raise invalid_argument(violations)
     return settings

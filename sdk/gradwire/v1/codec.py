@@ -24,8 +24,14 @@ _NUMPY_OF_DTYPE = {
 _DTYPE_OF_NAME = {"float32": DType.FLOAT32, "int64": DType.INT64, "int32": DType.INT32,
                   "bfloat16": DType.BFLOAT16}
 NAME_OF_DTYPE = {v: k for k, v in _DTYPE_OF_NAME.items()}
+# The dtypes a readable encoding may declare (unset means its own).
+_READABLE_DTYPES = {"int64_values": (DType.D_TYPE_UNSPECIFIED, DType.INT64, DType.INT32),
+                    "float_values": (DType.D_TYPE_UNSPECIFIED, DType.FLOAT32)}
 _INT32_LE = np.dtype("<i4")
 _FLOAT32_LE = np.dtype("<f4")
+
+
+MAX_DIMS = 8  # dimensions of a Tensor's shape; numpy itself stops at 64
 
 
 class WireFormatError(ValueError):
@@ -51,6 +57,8 @@ def tensor_from_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:
     """Decodes a Tensor in any of its encodings; raises WireFormatError if inconsistent."""
     encoding = tensor.WhichOneof("encoding")
     shape = tuple(tensor.shape)
+    if encoding in _READABLE_DTYPES and tensor.dtype not in _READABLE_DTYPES[encoding]:
+        raise WireFormatError(f"{encoding} cannot hold dtype {_dtype_name(tensor.dtype)}")
     if encoding == "int64_values":
         flat = np.asarray(tensor.int64_values.values, dtype=np.int64)
         return _reshape(flat, shape or (flat.size,))
@@ -125,7 +133,7 @@ def _frombuffer(buffer: bytes, dtype: int) -> np.ndarray:
         # bfloat16 is the upper half of a float32: widen losslessly.
         return (np.frombuffer(buffer, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
     if dtype not in _NUMPY_OF_DTYPE:
-        raise WireFormatError(f"unsupported dtype {DType.Name(dtype) if dtype in DType.values() else dtype}")
+        raise WireFormatError(f"unsupported dtype {_dtype_name(dtype)}")
     numpy_dtype = _NUMPY_OF_DTYPE[dtype]
     if len(buffer) % numpy_dtype.itemsize:
         raise WireFormatError(
@@ -133,15 +141,41 @@ def _frombuffer(buffer: bytes, dtype: int) -> np.ndarray:
     return np.frombuffer(buffer, dtype=numpy_dtype)
 
 
+def _dtype_name(dtype: int) -> str:
+    return DType.Name(dtype) if dtype in DType.values() else str(dtype)
+
+
+def decoded_nbytes(tensor: tensor_pb2.Tensor) -> int | None:
+    """Bytes tensor_from_proto would allocate for this tensor, known before decoding
+    it (None if the shape is unusable); a receiver checks it against its limits
+    before decoding anything."""
+    shape = tuple(tensor.shape)
+    encoding = tensor.WhichOneof("encoding")
+    if not shape:
+        if encoding == "int64_values":
+            return 8 * len(tensor.int64_values.values)
+        if encoding == "float_values":
+            return 4 * len(tensor.float_values.values)
+    if any(d < 0 for d in shape) or len(shape) > MAX_DIMS:
+        return None
+    itemsize = 8 if encoding == "int64_values" or (encoding != "float_values" and tensor.dtype == DType.INT64) else 4
+    size = itemsize
+    for d in shape:
+        size *= d  # Python ints: no overflow
+    return size
+
+
 def _reshape(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if len(shape) > MAX_DIMS:
+        raise WireFormatError(f"shape has {len(shape)} dimensions, at most {MAX_DIMS} are supported")
     if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.int64)) != flat.size:
         raise WireFormatError(f"{flat.size} elements do not fill shape {list(shape)}")
     return flat.reshape(shape)
 
 
 def _dense_from_csr(csr: tensor_pb2.SparseCsr, dtype: int, shape: tuple[int, ...]) -> np.ndarray:
-    if len(shape) != 2:
-        raise WireFormatError(f"sparse_csr needs a 2-D shape, got {list(shape)}")
+    if len(shape) != 2 or min(shape) < 0:
+        raise WireFormatError(f"sparse_csr needs a 2-D shape of sizes >= 0, got {list(shape)}")
     values = _frombuffer(csr.values, dtype)
     crow = _frombuffer(csr.crow_indices, DType.INT64)
     cols = _frombuffer(csr.col_indices, DType.INT64)

@@ -1,0 +1,286 @@
+"""The issue's bad-input table, one test per row: each sends exactly that request and
+asserts its status code and that nothing changed (the run's weights and accumulated
+gradients are exactly as before)."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from google.longrunning import operations_pb2
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
+
+import gradwire
+from gradwire.v1 import codec, resource_service_pb2, sampling_service_pb2, tensor_pb2
+from gradwire.v1 import sampling_service_pb2_grpc
+from gradwire.v1 import training_service_pb2 as pb
+from reference import assert_state_equal, random_data, raw_request, run_state, succeeded, trained_run
+
+SERVICES = [pb.DESCRIPTOR.services_by_name["TrainingService"],
+            sampling_service_pb2.DESCRIPTOR.services_by_name["SamplingService"],
+            resource_service_pb2.DESCRIPTOR.services_by_name["ResourceService"],
+            operations_pb2.DESCRIPTOR.services_by_name["Operations"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]]
+METHODS = [(service.full_name, method) for service in SERVICES for method in service.methods]
+KB_100 = "x" * 100_000
+
+
+@pytest.fixture()
+def run(server, service):
+    """A trained run with accumulated gradients (so 'nothing changed' covers both)."""
+    tc = trained_run(service)
+    tc.forward_backward(random_data(60), "cross_entropy").result()
+    return tc
+
+
+def status_of(call, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as raised:
+        call(*args, timeout=30, **kwargs)
+    return raised.value
+
+
+def fb_request(run_id: str, seq_id: int = 0, **tensors: tensor_pb2.Tensor) -> pb.ForwardBackwardRequest:
+    """One datum of 4 tokens whose loss_fn_inputs are `tensors`."""
+    request = raw_request(run_id, seq_id, [gradwire.Datum(model_input=gradwire.ModelInput.from_ints([1, 2, 3, 4]),
+                                                          loss_fn_inputs={})])
+    for key, tensor in tensors.items():
+        request.data[0].loss_fn_inputs[key].CopyFrom(tensor)
+    return request
+
+
+def sparse_target(rows: int, width: int) -> tensor_pb2.Tensor:
+    """A sparse int64 target of shape [rows, width] with one entry per row (a few hundred bytes)."""
+    csr = tensor_pb2.SparseCsr(values=np.arange(rows, dtype="<i8").tobytes(),
+                               crow_indices=np.arange(rows + 1, dtype="<i8").tobytes(),
+                               col_indices=np.zeros(rows, dtype="<i8").tobytes())
+    return tensor_pb2.Tensor(sparse_csr=csr, dtype=tensor_pb2.INT64, shape=[rows, width])
+
+
+@pytest.mark.parametrize("service_name, method", METHODS, ids=[f"{s}/{m.name}" for s, m in METHODS])
+def test_undecodable_message_on_every_method(server, run, service_name, method):
+    """The byte 0xff parses as no message: INVALID_ARGUMENT naming the message type."""
+    before = run_state(server, run.model_id)
+    path = f"/{service_name}/{method.name}"
+    with grpc.insecure_channel(server.address) as channel:
+        kinds = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
+                 (True, False): channel.stream_unary, (True, True): channel.stream_stream}
+        call = kinds[method.client_streaming, method.server_streaming](
+            path, request_serializer=None, response_deserializer=None)
+        request = iter([b"\xff"]) if method.client_streaming else b"\xff"
+        with pytest.raises(grpc.RpcError) as raised:
+            answer = call(request, timeout=30)
+            if method.server_streaming:
+                list(answer)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, raised.value.details())
+    assert method.input_type.full_name in raised.value.details()
+    assert_state_equal(before, run_state(server, run.model_id))
+
+
+@pytest.mark.parametrize("request_fields", [
+    pytest.param({"page_token": "abc"}, id="token-abc"),
+    pytest.param({"page_size": -1}, id="negative-page-size"),
+    pytest.param({"page_token": "-1"}, id="token-minus-1"),
+    pytest.param({"page_token": "1" * 30}, id="token-30-digits"),
+])
+def test_list_operations_bad_page(server, stubs, request_fields):
+    _, operations = stubs
+    error = status_of(operations.ListOperations, operations_pb2.ListOperationsRequest(**request_fields))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_list_operations_pages_through_with_its_tokens(server, stubs, run):
+    training, operations = stubs
+    for seed in range(3):  # operations the SDK does not delete once read
+        succeeded(operations, training.Forward(raw_request(run.model_id, 0, random_data(seed))).name)
+    prefix = f"operations/{run.model_id}/"
+    everything = operations.ListOperations(operations_pb2.ListOperationsRequest(name=prefix)).operations
+    paged, token = [], ""
+    while True:
+        page = operations.ListOperations(operations_pb2.ListOperationsRequest(name=prefix, page_size=1,
+                                                                              page_token=token))
+        paged.extend(page.operations)
+        token = page.next_page_token
+        if not token:
+            break
+    assert [op.name for op in paged] == [op.name for op in everything] and len(paged) >= 3
+
+
+def test_ppo_threshold_beyond_bounds(server, stubs, run):
+    before = run_state(server, run.model_id)
+    request = raw_request(run.model_id, 0, random_data(61))
+    request.loss_fn = "ppo"
+    request.loss_fn_config["clip_high_threshold"] = 1e308
+    for datum in request.data:
+        n = len(datum.loss_fn_inputs["target_tokens"].dense) // 8
+        datum.loss_fn_inputs.pop("weights")
+        datum.loss_fn_inputs["logprobs"].CopyFrom(codec.tensor_to_proto(np.full(n, -1.0, np.float32)))
+        datum.loss_fn_inputs["advantages"].CopyFrom(codec.tensor_to_proto(np.ones(n, np.float32)))
+    error = status_of(stubs[0].ForwardBackward, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "clip_high_threshold" in error.details()
+    assert_state_equal(before, run_state(server, run.model_id))
+
+
+@pytest.mark.parametrize("target, words", [
+    pytest.param(tensor_pb2.Tensor(int64_values=tensor_pb2.Int64Values(values=[1, 2, 3, 4]),
+                                   shape=[4] + [1] * 64), "not [N] or [N, K]", id="65-dimensions"),
+    pytest.param(sparse_target(7, 2**40), "per datum", id="sparse-7x2^40"),
+    pytest.param(sparse_target(7, 2**24), "per datum", id="sparse-7x2^24"),
+    pytest.param(tensor_pb2.Tensor(dense=b"", dtype=tensor_pb2.INT64, shape=[4, 0]), "K = 0", id="shape-Nx0"),
+    pytest.param(tensor_pb2.Tensor(int64_values=tensor_pb2.Int64Values(values=[1, 2, 3, 4]),
+                                   dtype=tensor_pb2.FLOAT32), "int64_values cannot hold dtype FLOAT32",
+                 id="int64-values-as-float32"),
+])
+def test_bad_target_tensor(server, stubs, run, target, words):
+    """Rejected naming data[0]'s target_tokens, before anything is decoded or allocated."""
+    before = run_state(server, run.model_id)
+    error = status_of(stubs[0].ForwardBackward, fb_request(run.model_id, target_tokens=target))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert 'data[0].loss_fn_inputs["target_tokens"]' in error.details() and words in error.details()
+    assert_state_equal(before, run_state(server, run.model_id))
+
+
+def test_seq_id_past_the_range_then_zero(server, stubs, service):
+    """seq_id 2^31 - 1 is the last one; 0 (the next free one) after it does not exist."""
+    run = trained_run(service)
+    before = run_state(server, run.model_id)
+    training, _ = stubs
+    training.Forward(raw_request(run.model_id, 2**31 - 1, random_data(62)), timeout=30)  # held for its gap
+    error = status_of(training.ForwardBackward, raw_request(run.model_id, 0, random_data(63)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "seq_id" in error.details()
+    assert_state_equal(before, run_state(server, run.model_id))
+
+
+def test_negative_seq_id(server, stubs, run):
+    before = run_state(server, run.model_id)
+    error = status_of(stubs[0].ForwardBackward, raw_request(run.model_id, -5, random_data(64)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "seq_id" in error.details()
+    assert_state_equal(before, run_state(server, run.model_id))
+    succeeded(stubs[1], stubs[0].ForwardBackward(raw_request(run.model_id, 0, random_data(65))).name)
+
+
+def test_read_outputs_from_a_negative_index(server, stubs, run):
+    name = stubs[0].Forward(raw_request(run.model_id, 0, random_data(66))).name
+    succeeded(stubs[1], name)
+    error = status_of(lambda request, timeout: list(stubs[0].ReadOutputs(request, timeout=timeout)),
+                      pb.ReadOutputsRequest(name=name, start_datum_index=-2**63))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "start_datum_index" in error.details()
+
+
+def test_wait_operation_timeouts(server, stubs, run):
+    """10^15 s is clamped to the server's cap (here: a done operation answers at once);
+    a negative timeout is INVALID_ARGUMENT."""
+    training, operations = stubs
+    name = training.Forward(raw_request(run.model_id, 0, random_data(67))).name
+    succeeded(operations, name)
+    waited = operations.WaitOperation(operations_pb2.WaitOperationRequest(
+        name=name, timeout=duration_pb2.Duration(seconds=10**15)), timeout=60)
+    assert waited.done
+    error = status_of(operations.WaitOperation, operations_pb2.WaitOperationRequest(
+        name=name, timeout=duration_pb2.Duration(seconds=-1)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "timeout" in error.details()
+
+
+def test_tiny_temperature_samples_greedily(server):
+    """temperature 1e-45 samples exactly what temperature 0 (greedy) does."""
+    with grpc.insecure_channel(server.address) as channel:
+        stub = sampling_service_pb2_grpc.SamplingServiceStub(channel)
+        from google.longrunning import operations_pb2_grpc
+        operations = operations_pb2_grpc.OperationsStub(channel)
+
+        def tokens(temperature: float) -> bytes:
+            request = sampling_service_pb2.SampleRequest(
+                base_model="tiny-random", prompt=[codec.tokens_to_chunk(np.array([5, 6, 7]))], num_samples=2,
+                sampling_params=sampling_service_pb2.SamplingParams(max_tokens=8, temperature=temperature, seed=3))
+            response = sampling_service_pb2.SampleResponse()
+            succeeded(operations, stub.Sample(request, timeout=30).name).response.Unpack(response)
+            return [sequence.tokens for sequence in response.sequences]
+
+        assert tokens(1e-45) == tokens(0.0)
+
+
+@pytest.mark.parametrize("adam, field", [
+    pytest.param(pb.AdamParams(learning_rate=1e-3, eps=0.0), "adam_params.eps", id="eps-0"),
+    pytest.param(pb.AdamParams(learning_rate=1e308), "adam_params.learning_rate", id="lr-1e308"),
+    pytest.param(pb.AdamParams(learning_rate=1e-3, weight_decay=1e300), "adam_params.weight_decay", id="wd-1e300"),
+])
+def test_optimizer_hyperparameters_out_of_bounds(server, stubs, run, adam, field):
+    before = run_state(server, run.model_id)
+    error = status_of(stubs[0].OptimStep, pb.OptimStepRequest(model_id=run.model_id, adam_params=adam))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.details()
+    assert_state_equal(before, run_state(server, run.model_id))
+
+
+def test_a_step_that_would_write_a_non_finite_weight_changes_nothing(server, service):
+    """Within the bounds, learning_rate 10 and weight_decay 100 multiply every weight by
+    -999 a step: within a few steps one would overflow to infinity. That step fails
+    FAILED_PRECONDITION and leaves weights, gradients and the step count as they were."""
+    tc = trained_run(service)
+    steep = gradwire.AdamParams(learning_rate=10.0, weight_decay=100.0)
+    for _ in range(40):
+        tc.forward_backward(random_data(68), "cross_entropy").result()
+        before, step = run_state(server, tc.model_id), tc.get_info().step
+        try:
+            tc.optim_step(steep).result()
+        except gradwire.ConflictError as error:
+            assert error.code == grpc.StatusCode.FAILED_PRECONDITION and "infinite or NaN" in str(error)
+            break
+        assert all(bool(weight.isfinite().all()) for weight, _ in run_state(server, tc.model_id).values())
+    else:
+        pytest.fail("no step overflowed")
+    after = run_state(server, tc.model_id)
+    for name, (weight, grad) in before.items():  # exactly equal; NaN gradients of huge weights too
+        torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
+        torch.testing.assert_close(after[name][1], grad, rtol=0, atol=0, equal_nan=True)
+    assert tc.get_info().step == step
+    tc.forward(random_data(69), "cross_entropy").result()  # the run still answers
+
+
+@pytest.mark.parametrize("field", ["model_id", "checkpoint name", "checkpoint path", "operation name",
+                                   "request_id"])
+def test_100_kb_ids_are_cut_in_the_error(server, stubs, run, field):
+    """INVALID_ARGUMENT or NOT_FOUND (not RESOURCE_EXHAUSTED): the value is cut in the message."""
+    before = run_state(server, run.model_id)
+    training, operations = stubs
+    calls = {
+        "model_id": lambda: training.GetInfo(pb.GetInfoRequest(model_id=KB_100), timeout=30),
+        "checkpoint name": lambda: training.SaveWeights(
+            pb.SaveWeightsRequest(model_id=run.model_id, name=KB_100), timeout=30),
+        "checkpoint path": lambda: training.LoadWeights(
+            pb.LoadWeightsRequest(model_id=run.model_id, path=f"gradwire://{KB_100}"), timeout=30),
+        "operation name": lambda: operations.GetOperation(operations_pb2.GetOperationRequest(name=KB_100),
+                                                          timeout=30),
+        "request_id": lambda: training.ForwardBackward(
+            pb.ForwardBackwardRequest(model_id=run.model_id, loss_fn="cross_entropy", request_id=KB_100,
+                                      data=raw_request(run.model_id, 0, random_data(69)).data), timeout=30),
+    }
+    with pytest.raises(grpc.RpcError) as raised:
+        calls[field]()
+    assert raised.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), \
+        raised.value.details()
+    assert len(raised.value.details()) < 2000
+    assert_state_equal(before, run_state(server, run.model_id))
+
+
+def test_stream_message_of_no_kind(server, run):
+    before = run_state(server, run.model_id)
+    messages = [pb.ForwardBackwardStreamRequest(header=pb.StreamHeader(model_id=run.model_id,
+                                                                       loss_fn="cross_entropy")),
+                pb.ForwardBackwardStreamRequest()]
+    with grpc.insecure_channel(server.address) as channel:
+        from gradwire.v1 import training_service_pb2_grpc
+        error = status_of(training_service_pb2_grpc.TrainingServiceStub(channel).ForwardBackwardStream,
+                          iter(messages))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "kind" in error.details()
+    assert_state_equal(before, run_state(server, run.model_id))
+
+
+def test_empty_base_model(server, stubs):
+    runs_before = set(server.engine.runs)
+    error = status_of(stubs[0].CreateModel, pb.CreateModelRequest(base_model="",
+                                                                  lora_config=pb.LoraConfig(rank=2)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "base_model" in error.details()
+    assert set(server.engine.runs) == runs_before
