@@ -64,3 +64,13 @@ def test_server_trains_a_dummy_model_from_a_config_folder(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_models_that_scale_logits_after_the_unembedding_are_refused(tmp_path):
+    """Training computes logprobs from the unembedding itself, so such a model would
+    train on wrong logprobs."""
+    config = tiny_random_config()
+    config.final_logit_softcapping = 30.0
+    config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        load_model(str(tmp_path), torch.device("cpu"), torch.float32, "dummy")

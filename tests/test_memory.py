@@ -75,15 +75,15 @@ def forward_request(run_id: str, seq_id: int, data, keep_graph: bool = False, re
     return request
 
 
-def assert_flat(server, repeat) -> None:
+def assert_flat(server, run_id: str, repeat) -> None:
     """`repeat(i)` leaves no tensor behind: the count after a warm-up call equals
-    the count after CALLS more."""
+    the count after CALLS more, and the run holds no kept graph."""
     repeat(0)
     before = live_tensors(server)
     for i in range(1, CALLS + 1):
         repeat(i)
     assert live_tensors(server) == before
-    assert not server.call(lambda: dict(server.engine.kept))
+    assert not server.call(lambda: run_id in server.engine.kept)
 
 
 def test_custom_loss_over_the_keep_budget_leaves_no_tensor(server, service):
@@ -91,13 +91,15 @@ def test_custom_loss_over_the_keep_budget_leaves_no_tensor(server, service):
     tc = trained_run(service)
     data = random_data(60, lengths=LENGTHS)
     with engine_setting(server, "keep_graph_budget_bytes", 1):
-        assert_flat(server, lambda i: tc.forward_backward_custom(data, squared_logprob_loss).result())
+        assert_flat(server, tc.model_id,
+                    lambda i: tc.forward_backward_custom(data, squared_logprob_loss).result())
 
 
 def test_custom_loss_within_the_budget_leaves_no_tensor(server, service):
     tc = trained_run(service)
     data = random_data(61, lengths=LENGTHS)
-    assert_flat(server, lambda i: tc.forward_backward_custom(data, squared_logprob_loss).result())
+    assert_flat(server, tc.model_id,
+                lambda i: tc.forward_backward_custom(data, squared_logprob_loss).result())
 
 
 def test_expired_kept_graphs_leave_no_tensor(server, service, stubs):
@@ -113,7 +115,7 @@ def test_expired_kept_graphs_leave_no_tensor(server, service, stubs):
         server.call(lambda: [setattr(kept, "expires_at", 0.0) for kept in server.engine.kept.values()])
         server.call(server.engine.drop_expired_graphs)
 
-    assert_flat(server, kept_then_expired)
+    assert_flat(server, tc.model_id, kept_then_expired)
 
 
 def test_cancelled_backward_legs_leave_no_tensor(server, service, stubs):
@@ -131,7 +133,7 @@ def test_cancelled_backward_legs_leave_no_tensor(server, service, stubs):
         assert finished(operations, backward).error.code == grpc.StatusCode.CANCELLED.value[0]
         server.call(lambda: None)  # the worker has discarded the cancelled job
 
-    assert_flat(server, cancelled_leg)
+    assert_flat(server, tc.model_id, cancelled_leg)
 
 
 def test_failed_legs_leave_no_tensor_and_change_nothing(server, service, stubs):
@@ -155,7 +157,7 @@ def test_failed_legs_leave_no_tensor_and_change_nothing(server, service, stubs):
             assert finished(operations, backward).error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
     with micro_batch_tokens(server, 2 * LENGTHS[0]):  # two datums per micro-batch
-        assert_flat(server, failing_legs)
+        assert_flat(server, tc.model_id, failing_legs)
     assert_state_equal(before, run_state(server, tc.model_id))
 
 

@@ -443,19 +443,18 @@ class Engine:
         run = self.run(run_id)
         self.drop_kept_graph(run_id)
         grads = [p.grad for p in run.params if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
-            if grads else torch.zeros(())
+        foreach = self.device.type == "cuda"  # one kernel for all parameters; the CPU keeps its numerics
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)
         # Kept until the step is known finite: a step that would write inf/NaN is undone.
         before = ([p.detach().clone() for p in run.params], [g.clone() for g in grads],
                   copy.deepcopy(run.optimizer.state_dict()))
         if adam.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(run.params, adam.grad_clip_norm,
-                                           foreach=self.device.type == "cuda")
+            torch.nn.utils.clip_grads_with_norm_(run.params, adam.grad_clip_norm, grad_norm, foreach=foreach)
         for group in run.optimizer.param_groups:
             group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
                          weight_decay=adam.weight_decay)
         run.optimizer.step()
-        if not all(torch.isfinite(p).all() for p in run.params):
+        if not torch.stack([torch.isfinite(p).all() for p in run.params]).all():  # one host sync
             weights, kept_grads, optimizer_state = before
             with torch.no_grad():
                 for p, weight in zip(run.params, weights):

@@ -19,6 +19,8 @@ SMOLLM2_135M = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOAD_FORMATS = ("auto", "dummy")
+# Config keys of models that transform logits after the unembedding (Gemma 2, Cohere, Granite).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 # ChatML, as SmolLM2 uses it.
 CHAT_TEMPLATE = (
@@ -67,6 +69,10 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = tor
     else:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    scaled = [key for key in _LOGIT_TRANSFORMS if getattr(model.config, key, None) not in (None, 0, 1)]
+    if scaled:
+        raise ValueError(f"{name_or_path}: logits transformed after the unembedding ({', '.join(scaled)}) "
+                         "are not supported (training computes logprobs from the unembedding itself)")
     model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     context = getattr(model.config, "max_position_embeddings", None) or 2048
