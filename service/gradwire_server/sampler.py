@@ -119,7 +119,7 @@ class Generation:
         self.prompt_blocks: list[int] = []
         self.reservation = 0               # KV blocks reserved, not yet taken
         self.error: Exception | None = None
-        self._prompt_logits: list[torch.Tensor] = []
+        self.prompt_logits: list[torch.Tensor] = []  # per prefill chunk, when the prompt is scored
         self._longest_stop = max((len(s) for s in self.settings.stop_strings), default=0)
 
     @property
@@ -212,6 +212,8 @@ class Generation:
 
 @dataclass
 class KvCacheUsage:
+    """The KV cache budget and use (GetServerCapabilities.kv_cache)."""
+
     budget_bytes: int
     used_bytes: int
     reserved_bytes: int
@@ -317,7 +319,7 @@ class DecodeLoop:
             if budget is not None:
                 budget -= count
             if generation.want_scores:
-                generation._prompt_logits.append(logits)
+                generation.prompt_logits.append(logits)
             if generation.prefill_done:
                 self.prefilling.pop(0)
                 self._finish_prefill(generation, logits[-1:])
@@ -327,8 +329,8 @@ class DecodeLoop:
         the prompt's full blocks, copying its last partial one) and joins them."""
         prompt = generation.spec.prompt
         if generation.want_scores:
-            logits = torch.cat(generation._prompt_logits)
-            generation._prompt_logits = []
+            logits = torch.cat(generation.prompt_logits)
+            generation.prompt_logits = []
             generation.scores = _prompt_scores(logits, torch.from_numpy(prompt).to(self.device), generation.spec)
         if not generation.sequences:
             generation.release_all(self.pool)
