@@ -445,13 +445,13 @@ def choose_tokens(logits: torch.Tensor, settings: list[SamplingSettings], genera
             scores = _nucleus(scores, torch.tensor([s.top_p if s.top_p < 1.0 else 2.0 for s in picked],
                                                    device=logits.device))
         cdf = torch.cumsum(torch.softmax(scores, dim=-1), dim=-1)
-        total = cdf[:, -1:]
+        total = cdf[:, -1:].contiguous()
         uniform = torch.tensor([float(torch.rand(1, generator=generators[i])) for i in sampled_rows],
                                device=logits.device)
         # The first token whose cumulative probability exceeds u * total (never a
         # zero-probability one), clamped to the last token with any probability.
-        sampled = (cdf <= uniform[:, None] * total).sum(dim=-1)
-        sampled = torch.minimum(sampled, (cdf < total).sum(dim=-1))
+        sampled = torch.searchsorted(cdf, uniform[:, None] * total, right=True)[:, 0]
+        sampled = torch.minimum(sampled, torch.searchsorted(cdf, total)[:, 0])
         chosen = chosen.index_copy(0, index, sampled)
     return chosen, logprobs.gather(-1, chosen[:, None])[:, 0]
 
