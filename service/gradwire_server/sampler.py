@@ -404,7 +404,7 @@ class DecodeLoop:
 
     def _stack(self, adapters: list[AdapterWeights | None]) -> dict:
         """The per-module factors and row masks for rows using `adapters`."""
-        distinct = list({id(a): a for a in adapters if a is not None}.values())
+        distinct = sorted({id(a): a for a in adapters if a is not None}.values(), key=id)  # any row order
         if not distinct:
             return {}
         key = tuple(id(a) for a in distinct)
