@@ -116,12 +116,13 @@ class Step:
         row's keys / values [B, H, T, D] (the transformers Cache.update contract)."""
         batch, heads, _, dim = keys.shape
         key_pool, value_pool = self.pool.keys[layer_idx], self.pool.values[layer_idx]
-        key_pool[self.write_slots] = keys.transpose(1, 2).reshape(-1, heads, dim).to(key_pool.dtype)
-        value_pool[self.write_slots] = values.transpose(1, 2).reshape(-1, heads, dim).to(value_pool.dtype)
+        key_pool.index_copy_(0, self.write_slots, keys.transpose(1, 2).reshape(-1, heads, dim).to(key_pool.dtype))
+        value_pool.index_copy_(0, self.write_slots,
+                               values.transpose(1, 2).reshape(-1, heads, dim).to(value_pool.dtype))
         flat = self.read_slots.reshape(-1)
         length = self.read_slots.shape[1]
-        past_keys = key_pool[flat].view(batch, length, heads, dim).transpose(1, 2)
-        past_values = value_pool[flat].view(batch, length, heads, dim).transpose(1, 2)
+        past_keys = key_pool.index_select(0, flat).view(batch, length, heads, dim).transpose(1, 2)
+        past_values = value_pool.index_select(0, flat).view(batch, length, heads, dim).transpose(1, 2)
         return past_keys, past_values
 
 

@@ -119,7 +119,7 @@ class Generation:
         self.prompt_blocks: list[int] = []
         self.reservation = 0               # KV blocks reserved, not yet taken
         self.error: Exception | None = None
-        self._prompt_logits: list[torch.Tensor] = []
+        self.prompt_logits: list[torch.Tensor] = []  # per prefill chunk, when the prompt is scored
         self._longest_stop = max((len(s) for s in self.settings.stop_strings), default=0)
 
     @property
@@ -212,6 +212,8 @@ class Generation:
 
 @dataclass
 class KvCacheUsage:
+    """The KV cache budget and use (GetServerCapabilities.kv_cache)."""
+
     budget_bytes: int
     used_bytes: int
     reserved_bytes: int
@@ -317,7 +319,7 @@ class DecodeLoop:
             if budget is not None:
                 budget -= count
             if generation.want_scores:
-                generation._prompt_logits.append(logits)
+                generation.prompt_logits.append(logits)
             if generation.prefill_done:
                 self.prefilling.pop(0)
                 self._finish_prefill(generation, logits[-1:])
@@ -327,8 +329,8 @@ class DecodeLoop:
         the prompt's full blocks, copying its last partial one) and joins them."""
         prompt = generation.spec.prompt
         if generation.want_scores:
-            logits = torch.cat(generation._prompt_logits)
-            generation._prompt_logits = []
+            logits = torch.cat(generation.prompt_logits)
+            generation.prompt_logits = []
             generation.scores = _prompt_scores(logits, torch.from_numpy(prompt).to(self.device), generation.spec)
         if not generation.sequences:
             generation.release_all(self.pool)
@@ -402,7 +404,7 @@ class DecodeLoop:
 
     def _stack(self, adapters: list[AdapterWeights | None]) -> dict:
         """The per-module factors and row masks for rows using `adapters`."""
-        distinct = list({id(a): a for a in adapters if a is not None}.values())
+        distinct = sorted({id(a): a for a in adapters if a is not None}.values(), key=id)  # any row order
         if not distinct:
             return {}
         key = tuple(id(a) for a in distinct)
@@ -443,13 +445,13 @@ def choose_tokens(logits: torch.Tensor, settings: list[SamplingSettings], genera
             scores = _nucleus(scores, torch.tensor([s.top_p if s.top_p < 1.0 else 2.0 for s in picked],
                                                    device=logits.device))
         cdf = torch.cumsum(torch.softmax(scores, dim=-1), dim=-1)
-        total = cdf[:, -1:]
+        total = cdf[:, -1:].contiguous()
         uniform = torch.tensor([float(torch.rand(1, generator=generators[i])) for i in sampled_rows],
                                device=logits.device)
         # The first token whose cumulative probability exceeds u * total (never a
         # zero-probability one), clamped to the last token with any probability.
-        sampled = (cdf <= uniform[:, None] * total).sum(dim=-1)
-        sampled = torch.minimum(sampled, (cdf < total).sum(dim=-1))
+        sampled = torch.searchsorted(cdf, uniform[:, None] * total, right=True)[:, 0]
+        sampled = torch.minimum(sampled, torch.searchsorted(cdf, total)[:, 0])
         chosen = chosen.index_copy(0, index, sampled)
     return chosen, logprobs.gather(-1, chosen[:, None])[:, 0]
 
