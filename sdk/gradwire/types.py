@@ -21,7 +21,7 @@ __all__ = [
 _NUMPY_DTYPES = {"int64": np.int64, "float32": np.float32}
 # Loss inputs whose dtype is fixed by their name; other keys keep their kind.
 _DTYPE_OF_KEY = {"target_tokens": "int64", "weights": "float32", "advantages": "float32",
-                 "logprobs": "float32"}
+                 "logprobs": "float32", "sequence_ratio_mask": "float32"}
 
 
 @dataclass
