@@ -13,6 +13,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast
 TINY_RANDOM = "tiny-random"
 SMOLLM2_135M = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # ChatML, as SmolLM2 uses it.
 CHAT_TEMPLATE = (
@@ -29,6 +30,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     max_context_length: int
+    aliases: tuple[str, ...] = ()  # other names it answers to (its Hugging Face hub id)
 
     @property
     def vocab_size(self) -> int:
@@ -47,7 +49,19 @@ def load_model(name_or_path: str, device: torch.device) -> LoadedModel:
     model.to(device).eval()
     model.requires_grad_(False)
     context = getattr(model.config, "max_position_embeddings", None) or 2048
-    return LoadedModel(name_or_path, model, tokenizer, int(context))
+    return LoadedModel(name_or_path, model, tokenizer, int(context), hub_aliases(name_or_path, model))
+
+
+def hub_aliases(name_or_path: str, model: PreTrainedModel) -> tuple[str, ...]:
+    """The Hugging Face hub id a served model also answers to, as users write it:
+    smollm2-135m's, or a local folder's `_name_or_path` (when it is not a path)."""
+    if name_or_path == SMOLLM2_135M:
+        return (_SMOLLM2_HUB_ID,)
+    recorded = getattr(model.config, "_name_or_path", "") or ""
+    if pathlib.Path(name_or_path).is_dir() and recorded and recorded != name_or_path \
+            and not pathlib.Path(recorded).is_absolute() and not pathlib.Path(recorded).exists():
+        return (recorded,)
+    return ()
 
 
 def tiny_random_tokenizer() -> GPT2TokenizerFast:

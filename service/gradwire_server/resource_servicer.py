@@ -133,9 +133,12 @@ def _open(file: pathlib.Path) -> tuple[BinaryIO, int]:
 
 
 def _checkpoint(record: CheckpointRecord) -> rpb.Checkpoint:
-    return rpb.Checkpoint(checkpoint_id=record.checkpoint_id, checkpoint_type=record.checkpoint_type,
-                          time=_timestamp(record.created_time), path=record.path,
-                          size_bytes=record.size_bytes, training_run_id=record.run_id)
+    message = rpb.Checkpoint(checkpoint_id=record.checkpoint_id, checkpoint_type=record.checkpoint_type,
+                             time=_timestamp(record.created_time), path=record.path,
+                             size_bytes=record.size_bytes, training_run_id=record.run_id)
+    if record.expires_time is not None:
+        message.expires_at.CopyFrom(_timestamp(record.expires_time))
+    return message
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:

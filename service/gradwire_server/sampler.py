@@ -49,6 +49,8 @@ class SampleSpec:
     settings: SamplingSettings
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0             # k most likely tokens at each generated position
+    prompt_logprobs_last_n: int | None = None  # score only the prompt's last n positions
 
 
 @dataclass
@@ -75,6 +77,7 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
+    topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (ids [k], logprobs [k]) per token
     reported: int = 0
     done_reported: bool = False
 
@@ -123,7 +126,8 @@ class Generation:
             if self.done:
                 return
             tokens, logprobs = choose_tokens(self._next_logits, self.settings, self.generator)
-            keep = self._record(tokens.tolist(), logprobs.tolist())
+            keep = self._record(tokens.tolist(), logprobs.tolist(),
+                                _top_logprobs(self._next_logits, self.spec.topk_sample_logprobs))
             if not keep:
                 return
             if len(keep) < len(self._rows):
@@ -134,13 +138,16 @@ class Generation:
             self._next_logits = model(input_ids=tokens[:, None], cache=self._cache,
                                       use_cache=True).logits[:, -1].float()
 
-    def _record(self, tokens: list[int], logprobs: list[float]) -> list[int]:
-        """Appends each row's token; returns the rows still generating."""
+    def _record(self, tokens: list[int], logprobs: list[float],
+                top: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
+        """Appends each row's token (and its top-k row); returns the rows still generating."""
         keep = []
         for row, (token, logprob) in enumerate(zip(tokens, logprobs)):
             sequence = self.sequences[self._rows[row]]
             sequence.tokens.append(token)
             sequence.logprobs.append(logprob)
+            if top is not None:
+                sequence.topk.append((top[0][row], top[1][row]))
             if token in self.settings.stop_tokens or self._hit_stop_string(sequence.tokens):
                 sequence.stop_reason = "stop"
             elif len(sequence.tokens) >= self.settings.max_tokens:
@@ -196,6 +203,15 @@ def choose_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: t
     return chosen, logprobs.gather(-1, chosen[:, None])[:, 0]
 
 
+def _top_logprobs(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The k most likely tokens of each row of logits [B, V] and their unscaled logprobs
+    (ids [B, k], logprobs [B, k]); None when k is 0."""
+    if k <= 0:
+        return None
+    top = torch.topk(torch.log_softmax(logits, dim=-1), min(k, logits.shape[-1]), dim=-1)
+    return top.indices.cpu().numpy().astype(np.int32), top.values.cpu().numpy()
+
+
 def _nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """Masks all but the most likely tokens whose probabilities first reach top_p
     (the most likely token always stays)."""
@@ -221,4 +237,10 @@ def _prompt_scores(logits: torch.Tensor, prompt: torch.Tensor, spec: SampleSpec)
         ids[1:] = top.indices.cpu().numpy()
         values[1:] = top.values.cpu().numpy()
         scores.topk_ids, scores.topk_logprobs = ids, values
+    if spec.prompt_logprobs_last_n is not None:  # positions before the last n are not scored
+        hidden = max(len(prompt) - spec.prompt_logprobs_last_n, 0)
+        if scores.logprobs is not None:
+            scores.logprobs[:hidden] = np.nan
+        if scores.topk_ids is not None:
+            scores.topk_ids[:hidden], scores.topk_logprobs[:hidden] = 0, TOPK_MASK_LOGPROB
     return scores

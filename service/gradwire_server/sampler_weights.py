@@ -6,16 +6,26 @@ A sampler checkpoint is a standard peft adapter folder (adapter_config.json +
 adapter_model.safetensors). Loaded adapters stay cached (LRU, keyed by path
 and the file's sha256, so other weights under a reused path reload) under a
 generated adapter name.
-Worker thread only.
+
+An ephemeral snapshot (save_weights_and_get_sampling_client) is a run's adapter
+copied into memory, no files, registered here under its path
+gradwire://<run_id>/ephemeral/<id> and served exactly like a loaded checkpoint.
+Snapshots live until released, or until their total size exceeds the budget
+(the oldest unused go first); a sampling request holds its snapshot until it ends.
+Worker thread only, but `snapshot()` (a dict lookup) may be called anywhere.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import pathlib
+import secrets
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import grpc
 import peft
 import safetensors.torch
 import torch
@@ -23,8 +33,30 @@ import torch
 from gradwire_server import checkpoints
 from gradwire_server.checkpoints import Checkpoint
 from gradwire_server.engine import Engine
+from gradwire_server.errors import ServiceError
 
 ADAPTER_WEIGHTS = checkpoints.ADAPTER_WEIGHTS
+EPHEMERAL_KIND = "ephemeral"
+SNAPSHOT_BUDGET_BYTES = 2 * 2**30  # host memory all ephemeral snapshots may hold together
+
+
+def is_ephemeral_path(path: str) -> bool:
+    """Whether `path` names an ephemeral snapshot (gradwire://<run_id>/ephemeral/<id>)."""
+    parts = path.removeprefix(checkpoints.SCHEME).split("/")
+    return path.startswith(checkpoints.SCHEME) and len(parts) == 3 and parts[1] == EPHEMERAL_KIND
+
+
+@dataclass
+class WeightsSnapshot:
+    """A run's LoRA adapter at one moment, in host memory."""
+
+    path: str
+    config: peft.LoraConfig
+    weights: dict[str, torch.Tensor]  # CPU; peft state-dict names
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.weights.values())
 
 
 class AdapterLoadError(ValueError):
@@ -32,34 +64,77 @@ class AdapterLoadError(ValueError):
 
 
 class SamplerAdapters:
-    def __init__(self, engine: Engine, capacity: int = 4):
+    def __init__(self, engine: Engine, capacity: int = 4, snapshot_budget_bytes: int = SNAPSHOT_BUDGET_BYTES):
         self.engine = engine
         self.capacity = capacity
-        self._loaded: OrderedDict[tuple[str, int], str] = OrderedDict()  # (folder, mtime) -> adapter
+        self.snapshot_budget_bytes = snapshot_budget_bytes
+        self._loaded: OrderedDict[tuple[str, str], str] = OrderedDict()  # (path, sha256 or "") -> adapter
+        self._snapshots: OrderedDict[str, WeightsSnapshot] = OrderedDict()  # path -> snapshot, oldest first
 
-    def adapter_for(self, checkpoint: Checkpoint) -> str:
-        """The adapter name of a sampler checkpoint, loading it (after checking the
-        file against the checkpoint's sha256) if it is not cached."""
-        key = (checkpoint.path.path, checkpoint.metadata["files"][ADAPTER_WEIGHTS]["sha256"])
+    def adapter_for(self, source: Checkpoint | WeightsSnapshot) -> str:
+        """The adapter name of a sampler checkpoint (after checking its file against the
+        checkpoint's sha256) or of a snapshot, loading it if it is not cached."""
+        if isinstance(source, WeightsSnapshot):
+            key = (source.path, "")
+        else:
+            key = (source.path.path, source.metadata["files"][ADAPTER_WEIGHTS]["sha256"])
         if key in self._loaded:
             self._loaded.move_to_end(key)
             return self._loaded[key]
-        checkpoints.verify(checkpoint, ADAPTER_WEIGHTS)
         name = "sampler-" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
-        self._load(checkpoint.folder, name)
+        if isinstance(source, WeightsSnapshot):
+            self._load(copy.deepcopy(source.config),
+                       {k: t.to(self.engine.device) for k, t in source.weights.items()}, name)
+        else:
+            checkpoints.verify(source, ADAPTER_WEIGHTS)
+            self._load(*_read_adapter(source.folder, self.engine.device), name)
         self._loaded[key] = name
         if len(self._loaded) > self.capacity:
-            _, evicted = self._loaded.popitem(last=False)
-            with preserved_adapter_state(self.engine.peft_model):
-                self.engine.peft_model.delete_adapter(evicted)
+            self._unload(next(iter(self._loaded)))
         return name
 
-    def _load(self, folder: pathlib.Path, name: str) -> None:
-        try:
-            config = peft.LoraConfig.from_pretrained(str(folder))
-            weights = safetensors.torch.load_file(str(folder / ADAPTER_WEIGHTS), device=str(self.engine.device))
-        except Exception as error:  # noqa: BLE001 - any decoding failure means a damaged file
-            raise AdapterLoadError(f"cannot read the adapter ({ADAPTER_WEIGHTS}): {error}") from None
+    def add_snapshot(self, run_id: str) -> str:
+        """Copies the run's current adapter into memory; returns the snapshot's path."""
+        state = self.engine.save_state(run_id, with_optimizer=False)
+        path = f"{checkpoints.SCHEME}{run_id}/{EPHEMERAL_KIND}/{secrets.token_hex(8)}"
+        config = copy.deepcopy(self.engine.peft_model.peft_config[run_id])
+        self._snapshots[path] = WeightsSnapshot(path, config, state.adapter)
+        total = sum(s.nbytes for s in self._snapshots.values())
+        while total > self.snapshot_budget_bytes and len(self._snapshots) > 1:
+            total -= self._forget(next(iter(self._snapshots))).nbytes  # the oldest unused first
+        return path
+
+    def snapshot(self, path: str) -> WeightsSnapshot:
+        """The snapshot at `path` (marked as recently used); NOT_FOUND once freed."""
+        found = self._snapshots.get(path)
+        if found is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND,
+                               f"ephemeral sampler weights {path} not found: released, or freed under "
+                               "memory pressure (save_weights_for_sampler(name) keeps weights until "
+                               "deleted)", "SAMPLER_WEIGHTS_NOT_FOUND")
+        self._snapshots.move_to_end(path)
+        return found
+
+    def release(self, path: str) -> None:
+        """Frees the snapshot at `path` (NOT_FOUND if it is gone already)."""
+        self.snapshot(path)
+        self._forget(path)
+
+    def snapshot_count(self) -> int:
+        return len(self._snapshots)
+
+    def _forget(self, path: str) -> WeightsSnapshot:
+        """Drops a snapshot and its loaded adapter (a request still running keeps its copy)."""
+        if (path, "") in self._loaded:
+            self._unload((path, ""))
+        return self._snapshots.pop(path)
+
+    def _unload(self, key: tuple[str, str]) -> None:
+        name = self._loaded.pop(key)
+        with preserved_adapter_state(self.engine.peft_model):
+            self.engine.peft_model.delete_adapter(name)
+
+    def _load(self, config: peft.LoraConfig, weights: dict[str, torch.Tensor], name: str) -> None:
         config.inference_mode = True
         engine = self.engine
         # Adding an adapter initialises it randomly: keep the global RNG untouched.
@@ -106,6 +181,17 @@ class SamplerAdapters:
             else:
                 model.set_adapter(adapter, inference_mode=True)
                 yield model
+
+
+def _read_adapter(folder: pathlib.Path, device: torch.device
+                  ) -> tuple[peft.LoraConfig, dict[str, torch.Tensor]]:
+    """A sampler checkpoint folder's LoRA config and weights."""
+    try:
+        config = peft.LoraConfig.from_pretrained(str(folder))
+        weights = safetensors.torch.load_file(str(folder / ADAPTER_WEIGHTS), device=str(device))
+    except Exception as error:  # noqa: BLE001 - any decoding failure means a damaged file
+        raise AdapterLoadError(f"cannot read the adapter ({ADAPTER_WEIGHTS}): {error}") from None
+    return config, weights
 
 
 @contextlib.contextmanager

@@ -4,6 +4,9 @@ DECODE_STEPS_PER_TURN tokens, so training runs interleave with a long
 generation. A streaming task reports each turn's new tokens as it goes."""
 from __future__ import annotations
 
+import secrets
+
+import numpy as np
 from google.protobuf import message
 
 from gradwire import _codec
@@ -12,7 +15,7 @@ from gradwire_server.checkpoints import Checkpoint
 from gradwire_server.engine import Engine
 from gradwire_server.errors import FieldViolation, invalid_argument
 from gradwire_server.sampler import Generation, PromptScores, SampleSpec, SequenceNews
-from gradwire_server.sampler_weights import AdapterLoadError, SamplerAdapters
+from gradwire_server.sampler_weights import AdapterLoadError, SamplerAdapters, WeightsSnapshot
 from gradwire_server.scheduler import Step
 
 # Each turn switches the model's adapters (to a sampler adapter: peft walks every
@@ -23,10 +26,10 @@ STOP_REASONS = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
 
 
 class SampleTask:
-    """`checkpoint`: a sampler checkpoint, None for the base model. With `stream`,
+    """`checkpoint`: a sampler checkpoint or ephemeral snapshot, None for the base model. With `stream`,
     every turn reports a SampleStreamResponse as an operation output."""
 
-    def __init__(self, engine: Engine, adapters: SamplerAdapters, checkpoint: Checkpoint | None,
+    def __init__(self, engine: Engine, adapters: SamplerAdapters, checkpoint: Checkpoint | WeightsSnapshot | None,
                  spec: SampleSpec, stream: bool = False):
         self.engine, self.adapters, self.checkpoint = engine, adapters, checkpoint
         self.spec, self.stream = spec, stream
@@ -71,10 +74,12 @@ class SampleTask:
     def _response(self) -> message.Message:
         if self.spec.num_samples == 0:
             return pb.ComputeLogprobsResponse(logprobs=_codec.pack_float32(self._scores.logprobs))
+        request_id = secrets.token_hex(8)  # sequence ids: unique across requests and restarts
         response = pb.SampleResponse(sequences=[
             pb.SampledSequence(stop_reason=STOP_REASONS[s.stop_reason], tokens=_codec.pack_int32(s.tokens),
-                               logprobs=_codec.pack_float32(s.logprobs))
-            for s in self._generation.sequences])
+                               logprobs=_codec.pack_float32(s.logprobs), sequence_id=f"{request_id}-{i}",
+                               topk_logprobs=_topk_rows(s.topk) if s.topk else None)
+            for i, s in enumerate(self._generation.sequences)])
         self._add_scores(response)
         return response
 
@@ -98,3 +103,9 @@ class SampleTask:
                 token_ids=_codec.pack_int32(scores.topk_ids), logprobs=_codec.pack_float32(scores.topk_logprobs),
                 k=k, prompt_length=length))
 
+
+def _topk_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> pb.TopkSampleLogprobs:
+    """A sequence's per-token top-k (ids, logprobs) rows as one dense message."""
+    return pb.TopkSampleLogprobs(token_ids=_codec.pack_int32(np.stack([ids for ids, _ in rows])),
+                                 logprobs=_codec.pack_float32(np.stack([lps for _, lps in rows])),
+                                 k=len(rows[0][0]))

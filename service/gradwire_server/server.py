@@ -11,6 +11,7 @@ import pathlib
 import signal
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -24,7 +25,7 @@ from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire.v1 import sampling_service_pb2, sampling_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-from gradwire_server import checkpoints
+from gradwire_server import checkpoint_ops, checkpoints
 from gradwire_server.engine import KEEP_GRAPH_BUDGET_BYTES, KEEP_GRAPH_TIMEOUT_S, Engine
 from gradwire_server.models import LoadedModel, load_model
 from gradwire_server.operations import OperationsServicer, OperationStore
@@ -58,6 +59,8 @@ class ServerConfig:
     # Activations a custom loss's forward leg may keep for its backward leg (0: always recompute).
     keep_graph_budget_mb: float = KEEP_GRAPH_BUDGET_BYTES / 2**20
     keep_graph_timeout_s: float = KEEP_GRAPH_TIMEOUT_S
+    # How often checkpoints whose TTL ran out are deleted.
+    checkpoint_expiry_interval_s: float = 60.0
 
 
 class GradwireServer:
@@ -112,11 +115,13 @@ class GradwireServer:
         self.scheduler = Scheduler(self.store, asyncio.get_running_loop())
         self.scheduler.start()
         info = _model_info(loaded, device)
-        self.training.attach(self.engine, self.scheduler, info)
-        self.sampling.attach(self.engine, self.scheduler, info, SamplerAdapters(self.engine))
+        adapters = SamplerAdapters(self.engine)
+        self.training.attach(self.engine, self.scheduler, info, adapters)
+        self.sampling.attach(self.engine, self.scheduler, info, adapters)
         self.resources.attach(self.scheduler)
         self._expiry = [asyncio.create_task(self._expire_operations()),
-                        asyncio.create_task(self._expire_kept_graphs())]
+                        asyncio.create_task(self._expire_kept_graphs()),
+                        asyncio.create_task(self._expire_checkpoints())]
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("gradwire-server listening on %s:%d", self.config.host, self.port)
 
@@ -142,6 +147,21 @@ class GradwireServer:
             await asyncio.sleep(_EXPIRY_INTERVAL_S)
             self.store.expire()
 
+    async def _expire_checkpoints(self) -> None:
+        """Deletes checkpoints whose TTL ran out (on the worker, between saves and loads)."""
+        while True:
+            await asyncio.sleep(self.config.checkpoint_expiry_interval_s)
+            await self.expire_checkpoints()
+
+    async def expire_checkpoints(self) -> list[str]:
+        """One sweep now: deletes the checkpoints whose TTL ran out; returns their paths."""
+        now = time.time()
+        deleted = await self.scheduler.run_on_worker("expire-checkpoints", lambda: checkpoint_ops.delete_expired(
+            self.checkpoint_root, self.index, now))
+        for path in deleted:
+            log.info("deleted expired checkpoint %s", path)
+        return deleted
+
     async def _expire_kept_graphs(self) -> None:
         """Frees forward graphs whose backward leg never came (the client went away)."""
         while True:
@@ -155,7 +175,7 @@ def _model_info(loaded: LoadedModel, device: torch.device) -> ModelInfo:
         files = {path.name: path.read_bytes() for path in pathlib.Path(folder).iterdir() if path.is_file()}
     return ModelInfo(name=loaded.name, architecture=type(loaded.model).__name__,
                      vocab_size=loaded.vocab_size, max_context_length=loaded.max_context_length,
-                     device=device.type, tokenizer_files=files)
+                     device=device.type, tokenizer_files=files, aliases=loaded.aliases)
 
 
 async def serve(config: ServerConfig) -> None:
