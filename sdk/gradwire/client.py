@@ -18,6 +18,8 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,11 +30,13 @@ from google.protobuf import duration_pb2
 from tqdm.auto import tqdm
 
 from gradwire import _convert, custom_loss, types
-from gradwire.errors import (AbortedError, APITimeoutError, GradwireError, error_from_rpc,
-                             error_from_status)
+from gradwire.errors import (AbortedError, APITimeoutError, GradwireError, UnsupportedFeatureError,
+                             error_from_rpc, error_from_status)
 from gradwire.futures import APIFuture
-from gradwire.rest_client import RestClient
+from gradwire.rest_client import RestClient, _gradwire_path
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
+from gradwire.v1 import sampling_service_pb2 as sampling_pb
+from gradwire.v1 import sampling_service_pb2_grpc as sampling_pb_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 
@@ -47,15 +51,33 @@ _POLL_S = 30.0  # one WaitOperation long-poll; the server caps it too
 class ServiceClient:
     """Entry point: connects to a gradwire server and creates clients.
 
-    base_url defaults to $GRADWIRE_BASE_URL, else localhost:50051; api_key
-    (default $GRADWIRE_API_KEY) is sent as a bearer token when set. Streamed
-    uploads show a progress bar unless progress=False (or $GRADWIRE_PROGRESS=0).
-    Calls are retried for up to retry_s seconds while the server is unreachable
-    or still loading its model.
+    Parameters are Tinker's, in its order. user_metadata labels every training
+    run this client creates. base_url defaults to $GRADWIRE_BASE_URL, else
+    localhost:50051; api_key (default $GRADWIRE_API_KEY) is sent as a bearer
+    token when set. display_name is kept on the client only (gradwire has no
+    sessions or console); project_id is a hosted feature (UnsupportedFeatureError).
+    Other keywords (options of the hosted SDK's HTTP client) are ignored with a
+    warning. Streamed uploads show a progress bar unless progress=False (or
+    $GRADWIRE_PROGRESS=0). Calls are retried for up to retry_s seconds while the
+    server is unreachable or still loading its model.
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None,
-                 progress: bool | None = None, retry_s: float = 60.0):
+    def __init__(self, user_metadata: dict[str, str] | None = None, project_id: str | None = None, *,
+                 display_name: str | None = None, base_url: str | None = None, api_key: str | None = None,
+                 progress: bool | None = None, retry_s: float = 60.0, **kwargs: Any):
+        if isinstance(user_metadata, str):  # gradwire < 0.2: ServiceClient(base_url, api_key)
+            warnings.warn("ServiceClient(base_url) positionally is deprecated: pass base_url=...",
+                          DeprecationWarning, stacklevel=2)
+            user_metadata, base_url, api_key = None, user_metadata, api_key or project_id
+            project_id = None
+        if project_id is not None:
+            raise UnsupportedFeatureError("ServiceClient(project_id=...)",
+                                          "projects are a feature of the hosted Tinker service")
+        if kwargs:
+            warnings.warn(f"ServiceClient ignores {sorted(kwargs)}: options of the hosted Tinker "
+                          "service's HTTP client", stacklevel=2)
+        self.user_metadata = dict(user_metadata or {})
+        self.display_name = display_name
         self.retry_s = retry_s
         self.progress = progress if progress is not None else os.environ.get("GRADWIRE_PROGRESS", "1") != "0"
         target = base_url or os.environ.get("GRADWIRE_BASE_URL") or DEFAULT_BASE_URL
@@ -71,7 +93,11 @@ class ServiceClient:
         # clients (an RL loop makes a new one per step).
         self._sampling_senders = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="gradwire-sampling")
         self._operations = operations_pb2_grpc.OperationsStub(self._channel)
+        self._sampling = sampling_pb_grpc.SamplingServiceStub(self._channel)
         self._tokenizers: dict[str, Any] = {}
+        # Ephemeral sampler weights -> sampling clients using them; released at 0.
+        self._snapshot_users: dict[str, int] = {}
+        self._snapshot_lock = threading.Lock()
 
     # ---- plumbing shared by the clients ------------------------------------------
 
@@ -209,13 +235,20 @@ class ServiceClient:
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
                                     train_mlp: bool = True, train_attn: bool = True,
                                     train_unembed: bool = True,
-                                    user_metadata: dict[str, str] | None = None) -> TrainingClient:
-        """A new training run: a LoRA adapter of `rank` on `base_model`, with its own AdamW."""
+                                    user_metadata: dict[str, str] | None = None,
+                                    optimizer: types.OptimizerConfig | None = None) -> TrainingClient:
+        """A new training run: a LoRA adapter of `rank` on `base_model`, with its own AdamW.
+
+        Returns the client, which also answers .result() and await (Tinker's future form).
+        optimizer: AdamOptimizerConfig (the default); other families are not supported."""
+        if optimizer is not None and getattr(optimizer, "type", None) != "adamw":
+            raise UnsupportedFeatureError(f"optimizer {getattr(optimizer, 'type', optimizer)!r}",
+                                          "gradwire trains with AdamW only")
         config = pb.LoraConfig(rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
                                train_unembed=train_unembed)
         response = self._call("CreateModel", pb.CreateModelRequest(
-            base_model=base_model, lora_config=config, user_metadata=user_metadata or {},
-            request_id=_request_id()))
+            base_model=base_model, lora_config=config,
+            user_metadata={**self.user_metadata, **(user_metadata or {})}, request_id=_request_id()))
         return TrainingClient(self, response.model_id, base_model)
 
     async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:
@@ -243,8 +276,8 @@ class ServiceClient:
     def _training_client_from_state(self, path: str, optimizer: bool,
                                     user_metadata: dict[str, str] | None) -> TrainingClient:
         response = self._call("CreateModelFromState", pb.CreateModelFromStateRequest(
-            path=path, optimizer=optimizer, user_metadata=user_metadata or {},
-            request_id=_request_id()))
+            path=_gradwire_path(path), optimizer=optimizer,
+            user_metadata={**self.user_metadata, **(user_metadata or {})}, request_id=_request_id()))
         info = self._call("GetInfo", pb.GetInfoRequest(model_id=response.model_id))
         return TrainingClient(self, response.model_id, info.model_name)
 
@@ -252,17 +285,45 @@ class ServiceClient:
         """A client for training runs and checkpoints as resources (list, get, delete, download)."""
         return RestClient(self)
 
-    def create_sampling_client(self, model_path: str | None = None,
-                               base_model: str | None = None) -> SamplingClient:
+    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
+                               retry_config: Any = None) -> SamplingClient:
         """A client that samples from a sampler checkpoint (model_path,
-        `gradwire://<run_id>/sampler_weights/<name>`) or the base model (base_model)."""
+        `gradwire://<run_id>/sampler_weights/<name>`, or an ephemeral snapshot) or the
+        base model (base_model). retry_config: see SamplingClient."""
         from gradwire.sampling_client import SamplingClient  # that module imports this one
 
-        return SamplingClient(self, model_path=model_path, base_model=base_model)
+        return SamplingClient(self, model_path=model_path and _gradwire_path(model_path),
+                              base_model=base_model, retry_config=retry_config)
 
-    async def create_sampling_client_async(self, model_path: str | None = None,
-                                           base_model: str | None = None) -> SamplingClient:
-        return self.create_sampling_client(model_path, base_model)
+    async def create_sampling_client_async(self, model_path: str | None = None, base_model: str | None = None,
+                                           retry_config: Any = None) -> SamplingClient:
+        return self.create_sampling_client(model_path, base_model, retry_config)
+
+    def _use_snapshot(self, path: str, client: object) -> None:
+        """Counts `client` as a user of the ephemeral weights at `path`; when the last
+        user is garbage-collected, the server frees them."""
+        with self._snapshot_lock:
+            self._snapshot_users[path] = self._snapshot_users.get(path, 0) + 1
+        weakref.finalize(client, self._drop_snapshot_user, path)
+
+    def _drop_snapshot_user(self, path: str) -> None:
+        with self._snapshot_lock:
+            self._snapshot_users[path] -= 1
+            if self._snapshot_users[path]:
+                return
+            del self._snapshot_users[path]
+
+        def release() -> None:
+            try:
+                self._sampling.ReleaseSamplerWeights(sampling_pb.ReleaseSamplerWeightsRequest(model_path=path),
+                                                     metadata=self._metadata, timeout=30)
+            except grpc.RpcError:
+                pass  # gone already, or the server is away: it frees snapshots under pressure anyway
+
+        try:
+            self._sampling_senders.submit(release)
+        except RuntimeError:
+            pass  # the client was closed
 
     def close(self) -> None:
         self._sampling_senders.shutdown(wait=False, cancel_futures=True)
@@ -353,11 +414,20 @@ class TrainingClient:
 
         return self._enqueue(send, fetch, "forward_backward_custom")
 
-    def optim_step(self, adam_params: types.AdamParams) -> APIFuture[types.OptimStepResponse]:
-        """One AdamW step with the accumulated gradients, which are then cleared."""
+    def optim_step(self, optim_params: types.AdamParams | None = None, *,
+                   adam_params: types.AdamParams | None = None) -> APIFuture[types.OptimStepResponse]:
+        """One AdamW step with the accumulated gradients, which are then cleared.
+        (`adam_params=` is gradwire's former name of optim_params, deprecated.)"""
+        if adam_params is not None:
+            warnings.warn("optim_step(adam_params=...) is deprecated: pass optim_params",
+                          DeprecationWarning, stacklevel=2)
+            optim_params = adam_params
+        if not isinstance(optim_params, types.AdamParams):
+            raise UnsupportedFeatureError(f"optim_step({type(optim_params).__name__})",
+                                          "gradwire trains with AdamW: pass an AdamParams")
         return self._ordered_call("OptimStep", pb.OptimStepRequest, pb.OptimStepResponse,
                                   lambda r: types.OptimStepResponse(metrics=dict(r.metrics)), "optim_step",
-                                  adam_params=_convert.adam_params(adam_params))
+                                  adam_params=_convert.adam_params(optim_params))
 
     async def forward_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward; the awaited APIFuture gives the result."""
@@ -377,19 +447,67 @@ class TrainingClient:
 
     # ---- checkpoints (ordered like training requests) -------------------------------
 
-    def save_state(self, name: str) -> APIFuture[types.SaveWeightsResponse]:
+    def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
+                   user_metadata: dict[str, str] | None = None) -> APIFuture[types.SaveWeightsResponse]:
         """Saves the adapter and AdamW state, after every request made before it, as
-        the checkpoint gradwire://<model_id>/weights/<name> (a name is never reused)."""
+        the checkpoint gradwire://<model_id>/weights/<name>. With ttl_seconds the
+        server deletes it that long after the save; a taken name is ConflictError
+        unless overwrite, which replaces the old checkpoint atomically."""
         return self._ordered_call("SaveWeights", pb.SaveWeightsRequest, pb.SaveWeightsResponse,
-                                  lambda r: types.SaveWeightsResponse(path=r.path), "save_state", name=name)
+                                  lambda r: types.SaveWeightsResponse(path=r.path), "save_state", name=name,
+                                  ttl_seconds=ttl_seconds, overwrite=overwrite, user_metadata=user_metadata or {})
 
-    def save_weights_for_sampler(self, name: str) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+    def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
+                                 user_metadata: dict[str, str] | None = None
+                                 ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         """Saves the adapter alone (a peft adapter folder) as
-        gradwire://<model_id>/sampler_weights/<name>, for sampling."""
+        gradwire://<model_id>/sampler_weights/<name>, for sampling (ttl_seconds: as
+        in save_state)."""
         return self._ordered_call("SaveWeightsForSampler", pb.SaveWeightsForSamplerRequest,
                                   pb.SaveWeightsForSamplerResponse,
                                   lambda r: types.SaveWeightsForSamplerResponse(path=r.path),
-                                  "save_weights_for_sampler", name=name)
+                                  "save_weights_for_sampler", name=name, ttl_seconds=ttl_seconds,
+                                  user_metadata=user_metadata or {})
+
+    def create_sampling_client(self, model_path: str, retry_config: Any = None) -> SamplingClient:
+        """A client sampling from the sampler checkpoint (or snapshot) at model_path."""
+        return self.service.create_sampling_client(model_path=model_path, retry_config=retry_config)
+
+    def save_weights_and_get_sampling_client_submit(self, retry_config: Any = None) -> APIFuture[SamplingClient]:
+        """Snapshots the adapter as it is after every request made before this one, in
+        server memory (no files), and gives a SamplingClient on the snapshot. The
+        server frees the snapshot once no SamplingClient of it is left (or, oldest
+        first, when snapshots outgrow its memory budget)."""
+        service = self.service
+
+        def client(response: pb.SaveWeightsForSamplerResponse) -> SamplingClient:
+            return service.create_sampling_client(model_path=response.path, retry_config=retry_config)
+
+        return self._ordered_call("SaveWeightsForSampler", pb.SaveWeightsForSamplerRequest,
+                                  pb.SaveWeightsForSamplerResponse, client,
+                                  "save_weights_and_get_sampling_client", ephemeral=True)
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config: Any = None,
+                                             record_stability_info: bool = False,
+                                             kind: str | None = None) -> SamplingClient:
+        """save_weights_and_get_sampling_client_submit(...).result(): a SamplingClient
+        (which also answers .result() and await) on an in-memory snapshot of the
+        current weights. `name` is ignored, as in Tinker (use save_weights_for_sampler
+        for weights that must last). record_stability_info and kind belong to the
+        hosted service's stable_reinforce and are not supported."""
+        if record_stability_info:
+            raise UnsupportedFeatureError("save_weights_and_get_sampling_client(record_stability_info=True)",
+                                          "it records data for the hosted stable_reinforce loss, whose "
+                                          "formula is not published")
+        if kind is not None:
+            raise UnsupportedFeatureError(f"save_weights_and_get_sampling_client(kind={kind!r})")
+        return self.save_weights_and_get_sampling_client_submit(retry_config).result()
+
+    async def save_weights_and_get_sampling_client_async(self, name: str | None = None, retry_config: Any = None,
+                                                         record_stability_info: bool = False,
+                                                         kind: str | None = None) -> SamplingClient:
+        return await asyncio.to_thread(self.save_weights_and_get_sampling_client, name, retry_config,
+                                       record_stability_info, kind)
 
     def load_state(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
         """Replaces this run's adapter weights by the checkpoint's; the optimizer starts
@@ -407,12 +525,6 @@ class TrainingClient:
         request made before it. Its checkpoints stay; later calls fail."""
         return self._ordered_call("UnloadModel", pb.UnloadModelRequest, pb.UnloadModelResponse,
                                   lambda r: types.UnloadModelResponse(model_id=r.model_id), "unload")
-
-    def save_weights_and_get_sampling_client(self, name: str | None = None):
-        """save_weights_for_sampler, then a SamplingClient on those weights."""
-        name = name or f"sampler-{uuid.uuid4().hex[:12]}"
-        path = self.save_weights_for_sampler(name).result().path
-        return self.service.create_sampling_client(model_path=path)
 
     async def save_state_async(self, *args, **kwargs) -> APIFuture[types.SaveWeightsResponse]:
         """Submits save_state; the awaited APIFuture gives the result."""
@@ -435,14 +547,11 @@ class TrainingClient:
         """Submits unload; the awaited APIFuture gives the result."""
         return await _submitted(self.unload())
 
-    async def save_weights_and_get_sampling_client_async(self, name: str | None = None):
-        return await asyncio.to_thread(self.save_weights_and_get_sampling_client, name)
-
     def _load_call(self, path: str, optimizer: bool) -> APIFuture[types.LoadWeightsResponse]:
         return self._ordered_call("LoadWeights", pb.LoadWeightsRequest, pb.LoadWeightsResponse,
                                   lambda r: types.LoadWeightsResponse(path=r.path),
                                   "load_state_with_optimizer" if optimizer else "load_state",
-                                  path=path, optimizer=optimizer)
+                                  path=_gradwire_path(path), optimizer=optimizer)
 
     def _ordered_call(self, rpc: str, request_type, response_type, convert: Callable[[Any], Any],
                       label: str, **fields) -> APIFuture:

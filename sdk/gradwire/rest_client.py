@@ -5,27 +5,36 @@ Named after Tinker's RestClient; it speaks gRPC like the rest of the SDK.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import pathlib
 import secrets
 import shutil
-from typing import TYPE_CHECKING
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
 from gradwire import _convert, types
-from gradwire.errors import APIError, error_from_rpc
+from gradwire.errors import APIError, APITimeoutError, UnsupportedFeatureError, error_from_rpc
+from gradwire.futures import APIFuture
 from gradwire.v1 import resource_service_pb2 as rpb
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from gradwire.client import ServiceClient
 
 
 class RestClient:
-    """Lists, describes, deletes and downloads training runs and checkpoints.
+    """Training runs and checkpoints as resources, with Tinker's RestClient methods.
 
-    Create it with `ServiceClient.create_rest_client()`. Each method returns its
-    value; the `_async` twins await it without blocking the event loop.
+    Create it with `ServiceClient.create_rest_client()`. As in Tinker, each method
+    returns a future at once (`.result()`), and its `_async` twin the value.
+    Checkpoint paths may be written gradwire://... or tinker://...
+    Publishing, signed archive URLs and other hosted-storage features raise
+    UnsupportedFeatureError; download_checkpoint fetches the files instead.
     """
 
     def __init__(self, service: ServiceClient):
@@ -34,40 +43,76 @@ class RestClient:
     def _call(self, method: str, request):
         return self.service._call(method, request, stub=self.service._resources)
 
-    def list_training_runs(self) -> list[types.TrainingRun]:
-        """Every training run the server knows, oldest first, loaded in memory or not."""
-        runs, token = [], ""
-        while True:
-            response = self._call("ListTrainingRuns", rpb.ListTrainingRunsRequest(page_token=token))
-            runs.extend(_convert.training_run(run) for run in response.training_runs)
-            token = response.next_page_token
-            if not token:
-                return runs
+    def _background(self, fn: Callable[[], T]) -> APIFuture[T]:
+        running = self.service._sampling_senders.submit(fn)
 
-    def get_training_run(self, run_id: str) -> types.TrainingRun:
+        def result(timeout: float | None) -> T:
+            try:
+                return running.result(timeout)
+            except concurrent.futures.TimeoutError:
+                raise APITimeoutError(f"no answer within {timeout} s; call result() again to keep "
+                                      "waiting") from None
+
+        return APIFuture(result, running)
+
+    # ---- training runs -------------------------------------------------------------------
+
+    def get_training_run(self, training_run_id: str) -> APIFuture[types.TrainingRun]:
         """One training run (NotFoundError if the server never had it)."""
-        return _convert.training_run(
-            self._call("GetTrainingRun", rpb.GetTrainingRunRequest(training_run_id=run_id)))
+        return self._background(lambda: self._training_run(training_run_id))
 
-    def list_checkpoints(self, run_id: str) -> list[types.Checkpoint]:
-        """The run's checkpoints, oldest first."""
-        saved, token = [], ""
-        while True:
-            response = self._call("ListCheckpoints", rpb.ListCheckpointsRequest(training_run_id=run_id,
-                                                                               page_token=token))
-            saved.extend(_convert.checkpoint(c) for c in response.checkpoints)
-            token = response.next_page_token
-            if not token:
-                return saved
+    def get_training_run_by_tinker_path(self, tinker_path: str) -> APIFuture[types.TrainingRun]:
+        """The training run that saved the checkpoint at `tinker_path`."""
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        return self.get_training_run(parsed.training_run_id)
 
-    def delete_checkpoint(self, path: str) -> None:
-        """Deletes the checkpoint at `path` (gradwire://...) from the server's disk."""
-        self._call("DeleteCheckpoint", rpb.DeleteCheckpointRequest(path=path))
+    def list_training_runs(self, limit: int = 20, offset: int = 0) -> APIFuture[types.TrainingRunsResponse]:
+        """Training runs, oldest first, loaded in memory or not: `limit` from `offset`."""
+        def page() -> types.TrainingRunsResponse:
+            runs = self._all_training_runs()
+            return types.TrainingRunsResponse(runs[offset:offset + limit], types.Cursor(offset, limit, len(runs)))
+
+        return self._background(page)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def list_checkpoints(self, training_run_id: str) -> APIFuture[types.CheckpointsListResponse]:
+        """The run's checkpoints, oldest first (expired ones are gone)."""
+        return self._background(lambda: types.CheckpointsListResponse(self._checkpoints(training_run_id)))
+
+    def list_user_checkpoints(self, limit: int = 100, offset: int = 0
+                              ) -> APIFuture[types.CheckpointsListResponse]:
+        """Checkpoints of every run on the server, newest first: `limit` from `offset`."""
+        def page() -> types.CheckpointsListResponse:
+            saved = sorted((c for run in self._all_training_runs() for c in self._checkpoints(run.training_run_id)),
+                           key=lambda c: c.time, reverse=True)
+            return types.CheckpointsListResponse(saved[offset:offset + limit],
+                                                 types.Cursor(offset, limit, len(saved)))
+
+        return self._background(page)
+
+    def delete_checkpoint(self, training_run_id: str, checkpoint_id: str | None = None) -> APIFuture[None]:
+        """Deletes the run's checkpoint `checkpoint_id` ("weights/<name>" or
+        "sampler_weights/<name>") from the server's disk. (gradwire's former form,
+        delete_checkpoint(path), is deprecated.)"""
+        if checkpoint_id is None:
+            warnings.warn("delete_checkpoint(path) is deprecated: use delete_checkpoint(training_run_id, "
+                          "checkpoint_id) or delete_checkpoint_from_tinker_path(path)",
+                          DeprecationWarning, stacklevel=2)
+            return self.delete_checkpoint_from_tinker_path(training_run_id)
+        path = f"gradwire://{training_run_id}/{checkpoint_id}"
+        return self._background(lambda: self._delete(path))
+
+    def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
+        """Deletes the checkpoint at `tinker_path` (gradwire://... or tinker://...)."""
+        path = _gradwire_path(tinker_path)
+        return self._background(lambda: self._delete(path))
 
     def download_checkpoint(self, path: str, dest_dir: str | os.PathLike) -> pathlib.Path:
         """Writes the checkpoint's files into `dest_dir` (created; must be absent or
         empty) and returns it. The folder appears only once complete: for a peft
         adapter, PeftModel.from_pretrained(base_model, dest_dir) loads it."""
+        path = _gradwire_path(path)
         dest = pathlib.Path(dest_dir)
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
@@ -91,27 +136,93 @@ class RestClient:
             raise
         return dest
 
-    def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:
+    def get_checkpoint_archive_url(self, training_run_id: str, checkpoint_id: str):
+        """Hosted storage only: raises UnsupportedFeatureError (use download_checkpoint)."""
+        raise UnsupportedFeatureError("get_checkpoint_archive_url", _NO_ARCHIVE_URLS)
+
+    def get_checkpoint_archive_url_from_tinker_path(self, tinker_path: str):
+        """Hosted storage only: raises UnsupportedFeatureError (use download_checkpoint)."""
+        raise UnsupportedFeatureError("get_checkpoint_archive_url_from_tinker_path", _NO_ARCHIVE_URLS)
+
+    def publish_checkpoint_from_tinker_path(self, tinker_path: str):
+        """Hosted only: raises UnsupportedFeatureError."""
+        raise UnsupportedFeatureError("publish_checkpoint_from_tinker_path", _NO_PUBLISHING)
+
+    def unpublish_checkpoint_from_tinker_path(self, tinker_path: str):
+        """Hosted only: raises UnsupportedFeatureError."""
+        raise UnsupportedFeatureError("unpublish_checkpoint_from_tinker_path", _NO_PUBLISHING)
+
+    def get_server_capabilities(self) -> APIFuture[types.GetServerCapabilitiesResponse]:
         """Models, built-in losses, limits and device of the server."""
-        return self.service.get_server_capabilities()
+        return self._background(self.service.get_server_capabilities)
 
-    async def list_training_runs_async(self) -> list[types.TrainingRun]:
-        return await asyncio.to_thread(self.list_training_runs)
+    # ---- async twins (values) ----------------------------------------------------------------
 
-    async def get_training_run_async(self, run_id: str) -> types.TrainingRun:
-        return await asyncio.to_thread(self.get_training_run, run_id)
+    async def get_training_run_async(self, training_run_id: str) -> types.TrainingRun:
+        return await self.get_training_run(training_run_id)
 
-    async def list_checkpoints_async(self, run_id: str) -> list[types.Checkpoint]:
-        return await asyncio.to_thread(self.list_checkpoints, run_id)
+    async def get_training_run_by_tinker_path_async(self, tinker_path: str) -> types.TrainingRun:
+        return await self.get_training_run_by_tinker_path(tinker_path)
 
-    async def delete_checkpoint_async(self, path: str) -> None:
-        await asyncio.to_thread(self.delete_checkpoint, path)
+    async def list_training_runs_async(self, limit: int = 20, offset: int = 0) -> types.TrainingRunsResponse:
+        return await self.list_training_runs(limit, offset)
+
+    async def list_checkpoints_async(self, training_run_id: str) -> types.CheckpointsListResponse:
+        return await self.list_checkpoints(training_run_id)
+
+    async def list_user_checkpoints_async(self, limit: int = 100, offset: int = 0
+                                          ) -> types.CheckpointsListResponse:
+        return await self.list_user_checkpoints(limit, offset)
+
+    async def delete_checkpoint_async(self, training_run_id: str, checkpoint_id: str) -> None:
+        await self.delete_checkpoint(training_run_id, checkpoint_id)
+
+    async def delete_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        await self.delete_checkpoint_from_tinker_path(tinker_path)
 
     async def download_checkpoint_async(self, path: str, dest_dir: str | os.PathLike) -> pathlib.Path:
         return await asyncio.to_thread(self.download_checkpoint, path, dest_dir)
 
     async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
-        return await asyncio.to_thread(self.get_server_capabilities)
+        return await self.get_server_capabilities()
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    def _training_run(self, training_run_id: str) -> types.TrainingRun:
+        return _convert.training_run(
+            self._call("GetTrainingRun", rpb.GetTrainingRunRequest(training_run_id=training_run_id)))
+
+    def _all_training_runs(self) -> list[types.TrainingRun]:
+        runs, token = [], ""
+        while True:
+            response = self._call("ListTrainingRuns", rpb.ListTrainingRunsRequest(page_token=token))
+            runs.extend(_convert.training_run(run) for run in response.training_runs)
+            token = response.next_page_token
+            if not token:
+                return runs
+
+    def _checkpoints(self, training_run_id: str) -> list[types.Checkpoint]:
+        saved, token = [], ""
+        while True:
+            response = self._call("ListCheckpoints", rpb.ListCheckpointsRequest(
+                training_run_id=training_run_id, page_token=token))
+            saved.extend(_convert.checkpoint(c) for c in response.checkpoints)
+            token = response.next_page_token
+            if not token:
+                return saved
+
+    def _delete(self, path: str) -> None:
+        self._call("DeleteCheckpoint", rpb.DeleteCheckpointRequest(path=path))
+
+
+_NO_ARCHIVE_URLS = ("signed archive URLs are the hosted service's storage; "
+                    "RestClient.download_checkpoint(path, dest_dir) fetches the files")
+_NO_PUBLISHING = "publishing checkpoints is a feature of the hosted Tinker service"
+
+
+def _gradwire_path(path: str) -> str:
+    """tinker://... (as code written for Tinker keeps paths) as gradwire://..."""
+    return "gradwire://" + path.removeprefix("tinker://") if path.startswith("tinker://") else path
 
 
 def _write_chunk(folder: pathlib.Path, chunk: rpb.CheckpointChunk, written: dict[str, int]) -> None:
