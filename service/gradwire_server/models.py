@@ -3,6 +3,7 @@ unless the name is a hub id and the machine is online."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 from dataclasses import dataclass
 
@@ -49,19 +50,28 @@ def load_model(name_or_path: str, device: torch.device) -> LoadedModel:
     model.to(device).eval()
     model.requires_grad_(False)
     context = getattr(model.config, "max_position_embeddings", None) or 2048
-    return LoadedModel(name_or_path, model, tokenizer, int(context), hub_aliases(name_or_path, model))
+    return LoadedModel(name_or_path, model, tokenizer, int(context), hub_aliases(name_or_path))
 
 
-def hub_aliases(name_or_path: str, model: PreTrainedModel) -> tuple[str, ...]:
+def hub_aliases(name_or_path: str) -> tuple[str, ...]:
     """The Hugging Face hub id a served model also answers to, as users write it:
-    smollm2-135m's, or a local folder's `_name_or_path` (when it is not a path)."""
+    smollm2-135m's; for a local folder, the `_name_or_path` its config.json records
+    (when that is a hub id, not a path), else the id in a hub-cache folder's name
+    (.../models--Org--Name/snapshots/<rev>)."""
     if name_or_path == SMOLLM2_135M:
         return (_SMOLLM2_HUB_ID,)
-    recorded = getattr(model.config, "_name_or_path", "") or ""
-    if pathlib.Path(name_or_path).is_dir() and recorded and recorded != name_or_path \
-            and not pathlib.Path(recorded).is_absolute() and not pathlib.Path(recorded).exists():
+    folder = pathlib.Path(name_or_path)
+    if not folder.is_dir():
+        return ()
+    try:
+        recorded = json.loads((folder / "config.json").read_text()).get("_name_or_path") or ""
+    except (OSError, ValueError):
+        recorded = ""
+    if recorded and recorded != name_or_path and not pathlib.Path(recorded).is_absolute() \
+            and not pathlib.Path(recorded).exists():
         return (recorded,)
-    return ()
+    cached = [part for part in folder.resolve().parts if part.startswith("models--")]
+    return (cached[-1].removeprefix("models--").replace("--", "/"),) if cached else ()
 
 
 def tiny_random_tokenizer() -> GPT2TokenizerFast:

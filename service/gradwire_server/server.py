@@ -214,6 +214,10 @@ class BackgroundServer:
             return await self.server.scheduler.run_on_worker("call", lambda: fn(*args))
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
 
+    def expire_checkpoints(self) -> list[str]:
+        """Runs one sweep of expired checkpoints now; returns the paths deleted."""
+        return asyncio.run_coroutine_threadsafe(self.server.expire_checkpoints(), self._loop).result()
+
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(grace_s=1.0), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
