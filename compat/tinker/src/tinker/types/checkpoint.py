@@ -1,0 +1,4 @@
+"""tinker.types.checkpoint: gradwire's Checkpoint."""
+from gradwire.types import Checkpoint
+
+__all__ = ["Checkpoint"]
