@@ -251,8 +251,13 @@ class ServiceClient:
             user_metadata={**self.user_metadata, **(user_metadata or {})}, request_id=_request_id()))
         return TrainingClient(self, response.model_id, base_model)
 
-    async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:
-        return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
+    async def create_lora_training_client_async(self, base_model: str, rank: int = 32, seed: int | None = None,
+                                                train_mlp: bool = True, train_attn: bool = True,
+                                                train_unembed: bool = True,
+                                                user_metadata: dict[str, str] | None = None,
+                                                optimizer: types.OptimizerConfig | None = None) -> TrainingClient:
+        return await asyncio.to_thread(self.create_lora_training_client, base_model, rank, seed, train_mlp,
+                                       train_attn, train_unembed, user_metadata, optimizer)
 
     def create_training_client_from_state(self, path: str,
                                           user_metadata: dict[str, str] | None = None) -> TrainingClient:
@@ -266,12 +271,13 @@ class ServiceClient:
         `path` (gradwire://<run_id>/weights/<name>): weights, AdamW state and step."""
         return self._training_client_from_state(path, True, user_metadata)
 
-    async def create_training_client_from_state_async(self, *args, **kwargs) -> TrainingClient:
-        return await asyncio.to_thread(self.create_training_client_from_state, *args, **kwargs)
+    async def create_training_client_from_state_async(self, path: str, user_metadata: dict[str, str] | None = None
+                                                      ) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state, path, user_metadata)
 
-    async def create_training_client_from_state_with_optimizer_async(self, *args, **kwargs) -> TrainingClient:
-        return await asyncio.to_thread(self.create_training_client_from_state_with_optimizer,
-                                       *args, **kwargs)
+    async def create_training_client_from_state_with_optimizer_async(
+            self, path: str, user_metadata: dict[str, str] | None = None) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state_with_optimizer, path, user_metadata)
 
     def _training_client_from_state(self, path: str, optimizer: bool,
                                     user_metadata: dict[str, str] | None) -> TrainingClient:
@@ -429,21 +435,27 @@ class TrainingClient:
                                   lambda r: types.OptimStepResponse(metrics=dict(r.metrics)), "optim_step",
                                   adam_params=_convert.adam_params(optim_params))
 
-    async def forward_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
+    async def forward_async(self, data: Iterable[types.Datum], loss_fn: str,
+                            loss_fn_config: dict[str, float] | None = None
+                            ) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward; the awaited APIFuture gives the result."""
-        return await _submitted(self.forward(*args, **kwargs))
+        return await _submitted(self.forward(data, loss_fn, loss_fn_config))
 
-    async def forward_backward_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
+    async def forward_backward_async(self, data: Iterable[types.Datum], loss_fn: str,
+                                     loss_fn_config: dict[str, float] | None = None
+                                     ) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward_backward; the awaited APIFuture gives the result."""
-        return await _submitted(self.forward_backward(*args, **kwargs))
+        return await _submitted(self.forward_backward(data, loss_fn, loss_fn_config))
 
-    async def forward_backward_custom_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
+    async def forward_backward_custom_async(self, data: Iterable[types.Datum], loss_fn: custom_loss.CustomLossFn
+                                            ) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward_backward_custom; the awaited APIFuture gives the result."""
-        return await _submitted(self.forward_backward_custom(*args, **kwargs))
+        return await _submitted(self.forward_backward_custom(data, loss_fn))
 
-    async def optim_step_async(self, *args, **kwargs) -> APIFuture[types.OptimStepResponse]:
+    async def optim_step_async(self, optim_params: types.AdamParams | None = None, *,
+                               adam_params: types.AdamParams | None = None) -> APIFuture[types.OptimStepResponse]:
         """Submits optim_step; the awaited APIFuture gives the result."""
-        return await _submitted(self.optim_step(*args, **kwargs))
+        return await _submitted(self.optim_step(optim_params, adam_params=adam_params))
 
     # ---- checkpoints (ordered like training requests) -------------------------------
 
@@ -526,22 +538,24 @@ class TrainingClient:
         return self._ordered_call("UnloadModel", pb.UnloadModelRequest, pb.UnloadModelResponse,
                                   lambda r: types.UnloadModelResponse(model_id=r.model_id), "unload")
 
-    async def save_state_async(self, *args, **kwargs) -> APIFuture[types.SaveWeightsResponse]:
+    async def save_state_async(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
+                               user_metadata: dict[str, str] | None = None) -> APIFuture[types.SaveWeightsResponse]:
         """Submits save_state; the awaited APIFuture gives the result."""
-        return await _submitted(self.save_state(*args, **kwargs))
+        return await _submitted(self.save_state(name, ttl_seconds, overwrite, user_metadata))
 
-    async def save_weights_for_sampler_async(self, *args, **kwargs
+    async def save_weights_for_sampler_async(self, name: str, ttl_seconds: int | None = None,
+                                             user_metadata: dict[str, str] | None = None
                                              ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         """Submits save_weights_for_sampler; the awaited APIFuture gives the result."""
-        return await _submitted(self.save_weights_for_sampler(*args, **kwargs))
+        return await _submitted(self.save_weights_for_sampler(name, ttl_seconds, user_metadata))
 
-    async def load_state_async(self, *args, **kwargs) -> APIFuture[types.LoadWeightsResponse]:
+    async def load_state_async(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
         """Submits load_state; the awaited APIFuture gives the result."""
-        return await _submitted(self.load_state(*args, **kwargs))
+        return await _submitted(self.load_state(path))
 
-    async def load_state_with_optimizer_async(self, *args, **kwargs) -> APIFuture[types.LoadWeightsResponse]:
+    async def load_state_with_optimizer_async(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
         """Submits load_state_with_optimizer; the awaited APIFuture gives the result."""
-        return await _submitted(self.load_state_with_optimizer(*args, **kwargs))
+        return await _submitted(self.load_state_with_optimizer(path))
 
     async def unload_async(self) -> APIFuture[types.UnloadModelResponse]:
         """Submits unload; the awaited APIFuture gives the result."""

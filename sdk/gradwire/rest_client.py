@@ -186,6 +186,18 @@ class RestClient:
     async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
         return await self.get_server_capabilities()
 
+    async def get_checkpoint_archive_url_async(self, training_run_id: str, checkpoint_id: str):
+        self.get_checkpoint_archive_url(training_run_id, checkpoint_id)
+
+    async def get_checkpoint_archive_url_from_tinker_path_async(self, tinker_path: str):
+        self.get_checkpoint_archive_url_from_tinker_path(tinker_path)
+
+    async def publish_checkpoint_from_tinker_path_async(self, tinker_path: str):
+        self.publish_checkpoint_from_tinker_path(tinker_path)
+
+    async def unpublish_checkpoint_from_tinker_path_async(self, tinker_path: str):
+        self.unpublish_checkpoint_from_tinker_path(tinker_path)
+
     # ---- plumbing ----------------------------------------------------------------------------
 
     def _training_run(self, training_run_id: str) -> types.TrainingRun:

@@ -93,13 +93,18 @@ class SamplingClient:
         finally:
             call.cancel()  # no-op once the stream has ended
 
-    async def sample_async(self, *args, **kwargs) -> APIFuture[types.SampleResponse]:
+    async def sample_async(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams,
+                           include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+                           topk_sample_logprobs: int = 0, prompt_logprobs_last_n: int | None = None
+                           ) -> APIFuture[types.SampleResponse]:
         """Submits sample; the awaited APIFuture gives the result."""
-        return await _submitted(self.sample(*args, **kwargs))
+        return await _submitted(self.sample(prompt, num_samples, sampling_params, include_prompt_logprobs,
+                                            topk_prompt_logprobs, topk_sample_logprobs, prompt_logprobs_last_n))
 
-    async def compute_logprobs_async(self, *args, **kwargs) -> APIFuture[list[float | None]]:
+    async def compute_logprobs_async(self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+                                     ) -> APIFuture[list[float | None]]:
         """Submits compute_logprobs; the awaited APIFuture gives the result."""
-        return await _submitted(self.compute_logprobs(*args, **kwargs))
+        return await _submitted(self.compute_logprobs(prompt, prompt_logprobs_last_n))
 
     async def sample_stream_async(self, *args, **kwargs) -> AsyncIterator[types.SampledTokens]:
         """sample_stream as an async iterator (`async for piece in ...`)."""
