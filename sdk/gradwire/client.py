@@ -97,7 +97,8 @@ class ServiceClient:
         self._tokenizers: dict[str, Any] = {}
         # Ephemeral sampler weights -> sampling clients using them; released at 0.
         self._snapshot_users: dict[str, int] = {}
-        self._snapshot_lock = threading.Lock()
+        # Reentrant: a garbage collection inside the lock may run a finalizer that takes it.
+        self._snapshot_lock = threading.RLock()
 
     # ---- plumbing shared by the clients ------------------------------------------
 

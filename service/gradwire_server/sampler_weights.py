@@ -12,7 +12,8 @@ copied into memory, no files, registered here under its path
 gradwire://<run_id>/ephemeral/<id> and served exactly like a loaded checkpoint.
 Snapshots live until released, or until their total size exceeds the budget
 (the oldest unused go first); a sampling request holds its snapshot until it ends.
-Worker thread only, but `snapshot()` (a dict lookup) may be called anywhere.
+Worker thread only, but `snapshot()` may be called from any thread (the registry of
+snapshots has its own lock).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import copy
 import hashlib
 import pathlib
 import secrets
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,6 +72,7 @@ class SamplerAdapters:
         self.snapshot_budget_bytes = snapshot_budget_bytes
         self._loaded: OrderedDict[tuple[str, str], str] = OrderedDict()  # (path, sha256 or "") -> adapter
         self._snapshots: OrderedDict[str, WeightsSnapshot] = OrderedDict()  # path -> snapshot, oldest first
+        self._snapshots_lock = threading.Lock()
 
     def adapter_for(self, source: Checkpoint | WeightsSnapshot) -> str:
         """The adapter name of a sampler checkpoint (after checking its file against the
@@ -98,21 +101,29 @@ class SamplerAdapters:
         state = self.engine.save_state(run_id, with_optimizer=False)
         path = f"{checkpoints.SCHEME}{run_id}/{EPHEMERAL_KIND}/{secrets.token_hex(8)}"
         config = copy.deepcopy(self.engine.peft_model.peft_config[run_id])
-        self._snapshots[path] = WeightsSnapshot(path, config, state.adapter)
-        total = sum(s.nbytes for s in self._snapshots.values())
-        while total > self.snapshot_budget_bytes and len(self._snapshots) > 1:
-            total -= self._forget(next(iter(self._snapshots))).nbytes  # the oldest unused first
+        with self._snapshots_lock:
+            self._snapshots[path] = WeightsSnapshot(path, config, state.adapter)
+            total = sum(s.nbytes for s in self._snapshots.values())
+            over = []
+            while total > self.snapshot_budget_bytes and len(self._snapshots) > len(over) + 1:
+                oldest = list(self._snapshots)[len(over)]  # the least recently used first
+                over.append(oldest)
+                total -= self._snapshots[oldest].nbytes
+        for old in over:
+            self._forget(old)
         return path
 
     def snapshot(self, path: str) -> WeightsSnapshot:
         """The snapshot at `path` (marked as recently used); NOT_FOUND once freed."""
-        found = self._snapshots.get(path)
+        with self._snapshots_lock:
+            found = self._snapshots.get(path)
+            if found is not None:
+                self._snapshots.move_to_end(path)
         if found is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND,
                                f"ephemeral sampler weights {path} not found: released, or freed under "
                                "memory pressure (save_weights_for_sampler(name) keeps weights until "
                                "deleted)", "SAMPLER_WEIGHTS_NOT_FOUND")
-        self._snapshots.move_to_end(path)
         return found
 
     def release(self, path: str) -> None:
@@ -121,13 +132,15 @@ class SamplerAdapters:
         self._forget(path)
 
     def snapshot_count(self) -> int:
-        return len(self._snapshots)
+        with self._snapshots_lock:
+            return len(self._snapshots)
 
-    def _forget(self, path: str) -> WeightsSnapshot:
+    def _forget(self, path: str) -> None:
         """Drops a snapshot and its loaded adapter (a request still running keeps its copy)."""
         if (path, "") in self._loaded:
             self._unload((path, ""))
-        return self._snapshots.pop(path)
+        with self._snapshots_lock:
+            self._snapshots.pop(path, None)
 
     def _unload(self, key: tuple[str, str]) -> None:
         name = self._loaded.pop(key)
