@@ -1,9 +1,12 @@
 """The `tinker` namespace distribution (compat/tinker): installed with pip into a
 temporary folder, a Tinker-style loop written against `import tinker` runs on a gradwire
 server and gets exactly what gradwire's own SDK gets on the same seeds; the public
-client signatures match Tinker 0.38's (tests/tinker_0_38_signatures.json)."""
+client signatures match those of the official Tinker 0.38.0 wheel
+(tests/tinker_0_38_signatures.json)."""
 from __future__ import annotations
 
+import ast
+import asyncio
 import importlib.util
 import inspect
 import json
@@ -85,42 +88,77 @@ def test_tinker_environment_variables_configure_the_client(compat_site):
 
 # ---- signatures ------------------------------------------------------------------------------------
 
-def _public_methods(cls) -> dict[str, inspect.Signature]:
-    return {name: inspect.signature(member) for name, member in inspect.getmembers(cls, inspect.isfunction)
-            if not name.startswith("_")}
+CLASSES = {"ServiceClient": gradwire.ServiceClient, "TrainingClient": gradwire.TrainingClient,
+           "SamplingClient": gradwire.SamplingClient, "RestClient": gradwire.RestClient,
+           "APIFuture": gradwire.APIFuture}
+
+
+def _signature_problems(where: str, method, expected: dict) -> list[str]:
+    """gradwire's parameters must start with Tinker's, same names in the same order, none
+    keyword-only that Tinker lets callers pass by position, with Tinker's literal defaults;
+    gradwire may append parameters that have defaults or are keyword-only."""
+    parameters = [p for p in inspect.signature(method).parameters.values()
+                  if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    names = [p.name for p in parameters]
+    if names[:len(expected["params"])] != expected["params"]:
+        return [f"{where}{tuple(names)}: Tinker 0.38 has {tuple(expected['params'])}"]
+    problems = []
+    for parameter in parameters[:len(expected["params"])]:
+        if parameter.kind == parameter.KEYWORD_ONLY and parameter.name not in expected["keyword_only"]:
+            problems.append(f"{where}: {parameter.name} is keyword-only, Tinker takes it by position")
+        written = expected["defaults"].get(parameter.name)
+        if written is None:
+            continue  # a default where Tinker has none only accepts more calls (gradwire's old forms)
+        try:
+            tinker_default = ast.literal_eval(written)
+        except ValueError:
+            continue  # not a literal (an expression of Tinker's own types)
+        if parameter.default != tinker_default:
+            problems.append(f"{where}: {parameter.name}={parameter.default!r}, Tinker's default is {written}")
+    for parameter in parameters[len(expected["params"]):]:
+        if parameter.default is inspect.Parameter.empty and parameter.kind != parameter.KEYWORD_ONLY:
+            problems.append(f"{where}: added parameter {parameter.name} needs a default")
+    return problems
 
 
 def test_client_signatures_match_tinker_0_38():
-    """Each method of Tinker 0.38's clients exists on gradwire's with the same parameter
-    names in the same order (gradwire may add parameters only after them, with defaults
-    or keyword-only), and is a coroutine function exactly when Tinker's is (_async)."""
+    """Every public method of Tinker 0.38's clients exists on gradwire's with Tinker's
+    parameters (names, order, positional/keyword, literal defaults) and is a coroutine
+    function exactly when Tinker's is (the _async twins); the methods gradwire cannot
+    offer raise UnsupportedFeatureError; the rest of the gaps are listed, with reasons,
+    in the JSON file. Every top-level name of `tinker` exists in gradwire."""
     expected = json.loads(SIGNATURES.read_text())
-    classes = {"ServiceClient": gradwire.ServiceClient, "TrainingClient": gradwire.TrainingClient,
-               "SamplingClient": gradwire.SamplingClient, "RestClient": gradwire.RestClient,
-               "APIFuture": gradwire.APIFuture}
+    absent = expected["gradwire"]["absent"]
+    unsupported = set(expected["gradwire"]["raises_unsupported"])
     problems = []
     for class_name, methods in expected["classes"].items():
-        actual = _public_methods(classes[class_name])
-        actual["__init__"] = inspect.signature(classes[class_name].__init__)
-        for method, parameters in methods.items():
-            if method not in actual:
-                problems.append(f"{class_name}.{method} is missing")
+        cls = CLASSES[class_name]
+        for name, signature in methods.items():
+            where = f"{class_name}.{name}"
+            if where in absent:
                 continue
-            names = [p for p in actual[method].parameters if p != "self"]
-            params = [actual[method].parameters[p] for p in names]
-            head = [p for p in names if actual[method].parameters[p].kind not in
-                    (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)][:len(parameters)]
-            if head != parameters:
-                problems.append(f"{class_name}.{method}{tuple(names)}: Tinker has {tuple(parameters)}")
-            extra = [p for p in params[len(parameters):] if p.kind not in
-                     (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
-            if any(p.default is inspect.Parameter.empty and p.kind != inspect.Parameter.KEYWORD_ONLY
-                   for p in extra):
-                problems.append(f"{class_name}.{method}: added parameters need defaults")
-            is_async = inspect.iscoroutinefunction(getattr(classes[class_name], method))
-            if method != "__init__" and is_async != method.endswith("_async"):
-                problems.append(f"{class_name}.{method}: async is {is_async}")
-    for name in expected["top_level_names"]:
-        if not hasattr(gradwire, name):
-            problems.append(f"gradwire.{name} is missing")
+            method = getattr(cls, name, None)
+            if method is None:
+                problems.append(f"{where} is missing")
+                continue
+            if inspect.iscoroutinefunction(method) != name.endswith("_async"):
+                problems.append(f"{where}: coroutine function is {inspect.iscoroutinefunction(method)}")
+            if where in unsupported:
+                continue
+            problems += _signature_problems(where, method, signature)
+    problems += [f"gradwire.{name} is missing" for name in expected["top_level_names"]
+                 if f"tinker.{name}" not in absent and not hasattr(gradwire, name)]
     assert not problems, "\n".join(problems)
+
+
+def test_methods_gradwire_cannot_offer_raise_naming_themselves(service):
+    expected = json.loads(SIGNATURES.read_text())["gradwire"]["raises_unsupported"]
+    rest = service.create_rest_client()
+    for where in expected:
+        name = where.split(".", 1)[1]
+        method = getattr(rest, name)
+        with pytest.raises(gradwire.UnsupportedFeatureError, match=name.removesuffix("_async")):
+            if name.endswith("_async"):
+                asyncio.run(method("x"))
+            else:
+                method("x")

@@ -216,6 +216,8 @@ def test_prompt_logprobs_last_n(service):
                               include_prompt_logprobs=True, topk_prompt_logprobs=2,
                               prompt_logprobs_last_n=2).result()
     assert response.prompt_logprobs == [None] * (len(PROMPT) - 2) + full[-2:]
+    np.testing.assert_array_equal(response.prompt_logprobs_np,
+                                  np.float32([np.nan] * (len(PROMPT) - 2) + full[-2:]))
     assert response.topk_prompt_logprobs[:-2] == [None] * (len(PROMPT) - 2)
     assert all(len(row) == 2 for row in response.topk_prompt_logprobs[-2:])
     with pytest.raises(gradwire.BadRequestError, match="prompt_logprobs_last_n"):

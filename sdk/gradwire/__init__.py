@@ -16,28 +16,30 @@ from gradwire.errors import (AbortedError, APIConnectionError, APIError, APIResp
 from gradwire.futures import APIFuture
 from gradwire.rest_client import RestClient
 from gradwire.sampling_client import SamplingClient
-from gradwire.types import (AdamOptimizerConfig, AdamParams, Checkpoint, CheckpointsListResponse, Cursor,
+from gradwire.types import (AdamOptimizerConfig, AdamParams, Checkpoint, CheckpointsListResponse, CheckpointType,
+                            Cursor,
                             Datum, EncodedTextChunk, ForwardBackwardOutput, GetInfoResponse,
                             GetServerCapabilitiesResponse, ImageAssetPointerChunk, ImageChunk,
-                            LoadWeightsResponse, LoraConfig, LossFnType, ModelInput, ModelInputChunk,
-                            OptimizerConfig, OptimStepResponse, ParsedCheckpointTinkerPath,
+                            LoadWeightsResponse, LoraConfig, LossFnType, ModelID, ModelInput, ModelInputChunk,
+                            OptimizerConfig, OptimParams, OptimStepResponse, ParsedCheckpointTinkerPath,
                             PromptProvenanceSpan, SampledProvenanceSpan, SampledSequence, SampledTokens,
                             SampleResponse, SamplingParams, SaveWeightsForSamplerResponse,
-                            SaveWeightsResponse, StopReason, SupportedModel, TensorData, TrainingRun,
+                            SaveWeightsResponse, StopReason, SupportedModel, TensorData, TensorDtype, TrainingRun,
                             TrainingRunsResponse, UnloadModelResponse)
 
 __all__ = [
     "APIConnectionError", "APIError", "APIFuture", "APIResponseValidationError", "APIStatusError",
     "APITimeoutError", "AbortedError", "AdamOptimizerConfig", "AdamParams", "AuthenticationError",
-    "BadRequestError", "Checkpoint", "CheckpointsListResponse", "ConflictError", "Cursor",
+    "BadRequestError", "Checkpoint", "CheckpointType", "CheckpointsListResponse", "ConflictError", "Cursor",
     "CustomLossError", "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "GetInfoResponse",
     "GetServerCapabilitiesResponse", "GradwireError", "ImageAssetPointerChunk", "ImageChunk",
-    "InternalServerError", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelInput",
-    "ModelInputChunk", "NotFoundError", "OptimStepResponse", "OptimizerConfig",
+    "InternalServerError", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelID", "ModelInput",
+    "ModelInputChunk", "NotFoundError", "OptimParams", "OptimStepResponse", "OptimizerConfig",
     "ParsedCheckpointTinkerPath", "PermissionDeniedError", "PromptProvenanceSpan", "RateLimitError",
     "RequestCancelledError", "RestClient", "SampleResponse", "SampledProvenanceSpan", "SampledSequence",
     "SampledTokens", "SamplingClient", "SamplingParams", "SaveWeightsForSamplerResponse",
-    "SaveWeightsResponse", "ServiceClient", "StopReason", "SupportedModel", "TensorData", "TinkerError",
+    "SaveWeightsResponse", "ServiceClient", "StopReason", "SupportedModel", "TensorData", "TensorDtype",
+    "TinkerError",
     "TrainingClient", "TrainingRun", "TrainingRunsResponse", "UnloadModelResponse",
     "UnprocessableEntityError", "UnsupportedFeatureError", "types",
 ]

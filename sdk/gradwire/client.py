@@ -54,7 +54,8 @@ class ServiceClient:
     Parameters are Tinker's, in its order. user_metadata labels every training
     run this client creates. base_url defaults to $GRADWIRE_BASE_URL, else
     localhost:50051; api_key (default $GRADWIRE_API_KEY) is sent as a bearer
-    token when set. display_name is kept on the client only (gradwire has no
+    token when set; default_headers_overrides are sent as gRPC metadata.
+    display_name is kept on the client only (gradwire has no
     sessions or console); project_id is a hosted feature (UnsupportedFeatureError).
     Other keywords (options of the hosted SDK's HTTP client) are ignored with a
     warning. Streamed uploads show a progress bar unless progress=False (or
@@ -64,6 +65,7 @@ class ServiceClient:
 
     def __init__(self, user_metadata: dict[str, str] | None = None, project_id: str | None = None, *,
                  display_name: str | None = None, base_url: str | None = None, api_key: str | None = None,
+                 default_headers_overrides: dict[str, str] | None = None,
                  progress: bool | None = None, retry_s: float = 60.0, **kwargs: Any):
         if isinstance(user_metadata, str):  # gradwire < 0.2: ServiceClient(base_url, api_key)
             warnings.warn("ServiceClient(base_url) positionally is deprecated: pass base_url=...",
@@ -85,7 +87,9 @@ class ServiceClient:
             target = target.removeprefix(scheme)
         self.base_url = target
         api_key = api_key or os.environ.get("GRADWIRE_API_KEY")
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        # Extra headers travel as gRPC metadata (whose keys are lower case).
+        self._metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + tuple(
+            (key.lower(), value) for key, value in (default_headers_overrides or {}).items())
         self._channel = grpc.insecure_channel(target)
         self._training = pb_grpc.TrainingServiceStub(self._channel)
         self._resources = rpb_grpc.ResourceServiceStub(self._channel)
@@ -242,9 +246,7 @@ class ServiceClient:
 
         Returns the client, which also answers .result() and await (Tinker's future form).
         optimizer: AdamOptimizerConfig (the default); other families are not supported."""
-        if optimizer is not None and getattr(optimizer, "type", None) != "adamw":
-            raise UnsupportedFeatureError(f"optimizer {getattr(optimizer, 'type', optimizer)!r}",
-                                          "gradwire trains with AdamW only")
+        _check_optimizer(optimizer)
         config = pb.LoraConfig(rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
                                train_unembed=train_unembed)
         response = self._call("CreateModel", pb.CreateModelRequest(
@@ -260,51 +262,73 @@ class ServiceClient:
         return await asyncio.to_thread(self.create_lora_training_client, base_model, rank, seed, train_mlp,
                                        train_attn, train_unembed, user_metadata, optimizer)
 
-    def create_training_client_from_state(self, path: str,
-                                          user_metadata: dict[str, str] | None = None) -> TrainingClient:
+    def create_training_client_from_state(self, path: str, base_model: str | None = None,
+                                          user_metadata: dict[str, str] | None = None,
+                                          weights_access_token: str | None = None,
+                                          optimizer: types.OptimizerConfig | None = None) -> TrainingClient:
         """A new training run (new model_id) with the LoRA config and weights of the
-        checkpoint at `path`; its optimizer starts afresh."""
-        return self._training_client_from_state(path, False, user_metadata)
+        checkpoint at `path`; its optimizer starts afresh. base_model, if given, must be
+        a name of the served model (the checkpoint's base model is checked on the server)."""
+        return self._training_client_from_state(path, False, base_model, user_metadata, weights_access_token,
+                                                optimizer)
 
     def create_training_client_from_state_with_optimizer(
-            self, path: str, user_metadata: dict[str, str] | None = None) -> TrainingClient:
+            self, path: str, base_model: str | None = None, user_metadata: dict[str, str] | None = None,
+            weights_access_token: str | None = None) -> TrainingClient:
         """A new training run continuing exactly from the training checkpoint at
         `path` (gradwire://<run_id>/weights/<name>): weights, AdamW state and step."""
-        return self._training_client_from_state(path, True, user_metadata)
+        return self._training_client_from_state(path, True, base_model, user_metadata, weights_access_token)
 
-    async def create_training_client_from_state_async(self, path: str, user_metadata: dict[str, str] | None = None
-                                                      ) -> TrainingClient:
-        return await asyncio.to_thread(self.create_training_client_from_state, path, user_metadata)
+    async def create_training_client_from_state_async(
+            self, path: str, base_model: str | None = None, user_metadata: dict[str, str] | None = None,
+            weights_access_token: str | None = None, optimizer: types.OptimizerConfig | None = None
+    ) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state, path, base_model, user_metadata,
+                                       weights_access_token, optimizer)
 
     async def create_training_client_from_state_with_optimizer_async(
-            self, path: str, user_metadata: dict[str, str] | None = None) -> TrainingClient:
-        return await asyncio.to_thread(self.create_training_client_from_state_with_optimizer, path, user_metadata)
+            self, path: str, base_model: str | None = None, user_metadata: dict[str, str] | None = None,
+            weights_access_token: str | None = None) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state_with_optimizer, path, base_model,
+                                       user_metadata, weights_access_token)
 
-    def _training_client_from_state(self, path: str, optimizer: bool,
-                                    user_metadata: dict[str, str] | None) -> TrainingClient:
+    def _training_client_from_state(self, path: str, optimizer: bool, base_model: str | None,
+                                    user_metadata: dict[str, str] | None, weights_access_token: str | None,
+                                    optimizer_config: types.OptimizerConfig | None = None) -> TrainingClient:
+        _check_optimizer(optimizer_config)
+        if weights_access_token is not None:
+            raise UnsupportedFeatureError("weights_access_token",
+                                          "access to another account's weights is a hosted Tinker feature")
+        if base_model is not None:
+            served = [m.model_name for m in self.get_server_capabilities().supported_models]
+            if base_model not in served:
+                raise ValueError(f"base_model {base_model!r} is not served here: {served}")
         response = self._call("CreateModelFromState", pb.CreateModelFromStateRequest(
             path=_gradwire_path(path), optimizer=optimizer,
             user_metadata={**self.user_metadata, **(user_metadata or {})}, request_id=_request_id()))
         info = self._call("GetInfo", pb.GetInfoRequest(model_id=response.model_id))
-        return TrainingClient(self, response.model_id, info.model_name)
+        return TrainingClient(self, response.model_id, base_model or info.model_name)
 
     def create_rest_client(self) -> RestClient:
         """A client for training runs and checkpoints as resources (list, get, delete, download)."""
         return RestClient(self)
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
-                               retry_config: Any = None) -> SamplingClient:
+                               retry_config: Any = None, record_stability_info: bool = False) -> SamplingClient:
         """A client that samples from a sampler checkpoint (model_path,
         `gradwire://<run_id>/sampler_weights/<name>`, or an ephemeral snapshot) or the
-        base model (base_model). retry_config: see SamplingClient."""
+        base model (base_model). retry_config: see SamplingClient. record_stability_info
+        (data for the hosted stable_reinforce loss) is not supported."""
         from gradwire.sampling_client import SamplingClient  # that module imports this one
 
+        _check_stability_info(record_stability_info)
         return SamplingClient(self, model_path=model_path and _gradwire_path(model_path),
                               base_model=base_model, retry_config=retry_config)
 
     async def create_sampling_client_async(self, model_path: str | None = None, base_model: str | None = None,
-                                           retry_config: Any = None) -> SamplingClient:
-        return self.create_sampling_client(model_path, base_model, retry_config)
+                                           retry_config: Any = None,
+                                           record_stability_info: bool = False) -> SamplingClient:
+        return self.create_sampling_client(model_path, base_model, retry_config, record_stability_info)
 
     def _use_snapshot(self, path: str, client: object) -> None:
         """Counts `client` as a user of the ephemeral weights at `path`; when the last
@@ -332,7 +356,20 @@ class ServiceClient:
         except RuntimeError:
             pass  # the client was closed
 
-    def close(self) -> None:
+    def get_console_url(self):
+        """Hosted only: raises UnsupportedFeatureError (gradwire has no web console)."""
+        raise UnsupportedFeatureError("get_console_url", "gradwire has no web console")
+
+    def copy_weights(self, path: str, *, ttl_seconds: int | None = None, weights_access_token: str | None = None):
+        """Hosted only: raises UnsupportedFeatureError."""
+        raise UnsupportedFeatureError("copy_weights", "copying weights between projects is a hosted Tinker feature")
+
+    def get_telemetry(self) -> None:
+        """None: gradwire's SDK collects no telemetry."""
+        return None
+
+    def close(self, status: str | None = None, detail: str | None = None) -> None:
+        """Closes the connection (status and detail, Tinker's session outcome, are not recorded)."""
         self._sampling_senders.shutdown(wait=False, cancel_futures=True)
         self._channel.close()
 
@@ -385,8 +422,8 @@ class TrainingClient:
         streamed and applied all or nothing (a broken stream adds no gradient)."""
         return self._loss_call(False, data, loss_fn, loss_fn_config)
 
-    def forward_backward_custom(self, data: Iterable[types.Datum], loss_fn: custom_loss.CustomLossFn
-                                ) -> APIFuture[types.ForwardBackwardOutput]:
+    def forward_backward_custom(self, data: Iterable[types.Datum], loss_fn: custom_loss.CustomLossFn, *,
+                                loss_type_input: Any = None) -> APIFuture[types.ForwardBackwardOutput]:
         """Trains any loss written in PyTorch over per-token logprobs.
 
         loss_fn(data, logprobs_list) -> (scalar loss tensor, metrics), where
@@ -396,8 +433,11 @@ class TrainingClient:
         -dLoss/dlogprobs applies exactly the loss's gradient. Every
         loss_fn_inputs key reaches loss_fn; only target_tokens travels.
         Result metrics: loss:sum (the custom loss), surrogate_loss:sum, and
-        the user's metrics.
+        the user's metrics. (Tinker's loss_type_input is not supported.)
         """
+        if loss_type_input is not None:
+            raise UnsupportedFeatureError("forward_backward_custom(loss_type_input=...)",
+                                          "not implemented by gradwire")
         data = [d if isinstance(d, types.Datum) else types.Datum(**d) for d in data]
         service, model_id = self.service, self.model_id
 
@@ -448,10 +488,10 @@ class TrainingClient:
         """Submits forward_backward; the awaited APIFuture gives the result."""
         return await _submitted(self.forward_backward(data, loss_fn, loss_fn_config))
 
-    async def forward_backward_custom_async(self, data: Iterable[types.Datum], loss_fn: custom_loss.CustomLossFn
-                                            ) -> APIFuture[types.ForwardBackwardOutput]:
+    async def forward_backward_custom_async(self, data: Iterable[types.Datum], loss_fn: custom_loss.CustomLossFn, *,
+                                            loss_type_input: Any = None) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward_backward_custom; the awaited APIFuture gives the result."""
-        return await _submitted(self.forward_backward_custom(data, loss_fn))
+        return await _submitted(self.forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input))
 
     async def optim_step_async(self, optim_params: types.AdamParams | None = None, *,
                                adam_params: types.AdamParams | None = None) -> APIFuture[types.OptimStepResponse]:
@@ -482,11 +522,36 @@ class TrainingClient:
                                   "save_weights_for_sampler", name=name, ttl_seconds=ttl_seconds,
                                   user_metadata=user_metadata or {})
 
-    def create_sampling_client(self, model_path: str, retry_config: Any = None) -> SamplingClient:
+    def create_sampling_client(self, model_path: str, retry_config: Any = None,
+                               record_stability_info: bool = False) -> SamplingClient:
         """A client sampling from the sampler checkpoint (or snapshot) at model_path."""
-        return self.service.create_sampling_client(model_path=model_path, retry_config=retry_config)
+        return self.service.create_sampling_client(model_path=model_path, retry_config=retry_config,
+                                                   record_stability_info=record_stability_info)
 
-    def save_weights_and_get_sampling_client_submit(self, retry_config: Any = None) -> APIFuture[SamplingClient]:
+    async def create_sampling_client_async(self, model_path: str, retry_config: Any = None,
+                                           record_stability_info: bool = False) -> SamplingClient:
+        return self.create_sampling_client(model_path, retry_config, record_stability_info)
+
+    def save_weights_external(self, name: str, ttl_seconds: int | None = None,
+                              age_encryption_recipients: list[str] | None = None):
+        """Hosted only: raises UnsupportedFeatureError (save_weights_for_sampler writes a
+        standard peft folder; RestClient.download_checkpoint fetches it)."""
+        raise UnsupportedFeatureError("save_weights_external", "external weight storage is a hosted Tinker "
+                                      "feature; save_weights_for_sampler + RestClient.download_checkpoint")
+
+    async def save_weights_external_async(self, name: str, ttl_seconds: int | None = None,
+                                          age_encryption_recipients: list[str] | None = None):
+        self.save_weights_external(name, ttl_seconds, age_encryption_recipients)
+
+    def get_console_url(self):
+        """Hosted only: raises UnsupportedFeatureError (gradwire has no web console)."""
+        raise UnsupportedFeatureError("get_console_url", "gradwire has no web console")
+
+    def get_telemetry(self) -> None:
+        """None: gradwire's SDK collects no telemetry."""
+        return None
+
+    def _snapshot_sampling_client(self, retry_config: Any = None) -> APIFuture[SamplingClient]:
         """Snapshots the adapter as it is after every request made before this one, in
         server memory (no files), and gives a SamplingClient on the snapshot. The
         server frees the snapshot once no SamplingClient of it is left (or, oldest
@@ -502,36 +567,35 @@ class TrainingClient:
 
     def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config: Any = None,
                                              record_stability_info: bool = False,
-                                             kind: str | None = None) -> SamplingClient:
-        """save_weights_and_get_sampling_client_submit(...).result(): a SamplingClient
-        (which also answers .result() and await) on an in-memory snapshot of the
-        current weights. `name` is ignored, as in Tinker (use save_weights_for_sampler
-        for weights that must last). record_stability_info and kind belong to the
-        hosted service's stable_reinforce and are not supported."""
-        if record_stability_info:
-            raise UnsupportedFeatureError("save_weights_and_get_sampling_client(record_stability_info=True)",
-                                          "it records data for the hosted stable_reinforce loss, whose "
-                                          "formula is not published")
-        if kind is not None:
-            raise UnsupportedFeatureError(f"save_weights_and_get_sampling_client(kind={kind!r})")
-        return self.save_weights_and_get_sampling_client_submit(retry_config).result()
+                                             kind: str = "snapshot") -> SamplingClient:
+        """A SamplingClient (which also answers .result() and await) on an in-memory
+        snapshot of the current weights (kind="snapshot", the only kind). `name` is
+        ignored, as in Tinker (use save_weights_for_sampler for weights that must last).
+        record_stability_info (data for the hosted stable_reinforce loss) is not supported."""
+        _check_stability_info(record_stability_info)
+        if kind != "snapshot":
+            raise UnsupportedFeatureError(f"save_weights_and_get_sampling_client(kind={kind!r})",
+                                          "gradwire samples from in-memory snapshots (kind='snapshot')")
+        return self._snapshot_sampling_client(retry_config).result()
 
     async def save_weights_and_get_sampling_client_async(self, name: str | None = None, retry_config: Any = None,
                                                          record_stability_info: bool = False,
-                                                         kind: str | None = None) -> SamplingClient:
+                                                         kind: str = "snapshot") -> SamplingClient:
         return await asyncio.to_thread(self.save_weights_and_get_sampling_client, name, retry_config,
                                        record_stability_info, kind)
 
-    def load_state(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+    def load_state(self, path: str, weights_access_token: str | None = None) -> APIFuture[types.LoadWeightsResponse]:
         """Replaces this run's adapter weights by the checkpoint's; the optimizer starts
         afresh and accumulated gradients are dropped. A checkpoint that is missing,
-        damaged or does not fit leaves the run as it was."""
-        return self._load_call(path, False)
+        damaged or does not fit leaves the run as it was. (weights_access_token, for
+        another account's weights, is a hosted feature.)"""
+        return self._load_call(path, False, weights_access_token)
 
-    def load_state_with_optimizer(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+    def load_state_with_optimizer(self, path: str, weights_access_token: str | None = None
+                                  ) -> APIFuture[types.LoadWeightsResponse]:
         """As load_state, and restores the AdamW state and step too (training
         checkpoints only), so training continues exactly as it would have."""
-        return self._load_call(path, True)
+        return self._load_call(path, True, weights_access_token)
 
     def unload(self) -> APIFuture[types.UnloadModelResponse]:
         """Frees the run's adapter and optimizer state on the server, after every
@@ -550,19 +614,25 @@ class TrainingClient:
         """Submits save_weights_for_sampler; the awaited APIFuture gives the result."""
         return await _submitted(self.save_weights_for_sampler(name, ttl_seconds, user_metadata))
 
-    async def load_state_async(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+    async def load_state_async(self, path: str, weights_access_token: str | None = None
+                               ) -> APIFuture[types.LoadWeightsResponse]:
         """Submits load_state; the awaited APIFuture gives the result."""
-        return await _submitted(self.load_state(path))
+        return await _submitted(self.load_state(path, weights_access_token))
 
-    async def load_state_with_optimizer_async(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+    async def load_state_with_optimizer_async(self, path: str, weights_access_token: str | None = None
+                                              ) -> APIFuture[types.LoadWeightsResponse]:
         """Submits load_state_with_optimizer; the awaited APIFuture gives the result."""
-        return await _submitted(self.load_state_with_optimizer(path))
+        return await _submitted(self.load_state_with_optimizer(path, weights_access_token))
 
     async def unload_async(self) -> APIFuture[types.UnloadModelResponse]:
         """Submits unload; the awaited APIFuture gives the result."""
         return await _submitted(self.unload())
 
-    def _load_call(self, path: str, optimizer: bool) -> APIFuture[types.LoadWeightsResponse]:
+    def _load_call(self, path: str, optimizer: bool, weights_access_token: str | None
+                   ) -> APIFuture[types.LoadWeightsResponse]:
+        if weights_access_token is not None:
+            raise UnsupportedFeatureError("weights_access_token",
+                                          "access to another account's weights is a hosted Tinker feature")
         return self._ordered_call("LoadWeights", pb.LoadWeightsRequest, pb.LoadWeightsResponse,
                                   lambda r: types.LoadWeightsResponse(path=r.path),
                                   "load_state_with_optimizer" if optimizer else "load_state",
@@ -661,6 +731,19 @@ class TrainingClient:
             pending.submitted.set_exception(AbortedError(
                 f"ABORTED: not sent: an earlier {failed.label} of {self.model_id} failed: {error}",
                 grpc.StatusCode.ABORTED, "EARLIER_REQUEST_FAILED"))
+
+
+def _check_stability_info(record_stability_info: bool) -> None:
+    if record_stability_info:
+        raise UnsupportedFeatureError("record_stability_info=True",
+                                      "it records data for the hosted stable_reinforce loss, whose "
+                                      "formula is not published")
+
+
+def _check_optimizer(optimizer: types.OptimizerConfig | None) -> None:
+    if optimizer is not None and getattr(optimizer, "type", None) != "adamw":
+        raise UnsupportedFeatureError(f"optimizer {getattr(optimizer, 'type', optimizer)!r}",
+                                      "gradwire trains with AdamW only")
 
 
 def _backoff() -> Iterator[float]:

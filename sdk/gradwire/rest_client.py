@@ -32,9 +32,10 @@ class RestClient:
 
     Create it with `ServiceClient.create_rest_client()`. As in Tinker, each method
     returns a future at once (`.result()`), and its `_async` twin the value.
-    Checkpoint paths may be written gradwire://... or tinker://...
-    Publishing, signed archive URLs and other hosted-storage features raise
-    UnsupportedFeatureError; download_checkpoint fetches the files instead.
+    Checkpoint paths may be written gradwire://... or tinker://... Sharing across
+    accounts (access_scope other than "owned"), projects, sessions, publishing, audit
+    logs, billing and signed archive URLs raise UnsupportedFeatureError (see
+    _UNSUPPORTED); download_checkpoint fetches a checkpoint's files instead.
     """
 
     def __init__(self, service: ServiceClient):
@@ -57,17 +58,25 @@ class RestClient:
 
     # ---- training runs -------------------------------------------------------------------
 
-    def get_training_run(self, training_run_id: str) -> APIFuture[types.TrainingRun]:
+    def get_training_run(self, training_run_id: str, access_scope: str = "owned"
+                         ) -> APIFuture[types.TrainingRun]:
         """One training run (NotFoundError if the server never had it)."""
+        _check_scope(access_scope)
         return self._background(lambda: self._training_run(training_run_id))
 
-    def get_training_run_by_tinker_path(self, tinker_path: str) -> APIFuture[types.TrainingRun]:
+    def get_training_run_by_tinker_path(self, tinker_path: str, access_scope: str = "owned"
+                                        ) -> APIFuture[types.TrainingRun]:
         """The training run that saved the checkpoint at `tinker_path`."""
         parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
-        return self.get_training_run(parsed.training_run_id)
+        return self.get_training_run(parsed.training_run_id, access_scope)
 
-    def list_training_runs(self, limit: int = 20, offset: int = 0) -> APIFuture[types.TrainingRunsResponse]:
+    def list_training_runs(self, limit: int = 20, offset: int = 0, access_scope: str = "owned",
+                           project_id: str | None = None) -> APIFuture[types.TrainingRunsResponse]:
         """Training runs, oldest first, loaded in memory or not: `limit` from `offset`."""
+        _check_scope(access_scope)
+        if project_id is not None:
+            raise UnsupportedFeatureError("list_training_runs(project_id=...)", _HOSTED)
+
         def page() -> types.TrainingRunsResponse:
             runs = self._all_training_runs()
             return types.TrainingRunsResponse(runs[offset:offset + limit], types.Cursor(offset, limit, len(runs)))
@@ -136,36 +145,26 @@ class RestClient:
             raise
         return dest
 
-    def get_checkpoint_archive_url(self, training_run_id: str, checkpoint_id: str):
-        """Hosted storage only: raises UnsupportedFeatureError (use download_checkpoint)."""
-        raise UnsupportedFeatureError("get_checkpoint_archive_url", _NO_ARCHIVE_URLS)
-
-    def get_checkpoint_archive_url_from_tinker_path(self, tinker_path: str):
-        """Hosted storage only: raises UnsupportedFeatureError (use download_checkpoint)."""
-        raise UnsupportedFeatureError("get_checkpoint_archive_url_from_tinker_path", _NO_ARCHIVE_URLS)
-
-    def publish_checkpoint_from_tinker_path(self, tinker_path: str):
-        """Hosted only: raises UnsupportedFeatureError."""
-        raise UnsupportedFeatureError("publish_checkpoint_from_tinker_path", _NO_PUBLISHING)
-
-    def unpublish_checkpoint_from_tinker_path(self, tinker_path: str):
-        """Hosted only: raises UnsupportedFeatureError."""
-        raise UnsupportedFeatureError("unpublish_checkpoint_from_tinker_path", _NO_PUBLISHING)
-
     def get_server_capabilities(self) -> APIFuture[types.GetServerCapabilitiesResponse]:
         """Models, built-in losses, limits and device of the server."""
         return self._background(self.service.get_server_capabilities)
 
+    def get_telemetry(self) -> None:
+        """None: gradwire's SDK collects no telemetry."""
+        return None
+
     # ---- async twins (values) ----------------------------------------------------------------
 
-    async def get_training_run_async(self, training_run_id: str) -> types.TrainingRun:
-        return await self.get_training_run(training_run_id)
+    async def get_training_run_async(self, training_run_id: str, access_scope: str = "owned") -> types.TrainingRun:
+        return await self.get_training_run(training_run_id, access_scope)
 
-    async def get_training_run_by_tinker_path_async(self, tinker_path: str) -> types.TrainingRun:
-        return await self.get_training_run_by_tinker_path(tinker_path)
+    async def get_training_run_by_tinker_path_async(self, tinker_path: str, access_scope: str = "owned"
+                                                    ) -> types.TrainingRun:
+        return await self.get_training_run_by_tinker_path(tinker_path, access_scope)
 
-    async def list_training_runs_async(self, limit: int = 20, offset: int = 0) -> types.TrainingRunsResponse:
-        return await self.list_training_runs(limit, offset)
+    async def list_training_runs_async(self, limit: int = 20, offset: int = 0, access_scope: str = "owned",
+                                       project_id: str | None = None) -> types.TrainingRunsResponse:
+        return await self.list_training_runs(limit, offset, access_scope, project_id)
 
     async def list_checkpoints_async(self, training_run_id: str) -> types.CheckpointsListResponse:
         return await self.list_checkpoints(training_run_id)
@@ -185,18 +184,6 @@ class RestClient:
 
     async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
         return await self.get_server_capabilities()
-
-    async def get_checkpoint_archive_url_async(self, training_run_id: str, checkpoint_id: str):
-        self.get_checkpoint_archive_url(training_run_id, checkpoint_id)
-
-    async def get_checkpoint_archive_url_from_tinker_path_async(self, tinker_path: str):
-        self.get_checkpoint_archive_url_from_tinker_path(tinker_path)
-
-    async def publish_checkpoint_from_tinker_path_async(self, tinker_path: str):
-        self.publish_checkpoint_from_tinker_path(tinker_path)
-
-    async def unpublish_checkpoint_from_tinker_path_async(self, tinker_path: str):
-        self.unpublish_checkpoint_from_tinker_path(tinker_path)
 
     # ---- plumbing ----------------------------------------------------------------------------
 
@@ -227,9 +214,49 @@ class RestClient:
         self._call("DeleteCheckpoint", rpb.DeleteCheckpointRequest(path=path))
 
 
+_HOSTED = "it is a feature of the hosted Tinker service"
 _NO_ARCHIVE_URLS = ("signed archive URLs are the hosted service's storage; "
                     "RestClient.download_checkpoint(path, dest_dir) fetches the files")
-_NO_PUBLISHING = "publishing checkpoints is a feature of the hosted Tinker service"
+# Tinker's RestClient methods a self-hosted gradwire server does not offer (each with an
+# _async twin): calling one raises UnsupportedFeatureError naming it and why.
+_UNSUPPORTED = {
+    "get_checkpoint_archive_url": _NO_ARCHIVE_URLS,
+    "get_checkpoint_archive_url_from_tinker_path": _NO_ARCHIVE_URLS,
+    "get_external_weights_urls": _NO_ARCHIVE_URLS,
+    "get_weights_info_by_tinker_path": "not implemented by gradwire yet; get_training_run_by_tinker_path "
+                                       "describes the run",
+    "publish_checkpoint_from_tinker_path": "publishing checkpoints is a feature of the hosted Tinker service",
+    "unpublish_checkpoint_from_tinker_path": "publishing checkpoints is a feature of the hosted Tinker service",
+    "set_checkpoint_ttl_from_tinker_path": "not implemented by gradwire yet: pass ttl_seconds when saving",
+    "copy_weights": "copying weights between projects is a feature of the hosted Tinker service",
+    "get_audit_log": _HOSTED, "get_billing_usage": _HOSTED, "get_current_checkpoint_storage_usage": _HOSTED,
+    "get_session": _HOSTED, "list_sessions": _HOSTED, "assign_session_project": _HOSTED,
+    "export_session_trace": _HOSTED, "search_sessions": _HOSTED, "get_sampler": _HOSTED, "whoami": _HOSTED,
+}
+
+
+def _unsupported(name: str, why: str, is_async: bool) -> Callable:
+    def method(self, *args, **kwargs):
+        raise UnsupportedFeatureError(f"RestClient.{name}", why)
+
+    async def async_method(self, *args, **kwargs):
+        method(self)
+
+    chosen = async_method if is_async else method
+    chosen.__name__ = chosen.__qualname__ = name + ("_async" if is_async else "")
+    chosen.__doc__ = f"Not supported: raises UnsupportedFeatureError ({why})."
+    return chosen
+
+
+for _name, _why in _UNSUPPORTED.items():
+    setattr(RestClient, _name, _unsupported(_name, _why, False))
+    setattr(RestClient, _name + "_async", _unsupported(_name, _why, True))
+
+
+def _check_scope(access_scope: str) -> None:
+    if access_scope != "owned":
+        raise UnsupportedFeatureError(f"access_scope={access_scope!r}",
+                                      "runs shared across accounts are a feature of the hosted Tinker service")
 
 
 def _gradwire_path(path: str) -> str:

@@ -15,7 +15,7 @@ import grpc
 
 from gradwire import _convert, types
 from gradwire.client import ServiceClient, _request_id, _submitted
-from gradwire.errors import APITimeoutError, error_from_rpc
+from gradwire.errors import APITimeoutError, UnsupportedFeatureError, error_from_rpc
 from gradwire.futures import APIFuture
 from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
@@ -43,7 +43,8 @@ class SamplingClient:
 
     def sample(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
-               topk_sample_logprobs: int = 0, prompt_logprobs_last_n: int | None = None
+               topk_sample_logprobs: int = 0, target_prompt_logprobs: types.TensorData | None = None,
+               prompt_alt_tokens_k: int = 0, prompt_logprobs_last_n: int | None = None
                ) -> APIFuture[types.SampleResponse]:
         """num_samples completions of `prompt` (decoded together as one batch).
 
@@ -54,7 +55,12 @@ class SamplingClient:
         adds the k most likely (token, logprob) pairs at each prompt position
         (first None), topk_sample_logprobs=k the same at each generated position
         (SampledSequence.topk_logprobs). prompt_logprobs_last_n=n scores only the
-        prompt's last n positions (the others are None)."""
+        prompt's last n positions (the others are None). Tinker's
+        target_prompt_logprobs and prompt_alt_tokens_k are not supported yet."""
+        if target_prompt_logprobs is not None:
+            raise UnsupportedFeatureError("sample(target_prompt_logprobs=...)", "not implemented by gradwire yet")
+        if prompt_alt_tokens_k:
+            raise UnsupportedFeatureError("sample(prompt_alt_tokens_k=...)", "not implemented by gradwire yet")
         request = pb.SampleRequest(**self._model(), prompt=_convert.model_input_chunks(prompt),
                                    num_samples=num_samples,
                                    sampling_params=_convert.sampling_params(sampling_params),
@@ -95,11 +101,13 @@ class SamplingClient:
 
     async def sample_async(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams,
                            include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
-                           topk_sample_logprobs: int = 0, prompt_logprobs_last_n: int | None = None
+                           topk_sample_logprobs: int = 0, target_prompt_logprobs: types.TensorData | None = None,
+                           prompt_alt_tokens_k: int = 0, prompt_logprobs_last_n: int | None = None
                            ) -> APIFuture[types.SampleResponse]:
         """Submits sample; the awaited APIFuture gives the result."""
         return await _submitted(self.sample(prompt, num_samples, sampling_params, include_prompt_logprobs,
-                                            topk_prompt_logprobs, topk_sample_logprobs, prompt_logprobs_last_n))
+                                            topk_prompt_logprobs, topk_sample_logprobs, target_prompt_logprobs,
+                                            prompt_alt_tokens_k, prompt_logprobs_last_n))
 
     async def compute_logprobs_async(self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
                                      ) -> APIFuture[list[float | None]]:
@@ -119,6 +127,19 @@ class SamplingClient:
     def get_tokenizer(self):
         """The base model's Hugging Face tokenizer (fetched from the server, no download)."""
         return self.service._tokenizer(self.base_model or "")
+
+    def get_base_model(self) -> str:
+        """The name of the base model this client samples from."""
+        if self.base_model is not None:
+            return self.base_model
+        return self.service.get_server_capabilities().supported_models[0].model_name
+
+    async def get_base_model_async(self) -> str:
+        return await asyncio.to_thread(self.get_base_model)
+
+    def get_telemetry(self) -> None:
+        """None: gradwire's SDK collects no telemetry."""
+        return None
 
     async def get_tokenizer_async(self):
         return await asyncio.to_thread(self.get_tokenizer)

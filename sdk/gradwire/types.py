@@ -12,18 +12,23 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "AdamOptimizerConfig", "AdamParams", "Checkpoint", "CheckpointsListResponse", "Cursor", "Datum",
-    "EncodedTextChunk", "ForwardBackwardOutput", "GetInfoResponse", "GetServerCapabilitiesResponse",
+    "AdamOptimizerConfig", "AdamParams", "Checkpoint", "CheckpointType", "CheckpointsListResponse", "Cursor",
+    "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "GetInfoResponse", "GetServerCapabilitiesResponse",
     "ImageAssetPointerChunk", "ImageChunk", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelID",
-    "ModelInput", "ModelInputChunk", "OptimStepResponse", "OptimizerConfig", "ParsedCheckpointTinkerPath",
-    "PromptProvenanceSpan", "SampleResponse", "SampledProvenanceSpan", "SampledSequence", "SampledTokens",
-    "SamplingParams", "SaveWeightsForSamplerResponse", "SaveWeightsResponse", "StopReason",
-    "SupportedModel", "TensorData", "TrainingRun", "TrainingRunsResponse", "UnloadModelResponse",
+    "ModelInput", "ModelInputChunk", "OptimParams", "OptimStepResponse", "OptimizerConfig",
+    "ParsedCheckpointTinkerPath", "PromptProvenanceSpan", "SampleResponse", "SampledProvenanceSpan",
+    "SampledSequence", "SampledTokens", "SamplingParams", "SaveWeightsForSamplerResponse", "SaveWeightsResponse",
+    "StopReason", "SupportedModel", "TensorData", "TensorDtype", "TrainingRun", "TrainingRunsResponse",
+    "UnloadModelResponse",
 ]
 
 ModelID = str
-# The built-in losses (GetServerCapabilities lists them); Tinker's name for the type.
-LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"]
+CheckpointType = Literal["training", "sampler"]
+TensorDtype = Literal["int64", "float32"]
+# Tinker 0.38's loss names. gradwire's server trains the first six (GetServerCapabilities
+# lists them) and refuses stable_reinforce (no public formula) and custom, with the reason.
+LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce",
+                     "custom"]
 
 _NUMPY_DTYPES = {"int64": np.int64, "float32": np.float32}
 # Loss inputs whose dtype is fixed by their name; other keys keep their kind.
@@ -445,6 +450,7 @@ class AdamOptimizerConfig:
 
 
 OptimizerConfig = AdamOptimizerConfig
+OptimParams = AdamParams  # the per-step hyperparameters of gradwire's one optimizer family
 
 
 @dataclass
@@ -499,6 +505,13 @@ class SampleResponse:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+    @property
+    def prompt_logprobs_np(self) -> np.ndarray | None:
+        """prompt_logprobs as a float32 array, NaN where there is no score."""
+        if self.prompt_logprobs is None:
+            return None
+        return np.array([np.nan if v is None else v for v in self.prompt_logprobs], dtype=np.float32)
 
 
 @dataclass

@@ -15,14 +15,15 @@ from gradwire.errors import (APIConnectionError, APIError, APIResponseValidation
                              InternalServerError, NotFoundError, PermissionDeniedError, RateLimitError,
                              RequestCancelledError, TinkerError, UnprocessableEntityError,
                              UnsupportedFeatureError)
-from gradwire.types import (AdamOptimizerConfig, AdamParams, Checkpoint, CheckpointsListResponse, Cursor,
-                            Datum, EncodedTextChunk, ForwardBackwardOutput, GetInfoResponse,
+from gradwire.types import (AdamOptimizerConfig, AdamParams, Checkpoint, CheckpointsListResponse, CheckpointType,
+                            Cursor, Datum, EncodedTextChunk, ForwardBackwardOutput, GetInfoResponse,
                             GetServerCapabilitiesResponse, ImageAssetPointerChunk, ImageChunk,
                             LoadWeightsResponse, LoraConfig, LossFnType, ModelID, ModelInput, ModelInputChunk,
-                            OptimizerConfig, OptimStepResponse, ParsedCheckpointTinkerPath,
+                            OptimizerConfig, OptimParams, OptimStepResponse, ParsedCheckpointTinkerPath,
                             PromptProvenanceSpan, SampledProvenanceSpan, SampledSequence, SampleResponse,
                             SamplingParams, SaveWeightsForSamplerResponse, SaveWeightsResponse, StopReason,
-                            SupportedModel, TensorData, TrainingRun, TrainingRunsResponse, UnloadModelResponse)
+                            SupportedModel, TensorData, TensorDtype, TrainingRun, TrainingRunsResponse,
+                            UnloadModelResponse)
 from tinker import lib, types
 from tinker.lib.public_interfaces import (APIFuture, RestClient, SamplingClient, ServiceClient,
                                           TrainingClient)
@@ -42,14 +43,14 @@ except importlib.metadata.PackageNotFoundError:
 __all__ = [
     "APIConnectionError", "APIError", "APIFuture", "APIResponseValidationError", "APIStatusError",
     "APITimeoutError", "AdamOptimizerConfig", "AdamParams", "AuthenticationError", "BadRequestError",
-    "Checkpoint", "CheckpointsListResponse", "ConflictError", "Cursor", "Datum", "EncodedTextChunk",
+    "Checkpoint", "CheckpointType", "CheckpointsListResponse", "ConflictError", "Cursor", "Datum", "EncodedTextChunk",
     "ForwardBackwardOutput", "GetInfoResponse", "GetServerCapabilitiesResponse", "ImageAssetPointerChunk",
     "ImageChunk", "InternalServerError", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelID",
-    "ModelInput", "ModelInputChunk", "NotFoundError", "OptimStepResponse", "OptimizerConfig",
+    "ModelInput", "ModelInputChunk", "NotFoundError", "OptimParams", "OptimStepResponse", "OptimizerConfig",
     "ParsedCheckpointTinkerPath", "PermissionDeniedError", "PromptProvenanceSpan", "RateLimitError",
     "RequestCancelledError", "RestClient", "SampleResponse", "SampledProvenanceSpan", "SampledSequence",
     "SamplingClient", "SamplingParams", "SaveWeightsForSamplerResponse", "SaveWeightsResponse",
-    "ServiceClient", "StopReason", "SupportedModel", "TensorData", "TinkerError", "TrainingClient",
+    "ServiceClient", "StopReason", "SupportedModel", "TensorData", "TensorDtype", "TinkerError", "TrainingClient",
     "TrainingRun", "TrainingRunsResponse", "UnloadModelResponse", "UnprocessableEntityError",
     "UnsupportedFeatureError", "lib", "types",
 ]

@@ -1,4 +1,4 @@
-"""tinker.types.optimizer: gradwire's AdamOptimizerConfig, AdamParams, OptimizerConfig."""
-from gradwire.types import AdamOptimizerConfig, AdamParams, OptimizerConfig
+"""tinker.types.optimizer: gradwire's AdamOptimizerConfig, AdamParams, OptimizerConfig, OptimParams."""
+from gradwire.types import AdamOptimizerConfig, AdamParams, OptimizerConfig, OptimParams
 
-__all__ = ["AdamOptimizerConfig", "AdamParams", "OptimizerConfig"]
+__all__ = ["AdamOptimizerConfig", "AdamParams", "OptimParams", "OptimizerConfig"]

@@ -1,4 +1,0 @@
-"""tinker.types.adam_params: gradwire's AdamParams."""
-from gradwire.types import AdamParams
-
-__all__ = ["AdamParams"]
