@@ -320,6 +320,7 @@ def test_tinker_paths_and_rest_futures(service):
     tc.load_state(tinker_path).result()
     rest = service.create_rest_client()
     assert rest.get_training_run_by_tinker_path(tinker_path).result().training_run_id == tc.model_id
+    assert [c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints] == [path]
     page = rest.list_user_checkpoints(limit=1).result()
     assert len(page.checkpoints) == 1 and page.cursor.total_count >= 1
     assert page.checkpoints[0].time >= max(c.time for c in rest.list_checkpoints(tc.model_id).result().checkpoints)

@@ -369,6 +369,11 @@ class Checkpoint:
     expires_at: datetime.datetime | None = None  # None: kept until deleted
     training_run_id: str = ""
 
+    @property
+    def tinker_path(self) -> str:
+        """Tinker's name for `path` (gradwire://...; gradwire accepts tinker://... too)."""
+        return self.path
+
 
 @dataclass
 class TrainingRun:
