@@ -65,6 +65,26 @@ def test_ttl_checkpoints_expire_leave_listings_and_are_deleted(server, service):
     tc.load_state(kept).result()
 
 
+def test_a_checkpoints_ttl_can_be_set_and_removed(server, service):
+    tc = trained_run(service, seed=10)
+    rest = service.create_rest_client()
+    keep = tc.save_state("keep", ttl_seconds=1).result().path
+    drop = tc.save_weights_for_sampler("drop").result().path
+    assert rest.set_checkpoint_ttl_from_tinker_path(keep.replace("gradwire://", "tinker://"), None).result() is None
+    rest.set_checkpoint_ttl_from_tinker_path(drop, 1).result()
+    listed = {c.path: c.expires_at for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    assert listed[keep] is None and listed[drop] is not None
+    time.sleep(1.1)
+    assert [c.path for c in rest.list_checkpoints(tc.model_id).result().checkpoints] == [keep]
+    tc.load_state(keep).result()
+    assert drop in server.expire_checkpoints()
+    with pytest.raises(gradwire.NotFoundError):
+        rest.set_checkpoint_ttl_from_tinker_path(drop, 10).result()
+    with pytest.raises(gradwire.BadRequestError, match="ttl_seconds"):
+        rest.set_checkpoint_ttl_from_tinker_path(keep, 0).result()
+    assert [c.expires_at for c in rest.list_checkpoints(tc.model_id).result().checkpoints] == [None]
+
+
 def test_the_server_sweeps_expired_checkpoints_by_itself(tmp_path):
     background = BackgroundServer(ServerConfig(model="tiny-random", port=0, checkpoint_dir=tmp_path,
                                                checkpoint_expiry_interval_s=0.2))

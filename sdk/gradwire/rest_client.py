@@ -117,6 +117,12 @@ class RestClient:
         path = _gradwire_path(tinker_path)
         return self._background(lambda: self._delete(path))
 
+    def set_checkpoint_ttl_from_tinker_path(self, tinker_path: str, ttl_seconds: int | None) -> APIFuture[None]:
+        """Sets the checkpoint's TTL to ttl_seconds from now (the server then deletes it),
+        or with None removes it (kept until deleted)."""
+        request = rpb.SetCheckpointTtlRequest(path=_gradwire_path(tinker_path), ttl_seconds=ttl_seconds)
+        return self._background(lambda: self._call("SetCheckpointTtl", request) and None)
+
     def download_checkpoint(self, path: str, dest_dir: str | os.PathLike) -> pathlib.Path:
         """Writes the checkpoint's files into `dest_dir` (created; must be absent or
         empty) and returns it. The folder appears only once complete: for a peft
@@ -179,6 +185,9 @@ class RestClient:
     async def delete_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
         await self.delete_checkpoint_from_tinker_path(tinker_path)
 
+    async def set_checkpoint_ttl_from_tinker_path_async(self, tinker_path: str, ttl_seconds: int | None) -> None:
+        await self.set_checkpoint_ttl_from_tinker_path(tinker_path, ttl_seconds)
+
     async def download_checkpoint_async(self, path: str, dest_dir: str | os.PathLike) -> pathlib.Path:
         return await asyncio.to_thread(self.download_checkpoint, path, dest_dir)
 
@@ -227,7 +236,6 @@ _UNSUPPORTED = {
                                        "describes the run",
     "publish_checkpoint_from_tinker_path": "publishing checkpoints is a feature of the hosted Tinker service",
     "unpublish_checkpoint_from_tinker_path": "publishing checkpoints is a feature of the hosted Tinker service",
-    "set_checkpoint_ttl_from_tinker_path": "not implemented by gradwire yet: pass ttl_seconds when saving",
     "copy_weights": "copying weights between projects is a feature of the hosted Tinker service",
     "get_audit_log": _HOSTED, "get_billing_usage": _HOSTED, "get_current_checkpoint_storage_usage": _HOSTED,
     "get_session": _HOSTED, "list_sessions": _HOSTED, "assign_session_project": _HOSTED,

@@ -4,11 +4,12 @@ here: the servicers validate requests and submit these to the scheduler."""
 from __future__ import annotations
 
 import pathlib
+import time
 
 from gradwire_server import checkpoints
 from gradwire_server.engine import Engine
 from gradwire_server.errors import FieldViolation, ServiceError, failed_precondition, invalid_argument
-from gradwire_server.run_index import RunIndex, record_change
+from gradwire_server.run_index import CheckpointRecord, RunIndex, record_change
 
 
 class CheckpointOps:
@@ -75,6 +76,16 @@ class CheckpointOps:
             raise failed_precondition(f"checkpoint {path} does not fit training run {run_id}: {error}",
                                       "CHECKPOINT_MISMATCH") from None
         return checkpoint.step
+
+
+def set_ttl(root: pathlib.Path, index: RunIndex, path: str, ttl_seconds: int | None) -> CheckpointRecord:
+    """Gives the checkpoint at `path` a TTL from now (None: none) on disk and in the index
+    (worker side, between saves and deletions); returns its index row."""
+    checkpoint = checkpoints.find(root, path)
+    expires = None if ttl_seconds is None else time.time() + ttl_seconds
+    checkpoints.set_expiry(checkpoint, expires)
+    record_change(f"the TTL of {path}", index.set_checkpoint_expiry, path, expires)
+    return index.get_checkpoint(path) or checkpoint.record()
 
 
 def delete_expired(root: pathlib.Path, index: RunIndex, now: float) -> list[str]:

@@ -245,6 +245,22 @@ def write(root: pathlib.Path, path: CheckpointPath, state: RunState, base_model:
     return Checkpoint(path, folder, metadata)
 
 
+def set_expiry(checkpoint: Checkpoint, expires_time: float | None) -> Checkpoint:
+    """The checkpoint with its marker's expires_time replaced (None: never expires),
+    written to a hidden file and renamed over the marker, so the marker is always whole."""
+    metadata = {**checkpoint.metadata, "expires_time": expires_time}
+    temp = checkpoint.folder / f"{_TEMP_PREFIX}{MARKER}-{secrets.token_hex(4)}"
+    try:
+        temp.write_text(json.dumps(metadata, indent=2))
+        _fsync(temp)
+        os.replace(temp, checkpoint.folder / MARKER)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync(checkpoint.folder)
+    return Checkpoint(checkpoint.path, checkpoint.folder, metadata)
+
+
 def read(checkpoint: Checkpoint, with_optimizer: bool
          ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(adapter tensors, optimizer state or None), after checking every file's size

@@ -86,6 +86,20 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
         except ServiceError as error:
             await abort(context, error)
 
+    async def SetCheckpointTtl(self, request, context):
+        try:
+            if self.scheduler is None:
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading", "LOADING")
+            checkpoints.parse_path(request.path)
+            ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+            if ttl is not None and ttl < 1:
+                raise invalid_argument([FieldViolation("ttl_seconds", f"must be >= 1, got {ttl}")])
+            record = await self.scheduler.run_on_worker("set_checkpoint_ttl", lambda: checkpoint_ops.set_ttl(
+                self.checkpoint_root, self.index, request.path, ttl))
+            return _checkpoint(record)
+        except ServiceError as error:
+            await abort(context, error)
+
     async def DownloadCheckpoint(self, request, context):
         try:
             checkpoint = await asyncio.to_thread(checkpoints.find, self.checkpoint_root, request.path)

@@ -144,6 +144,13 @@ class RunIndex:
             (record.path, record.run_id, record.checkpoint_type, record.name, record.created_time,
              record.size_bytes, record.expires_time))
 
+    def set_checkpoint_expiry(self, path: str, expires_time: float | None) -> None:
+        self._execute("UPDATE checkpoints SET expires_time = ? WHERE path = ?", (expires_time, path))
+
+    def get_checkpoint(self, path: str) -> CheckpointRecord | None:
+        rows = self._query("SELECT * FROM checkpoints WHERE path = ?", (path,))
+        return _checkpoint(rows[0]) if rows else None
+
     def remove_checkpoint(self, path: str) -> None:
         self._execute("DELETE FROM checkpoints WHERE path = ?", (path,))
 
