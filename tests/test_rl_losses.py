@@ -244,6 +244,8 @@ def test_stable_reinforce_is_refused_with_the_reason(server, service):
     with pytest.raises(gradwire.BadRequestError) as raised:
         tc.forward_backward([rl_datum()], "stable_reinforce").result()
     assert "not published" in str(raised.value) and "importance_sampling" in str(raised.value)
+    with pytest.raises(gradwire.BadRequestError, match="forward_backward_custom"):
+        tc.forward_backward([rl_datum()], "custom").result()
     assert_state_equal(before, run_state(server, tc.model_id))
 
 

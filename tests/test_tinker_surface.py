@@ -211,6 +211,9 @@ def test_sequence_ids_numpy_views_and_top_k_sample_logprobs(service):
         assert sequence.tokens_np.dtype == np.int32 and sequence.tokens_np.tolist() == sequence.tokens
         np.testing.assert_array_equal(sequence.logprobs_np, np.float32(sequence.logprobs))
         assert len(sequence.topk_logprobs) == len(sequence.tokens)
+        dense = sequence.topk_logprobs_np
+        assert dense.token_ids.shape == (len(sequence.tokens), 4) and dense.token_ids.dtype == np.int32
+        assert dense.logprobs.tolist() == [[np.float32(v).item() for _, v in row] for row in sequence.topk_logprobs]
         with torch.no_grad():
             logits = model(torch.tensor([PROMPT + sequence.tokens])).logits[0].float()
         expected = torch.topk(torch.log_softmax(logits[len(PROMPT) - 1:-1], dim=-1), 4, dim=-1)
@@ -240,6 +243,8 @@ def test_prompt_logprobs_last_n(service):
                                   np.float32([np.nan] * (len(PROMPT) - 2) + full[-2:]))
     assert response.topk_prompt_logprobs[:-2] == [None] * (len(PROMPT) - 2)
     assert all(len(row) == 2 for row in response.topk_prompt_logprobs[-2:])
+    dense = response.topk_prompt_logprobs_np
+    assert dense.logprobs.shape == (len(PROMPT), 2) and (dense.logprobs[:-2] == -99999.0).all()
     with pytest.raises(gradwire.BadRequestError, match="prompt_logprobs_last_n"):
         sampler.compute_logprobs(prompt, prompt_logprobs_last_n=0).result()
 

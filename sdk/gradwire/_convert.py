@@ -109,7 +109,6 @@ def training_run(message: rpb.TrainingRun) -> types.TrainingRun:
         if message.HasField("last_sampler_checkpoint") else None)
 
 
-_TOPK_MASK_LOGPROB = -99999.0  # Tinker's value for a top-k row without prediction
 _STOP_REASONS = {sampling_pb.STOP_REASON_STOP: "stop", sampling_pb.STOP_REASON_LENGTH: "length"}
 
 
@@ -141,7 +140,7 @@ def sample_response(response: sampling_pb.SampleResponse) -> types.SampleRespons
         ids = np.frombuffer(top.token_ids, dtype="<i4").reshape(shape).tolist()
         values = np.frombuffer(top.logprobs, dtype="<f4").reshape(shape).tolist()
         # Row 0 and rows left unscored (prompt_logprobs_last_n) hold the mask value.
-        topk = [None if r == 0 or v[0] <= _TOPK_MASK_LOGPROB else list(zip(i, v))
+        topk = [None if r == 0 or v[0] <= types.TOPK_MASK_LOGPROB else list(zip(i, v))
                 for r, (i, v) in enumerate(zip(ids, values))]
     return types.SampleResponse(sequences, prompt, topk)
 

@@ -18,8 +18,8 @@ __all__ = [
     "ModelInput", "ModelInputChunk", "OptimParams", "OptimStepResponse", "OptimizerConfig",
     "ParsedCheckpointTinkerPath", "PromptProvenanceSpan", "SampleResponse", "SampledProvenanceSpan",
     "SampledSequence", "SampledTokens", "SamplingParams", "SaveWeightsForSamplerResponse", "SaveWeightsResponse",
-    "StopReason", "SupportedModel", "TensorData", "TensorDtype", "TrainingRun", "TrainingRunsResponse",
-    "UnloadModelResponse",
+    "StopReason", "SupportedModel", "TensorData", "TensorDtype", "TopkLogprobs", "TrainingRun",
+    "TrainingRunsResponse", "UnloadModelResponse",
 ]
 
 ModelID = str
@@ -477,6 +477,27 @@ class SamplingParams:
     top_p: float = 1.0
 
 
+TOPK_MASK_LOGPROB = -99999.0  # fills top-k rows (and columns) that hold no prediction
+
+
+@dataclass(frozen=True)
+class TopkLogprobs:
+    """Top-k (token, logprob) pairs per position as two dense [length, k] matrices
+    (int32 ids, float32 logprobs); empty slots hold token 0 and TOPK_MASK_LOGPROB."""
+
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+
+    @classmethod
+    def from_rows(cls, rows: list[list[tuple[int, float]] | None], k: int) -> TopkLogprobs:
+        ids = np.zeros((len(rows), k), dtype=np.int32)
+        values = np.full((len(rows), k), TOPK_MASK_LOGPROB, dtype=np.float32)
+        for i, row in enumerate(rows):
+            for j, (token, logprob) in enumerate(row or []):
+                ids[i, j], values[i, j] = token, logprob
+        return cls(ids, values)
+
+
 @dataclass
 class SampledSequence:
     """One completion: generated tokens (without the prompt) and their logprobs,
@@ -501,6 +522,13 @@ class SampledSequence:
         """The logprobs as a float32 array (None when not returned)."""
         return None if self.logprobs is None else np.asarray(self.logprobs, dtype=np.float32)
 
+    @property
+    def topk_logprobs_np(self) -> TopkLogprobs | None:
+        """topk_logprobs as dense matrices (None when not asked for)."""
+        if self.topk_logprobs is None:
+            return None
+        return TopkLogprobs.from_rows(self.topk_logprobs, max((len(r) for r in self.topk_logprobs), default=0))
+
 
 @dataclass
 class SampleResponse:
@@ -517,6 +545,14 @@ class SampleResponse:
         if self.prompt_logprobs is None:
             return None
         return np.array([np.nan if v is None else v for v in self.prompt_logprobs], dtype=np.float32)
+
+    @property
+    def topk_prompt_logprobs_np(self) -> TopkLogprobs | None:
+        """topk_prompt_logprobs as dense matrices, masked rows where there is no score."""
+        rows = self.topk_prompt_logprobs
+        if rows is None:
+            return None
+        return TopkLogprobs.from_rows(rows, max((len(r) for r in rows if r), default=0))
 
 
 @dataclass

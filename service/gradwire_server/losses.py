@@ -160,4 +160,6 @@ UNAVAILABLE_LOSSES: dict[str, str] = {
                         "has not published its formula, so gradwire cannot reproduce it exactly; "
                         "pass loss_fn='importance_sampling' (or 'ppo', 'cispo', 'gspo'), or write "
                         "the loss with forward_backward_custom",
+    "custom": "it names the hosted service's uploaded losses (create_custom_loss), which gradwire does not "
+              "implement; forward_backward_custom trains any loss written in PyTorch",
 }
