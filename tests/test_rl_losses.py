@@ -235,6 +235,20 @@ def test_gspo_loss_and_gradient_match_a_per_sequence_loop(server, service, confi
                           reference_gradients(model, tc.model_id)) <= TOLERANCE
 
 
+def test_gspo_datums_without_a_ratio_mask_use_every_token(server, service):
+    """In one batch, a datum sent without sequence_ratio_mask is scored as it is alone
+    (ratio over all its tokens), beside a datum that sends one."""
+    tc = trained_run(service)
+    model = reference_model(server, tc.model_id, rank=4)
+    with_mask, without = gspo_data(model, [1.1, 0.9])
+    without = gradwire.Datum(without.model_input, {k: v for k, v in without.loss_fn_inputs.items()
+                                                   if k != "sequence_ratio_mask"})
+    config = {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}
+    together = tc.forward([with_mask, without], "gspo", config).result().metrics["loss:sum"]
+    apart = sum(tc.forward([d], "gspo", config).result().metrics["loss:sum"] for d in (with_mask, without))
+    assert together == pytest.approx(apart, rel=1e-5)
+
+
 def test_stable_reinforce_is_refused_with_the_reason(server, service):
     """Tinker has not published stable_reinforce's formula: the request is refused, saying
     so and naming the alternatives, and nothing changes."""

@@ -98,14 +98,16 @@ def gspo(logprobs: Tensor, inputs: dict[str, Tensor],
     s = exp(mean over the sequence's ratio tokens of (lp - q)), clipped like PPO:
     -Σ min(s·A, clip(s, lo, hi)·A) over every real token.
 
-    The ratio tokens are those where `sequence_ratio_mask` is 1 (default: every real
+    The ratio tokens are those where `sequence_ratio_mask` is 1 (default, and for a datum
+    whose mask is all zero, as padding makes it for a datum sent without one: every real
     token; pass it to leave out prompt positions, whose q is no sampler logprob).
     lo/hi = clip_low/high_threshold, defaults 1 - 3e-4 and 1 + 4e-4 (the paper's ranges).
     clip_fraction:mean is the fraction of datums whose s lies outside [lo, hi]."""
     lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
     mask = inputs["mask"]
     ratio_mask = inputs.get("sequence_ratio_mask", mask) * mask
-    tokens = ratio_mask.sum(dim=(1, 2), keepdim=True).clamp(min=1.0)       # [B, 1, 1]
+    ratio_mask = torch.where(ratio_mask.sum(dim=(1, 2), keepdim=True) > 0, ratio_mask, mask)
+    tokens = ratio_mask.sum(dim=(1, 2), keepdim=True)                        # [B, 1, 1]
     sequence_ratio = torch.exp(((logprobs - inputs["logprobs"]) * ratio_mask).sum(
         dim=(1, 2), keepdim=True) / tokens)                                   # [B, 1, 1]
     advantages = inputs["advantages"]
