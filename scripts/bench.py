@@ -428,8 +428,8 @@ def main() -> None:
         fast_server, fast_address = start_server(folder)
         off_server, off_address = start_server(folder, "--keep-graph-budget-mb", "0")
         try:
-            service = gradwire.ServiceClient(fast_address)
-            off_service = gradwire.ServiceClient(off_address)
+            service = gradwire.ServiceClient(base_url=fast_address)
+            off_service = gradwire.ServiceClient(base_url=off_address)
             fast = service.create_lora_training_client(folder, rank=RANK, seed=0)
             recompute = off_service.create_lora_training_client(folder, rank=RANK, seed=0)
 

@@ -43,7 +43,7 @@ def streamed_peak(count: int, tokens: int) -> tuple[float, float]:
     """(peak RSS after loading, peak RSS after streaming `count` datums) of a fresh server."""
     process, address = start_server("tiny-random")
     try:
-        tc = gradwire.ServiceClient(address).create_lora_training_client("tiny-random", rank=8, seed=0)
+        tc = gradwire.ServiceClient(base_url=address).create_lora_training_client("tiny-random", rank=8, seed=0)
         tc.forward_backward(list(datums(4, tokens)), "cross_entropy").result()  # warm up
         baseline = peak_rss_mib(process.pid)
         tc.forward_backward(datums(count, tokens), "cross_entropy").result()
@@ -71,7 +71,7 @@ def main() -> None:
 
     process, address = start_server("tiny-random")
     try:
-        tc = gradwire.ServiceClient(address).create_lora_training_client("tiny-random", rank=8, seed=0)
+        tc = gradwire.ServiceClient(base_url=address).create_lora_training_client("tiny-random", rank=8, seed=0)
         data = list(datums(96, args.tokens, seed=1))  # ~2.5 MiB: fits one unary message
         tokens_per_second(tc, data, 1)  # warm up
         unary = tokens_per_second(tc, data, 5)

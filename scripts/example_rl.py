@@ -95,7 +95,7 @@ def train(base_url: str, model: str | None, steps: int, loss_fn: str, learning_r
         seeds = random.Random(seed)  # one sampling seed per group: the run repeats exactly
         history = []
         for step in range(steps):
-            sampler = policy.save_weights_and_get_sampling_client(f"rl-step-{step}")
+            sampler = policy.save_weights_and_get_sampling_client()
             # Every prompt's group is submitted before any result is awaited.
             pending = [sampler.sample(gradwire.ModelInput.from_ints(prompt), group_size,
                                       gradwire.SamplingParams(max_tokens=max_tokens, temperature=1.0,

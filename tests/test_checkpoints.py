@@ -151,9 +151,9 @@ def test_exact_resume_in_a_restarted_server(tmp_path):
     try:
         with gradwire.ServiceClient(base_url=address, progress=False) as service:
             rest = service.create_rest_client()
-            old = rest.get_training_run(original_run)
+            old = rest.get_training_run(original_run).result()
             assert (old.loaded, old.step, old.user_metadata) == (False, 5, {"purpose": "resume"})
-            assert [c.path for c in rest.list_checkpoints(original_run)] == [path, original]
+            assert [c.path for c in rest.list_checkpoints(original_run).result().checkpoints] == [path, original]
             assert not (run_folder / "weights" / ".tmp-step4-0badc0de").exists()  # cleaned up at start
             for leftover in ("weights/unfinished", "weights/.tmp-step4-0badc0de", "sampler_weights/removed"):
                 with pytest.raises((gradwire.NotFoundError, gradwire.BadRequestError)):
@@ -168,9 +168,9 @@ def test_exact_resume_in_a_restarted_server(tmp_path):
             train_steps(fresh_optimizer, [14, 15])
             without_optimizer = fresh_optimizer.save_weights_for_sampler("final").result().path
 
-            run = rest.get_training_run(resumed.model_id)
+            run = rest.get_training_run(resumed.model_id).result()
             assert (run.loaded, run.source_checkpoint, run.step) == (True, path, 5)
-            assert {r.training_run_id for r in rest.list_training_runs()} == {
+            assert {r.training_run_id for r in rest.list_training_runs().result().training_runs} == {
                 original_run, resumed.model_id, fresh_optimizer.model_id}
     finally:
         process.terminate()
@@ -209,7 +209,7 @@ def test_unload_frees_the_adapter_and_optimizer(server, service):
         tc.get_info()
     with pytest.raises(gradwire.ConflictError, match="not loaded"):
         tc.unload().result()
-    assert service.create_rest_client().get_training_run(tc.model_id).loaded is False
+    assert service.create_rest_client().get_training_run(tc.model_id).result().loaded is False
     reloaded = service.create_training_client_from_state(path)
     reloaded.forward(random_data(17), "cross_entropy").result()
 

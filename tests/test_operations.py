@@ -130,13 +130,13 @@ def test_sdk_retries_while_the_server_is_not_up_yet(tmp_path):
         BackgroundServer(ServerConfig(model="tiny-random", port=port, checkpoint_dir=tmp_path))))
     starter.start()
     try:
-        with gradwire.ServiceClient(f"127.0.0.1:{port}") as service:
+        with gradwire.ServiceClient(base_url=f"127.0.0.1:{port}") as service:
             tc = service.create_lora_training_client("tiny-random", rank=2, seed=0)
             assert tc.forward_backward(random_data(61), "cross_entropy").result().metrics["loss:sum"] > 0
     finally:
         starter.join()
         for server in started:
             server.stop()
-    with gradwire.ServiceClient(f"127.0.0.1:{free_port()}", retry_s=0.5) as service:
+    with gradwire.ServiceClient(base_url=f"127.0.0.1:{free_port()}", retry_s=0.5) as service:
         with pytest.raises(gradwire.APIConnectionError):
             service.get_server_capabilities()

@@ -22,15 +22,15 @@ def test_runs_and_checkpoints_are_listed(server, service):
     sampler = tc.save_weights_for_sampler("first").result().path
     rest = service.create_rest_client()
 
-    run = rest.get_training_run(tc.model_id)
+    run = rest.get_training_run(tc.model_id).result()
     assert (run.base_model, run.lora_rank, run.user_metadata, run.loaded, run.step) == \
         ("tiny-random", 4, {"owner": "tests"}, True, 0)
     assert run.lora_config == gradwire.LoraConfig(rank=4, seed=1, train_unembed=True, train_mlp=False,
                                                   train_attn=True)
     assert (run.last_checkpoint.path, run.last_sampler_checkpoint.path) == (training, sampler)
-    assert tc.model_id in [r.training_run_id for r in rest.list_training_runs()]
+    assert tc.model_id in [r.training_run_id for r in rest.list_training_runs(limit=10**6).result().training_runs]
 
-    listed = rest.list_checkpoints(tc.model_id)
+    listed = rest.list_checkpoints(tc.model_id).result().checkpoints
     assert [(c.checkpoint_id, c.checkpoint_type, c.path) for c in listed] == [
         ("weights/first", "training", training), ("sampler_weights/first", "sampler", sampler)]
     root = server.server.checkpoint_root
@@ -40,9 +40,9 @@ def test_runs_and_checkpoints_are_listed(server, service):
         assert checkpoint.expires_at is None and checkpoint.training_run_id == tc.model_id
 
     with pytest.raises(gradwire.NotFoundError, match="run-nope"):
-        rest.get_training_run("run-nope")
+        rest.get_training_run("run-nope").result()
     with pytest.raises(gradwire.NotFoundError, match="run-nope"):
-        rest.list_checkpoints("run-nope")
+        rest.list_checkpoints("run-nope").result()
 
 
 def test_list_training_runs_pages(server, service):
@@ -102,15 +102,19 @@ def test_delete_checkpoint(server, service):
     doomed = tc.save_weights_for_sampler("doomed").result().path
     folder = checkpoints.checkpoint_directory(server.server.checkpoint_root, doomed)
     rest = service.create_rest_client()
-    rest.delete_checkpoint(doomed)
+    rest.delete_checkpoint(tc.model_id, "sampler_weights/doomed").result()
     assert not folder.exists() and not list(folder.parent.iterdir())
-    assert [c.path for c in rest.list_checkpoints(tc.model_id)] == [kept]
+    assert [c.path for c in rest.list_checkpoints(tc.model_id).result().checkpoints] == [kept]
     with pytest.raises(gradwire.NotFoundError, match="doomed"):
         tc.load_state(doomed).result()
     with pytest.raises(gradwire.NotFoundError, match="doomed"):
-        rest.delete_checkpoint(doomed)
+        rest.delete_checkpoint_from_tinker_path(doomed).result()
     with pytest.raises(gradwire.BadRequestError, match="not a checkpoint path"):
-        rest.delete_checkpoint("/etc/passwd")
+        rest.delete_checkpoint_from_tinker_path("/etc/passwd").result()
+    # gradwire's former form, delete_checkpoint(path), still works, with a warning.
+    with pytest.warns(DeprecationWarning, match="delete_checkpoint"):
+        rest.delete_checkpoint(kept).result()
+    assert rest.list_checkpoints(tc.model_id).result().checkpoints == []
 
 
 def test_info_and_capabilities_describe_the_run_and_server(service):
@@ -119,7 +123,7 @@ def test_info_and_capabilities_describe_the_run_and_server(service):
     assert (info.model_name, info.lora_rank, info.is_lora) == ("tiny-random", 3, True)
     assert info.lora_config == gradwire.LoraConfig(rank=3, seed=2, train_unembed=False, train_mlp=True,
                                                    train_attn=True)
-    capabilities = service.create_rest_client().get_server_capabilities()
+    capabilities = service.create_rest_client().get_server_capabilities().result()
     assert [m.model_name for m in capabilities.supported_models] == ["tiny-random"]
     assert "cross_entropy" in capabilities.loss_fns and capabilities.limits["max_lora_rank"] == 256
 
@@ -153,7 +157,7 @@ def test_concurrent_deletes_of_one_checkpoint(server, service):
             except grpc.RpcError as error:
                 outcomes.append(error.code())
     assert sorted(outcomes, key=str) == sorted([grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND], key=str)
-    assert service.create_rest_client().list_checkpoints(tc.model_id) == []
+    assert service.create_rest_client().list_checkpoints(tc.model_id).result().checkpoints == []
 
 
 def test_list_checkpoints_pages(server, service):
@@ -180,4 +184,4 @@ def test_list_checkpoints_pages(server, service):
                 method(bad)
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in raised.value.details()
     assert pages == [saved[:2], saved[2:]]
-    assert [c.path for c in service.create_rest_client().list_checkpoints(tc.model_id)] == saved
+    assert [c.path for c in service.create_rest_client().list_checkpoints(tc.model_id).result().checkpoints] == saved

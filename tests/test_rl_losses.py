@@ -154,7 +154,111 @@ def test_micro_batches_merge_exactly(server, service):
 
 def test_capabilities_list_the_rl_losses(service):
     assert set(service.get_server_capabilities().loss_fns) == {
-        "cross_entropy", "importance_sampling", "ppo", "cispo", "dro"}
+        "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"}
+
+
+def gspo_data(model, sequence_ratios: list[float], prompt: int = 2) -> list[gradwire.Datum]:
+    """One datum per target sequence ratio s: the first `prompt` positions are prompt (sampler
+    logprob 0, advantage 0, outside sequence_ratio_mask); the others carry per-token log-ratios
+    whose mean is log s, and one advantage per sequence (alternating sign)."""
+    rng = np.random.default_rng(11)
+    data = []
+    for i, s in enumerate(sequence_ratios):
+        n = 6 + 2 * i
+        datum = gradwire.Datum(model_input=gradwire.ModelInput.from_ints(rng.integers(0, 320, n)),
+                               loss_fn_inputs={"target_tokens": rng.integers(0, 320, n)})
+        with torch.no_grad():
+            lp = reference_logprobs(model, datum).numpy()
+        noise = rng.normal(scale=0.3, size=n - prompt)
+        log_ratio = math.log(s) + noise - noise.mean()
+        q = np.concatenate([np.zeros(prompt), lp[prompt:] - log_ratio]).astype(np.float32)
+        advantage = (1.0 + 0.5 * i) * (-1) ** i
+        advantages = np.concatenate([np.zeros(prompt), np.full(n - prompt, advantage)]).astype(np.float32)
+        mask = np.concatenate([np.zeros(prompt), np.ones(n - prompt)]).astype(np.float32)
+        data.append(gradwire.Datum(datum.model_input, {**datum.loss_fn_inputs, "logprobs": q,
+                                                       "advantages": advantages,
+                                                       "sequence_ratio_mask": mask}))
+    return data
+
+
+def gspo_sequence_loss(lp: torch.Tensor, q: torch.Tensor, advantages: torch.Tensor, ratio_mask: torch.Tensor,
+                       lo: float, hi: float) -> tuple[torch.Tensor, bool]:
+    """One sequence's GSPO loss written as a plain loop: (loss, whether s was clipped)."""
+    log_ratio_sum, count = torch.zeros(()), 0
+    for lp_t, q_t, m in zip(lp, q.tolist(), ratio_mask.tolist()):
+        if m:
+            log_ratio_sum = log_ratio_sum + (lp_t - q_t)
+            count += 1
+    s = torch.exp(log_ratio_sum / count)
+    total = torch.zeros(())
+    for a in advantages.tolist():
+        if a >= 0 and s.item() > hi:    # the clipped term is smaller: a constant, no gradient
+            total = total - hi * a
+        elif a < 0 and s.item() < lo:
+            total = total - lo * a
+        else:
+            total = total - s * a
+    return total, not lo <= s.item() <= hi
+
+
+@pytest.mark.parametrize("config", [{}, {"clip_low_threshold": 0.8, "clip_high_threshold": 1.25}],
+                         ids=["paper-defaults", "wide"])
+def test_gspo_loss_and_gradient_match_a_per_sequence_loop(server, service, config):
+    """GSPO over real gRPC: loss:sum, clip_fraction:mean and the LoRA gradient equal a
+    per-sequence loop over the reference model's logprobs. Sequences lie inside and on both
+    sides of the clip range with both advantage signs, and prompt positions (outside
+    sequence_ratio_mask, sampler logprob 0) do not enter the ratio."""
+    lo = config.get("clip_low_threshold", 1 - 3e-4)
+    hi = config.get("clip_high_threshold", 1 + 4e-4)
+    tc = trained_run(service)
+    model = reference_model(server, tc.model_id, rank=4)
+    # s: far below (A>0), far above (A<0), inside, just outside in both directions.
+    ratios = [0.5, 2.0, 1.0 + (hi - 1) / 4, 1.1, 0.9, 1.6]
+    data = gspo_data(model, ratios)
+    out = tc.forward_backward(data, "gspo", config).result()
+    loss, clipped = torch.zeros(()), []
+    for datum in data:
+        inputs = {key: datum.loss_fn_inputs[key].to_torch()
+                  for key in ("logprobs", "advantages", "sequence_ratio_mask")}
+        datum_loss, was_clipped = gspo_sequence_loss(
+            reference_logprobs(model, datum), inputs["logprobs"], inputs["advantages"],
+            inputs["sequence_ratio_mask"], lo, hi)
+        loss = loss + datum_loss
+        clipped.append(was_clipped)
+    assert 0 < sum(clipped) < len(clipped)
+    assert out.metrics["loss:sum"] == pytest.approx(loss.item(), rel=TOLERANCE, abs=1e-4)
+    assert out.metrics["clip_fraction:mean"] == pytest.approx(np.mean(clipped), abs=1e-6)
+    loss.backward()
+    assert relative_error(server_gradients(server, tc.model_id),
+                          reference_gradients(model, tc.model_id)) <= TOLERANCE
+
+
+def test_gspo_datums_without_a_ratio_mask_use_every_token(server, service):
+    """In one batch, a datum sent without sequence_ratio_mask is scored as it is alone
+    (ratio over all its tokens), beside a datum that sends one."""
+    tc = trained_run(service)
+    model = reference_model(server, tc.model_id, rank=4)
+    with_mask, without = gspo_data(model, [1.1, 0.9])
+    without = gradwire.Datum(without.model_input, {k: v for k, v in without.loss_fn_inputs.items()
+                                                   if k != "sequence_ratio_mask"})
+    config = {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}
+    together = tc.forward([with_mask, without], "gspo", config).result().metrics["loss:sum"]
+    apart = sum(tc.forward([d], "gspo", config).result().metrics["loss:sum"] for d in (with_mask, without))
+    assert together == pytest.approx(apart, rel=1e-5)
+
+
+def test_stable_reinforce_is_refused_with_the_reason(server, service):
+    """Tinker has not published stable_reinforce's formula: the request is refused, saying
+    so and naming the alternatives, and nothing changes."""
+    tc = trained_run(service)
+    tc.forward_backward(random_data(61), "cross_entropy").result()
+    before = run_state(server, tc.model_id)
+    with pytest.raises(gradwire.BadRequestError) as raised:
+        tc.forward_backward([rl_datum()], "stable_reinforce").result()
+    assert "not published" in str(raised.value) and "importance_sampling" in str(raised.value)
+    with pytest.raises(gradwire.BadRequestError, match="forward_backward_custom"):
+        tc.forward_backward([rl_datum()], "custom").result()
+    assert_state_equal(before, run_state(server, tc.model_id))
 
 
 def rl_datum(n: int = 4, **overrides) -> gradwire.Datum:

@@ -456,7 +456,7 @@ def test_a_path_saved_again_after_delete_serves_the_new_weights(service):
     path = tc.save_weights_for_sampler("again").result().path
     sampler = service.create_sampling_client(model_path=path)
     first = np.array(sampler.compute_logprobs(prompt_input(tokens)).result()[1:])
-    service.create_rest_client().delete_checkpoint(path)
+    service.create_rest_client().delete_checkpoint_from_tinker_path(path).result()
     tc.forward_backward(random_data(30), "cross_entropy")
     tc.optim_step(gradwire.AdamParams(learning_rate=1e-2))
     assert tc.save_weights_for_sampler("again").result().path == path

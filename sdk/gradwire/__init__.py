@@ -8,28 +8,38 @@
 """
 from gradwire import types
 from gradwire.client import ServiceClient, TrainingClient
-from gradwire.errors import (AbortedError, APIConnectionError, APIError, APIStatusError,
-                             APITimeoutError, AuthenticationError, BadRequestError, ConflictError,
-                             CustomLossError, GradwireError, InternalServerError, NotFoundError,
-                             PermissionDeniedError, RateLimitError, RequestCancelledError)
+from gradwire.errors import (AbortedError, APIConnectionError, APIError, APIResponseValidationError,
+                             APIStatusError, APITimeoutError, AuthenticationError, BadRequestError,
+                             ConflictError, CustomLossError, GradwireError, InternalServerError,
+                             NotFoundError, PermissionDeniedError, RateLimitError, RequestCancelledError,
+                             TinkerError, UnprocessableEntityError, UnsupportedFeatureError)
 from gradwire.futures import APIFuture
 from gradwire.rest_client import RestClient
 from gradwire.sampling_client import SamplingClient
-from gradwire.types import (AdamParams, Checkpoint, Datum, EncodedTextChunk, ForwardBackwardOutput,
-                            GetInfoResponse, GetServerCapabilitiesResponse, LoadWeightsResponse,
-                            LoraConfig, ModelInput, OptimStepResponse, SampledSequence, SampledTokens,
+from gradwire.types import (AdamOptimizerConfig, AdamParams, Checkpoint, CheckpointsListResponse, CheckpointType,
+                            Cursor,
+                            Datum, EncodedTextChunk, ForwardBackwardOutput, GetInfoResponse,
+                            GetServerCapabilitiesResponse, ImageAssetPointerChunk, ImageChunk,
+                            LoadWeightsResponse, LoraConfig, LossFnType, ModelID, ModelInput, ModelInputChunk,
+                            OptimizerConfig, OptimParams, OptimStepResponse, ParsedCheckpointTinkerPath,
+                            PromptProvenanceSpan, SampledProvenanceSpan, SampledSequence, SampledTokens,
                             SampleResponse, SamplingParams, SaveWeightsForSamplerResponse,
-                            SaveWeightsResponse, SupportedModel, TensorData, TrainingRun,
-                            UnloadModelResponse)
+                            SaveWeightsResponse, StopReason, SupportedModel, TensorData, TensorDtype, TrainingRun,
+                            TrainingRunsResponse, UnloadModelResponse)
 
 __all__ = [
-    "APIConnectionError", "APIError", "APIFuture", "APIStatusError", "APITimeoutError",
-    "AbortedError", "AdamParams", "AuthenticationError", "BadRequestError", "Checkpoint",
-    "ConflictError", "CustomLossError", "Datum", "EncodedTextChunk", "ForwardBackwardOutput",
-    "GetInfoResponse", "GetServerCapabilitiesResponse", "GradwireError", "InternalServerError",
-    "LoadWeightsResponse", "LoraConfig", "ModelInput", "NotFoundError", "OptimStepResponse",
-    "PermissionDeniedError", "RateLimitError", "RequestCancelledError", "RestClient",
-    "SampleResponse", "SampledSequence", "SampledTokens", "SamplingClient", "SamplingParams",
-    "SaveWeightsForSamplerResponse", "SaveWeightsResponse", "ServiceClient", "SupportedModel",
-    "TensorData", "TrainingClient", "TrainingRun", "UnloadModelResponse", "types",
+    "APIConnectionError", "APIError", "APIFuture", "APIResponseValidationError", "APIStatusError",
+    "APITimeoutError", "AbortedError", "AdamOptimizerConfig", "AdamParams", "AuthenticationError",
+    "BadRequestError", "Checkpoint", "CheckpointType", "CheckpointsListResponse", "ConflictError", "Cursor",
+    "CustomLossError", "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "GetInfoResponse",
+    "GetServerCapabilitiesResponse", "GradwireError", "ImageAssetPointerChunk", "ImageChunk",
+    "InternalServerError", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelID", "ModelInput",
+    "ModelInputChunk", "NotFoundError", "OptimParams", "OptimStepResponse", "OptimizerConfig",
+    "ParsedCheckpointTinkerPath", "PermissionDeniedError", "PromptProvenanceSpan", "RateLimitError",
+    "RequestCancelledError", "RestClient", "SampleResponse", "SampledProvenanceSpan", "SampledSequence",
+    "SampledTokens", "SamplingClient", "SamplingParams", "SaveWeightsForSamplerResponse",
+    "SaveWeightsResponse", "ServiceClient", "StopReason", "SupportedModel", "TensorData", "TensorDtype",
+    "TinkerError",
+    "TrainingClient", "TrainingRun", "TrainingRunsResponse", "UnloadModelResponse",
+    "UnprocessableEntityError", "UnsupportedFeatureError", "types",
 ]

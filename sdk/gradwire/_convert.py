@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from gradwire import types
+from gradwire.errors import UnsupportedFeatureError
 from gradwire.v1 import codec, datum_pb2
 from gradwire.v1 import resource_service_pb2 as rpb
 from gradwire.v1 import sampling_service_pb2 as sampling_pb
@@ -14,7 +15,17 @@ from gradwire.v1 import training_service_pb2 as pb
 
 
 def model_input_chunks(model_input: types.ModelInput) -> list[datum_pb2.Chunk]:
-    return [codec.tokens_to_chunk(np.asarray(chunk.tokens)) for chunk in model_input.chunks]
+    return [_chunk(chunk) for chunk in model_input.chunks]
+
+
+def _chunk(chunk: types.ModelInputChunk) -> datum_pb2.Chunk:
+    if isinstance(chunk, types.ImageChunk):
+        return datum_pb2.Chunk(image=datum_pb2.ImageChunk(data=chunk.data, format=chunk.format,
+                                                          expected_tokens=chunk.expected_tokens))
+    if isinstance(chunk, types.ImageAssetPointerChunk):
+        raise UnsupportedFeatureError("ImageAssetPointerChunk",
+                                      "images stored with the hosted service; send an ImageChunk")
+    return codec.tokens_to_chunk(np.asarray(chunk.tokens))
 
 
 def datum_to_proto(datum: types.Datum, keys: Iterable[str] | None = None) -> datum_pb2.Datum:
@@ -117,7 +128,9 @@ def sampling_params(params: types.SamplingParams) -> sampling_pb.SamplingParams:
 def sample_response(response: sampling_pb.SampleResponse) -> types.SampleResponse:
     sequences = [types.SampledSequence(stop_reason=_STOP_REASONS[s.stop_reason],
                                        tokens=codec.unpack_int32(s.tokens),
-                                       logprobs=codec.unpack_float32(s.logprobs) if s.HasField("logprobs") else None)
+                                       logprobs=codec.unpack_float32(s.logprobs) if s.HasField("logprobs") else None,
+                                       sequence_id=s.sequence_id or None,
+                                       topk_logprobs=_topk_rows(s.topk_logprobs) if s.HasField("topk_logprobs") else None)
                  for s in response.sequences]
     prompt = prompt_logprobs(response.prompt_logprobs) if response.HasField("prompt_logprobs") else None
     topk = None
@@ -126,16 +139,23 @@ def sample_response(response: sampling_pb.SampleResponse) -> types.SampleRespons
         shape = (top.prompt_length, top.k)
         ids = np.frombuffer(top.token_ids, dtype="<i4").reshape(shape).tolist()
         values = np.frombuffer(top.logprobs, dtype="<f4").reshape(shape).tolist()
-        topk = [None] + [list(zip(i, v)) for i, v in zip(ids[1:], values[1:])]
+        # Row 0 and rows left unscored (prompt_logprobs_last_n) hold the mask value.
+        topk = [None if r == 0 or v[0] <= types.TOPK_MASK_LOGPROB else list(zip(i, v))
+                for r, (i, v) in enumerate(zip(ids, values))]
     return types.SampleResponse(sequences, prompt, topk)
 
 
+def _topk_rows(top: sampling_pb.TopkSampleLogprobs) -> list[list[tuple[int, float]]]:
+    """Per generated token, its k most likely (token, logprob) pairs."""
+    ids = np.frombuffer(top.token_ids, dtype="<i4").reshape(-1, top.k).tolist()
+    values = np.frombuffer(top.logprobs, dtype="<f4").reshape(-1, top.k).tolist()
+    return [list(zip(i, v)) for i, v in zip(ids, values)]
+
+
 def prompt_logprobs(packed: bytes) -> list[float | None]:
-    """Packed float32 prompt logprobs; the first (NaN: no prediction) becomes None."""
-    values: list[float | None] = codec.unpack_float32(packed)
-    if values:
-        values[0] = None
-    return values
+    """Packed float32 prompt logprobs; NaN (no prediction: the first position, or one
+    before the last n asked for) becomes None."""
+    return [None if np.isnan(v) else v for v in codec.unpack_float32(packed)]
 
 
 def sampled_tokens(piece: sampling_pb.SampledTokens) -> types.SampledTokens:

@@ -26,13 +26,16 @@ POLL_S = 30.0  # one WaitOperation long-poll; the server caps it too
 
 
 class Transport:
-    """A channel to one server with a stub per service, the bearer token as call
-    metadata, and calls retried for up to retry_s seconds while the server is
-    unreachable or still loading its model."""
+    """A channel to one server with a stub per service, the bearer token and any
+    extra headers as call metadata, and calls retried for up to retry_s seconds
+    while the server is unreachable or still loading its model."""
 
-    def __init__(self, target: str, api_key: str | None, retry_s: float):
+    def __init__(self, target: str, api_key: str | None, retry_s: float,
+                 headers: dict[str, str] | None = None):
         self.retry_s = retry_s
-        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        # Extra headers travel as gRPC metadata (whose keys are lower case).
+        self.metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + tuple(
+            (key.lower(), value) for key, value in (headers or {}).items())
         self.channel = grpc.insecure_channel(target)
         self.training = pb_grpc.TrainingServiceStub(self.channel)
         self.resources = rpb_grpc.ResourceServiceStub(self.channel)

@@ -16,7 +16,8 @@ import os
 import queue
 import tempfile
 import threading
-import uuid
+import warnings
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +26,12 @@ import grpc
 from tqdm.auto import tqdm
 
 from gradwire import _convert, custom_loss, types
-from gradwire.errors import AbortedError, APITimeoutError, GradwireError, error_from_rpc
+from gradwire.errors import AbortedError, APITimeoutError, GradwireError, UnsupportedFeatureError, error_from_rpc
 from gradwire._transport import Transport, request_id, submitted
 from gradwire.futures import APIFuture
-from gradwire.rest_client import RestClient
+from gradwire.rest_client import RestClient, _gradwire_path
 from gradwire.sampling_client import SamplingClient
+from gradwire.v1 import sampling_service_pb2 as sampling_pb
 from gradwire.v1 import training_service_pb2 as pb
 
 DEFAULT_BASE_URL = "localhost:50051"
@@ -43,25 +45,51 @@ _SETTLE_S = 60.0  # how long settling a broken stream may take
 class ServiceClient:
     """Entry point: connects to a gradwire server and creates clients.
 
-    base_url defaults to $GRADWIRE_BASE_URL, else localhost:50051; api_key
-    (default $GRADWIRE_API_KEY) is sent as a bearer token when set. Streamed
-    uploads show a progress bar unless progress=False (or $GRADWIRE_PROGRESS=0).
-    Calls are retried for up to retry_s seconds while the server is unreachable
-    or still loading its model.
+    Parameters are Tinker's, in its order. user_metadata labels every training
+    run this client creates. base_url defaults to $GRADWIRE_BASE_URL, else
+    localhost:50051; api_key (default $GRADWIRE_API_KEY) is sent as a bearer
+    token when set; default_headers_overrides are sent as gRPC metadata.
+    display_name is kept on the client only (gradwire has no
+    sessions or console); project_id is a hosted feature (UnsupportedFeatureError).
+    Other keywords (options of the hosted SDK's HTTP client) are ignored with a
+    warning. Streamed uploads show a progress bar unless progress=False (or
+    $GRADWIRE_PROGRESS=0). Calls are retried for up to retry_s seconds while the
+    server is unreachable or still loading its model.
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None,
-                 progress: bool | None = None, retry_s: float = 60.0):
+    def __init__(self, user_metadata: dict[str, str] | None = None, project_id: str | None = None, *,
+                 display_name: str | None = None, base_url: str | None = None, api_key: str | None = None,
+                 default_headers_overrides: dict[str, str] | None = None,
+                 progress: bool | None = None, retry_s: float = 60.0, **kwargs: Any):
+        if isinstance(user_metadata, str):  # gradwire < 0.2: ServiceClient(base_url, api_key)
+            warnings.warn("ServiceClient(base_url) positionally is deprecated: pass base_url=...",
+                          DeprecationWarning, stacklevel=2)
+            user_metadata, base_url, api_key = None, user_metadata, api_key or project_id
+            project_id = None
+        if project_id is not None:
+            raise UnsupportedFeatureError("ServiceClient(project_id=...)",
+                                          "projects are a feature of the hosted Tinker service")
+        if kwargs:
+            warnings.warn(f"ServiceClient ignores {sorted(kwargs)}: options of the hosted Tinker "
+                          "service's HTTP client", stacklevel=2)
+        self.user_metadata = dict(user_metadata or {})
+        self.display_name = display_name
+        self.retry_s = retry_s
         self.progress = progress if progress is not None else os.environ.get("GRADWIRE_PROGRESS", "1") != "0"
         target = base_url or os.environ.get("GRADWIRE_BASE_URL") or DEFAULT_BASE_URL
         for scheme in ("grpc://", "http://"):
             target = target.removeprefix(scheme)
         self.base_url = target
-        self._transport = Transport(target, api_key or os.environ.get("GRADWIRE_API_KEY"), retry_s)
+        self._transport = Transport(target, api_key or os.environ.get("GRADWIRE_API_KEY"), retry_s,
+                                    default_headers_overrides)
         # Sampling requests being submitted at once, shared by this service's sampling
         # clients (an RL loop makes a new one per step).
         self._sampling_senders = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="gradwire-sampling")
         self._tokenizers: dict[str, Any] = {}
+        # Ephemeral sampler weights -> sampling clients using them; released at 0.
+        self._snapshot_users: dict[str, int] = {}
+        # Reentrant: a garbage collection inside the lock may run a finalizer that takes it.
+        self._snapshot_lock = threading.RLock()
 
     # ---- plumbing shared by the clients ------------------------------------------
 
@@ -183,60 +211,135 @@ class ServiceClient:
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
                                     train_mlp: bool = True, train_attn: bool = True,
                                     train_unembed: bool = True,
-                                    user_metadata: dict[str, str] | None = None) -> TrainingClient:
-        """A new training run: a LoRA adapter of `rank` on `base_model`, with its own AdamW."""
+                                    user_metadata: dict[str, str] | None = None,
+                                    optimizer: types.OptimizerConfig | None = None) -> TrainingClient:
+        """A new training run: a LoRA adapter of `rank` on `base_model`, with its own AdamW.
+
+        Returns the client, which also answers .result() and await (Tinker's future form).
+        optimizer: AdamOptimizerConfig (the default); other families are not supported."""
+        _check_optimizer(optimizer)
         config = pb.LoraConfig(rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
                                train_unembed=train_unembed)
         response = self._call("CreateModel", pb.CreateModelRequest(
-            base_model=base_model, lora_config=config, user_metadata=user_metadata or {},
-            request_id=request_id()))
+            base_model=base_model, lora_config=config,
+            user_metadata={**self.user_metadata, **(user_metadata or {})}, request_id=request_id()))
         return TrainingClient(self, response.model_id, base_model)
 
-    async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:
-        return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
+    async def create_lora_training_client_async(self, base_model: str, rank: int = 32, seed: int | None = None,
+                                                train_mlp: bool = True, train_attn: bool = True,
+                                                train_unembed: bool = True,
+                                                user_metadata: dict[str, str] | None = None,
+                                                optimizer: types.OptimizerConfig | None = None) -> TrainingClient:
+        return await asyncio.to_thread(self.create_lora_training_client, base_model, rank, seed, train_mlp,
+                                       train_attn, train_unembed, user_metadata, optimizer)
 
-    def create_training_client_from_state(self, path: str,
-                                          user_metadata: dict[str, str] | None = None) -> TrainingClient:
+    def create_training_client_from_state(self, path: str, base_model: str | None = None,
+                                          user_metadata: dict[str, str] | None = None,
+                                          weights_access_token: str | None = None,
+                                          optimizer: types.OptimizerConfig | None = None) -> TrainingClient:
         """A new training run (new model_id) with the LoRA config and weights of the
-        checkpoint at `path`; its optimizer starts afresh."""
-        return self._training_client_from_state(path, False, user_metadata)
+        checkpoint at `path`; its optimizer starts afresh. base_model, if given, must be
+        a name of the served model (the checkpoint's base model is checked on the server)."""
+        return self._training_client_from_state(path, False, base_model, user_metadata, weights_access_token,
+                                                optimizer)
 
     def create_training_client_from_state_with_optimizer(
-            self, path: str, user_metadata: dict[str, str] | None = None) -> TrainingClient:
+            self, path: str, base_model: str | None = None, user_metadata: dict[str, str] | None = None,
+            weights_access_token: str | None = None) -> TrainingClient:
         """A new training run continuing exactly from the training checkpoint at
         `path` (gradwire://<run_id>/weights/<name>): weights, AdamW state and step."""
-        return self._training_client_from_state(path, True, user_metadata)
+        return self._training_client_from_state(path, True, base_model, user_metadata, weights_access_token)
 
-    async def create_training_client_from_state_async(self, *args, **kwargs) -> TrainingClient:
-        return await asyncio.to_thread(self.create_training_client_from_state, *args, **kwargs)
+    async def create_training_client_from_state_async(
+            self, path: str, base_model: str | None = None, user_metadata: dict[str, str] | None = None,
+            weights_access_token: str | None = None, optimizer: types.OptimizerConfig | None = None
+    ) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state, path, base_model, user_metadata,
+                                       weights_access_token, optimizer)
 
-    async def create_training_client_from_state_with_optimizer_async(self, *args, **kwargs) -> TrainingClient:
-        return await asyncio.to_thread(self.create_training_client_from_state_with_optimizer,
-                                       *args, **kwargs)
+    async def create_training_client_from_state_with_optimizer_async(
+            self, path: str, base_model: str | None = None, user_metadata: dict[str, str] | None = None,
+            weights_access_token: str | None = None) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state_with_optimizer, path, base_model,
+                                       user_metadata, weights_access_token)
 
-    def _training_client_from_state(self, path: str, optimizer: bool,
-                                    user_metadata: dict[str, str] | None) -> TrainingClient:
+    def _training_client_from_state(self, path: str, optimizer: bool, base_model: str | None,
+                                    user_metadata: dict[str, str] | None, weights_access_token: str | None,
+                                    optimizer_config: types.OptimizerConfig | None = None) -> TrainingClient:
+        _check_optimizer(optimizer_config)
+        if weights_access_token is not None:
+            raise UnsupportedFeatureError("weights_access_token",
+                                          "access to another account's weights is a hosted Tinker feature")
+        if base_model is not None:
+            served = [m.model_name for m in self.get_server_capabilities().supported_models]
+            if base_model not in served:
+                raise ValueError(f"base_model {base_model!r} is not served here: {served}")
         response = self._call("CreateModelFromState", pb.CreateModelFromStateRequest(
-            path=path, optimizer=optimizer, user_metadata=user_metadata or {},
-            request_id=request_id()))
+            path=_gradwire_path(path), optimizer=optimizer,
+            user_metadata={**self.user_metadata, **(user_metadata or {})}, request_id=request_id()))
         info = self._call("GetInfo", pb.GetInfoRequest(model_id=response.model_id))
-        return TrainingClient(self, response.model_id, info.model_name)
+        return TrainingClient(self, response.model_id, base_model or info.model_name)
 
     def create_rest_client(self) -> RestClient:
         """A client for training runs and checkpoints as resources (list, get, delete, download)."""
         return RestClient(self)
 
-    def create_sampling_client(self, model_path: str | None = None,
-                               base_model: str | None = None) -> SamplingClient:
+    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
+                               retry_config: Any = None, record_stability_info: bool = False) -> SamplingClient:
         """A client that samples from a sampler checkpoint (model_path,
-        `gradwire://<run_id>/sampler_weights/<name>`) or the base model (base_model)."""
-        return SamplingClient(self, model_path=model_path, base_model=base_model)
+        `gradwire://<run_id>/sampler_weights/<name>`, or an ephemeral snapshot) or the
+        base model (base_model). retry_config: see SamplingClient. record_stability_info
+        (data for the hosted stable_reinforce loss) is not supported."""
+        _check_stability_info(record_stability_info)
+        return SamplingClient(self, model_path=model_path and _gradwire_path(model_path),
+                              base_model=base_model, retry_config=retry_config)
 
-    async def create_sampling_client_async(self, model_path: str | None = None,
-                                           base_model: str | None = None) -> SamplingClient:
-        return self.create_sampling_client(model_path, base_model)
+    async def create_sampling_client_async(self, model_path: str | None = None, base_model: str | None = None,
+                                           retry_config: Any = None,
+                                           record_stability_info: bool = False) -> SamplingClient:
+        return self.create_sampling_client(model_path, base_model, retry_config, record_stability_info)
 
-    def close(self) -> None:
+    def _use_snapshot(self, path: str, client: object) -> None:
+        """Counts `client` as a user of the ephemeral weights at `path`; when the last
+        user is garbage-collected, the server frees them."""
+        with self._snapshot_lock:
+            self._snapshot_users[path] = self._snapshot_users.get(path, 0) + 1
+        weakref.finalize(client, self._drop_snapshot_user, path)
+
+    def _drop_snapshot_user(self, path: str) -> None:
+        with self._snapshot_lock:
+            self._snapshot_users[path] -= 1
+            if self._snapshot_users[path]:
+                return
+            del self._snapshot_users[path]
+
+        def release() -> None:
+            try:
+                self._transport.sampling.ReleaseSamplerWeights(
+                    sampling_pb.ReleaseSamplerWeightsRequest(model_path=path),
+                    metadata=self._transport.metadata, timeout=30)
+            except grpc.RpcError:
+                pass  # gone already, or the server is away: it frees snapshots under pressure anyway
+
+        try:
+            self._sampling_senders.submit(release)
+        except RuntimeError:
+            pass  # the client was closed
+
+    def get_console_url(self):
+        """Hosted only: raises UnsupportedFeatureError (gradwire has no web console)."""
+        raise UnsupportedFeatureError("get_console_url", "gradwire has no web console")
+
+    def copy_weights(self, path: str, *, ttl_seconds: int | None = None, weights_access_token: str | None = None):
+        """Hosted only: raises UnsupportedFeatureError."""
+        raise UnsupportedFeatureError("copy_weights", "copying weights between projects is a hosted Tinker feature")
+
+    def get_telemetry(self) -> None:
+        """None: gradwire's SDK collects no telemetry."""
+        return None
+
+    def close(self, status: str | None = None, detail: str | None = None) -> None:
+        """Closes the connection (status and detail, Tinker's session outcome, are not recorded)."""
         self._sampling_senders.shutdown(wait=False, cancel_futures=True)
         self._transport.close()
 
@@ -289,8 +392,8 @@ class TrainingClient:
         streamed and applied all or nothing (a broken stream adds no gradient)."""
         return self._loss_call(False, data, loss_fn, loss_fn_config)
 
-    def forward_backward_custom(self, data: Iterable[types.Datum], loss_fn: custom_loss.CustomLossFn
-                                ) -> APIFuture[types.ForwardBackwardOutput]:
+    def forward_backward_custom(self, data: Iterable[types.Datum], loss_fn: custom_loss.CustomLossFn, *,
+                                loss_type_input: Any = None) -> APIFuture[types.ForwardBackwardOutput]:
         """Trains any loss written in PyTorch over per-token logprobs.
 
         loss_fn(data, logprobs_list) -> (scalar loss tensor, metrics), where
@@ -300,8 +403,11 @@ class TrainingClient:
         -dLoss/dlogprobs applies exactly the loss's gradient. Every
         loss_fn_inputs key reaches loss_fn; only target_tokens travels.
         Result metrics: loss:sum (the custom loss), surrogate_loss:sum, and
-        the user's metrics.
+        the user's metrics. (Tinker's loss_type_input is not supported.)
         """
+        if loss_type_input is not None:
+            raise UnsupportedFeatureError("forward_backward_custom(loss_type_input=...)",
+                                          "not implemented by gradwire")
         data = [d if isinstance(d, types.Datum) else types.Datum(**d) for d in data]
         service, model_id = self.service, self.model_id
 
@@ -325,54 +431,141 @@ class TrainingClient:
 
         return self._enqueue(send, fetch, "forward_backward_custom")
 
-    def optim_step(self, adam_params: types.AdamParams) -> APIFuture[types.OptimStepResponse]:
-        """One AdamW step with the accumulated gradients, which are then cleared."""
+    def optim_step(self, optim_params: types.AdamParams | None = None, *,
+                   adam_params: types.AdamParams | None = None) -> APIFuture[types.OptimStepResponse]:
+        """One AdamW step with the accumulated gradients, which are then cleared.
+        (`adam_params=` is gradwire's former name of optim_params, deprecated.)"""
+        if adam_params is not None:
+            warnings.warn("optim_step(adam_params=...) is deprecated: pass optim_params",
+                          DeprecationWarning, stacklevel=2)
+            optim_params = adam_params
+        if not isinstance(optim_params, types.AdamParams):
+            raise UnsupportedFeatureError(f"optim_step({type(optim_params).__name__})",
+                                          "gradwire trains with AdamW: pass an AdamParams")
         return self._ordered_call("OptimStep", pb.OptimStepRequest, pb.OptimStepResponse,
                                   lambda r: types.OptimStepResponse(metrics=dict(r.metrics)), "optim_step",
-                                  adam_params=_convert.adam_params(adam_params))
+                                  adam_params=_convert.adam_params(optim_params))
 
-    async def forward_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
+    async def forward_async(self, data: Iterable[types.Datum], loss_fn: str,
+                            loss_fn_config: dict[str, float] | None = None
+                            ) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward; the awaited APIFuture gives the result."""
-        return await submitted(self.forward(*args, **kwargs))
+        return await submitted(self.forward(data, loss_fn, loss_fn_config))
 
-    async def forward_backward_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
+    async def forward_backward_async(self, data: Iterable[types.Datum], loss_fn: str,
+                                     loss_fn_config: dict[str, float] | None = None
+                                     ) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward_backward; the awaited APIFuture gives the result."""
-        return await submitted(self.forward_backward(*args, **kwargs))
+        return await submitted(self.forward_backward(data, loss_fn, loss_fn_config))
 
-    async def forward_backward_custom_async(self, *args, **kwargs) -> APIFuture[types.ForwardBackwardOutput]:
+    async def forward_backward_custom_async(self, data: Iterable[types.Datum], loss_fn: custom_loss.CustomLossFn, *,
+                                            loss_type_input: Any = None) -> APIFuture[types.ForwardBackwardOutput]:
         """Submits forward_backward_custom; the awaited APIFuture gives the result."""
-        return await submitted(self.forward_backward_custom(*args, **kwargs))
+        return await submitted(self.forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input))
 
-    async def optim_step_async(self, *args, **kwargs) -> APIFuture[types.OptimStepResponse]:
+    async def optim_step_async(self, optim_params: types.AdamParams | None = None, *,
+                               adam_params: types.AdamParams | None = None) -> APIFuture[types.OptimStepResponse]:
         """Submits optim_step; the awaited APIFuture gives the result."""
-        return await submitted(self.optim_step(*args, **kwargs))
+        return await submitted(self.optim_step(optim_params, adam_params=adam_params))
 
     # ---- checkpoints (ordered like training requests) -------------------------------
 
-    def save_state(self, name: str) -> APIFuture[types.SaveWeightsResponse]:
+    def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
+                   user_metadata: dict[str, str] | None = None) -> APIFuture[types.SaveWeightsResponse]:
         """Saves the adapter and AdamW state, after every request made before it, as
-        the checkpoint gradwire://<model_id>/weights/<name> (a name is never reused)."""
+        the checkpoint gradwire://<model_id>/weights/<name>. With ttl_seconds the
+        server deletes it that long after the save; a taken name is ConflictError
+        unless overwrite, which replaces the old checkpoint atomically."""
         return self._ordered_call("SaveWeights", pb.SaveWeightsRequest, pb.SaveWeightsResponse,
-                                  lambda r: types.SaveWeightsResponse(path=r.path), "save_state", name=name)
+                                  lambda r: types.SaveWeightsResponse(path=r.path), "save_state", name=name,
+                                  ttl_seconds=ttl_seconds, overwrite=overwrite, user_metadata=user_metadata or {})
 
-    def save_weights_for_sampler(self, name: str) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+    def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
+                                 user_metadata: dict[str, str] | None = None
+                                 ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         """Saves the adapter alone (a peft adapter folder) as
-        gradwire://<model_id>/sampler_weights/<name>, for sampling."""
+        gradwire://<model_id>/sampler_weights/<name>, for sampling (ttl_seconds: as
+        in save_state)."""
         return self._ordered_call("SaveWeightsForSampler", pb.SaveWeightsForSamplerRequest,
                                   pb.SaveWeightsForSamplerResponse,
                                   lambda r: types.SaveWeightsForSamplerResponse(path=r.path),
-                                  "save_weights_for_sampler", name=name)
+                                  "save_weights_for_sampler", name=name, ttl_seconds=ttl_seconds,
+                                  user_metadata=user_metadata or {})
 
-    def load_state(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+    def create_sampling_client(self, model_path: str, retry_config: Any = None,
+                               record_stability_info: bool = False) -> SamplingClient:
+        """A client sampling from the sampler checkpoint (or snapshot) at model_path."""
+        return self.service.create_sampling_client(model_path=model_path, retry_config=retry_config,
+                                                   record_stability_info=record_stability_info)
+
+    async def create_sampling_client_async(self, model_path: str, retry_config: Any = None,
+                                           record_stability_info: bool = False) -> SamplingClient:
+        return self.create_sampling_client(model_path, retry_config, record_stability_info)
+
+    def save_weights_external(self, name: str, ttl_seconds: int | None = None,
+                              age_encryption_recipients: list[str] | None = None):
+        """Hosted only: raises UnsupportedFeatureError (save_weights_for_sampler writes a
+        standard peft folder; RestClient.download_checkpoint fetches it)."""
+        raise UnsupportedFeatureError("save_weights_external", "external weight storage is a hosted Tinker "
+                                      "feature; save_weights_for_sampler + RestClient.download_checkpoint")
+
+    async def save_weights_external_async(self, name: str, ttl_seconds: int | None = None,
+                                          age_encryption_recipients: list[str] | None = None):
+        self.save_weights_external(name, ttl_seconds, age_encryption_recipients)
+
+    def get_console_url(self):
+        """Hosted only: raises UnsupportedFeatureError (gradwire has no web console)."""
+        raise UnsupportedFeatureError("get_console_url", "gradwire has no web console")
+
+    def get_telemetry(self) -> None:
+        """None: gradwire's SDK collects no telemetry."""
+        return None
+
+    def _snapshot_sampling_client(self, retry_config: Any = None) -> APIFuture[SamplingClient]:
+        """Snapshots the adapter as it is after every request made before this one, in
+        server memory (no files), and gives a SamplingClient on the snapshot. The
+        server frees the snapshot once no SamplingClient of it is left (or, oldest
+        first, when snapshots outgrow its memory budget)."""
+        service = self.service
+
+        def client(response: pb.SaveWeightsForSamplerResponse) -> SamplingClient:
+            return service.create_sampling_client(model_path=response.path, retry_config=retry_config)
+
+        return self._ordered_call("SaveWeightsForSampler", pb.SaveWeightsForSamplerRequest,
+                                  pb.SaveWeightsForSamplerResponse, client,
+                                  "save_weights_and_get_sampling_client", ephemeral=True)
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config: Any = None,
+                                             record_stability_info: bool = False,
+                                             kind: str = "snapshot") -> SamplingClient:
+        """A SamplingClient (which also answers .result() and await) on an in-memory
+        snapshot of the current weights (kind="snapshot", the only kind). `name` is
+        ignored, as in Tinker (use save_weights_for_sampler for weights that must last).
+        record_stability_info (data for the hosted stable_reinforce loss) is not supported."""
+        _check_stability_info(record_stability_info)
+        if kind != "snapshot":
+            raise UnsupportedFeatureError(f"save_weights_and_get_sampling_client(kind={kind!r})",
+                                          "gradwire samples from in-memory snapshots (kind='snapshot')")
+        return self._snapshot_sampling_client(retry_config).result()
+
+    async def save_weights_and_get_sampling_client_async(self, name: str | None = None, retry_config: Any = None,
+                                                         record_stability_info: bool = False,
+                                                         kind: str = "snapshot") -> SamplingClient:
+        return await asyncio.to_thread(self.save_weights_and_get_sampling_client, name, retry_config,
+                                       record_stability_info, kind)
+
+    def load_state(self, path: str, weights_access_token: str | None = None) -> APIFuture[types.LoadWeightsResponse]:
         """Replaces this run's adapter weights by the checkpoint's; the optimizer starts
         afresh and accumulated gradients are dropped. A checkpoint that is missing,
-        damaged or does not fit leaves the run as it was."""
-        return self._load_call(path, False)
+        damaged or does not fit leaves the run as it was. (weights_access_token, for
+        another account's weights, is a hosted feature.)"""
+        return self._load_call(path, False, weights_access_token)
 
-    def load_state_with_optimizer(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+    def load_state_with_optimizer(self, path: str, weights_access_token: str | None = None
+                                  ) -> APIFuture[types.LoadWeightsResponse]:
         """As load_state, and restores the AdamW state and step too (training
         checkpoints only), so training continues exactly as it would have."""
-        return self._load_call(path, True)
+        return self._load_call(path, True, weights_access_token)
 
     def unload(self) -> APIFuture[types.UnloadModelResponse]:
         """Frees the run's adapter and optimizer state on the server, after every
@@ -380,41 +573,40 @@ class TrainingClient:
         return self._ordered_call("UnloadModel", pb.UnloadModelRequest, pb.UnloadModelResponse,
                                   lambda r: types.UnloadModelResponse(model_id=r.model_id), "unload")
 
-    def save_weights_and_get_sampling_client(self, name: str | None = None):
-        """save_weights_for_sampler, then a SamplingClient on those weights."""
-        name = name or f"sampler-{uuid.uuid4().hex[:12]}"
-        path = self.save_weights_for_sampler(name).result().path
-        return self.service.create_sampling_client(model_path=path)
-
-    async def save_state_async(self, *args, **kwargs) -> APIFuture[types.SaveWeightsResponse]:
+    async def save_state_async(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
+                               user_metadata: dict[str, str] | None = None) -> APIFuture[types.SaveWeightsResponse]:
         """Submits save_state; the awaited APIFuture gives the result."""
-        return await submitted(self.save_state(*args, **kwargs))
+        return await submitted(self.save_state(name, ttl_seconds, overwrite, user_metadata))
 
-    async def save_weights_for_sampler_async(self, *args, **kwargs
+    async def save_weights_for_sampler_async(self, name: str, ttl_seconds: int | None = None,
+                                             user_metadata: dict[str, str] | None = None
                                              ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         """Submits save_weights_for_sampler; the awaited APIFuture gives the result."""
-        return await submitted(self.save_weights_for_sampler(*args, **kwargs))
+        return await submitted(self.save_weights_for_sampler(name, ttl_seconds, user_metadata))
 
-    async def load_state_async(self, *args, **kwargs) -> APIFuture[types.LoadWeightsResponse]:
+    async def load_state_async(self, path: str, weights_access_token: str | None = None
+                               ) -> APIFuture[types.LoadWeightsResponse]:
         """Submits load_state; the awaited APIFuture gives the result."""
-        return await submitted(self.load_state(*args, **kwargs))
+        return await submitted(self.load_state(path, weights_access_token))
 
-    async def load_state_with_optimizer_async(self, *args, **kwargs) -> APIFuture[types.LoadWeightsResponse]:
+    async def load_state_with_optimizer_async(self, path: str, weights_access_token: str | None = None
+                                              ) -> APIFuture[types.LoadWeightsResponse]:
         """Submits load_state_with_optimizer; the awaited APIFuture gives the result."""
-        return await submitted(self.load_state_with_optimizer(*args, **kwargs))
+        return await submitted(self.load_state_with_optimizer(path, weights_access_token))
 
     async def unload_async(self) -> APIFuture[types.UnloadModelResponse]:
         """Submits unload; the awaited APIFuture gives the result."""
         return await submitted(self.unload())
 
-    async def save_weights_and_get_sampling_client_async(self, name: str | None = None):
-        return await asyncio.to_thread(self.save_weights_and_get_sampling_client, name)
-
-    def _load_call(self, path: str, optimizer: bool) -> APIFuture[types.LoadWeightsResponse]:
+    def _load_call(self, path: str, optimizer: bool, weights_access_token: str | None
+                   ) -> APIFuture[types.LoadWeightsResponse]:
+        if weights_access_token is not None:
+            raise UnsupportedFeatureError("weights_access_token",
+                                          "access to another account's weights is a hosted Tinker feature")
         return self._ordered_call("LoadWeights", pb.LoadWeightsRequest, pb.LoadWeightsResponse,
                                   lambda r: types.LoadWeightsResponse(path=r.path),
                                   "load_state_with_optimizer" if optimizer else "load_state",
-                                  path=path, optimizer=optimizer)
+                                  path=_gradwire_path(path), optimizer=optimizer)
 
     def _ordered_call(self, rpc: str, request_type, response_type, convert: Callable[[Any], Any],
                       label: str, **fields) -> APIFuture:
@@ -510,6 +702,19 @@ class TrainingClient:
             pending.submitted.set_exception(AbortedError(
                 f"ABORTED: not sent: an earlier {failed.label} of {self.model_id} failed: {error}",
                 grpc.StatusCode.ABORTED, "EARLIER_REQUEST_FAILED"))
+
+
+def _check_stability_info(record_stability_info: bool) -> None:
+    if record_stability_info:
+        raise UnsupportedFeatureError("record_stability_info=True",
+                                      "it records data for the hosted stable_reinforce loss, whose "
+                                      "formula is not published")
+
+
+def _check_optimizer(optimizer: types.OptimizerConfig | None) -> None:
+    if optimizer is not None and getattr(optimizer, "type", None) != "adamw":
+        raise UnsupportedFeatureError(f"optimizer {getattr(optimizer, 'type', optimizer)!r}",
+                                      "gradwire trains with AdamW only")
 
 
 class _AbandoningIterator:

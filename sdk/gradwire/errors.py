@@ -1,4 +1,5 @@
-"""Exceptions raised by the SDK, named as in the Tinker SDK, all under GradwireError."""
+"""Exceptions raised by the SDK, named and nested as in the Tinker SDK, all under
+GradwireError (also exported as TinkerError, the official SDK's base class)."""
 from __future__ import annotations
 
 import grpc
@@ -7,6 +8,18 @@ from google.rpc import error_details_pb2, status_pb2
 
 class GradwireError(Exception):
     """Base class of every error the SDK raises."""
+
+
+TinkerError = GradwireError  # the official SDK's name of the base class
+
+
+class UnsupportedFeatureError(GradwireError, NotImplementedError):
+    """A feature of the hosted Tinker service that a self-hosted gradwire server does
+    not have (billing, projects, sessions, publishing, ...); the message names it."""
+
+    def __init__(self, feature: str, why: str = "it is a feature of the hosted Tinker service"):
+        super().__init__(f"{feature} is not supported by gradwire: {why}")
+        self.feature = feature
 
 
 class APIError(GradwireError):
@@ -44,6 +57,11 @@ class NotFoundError(APIStatusError):
     """NOT_FOUND: an unknown run, operation or checkpoint."""
 
 
+class UnprocessableEntityError(APIStatusError):
+    """A well-formed request the server cannot act on (the official SDK's HTTP 422;
+    gradwire reports such requests as BadRequestError)."""
+
+
 class ConflictError(APIStatusError):
     """ALREADY_EXISTS or FAILED_PRECONDITION."""
 
@@ -64,8 +82,12 @@ class APIConnectionError(APIError):
     """The server could not be reached (UNAVAILABLE)."""
 
 
-class APITimeoutError(APIError):
+class APITimeoutError(APIConnectionError):
     """A deadline passed before the server answered."""
+
+
+class APIResponseValidationError(APIError):
+    """The server's answer did not have the expected shape."""
 
 
 class RequestCancelledError(APIError):

@@ -5,27 +5,37 @@ Named after Tinker's RestClient; it speaks gRPC like the rest of the SDK.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import pathlib
 import secrets
 import shutil
-from typing import TYPE_CHECKING
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
 from gradwire import _convert, types
-from gradwire.errors import APIError, error_from_rpc
+from gradwire.errors import APIError, APITimeoutError, UnsupportedFeatureError, error_from_rpc
+from gradwire.futures import APIFuture
 from gradwire.v1 import resource_service_pb2 as rpb
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from gradwire.client import ServiceClient
 
 
 class RestClient:
-    """Lists, describes, deletes and downloads training runs and checkpoints.
+    """Training runs and checkpoints as resources, with Tinker's RestClient methods.
 
-    Create it with `ServiceClient.create_rest_client()`. Each method returns its
-    value; the `_async` twins await it without blocking the event loop.
+    Create it with `ServiceClient.create_rest_client()`. As in Tinker, each method
+    returns a future at once (`.result()`), and its `_async` twin the value.
+    Checkpoint paths may be written gradwire://... or tinker://... Sharing across
+    accounts (access_scope other than "owned"), projects, sessions, publishing, audit
+    logs, billing and signed archive URLs raise UnsupportedFeatureError (see
+    _UNSUPPORTED); download_checkpoint fetches a checkpoint's files instead.
     """
 
     def __init__(self, service: ServiceClient):
@@ -34,40 +44,90 @@ class RestClient:
     def _call(self, method: str, request):
         return self.service._call(method, request, stub=self.service._transport.resources)
 
-    def list_training_runs(self) -> list[types.TrainingRun]:
-        """Every training run the server knows, oldest first, loaded in memory or not."""
-        runs, token = [], ""
-        while True:
-            response = self._call("ListTrainingRuns", rpb.ListTrainingRunsRequest(page_token=token))
-            runs.extend(_convert.training_run(run) for run in response.training_runs)
-            token = response.next_page_token
-            if not token:
-                return runs
+    def _background(self, fn: Callable[[], T]) -> APIFuture[T]:
+        running = self.service._sampling_senders.submit(fn)
 
-    def get_training_run(self, run_id: str) -> types.TrainingRun:
+        def result(timeout: float | None) -> T:
+            try:
+                return running.result(timeout)
+            except concurrent.futures.TimeoutError:
+                raise APITimeoutError(f"no answer within {timeout} s; call result() again to keep "
+                                      "waiting") from None
+
+        return APIFuture(result, running)
+
+    # ---- training runs -------------------------------------------------------------------
+
+    def get_training_run(self, training_run_id: str, access_scope: str = "owned"
+                         ) -> APIFuture[types.TrainingRun]:
         """One training run (NotFoundError if the server never had it)."""
-        return _convert.training_run(
-            self._call("GetTrainingRun", rpb.GetTrainingRunRequest(training_run_id=run_id)))
+        _check_scope(access_scope)
+        return self._background(lambda: self._training_run(training_run_id))
 
-    def list_checkpoints(self, run_id: str) -> list[types.Checkpoint]:
-        """The run's checkpoints, oldest first."""
-        saved, token = [], ""
-        while True:
-            response = self._call("ListCheckpoints", rpb.ListCheckpointsRequest(training_run_id=run_id,
-                                                                               page_token=token))
-            saved.extend(_convert.checkpoint(c) for c in response.checkpoints)
-            token = response.next_page_token
-            if not token:
-                return saved
+    def get_training_run_by_tinker_path(self, tinker_path: str, access_scope: str = "owned"
+                                        ) -> APIFuture[types.TrainingRun]:
+        """The training run that saved the checkpoint at `tinker_path`."""
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        return self.get_training_run(parsed.training_run_id, access_scope)
 
-    def delete_checkpoint(self, path: str) -> None:
-        """Deletes the checkpoint at `path` (gradwire://...) from the server's disk."""
-        self._call("DeleteCheckpoint", rpb.DeleteCheckpointRequest(path=path))
+    def list_training_runs(self, limit: int = 20, offset: int = 0, access_scope: str = "owned",
+                           project_id: str | None = None) -> APIFuture[types.TrainingRunsResponse]:
+        """Training runs, oldest first, loaded in memory or not: `limit` from `offset`."""
+        _check_scope(access_scope)
+        if project_id is not None:
+            raise UnsupportedFeatureError("list_training_runs(project_id=...)", _HOSTED)
+
+        def page() -> types.TrainingRunsResponse:
+            runs = self._all_training_runs()
+            return types.TrainingRunsResponse(runs[offset:offset + limit], types.Cursor(offset, limit, len(runs)))
+
+        return self._background(page)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def list_checkpoints(self, training_run_id: str) -> APIFuture[types.CheckpointsListResponse]:
+        """The run's checkpoints, oldest first (expired ones are gone)."""
+        return self._background(lambda: types.CheckpointsListResponse(self._checkpoints(training_run_id)))
+
+    def list_user_checkpoints(self, limit: int = 100, offset: int = 0
+                              ) -> APIFuture[types.CheckpointsListResponse]:
+        """Checkpoints of every run on the server, newest first: `limit` from `offset`."""
+        def page() -> types.CheckpointsListResponse:
+            saved = sorted((c for run in self._all_training_runs() for c in self._checkpoints(run.training_run_id)),
+                           key=lambda c: c.time, reverse=True)
+            return types.CheckpointsListResponse(saved[offset:offset + limit],
+                                                 types.Cursor(offset, limit, len(saved)))
+
+        return self._background(page)
+
+    def delete_checkpoint(self, training_run_id: str, checkpoint_id: str | None = None) -> APIFuture[None]:
+        """Deletes the run's checkpoint `checkpoint_id` ("weights/<name>" or
+        "sampler_weights/<name>") from the server's disk. (gradwire's former form,
+        delete_checkpoint(path), is deprecated.)"""
+        if checkpoint_id is None:
+            warnings.warn("delete_checkpoint(path) is deprecated: use delete_checkpoint(training_run_id, "
+                          "checkpoint_id) or delete_checkpoint_from_tinker_path(path)",
+                          DeprecationWarning, stacklevel=2)
+            return self.delete_checkpoint_from_tinker_path(training_run_id)
+        path = f"gradwire://{training_run_id}/{checkpoint_id}"
+        return self._background(lambda: self._delete(path))
+
+    def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
+        """Deletes the checkpoint at `tinker_path` (gradwire://... or tinker://...)."""
+        path = _gradwire_path(tinker_path)
+        return self._background(lambda: self._delete(path))
+
+    def set_checkpoint_ttl_from_tinker_path(self, tinker_path: str, ttl_seconds: int | None) -> APIFuture[None]:
+        """Sets the checkpoint's TTL to ttl_seconds from now (the server then deletes it),
+        or with None removes it (kept until deleted)."""
+        request = rpb.SetCheckpointTtlRequest(path=_gradwire_path(tinker_path), ttl_seconds=ttl_seconds)
+        return self._background(lambda: self._call("SetCheckpointTtl", request) and None)
 
     def download_checkpoint(self, path: str, dest_dir: str | os.PathLike) -> pathlib.Path:
         """Writes the checkpoint's files into `dest_dir` (created; must be absent or
         empty) and returns it. The folder appears only once complete: for a peft
         adapter, PeftModel.from_pretrained(base_model, dest_dir) loads it."""
+        path = _gradwire_path(path)
         dest = pathlib.Path(dest_dir)
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
@@ -92,27 +152,125 @@ class RestClient:
             raise
         return dest
 
-    def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:
+    def get_server_capabilities(self) -> APIFuture[types.GetServerCapabilitiesResponse]:
         """Models, built-in losses, limits and device of the server."""
-        return self.service.get_server_capabilities()
+        return self._background(self.service.get_server_capabilities)
 
-    async def list_training_runs_async(self) -> list[types.TrainingRun]:
-        return await asyncio.to_thread(self.list_training_runs)
+    def get_telemetry(self) -> None:
+        """None: gradwire's SDK collects no telemetry."""
+        return None
 
-    async def get_training_run_async(self, run_id: str) -> types.TrainingRun:
-        return await asyncio.to_thread(self.get_training_run, run_id)
+    # ---- async twins (values) ----------------------------------------------------------------
 
-    async def list_checkpoints_async(self, run_id: str) -> list[types.Checkpoint]:
-        return await asyncio.to_thread(self.list_checkpoints, run_id)
+    async def get_training_run_async(self, training_run_id: str, access_scope: str = "owned") -> types.TrainingRun:
+        return await self.get_training_run(training_run_id, access_scope)
 
-    async def delete_checkpoint_async(self, path: str) -> None:
-        await asyncio.to_thread(self.delete_checkpoint, path)
+    async def get_training_run_by_tinker_path_async(self, tinker_path: str, access_scope: str = "owned"
+                                                    ) -> types.TrainingRun:
+        return await self.get_training_run_by_tinker_path(tinker_path, access_scope)
+
+    async def list_training_runs_async(self, limit: int = 20, offset: int = 0, access_scope: str = "owned",
+                                       project_id: str | None = None) -> types.TrainingRunsResponse:
+        return await self.list_training_runs(limit, offset, access_scope, project_id)
+
+    async def list_checkpoints_async(self, training_run_id: str) -> types.CheckpointsListResponse:
+        return await self.list_checkpoints(training_run_id)
+
+    async def list_user_checkpoints_async(self, limit: int = 100, offset: int = 0
+                                          ) -> types.CheckpointsListResponse:
+        return await self.list_user_checkpoints(limit, offset)
+
+    async def delete_checkpoint_async(self, training_run_id: str, checkpoint_id: str) -> None:
+        await self.delete_checkpoint(training_run_id, checkpoint_id)
+
+    async def delete_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        await self.delete_checkpoint_from_tinker_path(tinker_path)
+
+    async def set_checkpoint_ttl_from_tinker_path_async(self, tinker_path: str, ttl_seconds: int | None) -> None:
+        await self.set_checkpoint_ttl_from_tinker_path(tinker_path, ttl_seconds)
 
     async def download_checkpoint_async(self, path: str, dest_dir: str | os.PathLike) -> pathlib.Path:
         return await asyncio.to_thread(self.download_checkpoint, path, dest_dir)
 
     async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
-        return await asyncio.to_thread(self.get_server_capabilities)
+        return await self.get_server_capabilities()
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    def _training_run(self, training_run_id: str) -> types.TrainingRun:
+        return _convert.training_run(
+            self._call("GetTrainingRun", rpb.GetTrainingRunRequest(training_run_id=training_run_id)))
+
+    def _all_training_runs(self) -> list[types.TrainingRun]:
+        runs, token = [], ""
+        while True:
+            response = self._call("ListTrainingRuns", rpb.ListTrainingRunsRequest(page_token=token))
+            runs.extend(_convert.training_run(run) for run in response.training_runs)
+            token = response.next_page_token
+            if not token:
+                return runs
+
+    def _checkpoints(self, training_run_id: str) -> list[types.Checkpoint]:
+        saved, token = [], ""
+        while True:
+            response = self._call("ListCheckpoints", rpb.ListCheckpointsRequest(
+                training_run_id=training_run_id, page_token=token))
+            saved.extend(_convert.checkpoint(c) for c in response.checkpoints)
+            token = response.next_page_token
+            if not token:
+                return saved
+
+    def _delete(self, path: str) -> None:
+        self._call("DeleteCheckpoint", rpb.DeleteCheckpointRequest(path=path))
+
+
+_HOSTED = "it is a feature of the hosted Tinker service"
+_NO_ARCHIVE_URLS = ("signed archive URLs are the hosted service's storage; "
+                    "RestClient.download_checkpoint(path, dest_dir) fetches the files")
+# Tinker's RestClient methods a self-hosted gradwire server does not offer (each with an
+# _async twin): calling one raises UnsupportedFeatureError naming it and why.
+_UNSUPPORTED = {
+    "get_checkpoint_archive_url": _NO_ARCHIVE_URLS,
+    "get_checkpoint_archive_url_from_tinker_path": _NO_ARCHIVE_URLS,
+    "get_external_weights_urls": _NO_ARCHIVE_URLS,
+    "get_weights_info_by_tinker_path": "not implemented by gradwire yet; get_training_run_by_tinker_path "
+                                       "describes the run",
+    "publish_checkpoint_from_tinker_path": "publishing checkpoints is a feature of the hosted Tinker service",
+    "unpublish_checkpoint_from_tinker_path": "publishing checkpoints is a feature of the hosted Tinker service",
+    "copy_weights": "copying weights between projects is a feature of the hosted Tinker service",
+    "get_audit_log": _HOSTED, "get_billing_usage": _HOSTED, "get_current_checkpoint_storage_usage": _HOSTED,
+    "get_session": _HOSTED, "list_sessions": _HOSTED, "assign_session_project": _HOSTED,
+    "export_session_trace": _HOSTED, "search_sessions": _HOSTED, "get_sampler": _HOSTED, "whoami": _HOSTED,
+}
+
+
+def _unsupported(name: str, why: str, is_async: bool) -> Callable:
+    def method(self, *args, **kwargs):
+        raise UnsupportedFeatureError(f"RestClient.{name}", why)
+
+    async def async_method(self, *args, **kwargs):
+        method(self)
+
+    chosen = async_method if is_async else method
+    chosen.__name__ = chosen.__qualname__ = name + ("_async" if is_async else "")
+    chosen.__doc__ = f"Not supported: raises UnsupportedFeatureError ({why})."
+    return chosen
+
+
+for _name, _why in _UNSUPPORTED.items():
+    setattr(RestClient, _name, _unsupported(_name, _why, False))
+    setattr(RestClient, _name + "_async", _unsupported(_name, _why, True))
+
+
+def _check_scope(access_scope: str) -> None:
+    if access_scope != "owned":
+        raise UnsupportedFeatureError(f"access_scope={access_scope!r}",
+                                      "runs shared across accounts are a feature of the hosted Tinker service")
+
+
+def _gradwire_path(path: str) -> str:
+    """tinker://... (as code written for Tinker keeps paths) as gradwire://..."""
+    return "gradwire://" + path.removeprefix("tinker://") if path.startswith("tinker://") else path
 
 
 def _write_chunk(folder: pathlib.Path, chunk: rpb.CheckpointChunk, written: dict[str, int]) -> None:

@@ -15,7 +15,7 @@ import grpc
 
 from gradwire import _convert, types
 from gradwire._transport import request_id, submitted
-from gradwire.errors import APITimeoutError, error_from_rpc
+from gradwire.errors import APITimeoutError, UnsupportedFeatureError, error_from_rpc
 from gradwire.futures import APIFuture
 from gradwire.v1 import sampling_service_pb2 as pb
 
@@ -25,37 +25,58 @@ if TYPE_CHECKING:
 
 class SamplingClient:
     """Samples from `model_path` (a `gradwire://<run_id>/sampler_weights/<name>`
-    checkpoint: base model plus that LoRA adapter) or from `base_model` alone.
-    Create it with ServiceClient.create_sampling_client."""
+    checkpoint: base model plus that LoRA adapter; or an ephemeral snapshot from
+    save_weights_and_get_sampling_client) or from `base_model` alone. Create it with
+    ServiceClient.create_sampling_client. retry_config (Tinker's) is accepted and
+    unused: gradwire retries unreachable servers for ServiceClient(retry_s=...)."""
 
-    def __init__(self, service: ServiceClient, model_path: str | None = None, base_model: str | None = None):
+    def __init__(self, service: ServiceClient, model_path: str | None = None, base_model: str | None = None,
+                 retry_config: Any = None):
         if (model_path is None) == (base_model is None):
             raise ValueError("give exactly one of model_path and base_model")
         self.service = service
         self.model_path = model_path
         self.base_model = base_model
+        self.retry_config = retry_config
         self._stub = service._transport.sampling
+        if model_path is not None and "/ephemeral/" in model_path:
+            service._use_snapshot(model_path, self)
 
     def sample(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams,
-               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0
+               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+               topk_sample_logprobs: int = 0, target_prompt_logprobs: types.TensorData | None = None,
+               prompt_alt_tokens_k: int = 0, prompt_logprobs_last_n: int | None = None
                ) -> APIFuture[types.SampleResponse]:
         """num_samples completions of `prompt` (decoded together as one batch).
 
         Each sequence's logprobs are the model's unscaled log_softmax at the
-        sampled tokens, comparable with training-side logprobs. With
-        include_prompt_logprobs the response has each prompt token's logprob
-        (first None); topk_prompt_logprobs=k (up to 20) adds the k most likely
-        (token, logprob) pairs at each prompt position (first None)."""
+        sampled tokens, comparable with training-side logprobs, and each has a
+        unique sequence_id. With include_prompt_logprobs the response has each
+        prompt token's logprob (first None); topk_prompt_logprobs=k (up to 20)
+        adds the k most likely (token, logprob) pairs at each prompt position
+        (first None), topk_sample_logprobs=k the same at each generated position
+        (SampledSequence.topk_logprobs). prompt_logprobs_last_n=n scores only the
+        prompt's last n positions (the others are None). Tinker's
+        target_prompt_logprobs and prompt_alt_tokens_k are not supported yet."""
+        if target_prompt_logprobs is not None:
+            raise UnsupportedFeatureError("sample(target_prompt_logprobs=...)", "not implemented by gradwire yet")
+        if prompt_alt_tokens_k:
+            raise UnsupportedFeatureError("sample(prompt_alt_tokens_k=...)", "not implemented by gradwire yet")
         request = pb.SampleRequest(**self._model(), prompt=_convert.model_input_chunks(prompt),
                                    num_samples=num_samples,
                                    sampling_params=_convert.sampling_params(sampling_params),
                                    include_prompt_logprobs=include_prompt_logprobs,
-                                   topk_prompt_logprobs=topk_prompt_logprobs, request_id=request_id())
+                                   topk_prompt_logprobs=topk_prompt_logprobs,
+                                   topk_sample_logprobs=topk_sample_logprobs,
+                                   prompt_logprobs_last_n=prompt_logprobs_last_n, request_id=request_id())
         return self._submit("Sample", request, pb.SampleResponse, _convert.sample_response)
 
-    def compute_logprobs(self, prompt: types.ModelInput) -> APIFuture[list[float | None]]:
-        """The logprob of each prompt token given the ones before it (the first is None)."""
+    def compute_logprobs(self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+                         ) -> APIFuture[list[float | None]]:
+        """The logprob of each prompt token given the ones before it (the first is None;
+        with prompt_logprobs_last_n=n, all but the last n are None)."""
         request = pb.ComputeLogprobsRequest(**self._model(), prompt=_convert.model_input_chunks(prompt),
+                                            prompt_logprobs_last_n=prompt_logprobs_last_n,
                                             request_id=request_id())
         return self._submit("ComputeLogprobs", request, pb.ComputeLogprobsResponse,
                             lambda response: _convert.prompt_logprobs(response.logprobs))
@@ -79,13 +100,20 @@ class SamplingClient:
         finally:
             call.cancel()  # no-op once the stream has ended
 
-    async def sample_async(self, *args, **kwargs) -> APIFuture[types.SampleResponse]:
+    async def sample_async(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams,
+                           include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+                           topk_sample_logprobs: int = 0, target_prompt_logprobs: types.TensorData | None = None,
+                           prompt_alt_tokens_k: int = 0, prompt_logprobs_last_n: int | None = None
+                           ) -> APIFuture[types.SampleResponse]:
         """Submits sample; the awaited APIFuture gives the result."""
-        return await submitted(self.sample(*args, **kwargs))
+        return await submitted(self.sample(prompt, num_samples, sampling_params, include_prompt_logprobs,
+                                           topk_prompt_logprobs, topk_sample_logprobs, target_prompt_logprobs,
+                                           prompt_alt_tokens_k, prompt_logprobs_last_n))
 
-    async def compute_logprobs_async(self, *args, **kwargs) -> APIFuture[list[float | None]]:
+    async def compute_logprobs_async(self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+                                     ) -> APIFuture[list[float | None]]:
         """Submits compute_logprobs; the awaited APIFuture gives the result."""
-        return await submitted(self.compute_logprobs(*args, **kwargs))
+        return await submitted(self.compute_logprobs(prompt, prompt_logprobs_last_n))
 
     async def sample_stream_async(self, *args, **kwargs) -> AsyncIterator[types.SampledTokens]:
         """sample_stream as an async iterator (`async for piece in ...`)."""
@@ -100,6 +128,19 @@ class SamplingClient:
     def get_tokenizer(self):
         """The base model's Hugging Face tokenizer (fetched from the server, no download)."""
         return self.service._tokenizer(self.base_model or "")
+
+    def get_base_model(self) -> str:
+        """The name of the base model this client samples from."""
+        if self.base_model is not None:
+            return self.base_model
+        return self.service.get_server_capabilities().supported_models[0].model_name
+
+    async def get_base_model_async(self) -> str:
+        return await asyncio.to_thread(self.get_base_model)
+
+    def get_telemetry(self) -> None:
+        """None: gradwire's SDK collects no telemetry."""
+        return None
 
     async def get_tokenizer_async(self):
         return await asyncio.to_thread(self.get_tokenizer)

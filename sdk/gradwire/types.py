@@ -1,9 +1,10 @@
 """SDK data types, named and shaped as in the Tinker API."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 
@@ -11,17 +12,28 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "AdamParams", "Checkpoint", "Datum", "EncodedTextChunk", "ForwardBackwardOutput",
-    "GetInfoResponse", "GetServerCapabilitiesResponse", "LoadWeightsResponse", "LoraConfig",
-    "ModelInput", "OptimStepResponse", "SampleResponse", "SampledSequence", "SampledTokens",
-    "SamplingParams", "SaveWeightsForSamplerResponse", "SaveWeightsResponse", "SupportedModel",
-    "TensorData", "TrainingRun", "UnloadModelResponse",
+    "AdamOptimizerConfig", "AdamParams", "Checkpoint", "CheckpointType", "CheckpointsListResponse", "Cursor",
+    "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "GetInfoResponse", "GetServerCapabilitiesResponse",
+    "ImageAssetPointerChunk", "ImageChunk", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelID",
+    "ModelInput", "ModelInputChunk", "OptimParams", "OptimStepResponse", "OptimizerConfig",
+    "ParsedCheckpointTinkerPath", "PromptProvenanceSpan", "SampleResponse", "SampledProvenanceSpan",
+    "SampledSequence", "SampledTokens", "SamplingParams", "SaveWeightsForSamplerResponse", "SaveWeightsResponse",
+    "StopReason", "SupportedModel", "TensorData", "TensorDtype", "TopkLogprobs", "TrainingRun",
+    "TrainingRunsResponse", "UnloadModelResponse",
 ]
+
+ModelID = str
+CheckpointType = Literal["training", "sampler"]
+TensorDtype = Literal["int64", "float32"]
+# Tinker 0.38's loss names. gradwire's server trains the first six (GetServerCapabilities
+# lists them) and refuses stable_reinforce (no public formula) and custom, with the reason.
+LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce",
+                     "custom"]
 
 _NUMPY_DTYPES = {"int64": np.int64, "float32": np.float32}
 # Loss inputs whose dtype is fixed by their name; other keys keep their kind.
 _DTYPE_OF_KEY = {"target_tokens": "int64", "weights": "float32", "advantages": "float32",
-                 "logprobs": "float32"}
+                 "logprobs": "float32", "sequence_ratio_mask": "float32"}
 
 
 @dataclass
@@ -96,10 +108,46 @@ class EncodedTextChunk:
 
 
 @dataclass
-class ModelInput:
-    """What the model reads: a list of chunks (token runs)."""
+class ImageChunk:
+    """An image, for vision models (gradwire's text models reject it, naming the chunk)."""
 
-    chunks: list[EncodedTextChunk] = field(default_factory=list)
+    data: bytes
+    format: Literal["png", "jpeg"]
+    expected_tokens: int | None = None
+    type: Literal["image"] = "image"
+
+    @property
+    def length(self) -> int:
+        if self.expected_tokens is None:
+            raise ValueError("ImageChunk.length: expected_tokens is not set")
+        return self.expected_tokens
+
+
+@dataclass
+class ImageAssetPointerChunk:
+    """An image stored with the hosted service (by location). gradwire has no asset
+    store: sending one raises UnsupportedFeatureError."""
+
+    format: Literal["png", "jpeg"]
+    location: str
+    expected_tokens: int | None = None
+    type: Literal["image_asset_pointer"] = "image_asset_pointer"
+
+    @property
+    def length(self) -> int:
+        if self.expected_tokens is None:
+            raise ValueError("ImageAssetPointerChunk.length: expected_tokens is not set")
+        return self.expected_tokens
+
+
+ModelInputChunk = Union[EncodedTextChunk, ImageChunk, ImageAssetPointerChunk]
+
+
+@dataclass
+class ModelInput:
+    """What the model reads: a list of chunks (token runs, or images for vision models)."""
+
+    chunks: list[ModelInputChunk] = field(default_factory=list)
 
     @classmethod
     def from_ints(cls, tokens: Any) -> ModelInput:
@@ -126,7 +174,7 @@ class ModelInput:
         """Number of model positions."""
         return sum(chunk.length for chunk in self.chunks)
 
-    def append(self, chunk: EncodedTextChunk) -> ModelInput:
+    def append(self, chunk: ModelInputChunk) -> ModelInput:
         """A new ModelInput with `chunk` added at the end."""
         return ModelInput([*self.chunks, chunk])
 
@@ -138,21 +186,78 @@ class ModelInput:
         return self.append(EncodedTextChunk([int(token)]))
 
 
+@dataclass(frozen=True, kw_only=True)
+class PromptProvenanceSpan:
+    """Datum positions that are positions [offset, offset + length) of the prompt of
+    the sample request that produced sequence `sequence_id`."""
+
+    sequence_id: str
+    offset: int = 0
+    length: int
+
+    def __post_init__(self) -> None:
+        _check_span(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampledProvenanceSpan:
+    """Datum positions that are positions [offset, offset + length) of the tokens
+    sampled as sequence `sequence_id`."""
+
+    sequence_id: str
+    offset: int = 0
+    length: int
+
+    def __post_init__(self) -> None:
+        _check_span(self)
+
+
+def _check_span(span: PromptProvenanceSpan | SampledProvenanceSpan) -> None:
+    kind = type(span).__name__
+    if not span.sequence_id:
+        raise ValueError(f"{kind}.sequence_id must be non-empty")
+    if span.length < 1:
+        raise ValueError(f"{kind}.length must be >= 1, got {span.length}")
+    if span.offset < 0:
+        raise ValueError(f"{kind}.offset must be >= 0, got {span.offset}")
+
+
 @dataclass
 class Datum:
     """One training example: model input plus per-token loss inputs.
 
     `loss_fn_inputs` values may be TensorData, torch tensors, numpy arrays or
     lists; they are converted on construction (target_tokens to int64;
-    weights, advantages and logprobs to float32).
+    weights, advantages, logprobs and sequence_ratio_mask to float32).
+    `provenance` (see with_provenance) stays on the client: no built-in loss of
+    gradwire reads it.
     """
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData] = field(default_factory=dict)
+    provenance: dict[str, list[PromptProvenanceSpan | SampledProvenanceSpan]] | None = None
 
     def __post_init__(self) -> None:
         self.loss_fn_inputs = {key: as_tensor_data(value, key)
                                for key, value in self.loss_fn_inputs.items()}
+
+    def with_provenance(self, model_input: list[PromptProvenanceSpan | SampledProvenanceSpan] | None = None,
+                        loss_fn_inputs: list[PromptProvenanceSpan | SampledProvenanceSpan] | None = None
+                        ) -> Datum:
+        """A copy that names the sampled sequence behind each position: the spans of
+        each field tile it in order (their lengths sum to model_input.length).
+        Tinker's stable_reinforce reads these; gradwire checks them and keeps them
+        with the datum (its losses do not need them)."""
+        provenance = dict(self.provenance or {})
+        for name, spans in (("model_input", model_input), ("loss_fn_inputs", loss_fn_inputs)):
+            if spans is None:
+                continue
+            covered = sum(span.length for span in spans)
+            if covered != self.model_input.length:
+                raise ValueError(f"with_provenance: the {name} spans cover {covered} positions, "
+                                 f"the datum has {self.model_input.length}")
+            provenance[name] = list(spans)
+        return dataclasses.replace(self, provenance=provenance)
 
 
 @dataclass
@@ -264,6 +369,11 @@ class Checkpoint:
     expires_at: datetime.datetime | None = None  # None: kept until deleted
     training_run_id: str = ""
 
+    @property
+    def tinker_path(self) -> str:
+        """Tinker's name for `path` (gradwire://...; gradwire accepts tinker://... too)."""
+        return self.path
+
 
 @dataclass
 class TrainingRun:
@@ -288,6 +398,67 @@ StopReason = Literal["length", "stop"]
 
 
 @dataclass
+class Cursor:
+    """Where a page of a listing sits in the whole."""
+
+    offset: int
+    limit: int
+    total_count: int
+
+
+@dataclass
+class TrainingRunsResponse:
+    """A page of RestClient.list_training_runs."""
+
+    training_runs: list[TrainingRun]
+    cursor: Cursor | None = None
+
+
+@dataclass
+class CheckpointsListResponse:
+    """RestClient.list_checkpoints / list_user_checkpoints."""
+
+    checkpoints: list[Checkpoint]
+    cursor: Cursor | None = None
+
+
+@dataclass
+class ParsedCheckpointTinkerPath:
+    """A checkpoint path split into its parts; `tinker://` and `gradwire://` both parse."""
+
+    tinker_path: str
+    training_run_id: str
+    checkpoint_type: Literal["training", "sampler"]
+    checkpoint_id: str  # "weights/<name>" or "sampler_weights/<name>"
+
+    @classmethod
+    def from_tinker_path(cls, tinker_path: str) -> ParsedCheckpointTinkerPath:
+        scheme = next((s for s in ("gradwire://", "tinker://") if tinker_path.startswith(s)), None)
+        parts = tinker_path[len(scheme):].split("/") if scheme else []
+        if len(parts) != 3 or parts[1] not in ("weights", "sampler_weights") or not all(parts):
+            raise ValueError(f"{tinker_path!r} is not a checkpoint path: expected "
+                             "gradwire://<run_id>/weights/<name> or gradwire://<run_id>/sampler_weights/<name>")
+        return cls(tinker_path, parts[0], "training" if parts[1] == "weights" else "sampler",
+                   f"{parts[1]}/{parts[2]}")
+
+    @property
+    def gradwire_path(self) -> str:
+        """The same checkpoint as gradwire names it."""
+        return f"gradwire://{self.training_run_id}/{self.checkpoint_id}"
+
+
+@dataclass(frozen=True)
+class AdamOptimizerConfig:
+    """The optimizer family of a training run: AdamW (gradwire's only one)."""
+
+    type: Literal["adamw"] = "adamw"
+
+
+OptimizerConfig = AdamOptimizerConfig
+OptimParams = AdamParams  # the per-step hyperparameters of gradwire's one optimizer family
+
+
+@dataclass
 class SamplingParams:
     """How to pick tokens.
 
@@ -306,14 +477,57 @@ class SamplingParams:
     top_p: float = 1.0
 
 
+TOPK_MASK_LOGPROB = -99999.0  # fills top-k rows (and columns) that hold no prediction
+
+
+@dataclass(frozen=True)
+class TopkLogprobs:
+    """Top-k (token, logprob) pairs per position as two dense [length, k] matrices
+    (int32 ids, float32 logprobs); empty slots hold token 0 and TOPK_MASK_LOGPROB."""
+
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+
+    @classmethod
+    def from_rows(cls, rows: list[list[tuple[int, float]] | None], k: int) -> TopkLogprobs:
+        ids = np.zeros((len(rows), k), dtype=np.int32)
+        values = np.full((len(rows), k), TOPK_MASK_LOGPROB, dtype=np.float32)
+        for i, row in enumerate(rows):
+            for j, (token, logprob) in enumerate(row or []):
+                ids[i, j], values[i, j] = token, logprob
+        return cls(ids, values)
+
+
 @dataclass
 class SampledSequence:
     """One completion: generated tokens (without the prompt) and their logprobs,
-    log_softmax of the model's unscaled logits (comparable to training logprobs)."""
+    log_softmax of the model's unscaled logits (comparable to training logprobs).
+    `sequence_id` is unique to this sequence (provenance spans name it);
+    `topk_logprobs` (with topk_sample_logprobs=k) holds, per generated position,
+    the k most likely (token, logprob) pairs."""
 
     stop_reason: StopReason
     tokens: list[int]
     logprobs: list[float] | None = None
+    sequence_id: str | None = field(default=None, compare=False)  # identity, not content
+    topk_logprobs: list[list[tuple[int, float]]] | None = None
+
+    @property
+    def tokens_np(self) -> np.ndarray:
+        """The tokens as an int32 array."""
+        return np.asarray(self.tokens, dtype=np.int32)
+
+    @property
+    def logprobs_np(self) -> np.ndarray | None:
+        """The logprobs as a float32 array (None when not returned)."""
+        return None if self.logprobs is None else np.asarray(self.logprobs, dtype=np.float32)
+
+    @property
+    def topk_logprobs_np(self) -> TopkLogprobs | None:
+        """topk_logprobs as dense matrices (None when not asked for)."""
+        if self.topk_logprobs is None:
+            return None
+        return TopkLogprobs.from_rows(self.topk_logprobs, max((len(r) for r in self.topk_logprobs), default=0))
 
 
 @dataclass
@@ -324,6 +538,21 @@ class SampleResponse:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+    @property
+    def prompt_logprobs_np(self) -> np.ndarray | None:
+        """prompt_logprobs as a float32 array, NaN where there is no score."""
+        if self.prompt_logprobs is None:
+            return None
+        return np.array([np.nan if v is None else v for v in self.prompt_logprobs], dtype=np.float32)
+
+    @property
+    def topk_prompt_logprobs_np(self) -> TopkLogprobs | None:
+        """topk_prompt_logprobs as dense matrices, masked rows where there is no score."""
+        rows = self.topk_prompt_logprobs
+        if rows is None:
+            return None
+        return TopkLogprobs.from_rows(rows, max((len(r) for r in rows if r), default=0))
 
 
 @dataclass

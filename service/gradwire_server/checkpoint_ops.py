@@ -4,11 +4,12 @@ here: the servicers validate requests and submit these to the scheduler."""
 from __future__ import annotations
 
 import pathlib
+import time
 
 from gradwire_server import checkpoints
 from gradwire_server.engine import Engine
-from gradwire_server.errors import FieldViolation, failed_precondition, invalid_argument
-from gradwire_server.run_index import RunIndex, record_change
+from gradwire_server.errors import FieldViolation, ServiceError, failed_precondition, invalid_argument
+from gradwire_server.run_index import CheckpointRecord, RunIndex, record_change
 
 
 class CheckpointOps:
@@ -31,10 +32,13 @@ class CheckpointOps:
         checkpoints.check_base_model(checkpoint, self.base_model)
         return checkpoint
 
-    def save(self, path: checkpoints.CheckpointPath) -> None:
-        """Writes the run's state as the checkpoint at `path` (weights/: with the optimizer)."""
+    def save(self, path: checkpoints.CheckpointPath, ttl_seconds: int | None = None, overwrite: bool = False,
+             user_metadata: dict[str, str] | None = None) -> None:
+        """Writes the run's state as the checkpoint at `path` (weights/: with the optimizer);
+        see checkpoints.write for the TTL and overwrite."""
         state = self.engine.save_state(path.run_id, with_optimizer=path.kind == "weights")
-        saved = checkpoints.write(self.root, path, state, self.base_model)
+        saved = checkpoints.write(self.root, path, state, self.base_model, ttl_seconds, overwrite,
+                                  user_metadata)
         record_change(f"checkpoint {path.path}", self.index.add_checkpoint, saved.record())
 
     def load(self, run_id: str, path: str, optimizer: bool) -> None:
@@ -72,6 +76,29 @@ class CheckpointOps:
             raise failed_precondition(f"checkpoint {path} does not fit training run {run_id}: {error}",
                                       "CHECKPOINT_MISMATCH") from None
         return checkpoint.step
+
+
+def set_ttl(root: pathlib.Path, index: RunIndex, path: str, ttl_seconds: int | None) -> CheckpointRecord:
+    """Gives the checkpoint at `path` a TTL from now (None: none) on disk and in the index
+    (worker side, between saves and deletions); returns its index row."""
+    checkpoint = checkpoints.find(root, path)
+    expires = None if ttl_seconds is None else time.time() + ttl_seconds
+    checkpoints.set_expiry(checkpoint, expires)
+    record_change(f"the TTL of {path}", index.set_checkpoint_expiry, path, expires)
+    return index.get_checkpoint(path) or checkpoint.record()
+
+
+def delete_expired(root: pathlib.Path, index: RunIndex, now: float) -> list[str]:
+    """Deletes every checkpoint whose TTL ran out by `now` (worker side); returns their paths."""
+    deleted = []
+    for path in index.expired_checkpoints(now):
+        try:
+            checkpoints.delete(checkpoints.find(root, path, include_expired=True))
+        except ServiceError:  # gone already (or unreadable): its row goes anyway
+            pass
+        record_change(f"deletion of {path}", index.remove_checkpoint, path)
+        deleted.append(path)
+    return deleted
 
 
 def delete(root: pathlib.Path, index: RunIndex, path: str) -> None:

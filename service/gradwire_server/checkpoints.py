@@ -15,12 +15,18 @@ A folder is written as a hidden temporary sibling, every file fsynced, renamed
 into place, and the parent fsynced (as is the parent of every folder created
 above it): a crash leaves either nothing or a temporary
 folder (hidden, never listed or loadable), never a half checkpoint. A folder
-without its gradwire_checkpoint.json is not a checkpoint. Names are never
-reused: saving an existing name is ALREADY_EXISTS (rename(2) cannot replace a
-non-empty folder atomically, and a path must always mean the same weights).
+without its gradwire_checkpoint.json is not a checkpoint. Saving an existing
+name is ALREADY_EXISTS, unless the save asks to overwrite: then the new folder
+and the old one swap names in one renameat2(RENAME_EXCHANGE) (rename(2) cannot
+replace a non-empty folder), and the old one is deleted.
+
+A checkpoint saved with a TTL records `expires_time` in its marker: from then on
+it is treated as absent (find() says NOT_FOUND, listings leave it out) and the
+server's sweep deletes it.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -106,7 +112,8 @@ class Checkpoint:
         """Its row in the run index."""
         return CheckpointRecord(path=self.path.path, run_id=self.path.run_id,
                                 checkpoint_type=self.path.checkpoint_type, name=self.path.name,
-                                created_time=self.metadata["created_time"], size_bytes=self.size_bytes)
+                                created_time=self.metadata["created_time"], size_bytes=self.size_bytes,
+                                expires_time=self.metadata.get("expires_time"))
 
 
 def validate_name(name: str, field: str = "name") -> str:
@@ -139,9 +146,10 @@ def parse_path(path: str, field: str = "path") -> CheckpointPath:
     return CheckpointPath(run_id, kind, name)
 
 
-def find(root: pathlib.Path, path: str, field: str = "path") -> Checkpoint:
+def find(root: pathlib.Path, path: str, field: str = "path", include_expired: bool = False) -> Checkpoint:
     """The complete checkpoint at `path`: INVALID_ARGUMENT if malformed, NOT_FOUND if
-    there is none (a folder without its marker is no checkpoint)."""
+    there is none (a folder without its marker is no checkpoint) or, unless
+    include_expired, its TTL ran out."""
     parsed = parse_path(path, field)
     folder = parsed.folder(root)
     try:
@@ -150,6 +158,8 @@ def find(root: pathlib.Path, path: str, field: str = "path") -> Checkpoint:
         raise not_found("checkpoint", path) from None
     except (OSError, ValueError) as error:
         raise data_loss(f"checkpoint {path}: {MARKER} is unreadable ({error})") from None
+    if expired(metadata) and not include_expired:
+        raise not_found("checkpoint", f"{path} (its TTL ran out)")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise failed_precondition(f"checkpoint {path} has format version "
                                   f"{metadata.get('format_version')!r}; this server reads "
@@ -177,6 +187,12 @@ def check_base_model(checkpoint: Checkpoint, base_model: str) -> None:
             "BASE_MODEL_MISMATCH")
 
 
+def expired(metadata: dict[str, Any], now: float | None = None) -> bool:
+    """Whether a checkpoint's TTL has run out."""
+    expires = metadata.get("expires_time")
+    return expires is not None and expires <= (time.time() if now is None else now)
+
+
 def check_new(root: pathlib.Path, path: CheckpointPath) -> None:
     """ALREADY_EXISTS if the name is taken (names are never reused)."""
     if path.folder(root).exists():
@@ -187,10 +203,15 @@ def _exists(path: str) -> ServiceError:
     return already_exists(f"checkpoint {path} already exists; choose another name", "CHECKPOINT_EXISTS")
 
 
-def write(root: pathlib.Path, path: CheckpointPath, state: RunState, base_model: str) -> Checkpoint:
+def write(root: pathlib.Path, path: CheckpointPath, state: RunState, base_model: str,
+          ttl_seconds: int | None = None, overwrite: bool = False,
+          user_metadata: dict[str, str] | None = None) -> Checkpoint:
     """Writes the state as a checkpoint folder, atomically (see the module doc).
-    The optimizer file is written when state.optimizer is set."""
-    check_new(root, path)
+    The optimizer file is written when state.optimizer is set; with ttl_seconds
+    it expires that long after now; with overwrite it replaces a checkpoint of
+    the same name."""
+    if not overwrite:
+        check_new(root, path)
     folder = path.folder(root)
     _make_parents(folder)
     temp = folder.parent / f"{_TEMP_PREFIX}{path.name}-{secrets.token_hex(4)}"
@@ -205,22 +226,45 @@ def write(root: pathlib.Path, path: CheckpointPath, state: RunState, base_model:
         for file in sorted(temp.iterdir()):
             _fsync(file)
             files[file.name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+        now = time.time()
         metadata = {"format_version": FORMAT_VERSION, "run_id": path.run_id, "kind": path.kind,
                     "name": path.name, "base_model": base_model, "lora": asdict(state.lora),
-                    "step": state.step, "created_time": time.time(), "files": files}
+                    "step": state.step, "created_time": now, "files": files,
+                    "expires_time": None if ttl_seconds is None else now + ttl_seconds,
+                    "user_metadata": dict(user_metadata or {})}
         _crash_point("before_marker")
         (temp / MARKER).write_text(json.dumps(metadata, indent=2))
         _crash_point("after_marker")
         _fsync(temp / MARKER)
         _fsync(temp)
         _crash_point("before_rename")
-        _rename_into_place(temp, folder, path)
+        if overwrite and folder.exists():
+            _exchange(temp, folder)  # temp now holds the old checkpoint
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            _rename_into_place(temp, folder, path)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
     _crash_point("after_rename")
     _fsync(folder.parent)
     return Checkpoint(path, folder, metadata)
+
+
+def set_expiry(checkpoint: Checkpoint, expires_time: float | None) -> Checkpoint:
+    """The checkpoint with its marker's expires_time replaced (None: never expires),
+    written to a hidden file and renamed over the marker, so the marker is always whole."""
+    metadata = {**checkpoint.metadata, "expires_time": expires_time}
+    temp = checkpoint.folder / f"{_TEMP_PREFIX}{MARKER}-{secrets.token_hex(4)}"
+    try:
+        temp.write_text(json.dumps(metadata, indent=2))
+        _fsync(temp)
+        os.replace(temp, checkpoint.folder / MARKER)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync(checkpoint.folder)
+    return Checkpoint(checkpoint.path, checkpoint.folder, metadata)
 
 
 def read(checkpoint: Checkpoint, with_optimizer: bool
@@ -258,11 +302,13 @@ def files(checkpoint: Checkpoint) -> list[pathlib.Path]:
 
 
 def scan(root: pathlib.Path) -> Iterator[Checkpoint]:
-    """Every complete checkpoint under the root (temporary and unmarked folders skipped)."""
+    """Every complete checkpoint under the root, expired ones included (temporary and
+    unmarked folders skipped)."""
     for marker in sorted(root.glob(f"*/*/*/{MARKER}")):
         folder = marker.parent
         try:
-            yield find(root, f"{SCHEME}{folder.parent.parent.name}/{folder.parent.name}/{folder.name}")
+            yield find(root, f"{SCHEME}{folder.parent.parent.name}/{folder.parent.name}/{folder.name}",
+                       include_expired=True)
         except ServiceError:
             continue
 
@@ -297,6 +343,15 @@ def _rename_into_place(temp: pathlib.Path, folder: pathlib.Path, path: Checkpoin
         if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
         raise _exists(path.path) from None
+
+
+def _exchange(new: pathlib.Path, old: pathlib.Path) -> None:
+    """Swaps two folders' names atomically (Linux renameat2 RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old), rename_exchange) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"cannot swap {new} and {old}: {os.strerror(error)}")
 
 
 def verify(checkpoint: Checkpoint, name: str) -> None:

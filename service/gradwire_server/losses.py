@@ -92,6 +92,31 @@ def dro(logprobs: Tensor, inputs: dict[str, Tensor],
     return loss, {"loss:sum": loss.item()}
 
 
+def gspo(logprobs: Tensor, inputs: dict[str, Tensor],
+         config: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071): one importance ratio per sequence,
+    s = exp(mean over the sequence's ratio tokens of (lp - q)), clipped like PPO:
+    -Σ min(s·A, clip(s, lo, hi)·A) over every real token.
+
+    The ratio tokens are those where `sequence_ratio_mask` is 1 (default, and for a datum
+    whose mask is all zero, as padding makes it for a datum sent without one: every real
+    token; pass it to leave out prompt positions, whose q is no sampler logprob).
+    lo/hi = clip_low/high_threshold, defaults 1 - 3e-4 and 1 + 4e-4 (the paper's ranges).
+    clip_fraction:mean is the fraction of datums whose s lies outside [lo, hi]."""
+    lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
+    mask = inputs["mask"]
+    ratio_mask = inputs.get("sequence_ratio_mask", mask) * mask
+    ratio_mask = torch.where(ratio_mask.sum(dim=(1, 2), keepdim=True) > 0, ratio_mask, mask)
+    tokens = ratio_mask.sum(dim=(1, 2), keepdim=True)                        # [B, 1, 1]
+    sequence_ratio = torch.exp(((logprobs - inputs["logprobs"]) * ratio_mask).sum(
+        dim=(1, 2), keepdim=True) / tokens)                                   # [B, 1, 1]
+    advantages = inputs["advantages"]
+    objective = torch.minimum(sequence_ratio * advantages, sequence_ratio.clamp(lo, hi) * advantages)
+    loss = -(objective * mask).sum()
+    clipped = ((sequence_ratio < lo) | (sequence_ratio > hi)).float()
+    return loss, {"loss:sum": loss.item(), "clip_fraction:mean": clipped.mean().item()}
+
+
 def _clip_fraction(ratio: Tensor, mask: Tensor, lo: float, hi: float) -> float:
     """Mean over datums of each datum's fraction of real tokens with r outside [lo, hi]
     (a datum mean, so merge_metrics combines micro-batches exactly)."""
@@ -123,6 +148,20 @@ LOSSES: dict[str, LossSpec] = {
                     config_defaults={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
     "cispo": LossSpec(cispo, _RL_INPUTS, multi_target=False, check_config=_clip_range,
                       config_defaults={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),
+    "gspo": LossSpec(gspo, _RL_INPUTS, frozenset({"sequence_ratio_mask"}), multi_target=False,
+                     check_config=_clip_range,
+                     config_defaults={"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4}),
     "dro": LossSpec(dro, _RL_INPUTS, multi_target=False, required_config=frozenset({"beta"}),
                     check_config=_beta_range),
+}
+
+# Losses of the hosted Tinker service that gradwire does not train, with the reason
+# the error gives: a guessed formula would silently train differently.
+UNAVAILABLE_LOSSES: dict[str, str] = {
+    "stable_reinforce": "it is the hosted service's loss (tinker-cookbook's RL default) and Tinker "
+                        "has not published its formula, so gradwire cannot reproduce it exactly; "
+                        "pass loss_fn='importance_sampling' (or 'ppo', 'cispo', 'gspo'), or write "
+                        "the loss with forward_backward_custom",
+    "custom": "it names the hosted service's uploaded losses (create_custom_loss), which gradwire does not "
+              "implement; forward_backward_custom trains any loss written in PyTorch",
 }

@@ -7,6 +7,7 @@ benchmarks at scales whose weights are better never written to disk."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2T
 TINY_RANDOM = "tiny-random"
 SMOLLM2_135M = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOAD_FORMATS = ("auto", "dummy")
 # Config keys of models that transform logits after the unembedding (Gemma 2, Cohere, Granite).
@@ -37,6 +39,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     max_context_length: int
+    aliases: tuple[str, ...] = ()  # other names it answers to (its Hugging Face hub id)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,7 +79,28 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = tor
     model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     context = getattr(model.config, "max_position_embeddings", None) or 2048
-    return LoadedModel(name_or_path, model, tokenizer, int(context))
+    return LoadedModel(name_or_path, model, tokenizer, int(context), hub_aliases(name_or_path))
+
+
+def hub_aliases(name_or_path: str) -> tuple[str, ...]:
+    """The Hugging Face hub id a served model also answers to, as users write it:
+    smollm2-135m's; for a local folder, the `_name_or_path` its config.json records
+    (when that is a hub id, not a path), else the id in a hub-cache folder's name
+    (.../models--Org--Name/snapshots/<rev>)."""
+    if name_or_path == SMOLLM2_135M:
+        return (_SMOLLM2_HUB_ID,)
+    folder = pathlib.Path(name_or_path)
+    if not folder.is_dir():
+        return ()
+    try:
+        recorded = json.loads((folder / "config.json").read_text()).get("_name_or_path") or ""
+    except (OSError, ValueError):
+        recorded = ""
+    if recorded and recorded != name_or_path and not pathlib.Path(recorded).is_absolute() \
+            and not pathlib.Path(recorded).exists():
+        return (recorded,)
+    cached = [part for part in folder.resolve().parts if part.startswith("models--")]
+    return (cached[-1].removeprefix("models--").replace("--", "/"),) if cached else ()
 
 
 def preset_configs() -> dict[str, PretrainedConfig]:

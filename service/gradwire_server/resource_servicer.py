@@ -82,6 +82,20 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
         except ServiceError as error:
             await abort(context, error)
 
+    async def SetCheckpointTtl(self, request, context):
+        try:
+            if self.scheduler is None:
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading", "LOADING")
+            checkpoints.parse_path(request.path)
+            ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+            if ttl is not None and ttl < 1:
+                raise invalid_argument([FieldViolation("ttl_seconds", f"must be >= 1, got {ttl}")])
+            record = await self.scheduler.run_on_worker("set_checkpoint_ttl", lambda: checkpoint_ops.set_ttl(
+                self.checkpoint_root, self.index, request.path, ttl))
+            return _checkpoint(record)
+        except ServiceError as error:
+            await abort(context, error)
+
     async def DownloadCheckpoint(self, request, context):
         try:
             checkpoint = await asyncio.to_thread(checkpoints.find, self.checkpoint_root, request.path)
@@ -129,9 +143,12 @@ def _open(file: pathlib.Path) -> tuple[BinaryIO, int]:
 
 
 def _checkpoint(record: CheckpointRecord) -> rpb.Checkpoint:
-    return rpb.Checkpoint(checkpoint_id=record.checkpoint_id, checkpoint_type=record.checkpoint_type,
-                          time=_timestamp(record.created_time), path=record.path,
-                          size_bytes=record.size_bytes, training_run_id=record.run_id)
+    message = rpb.Checkpoint(checkpoint_id=record.checkpoint_id, checkpoint_type=record.checkpoint_type,
+                             time=_timestamp(record.created_time), path=record.path,
+                             size_bytes=record.size_bytes, training_run_id=record.run_id)
+    if record.expires_time is not None:
+        message.expires_at.CopyFrom(_timestamp(record.expires_time))
+    return message
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:

@@ -23,7 +23,7 @@ from gradwire_server.batch import LoraSettings
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: checkpoints.expires_time
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS training_runs (
     run_id            TEXT PRIMARY KEY,
@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     checkpoint_type TEXT NOT NULL CHECK (checkpoint_type IN ('training', 'sampler')),
     name            TEXT NOT NULL,
     created_time    REAL NOT NULL,                 -- unix seconds
-    size_bytes      INTEGER NOT NULL
+    size_bytes      INTEGER NOT NULL,
+    expires_time    REAL                           -- unix seconds when its TTL runs out; NULL: never
 );
 CREATE INDEX IF NOT EXISTS checkpoints_of_run ON checkpoints (run_id, created_time);
 """
@@ -70,6 +71,7 @@ class CheckpointRecord:
     name: str
     created_time: float
     size_bytes: int
+    expires_time: float | None = None
     checkpoint_id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +88,9 @@ class RunIndex:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(checkpoints)")}
+            if "expires_time" not in columns:  # an index written by schema version 1
+                self._db.execute("ALTER TABLE checkpoints ADD COLUMN expires_time REAL")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -135,27 +140,47 @@ class RunIndex:
     def _insert_checkpoint(self, record: CheckpointRecord) -> None:
         self._execute(
             "INSERT OR REPLACE INTO checkpoints (path, run_id, checkpoint_type, name, created_time,"
-            " size_bytes) VALUES (?, ?, ?, ?, ?, ?)",
+            " size_bytes, expires_time) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (record.path, record.run_id, record.checkpoint_type, record.name, record.created_time,
-             record.size_bytes))
+             record.size_bytes, record.expires_time))
+
+    def set_checkpoint_expiry(self, path: str, expires_time: float | None) -> None:
+        self._execute("UPDATE checkpoints SET expires_time = ? WHERE path = ?", (expires_time, path))
+
+    def get_checkpoint(self, path: str) -> CheckpointRecord | None:
+        rows = self._query("SELECT * FROM checkpoints WHERE path = ?", (path,))
+        return _checkpoint(rows[0]) if rows else None
 
     def remove_checkpoint(self, path: str) -> None:
         self._execute("DELETE FROM checkpoints WHERE path = ?", (path,))
 
-    def list_checkpoints(self, run_id: str | None = None, offset: int = 0, limit: int = -1
-                         ) -> list[CheckpointRecord]:
-        """A run's checkpoints (all when run_id is None), oldest first."""
-        where, args = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
+    def list_checkpoints(self, run_id: str | None = None, offset: int = 0, limit: int = -1,
+                         include_expired: bool = False) -> list[CheckpointRecord]:
+        """A run's checkpoints (all when run_id is None), oldest first; those whose TTL
+        ran out only with include_expired."""
+        conditions, args = [], []
+        if run_id is not None:
+            conditions.append("run_id = ?")
+            args.append(run_id)
+        if not include_expired:
+            conditions.append("(expires_time IS NULL OR expires_time > ?)")
+            args.append(time.time())
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         return [_checkpoint(row) for row in self._query(
             f"SELECT * FROM checkpoints {where} ORDER BY created_time, path LIMIT ? OFFSET ?",
             (*args, limit, offset))]
 
+    def expired_checkpoints(self, now: float) -> list[str]:
+        """Paths of the checkpoints whose TTL ran out by `now`."""
+        return [row["path"] for row in self._query(
+            "SELECT path FROM checkpoints WHERE expires_time IS NOT NULL AND expires_time <= ?", (now,))]
+
     def reconcile(self, on_disk: Iterable[CheckpointRecord]) -> None:
         """Makes the checkpoint rows exactly the complete folders found on disk."""
         records = {record.path: record for record in on_disk}
-        for stale in {r.path for r in self.list_checkpoints()} - records.keys():
+        for stale in {r.path for r in self.list_checkpoints(include_expired=True)} - records.keys():
             self.remove_checkpoint(stale)
-        known = {r.path for r in self.list_checkpoints()}
+        known = {r.path for r in self.list_checkpoints(include_expired=True)}
         for path, record in records.items():
             if path not in known:
                 self._insert_checkpoint(record)
@@ -193,4 +218,5 @@ def _run(row: dict) -> RunRecord:
 def _checkpoint(row: dict) -> CheckpointRecord:
     return CheckpointRecord(path=row["path"], run_id=row["run_id"],
                             checkpoint_type=row["checkpoint_type"], name=row["name"],
-                            created_time=row["created_time"], size_bytes=row["size_bytes"])
+                            created_time=row["created_time"], size_bytes=row["size_bytes"],
+                            expires_time=row["expires_time"])

@@ -63,6 +63,8 @@ class SampleSpec:
     settings: SamplingSettings
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0             # k most likely tokens at each generated position
+    prompt_logprobs_last_n: int | None = None  # score only the prompt's last n positions
 
 
 @dataclass
@@ -90,6 +92,7 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
+    topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (ids [k], logprobs [k]) per token
     reported: int = 0
     done_reported: bool = False
     blocks: list[int] = field(default_factory=list)  # KV block table
@@ -151,10 +154,13 @@ class Generation:
         self.reservation -= 1
         return pool.take()
 
-    def record(self, sequence: _Sequence, token: int, logprob: float) -> bool:
-        """Appends a sampled token; returns whether the sequence goes on."""
+    def record(self, sequence: _Sequence, token: int, logprob: float,
+               top: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
+        """Appends a sampled token (and its top-k row); returns whether the sequence goes on."""
         sequence.tokens.append(token)
         sequence.logprobs.append(logprob)
+        if top is not None:
+            sequence.topk.append(top)
         if token in self.settings.stop_tokens or self._hit_stop_string(sequence.tokens):
             sequence.stop_reason = "stop"
         elif len(sequence.tokens) >= self.settings.max_tokens:
@@ -360,10 +366,11 @@ class DecodeLoop:
         """Picks every row's next token; finished rows leave; the rest are fed through the model."""
         tokens, logprobs = choose_tokens(self._logits, [g.settings for g, _ in self._rows],
                                          [s.generator for _, s in self._rows])
+        tops = _top_logprobs(self._logits, [g.spec.topk_sample_logprobs for g, _ in self._rows])
         keep = []
-        for i, ((generation, sequence), token, logprob) in enumerate(
-                zip(self._rows, tokens.tolist(), logprobs.tolist())):
-            if generation.record(sequence, token, logprob):
+        for i, ((generation, sequence), token, logprob, top) in enumerate(
+                zip(self._rows, tokens.tolist(), logprobs.tolist(), tops)):
+            if generation.record(sequence, token, logprob, top):
                 keep.append(i)
             else:
                 generation.release_sequence(self.pool, sequence)
@@ -456,6 +463,17 @@ def choose_tokens(logits: torch.Tensor, settings: list[SamplingSettings], genera
     return chosen, logprobs.gather(-1, chosen[:, None])[:, 0]
 
 
+def _top_logprobs(logits: torch.Tensor, ks: list[int]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per row of logits [B, V], its ks[row] most likely tokens and their unscaled
+    logprobs (ids [k], logprobs [k]); None for a row whose k is 0."""
+    k = min(max(ks), logits.shape[-1])
+    if k <= 0:
+        return [None] * len(ks)
+    top = torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1)
+    ids, values = top.indices.cpu().numpy().astype(np.int32), top.values.cpu().numpy()
+    return [(ids[row, :n], values[row, :n]) if n > 0 else None for row, n in enumerate(ks)]
+
+
 def _nucleus(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Masks all but each row's most likely tokens whose probabilities first reach
     its top_p [B] (the most likely token always stays; a top_p of 2 masks nothing)."""
@@ -481,4 +499,10 @@ def _prompt_scores(logits: torch.Tensor, prompt: torch.Tensor, spec: SampleSpec)
         ids[1:] = top.indices.cpu().numpy()
         values[1:] = top.values.cpu().numpy()
         scores.topk_ids, scores.topk_logprobs = ids, values
+    if spec.prompt_logprobs_last_n is not None:  # positions before the last n are not scored
+        hidden = max(len(prompt) - spec.prompt_logprobs_last_n, 0)
+        if scores.logprobs is not None:
+            scores.logprobs[:hidden] = np.nan
+        if scores.topk_ids is not None:
+            scores.topk_ids[:hidden], scores.topk_logprobs[:hidden] = 0, TOPK_MASK_LOGPROB
     return scores

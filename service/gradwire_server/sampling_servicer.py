@@ -6,13 +6,15 @@ import pathlib
 from collections.abc import Callable
 
 
+from google.protobuf import empty_pb2
+
 from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
 from gradwire_server import sampling_validation
 from gradwire_server.engine import Engine
-from gradwire_server.errors import ServiceError, abort, abort_with_status
+from gradwire_server.errors import FieldViolation, ServiceError, abort, abort_with_status, invalid_argument
 from gradwire_server.operations import OperationStore
 from gradwire_server.sampler import DecodeLoop, SampleSpec
-from gradwire_server.sampler_weights import SamplerAdapters
+from gradwire_server.sampler_weights import SamplerAdapters, is_ephemeral_path
 from gradwire_server.sampling_task import SampleTask
 from gradwire_server.scheduler import Scheduler
 from gradwire_server.training_servicer import ModelInfo, loaded
@@ -78,6 +80,21 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         if record.operation.HasField("error"):
             await abort_with_status(context, record.operation.error)
 
+    async def ReleaseSamplerWeights(self, request, context):
+        try:
+            self._ready()
+            if not is_ephemeral_path(request.model_path):
+                raise invalid_argument([FieldViolation(
+                    "model_path", f"{request.model_path!r} is no ephemeral snapshot path "
+                                  "(gradwire://<run_id>/ephemeral/<id>); delete checkpoints with "
+                                  "ResourceService.DeleteCheckpoint")])
+            adapters = self.adapters
+            await self.scheduler.run_on_worker("release-sampler-weights",
+                                               lambda: adapters.release(request.model_path))
+            return empty_pb2.Empty()
+        except ServiceError as error:
+            await abort(context, error)
+
     def _submit(self, request, kind: str, validate: Callable[[ModelInfo], SampleSpec], stream: bool = False):
         """The operation of a retried request_id, or a new one for a valid request."""
         info = self._ready()
@@ -87,7 +104,10 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
                 return self.store.get(existing)
             except ServiceError:
                 del self._operation_of_request[request.request_id]  # expired or deleted: a new request
-        checkpoint = sampling_validation.weights_checkpoint(request, info.name, self.checkpoint_root)
+        if request.WhichOneof("model") == "model_path" and is_ephemeral_path(request.model_path):
+            checkpoint = self.adapters.snapshot(request.model_path)
+        else:
+            checkpoint = sampling_validation.weights_checkpoint(request, info.names, self.checkpoint_root)
         spec = validate(info)
         task = SampleTask(self.loop, self.adapters, checkpoint, spec, self.engine.base.tokenizer.decode,
                           stream=stream)

@@ -10,6 +10,9 @@ streaming task sends it as an operation output) and finishes the task once
 its generation is done."""
 from __future__ import annotations
 
+import secrets
+
+import numpy as np
 from google.protobuf import message
 
 from gradwire.v1 import codec
@@ -17,17 +20,17 @@ from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire_server.checkpoints import Checkpoint
 from gradwire_server.errors import FieldViolation, ServiceError, invalid_argument
 from gradwire_server.sampler import DecodeLoop, Generation, KvBudgetError, SampleSpec, SequenceNews
-from gradwire_server.sampler_weights import AdapterLoadError, SamplerAdapters
+from gradwire_server.sampler_weights import AdapterLoadError, SamplerAdapters, WeightsSnapshot
 from gradwire_server.scheduler import Step
 
 STOP_REASONS = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
 
 
 class SampleTask:
-    """`checkpoint`: a sampler checkpoint, None for the base model. With `stream`,
+    """`checkpoint`: a sampler checkpoint or ephemeral snapshot, None for the base model. With `stream`,
     every turn with news reports a SampleStreamResponse as an operation output."""
 
-    def __init__(self, loop: DecodeLoop, adapters: SamplerAdapters, checkpoint: Checkpoint | None,
+    def __init__(self, loop: DecodeLoop, adapters: SamplerAdapters, checkpoint: Checkpoint | WeightsSnapshot | None,
                  spec: SampleSpec, decode_text, stream: bool = False):
         self.loop, self.adapters, self.checkpoint = loop, adapters, checkpoint
         self.spec, self.decode_text, self.stream = spec, decode_text, stream
@@ -78,10 +81,12 @@ class SampleTask:
         scores = self._generation.scores
         if self.spec.num_samples == 0:
             return pb.ComputeLogprobsResponse(logprobs=codec.pack_float32(scores.logprobs))
+        request_id = secrets.token_hex(8)  # sequence ids: unique across requests and restarts
         response = pb.SampleResponse(sequences=[
             pb.SampledSequence(stop_reason=STOP_REASONS[s.stop_reason], tokens=codec.pack_int32(s.tokens),
-                               logprobs=codec.pack_float32(s.logprobs))
-            for s in self._generation.sequences])
+                               logprobs=codec.pack_float32(s.logprobs), sequence_id=f"{request_id}-{i}",
+                               topk_logprobs=_topk_rows(s.topk) if s.topk else None)
+            for i, s in enumerate(self._generation.sequences)])
         self._add_scores(response)
         return response
 
@@ -106,6 +111,13 @@ class SampleTask:
             out.topk_prompt_logprobs.CopyFrom(pb.TopkPromptLogprobs(
                 token_ids=codec.pack_int32(scores.topk_ids), logprobs=codec.pack_float32(scores.topk_logprobs),
                 k=k, prompt_length=length))
+
+
+def _topk_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> pb.TopkSampleLogprobs:
+    """A sequence's per-token top-k (ids, logprobs) rows as one dense message."""
+    return pb.TopkSampleLogprobs(token_ids=codec.pack_int32(np.stack([ids for ids, _ in rows])),
+                                 logprobs=codec.pack_float32(np.stack([lps for _, lps in rows])),
+                                 k=len(rows[0][0]))
 
 
 def _service_error(error: Exception) -> Exception:

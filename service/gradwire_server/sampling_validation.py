@@ -46,17 +46,19 @@ def sampler_checkpoint(checkpoint_root: pathlib.Path, model_path: str, served_mo
     return checkpoint
 
 
-def weights_checkpoint(request: pb.SampleRequest | pb.ComputeLogprobsRequest, served_model: str,
+def weights_checkpoint(request: pb.SampleRequest | pb.ComputeLogprobsRequest, served_names: tuple[str, ...],
                        checkpoint_root: pathlib.Path) -> checkpoints.Checkpoint | None:
-    """The sampler checkpoint the request names, or None for the base model."""
+    """The sampler checkpoint the request names, or None for the base model.
+    served_names: the served model's name, then its aliases."""
     which = request.WhichOneof("model")
     if which is None:
         raise invalid_argument([FieldViolation("model", "set model_path or base_model")])
     if which == "base_model":
-        if request.base_model != served_model:
-            raise not_found("base_model", f"{request.base_model} (this server serves {served_model!r})")
+        if request.base_model not in served_names:
+            raise not_found("base_model", f"{request.base_model} (this server serves "
+                                          f"{' = '.join(map(repr, served_names))})")
         return None
-    return sampler_checkpoint(checkpoint_root, request.model_path, served_model)
+    return sampler_checkpoint(checkpoint_root, request.model_path, served_names[0])
 
 
 def sample_spec(request: pb.SampleRequest, vocab_size: int, max_context: int, stream: bool = False
@@ -77,9 +79,17 @@ def sample_spec(request: pb.SampleRequest, vocab_size: int, max_context: int, st
     if not 0 <= k <= MAX_TOPK_PROMPT_LOGPROBS:
         violations.append(FieldViolation("topk_prompt_logprobs",
                                          f"must be in [0, {MAX_TOPK_PROMPT_LOGPROBS}], got {k}"))
+    top = request.topk_sample_logprobs
+    if not 0 <= top <= MAX_TOPK_PROMPT_LOGPROBS:
+        violations.append(FieldViolation("topk_sample_logprobs",
+                                         f"must be in [0, {MAX_TOPK_PROMPT_LOGPROBS}], got {top}"))
+    elif top and stream:
+        violations.append(FieldViolation("topk_sample_logprobs",
+                                         "is not supported by SampleStream; use Sample"))
+    last_n = _last_n(request, violations)
     prompt_score_bytes = prompt.size * (4 * request.include_prompt_logprobs + 8 * k)
-    response_bytes = num_samples * settings.max_tokens * _BYTES_PER_SAMPLED_TOKEN + prompt_score_bytes \
-        if not violations else 0
+    response_bytes = num_samples * settings.max_tokens * (_BYTES_PER_SAMPLED_TOKEN + 8 * top) \
+        + prompt_score_bytes if not violations else 0
     if (prompt_score_bytes if stream else response_bytes) > MAX_RESPONSE_BYTES:
         violations.append(FieldViolation(
             "num_samples", f"{num_samples} samples of up to {settings.max_tokens} tokens and the prompt's "
@@ -87,7 +97,7 @@ def sample_spec(request: pb.SampleRequest, vocab_size: int, max_context: int, st
                            "samples, a smaller max_tokens, fewer prompt scores, or use SampleStream"))
     if violations:
         raise invalid_argument(violations)
-    return SampleSpec(prompt, num_samples, settings, request.include_prompt_logprobs, k)
+    return SampleSpec(prompt, num_samples, settings, request.include_prompt_logprobs, k, top, last_n)
 
 
 def logprobs_spec(request: pb.ComputeLogprobsRequest, vocab_size: int, max_context: int) -> SampleSpec:
@@ -97,9 +107,21 @@ def logprobs_spec(request: pb.ComputeLogprobsRequest, vocab_size: int, max_conte
     if prompt.size > max_context:
         violations.append(FieldViolation(
             "prompt", f"{prompt.size} tokens exceed the model's context of {max_context}"))
+    last_n = _last_n(request, violations)
     if violations:
         raise invalid_argument(violations)
-    return SampleSpec(prompt, 0, SamplingSettings(max_tokens=0, seed=0), prompt_logprobs=True)
+    return SampleSpec(prompt, 0, SamplingSettings(max_tokens=0, seed=0), prompt_logprobs=True,
+                      prompt_logprobs_last_n=last_n)
+
+
+def _last_n(request: pb.SampleRequest | pb.ComputeLogprobsRequest,
+            violations: list[FieldViolation]) -> int | None:
+    if not request.HasField("prompt_logprobs_last_n"):
+        return None
+    if request.prompt_logprobs_last_n < 1:
+        violations.append(FieldViolation("prompt_logprobs_last_n",
+                                         f"must be >= 1, got {request.prompt_logprobs_last_n}"))
+    return request.prompt_logprobs_last_n
 
 
 def _prompt(chunks: Sequence, vocab_size: int, violations: list[FieldViolation]) -> np.ndarray:

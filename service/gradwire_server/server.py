@@ -11,6 +11,7 @@ import pathlib
 import signal
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -24,7 +25,7 @@ from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire.v1 import sampling_service_pb2, sampling_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-from gradwire_server import checkpoints
+from gradwire_server import checkpoint_ops, checkpoints
 from gradwire_server.engine import KEEP_GRAPH_TIMEOUT_S, Engine
 from gradwire_server.kv_cache import BlockPool
 from gradwire_server.malformed import MalformedRequestGuard
@@ -74,6 +75,8 @@ class ServerConfig:
     load_format: str = "auto"    # "dummy": random weights from a config (see models.py)
     # The sampler's KV cache budget; None: DEFAULT_CPU_KV_CACHE_MB on CPU, a share of free memory on CUDA.
     kv_cache_mb: float | None = None
+    # How often checkpoints whose TTL ran out are deleted.
+    checkpoint_expiry_interval_s: float = 60.0
 
 
 class GradwireServer:
@@ -137,14 +140,15 @@ class GradwireServer:
         self.scheduler = Scheduler(self.store, asyncio.get_running_loop(), self.config.seq_gap_timeout_s)
         self.scheduler.start()
         info = _model_info(loaded, device, plan)
-        self.training.attach(self.engine, self.scheduler, info)
         adapters = SamplerAdapters(self.engine)
+        self.training.attach(self.engine, self.scheduler, info, adapters)
         decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights)
         self.sampling.attach(self.engine, self.scheduler, info, adapters, decode_loop)
         self.training.kv_cache_usage = decode_loop.usage
         self.resources.attach(self.scheduler)
         self._expiry = [asyncio.create_task(self._expire_operations()),
-                        asyncio.create_task(self._expire_kept_graphs())]
+                        asyncio.create_task(self._expire_kept_graphs()),
+                        asyncio.create_task(self._expire_checkpoints())]
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("gradwire-server listening on %s:%d", self.config.host, self.port)
 
@@ -171,6 +175,21 @@ class GradwireServer:
             await asyncio.sleep(min(_EXPIRY_INTERVAL_S, max(self.config.operation_ttl_s, 0.1)))
             self.store.expire()
 
+    async def _expire_checkpoints(self) -> None:
+        """Deletes checkpoints whose TTL ran out (on the worker, between saves and loads)."""
+        while True:
+            await asyncio.sleep(self.config.checkpoint_expiry_interval_s)
+            await self.expire_checkpoints()
+
+    async def expire_checkpoints(self) -> list[str]:
+        """One sweep now: deletes the checkpoints whose TTL ran out; returns their paths."""
+        now = time.time()
+        deleted = await self.scheduler.run_on_worker("expire-checkpoints", lambda: checkpoint_ops.delete_expired(
+            self.checkpoint_root, self.index, now))
+        for path in deleted:
+            log.info("deleted expired checkpoint %s", path)
+        return deleted
+
     async def _expire_kept_graphs(self) -> None:
         """Frees forward graphs whose backward leg never came (the client went away)."""
         while True:
@@ -192,7 +211,7 @@ def _model_info(loaded: LoadedModel, device: torch.device, plan: MemoryPlan) -> 
         files = {path.name: path.read_bytes() for path in pathlib.Path(folder).iterdir() if path.is_file()}
     return ModelInfo(name=loaded.name, architecture=type(loaded.model).__name__,
                      vocab_size=loaded.vocab_size, max_context_length=loaded.max_context_length,
-                     device=device.type, tokenizer_files=files,
+                     device=device.type, tokenizer_files=files, aliases=loaded.aliases,
                      dtype=str(loaded.dtype).removeprefix("torch."), memory=plan)
 
 
@@ -231,6 +250,10 @@ class BackgroundServer:
         async def run():
             return await self.server.scheduler.run_on_worker("call", lambda: fn(*args))
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    def expire_checkpoints(self) -> list[str]:
+        """Runs one sweep of expired checkpoints now; returns the paths deleted."""
+        return asyncio.run_coroutine_threadsafe(self.server.expire_checkpoints(), self._loop).result()
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(grace_s=1.0), self._loop).result()

@@ -27,6 +27,7 @@ from gradwire_server.losses import LOSSES
 from gradwire_server.memory import MemoryPlan
 from gradwire_server.operations import OperationRecord, OperationStore
 from gradwire_server.run_index import RunIndex, record_change
+from gradwire_server.sampler_weights import SamplerAdapters
 from gradwire_server.scheduler import OneShot, Scheduler
 
 T = TypeVar("T")
@@ -45,6 +46,12 @@ class ModelInfo:
     tokenizer_files: dict[str, bytes]
     dtype: str
     memory: MemoryPlan
+    aliases: tuple[str, ...] = ()  # other names of the model (its Hugging Face hub id)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name the served model answers to, its own first."""
+        return (self.name, *self.aliases)
 
 
 def loaded(info: ModelInfo | None) -> ModelInfo:
@@ -66,14 +73,15 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         self.info: ModelInfo | None = None
         self.ops: CheckpointOps | None = None
         self.kv_cache_usage: Callable[[], object] | None = None  # the sampler's (a dataclass), once loaded
+        self.adapters: SamplerAdapters | None = None
         # request_id -> the creation it started (a retry awaits the same one), newest last.
         self._creations: OrderedDict[str, asyncio.Future] = OrderedDict()
         # Checkpoint path -> the operation of a save of it admitted in this process.
         self._saves: dict[str, str] = {}
 
-    def attach(self, engine: Engine, scheduler: Scheduler, info: ModelInfo) -> None:
+    def attach(self, engine: Engine, scheduler: Scheduler, info: ModelInfo, adapters: SamplerAdapters) -> None:
         """Called once the model is loaded; until then every call is UNAVAILABLE."""
-        self.engine, self.scheduler, self.info = engine, scheduler, info
+        self.engine, self.scheduler, self.info, self.adapters = engine, scheduler, info, adapters
         self.ops = CheckpointOps(engine, self.checkpoint_root, self.index, info.name)
 
     async def GetServerCapabilities(self, request, context):
@@ -82,9 +90,9 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         except ServiceError as error:
             await abort(context, error)
         return pb.GetServerCapabilitiesResponse(
-            supported_models=[pb.SupportedModel(model_name=info.name,
+            supported_models=[pb.SupportedModel(model_name=name,
                                                 max_context_length=info.max_context_length,
-                                                vocab_size=info.vocab_size)],
+                                                vocab_size=info.vocab_size) for name in info.names],
             loss_fns=sorted(LOSSES), device=info.device, dtype=info.dtype,
             limits=pb.ServerLimits(max_message_bytes=self.max_message_bytes,
                                    max_lora_rank=validation.MAX_LORA_RANK,
@@ -99,9 +107,10 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     async def CreateModel(self, request, context):
         try:
             info = self._ready()
-            if request.base_model != info.name:
+            if request.base_model not in info.names:
                 raise invalid_argument([FieldViolation(
-                    "base_model", f"this server serves {info.name!r}, not {cut(request.base_model)!r}")])
+                    "base_model", f"this server serves {' = '.join(map(repr, info.names))}, "
+                                  f"not {cut(request.base_model)!r}")])
             lora = validation.lora_settings(request.lora_config)
             engine, index, user_metadata = self.engine, self.index, dict(request.user_metadata)
 
@@ -135,7 +144,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     async def GetTokenizer(self, request, context):
         try:
             info = self._ready()
-            if request.base_model not in ("", info.name):
+            if request.base_model not in ("", *info.names):
                 raise not_found("base model", request.base_model)
             return pb.GetTokenizerResponse(files=info.tokenizer_files)
         except ServiceError as error:
@@ -164,11 +173,23 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     # ---- checkpoints and unloading (ordered like training requests) -----------------
 
     async def SaveWeights(self, request, context):
-        return await self._save_rpc(request, context, "weights", "SaveWeights", pb.SaveWeightsResponse)
+        return await self._save_rpc(request, context, "weights", "SaveWeights", pb.SaveWeightsResponse,
+                                    request.overwrite)
 
     async def SaveWeightsForSampler(self, request, context):
+        if request.ephemeral:
+            return await self._snapshot_rpc(request, context)
         return await self._save_rpc(request, context, "sampler_weights", "SaveWeightsForSampler",
                                     pb.SaveWeightsForSamplerResponse)
+
+    async def _snapshot_rpc(self, request, context):
+        """An in-memory snapshot of the run's adapter for sampling, in the run's order."""
+        adapters, model_id = self.adapters, request.model_id
+
+        def snapshot(_) -> pb.SaveWeightsForSamplerResponse:
+            return pb.SaveWeightsForSamplerResponse(path=adapters.add_snapshot(model_id))
+
+        return await self._one_shot_rpc(request, context, "SaveWeightsForSampler", lambda: None, snapshot)
 
     async def LoadWeights(self, request, context):
         ops, model_id, path, optimizer = self.ops, request.model_id, request.path, request.optimizer
@@ -205,19 +226,22 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
         return await self._one_shot_rpc(request, context, "UnloadModel", lambda: None, unload)
 
-    async def _save_rpc(self, request, context, kind: str, label: str, response_type):
+    async def _save_rpc(self, request, context, kind: str, label: str, response_type, overwrite: bool = False):
         ops = self.ops
+        ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+        user_metadata = dict(request.user_metadata)
 
         def save(path: checkpoints.CheckpointPath):
-            ops.save(path)  # checks the name again: the folder may have appeared since
+            # checks the name again (unless overwriting): the folder may have appeared since
+            ops.save(path, ttl, overwrite, user_metadata)
             return response_type(path=path.path)
 
         def remember(path: checkpoints.CheckpointPath, operation: str) -> None:
             self._saves[path.path] = operation
 
         return await self._one_shot_rpc(
-            request, context, label, lambda: self._new_checkpoint(request.model_id, kind, request.name),
-            save, remember)
+            request, context, label,
+            lambda: self._new_checkpoint(request.model_id, kind, request.name, ttl, overwrite), save, remember)
 
     async def _one_shot_rpc(self, request, context, kind: str, validate: Callable[[], T],
                             work: Callable[[T], Message],
@@ -236,12 +260,18 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         except ServiceError as error:
             await abort(context, error)
 
-    def _new_checkpoint(self, model_id: str, kind: str, name: str) -> checkpoints.CheckpointPath:
-        """The path a save will write: ALREADY_EXISTS at admission if the name is taken on
-        disk or by a save admitted before it that has not finished. The error is then the
-        RPC's own (its seq_id is used up, as for any rejected request) instead of a failed
-        operation that aborts the requests already queued on the worker behind it."""
+    def _new_checkpoint(self, model_id: str, kind: str, name: str, ttl_seconds: int | None,
+                        overwrite: bool) -> checkpoints.CheckpointPath:
+        """The path a save will write: ALREADY_EXISTS at admission (unless overwriting) if
+        the name is taken on disk or by a save admitted before it that has not finished.
+        The error is then the RPC's own (its seq_id is used up, as for any rejected
+        request) instead of a failed operation that aborts the requests already queued on
+        the worker behind it."""
         path = checkpoints.CheckpointPath(model_id, kind, checkpoints.validate_name(name))
+        if ttl_seconds is not None and ttl_seconds < 1:
+            raise invalid_argument([FieldViolation("ttl_seconds", f"must be >= 1, got {ttl_seconds}")])
+        if overwrite:
+            return path  # saves of one run run in order: the last one's weights stay
         checkpoints.check_new(self.checkpoint_root, path)
         for saving, operation in list(self._saves.items()):  # forget finished saves
             if self._finished(operation):

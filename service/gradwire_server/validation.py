@@ -12,7 +12,7 @@ from gradwire.v1 import codec
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings, LossRequest
 from gradwire_server.errors import FieldViolation, invalid_argument
-from gradwire_server.losses import LOSSES
+from gradwire_server.losses import LOSSES, UNAVAILABLE_LOSSES
 from gradwire_server.scheduler import MAX_SEQ_ID
 
 MAX_LORA_RANK = 256
@@ -59,6 +59,9 @@ def data_batch(datums: Sequence, loss_fn: str, vocab_size: int, max_context: int
 
 def _loss_violations(loss_fn: str, config: Mapping[str, float]) -> list[FieldViolation]:
     spec = LOSSES.get(loss_fn)
+    if loss_fn in UNAVAILABLE_LOSSES:
+        return [FieldViolation("loss_fn", f"{loss_fn!r} is not available on gradwire: "
+                                          f"{UNAVAILABLE_LOSSES[loss_fn]}")]
     if spec is None:
         return [FieldViolation("loss_fn", f"unknown loss {loss_fn!r}; built-in losses: {sorted(LOSSES)}")]
     violations = []

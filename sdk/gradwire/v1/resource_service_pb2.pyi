@@ -112,6 +112,14 @@ class DeleteCheckpointRequest(_message.Message):
     path: str
     def __init__(self, path: _Optional[str] = ...) -> None: ...
 
+class SetCheckpointTtlRequest(_message.Message):
+    __slots__ = ("path", "ttl_seconds")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    ttl_seconds: int
+    def __init__(self, path: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
 class DownloadCheckpointRequest(_message.Message):
     __slots__ = ("path",)
     PATH_FIELD_NUMBER: _ClassVar[int]

@@ -56,6 +56,11 @@ class ResourceServiceStub:
                 request_serializer=gradwire_dot_v1_dot_resource__service__pb2.DeleteCheckpointRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.SetCheckpointTtl = channel.unary_unary(
+                '/gradwire.v1.ResourceService/SetCheckpointTtl',
+                request_serializer=gradwire_dot_v1_dot_resource__service__pb2.SetCheckpointTtlRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_resource__service__pb2.Checkpoint.FromString,
+                _registered_method=True)
         self.DownloadCheckpoint = channel.unary_stream(
                 '/gradwire.v1.ResourceService/DownloadCheckpoint',
                 request_serializer=gradwire_dot_v1_dot_resource__service__pb2.DownloadCheckpointRequest.SerializeToString,
@@ -95,6 +100,13 @@ class ResourceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCheckpointTtl(self, request, context):
+        """Sets or removes a checkpoint's TTL; returns the checkpoint as now listed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DownloadCheckpoint(self, request, context):
         """Streams a checkpoint's files in chunks of at most 2 MiB of data, file
         after file (gradwire_checkpoint.json last); a file's chunks come in order.
@@ -125,6 +137,11 @@ def add_ResourceServiceServicer_to_server(servicer, server):
                     servicer.DeleteCheckpoint,
                     request_deserializer=gradwire_dot_v1_dot_resource__service__pb2.DeleteCheckpointRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'SetCheckpointTtl': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCheckpointTtl,
+                    request_deserializer=gradwire_dot_v1_dot_resource__service__pb2.SetCheckpointTtlRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_resource__service__pb2.Checkpoint.SerializeToString,
             ),
             'DownloadCheckpoint': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadCheckpoint,
@@ -241,6 +258,33 @@ class ResourceService:
             '/gradwire.v1.ResourceService/DeleteCheckpoint',
             gradwire_dot_v1_dot_resource__service__pb2.DeleteCheckpointRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCheckpointTtl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.ResourceService/SetCheckpointTtl',
+            gradwire_dot_v1_dot_resource__service__pb2.SetCheckpointTtlRequest.SerializeToString,
+            gradwire_dot_v1_dot_resource__service__pb2.Checkpoint.FromString,
             options,
             channel_credentials,
             insecure,

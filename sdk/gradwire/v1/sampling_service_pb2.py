@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from gradwire.v1 import datum_pb2 as gradwire_dot_v1_dot_datum__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gradwire/v1/sampling_service.proto\x12\x0bgradwire.v1\x1a#google/longrunning/operations.proto\x1a\x17gradwire/v1/datum.proto\"\x1e\n\x0bStopStrings\x12\x0f\n\x07strings\x18\x01 \x03(\t\"\x1c\n\nStopTokens\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"\xa1\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12-\n\tstop_strs\x18\x06 \x01(\x0b\x32\x18.gradwire.v1.StopStringsH\x00\x12.\n\x0bstop_tokens\x18\x07 \x01(\x0b\x32\x17.gradwire.v1.StopTokensH\x00\x42\x06\n\x04stopB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_p\"\x9b\x02\n\rSampleRequest\x12\x14\n\nmodel_path\x18\x01 \x01(\tH\x00\x12\x14\n\nbase_model\x18\x02 \x01(\tH\x00\x12\"\n\x06prompt\x18\x03 \x03(\x0b\x32\x12.gradwire.v1.Chunk\x12\x18\n\x0bnum_samples\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x34\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1b.gradwire.v1.SamplingParams\x12\x1f\n\x17include_prompt_logprobs\x18\x06 \x01(\x08\x12\x1c\n\x14topk_prompt_logprobs\x18\x07 \x01(\x05\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x07\n\x05modelB\x0e\n\x0c_num_samples\"[\n\x12TopkPromptLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x01(\x0c\x12\x10\n\x08logprobs\x18\x02 \x01(\x0c\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x15\n\rprompt_length\x18\x04 \x01(\x05\"s\n\x0fSampledSequence\x12,\n\x0bstop_reason\x18\x01 \x01(\x0e\x32\x17.gradwire.v1.StopReason\x12\x0e\n\x06tokens\x18\x02 \x01(\x0c\x12\x15\n\x08logprobs\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x42\x0b\n\t_logprobs\"\xf1\x01\n\x0eSampleResponse\x12/\n\tsequences\x18\x01 \x03(\x0b\x32\x1c.gradwire.v1.SampledSequence\x12\x1c\n\x0fprompt_logprobs\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12\x42\n\x14topk_prompt_logprobs\x18\x03 \x01(\x0b\x32\x1f.gradwire.v1.TopkPromptLogprobsH\x01\x88\x01\x01\x12\x1f\n\x17prompt_cache_hit_tokens\x18\x04 \x01(\x05\x42\x12\n\x10_prompt_logprobsB\x17\n\x15_topk_prompt_logprobs\"\x85\x01\n\rSampledTokens\x12\x16\n\x0esequence_index\x18\x01 \x01(\x05\x12\x0e\n\x06tokens\x18\x02 \x01(\x0c\x12\x10\n\x08logprobs\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12,\n\x0bstop_reason\x18\x05 \x01(\x0e\x32\x17.gradwire.v1.StopReason\"\xd2\x01\n\x14SampleStreamResponse\x12+\n\x07samples\x18\x01 \x03(\x0b\x32\x1a.gradwire.v1.SampledTokens\x12\x1c\n\x0fprompt_logprobs\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12\x42\n\x14topk_prompt_logprobs\x18\x03 \x01(\x0b\x32\x1f.gradwire.v1.TopkPromptLogprobsH\x01\x88\x01\x01\x42\x12\n\x10_prompt_logprobsB\x17\n\x15_topk_prompt_logprobs\"\x85\x01\n\x16\x43omputeLogprobsRequest\x12\x14\n\nmodel_path\x18\x01 \x01(\tH\x00\x12\x14\n\nbase_model\x18\x02 \x01(\tH\x00\x12\"\n\x06prompt\x18\x03 \x03(\x0b\x32\x12.gradwire.v1.Chunk\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x07\n\x05model\"+\n\x17\x43omputeLogprobsResponse\x12\x10\n\x08logprobs\x18\x01 \x01(\x0c*:\n\nStopReason\x12\x14\n\x10STOP_REASON_STOP\x10\x00\x12\x16\n\x12STOP_REASON_LENGTH\x10\x01\x32\x89\x03\n\x0fSamplingService\x12\x83\x01\n\x06Sample\x12\x1a.gradwire.v1.SampleRequest\x1a\x1d.google.longrunning.Operation\">\xca\x41;\n\x1agradwire.v1.SampleResponse\x12\x1dgradwire.v1.OperationMetadata\x12O\n\x0cSampleStream\x12\x1a.gradwire.v1.SampleRequest\x1a!.gradwire.v1.SampleStreamResponse0\x01\x12\x9e\x01\n\x0f\x43omputeLogprobs\x12#.gradwire.v1.ComputeLogprobsRequest\x1a\x1d.google.longrunning.Operation\"G\xca\x41\x44\n#gradwire.v1.ComputeLogprobsResponse\x12\x1dgradwire.v1.OperationMetadataB\x13\n\x0f\x64\x65v.gradwire.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gradwire/v1/sampling_service.proto\x12\x0bgradwire.v1\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x17gradwire/v1/datum.proto\"\x1e\n\x0bStopStrings\x12\x0f\n\x07strings\x18\x01 \x03(\t\"\x1c\n\nStopTokens\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"\xa1\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12-\n\tstop_strs\x18\x06 \x01(\x0b\x32\x18.gradwire.v1.StopStringsH\x00\x12.\n\x0bstop_tokens\x18\x07 \x01(\x0b\x32\x17.gradwire.v1.StopTokensH\x00\x42\x06\n\x04stopB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_p\"\xf9\x02\n\rSampleRequest\x12\x14\n\nmodel_path\x18\x01 \x01(\tH\x00\x12\x14\n\nbase_model\x18\x02 \x01(\tH\x00\x12\"\n\x06prompt\x18\x03 \x03(\x0b\x32\x12.gradwire.v1.Chunk\x12\x18\n\x0bnum_samples\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x34\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1b.gradwire.v1.SamplingParams\x12\x1f\n\x17include_prompt_logprobs\x18\x06 \x01(\x08\x12\x1c\n\x14topk_prompt_logprobs\x18\x07 \x01(\x05\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x1c\n\x14topk_sample_logprobs\x18\t \x01(\x05\x12#\n\x16prompt_logprobs_last_n\x18\n \x01(\x05H\x02\x88\x01\x01\x42\x07\n\x05modelB\x0e\n\x0c_num_samplesB\x19\n\x17_prompt_logprobs_last_n\"[\n\x12TopkPromptLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x01(\x0c\x12\x10\n\x08logprobs\x18\x02 \x01(\x0c\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x15\n\rprompt_length\x18\x04 \x01(\x05\"\xd7\x01\n\x0fSampledSequence\x12,\n\x0bstop_reason\x18\x01 \x01(\x0e\x32\x17.gradwire.v1.StopReason\x12\x0e\n\x06tokens\x18\x02 \x01(\x0c\x12\x15\n\x08logprobs\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x12\x13\n\x0bsequence_id\x18\x04 \x01(\t\x12;\n\rtopk_logprobs\x18\x05 \x01(\x0b\x32\x1f.gradwire.v1.TopkSampleLogprobsH\x01\x88\x01\x01\x42\x0b\n\t_logprobsB\x10\n\x0e_topk_logprobs\"D\n\x12TopkSampleLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x01(\x0c\x12\x10\n\x08logprobs\x18\x02 \x01(\x0c\x12\t\n\x01k\x18\x03 \x01(\x05\"\xf1\x01\n\x0eSampleResponse\x12/\n\tsequences\x18\x01 \x03(\x0b\x32\x1c.gradwire.v1.SampledSequence\x12\x1c\n\x0fprompt_logprobs\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12\x42\n\x14topk_prompt_logprobs\x18\x03 \x01(\x0b\x32\x1f.gradwire.v1.TopkPromptLogprobsH\x01\x88\x01\x01\x12\x1f\n\x17prompt_cache_hit_tokens\x18\x04 \x01(\x05\x42\x12\n\x10_prompt_logprobsB\x17\n\x15_topk_prompt_logprobs\"\x85\x01\n\rSampledTokens\x12\x16\n\x0esequence_index\x18\x01 \x01(\x05\x12\x0e\n\x06tokens\x18\x02 \x01(\x0c\x12\x10\n\x08logprobs\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12,\n\x0bstop_reason\x18\x05 \x01(\x0e\x32\x17.gradwire.v1.StopReason\"\xd2\x01\n\x14SampleStreamResponse\x12+\n\x07samples\x18\x01 \x03(\x0b\x32\x1a.gradwire.v1.SampledTokens\x12\x1c\n\x0fprompt_logprobs\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12\x42\n\x14topk_prompt_logprobs\x18\x03 \x01(\x0b\x32\x1f.gradwire.v1.TopkPromptLogprobsH\x01\x88\x01\x01\x42\x12\n\x10_prompt_logprobsB\x17\n\x15_topk_prompt_logprobs\"\xc5\x01\n\x16\x43omputeLogprobsRequest\x12\x14\n\nmodel_path\x18\x01 \x01(\tH\x00\x12\x14\n\nbase_model\x18\x02 \x01(\tH\x00\x12\"\n\x06prompt\x18\x03 \x03(\x0b\x32\x12.gradwire.v1.Chunk\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x16prompt_logprobs_last_n\x18\x05 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05modelB\x19\n\x17_prompt_logprobs_last_n\"2\n\x1cReleaseSamplerWeightsRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\"+\n\x17\x43omputeLogprobsResponse\x12\x10\n\x08logprobs\x18\x01 \x01(\x0c*:\n\nStopReason\x12\x14\n\x10STOP_REASON_STOP\x10\x00\x12\x16\n\x12STOP_REASON_LENGTH\x10\x01\x32\xe5\x03\n\x0fSamplingService\x12\x83\x01\n\x06Sample\x12\x1a.gradwire.v1.SampleRequest\x1a\x1d.google.longrunning.Operation\">\xca\x41;\n\x1agradwire.v1.SampleResponse\x12\x1dgradwire.v1.OperationMetadata\x12O\n\x0cSampleStream\x12\x1a.gradwire.v1.SampleRequest\x1a!.gradwire.v1.SampleStreamResponse0\x01\x12\x9e\x01\n\x0f\x43omputeLogprobs\x12#.gradwire.v1.ComputeLogprobsRequest\x1a\x1d.google.longrunning.Operation\"G\xca\x41\x44\n#gradwire.v1.ComputeLogprobsResponse\x12\x1dgradwire.v1.OperationMetadata\x12Z\n\x15ReleaseSamplerWeights\x12).gradwire.v1.ReleaseSamplerWeightsRequest\x1a\x16.google.protobuf.EmptyB\x13\n\x0f\x64\x65v.gradwire.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,30 +39,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGSERVICE'].methods_by_name['Sample']._serialized_options = b'\312A;\n\032gradwire.v1.SampleResponse\022\035gradwire.v1.OperationMetadata'
   _globals['_SAMPLINGSERVICE'].methods_by_name['ComputeLogprobs']._loaded_options = None
   _globals['_SAMPLINGSERVICE'].methods_by_name['ComputeLogprobs']._serialized_options = b'\312AD\n#gradwire.v1.ComputeLogprobsResponse\022\035gradwire.v1.OperationMetadata'
-  _globals['_STOPREASON']._serialized_start=1737
-  _globals['_STOPREASON']._serialized_end=1795
-  _globals['_STOPSTRINGS']._serialized_start=113
-  _globals['_STOPSTRINGS']._serialized_end=143
-  _globals['_STOPTOKENS']._serialized_start=145
-  _globals['_STOPTOKENS']._serialized_end=173
-  _globals['_SAMPLINGPARAMS']._serialized_start=176
-  _globals['_SAMPLINGPARAMS']._serialized_end=465
-  _globals['_SAMPLEREQUEST']._serialized_start=468
-  _globals['_SAMPLEREQUEST']._serialized_end=751
-  _globals['_TOPKPROMPTLOGPROBS']._serialized_start=753
-  _globals['_TOPKPROMPTLOGPROBS']._serialized_end=844
-  _globals['_SAMPLEDSEQUENCE']._serialized_start=846
-  _globals['_SAMPLEDSEQUENCE']._serialized_end=961
-  _globals['_SAMPLERESPONSE']._serialized_start=964
-  _globals['_SAMPLERESPONSE']._serialized_end=1205
-  _globals['_SAMPLEDTOKENS']._serialized_start=1208
-  _globals['_SAMPLEDTOKENS']._serialized_end=1341
-  _globals['_SAMPLESTREAMRESPONSE']._serialized_start=1344
-  _globals['_SAMPLESTREAMRESPONSE']._serialized_end=1554
-  _globals['_COMPUTELOGPROBSREQUEST']._serialized_start=1557
-  _globals['_COMPUTELOGPROBSREQUEST']._serialized_end=1690
-  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_start=1692
-  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_end=1735
-  _globals['_SAMPLINGSERVICE']._serialized_start=1798
-  _globals['_SAMPLINGSERVICE']._serialized_end=2191
+  _globals['_STOPREASON']._serialized_start=2147
+  _globals['_STOPREASON']._serialized_end=2205
+  _globals['_STOPSTRINGS']._serialized_start=142
+  _globals['_STOPSTRINGS']._serialized_end=172
+  _globals['_STOPTOKENS']._serialized_start=174
+  _globals['_STOPTOKENS']._serialized_end=202
+  _globals['_SAMPLINGPARAMS']._serialized_start=205
+  _globals['_SAMPLINGPARAMS']._serialized_end=494
+  _globals['_SAMPLEREQUEST']._serialized_start=497
+  _globals['_SAMPLEREQUEST']._serialized_end=874
+  _globals['_TOPKPROMPTLOGPROBS']._serialized_start=876
+  _globals['_TOPKPROMPTLOGPROBS']._serialized_end=967
+  _globals['_SAMPLEDSEQUENCE']._serialized_start=970
+  _globals['_SAMPLEDSEQUENCE']._serialized_end=1185
+  _globals['_TOPKSAMPLELOGPROBS']._serialized_start=1187
+  _globals['_TOPKSAMPLELOGPROBS']._serialized_end=1255
+  _globals['_SAMPLERESPONSE']._serialized_start=1258
+  _globals['_SAMPLERESPONSE']._serialized_end=1499
+  _globals['_SAMPLEDTOKENS']._serialized_start=1502
+  _globals['_SAMPLEDTOKENS']._serialized_end=1635
+  _globals['_SAMPLESTREAMRESPONSE']._serialized_start=1638
+  _globals['_SAMPLESTREAMRESPONSE']._serialized_end=1848
+  _globals['_COMPUTELOGPROBSREQUEST']._serialized_start=1851
+  _globals['_COMPUTELOGPROBSREQUEST']._serialized_end=2048
+  _globals['_RELEASESAMPLERWEIGHTSREQUEST']._serialized_start=2050
+  _globals['_RELEASESAMPLERWEIGHTSREQUEST']._serialized_end=2100
+  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_start=2102
+  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_end=2145
+  _globals['_SAMPLINGSERVICE']._serialized_start=2208
+  _globals['_SAMPLINGSERVICE']._serialized_end=2693
 # @@protoc_insertion_point(module_scope)

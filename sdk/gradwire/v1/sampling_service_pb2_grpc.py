@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from gradwire.v1 import sampling_service_pb2 as gradwire_dot_v1_dot_sampling__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -53,6 +54,11 @@ class SamplingServiceStub:
                 request_serializer=gradwire_dot_v1_dot_sampling__service__pb2.ComputeLogprobsRequest.SerializeToString,
                 response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
+        self.ReleaseSamplerWeights = channel.unary_unary(
+                '/gradwire.v1.SamplingService/ReleaseSamplerWeights',
+                request_serializer=gradwire_dot_v1_dot_sampling__service__pb2.ReleaseSamplerWeightsRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class SamplingServiceServicer:
@@ -84,6 +90,14 @@ class SamplingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseSamplerWeights(self, request, context):
+        """Frees an ephemeral snapshot (SaveWeightsForSamplerRequest.ephemeral)
+        that no client samples from any more. NOT_FOUND if it is gone already.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SamplingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,6 +115,11 @@ def add_SamplingServiceServicer_to_server(servicer, server):
                     servicer.ComputeLogprobs,
                     request_deserializer=gradwire_dot_v1_dot_sampling__service__pb2.ComputeLogprobsRequest.FromString,
                     response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'ReleaseSamplerWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseSamplerWeights,
+                    request_deserializer=gradwire_dot_v1_dot_sampling__service__pb2.ReleaseSamplerWeightsRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,6 +206,33 @@ class SamplingService:
             '/gradwire.v1.SamplingService/ComputeLogprobs',
             gradwire_dot_v1_dot_sampling__service__pb2.ComputeLogprobsRequest.SerializeToString,
             google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseSamplerWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.SamplingService/ReleaseSamplerWeights',
+            gradwire_dot_v1_dot_sampling__service__pb2.ReleaseSamplerWeightsRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

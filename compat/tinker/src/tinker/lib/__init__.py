@@ -1,0 +1,1 @@
+"""tinker.lib: where Tinker keeps its public interfaces."""

@@ -1,0 +1,4 @@
+"""tinker.types.checkpoints_list_response: gradwire's CheckpointsListResponse."""
+from gradwire.types import CheckpointsListResponse
+
+__all__ = ["CheckpointsListResponse"]

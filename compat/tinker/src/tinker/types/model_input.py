@@ -1,0 +1,4 @@
+"""tinker.types.model_input: gradwire's ModelInput."""
+from gradwire.types import ModelInput
+
+__all__ = ["ModelInput"]

@@ -1,0 +1,4 @@
+"""tinker.types.provenance_spans: gradwire's PromptProvenanceSpan, SampledProvenanceSpan."""
+from gradwire.types import PromptProvenanceSpan, SampledProvenanceSpan
+
+__all__ = ["PromptProvenanceSpan", "SampledProvenanceSpan"]

@@ -1,0 +1,4 @@
+"""tinker.types.sampled_sequence: gradwire's SampledSequence."""
+from gradwire.types import SampledSequence
+
+__all__ = ["SampledSequence"]

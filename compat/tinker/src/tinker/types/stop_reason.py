@@ -1,0 +1,4 @@
+"""tinker.types.stop_reason: gradwire's StopReason."""
+from gradwire.types import StopReason
+
+__all__ = ["StopReason"]

@@ -1,0 +1,4 @@
+"""tinker.types.tensor_data: gradwire's TensorData."""
+from gradwire.types import TensorData
+
+__all__ = ["TensorData"]
