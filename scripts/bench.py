@@ -361,7 +361,7 @@ def device_main(size: str, calls: int, steps: int) -> list[tuple[str, str]]:
             torch.cuda.empty_cache()
     server, address = start_server(preset, "--load-format", "dummy")
     try:
-        service = gradwire.ServiceClient(address)
+        service = gradwire.ServiceClient(base_url=address)
         capabilities = service._call("GetServerCapabilities", gradwire_pb.GetServerCapabilitiesRequest())
         limits = capabilities.limits
         rows += [("server: device, base dtype", f"{capabilities.device}, {capabilities.dtype}"),

@@ -93,7 +93,7 @@ def main() -> None:
         parameters = write_model(folder)
         server, address = start_server(folder, "--checkpoint-dir", os.path.join(folder, "checkpoints"))
         try:
-            service = gradwire.ServiceClient(address)
+            service = gradwire.ServiceClient(base_url=address)
             base = service.create_sampling_client(base_model=folder)
             concurrent_tokens_per_s([base], 2, 0)  # warm up
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -13,7 +13,7 @@ import torch
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
 import gradwire
-from gradwire import _codec
+from gradwire.v1 import codec
 from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
 from gradwire.v1 import training_service_pb2 as tpb
@@ -49,7 +49,7 @@ def request(weights: dict, num_samples: int, prompt=PROMPT, **params) -> pb.Samp
         sampling.stop_strs.strings.append(stop)
     elif stop:
         sampling.stop_tokens.tokens.extend(stop)
-    return pb.SampleRequest(prompt=[_codec.tokens_to_chunk(np.array(prompt))], num_samples=num_samples,
+    return pb.SampleRequest(prompt=[codec.tokens_to_chunk(np.array(prompt))], num_samples=num_samples,
                             sampling_params=sampling, **weights)
 
 
@@ -178,7 +178,8 @@ def test_sampling_waits_at_most_one_request_per_training_run(server, raw, stubs)
     (one turn to join the loop, one to decode), not after every queued request."""
     training, _ = stubs
     stub, operations = raw
-    runs = [training.CreateModel(tpb.CreateModelRequest(lora_config=tpb.LoraConfig(rank=2, seed=s))).model_id
+    runs = [training.CreateModel(tpb.CreateModelRequest(base_model="tiny-random",
+                                                         lora_config=tpb.LoraConfig(rank=2, seed=s))).model_id
             for s in range(3)]
     with worker_busy(server):
         forwards = [[training.Forward(raw_request(run, seq, random_data(80 + seq))).name for seq in (1, 2, 3)]
