@@ -69,7 +69,11 @@ MUTATIONS = [
              "        _fsync(temp / MARKER)\n"
              "        _fsync(temp)\n"
              '        _crash_point("before_rename")\n'
-             "        _rename_into_place(temp, folder, path)\n",
+             "        if overwrite and folder.exists():\n"
+             "            _exchange(temp, folder)  # temp now holds the old checkpoint\n"
+             "            shutil.rmtree(temp, ignore_errors=True)\n"
+             "        else:\n"
+             "            _rename_into_place(temp, folder, path)\n",
              '        _crash_point("before_rename")\n'
              "        _rename_into_place(temp, folder, path)\n"
              "        temp = folder\n"
@@ -208,10 +212,10 @@ MUTATIONS = [
              "if self._hit_stop_string(",
              ("tests/test_sampling.py::test_stop_token_stop_string_and_length",), "stop tokens never stop a sample"),
     # ---- codec, SDK, CLI, server --------------------------------------------------------------------
-    Mutation("codec-token-bytes-unchecked", "sdk/gradwire/_codec.py",
+    Mutation("codec-token-bytes-unchecked", "sdk/gradwire/v1/codec.py",
              "    if len(chunk.tokens) % 4:\n", "    if False:\n",
              ("tests/test_stream_protocol.py",), "a malformed token chunk crashes the request (INTERNAL)"),
-    Mutation("codec-shape-unchecked", "sdk/gradwire/_codec.py",
+    Mutation("codec-shape-unchecked", "sdk/gradwire/v1/codec.py",
              "if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.int64)) != flat.size:",
              "if any(d < 0 for d in shape):",
              ("tests/test_bad_input.py",), "a tensor whose bytes do not fill its shape is an INTERNAL error"),
