@@ -122,6 +122,52 @@ def test_rows_of_different_adapters_match_their_references(server, raw, adapters
                                        rtol=0, atol=1e-4)
 
 
+def test_an_ephemeral_snapshot_decodes_in_the_batch_like_its_saved_checkpoint(server, raw, service):
+    """An in-memory snapshot (save_weights_and_get_sampling_client) and the sampler
+    checkpoint of the same weights, sampled in one decode batch beside the base model
+    with the same seed: the same tokens and logprobs, and each row's top-k sample
+    logprobs equal the in-process peft model's log_softmax top-k at that position."""
+    tc = trained_run(service, rank=RANK, seed=43)
+    snapshot = tc.save_weights_and_get_sampling_client()  # held: the snapshot lives while it does
+    saved = tc.save_weights_for_sampler("snapshot-twin").result().path
+    stub, operations = raw
+    requests = [request(w, 3, max_tokens=24, seed=9) for w in
+                (dict(model_path=snapshot.model_path), dict(model_path=saved), dict(base_model="tiny-random"))]
+    for r in requests:
+        r.topk_sample_logprobs = 4
+    with forward_batches(server) as sizes:
+        with worker_busy(server):
+            names = [stub.Sample(r).name for r in requests]
+        responses = []
+        for name in names:
+            responses.append(pb.SampleResponse())
+            succeeded(operations, name).response.Unpack(responses[-1])
+    assert max(sizes) == 9  # every sample of the three requests in one decode step
+    ephemeral, checkpoint, base = responses
+    model = reference_model(server, tc.model_id, RANK)
+    def tokens_of(response):
+        return [np.frombuffer(s.tokens, "<i4").tolist() for s in response.sequences]
+
+    assert tokens_of(ephemeral) != tokens_of(base)  # the adapter does change the samples
+    for mine, twin in zip(ephemeral.sequences, checkpoint.sequences):
+        tokens = np.frombuffer(mine.tokens, "<i4").tolist()
+        assert tokens == np.frombuffer(twin.tokens, "<i4").tolist()
+        np.testing.assert_allclose(np.frombuffer(mine.logprobs, "<f4"), np.frombuffer(twin.logprobs, "<f4"),
+                                   rtol=0, atol=1e-5)
+        ids = torch.tensor([PROMPT + tokens])
+        with torch.no_grad():
+            expected = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)[len(PROMPT) - 1:-1]
+        top = torch.topk(expected, 4, dim=-1)
+        assert mine.topk_logprobs.k == 4
+        assert np.frombuffer(mine.topk_logprobs.token_ids, "<i4").reshape(-1, 4).tolist() == top.indices.tolist()
+        np.testing.assert_allclose(np.frombuffer(mine.topk_logprobs.logprobs, "<f4").reshape(-1, 4),
+                                   top.values.numpy(), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(np.frombuffer(mine.logprobs, "<f4"),
+                                   expected[torch.arange(len(tokens)), ids[0, len(PROMPT):]].numpy(),
+                                   rtol=0, atol=1e-4)
+    del snapshot
+
+
 def test_long_prompt_is_prefilled_in_chunks_exactly(server, service):
     """A prompt longer than one prefill chunk, ending mid-block, sampled 3 ways:
     prompt logprobs and greedy tokens equal the in-process model's."""
