@@ -59,7 +59,7 @@ def test_after_a_crash_at_any_step_the_name_holds_nothing_or_the_whole_checkpoin
             rest = service.create_rest_client()
             for step, (run_id, saved_logprobs) in runs.items():
                 path = f"gradwire://{run_id}/weights/ckpt"
-                listed = [c.path for c in rest.list_checkpoints(run_id)]
+                listed = [c.path for c in rest.list_checkpoints(run_id).result().checkpoints]
                 kind_folder = folder / run_id / "weights"
                 if step == "after_rename":  # renamed into place: complete, listed, and exact
                     assert listed == [path]
@@ -75,8 +75,8 @@ def test_after_a_crash_at_any_step_the_name_holds_nothing_or_the_whole_checkpoin
                     leftover = sorted(p.name for p in kind_folder.iterdir()) if kind_folder.exists() else []
                     assert leftover == [], f"crash {step} left {leftover} under {kind_folder}"
             # Whatever is listed loads.
-            for run in rest.list_training_runs():
-                for checkpoint in rest.list_checkpoints(run.training_run_id):
+            for run in rest.list_training_runs(limit=100).result().training_runs:
+                for checkpoint in rest.list_checkpoints(run.training_run_id).result().checkpoints:
                     service.create_training_client_from_state_with_optimizer(checkpoint.path).unload().result()
     finally:
         process.terminate()

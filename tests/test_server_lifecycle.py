@@ -47,7 +47,8 @@ def short_stubs(short_server):
 
 
 def new_run(training) -> str:
-    return training.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=2, seed=0))).model_id
+    return training.CreateModel(pb.CreateModelRequest(base_model="tiny-random",
+                                                        lora_config=pb.LoraConfig(rank=2, seed=0))).model_id
 
 
 def wait_done(operations, name: str) -> operations_pb2.Operation:
@@ -188,7 +189,7 @@ def test_cli_flags_are_parsed_into_the_config(tmp_path):
     assert (config.model, config.host, config.port, config.checkpoint_dir, config.keep_graph_budget_mb) == \
         ("tiny-random", "0.0.0.0", 0, tmp_path, 0.0)
     default = cli.parse_config(["--model", "tiny-random"])
-    assert default.keep_graph_budget_mb == 2048 and default.port == 50051
+    assert default.keep_graph_budget_mb is None and default.port == 50051  # None: planned from the device
 
 
 # ---- SIGTERM ------------------------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ def test_a_count_mismatch_aborts_the_step_queued_behind_the_stream(server, stubs
     """The optim_step submitted while the stream is still open (queued behind it) is
     ABORTED when the stream's count does not match: no step on a partial gradient."""
     training, operations = stubs
-    run_id = training.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=4, seed=3))).model_id
+    run_id = training.CreateModel(pb.CreateModelRequest(base_model="tiny-random",
+                                                        lora_config=pb.LoraConfig(rank=4, seed=3))).model_id
     succeeded(operations, training.ForwardBackward(raw_request(run_id, 1, random_data(34))).name)
     before = run_state(server, run_id)
     go = threading.Event()

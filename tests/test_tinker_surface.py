@@ -43,16 +43,18 @@ def snapshots(server) -> int:
 def test_ttl_checkpoints_expire_leave_listings_and_are_deleted(server, service):
     tc = trained_run(service, seed=3)
     kept = tc.save_state("kept").result().path
-    brief = tc.save_state("brief", ttl_seconds=1).result().path
-    sampler = tc.save_weights_for_sampler("brief", ttl_seconds=1).result().path
+    # 5 s: the listing below must come before they expire, also on a loaded machine.
+    brief = tc.save_state("brief", ttl_seconds=5).result().path
+    sampler = tc.save_weights_for_sampler("brief", ttl_seconds=5).result().path
     rest = service.create_rest_client()
     listed = {c.path: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
     assert set(listed) == {kept, brief, sampler}
     assert listed[kept].expires_at is None
-    assert 0 < (listed[brief].expires_at - listed[brief].time).total_seconds() <= 1.01
+    assert 0 < (listed[brief].expires_at - listed[brief].time).total_seconds() <= 5.01
     folders = [checkpoints.checkpoint_directory(server.server.checkpoint_root, p) for p in (brief, sampler)]
 
-    time.sleep(1.1)
+    expiry = max(listed[brief].expires_at, listed[sampler].expires_at).timestamp()
+    time.sleep(max(0.0, expiry - time.time()) + 0.1)
     assert [c.path for c in rest.list_checkpoints(tc.model_id).result().checkpoints] == [kept]
     with pytest.raises(gradwire.NotFoundError, match="TTL"):
         tc.load_state(brief).result()
