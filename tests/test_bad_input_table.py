@@ -284,3 +284,12 @@ def test_empty_base_model(server, stubs):
                                                                   lora_config=pb.LoraConfig(rank=2)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "base_model" in error.details()
     assert set(server.engine.runs) == runs_before
+
+
+def test_read_outputs_of_an_operation_without_outputs(server, stubs, run):
+    training, operations = stubs
+    name = training.OptimStep(pb.OptimStepRequest(model_id=run.model_id, adam_params=pb.AdamParams())).name
+    succeeded(operations, name)
+    error = status_of(lambda request, timeout: list(training.ReadOutputs(request, timeout=timeout)),
+                      pb.ReadOutputsRequest(name=name))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "OptimStep" in error.details()

@@ -4,6 +4,7 @@ training side's, the KV cache keeps to its budget (admission waits), and
 training and sampling each wait at most one turn of the other."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import grpc
@@ -19,7 +20,7 @@ from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
 from gradwire.v1 import training_service_pb2 as tpb
 from gradwire.v1 import training_service_pb2_grpc as tpb_grpc
 from gradwire_server import sampler
-from gradwire_server.kv_cache import BLOCK_TOKENS
+from gradwire_server.kv_cache import BLOCK_TOKENS, BlockPool
 from gradwire_server.models import tiny_random_model
 from gradwire_server.server import BackgroundServer, ServerConfig
 from reference import (finished, forward_batches, random_data, raw_request, reference_model, succeeded,
@@ -313,3 +314,25 @@ def test_kv_use_is_visible_and_freed_on_cancel(server, raw):
         time.sleep(0.01)
     assert capabilities(server).kv_cache.used_bytes == idle.used_bytes
     operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_loop_on_either_attention_implementation_equals_the_reference(attention):
+    """The decode loop in-process on tiny-random with sdpa (bool mask) or eager
+    attention (additive mask): greedy tokens of requests of different prompt
+    lengths decoded together equal the full-recompute argmax."""
+    model = tiny_random_model().eval()
+    model.set_attn_implementation(attention)
+    pool = BlockPool(model.config, 2**20, torch.float32, torch.device("cpu"))
+    loop = sampler.DecodeLoop(model, pool, torch.device("cpu"), contextlib.nullcontext)
+    prompts = [PROMPT, PROMPT * 4, PROMPT[:2]]
+    generations = [sampler.Generation(sampler.SampleSpec(np.array(p), 2, sampler.SamplingSettings(
+        max_tokens=20, seed=0, temperature=0.0)), str) for p in prompts]
+    for generation in generations:
+        loop.add(generation)
+    while not all(g.done for g in generations):
+        loop.turn()
+    reference = tiny_random_model()
+    for prompt, generation in zip(prompts, generations):
+        assert [s.tokens for s in generation.sequences] == [greedy_reference(reference, prompt, 20)] * 2
+    assert pool.used_bytes == 0 and pool.reserved == 0

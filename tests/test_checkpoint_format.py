@@ -27,7 +27,8 @@ def edit_marker(folder, **changes) -> None:
 def newer_format(server, service):
     path, folder = donor_checkpoint(server, service)
     edit_marker(folder, format_version=checkpoints.FORMAT_VERSION + 1)
-    return path, f"has format version {checkpoints.FORMAT_VERSION + 1}; this server reads {checkpoints.FORMAT_VERSION}"
+    version = checkpoints.FORMAT_VERSION
+    return path, f"has format version {version + 1}; this server reads {version}"
 
 
 def moved_by_hand(server, service):

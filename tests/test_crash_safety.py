@@ -16,7 +16,7 @@ import pytest
 import gradwire
 from gradwire_server import checkpoints
 from conftest import start_cli_server
-from reference import random_data, run_state
+from reference import random_data
 
 STEPS = ["before_marker", "after_marker", "before_rename", "after_rename"]
 PROBE = random_data(90)
@@ -35,7 +35,8 @@ def crashing_save(folder: pathlib.Path, step: str, seed: int) -> tuple[str, list
             tc = service.create_lora_training_client("tiny-random", rank=4, seed=seed)
             tc.forward_backward(random_data(91 + seed), "cross_entropy")
             tc.optim_step(gradwire.AdamParams(learning_rate=1e-2))
-            logprobs = [o["logprobs"].to_numpy() for o in tc.forward(PROBE, "cross_entropy").result().loss_fn_outputs]
+            outputs = tc.forward(PROBE, "cross_entropy").result().loss_fn_outputs
+            logprobs = [output["logprobs"].to_numpy() for output in outputs]
             tc.save_state("ckpt")
             assert process.wait(timeout=60) == checkpoints.CRASH_EXIT_CODE, f"the server did not die at {step}"
         return tc.model_id, logprobs

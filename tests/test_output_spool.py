@@ -58,7 +58,7 @@ def test_large_outputs_are_spooled_read_exactly_and_removed_with_the_operation(s
     with torch.no_grad():
         for datum, output in zip(data, logprobs, strict=True):
             expected = reference_logprobs(model, datum)
-            torch.testing.assert_close(torch.from_numpy(output["logprobs"].data), expected,
+            torch.testing.assert_close(torch.tensor(output["logprobs"].data), expected,
                                        rtol=1e-4, atol=1e-4)
     tail = list(training.ReadOutputs(pb.ReadOutputsRequest(name=name, start_datum_index=3)))
     assert tail[0].first_datum_index == 3

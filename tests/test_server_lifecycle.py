@@ -23,8 +23,7 @@ from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import cli, server as server_module
 from gradwire_server.server import BackgroundServer, GradwireServer, ServerConfig
 from conftest import free_port, start_cli_server
-from reference import (assert_state_equal, finished, random_data, raw_request, run_state, succeeded,
-                       wait_operation, worker_busy)
+from reference import assert_state_equal, random_data, raw_request, run_state, wait_operation, worker_busy
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 TTL_S, MAX_WAIT_S, GAP_S = 3.0, 0.5, 1.0
@@ -158,8 +157,9 @@ def test_health_is_not_serving_and_calls_unavailable_while_the_model_loads(tmp_p
         statuses = [health.Check(health_pb2.HealthCheckRequest(service=s), wait_for_ready=True, timeout=60).status
                     for s in services]
         assert statuses == [NOT_SERVING] * 4
-        calls = [lambda: pb_grpc.TrainingServiceStub(channel).GetServerCapabilities(pb.GetServerCapabilitiesRequest()),
-                 lambda: pb_grpc.TrainingServiceStub(channel).ForwardBackward(raw_request("run-x", 1, random_data(86))),
+        training = pb_grpc.TrainingServiceStub(channel)
+        calls = [lambda: training.GetServerCapabilities(pb.GetServerCapabilitiesRequest()),
+                 lambda: training.ForwardBackward(raw_request("run-x", 1, random_data(86))),
                  lambda: sampling_service_pb2_grpc.SamplingServiceStub(channel).Sample(
                      sampling_service_pb2.SampleRequest(base_model="tiny-random"))]
         for call in calls:
@@ -171,7 +171,7 @@ def test_health_is_not_serving_and_calls_unavailable_while_the_model_loads(tmp_p
         loading.set()
         started.result(60)
         assert [health.Check(health_pb2.HealthCheckRequest(service=s)).status for s in services] == [SERVING] * 4
-        assert pb_grpc.TrainingServiceStub(channel).GetServerCapabilities(
+        assert training.GetServerCapabilities(
             pb.GetServerCapabilitiesRequest()).supported_models[0].model_name == "tiny-random"
         assert gradwire_server.engine.keep_graph_budget_bytes == int(1.5 * 2**20)
     finally:
@@ -244,7 +244,8 @@ def _call(method, request):
 
 
 def _stream_received(operations, run_id: str, count: int) -> bool:
-    for op in operations.ListOperations(operations_pb2.ListOperationsRequest(name=f"operations/{run_id}/")).operations:
+    listed = operations.ListOperations(operations_pb2.ListOperationsRequest(name=f"operations/{run_id}/"))
+    for op in listed.operations:
         meta = pb.OperationMetadata()
         op.metadata.Unpack(meta)
         if "Stream" in meta.kind and meta.num_datums >= count:

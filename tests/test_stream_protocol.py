@@ -15,7 +15,6 @@ from google.longrunning import operations_pb2
 from gradwire import _convert
 from gradwire.v1 import datum_pb2
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from reference import (assert_state_equal, finished, random_data, raw_request, run_state, succeeded,
                        trained_run)
 

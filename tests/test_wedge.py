@@ -273,3 +273,18 @@ def test_request_queued_before_the_failure_is_aborted_naming_it(server, service,
     with pytest.raises(gradwire.AbortedError, match=r"seq_id|forward_backward"):
         step.result()
     assert_state_equal(before, run_state(server, tc.model_id))
+
+
+def test_broken_stream_held_for_a_gap_answers_at_once(server, service, stubs):
+    """A stream whose seq_id waits for a missing lower one, then gets a bad batch: the RPC
+    answers INVALID_ARGUMENT at once (not after the 60 s gap timeout)."""
+    tc = trained_run(service)
+    before = run_state(server, tc.model_id)
+    bad = random_data(8)
+    bad[0].loss_fn_inputs["target_tokens"].data[0] = 10**6
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            raw_stream(channel, [header(tc.model_id, tc._seq + 2, "after-a-gap"), batch(bad)])
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+    assert "data[0]" in raised.value.details()
+    assert_state_equal(before, run_state(server, tc.model_id))

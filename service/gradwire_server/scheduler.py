@@ -154,6 +154,18 @@ class Scheduler:
         self.store.finish(record.operation.name, error=error)
         self._place(order, Job(record.operation.name, run_id, seq_id, None), request_id)
 
+    def fail_held(self, run_id: str, op_name: str, error: ServiceError) -> bool:
+        """Fails a job still held for a lower seq_id (never queued) at once: it keeps
+        its place and, once released, aborts what is held behind it, as a rejected
+        request does. False if the job is not held (the worker fails it then)."""
+        order = self._orders.get(run_id)
+        held = [job for job in order.held.values() if job.op_name == op_name] if order else []
+        if not held:
+            return False
+        held[0].task = None
+        self.store.finish(op_name, error=error)
+        return True
+
     def _next_free(self, order: RunOrder) -> int:
         return max([order.next_seq - 1, *order.held]) + 1
 

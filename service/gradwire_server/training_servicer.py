@@ -317,6 +317,10 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     async def ReadOutputs(self, request, context):
         try:
             record = self.store.get(request.name)
+            if record.spool is None:
+                raise invalid_argument([FieldViolation(
+                    "name", f"{cut(request.name)} is a {record.metadata.kind}, not a Forward or "
+                            "ForwardBackward operation: it has no per-datum outputs")])
             if request.start_datum_index < 0:
                 raise invalid_argument([FieldViolation(
                     "start_datum_index", f"must be >= 0, got {request.start_datum_index}")])
@@ -391,8 +395,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                         "kind", "a stream is one header, datum batches, then one end")])
                 if kind_set is None:
                     raise invalid_argument([FieldViolation(
-                        "kind", f"message {received and 'after datum ' + str(received - 1) or 'after the header'}"
-                                " sets none of header, batch, end")])
+                        "kind", f"the message after {received} datums sets none of header, batch, end")])
                 if kind_set == "end":
                     end = message.end
                     continue
@@ -423,9 +426,10 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             await abort_with_status(context, record.operation.error)
         except ServiceError as error:
             if task is not None:
-                task.fail(error)
-                self.scheduler.wake(header.model_id)
-                await record.done.wait()  # settled: the job failed, what was queued behind it aborted
+                if not self.scheduler.fail_held(header.model_id, record.operation.name, error):
+                    task.fail(error)
+                    self.scheduler.wake(header.model_id)
+                    await record.done.wait()  # settled: the job failed, what was queued behind it aborted
                 await abort_with_status(context, record.operation.error)
             await abort(context, error)
         except asyncio.CancelledError:
