@@ -16,7 +16,7 @@ from gradwire.v1 import resource_service_pb2 as rpb
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server import checkpoint_ops, checkpoints, paging
-from gradwire_server.errors import ServiceError, abort, not_found
+from gradwire_server.errors import FieldViolation, ServiceError, abort, invalid_argument, not_found
 from gradwire_server.run_index import CheckpointRecord, RunIndex, RunRecord
 from gradwire_server.scheduler import Scheduler
 
