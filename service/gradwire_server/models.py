@@ -37,11 +37,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     max_context_length: int
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The frozen base weights' dtype."""
-        return self.model.get_output_embeddings().weight.dtype
+    dtype: torch.dtype = torch.float32   # the frozen base's matmul weights (see cast_base)
 
     @property
     def vocab_size(self) -> int:
@@ -73,10 +69,22 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = tor
     if scaled:
         raise ValueError(f"{name_or_path}: logits transformed after the unembedding ({', '.join(scaled)}) "
                          "are not supported (training computes logprobs from the unembedding itself)")
-    model.to(device=device, dtype=dtype).eval()
+    cast_base(model.to(device), dtype).eval()
     model.requires_grad_(False)
     context = getattr(model.config, "max_position_embeddings", None) or 2048
-    return LoadedModel(name_or_path, model, tokenizer, int(context))
+    return LoadedModel(name_or_path, model, tokenizer, int(context), dtype)
+
+
+def cast_base(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The model's weights in `dtype`, except, for bfloat16, the input embeddings and
+    the norms: they stay float32, so the residual stream between the (bf16) matmuls
+    is float32 and does not round to 8 bits of mantissa at every layer."""
+    model.to(dtype=dtype)
+    if dtype == torch.bfloat16:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding) or type(module).__name__.endswith("RMSNorm"):
+                module.float()
+    return model
 
 
 def preset_configs() -> dict[str, PretrainedConfig]:
