@@ -34,10 +34,12 @@ def model_target_logprobs(model: torch.nn.Module, tokens: torch.Tensor, targets:
 def chunked_target_logprobs(hidden: torch.Tensor, unembed: torch.nn.Module, targets: torch.Tensor,
                     vocab_size: int, chunk_elements: int = LOGITS_CHUNK_ELEMENTS) -> torch.Tensor:
     """Logprobs [B, L, K] of `targets` given last hidden states [B, L, H], computed
-    `chunk_elements // (B * vocab_size)` positions at a time."""
+    `chunk_elements // (B * vocab_size)` positions at a time (recomputed in backward
+    when there is more than one chunk)."""
     batch, length = targets.shape[:2]
     chunk = max(1, chunk_elements // (batch * vocab_size))
-    recompute = torch.is_grad_enabled()
+    # One chunk holds the whole micro-batch within the budget: nothing to gain from recomputing it.
+    recompute = torch.is_grad_enabled() and length > chunk
     parts = []
     for start in range(0, length, chunk):
         hidden_part, targets_part = hidden[:, start:start + chunk], targets[:, start:start + chunk]
