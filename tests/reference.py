@@ -16,7 +16,7 @@ import torch
 import gradwire
 from gradwire import _convert
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire_server.models import tiny_random_model
+from gradwire_server.models import cast_base, tiny_random_model
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
@@ -59,7 +59,7 @@ def assert_optimizer_equal(before: dict, after: dict) -> None:
 
 def reference_base_model(server) -> torch.nn.Module:
     """A fresh tiny-random on the server's device, its weights in the server's dtype."""
-    return tiny_random_model().to(device=server.engine.device, dtype=server.engine.dtype)
+    return cast_base(tiny_random_model().to(server.engine.device), server.engine.dtype)
 
 
 def reference_model(server, run_id: str, rank: int) -> peft.PeftModel:

@@ -1,8 +1,8 @@
 """A server with --dtype bfloat16 (CUDA's default; it runs on the CPU too): frozen
-base weights in bf16, LoRA weights, gradients and AdamW state in float32, and the
-numbers within stated bf16 tolerances of the in-process reference (bf16 weights
-under bf16 autocast, on the server's device). Sampled and training logprobs of
-the same tokens take the same numeric path."""
+base matmul weights in bf16 (embeddings and norms float32), LoRA weights, gradients
+and AdamW state in float32, and the numbers within stated bf16 tolerances of the
+in-process reference (the same weights under bf16 autocast, on the server's device).
+Sampled and training logprobs of the same tokens take the same numeric path."""
 from __future__ import annotations
 
 import numpy as np
@@ -44,7 +44,11 @@ def test_base_is_bf16_and_training_state_float32(bf16_server, bf16_service):
     tc = trained_run(bf16_service)
     tc.forward_backward(random_data(80), "cross_entropy").result()
     base = bf16_server.engine.base.model
-    assert {p.dtype for name, p in base.named_parameters() if "lora_" not in name} == {torch.bfloat16}
+    linear = {p.dtype for name, p in base.named_parameters() if "lora_" not in name and "proj" in name}
+    assert linear == {torch.bfloat16} and base.get_output_embeddings().weight.dtype == torch.bfloat16
+    # The residual stream stays float32: input embeddings and norms are float32.
+    assert base.get_input_embeddings().weight.dtype == torch.float32
+    assert {p.dtype for name, p in base.named_parameters() if "norm" in name} == {torch.float32}
     state = run_state(bf16_server, tc.model_id)
     assert {weight.dtype for weight, _ in state.values()} == {torch.float32}
     assert {grad.dtype for _, grad in state.values()} == {torch.float32}

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import gradwire
 from conftest import start_cli_server
+from gradwire_server.batch import DatumArrays, LoraSettings
+from gradwire_server.engine import Engine
 from gradwire_server.models import dummy_model, load_model, tiny_random_config
 from reference import random_data
 
@@ -74,3 +77,21 @@ def test_models_that_scale_logits_after_the_unembedding_are_refused(tmp_path):
     config.to_json_file(tmp_path / "config.json")
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         load_model(str(tmp_path), torch.device("cpu"), torch.float32, "dummy")
+
+
+def test_bf16_model_with_tied_embeddings_trains(tmp_path):
+    """The input embedding stays float32 in a bf16 base; tied to the unembedding, that
+    one stays float32 too, and a training pass still runs (under bf16 autocast)."""
+    config = tiny_random_config()
+    config.tie_word_embeddings = True
+    config.to_json_file(tmp_path / "config.json")
+    loaded = load_model(str(tmp_path), torch.device("cpu"), torch.bfloat16, "dummy")
+    assert loaded.dtype == torch.bfloat16
+    assert loaded.model.get_output_embeddings().weight.dtype == torch.float32
+    engine = Engine(loaded, torch.device("cpu"))
+    run_id = engine.create_run(LoraSettings(rank=2, seed=0))
+    training = engine.start_pass(run_id, "cross_entropy", {}, backward=True)
+    sequence = np.arange(12)
+    [logprobs] = training.feed([DatumArrays(sequence, {"target_tokens": sequence})])
+    training.commit()
+    assert np.isfinite(logprobs).all() and all(p.grad is not None for p in engine.run(run_id).params)

@@ -21,7 +21,7 @@ import torch
 
 from gradwire_server import memory
 from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings
-from gradwire_server.logprobs import chunked_target_logprobs
+from gradwire_server.logprobs import model_target_logprobs
 from gradwire_server.losses import LOSSES
 from gradwire_server.memory import MemoryPlan, OutOfMemory
 from gradwire_server.models import LoadedModel
@@ -478,11 +478,8 @@ class Engine:
         tokens, inputs = self.pad(data)
         if self.before_forward is not None:
             self.before_forward(*tokens.shape)
-        model = self.base.model  # peft has put the LoRA layers into its modules
-        with self.autocast():
-            hidden = model.get_decoder()(input_ids=tokens).last_hidden_state     # [B, L, H]
-            logprobs = chunked_target_logprobs(hidden, model.get_output_embeddings(),
-                                               inputs["target_tokens"], self.base.vocab_size)  # [B, L, K]
+        with self.autocast():  # peft has put the LoRA layers into the base model's modules
+            logprobs = model_target_logprobs(self.base.model, tokens, inputs["target_tokens"])  # [B, L, K]
         return logprobs * inputs["mask"], inputs
 
     @staticmethod

@@ -21,13 +21,25 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets)
 
 
+def model_target_logprobs(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Logprobs [B, L, K] of `targets` after each position of `tokens` [B, L], as
+    training computes them: the decoder, then the chunked unembedding. Run under
+    the engine's autocast. A sampler that re-scores its finished sequences with
+    this gets the training logprobs of the same tokens, not the KV-cached decode's."""
+    hidden = model.get_decoder()(input_ids=tokens).last_hidden_state                 # [B, L, H]
+    unembed = model.get_output_embeddings()
+    return chunked_target_logprobs(hidden, unembed, targets, unembed.weight.shape[0])
+
+
 def chunked_target_logprobs(hidden: torch.Tensor, unembed: torch.nn.Module, targets: torch.Tensor,
                     vocab_size: int, chunk_elements: int = LOGITS_CHUNK_ELEMENTS) -> torch.Tensor:
     """Logprobs [B, L, K] of `targets` given last hidden states [B, L, H], computed
-    `chunk_elements // (B * vocab_size)` positions at a time."""
+    `chunk_elements // (B * vocab_size)` positions at a time (recomputed in backward
+    when there is more than one chunk)."""
     batch, length = targets.shape[:2]
     chunk = max(1, chunk_elements // (batch * vocab_size))
-    recompute = torch.is_grad_enabled()
+    # One chunk holds the whole micro-batch within the budget: nothing to gain from recomputing it.
+    recompute = torch.is_grad_enabled() and length > chunk
     parts = []
     for start in range(0, length, chunk):
         hidden_part, targets_part = hidden[:, start:start + chunk], targets[:, start:start + chunk]

@@ -39,12 +39,8 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     max_context_length: int
-    aliases: tuple[str, ...] = ()  # other names it answers to (its Hugging Face hub id)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The frozen base weights' dtype."""
-        return self.model.get_output_embeddings().weight.dtype
+    dtype: torch.dtype = torch.float32   # the frozen base's matmul weights (see cast_base)
+    aliases: tuple[str, ...] = ()        # other names it answers to (its Hugging Face hub id)
 
     @property
     def vocab_size(self) -> int:
@@ -76,10 +72,10 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = tor
     if scaled:
         raise ValueError(f"{name_or_path}: logits transformed after the unembedding ({', '.join(scaled)}) "
                          "are not supported (training computes logprobs from the unembedding itself)")
-    model.to(device=device, dtype=dtype).eval()
+    cast_base(model.to(device), dtype).eval()
     model.requires_grad_(False)
     context = getattr(model.config, "max_position_embeddings", None) or 2048
-    return LoadedModel(name_or_path, model, tokenizer, int(context), hub_aliases(name_or_path))
+    return LoadedModel(name_or_path, model, tokenizer, int(context), dtype, hub_aliases(name_or_path))
 
 
 def hub_aliases(name_or_path: str) -> tuple[str, ...]:
@@ -101,6 +97,18 @@ def hub_aliases(name_or_path: str) -> tuple[str, ...]:
         return (recorded,)
     cached = [part for part in folder.resolve().parts if part.startswith("models--")]
     return (cached[-1].removeprefix("models--").replace("--", "/"),) if cached else ()
+
+
+def cast_base(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The model's weights in `dtype`, except, for bfloat16, the input embeddings and
+    the norms: they stay float32, so the residual stream between the (bf16) matmuls
+    is float32 and does not round to 8 bits of mantissa at every layer."""
+    model.to(dtype=dtype)
+    if dtype == torch.bfloat16:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding) or type(module).__name__.endswith("RMSNorm"):
+                module.float()
+    return model
 
 
 def preset_configs() -> dict[str, PretrainedConfig]:
