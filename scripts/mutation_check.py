@@ -51,10 +51,10 @@ CHECKPOINTS, SERVICER, OPERATIONS, SERVER = (S + "checkpoints.py", S + "training
 MUTATIONS = [
     # ---- the six the issue found surviving ------------------------------------------------------
     Mutation("sampler-top-p-ignored", SAMPLER,
-             "        if settings.top_p < 1.0:\n            scores = _nucleus(scores, settings.top_p)\n", "",
+             "if any(s.top_p < 1.0 for s in picked):", "if False:",
              ("tests/test_sampling_params.py",), "nucleus sampling silently off"),
     Mutation("sampler-temperature-ignored", SAMPLER,
-             "scores = logits / settings.temperature", "scores = logits",
+             "scores = logits[index] / temperature[:, None]", "scores = logits[index]",
              ("tests/test_sampling_params.py",), "every temperature samples at 1.0"),
     Mutation("optim-grad-clip-ignored", ENGINE,
              "if adam.grad_clip_norm > 0:", "if False:",
@@ -126,7 +126,7 @@ MUTATIONS = [
              'if first is None or not first.HasField("header"):', "if first is None:",
              ("tests/test_stream_protocol.py",), "a headless stream gets a confusing error"),
     Mutation("stream-message-after-end-accepted", SERVICER,
-             'if end is not None or message.HasField("header"):', 'if message.HasField("header"):',
+             'if end is not None or kind_set == "header":', 'if kind_set == "header":',
              ("tests/test_stream_protocol.py",), "datums after the end are silently applied"),
     Mutation("stream-empty-accepted", SERVICER,
              "            if received == 0:\n", "            if False:\n",
@@ -136,9 +136,10 @@ MUTATIONS = [
              ("tests/test_stream_protocol.py",
               "tests/test_streaming.py::test_bad_datum_deep_in_a_stream_applies_nothing"),
              "a bad streamed datum is named by its index within one message"),
-    Mutation("read-outputs-reordered", SERVICER,
-             "    return outputs[start:end]\n", "    return outputs[start:end][::-1]\n",
-             ("tests/test_streaming.py::test_dataset_larger_than_64_mib_with_default_limits",),
+    Mutation("read-outputs-reordered", S + "output_spool.py",
+             "                for entry in self._entries[start:end]]", "                for entry in self._entries[start:end][::-1]]",
+             ("tests/test_output_spool.py",
+              "tests/test_streaming.py::test_dataset_larger_than_64_mib_with_default_limits"),
              "streamed-back logprobs belong to other datums"),
     # ---- scheduler and operations ------------------------------------------------------------------
     Mutation("scheduler-gap-never-expires", SCHEDULER,
@@ -175,8 +176,8 @@ MUTATIONS = [
              'weights = inputs.get("weights", inputs["mask"])', 'weights = inputs["mask"]',
              ("tests/test_training.py",), "every token weighs 1 whatever the weights say"),
     Mutation("optim-grad-norm-l1", ENGINE,
-             "torch.stack([torch.linalg.vector_norm(g) for g in grads])",
-             "torch.stack([g.abs().sum() for g in grads])",
+             "grad_norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)",
+             "grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=1.0, foreach=foreach)",
              ("tests/test_optim_exact.py",), "grad_norm:mean reports another number"),
     # ---- checkpoints ------------------------------------------------------------------------------
     Mutation("checkpoint-format-version-unchecked", CHECKPOINTS,
@@ -198,15 +199,16 @@ MUTATIONS = [
              ("tests/test_crash_safety.py",), "crash leftovers fill the disk"),
     # ---- sampler -------------------------------------------------------------------------------------
     Mutation("sampler-top-k-ignored", SAMPLER,
-             "if 0 < settings.top_k < scores.shape[-1]:", "if False:",
+             "if min(top_k) < vocab:", "if False:",
              ("tests/test_sampling_params.py",), "top_k silently off"),
     Mutation("sampler-nucleus-too-wide", SAMPLER,
              "mass_before >= top_p", "mass_before >= top_p + 0.1",
              ("tests/test_sampling_params.py",), "top_p keeps more tokens than asked"),
     Mutation("sampler-tempered-logprobs", SAMPLER,
-             "    logprobs = torch.log_softmax(logits, dim=-1)\n    if settings.temperature == 0:",
-             "    logprobs = torch.log_softmax(logits / max(settings.temperature, 1e-6), dim=-1)\n"
-             "    if settings.temperature == 0:",
+             "    logprobs = torch.log_softmax(logits, dim=-1)\n    chosen = logits.argmax(dim=-1)\n",
+             "    logprobs = torch.log_softmax(logits / torch.tensor([max(s.temperature, 1e-6) for s in settings],\n"
+             "                                                       device=logits.device)[:, None], dim=-1)\n"
+             "    chosen = logits.argmax(dim=-1)\n",
              ("tests/test_sampling.py",), "RL importance ratios compare the wrong logprobs"),
     Mutation("sampler-stop-tokens-ignored", SAMPLER,
              "if token in self.settings.stop_tokens or self._hit_stop_string(",
@@ -228,8 +230,7 @@ MUTATIONS = [
              "target = base_url or DEFAULT_BASE_URL",
              ("tests/test_server_lifecycle.py",), "$GRADWIRE_BASE_URL is ignored"),
     Mutation("cli-keep-graph-budget-dropped", S + "cli.py",
-             "                        keep_graph_budget_mb=args.keep_graph_budget_mb)",
-             "                        )",
+             "                        keep_graph_budget_mb=args.keep_graph_budget_mb,\n", "",
              ("tests/test_server_lifecycle.py",), "--keep-graph-budget-mb has no effect"),
     Mutation("server-serving-while-loading", SERVER,
              "        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)\n"
@@ -240,6 +241,44 @@ MUTATIONS = [
     Mutation("server-sigterm-not-handled", SERVER,
              "    for sig in (signal.SIGTERM, signal.SIGINT):", "    for sig in (signal.SIGINT,):",
              ("tests/test_server_lifecycle.py",), "SIGTERM kills in-flight requests"),
+    # ---- batched sampler, interceptor, input limits, GSPO (issues 9-12) ----------------------------
+    Mutation("kv-block-never-freed", S + "kv_cache.py",
+             "            if self._holders[block] == 0:\n                self._free.append(block)\n",
+             "            if False:\n                self._free.append(block)\n",
+             ("tests/test_batched_sampling.py::test_kv_use_is_visible_and_freed_on_cancel",
+              "tests/test_batched_sampling.py::test_the_loop_on_either_attention_implementation_equals_the_reference"),
+             "the KV cache leaks until every sampling request waits forever"),
+    Mutation("kv-shared-block-freed-while-held", S + "kv_cache.py",
+             "    def share(self, block: int) -> None:\n        self._holders[block] += 1\n",
+             "    def share(self, block: int) -> None:\n        pass\n",
+             ("tests/test_batched_sampling.py",),
+             "a prompt block the samples still read is handed out again: samples see another prompt"),
+    Mutation("lora-row-uses-adapter-0", S + "lora_batch.py",
+             "row_ids = torch.tensor([index[id(w)] if w is not None else -1 for w in rows])",
+             "row_ids = torch.tensor([0 if w is not None else -1 for w in rows])",
+             ("tests/test_batched_sampling.py::test_rows_of_different_adapters_match_their_references",),
+             "a sample decodes with another request's adapter"),
+    Mutation("malformed-message-answers-unknown", S + "malformed.py",
+             "            return Undecodable(name, error)\n", "            raise\n",
+             ("tests/test_bad_input_table.py::test_undecodable_message_on_every_method",),
+             "undecodable bytes get UNKNOWN instead of INVALID_ARGUMENT naming the message type"),
+    Mutation("validation-decoded-size-cap-skipped", VALIDATION,
+             "        elif nbytes > MAX_DATUM_INPUT_BYTES:\n"
+             "            violations.append(FieldViolation(field, f\"shape {shape} decodes to {nbytes} bytes, more than \"\n"
+             "                                                    f\"{MAX_DATUM_INPUT_BYTES} per datum\"))\n"
+             "        else:\n"
+             "            total += nbytes\n"
+             "    if total > MAX_DATUM_INPUT_BYTES:\n",
+             "        else:\n"
+             "            total += nbytes\n"
+             "    if False:\n",
+             ("tests/test_bad_input_table.py::test_bad_target_tensor",),
+             "a sparse tensor of a few bytes makes the server allocate terabytes"),
+    Mutation("gspo-ratio-sum-not-mean", S + "losses.py",
+             "dim=(1, 2), keepdim=True) / tokens)", "dim=(1, 2), keepdim=True))",
+             ("tests/test_rl_losses.py::test_gspo_loss_and_gradient_match_a_per_sequence_loop",
+              "tests/test_rl_losses.py::test_gspo_datums_without_a_ratio_mask_use_every_token"),
+             "GSPO's sequence ratio grows with the sequence length"),
 ]
 
 
