@@ -37,10 +37,15 @@ TIMEOUT_S = 900
 class Mutation:
     name: str
     file: str          # relative to the repository root
-    old: str           # must occur exactly once in the file
-    new: str
+    old: str | tuple[str, ...]   # each must occur exactly once in the file (a tuple: edits made together)
+    new: str | tuple[str, ...]   # the replacement of each old snippet
     tests: tuple[str, ...]   # pytest arguments: files or node ids that should catch it
     bug: str           # what a user would see
+
+    def edits(self) -> list[tuple[str, str]]:
+        if isinstance(self.old, str):
+            return [(self.old, self.new)]
+        return list(zip(self.old, self.new, strict=True))
 
 
 S = "service/gradwire_server/"
@@ -137,7 +142,8 @@ MUTATIONS = [
               "tests/test_streaming.py::test_bad_datum_deep_in_a_stream_applies_nothing"),
              "a bad streamed datum is named by its index within one message"),
     Mutation("read-outputs-reordered", S + "output_spool.py",
-             "                for entry in self._entries[start:end]]", "                for entry in self._entries[start:end][::-1]]",
+             "                for entry in self._entries[start:end]]",
+             "                for entry in self._entries[start:end][::-1]]",
              ("tests/test_output_spool.py",
               "tests/test_streaming.py::test_dataset_larger_than_64_mib_with_default_limits"),
              "streamed-back logprobs belong to other datums"),
@@ -166,8 +172,10 @@ MUTATIONS = [
     Mutation("operations-never-expire", OPERATIONS,
              "if r.finished_at is not None and r.finished_at < cutoff]", "if False]",
              ("tests/test_server_lifecycle.py",), "server memory grows with every finished operation"),
+    # The cap is applied twice since the merge: when the request's timeout is read, and by the store.
     Mutation("operations-wait-uncapped", OPERATIONS,
-             "min(timeout_s, self.max_wait_s)", "timeout_s",
+             ("min(timeout_s, self.max_wait_s)", "    return min(seconds + nanos / 1e9, cap_s)\n"),
+             ("timeout_s", "    return seconds + nanos / 1e9\n"),
              ("tests/test_server_lifecycle.py",), "a long-poll holds a connection past the advertised cap"),
     Mutation("optim-weight-decay-ignored", ENGINE,
              "weight_decay=adam.weight_decay)", "weight_decay=0.0)",
@@ -281,11 +289,13 @@ def apply(mutation: Mutation, tree: pathlib.Path) -> None:
     """Applies the mutation to the copy; ValueError unless its snippet occurs exactly once."""
     path = tree / mutation.file
     text = path.read_text()
-    count = text.count(mutation.old)
-    if count != 1:
-        raise ValueError(f"{mutation.name}: the old snippet occurs {count} times in {mutation.file} "
-                         "(the code changed: update the snippet in scripts/mutation_check.py)")
-    path.write_text(text.replace(mutation.old, mutation.new))
+    for old, new in mutation.edits():
+        count = text.count(old)
+        if count != 1:
+            raise ValueError(f"{mutation.name}: the old snippet occurs {count} times in {mutation.file} "
+                             "(the code changed: update the snippet in scripts/mutation_check.py)")
+        text = text.replace(old, new)
+    path.write_text(text)
 
 
 def check_snippets(mutations: list[Mutation]) -> list[str]:
@@ -295,9 +305,11 @@ def check_snippets(mutations: list[Mutation]) -> list[str]:
         if mutation.name in names:
             problems.append(f"{mutation.name}: repeated name")
         names.add(mutation.name)
-        count = (ROOT / mutation.file).read_text().count(mutation.old) if (ROOT / mutation.file).exists() else -1
-        if count != 1:
-            problems.append(f"{mutation.name}: old snippet found {count} times in {mutation.file}")
+        text = (ROOT / mutation.file).read_text() if (ROOT / mutation.file).exists() else None
+        for old, _ in mutation.edits():
+            count = text.count(old) if text is not None else -1
+            if count != 1:
+                problems.append(f"{mutation.name}: old snippet found {count} times in {mutation.file}")
         for test in mutation.tests:
             if not (ROOT / test.split("::")[0]).exists():
                 problems.append(f"{mutation.name}: no test file {test}")
