@@ -8,6 +8,8 @@ import threading
 
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 import numpy as np
 import peft
@@ -15,8 +17,18 @@ import torch
 
 import gradwire
 from gradwire import _convert
+from gradwire.v1 import resource_service_pb2, sampling_service_pb2
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.models import cast_base, tiny_random_model
+
+# Every service a gradwire server answers, and each (service name, method) pair.
+SERVICES = [pb.DESCRIPTOR.services_by_name["TrainingService"],
+            sampling_service_pb2.DESCRIPTOR.services_by_name["SamplingService"],
+            resource_service_pb2.DESCRIPTOR.services_by_name["ResourceService"],
+            operations_pb2.DESCRIPTOR.services_by_name["Operations"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]]
+METHODS = [(service.full_name, method) for service in SERVICES for method in service.methods]
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 

@@ -9,22 +9,13 @@ import pytest
 import torch
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
-from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection_pb2
 
 import gradwire
-from gradwire.v1 import codec, resource_service_pb2, sampling_service_pb2, tensor_pb2
+from gradwire.v1 import codec, sampling_service_pb2, tensor_pb2
 from gradwire.v1 import sampling_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
-from reference import assert_state_equal, random_data, raw_request, run_state, succeeded, trained_run
+from reference import METHODS, assert_state_equal, random_data, raw_request, run_state, succeeded, trained_run
 
-SERVICES = [pb.DESCRIPTOR.services_by_name["TrainingService"],
-            sampling_service_pb2.DESCRIPTOR.services_by_name["SamplingService"],
-            resource_service_pb2.DESCRIPTOR.services_by_name["ResourceService"],
-            operations_pb2.DESCRIPTOR.services_by_name["Operations"],
-            health_pb2.DESCRIPTOR.services_by_name["Health"],
-            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]]
-METHODS = [(service.full_name, method) for service in SERVICES for method in service.methods]
 KB_100 = "x" * 100_000
 
 

@@ -16,30 +16,19 @@ import time
 import grpc
 import numpy as np
 import pytest
-from google.longrunning import operations_pb2
 from google.protobuf import descriptor as descriptor_module
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradwire
-from gradwire.v1 import resource_service_pb2, sampling_service_pb2
-from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.server import BackgroundServer, ServerConfig
-from reference import random_data
+from reference import METHODS, random_data
 
 FUZZ_SECONDS_PER_METHOD = float(os.environ.get("GRADWIRE_FUZZ_SECONDS", "1.5"))
 CALL_TIMEOUT_S = 20
 NEVER = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
-SERVICES = [pb.DESCRIPTOR.services_by_name["TrainingService"],
-            sampling_service_pb2.DESCRIPTOR.services_by_name["SamplingService"],
-            resource_service_pb2.DESCRIPTOR.services_by_name["ResourceService"],
-            operations_pb2.DESCRIPTOR.services_by_name["Operations"],
-            health_pb2.DESCRIPTOR.services_by_name["Health"],
-            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]]
-METHODS = [(service.full_name, method) for service in SERVICES for method in service.methods]
 FD = descriptor_module.FieldDescriptor
 
 
