@@ -20,6 +20,7 @@ from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import memory
 from gradwire_server.batch import DatumArrays, LoraSettings
 from gradwire_server.engine import Engine
+from gradwire_server.kv_cache import BLOCK_TOKENS
 from gradwire_server.models import load_model
 from gradwire_server.server import BackgroundServer, ServerConfig
 from reference import (assert_state_equal, finished, micro_batch_tokens, random_data, raw_request,
@@ -198,9 +199,12 @@ def test_capabilities_report_the_sizes(server, service, stubs):
     engine = server.engine
     assert (limits.micro_batch_tokens, limits.keep_graph_budget_bytes) == (
         engine.micro_batch_tokens, engine.keep_graph_budget_bytes)
-    sdk_limits = service.get_server_capabilities().limits
+    sdk_capabilities = service.get_server_capabilities()
     for key in ("micro_batch_tokens", "keep_graph_budget_bytes", "activation_bytes_per_token"):
-        assert sdk_limits[key] == getattr(limits, key)
+        assert sdk_capabilities.limits[key] == getattr(limits, key)
+    assert sdk_capabilities.dtype == str(engine.dtype).removeprefix("torch.")
+    assert sdk_capabilities.kv_cache["budget_bytes"] > 0
+    assert sdk_capabilities.kv_cache["block_tokens"] == BLOCK_TOKENS
     if engine.device.type == "cpu":
         assert limits.micro_batch_tokens == memory.CPU_MICRO_BATCH_TOKENS
         assert limits.keep_graph_budget_bytes == memory.CPU_KEEP_GRAPH_BUDGET_BYTES

@@ -203,7 +203,9 @@ class ServiceClient:
                     "operation_ttl_seconds": limits.operation_ttl_seconds,
                     "micro_batch_tokens": limits.micro_batch_tokens,
                     "keep_graph_budget_bytes": limits.keep_graph_budget_bytes,
-                    "activation_bytes_per_token": limits.activation_bytes_per_token})
+                    "activation_bytes_per_token": limits.activation_bytes_per_token},
+            dtype=response.dtype,
+            kv_cache={f.name: getattr(response.kv_cache, f.name) for f in response.kv_cache.DESCRIPTOR.fields})
 
     async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
         return await asyncio.to_thread(self.get_server_capabilities)

@@ -314,6 +314,10 @@ class GetServerCapabilitiesResponse:
     loss_fns: list[str]
     limits: dict[str, float]
     device: str
+    dtype: str = "float32"  # the frozen base weights' dtype (LoRA, gradients, AdamW: float32)
+    # The sampler's KV cache at the time of the call: budget_bytes, used_bytes, reserved_bytes,
+    # block_tokens, running_sequences, waiting_requests.
+    kv_cache: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
