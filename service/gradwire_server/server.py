@@ -141,10 +141,9 @@ class GradwireServer:
         self.scheduler.start()
         info = _model_info(loaded, device, plan)
         adapters = SamplerAdapters(self.engine)
-        self.training.attach(self.engine, self.scheduler, info, adapters)
         decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights)
+        self.training.attach(self.engine, self.scheduler, info, adapters, decode_loop.usage)
         self.sampling.attach(self.engine, self.scheduler, info, adapters, decode_loop)
-        self.training.kv_cache_usage = decode_loop.usage
         self.resources.attach(self.scheduler)
         self._expiry = [asyncio.create_task(self._expire_operations()),
                         asyncio.create_task(self._expire_kept_graphs()),

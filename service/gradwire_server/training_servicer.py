@@ -72,16 +72,18 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         self.scheduler: Scheduler | None = None
         self.info: ModelInfo | None = None
         self.ops: CheckpointOps | None = None
-        self.kv_cache_usage: Callable[[], object] | None = None  # the sampler's (a dataclass), once loaded
+        self.kv_cache_usage: Callable[[], object] | None = None  # the sampler's KV cache use (a dataclass)
         self.adapters: SamplerAdapters | None = None
         # request_id -> the creation it started (a retry awaits the same one), newest last.
         self._creations: OrderedDict[str, asyncio.Future] = OrderedDict()
         # Checkpoint path -> the operation of a save of it admitted in this process.
         self._saves: dict[str, str] = {}
 
-    def attach(self, engine: Engine, scheduler: Scheduler, info: ModelInfo, adapters: SamplerAdapters) -> None:
+    def attach(self, engine: Engine, scheduler: Scheduler, info: ModelInfo, adapters: SamplerAdapters,
+               kv_cache_usage: Callable[[], object]) -> None:
         """Called once the model is loaded; until then every call is UNAVAILABLE."""
         self.engine, self.scheduler, self.info, self.adapters = engine, scheduler, info, adapters
+        self.kv_cache_usage = kv_cache_usage
         self.ops = CheckpointOps(engine, self.checkpoint_root, self.index, info.name)
 
     async def GetServerCapabilities(self, request, context):
@@ -101,8 +103,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                                    micro_batch_tokens=info.memory.micro_batch_tokens,
                                    keep_graph_budget_bytes=info.memory.keep_graph_budget_bytes,
                                    activation_bytes_per_token=info.memory.activation_bytes_per_token),
-            kv_cache=pb.KvCacheUsage(**dataclasses.asdict(self.kv_cache_usage()))
-            if self.kv_cache_usage is not None else None)
+            kv_cache=pb.KvCacheUsage(**dataclasses.asdict(self.kv_cache_usage())))
 
     async def CreateModel(self, request, context):
         try:
