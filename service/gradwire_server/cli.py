@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 
+from gradwire_server import memory
 from gradwire_server.models import DTYPES, LOAD_FORMATS, preset_configs
 from gradwire_server.server import (CUDA_KV_CACHE_SHARE, DEFAULT_CHECKPOINT_DIR, DEFAULT_CPU_KV_CACHE_MB,
                                    ServerConfig, serve)
@@ -33,11 +34,11 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
                              f"({', '.join(preset_configs())}), made on the device (for benchmarks)")
     parser.add_argument("--micro-batch-tokens", type=int, default=None,
                         help="padded tokens per forward pass (default: from the free memory on CUDA, "
-                             "16384 on the CPU)")
+                             f"{memory.CPU_MICRO_BATCH_TOKENS} on the CPU)")
     parser.add_argument("--keep-graph-budget-mb", type=float, default=None,
                         help="activation memory a custom loss's forward leg may keep so its backward "
                              "leg needs no second forward pass; 0 always recomputes (default: from the "
-                             "free memory on CUDA, 2048 on the CPU)")
+                             f"free memory on CUDA, {memory.CPU_KEEP_GRAPH_BUDGET_BYTES // 2**20} on the CPU)")
     parser.add_argument("--kv-cache-mb", type=float, default=None,
                         help="memory for the sampler's KV cache; sampling requests wait for room in it "
                              f"(default: {DEFAULT_CPU_KV_CACHE_MB:g} on CPU, "

@@ -300,15 +300,14 @@ class Engine:
     """Training runs on one device. Not thread-safe: call from one thread."""
 
     def __init__(self, base: LoadedModel, device: torch.device,
-                 micro_batch_tokens: int = memory.CPU_MICRO_BATCH_TOKENS,
-                 keep_graph_budget_bytes: int = memory.CPU_KEEP_GRAPH_BUDGET_BYTES,
                  keep_graph_timeout_s: float = KEEP_GRAPH_TIMEOUT_S):
         self.base = base
         self.device = device
         self.peft_model: peft.PeftModel | None = None
         self.runs: dict[str, Run] = {}
-        self.micro_batch_tokens = micro_batch_tokens                # padded tokens per forward pass
-        self.keep_graph_budget_bytes = keep_graph_budget_bytes      # activations Forwards may keep
+        # Set by plan_memory(); the CPU defaults until then.
+        self.micro_batch_tokens = memory.CPU_MICRO_BATCH_TOKENS               # padded tokens per forward pass
+        self.keep_graph_budget_bytes = memory.CPU_KEEP_GRAPH_BUDGET_BYTES     # activations Forwards may keep
         self.keep_graph_timeout_s = keep_graph_timeout_s
         self.kept: dict[str, KeptForward] = {}  # run_id -> its last Forward's graph
         # Fault injection for tests: called with (datums, padded length) just

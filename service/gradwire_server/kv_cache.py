@@ -8,8 +8,9 @@ pool's size is a byte budget: a request is admitted only when blocks for its
 whole worst case (prompt + max_tokens per sample) can be reserved, so a running
 sequence never runs out and admission waits instead of failing.
 
-The pool tensors are allocated once, empty: pages the OS has not been asked
-for yet cost nothing, so use grows with the blocks written.
+The pool tensors are allocated once, empty. On the CPU, pages the OS has not
+been asked for yet cost nothing, so use grows with the blocks written; on CUDA
+the whole budget is allocated at start-up, before the training memory plan.
 
 `Step` is what a model forward pass needs: where each row's new keys go and
 which slots each row attends to. The model calls `update()` per layer (the

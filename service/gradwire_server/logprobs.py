@@ -1,7 +1,7 @@
 """Token logprobs from a causal LM: log_softmax over the vocabulary in float32,
-gathered at the target tokens. Training and sampling both use
-`logprobs_from_logits`, so their logprobs of the same tokens agree to the
-rounding of the model's dtype.
+gathered at the target tokens. The sampler computes the same float32
+log_softmax of the unscaled logits (over its KV-cached decode), so sampled and
+training logprobs of the same tokens agree to the rounding of the model's dtype.
 
 Training unembeds the last hidden states in chunks of positions: the whole
 micro-batch's float32 logits ([B, L, V], 2 GiB for 8 x 1024 tokens and a 64k
@@ -24,8 +24,8 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 def model_target_logprobs(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Logprobs [B, L, K] of `targets` after each position of `tokens` [B, L], as
     training computes them: the decoder, then the chunked unembedding. Run under
-    the engine's autocast. A sampler that re-scores its finished sequences with
-    this gets the training logprobs of the same tokens, not the KV-cached decode's."""
+    the engine's autocast. (Not yet used by the sampler: re-scoring finished
+    sequences with it would give exactly the training logprobs in bf16.)"""
     hidden = model.get_decoder()(input_ids=tokens).last_hidden_state                 # [B, L, H]
     unembed = model.get_output_embeddings()
     return chunked_target_logprobs(hidden, unembed, targets, unembed.weight.shape[0])
