@@ -47,7 +47,6 @@ from bench import RANK, VOCAB, write_model  # noqa: E402
 from local_server import start_server  # noqa: E402
 
 NUM_SAMPLES, MAX_TOKENS, PROMPT_TOKENS = 4, 128, 16
-PARAMS = gradwire.SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0)
 
 
 def prompts(count: int, seed: int) -> list[list[int]]:

@@ -235,7 +235,7 @@ def test_gspo_loss_and_gradient_match_a_per_sequence_loop(server, service, confi
 
 def test_gspo_datums_without_a_ratio_mask_use_every_token(server, service):
     """In one batch, a datum sent without sequence_ratio_mask is scored as it is alone
-    (ratio over all its tokens), beside a datum that sends one."""
+    and as the per-sequence loop with a ratio over all its tokens, beside a datum that sends one."""
     tc = trained_run(service)
     model = reference_model(server, tc.model_id, rank=4)
     with_mask, without = gspo_data(model, [1.1, 0.9])
@@ -245,6 +245,13 @@ def test_gspo_datums_without_a_ratio_mask_use_every_token(server, service):
     together = tc.forward([with_mask, without], "gspo", config).result().metrics["loss:sum"]
     apart = sum(tc.forward([d], "gspo", config).result().metrics["loss:sum"] for d in (with_mask, without))
     assert together == pytest.approx(apart, rel=1e-5)
+    expected = torch.zeros(())
+    for datum in (with_mask, without):
+        inputs = {key: value.to_torch() for key, value in datum.loss_fn_inputs.items()}
+        lp = reference_logprobs(model, datum)
+        mask = inputs.get("sequence_ratio_mask", torch.ones(len(lp)))
+        expected = expected + gspo_sequence_loss(lp, inputs["logprobs"], inputs["advantages"], mask, 0.5, 2.0)[0]
+    assert together == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_stable_reinforce_is_refused_with_the_reason(server, service):

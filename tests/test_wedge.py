@@ -215,9 +215,11 @@ def test_issue_sequence_completes_and_the_step_is_applied(server, service, monke
     adam = gradwire.AdamParams(learning_rate=1e-2)
     tc = service.create_lora_training_client("tiny-random", rank=4, seed=11)
     tc.forward_backward(warm_up, "cross_entropy").result()
+    warmed_up = run_state(server, tc.model_id)
     with pytest.raises(gradwire.BadRequestError, match=r"data\[250\]"):
         tc.forward_backward(list(wide_data(300, 64, 24, seed=8, bad_at=250)), "cross_entropy"
                             ).result(timeout=ANSWER_S)
+    assert_state_equal(warmed_up, run_state(server, tc.model_id))
 
     def raising():
         for i, datum in enumerate(wide_data(300, 64, 24, seed=9)):
@@ -227,6 +229,7 @@ def test_issue_sequence_completes_and_the_step_is_applied(server, service, monke
 
     with pytest.raises(OSError, match="datum 120"):
         tc.forward_backward(raising(), "cross_entropy").result(timeout=ANSWER_S)
+    assert_state_equal(warmed_up, run_state(server, tc.model_id))  # exactly the warm-up's gradient
     tc.optim_step(adam).result(timeout=ANSWER_S)
     assert tc.get_info().step == 1
     twin = _twin_after_warm_up(service, warm_up, adam)
@@ -254,8 +257,10 @@ def test_request_after_a_seen_failure_runs(server, service, small_messages, fail
     adam = gradwire.AdamParams(learning_rate=1e-2)
     tc = service.create_lora_training_client("tiny-random", rank=4, seed=11)
     tc.forward_backward(warm_up, "cross_entropy").result()
+    warmed_up = run_state(server, tc.model_id)
     with pytest.raises((OSError, gradwire.BadRequestError)):
         failing(tc).result(timeout=ANSWER_S)
+    assert_state_equal(warmed_up, run_state(server, tc.model_id))  # exactly the warm-up's gradient
     tc.optim_step(adam).result(timeout=ANSWER_S)
     twin = _twin_after_warm_up(service, warm_up, adam)
     torch.testing.assert_close(_weights(server, tc.model_id), _weights(server, twin.model_id))

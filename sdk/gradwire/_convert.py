@@ -162,3 +162,7 @@ def sampled_tokens(piece: sampling_pb.SampledTokens) -> types.SampledTokens:
     return types.SampledTokens(piece.sequence_index, codec.unpack_int32(piece.tokens), codec.unpack_float32(piece.logprobs),
                                _STOP_REASONS[piece.stop_reason] if piece.done else None)
 
+
+def gradwire_path(path: str) -> str:
+    """tinker://... (as code written for Tinker keeps paths) as gradwire://..."""
+    return "gradwire://" + path.removeprefix("tinker://") if path.startswith("tinker://") else path

@@ -29,7 +29,7 @@ from gradwire import _convert, custom_loss, types
 from gradwire.errors import AbortedError, APITimeoutError, GradwireError, UnsupportedFeatureError, error_from_rpc
 from gradwire._transport import Transport, request_id, submitted
 from gradwire.futures import APIFuture
-from gradwire.rest_client import RestClient, _gradwire_path
+from gradwire.rest_client import RestClient
 from gradwire.sampling_client import SamplingClient
 from gradwire.v1 import sampling_service_pb2 as sampling_pb
 from gradwire.v1 import training_service_pb2 as pb
@@ -277,7 +277,7 @@ class ServiceClient:
             if base_model not in served:
                 raise ValueError(f"base_model {base_model!r} is not served here: {served}")
         response = self._call("CreateModelFromState", pb.CreateModelFromStateRequest(
-            path=_gradwire_path(path), optimizer=optimizer,
+            path=_convert.gradwire_path(path), optimizer=optimizer,
             user_metadata={**self.user_metadata, **(user_metadata or {})}, request_id=request_id()))
         info = self._call("GetInfo", pb.GetInfoRequest(model_id=response.model_id))
         return TrainingClient(self, response.model_id, base_model or info.model_name)
@@ -293,7 +293,7 @@ class ServiceClient:
         base model (base_model). retry_config: see SamplingClient. record_stability_info
         (data for the hosted stable_reinforce loss) is not supported."""
         _check_stability_info(record_stability_info)
-        return SamplingClient(self, model_path=model_path and _gradwire_path(model_path),
+        return SamplingClient(self, model_path=model_path and _convert.gradwire_path(model_path),
                               base_model=base_model, retry_config=retry_config)
 
     async def create_sampling_client_async(self, model_path: str | None = None, base_model: str | None = None,
@@ -608,7 +608,7 @@ class TrainingClient:
         return self._ordered_call("LoadWeights", pb.LoadWeightsRequest, pb.LoadWeightsResponse,
                                   lambda r: types.LoadWeightsResponse(path=r.path),
                                   "load_state_with_optimizer" if optimizer else "load_state",
-                                  path=_gradwire_path(path), optimizer=optimizer)
+                                  path=_convert.gradwire_path(path), optimizer=optimizer)
 
     def _ordered_call(self, rpc: str, request_type, response_type, convert: Callable[[Any], Any],
                       label: str, **fields) -> APIFuture:

@@ -114,20 +114,20 @@ class RestClient:
 
     def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
         """Deletes the checkpoint at `tinker_path` (gradwire://... or tinker://...)."""
-        path = _gradwire_path(tinker_path)
+        path = _convert.gradwire_path(tinker_path)
         return self._background(lambda: self._delete(path))
 
     def set_checkpoint_ttl_from_tinker_path(self, tinker_path: str, ttl_seconds: int | None) -> APIFuture[None]:
         """Sets the checkpoint's TTL to ttl_seconds from now (the server then deletes it),
         or with None removes it (kept until deleted)."""
-        request = rpb.SetCheckpointTtlRequest(path=_gradwire_path(tinker_path), ttl_seconds=ttl_seconds)
+        request = rpb.SetCheckpointTtlRequest(path=_convert.gradwire_path(tinker_path), ttl_seconds=ttl_seconds)
         return self._background(lambda: self._call("SetCheckpointTtl", request) and None)
 
     def download_checkpoint(self, path: str, dest_dir: str | os.PathLike) -> pathlib.Path:
         """Writes the checkpoint's files into `dest_dir` (created; must be absent or
         empty) and returns it. The folder appears only once complete: for a peft
         adapter, PeftModel.from_pretrained(base_model, dest_dir) loads it."""
-        path = _gradwire_path(path)
+        path = _convert.gradwire_path(path)
         dest = pathlib.Path(dest_dir)
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
@@ -266,11 +266,6 @@ def _check_scope(access_scope: str) -> None:
     if access_scope != "owned":
         raise UnsupportedFeatureError(f"access_scope={access_scope!r}",
                                       "runs shared across accounts are a feature of the hosted Tinker service")
-
-
-def _gradwire_path(path: str) -> str:
-    """tinker://... (as code written for Tinker keeps paths) as gradwire://..."""
-    return "gradwire://" + path.removeprefix("tinker://") if path.startswith("tinker://") else path
 
 
 def _write_chunk(folder: pathlib.Path, chunk: rpb.CheckpointChunk, written: dict[str, int]) -> None:

@@ -161,11 +161,8 @@ class SamplingClient:
     def _submit(self, method: str, request, message_type, convert: Callable[[Any], Any]) -> APIFuture:
         service = self.service
 
-        def send() -> str:
-            try:
-                return getattr(self._stub, method)(request, metadata=service._transport.metadata).name
-            except grpc.RpcError as error:
-                raise error_from_rpc(error) from None
+        def send() -> str:  # retried while UNAVAILABLE: the request_id makes a copy the same request
+            return service._transport.unary(getattr(self._stub, method), request).name
 
         submitted = self.service._sampling_senders.submit(send)
 

@@ -445,11 +445,6 @@ class ParsedCheckpointTinkerPath:
         return cls(tinker_path, parts[0], "training" if parts[1] == "weights" else "sampler",
                    f"{parts[1]}/{parts[2]}")
 
-    @property
-    def gradwire_path(self) -> str:
-        """The same checkpoint as gradwire names it."""
-        return f"gradwire://{self.training_run_id}/{self.checkpoint_id}"
-
 
 @dataclass(frozen=True)
 class AdamOptimizerConfig:
