@@ -20,12 +20,22 @@ from gradwire.v1 import training_service_pb2_grpc as pb_grpc  # noqa: E402
 from gradwire_server.server import BackgroundServer, ServerConfig  # noqa: E402
 
 
+# Every test server is float32 (exactness is tested against in-process float32 references; bf16
+# has its own tests) with the CPU's KV cache size: on CUDA the default takes 0.25 of the free
+# memory, and the suite may run many servers side by side on one card.
+TEST_SERVER_ARGS = ("--dtype", "float32", "--kv-cache-mb", "512")
+
+
+def server_config(**fields) -> ServerConfig:
+    """A tiny-random ServerConfig on a free port with the test defaults; `fields` override."""
+    return ServerConfig(**{"model": "tiny-random", "port": 0, "dtype": "float32", "kv_cache_mb": 512, **fields})
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """An in-process server; `server.engine` is its engine, `server.call(fn)` runs fn on its worker,
     `server.server.checkpoint_root` its (temporary) checkpoint folder."""
-    background = BackgroundServer(ServerConfig(model="tiny-random", port=0, dtype="float32",
-                                               checkpoint_dir=tmp_path_factory.mktemp("checkpoints")))
+    background = BackgroundServer(server_config(checkpoint_dir=tmp_path_factory.mktemp("checkpoints")))
     yield background
     background.stop()
 
@@ -56,7 +66,7 @@ def start_cli_server(*args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "gradwire_server", "--model", "tiny-random", "--port", str(port),
-         "--dtype", "float32", *args],
+         *TEST_SERVER_ARGS, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     listening = threading.Event()
     output: list[str] = []

@@ -88,6 +88,25 @@ def reference_model(server, run_id: str, rank: int) -> peft.PeftModel:
     return model
 
 
+@torch.no_grad()
+def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
+    """Full-recompute argmax loop (no KV cache) on the model's device."""
+    device = next(model.parameters()).device
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@torch.no_grad()
+def sequence_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the model's float32 logits [L, V] for one sequence, computed on the
+    model's device, returned on the CPU."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([ids], device=device)).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
 def reference_logprobs(model, datum: gradwire.Datum) -> torch.Tensor:
     """log_softmax(logits) at the target tokens, for one unpadded sequence, on the CPU
     (computed on the model's device, under bf16 autocast for a bf16 model)."""

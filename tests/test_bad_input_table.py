@@ -14,7 +14,8 @@ import gradwire
 from gradwire.v1 import codec, sampling_service_pb2, tensor_pb2
 from gradwire.v1 import sampling_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
-from reference import METHODS, assert_state_equal, random_data, raw_request, run_state, succeeded, trained_run
+from reference import (METHODS, assert_optimizer_equal, assert_state_equal, optimizer_state, random_data, raw_request,
+                       run_state, succeeded, trained_run)
 
 KB_100 = "x" * 100_000
 
@@ -208,12 +209,14 @@ def test_optimizer_hyperparameters_out_of_bounds(server, stubs, run, adam, field
 def test_a_step_that_would_write_a_non_finite_weight_changes_nothing(server, service):
     """Within the bounds, learning_rate 10 and weight_decay 100 multiply every weight by
     -999 a step: within a few steps one would overflow to infinity. That step fails
-    FAILED_PRECONDITION and leaves weights, gradients and the step count as they were."""
+    FAILED_PRECONDITION and leaves weights, gradients, AdamW's moments and the step count
+    as they were."""
     tc = trained_run(service)
     steep = gradwire.AdamParams(learning_rate=10.0, weight_decay=100.0)
     for _ in range(40):
         tc.forward_backward(random_data(68), "cross_entropy").result()
         before, step = run_state(server, tc.model_id), tc.get_info().step
+        moments = optimizer_state(server, tc.model_id)
         try:
             tc.optim_step(steep).result()
         except gradwire.ConflictError as error:
@@ -227,6 +230,7 @@ def test_a_step_that_would_write_a_non_finite_weight_changes_nothing(server, ser
         torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
         torch.testing.assert_close(after[name][1], grad, rtol=0, atol=0, equal_nan=True)
     assert tc.get_info().step == step
+    assert_optimizer_equal(moments, optimizer_state(server, tc.model_id))
     tc.forward(random_data(69), "cross_entropy").result()  # the run still answers
 
 

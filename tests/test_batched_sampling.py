@@ -22,9 +22,10 @@ from gradwire.v1 import training_service_pb2_grpc as tpb_grpc
 from gradwire_server import sampler
 from gradwire_server.kv_cache import BLOCK_TOKENS, BlockPool
 from gradwire_server.models import tiny_random_model
-from gradwire_server.server import BackgroundServer, ServerConfig
-from reference import (finished, forward_batches, random_data, raw_request, reference_model, succeeded,
-                       trained_run, worker_busy)
+from conftest import server_config
+from gradwire_server.server import BackgroundServer
+from reference import (finished, forward_batches, greedy_reference, random_data, raw_request, reference_base_model,
+                       reference_model, sequence_logprobs, succeeded, trained_run, worker_busy)
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32]
 RANK = 4
@@ -110,14 +111,13 @@ def test_rows_of_different_adapters_match_their_references(server, raw, adapters
     with worker_busy(server):
         greedy = [stub.Sample(request(w, 1, max_tokens=24, temperature=0.0)).name for w in weights]
         sampled = [stub.Sample(request(w, 3, max_tokens=24, seed=9)).name for w in weights]
-    models = [tiny_random_model()] + [reference_model(server, tc.model_id, RANK) for tc, _ in adapters]
+    models = [reference_base_model(server)] + [reference_model(server, tc.model_id, RANK) for tc, _ in adapters]
     for name, model in zip(greedy, models):
         assert outcome(operations, name)[0][0] == greedy_reference(model, PROMPT, 24)
     for name, model in zip(sampled, models):
         for tokens, logprobs, _ in outcome(operations, name):
             ids = torch.tensor([PROMPT + tokens])
-            with torch.no_grad():
-                expected = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+            expected = sequence_logprobs(model, PROMPT + tokens)
             positions = torch.arange(len(PROMPT) - 1, ids.shape[1] - 1)
             np.testing.assert_allclose(logprobs, expected[positions, ids[0, positions + 1]].numpy(),
                                        rtol=0, atol=1e-4)
@@ -156,8 +156,7 @@ def test_an_ephemeral_snapshot_decodes_in_the_batch_like_its_saved_checkpoint(se
         np.testing.assert_allclose(np.frombuffer(mine.logprobs, "<f4"), np.frombuffer(twin.logprobs, "<f4"),
                                    rtol=0, atol=1e-5)
         ids = torch.tensor([PROMPT + tokens])
-        with torch.no_grad():
-            expected = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)[len(PROMPT) - 1:-1]
+        expected = sequence_logprobs(model, PROMPT + tokens)[len(PROMPT) - 1:-1]
         top = torch.topk(expected, 4, dim=-1)
         assert mine.topk_logprobs.k == 4
         assert np.frombuffer(mine.topk_logprobs.token_ids, "<i4").reshape(-1, 4).tolist() == top.indices.tolist()
@@ -177,20 +176,11 @@ def test_long_prompt_is_prefilled_in_chunks_exactly(server, service):
     client = service.create_sampling_client(base_model="tiny-random")
     response = client.sample(gradwire.ModelInput.from_ints(prompt), 3, gradwire.SamplingParams(
         max_tokens=12, temperature=0.0), include_prompt_logprobs=True).result()
-    model = tiny_random_model()
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0], dim=-1)
+    model = reference_base_model(server)
+    logprobs = sequence_logprobs(model, prompt)
     expected = logprobs[:-1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0].numpy()
     np.testing.assert_allclose(response.prompt_logprobs[1:], expected, rtol=0, atol=1e-5)
     assert [s.tokens for s in response.sequences] == [greedy_reference(model, prompt, 12)] * 3
-
-
-@torch.no_grad()
-def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(steps):
-        ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 # ---- turns: training and sampling each wait a bounded number of the other's turns ----------------------
@@ -248,7 +238,7 @@ def test_sampling_waits_at_most_one_request_per_training_run(server, raw, stubs)
 def small_cache_server(tmp_path_factory):
     """A server whose KV cache holds 20 blocks (one is the zero block)."""
     block_bytes = 2 * 2 * 2 * 16 * 4 * BLOCK_TOKENS  # k+v, layers, kv heads, head dim, float32
-    background = BackgroundServer(ServerConfig(model="tiny-random", port=0, kv_cache_mb=20 * block_bytes / 2**20,
+    background = BackgroundServer(server_config(kv_cache_mb=20 * block_bytes / 2**20,
                                                checkpoint_dir=tmp_path_factory.mktemp("small-cache")))
     yield background
     background.stop()

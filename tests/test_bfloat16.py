@@ -11,7 +11,8 @@ import torch
 
 import gradwire
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire_server.server import BackgroundServer, ServerConfig
+from conftest import server_config
+from gradwire_server.server import BackgroundServer
 from reference import (optimizer_state, random_data, reference_gradients, reference_logprobs, reference_model,
                        relative_error, run_state, server_gradients, trained_run)
 
@@ -23,7 +24,7 @@ PROMPT = [72, 101, 108, 108, 111, 44, 32]
 
 @pytest.fixture(scope="module")
 def bf16_server(tmp_path_factory):
-    background = BackgroundServer(ServerConfig(model="tiny-random", port=0, dtype="bfloat16",
+    background = BackgroundServer(server_config(dtype="bfloat16",
                                                checkpoint_dir=tmp_path_factory.mktemp("bf16")))
     yield background
     background.stop()

@@ -43,7 +43,7 @@ def as_adapter(state: dict, run_id: str) -> dict[str, torch.Tensor]:
 def assert_tensors_equal(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
     assert left.keys() == right.keys()
     for name in left:
-        assert torch.equal(left[name], right[name]), f"{name} differs"
+        assert torch.equal(left[name].cpu(), right[name].cpu()), f"{name} differs"
 
 
 def train_steps(tc, seeds) -> None:
@@ -94,7 +94,7 @@ def test_save_waits_for_the_requests_before_it(server, service):
     assert done.done and not done.HasField("error")
     saved = adapter_file(folder_of(server, f"gradwire://{tc.model_id}/weights/after-step"))
     assert_tensors_equal(saved, as_adapter(run_state(server, tc.model_id), tc.model_id))
-    assert any(not torch.equal(saved[name], initial[name]) for name in saved)
+    assert any(not torch.equal(saved[name], initial[name].cpu()) for name in saved)
 
 
 def test_load_state_restores_weights_and_optimizer(server, service):

@@ -88,11 +88,14 @@ def test_custom_loss_gradient_is_exact(server, service, case):
     expected_loss.backward()
     assert relative_error(server_gradients(server, tc.model_id),
                           reference_gradients(model, tc.model_id)) <= TOLERANCE
-    assert out.metrics["loss:sum"] == pytest.approx(expected_loss.item(), rel=1e-5, abs=1e-6)
+    # CUDA's float32 kernels round differently per batch shape, and the variance loss
+    # (a difference of near-equal sums) magnifies that from ~1e-7 to ~1e-4.
+    rel = 1e-5 if server.engine.device.type == "cpu" else 1e-4
+    assert out.metrics["loss:sum"] == pytest.approx(expected_loss.item(), rel=rel, abs=1e-6)
     # The surrogate cross-entropy with weights -dLoss/dlogprobs: Σ logprob · dLoss/dlogprob.
     surrogate = sum(float((lp.detach().double() * lp.grad.double()).sum()) for lp in logprobs)
-    assert out.metrics["surrogate_loss:sum"] == pytest.approx(surrogate, rel=1e-5, abs=1e-6)
-    assert expected_metrics and all(out.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert out.metrics["surrogate_loss:sum"] == pytest.approx(surrogate, rel=rel, abs=1e-6)
+    assert expected_metrics and all(out.metrics[key] == pytest.approx(value, rel=rel, abs=1e-6)
                                     for key, value in expected_metrics.items())
     for lp, output in zip(logprobs, out.loss_fn_outputs):
         np.testing.assert_allclose(output["logprobs"].to_numpy(), lp.detach().numpy(), rtol=0, atol=1e-5)

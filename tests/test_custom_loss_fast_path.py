@@ -16,7 +16,8 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 import gradwire
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-from gradwire_server.server import BackgroundServer, ServerConfig
+from conftest import server_config
+from gradwire_server.server import BackgroundServer
 from reference import (assert_state_equal, finished, forward_batches, random_data, raw_request,
                        reference_gradients, reference_logprobs, reference_model, relative_error, run_state,
                        server_gradients, succeeded, trained_run, worker_busy)
@@ -172,7 +173,7 @@ def test_cancelled_backward_frees_the_graph_and_changes_nothing(server, service,
 
 def test_graph_of_a_backward_leg_that_never_comes_expires():
     """A client that vanished between the legs: the graph is freed after the timeout."""
-    background = BackgroundServer(ServerConfig(model="tiny-random", port=0, keep_graph_timeout_s=0.4))
+    background = BackgroundServer(server_config(keep_graph_timeout_s=0.4))
     try:
         with grpc.insecure_channel(background.address) as channel:
             stubs = pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)

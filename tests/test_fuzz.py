@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradwire
-from gradwire_server.server import BackgroundServer, ServerConfig
+from conftest import server_config
+from gradwire_server.server import BackgroundServer
 from reference import METHODS, random_data
 
 FUZZ_SECONDS_PER_METHOD = float(os.environ.get("GRADWIRE_FUZZ_SECONDS", "1.5"))
@@ -36,7 +37,7 @@ FD = descriptor_module.FieldDescriptor
 def fuzzed(tmp_path_factory):
     """A server of its own (the fuzz saves, loads, unloads and deletes at random), with a
     short WaitOperation cap, and one run whose id the strategies use."""
-    background = BackgroundServer(ServerConfig(model="tiny-random", port=0, max_wait_s=0.5,
+    background = BackgroundServer(server_config(max_wait_s=0.5,
                                                checkpoint_dir=tmp_path_factory.mktemp("fuzz-checkpoints")))
     client = gradwire.ServiceClient(base_url=background.address, progress=False)
     run = client.create_lora_training_client("tiny-random", rank=2, seed=0)

@@ -11,9 +11,9 @@ import torch
 from google.longrunning import operations_pb2
 
 import gradwire
-from conftest import free_port
+from conftest import free_port, server_config
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire_server.server import BackgroundServer, ServerConfig
+from gradwire_server.server import BackgroundServer
 from reference import random_data, raw_request, server_gradients, wait_operation
 
 
@@ -127,7 +127,7 @@ def test_sdk_retries_while_the_server_is_not_up_yet(tmp_path):
     port = free_port()
     started: list[BackgroundServer] = []
     starter = threading.Timer(1.0, lambda: started.append(
-        BackgroundServer(ServerConfig(model="tiny-random", port=port, checkpoint_dir=tmp_path))))
+        BackgroundServer(server_config(port=port, checkpoint_dir=tmp_path))))
     starter.start()
     try:
         with gradwire.ServiceClient(base_url=f"127.0.0.1:{port}") as service:

@@ -25,8 +25,10 @@ def reference_step(state: dict, adam: gradwire.AdamParams, optimizer: torch.opti
             p.copy_(weight)
             p.grad = None if grad is None else grad.clone()
     if optimizer is None:
+        # The server's implementation on each device: fused on CUDA, one parameter at a time on the CPU.
         optimizer = torch.optim.AdamW(params, lr=adam.learning_rate, betas=(adam.beta1, adam.beta2),
-                                      eps=adam.eps, weight_decay=adam.weight_decay)
+                                      eps=adam.eps, weight_decay=adam.weight_decay,
+                                      **({"fused": True} if params[0].is_cuda else {"foreach": False}))
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params
                                                  if p.grad is not None]))
     if adam.grad_clip_norm > 0:

@@ -20,7 +20,8 @@ from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoints
 from gradwire_server.models import tiny_random_model, tiny_random_tokenizer
-from reference import assert_state_equal, random_data, reference_model, run_state, trained_run
+from reference import (assert_state_equal, greedy_reference, random_data, reference_base_model, reference_model,
+                       run_state, sequence_logprobs, trained_run)
 from test_grpcurl import grpcurl
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32]
@@ -43,13 +44,10 @@ def base_sampler(service):
     return service.create_sampling_client(base_model="tiny-random")
 
 
-@torch.no_grad()
-def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
-    """Full-recompute argmax loop, no KV cache."""
-    ids = list(prompt)
-    for _ in range(steps):
-        ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+@pytest.fixture(scope="module")
+def base_model(server):
+    """The server's base model, rebuilt in-process on its device and in its dtype."""
+    return reference_base_model(server)
 
 
 def sample(client, num_samples=1, prompt=PROMPT, **params) -> gradwire.SampleResponse:
@@ -69,8 +67,8 @@ def test_same_seed_same_tokens_and_other_seeds_differ(base_sampler):
     assert all(len(s.tokens) == 12 and s.stop_reason == "length" for s in first.sequences)
 
 
-def test_greedy_and_top_k_1_equal_reference_argmax(base_sampler):
-    expected = greedy_reference(tiny_random_model(), PROMPT, 20)
+def test_greedy_and_top_k_1_equal_reference_argmax(base_sampler, base_model):
+    expected = greedy_reference(base_model, PROMPT, 20)
     greedy = sample(base_sampler, 2, max_tokens=20, temperature=0.0)
     top1 = sample(base_sampler, 1, max_tokens=20, seed=3, top_k=1)
     assert [s.tokens for s in greedy.sequences] == [expected, expected]
@@ -116,9 +114,7 @@ def test_prompt_logprobs_and_topk_equal_reference(server, service, trained):
     sampler = service.create_sampling_client(model_path=model_path)
     response = sampler.sample(prompt_input(), 1, gradwire.SamplingParams(max_tokens=1, seed=0),
                               include_prompt_logprobs=True, topk_prompt_logprobs=3).result()
-    with torch.no_grad():
-        logits = reference_model(server, tc.model_id, RANK)(input_ids=torch.tensor([PROMPT])).logits[0]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)[:-1]
+    logprobs = sequence_logprobs(reference_model(server, tc.model_id, RANK), PROMPT)[:-1]
     expected = logprobs.gather(-1, torch.tensor(PROMPT[1:])[:, None])[:, 0].numpy()
     assert response.prompt_logprobs[0] is None
     np.testing.assert_allclose(response.prompt_logprobs[1:], expected, rtol=0, atol=1e-5)
@@ -132,8 +128,8 @@ def test_prompt_logprobs_and_topk_equal_reference(server, service, trained):
 
 # ---- stops ------------------------------------------------------------------------------------------
 
-def test_stop_token_stop_string_and_length(base_sampler):
-    greedy = greedy_reference(tiny_random_model(), PROMPT, 24)
+def test_stop_token_stop_string_and_length(base_sampler, base_model):
+    greedy = greedy_reference(base_model, PROMPT, 24)
     stop_token = greedy[5]
     by_token = sample(base_sampler, 1, max_tokens=24, temperature=0.0, stop=[stop_token]).sequences[0]
     assert by_token.stop_reason == "stop"
@@ -242,7 +238,7 @@ def test_sample_is_a_long_running_operation(server):
     response = pb.SampleResponse()
     done.response.Unpack(response)
     assert np.frombuffer(response.sequences[0].tokens, "<i4").tolist() == greedy_reference(
-        tiny_random_model(), PROMPT, 4)
+        reference_base_model(server), PROMPT, 4)
     operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=operation.name))
     with pytest.raises(grpc.RpcError) as raised:
         operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name))

@@ -21,8 +21,8 @@ from gradwire.v1 import sampling_service_pb2, sampling_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import cli, server as server_module
-from gradwire_server.server import BackgroundServer, GradwireServer, ServerConfig
-from conftest import free_port, start_cli_server
+from gradwire_server.server import BackgroundServer, GradwireServer
+from conftest import free_port, server_config, start_cli_server
 from reference import assert_state_equal, random_data, raw_request, run_state, wait_operation, worker_busy
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -32,8 +32,8 @@ TTL_S, MAX_WAIT_S, GAP_S = 3.0, 0.5, 1.0
 @pytest.fixture(scope="module")
 def short_server(tmp_path_factory):
     """An in-process server with a 3 s operation TTL, a 0.5 s long-poll cap and a 1 s seq_id gap timeout."""
-    background = BackgroundServer(ServerConfig(
-        model="tiny-random", port=0, checkpoint_dir=tmp_path_factory.mktemp("short"),
+    background = BackgroundServer(server_config(
+        checkpoint_dir=tmp_path_factory.mktemp("short"),
         operation_ttl_s=TTL_S, max_wait_s=MAX_WAIT_S, seq_gap_timeout_s=GAP_S))
     yield background
     background.stop()

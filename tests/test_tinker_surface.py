@@ -13,7 +13,8 @@ import torch
 
 import gradwire
 from gradwire_server import checkpoints, models
-from gradwire_server.server import BackgroundServer, ServerConfig
+from conftest import server_config
+from gradwire_server.server import BackgroundServer
 from reference import assert_state_equal, random_data, run_state, trained_run
 
 PROMPT = [1, 40, 33, 72, 105, 18, 7]
@@ -88,7 +89,7 @@ def test_a_checkpoints_ttl_can_be_set_and_removed(server, service):
 
 
 def test_the_server_sweeps_expired_checkpoints_by_itself(tmp_path):
-    background = BackgroundServer(ServerConfig(model="tiny-random", port=0, checkpoint_dir=tmp_path,
+    background = BackgroundServer(server_config(checkpoint_dir=tmp_path,
                                                checkpoint_expiry_interval_s=0.2))
     try:
         with gradwire.ServiceClient(base_url=background.address, progress=False) as service:
@@ -259,7 +260,7 @@ def test_a_local_model_answers_to_its_hub_id(tmp_path):
     models.tiny_random_tokenizer().save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "_name_or_path": "gradwire-tests/tiny-llama"}))
-    background = BackgroundServer(ServerConfig(model=str(folder), port=0, checkpoint_dir=tmp_path / "ckpt"))
+    background = BackgroundServer(server_config(model=str(folder), checkpoint_dir=tmp_path / "ckpt"))
     try:
         with gradwire.ServiceClient(base_url=background.address, progress=False) as service:
             names = [m.model_name for m in service.get_server_capabilities().supported_models]

@@ -444,23 +444,24 @@ class Engine:
         grads = [p.grad for p in run.params if p.grad is not None]
         foreach = self.device.type == "cuda"  # one kernel for all parameters; the CPU keeps its numerics
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)
-        # Kept until the step is known finite: a step that would write inf/NaN is undone.
-        before = ([p.detach().clone() for p in run.params], [g.clone() for g in grads],
-                  copy.deepcopy(run.optimizer.state_dict()))
+        # Everything the step writes, kept (in one copy) until the step is known finite:
+        # a step that would write inf/NaN is undone.
+        written = [p.detach() for p in run.params] + grads + [
+            value for p in run.params for value in run.optimizer.state.get(p, {}).values()
+            if isinstance(value, torch.Tensor)]
+        before = _flat_copy(written)
+        had_state = {p for p in run.params if p in run.optimizer.state}
         if adam.grad_clip_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(run.params, adam.grad_clip_norm, grad_norm, foreach=foreach)
         for group in run.optimizer.param_groups:
             group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
                          weight_decay=adam.weight_decay)
         run.optimizer.step()
-        if not torch.stack([torch.isfinite(p).all() for p in run.params]).all():  # one host sync
-            weights, kept_grads, optimizer_state = before
-            with torch.no_grad():
-                for p, weight in zip(run.params, weights):
-                    p.copy_(weight)
-                for g, kept in zip(grads, kept_grads):
-                    g.copy_(kept)
-            run.optimizer.load_state_dict(optimizer_state)
+        if not torch.isfinite(_flat_copy(run.params)).all():  # one host sync
+            _restore(written, before)
+            for p in run.params:
+                if p not in had_state:  # the first step created it
+                    run.optimizer.state.pop(p, None)
             raise NonFiniteStep(f"this step (grad norm {float(grad_norm):.4g}) would make a weight of "
                                 f"{run_id} infinite or NaN; nothing was changed")
         run.optimizer.zero_grad(set_to_none=True)
@@ -567,6 +568,18 @@ class Engine:
             return max(peak, saved.nbytes) // tokens
         finally:
             self.unload(run_id)
+
+
+def _flat_copy(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' values (all float32) in one new flat tensor: one copy kernel, not one per tensor."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def _restore(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Writes _flat_copy(tensors)'s values back into the tensors."""
+    with torch.no_grad():
+        for tensor, values in zip(tensors, flat.split([t.numel() for t in tensors])):
+            tensor.copy_(values.view_as(tensor))
 
 
 def _cpu_copy(state: Any) -> Any:

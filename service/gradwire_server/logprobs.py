@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-LOGITS_CHUNK_ELEMENTS = 2**24  # float32 logits in flight per chunk: 64 MiB
+# float32 logits in flight per chunk: 256 MiB. Smaller chunks cost time (on an H100, 1.1B Llama,
+# 8 x 1024 tokens: 64 MiB chunks made a forward-backward 5-15% slower) and save little memory.
+LOGITS_CHUNK_ELEMENTS = 2**26
 
 
 def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -56,14 +56,15 @@ def free_bytes(device: torch.device) -> int:
 
 
 def plan_from_free(free: int, bytes_per_token: int) -> tuple[int, int]:
-    """(micro-batch tokens, keep-graph budget bytes) for `free` bytes: a quarter of
-    the usable memory for one micro-batch's activations and half for kept graphs (a
-    forward leg computes its next micro-batch while holding them). The last quarter
-    is slack for a single datum longer than a micro-batch, which runs whole."""
+    """(micro-batch tokens, keep-graph budget bytes) for `free` bytes: half of the
+    usable memory for one micro-batch's activations, the rest for kept graphs (a
+    forward leg computes its next micro-batch while holding them). Fewer, larger
+    micro-batches are faster: on an H100, 1.1B Llama, 8 x 1024 tokens in one
+    micro-batch of 8192 tokens took 0.28 s, in two of 4096, 0.32 s."""
     usable = max(0, free - max(MIN_HEADROOM_BYTES, int(free * HEADROOM_FRACTION)))
-    tokens = usable // 4 // max(1, bytes_per_token)
+    tokens = usable // 2 // max(1, bytes_per_token)
     tokens = min(MAX_MICRO_BATCH_TOKENS, max(MIN_MICRO_BATCH_TOKENS, tokens // 256 * 256))
-    return tokens, max(0, min(usable // 2, usable - tokens * bytes_per_token))
+    return tokens, max(0, usable - tokens * bytes_per_token)
 
 
 def gib(nbytes: int) -> str:
