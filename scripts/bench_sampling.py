@@ -19,7 +19,11 @@ tokens/s does not depend on how many there are.
 Both sides use the same number of torch threads (--threads, default 1, set
 before torch loads: on a shared 2-core machine more threads mostly spin).
 
-Usage: .venv/bin/python scripts/bench_sampling.py [--threads 1] [--generate-requests 4]
+With --size 1b (for a GPU) the model is a random 1.1B Llama (`--load-format dummy`)
+on the server's device in its default dtype, and `generate` runs the same model on
+the same device in the same dtype (bf16 on CUDA).
+
+Usage: .venv/bin/python scripts/bench_sampling.py [--threads 1] [--generate-requests 4] [--size 1b]
 """
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import gradwire  # noqa: E402
-from bench import RANK, VOCAB, write_model  # noqa: E402
+from bench import RANK, write_model  # noqa: E402
+from gradwire_server.models import dummy_model, resolve_dtype  # noqa: E402
 from local_server import start_server  # noqa: E402
 
 NUM_SAMPLES, MAX_TOKENS, PROMPT_TOKENS = 4, 128, 16
@@ -74,7 +79,7 @@ def generate_tokens_per_s(model, count: int) -> float:
     tokens = 0
     with torch.no_grad():
         for prompt in prompts(count, 99):
-            out = model.generate(torch.tensor([prompt]), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            out = model.generate(torch.tensor([prompt], device=model.device), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                  max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
                                  num_return_sequences=NUM_SAMPLES, pad_token_id=256)
             tokens += out.shape[0] * (out.shape[1] - PROMPT_TOKENS)
@@ -85,17 +90,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(THREADS, type=int, default=1, help="torch threads, both sides")
     parser.add_argument("--generate-requests", type=int, default=4, help="requests timed with generate")
+    parser.add_argument("--size", choices=["small", "1b"], default="small",
+                        help="the ~10M random Llama (CPU), or a random 1.1B one on the device")
     args = parser.parse_args()
 
     rows: list[tuple[str, str]] = []
+    device = torch.device("cuda" if args.size == "1b" and torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype("auto", device)
     with tempfile.TemporaryDirectory() as folder:
-        parameters = write_model(folder)
-        server, address = start_server(folder, "--checkpoint-dir", os.path.join(folder, "checkpoints"))
+        checkpoints = ("--checkpoint-dir", os.path.join(folder, "checkpoints"))
+        if args.size == "1b":
+            model = dummy_model("llama-1b", device, dtype)[0].eval()
+            name, parameters = "llama-1b", sum(p.numel() for p in model.parameters())
+            server, address = start_server(name, "--load-format", "dummy", *checkpoints)
+        else:
+            name, parameters = folder, write_model(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            server, address = start_server(name, *checkpoints)
         try:
             service = gradwire.ServiceClient(base_url=address)
-            base = service.create_sampling_client(base_model=folder)
+            base = service.create_sampling_client(base_model=name)
             concurrent_tokens_per_s([base], 2, 0)  # warm up
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
             generate_tokens_per_s(model, 1)  # warm up
             for count in (1, 8, 64):
                 # generate is timed just before and just after, so load drifting on a shared
@@ -110,7 +125,7 @@ def main() -> None:
             # Eight runs, one optimizer step each (non-zero LoRA factors), saved as sampler weights.
             adapters = []
             for seed in range(8):
-                tc = service.create_lora_training_client(folder, rank=RANK, seed=seed)
+                tc = service.create_lora_training_client(name, rank=RANK, seed=seed)
                 data = [gradwire.Datum(model_input=gradwire.ModelInput.from_ints(p[:-1]),
                                        loss_fn_inputs={"target_tokens": p[1:]}) for p in prompts(4, seed)]
                 tc.forward_backward(data, "cross_entropy")
@@ -128,9 +143,11 @@ def main() -> None:
             server.terminate()
             server.wait()
 
+    card = f"{torch.cuda.get_device_name()} " if device.type == "cuda" else ""
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f}, torch {torch.__version__} ({torch.get_num_threads()} threads), CPU float32; "
-          f"model: random Llama, {parameters / 1e6:.1f}M parameters, vocab {VOCAB}, LoRA rank {RANK}; "
+          f"{os.getloadavg()[0]:.1f}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"{card}{device.type} {str(dtype).removeprefix('torch.')}; model: random Llama, "
+          f"{parameters / 1e6:.1f}M parameters, vocab {model.config.vocab_size}, LoRA rank {RANK}; "
           f"requests of {NUM_SAMPLES} samples x {MAX_TOKENS} tokens, {PROMPT_TOKENS}-token prompts")
     width = max(len(name) for name, _ in rows) + 2
     for name, value in rows:

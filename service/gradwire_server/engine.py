@@ -135,7 +135,7 @@ class LossPass:
         self.engine, self.run = engine, run
         self.loss_fn, self.config, self.backward = loss_fn, config, backward
         self.staged: list[torch.Tensor | None] = [None] * len(run.params)
-        self.metrics: dict[str, float] = {}
+        self.metrics: dict[str, torch.Tensor] = {}  # on the device, read once by commit()
         self.num_datums = 0
         self.reuse, self.reused_datums = reuse, 0
         self.graph_kept = False
@@ -208,7 +208,8 @@ class LossPass:
             self._backward_kept(self.reuse.micro_batches[0])
         self.reuse = None
 
-    def _add_metrics(self, metrics: dict[str, float], count: int) -> None:
+    def _add_metrics(self, metrics: dict[str, torch.Tensor], count: int) -> None:
+        metrics = {key: value.double() for key, value in metrics.items()}  # sums of many micro-batches
         self.metrics = merge_metrics(self.metrics, self.num_datums, metrics, count)
         self.num_datums += count
 
@@ -245,12 +246,16 @@ class LossPass:
                 forward_op, deque(self.kept), self.saved_bytes.nbytes,
                 time.monotonic() + self.engine.keep_graph_timeout_s)
         self.kept = None
-        return self.metrics
+        if not self.metrics:
+            return {}
+        values = torch.stack(list(self.metrics.values())).tolist()  # the pass's one host sync for metrics
+        return dict(zip(self.metrics, values))
 
 
-def merge_metrics(merged: dict[str, float], merged_count: int,
-                  metrics: dict[str, float], count: int) -> dict[str, float]:
-    """Combines the metrics of two parts of a batch by each key's reduction suffix."""
+def merge_metrics(merged: dict[str, torch.Tensor], merged_count: int,
+                  metrics: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """Combines the metrics of two parts of a batch by each key's reduction suffix
+    (0-dim tensors, combined on their device)."""
     out = dict(merged)
     for key, value in metrics.items():
         if key not in out:
@@ -258,11 +263,11 @@ def merge_metrics(merged: dict[str, float], merged_count: int,
             continue
         reduction = key.rsplit(":", 1)[-1]
         if reduction == "sum":
-            out[key] += value
+            out[key] = out[key] + value
         elif reduction == "max":
-            out[key] = max(out[key], value)
+            out[key] = torch.maximum(out[key], value)
         elif reduction == "min":
-            out[key] = min(out[key], value)
+            out[key] = torch.minimum(out[key], value)
         else:  # mean, weighted by datums
             out[key] = (out[key] * merged_count + value * count) / (merged_count + count)
     return out

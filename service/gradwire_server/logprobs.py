@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-# float32 logits in flight per chunk: 256 MiB. Smaller chunks cost time (on an H100, 1.1B Llama,
-# 8 x 1024 tokens: 64 MiB chunks made a forward-backward 5-15% slower) and save little memory.
-LOGITS_CHUNK_ELEMENTS = 2**26
+# float32 logits in flight per chunk: 64 MiB on the CPU, where memory is the host's and shared;
+# 256 MiB on CUDA, where smaller chunks cost time (H100, 1.1B Llama, 8 x 1024 tokens: 64 MiB
+# chunks made a forward-backward 5-15% slower) and save little of the card's memory.
+LOGITS_CHUNK_ELEMENTS = 2**24
+CUDA_LOGITS_CHUNK_ELEMENTS = 2**26
 
 
 def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -30,7 +32,8 @@ def model_target_logprobs(model: torch.nn.Module, tokens: torch.Tensor, targets:
     sequences with it would give exactly the training logprobs in bf16.)"""
     hidden = model.get_decoder()(input_ids=tokens).last_hidden_state                 # [B, L, H]
     unembed = model.get_output_embeddings()
-    return chunked_target_logprobs(hidden, unembed, targets, unembed.weight.shape[0])
+    chunk = CUDA_LOGITS_CHUNK_ELEMENTS if hidden.device.type == "cuda" else LOGITS_CHUNK_ELEMENTS
+    return chunked_target_logprobs(hidden, unembed, targets, unembed.weight.shape[0], chunk)
 
 
 def chunked_target_logprobs(hidden: torch.Tensor, unembed: torch.nn.Module, targets: torch.Tensor,

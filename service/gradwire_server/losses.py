@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 Tensor = torch.Tensor
-LossFn = Callable[[Tensor, dict[str, Tensor], dict[str, float]], tuple[Tensor, dict[str, float]]]
+LossFn = Callable[[Tensor, dict[str, Tensor], dict[str, float]], tuple[Tensor, dict[str, Tensor]]]
 # (config key, what is wrong with its value) for each bad value of a full config.
 ConfigCheck = Callable[[dict[str, float]], list[tuple[str, str]]]
 
@@ -39,23 +39,23 @@ class LossSpec:
 
 
 def cross_entropy(logprobs: Tensor, inputs: dict[str, Tensor],
-                  config: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+                  config: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
     """Σ -logprob · weight (weights default to 1 on every real token)."""
     weights = inputs.get("weights", inputs["mask"])
     loss = -(logprobs * weights).sum()
-    return loss, {"loss:sum": loss.item()}
+    return loss, {"loss:sum": loss.detach()}
 
 
 def importance_sampling(logprobs: Tensor, inputs: dict[str, Tensor],
-                        config: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+                        config: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
     """-Σ r·A: REINFORCE corrected for sampling from q, [N] or [N, K]."""
     ratio = torch.exp(logprobs - inputs["logprobs"])
     loss = -(ratio * inputs["advantages"] * inputs["mask"]).sum()
-    return loss, {"loss:sum": loss.item()}
+    return loss, {"loss:sum": loss.detach()}
 
 
 def ppo(logprobs: Tensor, inputs: dict[str, Tensor],
-        config: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+        config: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
     """-Σ min(r·A, clip(r, lo, hi)·A), lo/hi = clip_low/high_threshold (0.8, 1.2).
 
     clip_fraction:mean is the mean over datums of the fraction of a datum's
@@ -65,11 +65,11 @@ def ppo(logprobs: Tensor, inputs: dict[str, Tensor],
     advantages, mask = inputs["advantages"], inputs["mask"]
     objective = torch.minimum(ratio * advantages, ratio.clamp(lo, hi) * advantages)
     loss = -(objective * mask).sum()
-    return loss, {"loss:sum": loss.item(), "clip_fraction:mean": _clip_fraction(ratio, mask, lo, hi)}
+    return loss, {"loss:sum": loss.detach(), "clip_fraction:mean": _clip_fraction(ratio, mask, lo, hi)}
 
 
 def cispo(logprobs: Tensor, inputs: dict[str, Tensor],
-          config: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+          config: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
     """-Σ stopgrad(clip(r, lo, hi))·lp·A, lo/hi = clip_low/high_threshold (0, 4).
 
     The clipped ratio only weighs each token's policy gradient, so no token's
@@ -78,22 +78,22 @@ def cispo(logprobs: Tensor, inputs: dict[str, Tensor],
     ratio = torch.exp(logprobs - inputs["logprobs"])
     mask = inputs["mask"]
     loss = -(ratio.clamp(lo, hi).detach() * logprobs * inputs["advantages"] * mask).sum()
-    return loss, {"loss:sum": loss.item(), "clip_fraction:mean": _clip_fraction(ratio, mask, lo, hi)}
+    return loss, {"loss:sum": loss.detach(), "clip_fraction:mean": _clip_fraction(ratio, mask, lo, hi)}
 
 
 def dro(logprobs: Tensor, inputs: dict[str, Tensor],
-        config: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+        config: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
     """-Σ [lp·A - ½·beta·(lp - q)²].
 
     `beta` (>= 0) is required: Tinker documents no default, and a guessed one
     would silently train differently from the hosted service."""
     penalty = 0.5 * config["beta"] * (logprobs - inputs["logprobs"]) ** 2
     loss = -((logprobs * inputs["advantages"] - penalty) * inputs["mask"]).sum()
-    return loss, {"loss:sum": loss.item()}
+    return loss, {"loss:sum": loss.detach()}
 
 
 def gspo(logprobs: Tensor, inputs: dict[str, Tensor],
-         config: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+         config: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO (Zheng et al. 2025, arXiv 2507.18071): one importance ratio per sequence,
     s = exp(mean over the sequence's ratio tokens of (lp - q)), clipped like PPO:
     -Σ min(s·A, clip(s, lo, hi)·A) over every real token.
@@ -114,15 +114,15 @@ def gspo(logprobs: Tensor, inputs: dict[str, Tensor],
     objective = torch.minimum(sequence_ratio * advantages, sequence_ratio.clamp(lo, hi) * advantages)
     loss = -(objective * mask).sum()
     clipped = ((sequence_ratio < lo) | (sequence_ratio > hi)).float()
-    return loss, {"loss:sum": loss.item(), "clip_fraction:mean": clipped.mean().item()}
+    return loss, {"loss:sum": loss.detach(), "clip_fraction:mean": clipped.mean()}
 
 
-def _clip_fraction(ratio: Tensor, mask: Tensor, lo: float, hi: float) -> float:
+def _clip_fraction(ratio: Tensor, mask: Tensor, lo: float, hi: float) -> Tensor:
     """Mean over datums of each datum's fraction of real tokens with r outside [lo, hi]
     (a datum mean, so merge_metrics combines micro-batches exactly)."""
     outside = ((ratio < lo) | (ratio > hi)).float() * mask
     per_datum = outside.sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
-    return per_datum.mean().item()
+    return per_datum.mean().detach()
 
 
 def _clip_range(config: dict[str, float]) -> list[tuple[str, str]]:
