@@ -191,6 +191,9 @@ MUTATIONS = [
              "grad_norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)",
              "grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=1.0, foreach=foreach)",
              ("tests/test_optim_exact.py",), "grad_norm:mean reports another number"),
+    Mutation("smollm2-rotary-frequencies-left-behind", S + "models.py",
+             "        setattr(model.get_submodule(module_name), buffer_name, buffer)", "        pass",
+             ("tests/test_models.py",), "the packaged pretrained model no longer loads"),
     # ---- checkpoints ------------------------------------------------------------------------------
     Mutation("checkpoint-format-version-unchecked", CHECKPOINTS,
              'if metadata.get("format_version") != FORMAT_VERSION:', "if False:",

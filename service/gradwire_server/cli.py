@@ -33,8 +33,9 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
                         help="dummy: random weights from --model's config.json, or a preset "
                              f"({', '.join(preset_configs())}), made on the device (for benchmarks)")
     parser.add_argument("--micro-batch-tokens", type=int, default=None,
-                        help="padded tokens per forward pass (default: from the free memory on CUDA, "
-                             f"{memory.CPU_MICRO_BATCH_TOKENS} on the CPU)")
+                        help="padded tokens per forward pass (default: from a probe of the model's "
+                             "activation memory per token, sized to the free memory on CUDA and to "
+                             f"{memory.CPU_MICRO_BATCH_ACTIVATION_BYTES // 2**20} MiB of activations on the CPU)")
     parser.add_argument("--keep-graph-budget-mb", type=float, default=None,
                         help="activation memory a custom loss's forward leg may keep so its backward "
                              "leg needs no second forward pass; 0 always recomputes (default: from the "

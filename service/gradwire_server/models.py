@@ -196,11 +196,16 @@ def _smollm2_135m() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF,
                                                       dtype=torch.float32)
     # A GGUF-loaded model carries its quantisation config (save_pretrained and
-    # peft trip over it): rebuild a plain model of the same config.
+    # peft trip over it): rebuild a plain model of the same config around the
+    # loaded tensors (made on the meta device and assigned: no second copy).
     config = gguf_model.config
     config.quantization_config = None
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    for name, buffer in gguf_model.named_buffers():  # those outside the state dict (rotary frequencies)
+        module_name, _, buffer_name = name.rpartition(".")
+        setattr(model.get_submodule(module_name), buffer_name, buffer)
     model.tie_weights()
     return model, tokenizer

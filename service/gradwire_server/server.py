@@ -29,7 +29,7 @@ from gradwire_server import checkpoint_ops, checkpoints
 from gradwire_server.engine import KEEP_GRAPH_TIMEOUT_S, Engine
 from gradwire_server.kv_cache import BlockPool
 from gradwire_server.malformed import MalformedRequestGuard
-from gradwire_server.memory import MemoryPlan, free_bytes
+from gradwire_server.memory import MemoryPlan, free_bytes, return_freed_host_memory
 from gradwire_server.models import LoadedModel, load_model, resolve_dtype
 from gradwire_server.operations import OperationsServicer, OperationStore
 from gradwire_server.resource_servicer import ResourceServicer
@@ -124,6 +124,8 @@ class GradwireServer:
         await self._server.start()
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cpu":  # host memory is where training's activations live
+            return_freed_host_memory()
         config = self.config
         budget = None if config.keep_graph_budget_mb is None else int(config.keep_graph_budget_mb * 2**20)
         try:
