@@ -23,12 +23,13 @@ from gradwire_server.server import BackgroundServer, ServerConfig  # noqa: E402
 # Every test server is float32 (exactness is tested against in-process float32 references; bf16
 # has its own tests) with the CPU's KV cache size: on CUDA the default takes 0.25 of the free
 # memory, and the suite may run many servers side by side on one card.
-TEST_SERVER_ARGS = ("--dtype", "float32", "--kv-cache-mb", "512")
+TEST_DTYPE, TEST_KV_CACHE_MB = "float32", 512
 
 
 def server_config(**fields) -> ServerConfig:
     """A tiny-random ServerConfig on a free port with the test defaults; `fields` override."""
-    return ServerConfig(**{"model": "tiny-random", "port": 0, "dtype": "float32", "kv_cache_mb": 512, **fields})
+    return ServerConfig(**{"model": "tiny-random", "port": 0, "dtype": TEST_DTYPE, "kv_cache_mb": TEST_KV_CACHE_MB,
+                           **fields})
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +67,7 @@ def start_cli_server(*args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "gradwire_server", "--model", "tiny-random", "--port", str(port),
-         *TEST_SERVER_ARGS, *args],
+         "--dtype", TEST_DTYPE, "--kv-cache-mb", str(TEST_KV_CACHE_MB), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     listening = threading.Event()
     output: list[str] = []

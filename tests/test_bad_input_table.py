@@ -234,6 +234,27 @@ def test_a_step_that_would_write_a_non_finite_weight_changes_nothing(server, ser
     tc.forward(random_data(69), "cross_entropy").result()  # the run still answers
 
 
+def test_a_refused_first_step_leaves_the_optimizer_as_new(server, service):
+    """A run's first step, on gradients that overflow (cross-entropy weights of 1e38), is
+    refused; AdamW then holds no state (the next step starts fresh, as on a new run) and
+    its hyperparameters are the ones it had."""
+    tc = service.create_lora_training_client("tiny-random", rank=4, seed=5)
+    data = [gradwire.Datum(model_input=d.model_input, loss_fn_inputs={
+        "target_tokens": d.loss_fn_inputs["target_tokens"],
+        "weights": np.full(d.model_input.length, 1e38, np.float32)}) for d in random_data(70)]
+    tc.forward_backward(data, "cross_entropy").result()
+    before = run_state(server, tc.model_id)
+    groups = server.call(lambda: [dict(g, params=None) for g in server.engine.run(tc.model_id).optimizer.param_groups])
+    with pytest.raises(gradwire.ConflictError, match="infinite or NaN"):
+        tc.optim_step(gradwire.AdamParams(learning_rate=0.5, beta1=0.5)).result()
+    assert optimizer_state(server, tc.model_id) == {}
+    assert server.call(lambda: [dict(g, params=None) for g in server.engine.run(tc.model_id).optimizer.param_groups]
+                       ) == groups
+    after = run_state(server, tc.model_id)
+    for name, (weight, _) in before.items():
+        torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("field", ["model_id", "checkpoint name", "checkpoint path", "operation name",
                                    "request_id"])
 def test_100_kb_ids_are_cut_in_the_error(server, stubs, run, field):

@@ -19,7 +19,7 @@ from gradwire.v1 import codec
 from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoints
-from gradwire_server.models import tiny_random_model, tiny_random_tokenizer
+from gradwire_server.models import tiny_random_tokenizer
 from reference import (assert_state_equal, greedy_reference, random_data, reference_base_model, reference_model,
                        run_state, sequence_logprobs, trained_run)
 from test_grpcurl import grpcurl
@@ -246,7 +246,7 @@ def test_sample_is_a_long_running_operation(server):
     channel.close()
 
 
-def test_sample_stream_typed_into_grpcurl(cli_server):
+def test_sample_stream_typed_into_grpcurl(cli_server, base_model):
     """Reflection lists SamplingService, and a hand-typed SampleStream streams the greedy tokens."""
     assert "gradwire.v1.SamplingService" in grpcurl(cli_server, "list").stdout.split()
     result = grpcurl(cli_server, "gradwire.v1.SamplingService/SampleStream", data={
@@ -264,7 +264,7 @@ def test_sample_stream_typed_into_grpcurl(cli_server):
         for piece in message["samples"]:
             tokens[piece.get("sequenceIndex", piece.get("sequence_index", 0))] += np.frombuffer(
                 base64.b64decode(piece.get("tokens", "")), "<i4").tolist()
-    expected = greedy_reference(tiny_random_model(), PROMPT, 100)
+    expected = greedy_reference(base_model, PROMPT, 100)
     assert tokens == {0: expected, 1: expected}
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import gradwire
+from gradwire_server.engine import merge_metrics
 from reference import (random_data, reference_gradients, reference_logprobs, reference_model,
                        relative_error, run_state, server_gradients, trained_run)
 
@@ -157,3 +158,14 @@ def test_server_info_and_tokenizer(service):
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
                                         add_generation_prompt=True, return_dict=False)
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_metrics_of_micro_batches_merge_by_their_reduction_suffix():
+    """Sums add, max/min keep the extreme, means are weighted by datums (0-dim tensors)."""
+    first = {"loss:sum": torch.tensor(1.5), "ratio:max": torch.tensor(1.0), "fraction:mean": torch.tensor(2.0)}
+    second = {"loss:sum": torch.tensor(2.5), "ratio:max": torch.tensor(3.0), "fraction:mean": torch.tensor(4.0),
+              "ratio:min": torch.tensor(0.5)}
+    merged = merge_metrics(first, 1, second, 3)
+    assert {key: float(value) for key, value in merged.items()} == {
+        "loss:sum": 4.0, "ratio:max": 3.0, "fraction:mean": 3.5, "ratio:min": 0.5}
+    assert float(merge_metrics(second, 3, {"ratio:min": torch.tensor(0.25)}, 1)["ratio:min"]) == 0.25

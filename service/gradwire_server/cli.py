@@ -1,6 +1,6 @@
 """`gradwire-server --model NAME_OR_PATH [--host H] [--port P] [--checkpoint-dir DIR]
 [--dtype auto|float32|bfloat16] [--load-format auto|dummy] [--micro-batch-tokens N]
-[--keep-graph-budget-mb MB] [--kv-cache-mb MB]`."""
+[--keep-graph-budget-mb MB] [--kv-cache-mb MB] [--activation-checkpointing]`."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,8 @@ import asyncio
 import logging
 import os
 import pathlib
+
+import torch
 
 from gradwire_server import memory
 from gradwire_server.models import DTYPES, LOAD_FORMATS, preset_configs
@@ -44,13 +46,18 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
                         help="memory for the sampler's KV cache; sampling requests wait for room in it "
                              f"(default: {DEFAULT_CPU_KV_CACHE_MB:g} on CPU, "
                              f"{CUDA_KV_CACHE_SHARE:g} of the memory free after loading the model on CUDA)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="training keeps only each decoder layer's input and recomputes the layer in "
+                             "the backward pass: about a third more compute for a fraction of the "
+                             "activation memory (larger micro-batches, longer sequences)")
     args = parser.parse_args(argv)
     if args.micro_batch_tokens is not None and args.micro_batch_tokens < 1:
         parser.error("--micro-batch-tokens must be at least 1")
     return ServerConfig(model=args.model, host=args.host, port=args.port, checkpoint_dir=args.checkpoint_dir,
                         keep_graph_budget_mb=args.keep_graph_budget_mb,
                         micro_batch_tokens=args.micro_batch_tokens, dtype=args.dtype,
-                        load_format=args.load_format, kv_cache_mb=args.kv_cache_mb)
+                        load_format=args.load_format, kv_cache_mb=args.kv_cache_mb,
+                        activation_checkpointing=args.activation_checkpointing)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     # Fewer out-of-memory failures from fragmentation when batch shapes vary;
     # read when CUDA first allocates, which is after this.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if not torch.cuda.is_available():  # host memory is where training's activations live
+        memory.return_freed_host_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(config))
 

@@ -305,9 +305,11 @@ class Engine:
     """Training runs on one device. Not thread-safe: call from one thread."""
 
     def __init__(self, base: LoadedModel, device: torch.device,
-                 keep_graph_timeout_s: float = KEEP_GRAPH_TIMEOUT_S):
+                 keep_graph_timeout_s: float = KEEP_GRAPH_TIMEOUT_S, activation_checkpointing: bool = False):
         self.base = base
         self.device = device
+        if activation_checkpointing:
+            _checkpoint_decoder_layers(base.model)
         self.peft_model: peft.PeftModel | None = None
         self.runs: dict[str, Run] = {}
         # Set by plan_memory(); the CPU's largest until then.
@@ -456,6 +458,8 @@ class Engine:
             if isinstance(value, torch.Tensor)]
         before = _flat_copy(written)
         had_state = {p for p in run.params if p in run.optimizer.state}
+        hyperparameters = [{key: value for key, value in group.items() if key != "params"}
+                           for group in run.optimizer.param_groups]
         if adam.grad_clip_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(run.params, adam.grad_clip_norm, grad_norm, foreach=foreach)
         for group in run.optimizer.param_groups:
@@ -467,6 +471,8 @@ class Engine:
             for p in run.params:
                 if p not in had_state:  # the first step created it
                     run.optimizer.state.pop(p, None)
+            for group, kept in zip(run.optimizer.param_groups, hyperparameters):
+                group.update(kept)
             raise NonFiniteStep(f"this step (grad norm {float(grad_norm):.4g}) would make a weight of "
                                 f"{run_id} infinite or NaN; nothing was changed")
         run.optimizer.zero_grad(set_to_none=True)
@@ -489,7 +495,7 @@ class Engine:
 
     @staticmethod
     def loss(target_logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], loss_fn: str,
-             config: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+             config: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         spec = LOSSES[loss_fn]
         return spec.fn(target_logprobs, inputs, {**spec.config_defaults, **config})
 
@@ -541,16 +547,16 @@ class Engine:
         """Sets the micro-batch size and keep-graph budget: the given ones, else derived
         from a probe pass's activation bytes per token (and on CUDA the free memory)."""
         per_token = 0
-        derived_tokens, derived_budget = memory.CPU_MAX_MICRO_BATCH_TOKENS, memory.CPU_KEEP_GRAPH_BUDGET_BYTES
         if micro_batch_tokens is None or keep_graph_budget_bytes is None:
             cuda = self.device.type == "cuda"
             probe_tokens = memory.PROBE_TOKENS if cuda else memory.CPU_PROBE_TOKENS
             per_token = self.activation_bytes_per_token(min(probe_tokens, self.base.max_context_length))
             derived_tokens, derived_budget = (memory.plan_from_free(memory.free_bytes(self.device), per_token)
                                               if cuda else memory.cpu_plan(per_token))
-        self.micro_batch_tokens = micro_batch_tokens if micro_batch_tokens is not None else derived_tokens
-        self.keep_graph_budget_bytes = (keep_graph_budget_bytes if keep_graph_budget_bytes is not None
-                                        else derived_budget)
+            micro_batch_tokens = micro_batch_tokens if micro_batch_tokens is not None else derived_tokens
+            keep_graph_budget_bytes = (keep_graph_budget_bytes if keep_graph_budget_bytes is not None
+                                       else derived_budget)
+        self.micro_batch_tokens, self.keep_graph_budget_bytes = micro_batch_tokens, keep_graph_budget_bytes
         return MemoryPlan(self.micro_batch_tokens, self.keep_graph_budget_bytes, per_token)
 
     def activation_bytes_per_token(self, tokens: int) -> int:
@@ -575,6 +581,21 @@ class Engine:
             return max(peak, saved.nbytes) // tokens
         finally:
             self.unload(run_id)
+
+
+def _checkpoint_decoder_layers(model: torch.nn.Module) -> None:
+    """Each decoder layer keeps only its input for the backward pass and recomputes
+    the rest there (transformers' activation checkpointing, non-reentrant). Only
+    passes with gradients are affected: sampling runs the layers as before."""
+    dropout = {key: value for key, value in model.config.to_dict().items()
+               if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0}
+    if dropout:
+        raise ValueError(f"--activation-checkpointing runs the decoder layers in training mode, and this "
+                         f"model has dropout ({dropout}): training would turn random")
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.train()  # transformers checkpoints a layer only in training mode
 
 
 def _flat_copy(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -30,7 +30,7 @@ def model_target_logprobs(model: torch.nn.Module, tokens: torch.Tensor, targets:
     training computes them: the decoder, then the chunked unembedding. Run under
     the engine's autocast. (Not yet used by the sampler: re-scoring finished
     sequences with it would give exactly the training logprobs in bf16.)"""
-    hidden = model.get_decoder()(input_ids=tokens).last_hidden_state                 # [B, L, H]
+    hidden = model.get_decoder()(input_ids=tokens, use_cache=False).last_hidden_state  # [B, L, H]
     unembed = model.get_output_embeddings()
     chunk = CUDA_LOGITS_CHUNK_ELEMENTS if hidden.device.type == "cuda" else LOGITS_CHUNK_ELEMENTS
     return chunked_target_logprobs(hidden, unembed, targets, unembed.weight.shape[0], chunk)

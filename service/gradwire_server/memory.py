@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-CPU_MICRO_BATCH_ACTIVATION_BYTES = 512 * 1024**2
+CPU_MICRO_BATCH_ACTIVATION_BYTES = 256 * 1024**2
 CPU_MAX_MICRO_BATCH_TOKENS = 16384
 CPU_KEEP_GRAPH_BUDGET_BYTES = 2 * 1024**3
 PROBE_TOKENS = 1024
@@ -93,8 +93,9 @@ def plan_from_free(free: int, bytes_per_token: int) -> tuple[int, int]:
 
 def cpu_plan(bytes_per_token: int) -> tuple[int, int]:
     """(micro-batch tokens, keep-graph budget bytes) on the CPU: as many tokens as
-    CPU_MICRO_BATCH_ACTIVATION_BYTES of activations hold (a 135M model's 1.4 MB a
-    token would otherwise make a 16k-token micro-batch 22 GB), and a fixed budget."""
+    CPU_MICRO_BATCH_ACTIVATION_BYTES of activations hold, but at least
+    MIN_MICRO_BATCH_TOKENS (a 135M model's 1.4 MB a token would make a fixed
+    16k-token micro-batch 22 GB), and a fixed budget."""
     tokens = CPU_MICRO_BATCH_ACTIVATION_BYTES // max(1, bytes_per_token)
     return _whole_tokens(tokens, CPU_MAX_MICRO_BATCH_TOKENS), CPU_KEEP_GRAPH_BUDGET_BYTES
 

@@ -203,9 +203,11 @@ def _smollm2_135m() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), assign=True)
-    for name, buffer in gguf_model.named_buffers():  # those outside the state dict (rotary frequencies)
-        module_name, _, buffer_name = name.rpartition(".")
-        setattr(model.get_submodule(module_name), buffer_name, buffer)
+    state = gguf_model.state_dict()
+    model.load_state_dict(state, assign=True)
+    for name, buffer in gguf_model.named_buffers():
+        if name not in state:  # non-persistent buffers (rotary frequencies)
+            module_name, _, buffer_name = name.rpartition(".")
+            setattr(model.get_submodule(module_name), buffer_name, buffer)
     model.tie_weights()
     return model, tokenizer

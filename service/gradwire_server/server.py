@@ -29,7 +29,7 @@ from gradwire_server import checkpoint_ops, checkpoints
 from gradwire_server.engine import KEEP_GRAPH_TIMEOUT_S, Engine
 from gradwire_server.kv_cache import BlockPool
 from gradwire_server.malformed import MalformedRequestGuard
-from gradwire_server.memory import MemoryPlan, free_bytes, return_freed_host_memory
+from gradwire_server.memory import MemoryPlan, free_bytes
 from gradwire_server.models import LoadedModel, load_model, resolve_dtype
 from gradwire_server.operations import OperationsServicer, OperationStore
 from gradwire_server.resource_servicer import ResourceServicer
@@ -77,6 +77,8 @@ class ServerConfig:
     load_format: str = "auto"    # "dummy": random weights from a config (see models.py)
     # The sampler's KV cache budget; None: DEFAULT_CPU_KV_CACHE_MB on CPU, a share of free memory on CUDA.
     kv_cache_mb: float | None = None
+    # Training recomputes each decoder layer in the backward pass instead of keeping its activations.
+    activation_checkpointing: bool = False
     # How often checkpoints whose TTL ran out are deleted.
     checkpoint_expiry_interval_s: float = 60.0
 
@@ -124,14 +126,13 @@ class GradwireServer:
         await self._server.start()
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if device.type == "cpu":  # host memory is where training's activations live
-            return_freed_host_memory()
         config = self.config
         budget = None if config.keep_graph_budget_mb is None else int(config.keep_graph_budget_mb * 2**20)
         try:
             loaded = await asyncio.to_thread(load_model, config.model, device,
                                              resolve_dtype(config.dtype, device), config.load_format)
-            self.engine = Engine(loaded, device, keep_graph_timeout_s=config.keep_graph_timeout_s)
+            self.engine = Engine(loaded, device, keep_graph_timeout_s=config.keep_graph_timeout_s,
+                                 activation_checkpointing=config.activation_checkpointing)
             # The KV cache is allocated first, so the training plan sizes itself from what is left.
             pool = BlockPool(loaded.model.config, _kv_cache_bytes(config.kv_cache_mb, device), loaded.dtype, device)
             plan = await asyncio.to_thread(self.engine.plan_memory, config.micro_batch_tokens, budget)
