@@ -9,8 +9,6 @@ import logging
 import os
 import pathlib
 
-import torch
-
 from gradwire_server import memory
 from gradwire_server.models import DTYPES, LOAD_FORMATS, preset_configs
 from gradwire_server.server import (CUDA_KV_CACHE_SHARE, DEFAULT_CHECKPOINT_DIR, DEFAULT_CPU_KV_CACHE_MB,
@@ -35,9 +33,8 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
                         help="dummy: random weights from --model's config.json, or a preset "
                              f"({', '.join(preset_configs())}), made on the device (for benchmarks)")
     parser.add_argument("--micro-batch-tokens", type=int, default=None,
-                        help="padded tokens per forward pass (default: from a probe of the model's "
-                             "activation memory per token, sized to the free memory on CUDA and to "
-                             f"{memory.CPU_MICRO_BATCH_ACTIVATION_BYTES // 2**20} MiB of activations on the CPU)")
+                        help="padded tokens per forward pass (default: from the free memory on CUDA, "
+                             f"{memory.CPU_MICRO_BATCH_TOKENS} on the CPU)")
     parser.add_argument("--keep-graph-budget-mb", type=float, default=None,
                         help="activation memory a custom loss's forward leg may keep so its backward "
                              "leg needs no second forward pass; 0 always recomputes (default: from the "
@@ -65,8 +62,6 @@ def main(argv: list[str] | None = None) -> None:
     # Fewer out-of-memory failures from fragmentation when batch shapes vary;
     # read when CUDA first allocates, which is after this.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    if not torch.cuda.is_available():  # host memory is where training's activations live
-        memory.return_freed_host_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(config))
 

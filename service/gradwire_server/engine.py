@@ -312,8 +312,8 @@ class Engine:
             _checkpoint_decoder_layers(base.model)
         self.peft_model: peft.PeftModel | None = None
         self.runs: dict[str, Run] = {}
-        # Set by plan_memory(); the CPU's largest until then.
-        self.micro_batch_tokens = memory.CPU_MAX_MICRO_BATCH_TOKENS           # padded tokens per forward pass
+        # Set by plan_memory(); the CPU defaults until then.
+        self.micro_batch_tokens = memory.CPU_MICRO_BATCH_TOKENS               # padded tokens per forward pass
         self.keep_graph_budget_bytes = memory.CPU_KEEP_GRAPH_BUDGET_BYTES     # activations Forwards may keep
         self.keep_graph_timeout_s = keep_graph_timeout_s
         self.kept: dict[str, KeptForward] = {}  # run_id -> its last Forward's graph
@@ -544,15 +544,17 @@ class Engine:
 
     def plan_memory(self, micro_batch_tokens: int | None = None,
                     keep_graph_budget_bytes: int | None = None) -> MemoryPlan:
-        """Sets the micro-batch size and keep-graph budget: the given ones, else derived
-        from a probe pass's activation bytes per token (and on CUDA the free memory)."""
+        """Sets the micro-batch size and keep-graph budget: the given ones, else on CUDA
+        derived from a probe pass's activation bytes per token and the free memory, else
+        the CPU defaults. (A probe at startup on the CPU halved later sampling speed, for
+        a cause not yet found: see BENCHMARKS.md.)"""
         per_token = 0
         if micro_batch_tokens is None or keep_graph_budget_bytes is None:
-            cuda = self.device.type == "cuda"
-            probe_tokens = memory.PROBE_TOKENS if cuda else memory.CPU_PROBE_TOKENS
-            per_token = self.activation_bytes_per_token(min(probe_tokens, self.base.max_context_length))
-            derived_tokens, derived_budget = (memory.plan_from_free(memory.free_bytes(self.device), per_token)
-                                              if cuda else memory.cpu_plan(per_token))
+            if self.device.type == "cuda":
+                per_token = self.activation_bytes_per_token(min(memory.PROBE_TOKENS, self.base.max_context_length))
+                derived_tokens, derived_budget = memory.plan_from_free(memory.free_bytes(self.device), per_token)
+            else:
+                derived_tokens, derived_budget = memory.CPU_MICRO_BATCH_TOKENS, memory.CPU_KEEP_GRAPH_BUDGET_BYTES
             micro_batch_tokens = micro_batch_tokens if micro_batch_tokens is not None else derived_tokens
             keep_graph_budget_bytes = (keep_graph_budget_bytes if keep_graph_budget_bytes is not None
                                        else derived_budget)

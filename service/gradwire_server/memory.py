@@ -1,35 +1,28 @@
 """How many tokens a micro-batch may hold and how much graph a forward may keep,
 from the memory the device has free.
 
-Once the model is loaded, a probe pass (forward and backward of one sequence
-through a temporary LoRA adapter) measures the memory a token of activations
-costs. On CUDA the micro-batch size and the keep-graph budget are cut from the
-free memory after a headroom. On the CPU, whose memory is the host's and shared
-with everything else on the machine, a micro-batch's activations get a fixed
-budget and kept graphs another. Flags override either.
+On CUDA, once the model is loaded, a probe pass (forward and backward of one
+sequence through a temporary LoRA adapter) measures the peak memory a token of
+activations costs; the micro-batch size and the keep-graph budget are cut from
+the free memory after a headroom. On the CPU the defaults are fixed: host
+memory is shared with everything else on the machine. Flags override either.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 
 import torch
 
-CPU_MICRO_BATCH_ACTIVATION_BYTES = 256 * 1024**2
-CPU_MAX_MICRO_BATCH_TOKENS = 16384
+CPU_MICRO_BATCH_TOKENS = 16384
 CPU_KEEP_GRAPH_BUDGET_BYTES = 2 * 1024**3
 PROBE_TOKENS = 1024
-CPU_PROBE_TOKENS = 128  # the probe's own activations count in the server's peak host memory
 # Left free for what the plan does not see: optimizer state of new runs,
 # sampling, the allocator's fragmentation.
 HEADROOM_FRACTION = 0.15
 MIN_HEADROOM_BYTES = 2 * 1024**3
 MIN_MICRO_BATCH_TOKENS = 256
 MAX_MICRO_BATCH_TOKENS = 65536
-# glibc's mallopt() parameters (malloc.h).
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
-HOST_MMAP_THRESHOLD_BYTES = 256 * 1024
 
 
 class OutOfMemory(MemoryError):
@@ -62,24 +55,6 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def return_freed_host_memory() -> None:
-    """Has glibc give freed host memory back to the system instead of keeping it.
-
-    By default it serves blocks below a threshold that grows to 32 MiB from heaps
-    it keeps, one per thread: the activations a training pass frees stay resident
-    and fragment, and the next pass's differently sized ones grow the heap (a 135M
-    model's RL loop held 2.3 GB between steps, 1.45 GB with this; peak 2.4 -> 1.8 GB,
-    for ~10% more time in page faults). Blocks from 256 KiB up are then mapped on
-    their own and unmapped when freed (larger thresholds kept most of the waste),
-    and one heap serves every thread. Nothing happens off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD_BYTES)
-    libc.mallopt(_M_ARENA_MAX, 1)
-
-
 def plan_from_free(free: int, bytes_per_token: int) -> tuple[int, int]:
     """(micro-batch tokens, keep-graph budget bytes) for `free` bytes: half of the
     usable memory for one micro-batch's activations, the rest for kept graphs (a
@@ -89,15 +64,6 @@ def plan_from_free(free: int, bytes_per_token: int) -> tuple[int, int]:
     usable = max(0, free - max(MIN_HEADROOM_BYTES, int(free * HEADROOM_FRACTION)))
     tokens = _whole_tokens(usable // 2 // max(1, bytes_per_token), MAX_MICRO_BATCH_TOKENS)
     return tokens, max(0, usable - tokens * bytes_per_token)
-
-
-def cpu_plan(bytes_per_token: int) -> tuple[int, int]:
-    """(micro-batch tokens, keep-graph budget bytes) on the CPU: as many tokens as
-    CPU_MICRO_BATCH_ACTIVATION_BYTES of activations hold, but at least
-    MIN_MICRO_BATCH_TOKENS (a 135M model's 1.4 MB a token would make a fixed
-    16k-token micro-batch 22 GB), and a fixed budget."""
-    tokens = CPU_MICRO_BATCH_ACTIVATION_BYTES // max(1, bytes_per_token)
-    return _whole_tokens(tokens, CPU_MAX_MICRO_BATCH_TOKENS), CPU_KEEP_GRAPH_BUDGET_BYTES
 
 
 def _whole_tokens(tokens: int, most: int) -> int:
