@@ -36,7 +36,10 @@ def server_config(**fields) -> ServerConfig:
 def server(tmp_path_factory):
     """An in-process server; `server.engine` is its engine, `server.call(fn)` runs fn on its worker,
     `server.server.checkpoint_root` its (temporary) checkpoint folder."""
-    background = BackgroundServer(server_config(checkpoint_dir=tmp_path_factory.mktemp("checkpoints")))
+    # Checkpoint expiry sweeps only when a test calls server.expire_checkpoints(): a periodic
+    # one could delete an expired checkpoint between a test's expiry and its checks.
+    background = BackgroundServer(server_config(checkpoint_dir=tmp_path_factory.mktemp("checkpoints"),
+                                                checkpoint_expiry_interval_s=1e6))
     yield background
     background.stop()
 

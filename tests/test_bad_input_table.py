@@ -7,15 +7,15 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from google.longrunning import operations_pb2
+from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 
 import gradwire
 from gradwire.v1 import codec, sampling_service_pb2, tensor_pb2
-from gradwire.v1 import sampling_service_pb2_grpc
+from gradwire.v1 import sampling_service_pb2_grpc, training_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
-from reference import (METHODS, assert_optimizer_equal, assert_state_equal, optimizer_state, random_data, raw_request,
-                       run_state, succeeded, trained_run)
+from reference import (METHODS, assert_optimizer_equal, assert_state_equal, greedy_reference, optimizer_state,
+                       random_data, raw_request, reference_base_model, run_state, succeeded, trained_run)
 
 KB_100 = "x" * 100_000
 
@@ -177,10 +177,9 @@ def test_wait_operation_timeouts(server, stubs, run):
 
 
 def test_tiny_temperature_samples_greedily(server):
-    """temperature 1e-45 samples exactly what temperature 0 (greedy) does."""
+    """temperature 1e-45 samples exactly what temperature 0 does: the in-process argmax."""
     with grpc.insecure_channel(server.address) as channel:
         stub = sampling_service_pb2_grpc.SamplingServiceStub(channel)
-        from google.longrunning import operations_pb2_grpc
         operations = operations_pb2_grpc.OperationsStub(channel)
 
         def tokens(temperature: float) -> bytes:
@@ -191,7 +190,8 @@ def test_tiny_temperature_samples_greedily(server):
             succeeded(operations, stub.Sample(request, timeout=30).name).response.Unpack(response)
             return [sequence.tokens for sequence in response.sequences]
 
-        assert tokens(1e-45) == tokens(0.0)
+        greedy = np.array(greedy_reference(reference_base_model(server), [5, 6, 7], 8), "<i4").tobytes()
+        assert tokens(1e-45) == tokens(0.0) == [greedy, greedy]
 
 
 @pytest.mark.parametrize("adam, field", [
@@ -200,10 +200,12 @@ def test_tiny_temperature_samples_greedily(server):
     pytest.param(pb.AdamParams(learning_rate=1e-3, weight_decay=1e300), "adam_params.weight_decay", id="wd-1e300"),
 ])
 def test_optimizer_hyperparameters_out_of_bounds(server, stubs, run, adam, field):
-    before = run_state(server, run.model_id)
+    before, moments, step = run_state(server, run.model_id), optimizer_state(server, run.model_id), run.get_info().step
     error = status_of(stubs[0].OptimStep, pb.OptimStepRequest(model_id=run.model_id, adam_params=adam))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.details()
     assert_state_equal(before, run_state(server, run.model_id))
+    assert_optimizer_equal(moments, optimizer_state(server, run.model_id))
+    assert run.get_info().step == step
 
 
 def test_a_step_that_would_write_a_non_finite_weight_changes_nothing(server, service):
@@ -251,8 +253,9 @@ def test_a_refused_first_step_leaves_the_optimizer_as_new(server, service):
     assert server.call(lambda: [dict(g, params=None) for g in server.engine.run(tc.model_id).optimizer.param_groups]
                        ) == groups
     after = run_state(server, tc.model_id)
-    for name, (weight, _) in before.items():
+    for name, (weight, grad) in before.items():
         torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
+        torch.testing.assert_close(after[name][1], grad, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("field", ["model_id", "checkpoint name", "checkpoint path", "operation name",
@@ -287,7 +290,6 @@ def test_stream_message_of_no_kind(server, run):
                                                                        loss_fn="cross_entropy")),
                 pb.ForwardBackwardStreamRequest()]
     with grpc.insecure_channel(server.address) as channel:
-        from gradwire.v1 import training_service_pb2_grpc
         error = status_of(training_service_pb2_grpc.TrainingServiceStub(channel).ForwardBackwardStream,
                           iter(messages))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "kind" in error.details()

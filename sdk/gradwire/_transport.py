@@ -7,6 +7,7 @@ plumbing.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -92,6 +93,14 @@ class Transport:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def waited(future: concurrent.futures.Future, timeout: float | None, late: str) -> Any:
+    """The future's result; APITimeoutError(`late`) if it is not done within `timeout` seconds."""
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        raise APITimeoutError(late) from None
 
 
 def backoff() -> Iterator[float]:

@@ -26,8 +26,8 @@ import grpc
 from tqdm.auto import tqdm
 
 from gradwire import _convert, custom_loss, types
-from gradwire.errors import AbortedError, APITimeoutError, GradwireError, UnsupportedFeatureError, error_from_rpc
-from gradwire._transport import Transport, request_id, submitted
+from gradwire.errors import AbortedError, GradwireError, UnsupportedFeatureError, error_from_rpc
+from gradwire._transport import Transport, request_id, submitted, waited
 from gradwire.futures import APIFuture
 from gradwire.rest_client import RestClient
 from gradwire.sampling_client import SamplingClient
@@ -671,10 +671,7 @@ class TrainingClient:
         self._queue.put(pending)
 
         def result(timeout: float | None):
-            try:
-                submitted = pending.submitted.result(timeout)
-            except concurrent.futures.TimeoutError:
-                raise APITimeoutError(f"{label} was not submitted within {timeout} s") from None
+            submitted = waited(pending.submitted, timeout, f"{label} was not submitted within {timeout} s")
             return fetch(submitted, timeout)
 
         return APIFuture(result, pending.submitted)

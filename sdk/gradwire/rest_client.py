@@ -5,7 +5,6 @@ Named after Tinker's RestClient; it speaks gRPC like the rest of the SDK.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import pathlib
 import secrets
@@ -17,7 +16,8 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 
 from gradwire import _convert, types
-from gradwire.errors import APIError, APITimeoutError, UnsupportedFeatureError, error_from_rpc
+from gradwire._transport import waited
+from gradwire.errors import APIError, UnsupportedFeatureError, error_from_rpc
 from gradwire.futures import APIFuture
 from gradwire.v1 import resource_service_pb2 as rpb
 
@@ -48,11 +48,7 @@ class RestClient:
         running = self.service._sampling_senders.submit(fn)
 
         def result(timeout: float | None) -> T:
-            try:
-                return running.result(timeout)
-            except concurrent.futures.TimeoutError:
-                raise APITimeoutError(f"no answer within {timeout} s; call result() again to keep "
-                                      "waiting") from None
+            return waited(running, timeout, f"no answer within {timeout} s; call result() again to keep waiting")
 
         return APIFuture(result, running)
 

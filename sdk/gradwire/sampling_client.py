@@ -7,15 +7,14 @@ many samples can be in flight together.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from gradwire import _convert, types
-from gradwire._transport import request_id, submitted
-from gradwire.errors import APITimeoutError, UnsupportedFeatureError, error_from_rpc
+from gradwire._transport import request_id, submitted, waited
+from gradwire.errors import UnsupportedFeatureError, error_from_rpc
 from gradwire.futures import APIFuture
 from gradwire.v1 import sampling_service_pb2 as pb
 
@@ -167,10 +166,7 @@ class SamplingClient:
         submitted = self.service._sampling_senders.submit(send)
 
         def fetch(timeout: float | None):
-            try:
-                name = submitted.result(timeout)
-            except concurrent.futures.TimeoutError:
-                raise APITimeoutError(f"{method} was not submitted within {timeout} s") from None
+            name = waited(submitted, timeout, f"{method} was not submitted within {timeout} s")
             return service._transport.operation_result(name, message_type, timeout, convert)
 
         return APIFuture(fetch, submitted)

@@ -83,9 +83,9 @@ def set_ttl(root: pathlib.Path, index: RunIndex, path: str, ttl_seconds: int | N
     (worker side, between saves and deletions); returns its index row."""
     checkpoint = checkpoints.find(root, path)
     expires = None if ttl_seconds is None else time.time() + ttl_seconds
-    checkpoints.set_expiry(checkpoint, expires)
+    updated = checkpoints.set_expiry(checkpoint, expires)
     record_change(f"the TTL of {path}", index.set_checkpoint_expiry, path, expires)
-    return index.get_checkpoint(path) or checkpoint.record()
+    return index.get_checkpoint(path) or updated.record()
 
 
 def delete_expired(root: pathlib.Path, index: RunIndex, now: float) -> list[str]:

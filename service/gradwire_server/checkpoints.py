@@ -187,10 +187,10 @@ def check_base_model(checkpoint: Checkpoint, base_model: str) -> None:
             "BASE_MODEL_MISMATCH")
 
 
-def expired(metadata: dict[str, Any], now: float | None = None) -> bool:
+def expired(metadata: dict[str, Any]) -> bool:
     """Whether a checkpoint's TTL has run out."""
     expires = metadata.get("expires_time")
-    return expires is not None and expires <= (time.time() if now is None else now)
+    return expires is not None and expires <= time.time()
 
 
 def check_new(root: pathlib.Path, path: CheckpointPath) -> None:

@@ -28,8 +28,7 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 def model_target_logprobs(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Logprobs [B, L, K] of `targets` after each position of `tokens` [B, L], as
     training computes them: the decoder, then the chunked unembedding. Run under
-    the engine's autocast. (Not yet used by the sampler: re-scoring finished
-    sequences with it would give exactly the training logprobs in bf16.)"""
+    the engine's autocast."""
     hidden = model.get_decoder()(input_ids=tokens, use_cache=False).last_hidden_state  # [B, L, H]
     unembed = model.get_output_embeddings()
     chunk = CUDA_LOGITS_CHUNK_ELEMENTS if hidden.device.type == "cuda" else LOGITS_CHUNK_ELEMENTS

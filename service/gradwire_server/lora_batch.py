@@ -58,7 +58,9 @@ class StackedAdapters:
         row_ids = torch.tensor([index[id(w)] if w is not None else -1 for w in rows])
         out = {}
         for module, (a, b, owner) in self.factors.items():
-            mask = (row_ids.to(owner.device)[:, None] == owner[None, :]).to(a.dtype)
+            if row_ids.device != owner.device:
+                row_ids = row_ids.to(owner.device)  # once: every module's factors are on one device
+            mask = (row_ids[:, None] == owner[None, :]).to(a.dtype)
             out[module] = (a, b, mask[:, None, :])
         return out
 

@@ -147,10 +147,9 @@ class OperationStore:
         return len(stale)
 
     def close(self) -> None:
-        """Removes every spool file (the server stops)."""
-        for record in self._records.values():
-            if record.spool is not None:
-                record.spool.remove()
+        """Drops every operation and its spool file (the server stops)."""
+        for record in list(self._records.values()):
+            self._drop(record)
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):

@@ -15,8 +15,8 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from gradwire.v1 import resource_service_pb2 as rpb
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire_server import checkpoint_ops, checkpoints, paging
-from gradwire_server.errors import FieldViolation, ServiceError, abort, invalid_argument, not_found
+from gradwire_server import checkpoint_ops, checkpoints, paging, validation
+from gradwire_server.errors import ServiceError, abort, not_found
 from gradwire_server.run_index import CheckpointRecord, RunIndex, RunRecord
 from gradwire_server.scheduler import Scheduler
 
@@ -88,8 +88,7 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading", "LOADING")
             checkpoints.parse_path(request.path)
             ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
-            if ttl is not None and ttl < 1:
-                raise invalid_argument([FieldViolation("ttl_seconds", f"must be >= 1, got {ttl}")])
+            validation.ttl_seconds(ttl)
             record = await self.scheduler.run_on_worker("set_checkpoint_ttl", lambda: checkpoint_ops.set_ttl(
                 self.checkpoint_root, self.index, request.path, ttl))
             return _checkpoint(record)

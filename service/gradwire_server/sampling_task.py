@@ -18,7 +18,7 @@ from google.protobuf import message
 from gradwire.v1 import codec
 from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire_server.checkpoints import Checkpoint
-from gradwire_server.errors import FieldViolation, ServiceError, invalid_argument
+from gradwire_server.errors import FieldViolation, invalid_argument
 from gradwire_server.sampler import DecodeLoop, Generation, KvBudgetError, SampleSpec, SequenceNews
 from gradwire_server.sampler_weights import AdapterLoadError, SamplerAdapters, WeightsSnapshot
 from gradwire_server.scheduler import Step
@@ -122,8 +122,6 @@ def _topk_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> pb.TopkSampleLogpro
 
 def _service_error(error: Exception) -> Exception:
     """What a loop-side failure of this request means to its client."""
-    if isinstance(error, ServiceError):
-        return error
     if isinstance(error, KvBudgetError):
         return invalid_argument([FieldViolation("sampling_params.max_tokens", str(error))])
     return error

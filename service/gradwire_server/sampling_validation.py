@@ -19,7 +19,7 @@ from gradwire_server.sampler import SampleSpec, SamplingSettings
 from gradwire_server.validation import check_token_range
 
 MAX_TOPK_PROMPT_LOGPROBS = 20
-MAX_NUM_SAMPLES = 256  # each sample holds a copy of the prompt's KV cache while it decodes
+MAX_NUM_SAMPLES = 256  # each sample holds its own KV blocks for the tokens it generates
 # Sample's response rides inside one Operation, within gRPC's 4 MiB default.
 MAX_RESPONSE_BYTES = 3 * 1024 * 1024
 # A temperature below this samples greedily (the limit it tends to), as logits

@@ -269,8 +269,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         request) instead of a failed operation that aborts the requests already queued on
         the worker behind it."""
         path = checkpoints.CheckpointPath(model_id, kind, checkpoints.validate_name(name))
-        if ttl_seconds is not None and ttl_seconds < 1:
-            raise invalid_argument([FieldViolation("ttl_seconds", f"must be >= 1, got {ttl_seconds}")])
+        validation.ttl_seconds(ttl_seconds)
         if overwrite:
             return path  # saves of one run run in order: the last one's weights stay
         checkpoints.check_new(self.checkpoint_root, path)

@@ -90,6 +90,12 @@ def seq_id(value: int) -> None:
                       f"got {value}")])
 
 
+def ttl_seconds(value: int | None) -> None:
+    """A checkpoint's time to live, if set, is at least one second."""
+    if value is not None and value < 1:
+        raise invalid_argument([FieldViolation("ttl_seconds", f"must be >= 1, got {value}")])
+
+
 def request_id(value: str) -> None:
     """A client-chosen request id (AIP-155: a UUID fits) of at most MAX_REQUEST_ID_CHARS."""
     if len(value) > MAX_REQUEST_ID_CHARS:
