@@ -92,7 +92,11 @@ def main() -> None:
     parser.add_argument("--generate-requests", type=int, default=4, help="requests timed with generate")
     parser.add_argument("--size", choices=["small", "1b"], default="small",
                         help="the ~10M random Llama (CPU), or a random 1.1B one on the device")
+    parser.add_argument("--counts", default="1,8,64", help="numbers of concurrent base-model requests")
+    parser.add_argument("--skip-adapters", action="store_true", help="leave out the 8-adapter measurement")
+    parser.add_argument("--server-args", default="", help="extra gradwire-server flags, one string")
     args = parser.parse_args()
+    server_args = args.server_args.split()
 
     rows: list[tuple[str, str]] = []
     device = torch.device("cuda" if args.size == "1b" and torch.cuda.is_available() else "cpu")
@@ -102,17 +106,17 @@ def main() -> None:
         if args.size == "1b":
             model = dummy_model("llama-1b", device, dtype)[0].eval()
             name, parameters = "llama-1b", sum(p.numel() for p in model.parameters())
-            server, address = start_server(name, "--load-format", "dummy", *checkpoints)
+            server, address = start_server(name, "--load-format", "dummy", *checkpoints, *server_args)
         else:
             name, parameters = folder, write_model(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-            server, address = start_server(name, *checkpoints)
+            server, address = start_server(name, *checkpoints, *server_args)
         try:
             service = gradwire.ServiceClient(base_url=address)
             base = service.create_sampling_client(base_model=name)
             concurrent_tokens_per_s([base], 2, 0)  # warm up
             generate_tokens_per_s(model, 1)  # warm up
-            for count in (1, 8, 64):
+            for count in map(int, args.counts.split(",")):
                 # generate is timed just before and just after, so load drifting on a shared
                 # machine moves both sides of the ratio alike.
                 before = generate_tokens_per_s(model, args.generate_requests)
@@ -122,6 +126,8 @@ def main() -> None:
                          ("  sequential generate around it, tokens/s", f"{local:,.0f}"),
                          (f"  ratio{' (goal >= 4)' if count == 64 else ''}", f"{served / local:.2f}")]
 
+            if args.skip_adapters:
+                return print_rows(rows, device, dtype, model, parameters, server_args)
             # Eight runs, one optimizer step each (non-zero LoRA factors), saved as sampler weights.
             adapters = []
             for seed in range(8):
@@ -142,13 +148,18 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
+    print_rows(rows, device, dtype, model, parameters, server_args)
 
+
+def print_rows(rows: list[tuple[str, str]], device: torch.device, dtype: torch.dtype, model, parameters: int,
+               server_args: list[str]) -> None:
     card = f"{torch.cuda.get_device_name()} " if device.type == "cuda" else ""
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"{card}{device.type} {str(dtype).removeprefix('torch.')}; model: random Llama, "
           f"{parameters / 1e6:.1f}M parameters, vocab {model.config.vocab_size}, LoRA rank {RANK}; "
-          f"requests of {NUM_SAMPLES} samples x {MAX_TOKENS} tokens, {PROMPT_TOKENS}-token prompts")
+          f"requests of {NUM_SAMPLES} samples x {MAX_TOKENS} tokens, {PROMPT_TOKENS}-token prompts"
+          + (f"; server flags: {' '.join(server_args)}" if server_args else ""))
     width = max(len(name) for name, _ in rows) + 2
     for name, value in rows:
         print(f"{name:<{width}}{value:>12}")
