@@ -191,21 +191,8 @@ class ServiceClient:
 
     def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:
         """Models, built-in losses, limits and device of the server."""
-        response = self._call("GetServerCapabilities", pb.GetServerCapabilitiesRequest())
-        limits = response.limits
-        return types.GetServerCapabilitiesResponse(
-            supported_models=[types.SupportedModel(m.model_name, m.max_context_length, m.vocab_size)
-                              for m in response.supported_models],
-            loss_fns=list(response.loss_fns), device=response.device,
-            limits={"max_message_bytes": limits.max_message_bytes,
-                    "max_lora_rank": limits.max_lora_rank,
-                    "max_wait_seconds": limits.max_wait_seconds,
-                    "operation_ttl_seconds": limits.operation_ttl_seconds,
-                    "micro_batch_tokens": limits.micro_batch_tokens,
-                    "keep_graph_budget_bytes": limits.keep_graph_budget_bytes,
-                    "activation_bytes_per_token": limits.activation_bytes_per_token},
-            dtype=response.dtype,
-            kv_cache={f.name: getattr(response.kv_cache, f.name) for f in response.kv_cache.DESCRIPTOR.fields})
+        return _convert.server_capabilities(
+            self._call("GetServerCapabilities", pb.GetServerCapabilitiesRequest()))
 
     async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
         return await asyncio.to_thread(self.get_server_capabilities)

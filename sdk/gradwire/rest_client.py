@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from gradwire import _convert, types
 from gradwire._transport import waited
@@ -72,12 +73,7 @@ class RestClient:
         _check_scope(access_scope)
         if project_id is not None:
             raise UnsupportedFeatureError("list_training_runs(project_id=...)", _HOSTED)
-
-        def page() -> types.TrainingRunsResponse:
-            runs = self._all_training_runs()
-            return types.TrainingRunsResponse(runs[offset:offset + limit], types.Cursor(offset, limit, len(runs)))
-
-        return self._background(page)
+        return self._page(self._all_training_runs, limit, offset, types.TrainingRunsResponse)
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -88,13 +84,7 @@ class RestClient:
     def list_user_checkpoints(self, limit: int = 100, offset: int = 0
                               ) -> APIFuture[types.CheckpointsListResponse]:
         """Checkpoints of every run on the server, newest first: `limit` from `offset`."""
-        def page() -> types.CheckpointsListResponse:
-            saved = sorted((c for run in self._all_training_runs() for c in self._checkpoints(run.training_run_id)),
-                           key=lambda c: c.time, reverse=True)
-            return types.CheckpointsListResponse(saved[offset:offset + limit],
-                                                 types.Cursor(offset, limit, len(saved)))
-
-        return self._background(page)
+        return self._page(self._all_checkpoints_newest_first, limit, offset, types.CheckpointsListResponse)
 
     def delete_checkpoint(self, training_run_id: str, checkpoint_id: str | None = None) -> APIFuture[None]:
         """Deletes the run's checkpoint `checkpoint_id` ("weights/<name>" or
@@ -193,28 +183,42 @@ class RestClient:
 
     # ---- plumbing ----------------------------------------------------------------------------
 
+    def _page(self, fetch_all: Callable[[], list], limit: int, offset: int,
+              response_type: Callable[[list, types.Cursor], T]) -> APIFuture[T]:
+        """`limit` items from `offset` of what fetch_all returns, with the cursor that places
+        them in the whole. The listing is fetched whole (every page) and the window cut here."""
+        def page() -> T:
+            everything = fetch_all()
+            return response_type(everything[offset:offset + limit], types.Cursor(offset, limit, len(everything)))
+
+        return self._background(page)
+
     def _training_run(self, training_run_id: str) -> types.TrainingRun:
         return _convert.training_run(
             self._call("GetTrainingRun", rpb.GetTrainingRunRequest(training_run_id=training_run_id)))
 
     def _all_training_runs(self) -> list[types.TrainingRun]:
-        runs, token = [], ""
-        while True:
-            response = self._call("ListTrainingRuns", rpb.ListTrainingRunsRequest(page_token=token))
-            runs.extend(_convert.training_run(run) for run in response.training_runs)
-            token = response.next_page_token
-            if not token:
-                return runs
+        return [_convert.training_run(run)
+                for run in self._every_page("ListTrainingRuns", rpb.ListTrainingRunsRequest(), "training_runs")]
 
     def _checkpoints(self, training_run_id: str) -> list[types.Checkpoint]:
-        saved, token = [], ""
+        request = rpb.ListCheckpointsRequest(training_run_id=training_run_id)
+        return [_convert.checkpoint(c) for c in self._every_page("ListCheckpoints", request, "checkpoints")]
+
+    def _all_checkpoints_newest_first(self) -> list[types.Checkpoint]:
+        return sorted((c for run in self._all_training_runs() for c in self._checkpoints(run.training_run_id)),
+                      key=lambda c: c.time, reverse=True)
+
+    def _every_page(self, method: str, request: Message, items_field: str) -> list[Message]:
+        """The `items_field` entries of every page of a listing: `method` is called again
+        with each next_page_token until a page comes without one. Sets request.page_token."""
+        items: list[Message] = []
         while True:
-            response = self._call("ListCheckpoints", rpb.ListCheckpointsRequest(
-                training_run_id=training_run_id, page_token=token))
-            saved.extend(_convert.checkpoint(c) for c in response.checkpoints)
-            token = response.next_page_token
-            if not token:
-                return saved
+            response = self._call(method, request)
+            items.extend(getattr(response, items_field))
+            if not response.next_page_token:
+                return items
+            request.page_token = response.next_page_token
 
     def _delete(self, path: str) -> None:
         self._call("DeleteCheckpoint", rpb.DeleteCheckpointRequest(path=path))

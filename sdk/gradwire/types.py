@@ -118,9 +118,7 @@ class ImageChunk:
 
     @property
     def length(self) -> int:
-        if self.expected_tokens is None:
-            raise ValueError("ImageChunk.length: expected_tokens is not set")
-        return self.expected_tokens
+        return _image_length(self)
 
 
 @dataclass
@@ -135,9 +133,14 @@ class ImageAssetPointerChunk:
 
     @property
     def length(self) -> int:
-        if self.expected_tokens is None:
-            raise ValueError("ImageAssetPointerChunk.length: expected_tokens is not set")
-        return self.expected_tokens
+        return _image_length(self)
+
+
+def _image_length(chunk: ImageChunk | ImageAssetPointerChunk) -> int:
+    """An image's model positions: only the caller knows them (expected_tokens)."""
+    if chunk.expected_tokens is None:
+        raise ValueError(f"{type(chunk).__name__}.length: expected_tokens is not set")
+    return chunk.expected_tokens
 
 
 ModelInputChunk = Union[EncodedTextChunk, ImageChunk, ImageAssetPointerChunk]
@@ -187,39 +190,34 @@ class ModelInput:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PromptProvenanceSpan:
+class _ProvenanceSpan:
+    """What both provenance span kinds share: the fields and their checks."""
+
+    sequence_id: str
+    offset: int = 0
+    length: int
+
+    def __post_init__(self) -> None:
+        kind = type(self).__name__
+        if not self.sequence_id:
+            raise ValueError(f"{kind}.sequence_id must be non-empty")
+        if self.length < 1:
+            raise ValueError(f"{kind}.length must be >= 1, got {self.length}")
+        if self.offset < 0:
+            raise ValueError(f"{kind}.offset must be >= 0, got {self.offset}")
+
+
+# Each kind is decorated too: an undecorated subclass of a frozen dataclass would accept new attributes.
+@dataclass(frozen=True, kw_only=True)
+class PromptProvenanceSpan(_ProvenanceSpan):
     """Datum positions that are positions [offset, offset + length) of the prompt of
     the sample request that produced sequence `sequence_id`."""
 
-    sequence_id: str
-    offset: int = 0
-    length: int
-
-    def __post_init__(self) -> None:
-        _check_span(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class SampledProvenanceSpan:
+class SampledProvenanceSpan(_ProvenanceSpan):
     """Datum positions that are positions [offset, offset + length) of the tokens
     sampled as sequence `sequence_id`."""
-
-    sequence_id: str
-    offset: int = 0
-    length: int
-
-    def __post_init__(self) -> None:
-        _check_span(self)
-
-
-def _check_span(span: PromptProvenanceSpan | SampledProvenanceSpan) -> None:
-    kind = type(span).__name__
-    if not span.sequence_id:
-        raise ValueError(f"{kind}.sequence_id must be non-empty")
-    if span.length < 1:
-        raise ValueError(f"{kind}.length must be >= 1, got {span.length}")
-    if span.offset < 0:
-        raise ValueError(f"{kind}.offset must be >= 0, got {span.offset}")
 
 
 @dataclass
