@@ -3,6 +3,7 @@ in this process (so tests can read the engine's weights and gradients) or as
 a `gradwire-server` subprocess."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -51,11 +52,19 @@ def service(server):
     client.close()
 
 
+@contextlib.contextmanager
+def raw_stubs(address: str):
+    """Raw (TrainingService, Operations) stubs of the server at `address`, as a client in
+    another language uses them; their channel closes when the block ends."""
+    with grpc.insecure_channel(address) as channel:
+        yield pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
+
+
 @pytest.fixture()
 def stubs(server):
-    """Raw (TrainingService, Operations) stubs, as a client in another language uses them."""
-    with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
+    """raw_stubs of the session's in-process server."""
+    with raw_stubs(server.address) as training_and_operations:
+        yield training_and_operations
 
 
 def free_port() -> int:

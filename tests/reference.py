@@ -1,11 +1,14 @@
 """In-process PyTorch reference: the same tiny-random model and the same LoRA
 weights as a server run, on the server's device and in its dtype, for exactness
-checks, plus snapshots of a run's state. Reference logprobs come back on the CPU."""
+checks, plus snapshots of a run's state and helpers for requests over the raw
+stubs. Reference logprobs come back on the CPU."""
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
+import grpc
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
@@ -138,8 +141,19 @@ def relative_error(server_grads: dict[str, torch.Tensor], expected: dict[str, to
     return float((got - want).norm() / want.norm())
 
 
+def checkpoint_files(server) -> list[str]:
+    """Every file and folder under the server's checkpoint folder but the run index's files."""
+    return sorted(str(p) for p in server.server.checkpoint_root.rglob("*") if "index.sqlite3" not in p.name)
+
+
 def server_gradients(server, run_id: str) -> dict[str, torch.Tensor]:
     return {name: grad for name, (_, grad) in run_state(server, run_id).items() if grad is not None}
+
+
+def new_run(training, rank: int = 2, seed: int = 0) -> str:
+    """The model_id of a new tiny-random LoRA run, created over the raw TrainingService stub."""
+    return training.CreateModel(pb.CreateModelRequest(base_model="tiny-random",
+                                                      lora_config=pb.LoraConfig(rank=rank, seed=seed))).model_id
 
 
 def raw_request(model_id: str, seq_id: int, data: list[gradwire.Datum]) -> pb.ForwardBackwardRequest:
@@ -205,6 +219,38 @@ def succeeded(operations, name: str) -> operations_pb2.Operation:
     operation = finished(operations, name)
     assert not operation.HasField("error"), operation.error
     return operation
+
+
+def operation_metadata(operation: operations_pb2.Operation) -> pb.OperationMetadata:
+    meta = pb.OperationMetadata()
+    operation.metadata.Unpack(meta)
+    return meta
+
+
+def response_or_error(method, request):
+    """What a raw stub's call returns, or the grpc.RpcError it raises."""
+    try:
+        return method(request)
+    except grpc.RpcError as error:
+        return error
+
+
+def stream_operations(operations, run_id: str) -> list[operations_pb2.Operation]:
+    """The run's operations of client-streamed requests."""
+    listed = operations.ListOperations(operations_pb2.ListOperationsRequest(name=f"operations/{run_id}/"))
+    return [op for op in listed.operations if "Stream" in operation_metadata(op).kind]
+
+
+def wait_for_stream_operation(operations, run_id: str, received: int, seconds: float = 30) -> str:
+    """The name of the run's streamed request's operation, once the server has received
+    `received` datums of it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        for op in stream_operations(operations, run_id):
+            if operation_metadata(op).num_datums >= received:
+                return op.name
+        assert time.monotonic() < deadline, "the stream never reached the server"
+        time.sleep(0.02)
 
 
 @contextlib.contextmanager

@@ -14,8 +14,9 @@ import gradwire
 from gradwire.v1 import codec, sampling_service_pb2, tensor_pb2
 from gradwire.v1 import sampling_service_pb2_grpc, training_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
-from reference import (METHODS, assert_optimizer_equal, assert_state_equal, greedy_reference, optimizer_state,
-                       random_data, raw_request, reference_base_model, run_state, succeeded, trained_run)
+from reference import (METHODS, assert_optimizer_equal, assert_state_equal, checkpoint_files, greedy_reference,
+                       optimizer_state, random_data, raw_request, reference_base_model, run_state, succeeded,
+                       trained_run)
 
 KB_100 = "x" * 100_000
 
@@ -260,9 +261,11 @@ def test_a_refused_first_step_leaves_the_optimizer_as_new(server, service):
 
 @pytest.mark.parametrize("field", ["model_id", "checkpoint name", "checkpoint path", "operation name",
                                    "request_id"])
-def test_100_kb_ids_are_cut_in_the_error(server, stubs, run, field):
-    """INVALID_ARGUMENT or NOT_FOUND (not RESOURCE_EXHAUSTED): the value is cut in the message."""
+def test_100_kb_ids_are_cut_in_the_error(server, service, stubs, run, field):
+    """INVALID_ARGUMENT or NOT_FOUND (not RESOURCE_EXHAUSTED): the value is cut in the message.
+    No checkpoint is written: no file appears under the checkpoint folder, none is listed."""
     before = run_state(server, run.model_id)
+    files_before = checkpoint_files(server)
     training, operations = stubs
     calls = {
         "model_id": lambda: training.GetInfo(pb.GetInfoRequest(model_id=KB_100), timeout=30),
@@ -282,6 +285,8 @@ def test_100_kb_ids_are_cut_in_the_error(server, stubs, run, field):
         raised.value.details()
     assert len(raised.value.details()) < 2000
     assert_state_equal(before, run_state(server, run.model_id))
+    assert checkpoint_files(server) == files_before
+    assert service.create_rest_client().list_checkpoints(run.model_id).result().checkpoints == []
 
 
 def test_stream_message_of_no_kind(server, run):

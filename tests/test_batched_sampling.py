@@ -24,8 +24,9 @@ from gradwire_server.kv_cache import BLOCK_TOKENS, BlockPool
 from gradwire_server.models import tiny_random_model
 from conftest import server_config
 from gradwire_server.server import BackgroundServer
-from reference import (finished, forward_batches, greedy_reference, random_data, raw_request, reference_base_model,
-                       reference_model, sequence_logprobs, succeeded, trained_run, worker_busy)
+from reference import (finished, forward_batches, greedy_reference, new_run, operation_metadata, random_data,
+                       raw_request, reference_base_model, reference_model, sequence_logprobs, succeeded,
+                       trained_run, worker_busy)
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32]
 RANK = 4
@@ -215,21 +216,15 @@ def test_sampling_waits_at_most_one_request_per_training_run(server, raw, stubs)
     (one turn to join the loop, one to decode), not after every queued request."""
     training, _ = stubs
     stub, operations = raw
-    runs = [training.CreateModel(tpb.CreateModelRequest(base_model="tiny-random",
-                                                         lora_config=tpb.LoraConfig(rank=2, seed=s))).model_id
-            for s in range(3)]
+    runs = [new_run(training, seed=s) for s in range(3)]
     with worker_busy(server):
         forwards = [[training.Forward(raw_request(run, seq, random_data(80 + seq))).name for seq in (1, 2, 3)]
                     for run in runs]
         sample = stub.Sample(request(dict(base_model="tiny-random"), 2,
                                      max_tokens=sampler.DECODE_STEPS_PER_TURN - 1, seed=0)).name
-    sample_end = finished(operations, sample).metadata
-    meta = tpb.OperationMetadata()
-    sample_end.Unpack(meta)
+    sample_end = operation_metadata(finished(operations, sample)).end_time.ToNanoseconds()
     for run in forwards:
-        third = tpb.OperationMetadata()
-        succeeded(operations, run[2]).metadata.Unpack(third)
-        assert meta.end_time.ToNanoseconds() <= third.start_time.ToNanoseconds()
+        assert sample_end <= operation_metadata(succeeded(operations, run[2])).start_time.ToNanoseconds()
 
 
 # ---- the KV cache budget -------------------------------------------------------------------------------

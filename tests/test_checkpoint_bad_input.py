@@ -11,12 +11,11 @@ import pytest
 import gradwire
 from gradwire_server import checkpoints
 from gradwire_server.errors import ServiceError
-from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.longrunning import operations_pb2
 
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-from reference import (assert_optimizer_equal, assert_state_equal, finished, optimizer_state,
-                       random_data, raw_request, run_state, trained_run, worker_busy)
+from reference import (assert_optimizer_equal, assert_state_equal, checkpoint_files, finished, new_run,
+                       optimizer_state, random_data, raw_request, run_state, trained_run, worker_busy)
 
 
 def donor_checkpoint(server, service, kind: str = "weights", rank: int = 4):
@@ -123,20 +122,19 @@ def test_bad_checkpoint_is_rejected_and_changes_nothing(server, service, case, m
             len(service.create_rest_client().list_training_runs(limit=10**6).result().training_runs)) == runs_before
 
 
-def test_a_failed_load_aborts_the_requests_queued_behind_it(server, service):
+def test_a_failed_load_aborts_the_requests_queued_behind_it(server, service, stubs):
     """A load that fails while running (a damaged file) aborts the run's requests already
     queued behind it: no optimizer step is taken on weights the user did not mean."""
     path = truncated("adapter_model.safetensors")(server, service)
-    with grpc.insecure_channel(server.address) as channel:
-        stub, operations = pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
-        run_id = stub.CreateModel(pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=4, seed=0))).model_id
-        forward_backward = stub.ForwardBackward(raw_request(run_id, 1, random_data(63)))
-        operations.WaitOperation(operations_pb2.WaitOperationRequest(name=forward_backward.name))
-        before = run_state(server, run_id)
-        step = stub.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=3))  # held for seq_id 2
-        load = stub.LoadWeights(pb.LoadWeightsRequest(model_id=run_id, seq_id=2, path=path))
-        load_done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=load.name))
-        step_done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=step.name))
+    stub, operations = stubs
+    run_id = new_run(stub, rank=4)
+    forward_backward = stub.ForwardBackward(raw_request(run_id, 1, random_data(63)))
+    operations.WaitOperation(operations_pb2.WaitOperationRequest(name=forward_backward.name))
+    before = run_state(server, run_id)
+    step = stub.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=3))  # held for seq_id 2
+    load = stub.LoadWeights(pb.LoadWeightsRequest(model_id=run_id, seq_id=2, path=path))
+    load_done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=load.name))
+    step_done = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=step.name))
     assert load_done.error.code == grpc.StatusCode.DATA_LOSS.value[0]
     assert step_done.error.code == grpc.StatusCode.ABORTED.value[0] and load.name in step_done.error.message
     assert_state_equal(before, run_state(server, run_id))
@@ -148,14 +146,13 @@ BAD_NAMES = ["a/b", "..", "", ".hidden", "../escape", "x y", "-dash", "é", "a" 
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_bad_checkpoint_name_is_rejected_and_writes_nothing(server, service, name):
     tc = trained_run(service)
-    root = server.server.checkpoint_root
-    files_before = sorted(str(p) for p in root.rglob("*") if "index.sqlite3" not in p.name)
+    files_before = checkpoint_files(server)
     before = run_state(server, tc.model_id)
     for save in (tc.save_state, tc.save_weights_for_sampler):
         with pytest.raises(gradwire.BadRequestError, match="is not a valid checkpoint name") as raised:
             save(name).result()
         assert raised.value.field_violations[0][0] == "name"
-    assert sorted(str(p) for p in root.rglob("*") if "index.sqlite3" not in p.name) == files_before
+    assert checkpoint_files(server) == files_before
     assert_state_equal(before, run_state(server, tc.model_id))
     assert service.create_rest_client().list_checkpoints(tc.model_id).result().checkpoints == []
 
@@ -179,7 +176,7 @@ def test_a_duplicate_name_is_rejected_at_admission_and_aborts_nothing(server, st
     """A save of a name that exists, or that a save queued before it will take, is the RPC's
     ALREADY_EXISTS: it only uses up its seq_id, so the run's requests queued behind it run."""
     stub, operations = stubs
-    run_id = stub.CreateModel(pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=4, seed=0))).model_id
+    run_id = new_run(stub, rank=4)
     finished(operations, stub.SaveWeights(pb.SaveWeightsRequest(model_id=run_id, seq_id=1, name="taken")).name)
     with worker_busy(server):
         with pytest.raises(grpc.RpcError) as on_disk:

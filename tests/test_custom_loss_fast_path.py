@@ -11,14 +11,13 @@ import weakref
 
 import grpc
 import pytest
-from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.longrunning import operations_pb2
 
 import gradwire
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire.v1 import training_service_pb2_grpc as pb_grpc
-from conftest import server_config
+from conftest import raw_stubs, server_config
 from gradwire_server.server import BackgroundServer
-from reference import (assert_state_equal, finished, forward_batches, random_data, raw_request,
+from reference import (assert_state_equal, finished, forward_batches, new_run, random_data, raw_request,
                        reference_gradients, reference_logprobs, reference_model, relative_error, run_state,
                        server_gradients, succeeded, trained_run, worker_busy)
 from test_custom_loss import TOLERANCE, logprob_squared_loss
@@ -175,9 +174,8 @@ def test_graph_of_a_backward_leg_that_never_comes_expires():
     """A client that vanished between the legs: the graph is freed after the timeout."""
     background = BackgroundServer(server_config(keep_graph_timeout_s=0.4))
     try:
-        with grpc.insecure_channel(background.address) as channel:
-            stubs = pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
-            run_id = stubs[0].CreateModel(pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=2))).model_id
+        with raw_stubs(background.address) as stubs:
+            run_id = new_run(stubs[0])
             kept_forward(stubs, run_id, 1, random_data(57))
             graph = kept_graph(background, run_id)
             deadline = time.monotonic() + 30

@@ -14,14 +14,13 @@ import gradwire
 from conftest import free_port, server_config
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.server import BackgroundServer
-from reference import random_data, raw_request, server_gradients, wait_operation
+from reference import new_run, operation_metadata, random_data, raw_request, server_gradients, wait_operation
 
 
 @pytest.fixture()
 def run_id(stubs):
     training, _ = stubs
-    return training.CreateModel(pb.CreateModelRequest(
-        base_model="tiny-random", lora_config=pb.LoraConfig(rank=2, seed=0))).model_id
+    return new_run(training)
 
 
 def fb_request(run_id: str, seq_id: int, seed: int = 60, request_id: str = "") -> pb.ForwardBackwardRequest:
@@ -30,24 +29,19 @@ def fb_request(run_id: str, seq_id: int, seed: int = 60, request_id: str = "") -
     return request
 
 
-def metadata(operation) -> pb.OperationMetadata:
-    meta = pb.OperationMetadata()
-    operation.metadata.Unpack(meta)
-    return meta
-
-
 def test_requests_run_in_seq_id_order_even_when_they_arrive_out_of_order(stubs, run_id):
     training, operations = stubs
     late = training.ForwardBackward(fb_request(run_id, 2))
     # seq_id 2 waits for 1: it must not run yet.
     assert not wait_operation(operations, late.name, 0.3).done
-    assert metadata(operations.GetOperation(operations_pb2.GetOperationRequest(name=late.name))).state \
+    assert operation_metadata(operations.GetOperation(operations_pb2.GetOperationRequest(name=late.name))).state \
         == pb.OperationMetadata.QUEUED
     early = training.ForwardBackward(fb_request(run_id, 1))
     first, second = wait_operation(operations, early.name), wait_operation(operations, late.name)
     assert first.done and second.done and not first.HasField("error") and not second.HasField("error")
-    assert metadata(first).end_time.ToNanoseconds() <= metadata(second).start_time.ToNanoseconds()
-    assert (metadata(first).seq_id, metadata(second).seq_id) == (1, 2)
+    first_meta, second_meta = operation_metadata(first), operation_metadata(second)
+    assert first_meta.end_time.ToNanoseconds() <= second_meta.start_time.ToNanoseconds()
+    assert (first_meta.seq_id, second_meta.seq_id) == (1, 2)
 
 
 def test_result_survives_a_waiter_that_timed_out(stubs, run_id):
@@ -72,8 +66,7 @@ def test_retry_with_same_request_id_is_the_same_operation(server, stubs, run_id)
         training.ForwardBackward(fb_request(run_id, 1, request_id="req-other"))
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert not wait_operation(operations, first.name).HasField("error")
-    once = training.CreateModel(pb.CreateModelRequest(
-        base_model="tiny-random", lora_config=pb.LoraConfig(rank=2, seed=0))).model_id
+    once = new_run(training)
     assert not wait_operation(operations, training.ForwardBackward(fb_request(once, 1)).name).HasField("error")
     retried, single = server_gradients(server, run_id), server_gradients(server, once)
     assert retried.keys() == {name.replace(once, run_id) for name in single}

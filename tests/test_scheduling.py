@@ -3,19 +3,7 @@ operations' own start/end timestamps (no durations are asserted)."""
 from __future__ import annotations
 
 import gradwire
-from gradwire.v1 import training_service_pb2 as pb
-from reference import random_data, raw_request, succeeded, worker_busy
-
-
-def metadata(operations, name: str) -> pb.OperationMetadata:
-    """The metadata of a finished operation that succeeded."""
-    meta = pb.OperationMetadata()
-    succeeded(operations, name).metadata.Unpack(meta)
-    return meta
-
-
-def new_run(training) -> str:
-    return training.CreateModel(pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=2, seed=0))).model_id
+from reference import new_run, operation_metadata, random_data, raw_request, succeeded, worker_busy
 
 
 def test_optim_step_runs_without_the_client_fetching_the_gradient_result(service):
@@ -37,6 +25,6 @@ def test_runs_take_turns_instead_of_waiting_behind_a_whole_queue(server, stubs):
         a_ops = [training.ForwardBackward(raw_request(run_a, seq, random_data(71 + seq))).name
                  for seq in (1, 2, 3)]
         b_op = training.ForwardBackward(raw_request(run_b, 1, random_data(75))).name
-    a_meta = [metadata(operations, name) for name in a_ops]
-    b_meta = metadata(operations, b_op)
+    a_meta = [operation_metadata(succeeded(operations, name)) for name in a_ops]
+    b_meta = operation_metadata(succeeded(operations, b_op))
     assert b_meta.end_time.ToNanoseconds() <= a_meta[1].start_time.ToNanoseconds()

@@ -5,6 +5,7 @@ through ServerConfig instead of waiting them out."""
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import signal
 import threading
 import time
@@ -21,9 +22,10 @@ from gradwire.v1 import sampling_service_pb2, sampling_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import cli, server as server_module
-from gradwire_server.server import BackgroundServer, GradwireServer
-from conftest import free_port, server_config, start_cli_server
-from reference import assert_state_equal, random_data, raw_request, run_state, wait_operation, worker_busy
+from gradwire_server.server import BackgroundServer, GradwireServer, ServerConfig
+from conftest import free_port, raw_stubs, server_config, start_cli_server
+from reference import (assert_state_equal, new_run, random_data, raw_request, response_or_error, run_state,
+                       wait_for_stream_operation, wait_operation, worker_busy)
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 TTL_S, MAX_WAIT_S, GAP_S = 3.0, 0.5, 1.0
@@ -41,13 +43,9 @@ def short_server(tmp_path_factory):
 
 @pytest.fixture()
 def short_stubs(short_server):
-    with grpc.insecure_channel(short_server.address) as channel:
-        yield pb_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
-
-
-def new_run(training) -> str:
-    return training.CreateModel(pb.CreateModelRequest(base_model="tiny-random",
-                                                        lora_config=pb.LoraConfig(rank=2, seed=0))).model_id
+    """raw_stubs of short_server."""
+    with raw_stubs(short_server.address) as training_and_operations:
+        yield training_and_operations
 
 
 def wait_done(operations, name: str) -> operations_pb2.Operation:
@@ -183,13 +181,23 @@ def test_health_is_not_serving_and_calls_unavailable_while_the_model_loads(tmp_p
         thread.join(30)
 
 
-def test_cli_flags_are_parsed_into_the_config(tmp_path):
+def test_cli_flags_are_parsed_into_the_config(tmp_path, capsys):
+    """Every flag reaches its ServerConfig field; the fields no flag sets keep ServerConfig's defaults."""
     config = cli.parse_config(["--model", "tiny-random", "--host", "0.0.0.0", "--port", "0",
-                               "--checkpoint-dir", str(tmp_path), "--keep-graph-budget-mb", "0"])
-    assert (config.model, config.host, config.port, config.checkpoint_dir, config.keep_graph_budget_mb) == \
-        ("tiny-random", "0.0.0.0", 0, tmp_path, 0.0)
-    default = cli.parse_config(["--model", "tiny-random"])
-    assert default.keep_graph_budget_mb is None and default.port == 50051  # None: planned from the device
+                               "--checkpoint-dir", str(tmp_path), "--dtype", "bfloat16", "--load-format", "dummy",
+                               "--micro-batch-tokens", "256", "--keep-graph-budget-mb", "0", "--kv-cache-mb", "1.5",
+                               "--activation-checkpointing"])
+    assert config == ServerConfig(model="tiny-random", host="0.0.0.0", port=0, checkpoint_dir=tmp_path,
+                                  dtype="bfloat16", load_format="dummy", micro_batch_tokens=256,
+                                  keep_graph_budget_mb=0.0, kv_cache_mb=1.5, activation_checkpointing=True)
+    # None: sized from the device's free memory; auto: the dtype that suits the device.
+    assert cli.parse_config(["--model", "tiny-random"]) == ServerConfig(
+        model="tiny-random", host="127.0.0.1", port=50051, checkpoint_dir=pathlib.Path("gradwire-checkpoints"),
+        dtype="auto", load_format="auto", micro_batch_tokens=None, keep_graph_budget_mb=None, kv_cache_mb=None,
+        activation_checkpointing=False)
+    with pytest.raises(SystemExit):
+        cli.parse_config(["--model", "tiny-random", "--micro-batch-tokens", "0"])
+    assert "--micro-batch-tokens must be at least 1" in capsys.readouterr().err
 
 
 # ---- SIGTERM ------------------------------------------------------------------------------------------------
@@ -214,12 +222,10 @@ def test_sigterm_drains_an_upload_in_flight_then_exits_cleanly(tmp_path):
             yield pb.ForwardBackwardStreamRequest(end=pb.StreamEnd(num_datums=8))
 
         outcome: list = []
-        upload = threading.Thread(target=lambda: outcome.append(_call(training.ForwardBackwardStream, messages())))
+        upload = threading.Thread(
+            target=lambda: outcome.append(response_or_error(training.ForwardBackwardStream, messages())))
         upload.start()
-        deadline = time.monotonic() + 30
-        while not _stream_received(operations, run_id, 4):
-            assert time.monotonic() < deadline, "the stream never reached the server"
-            time.sleep(0.02)
+        wait_for_stream_operation(operations, run_id, received=4)
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
         assert next(watch).status == SERVING
         process.send_signal(signal.SIGTERM)
@@ -234,23 +240,6 @@ def test_sigterm_drains_an_upload_in_flight_then_exits_cleanly(tmp_path):
     finally:
         process.kill()
         process.wait()
-
-
-def _call(method, request):
-    try:
-        return method(request)
-    except grpc.RpcError as error:
-        return error
-
-
-def _stream_received(operations, run_id: str, count: int) -> bool:
-    listed = operations.ListOperations(operations_pb2.ListOperationsRequest(name=f"operations/{run_id}/"))
-    for op in listed.operations:
-        meta = pb.OperationMetadata()
-        op.metadata.Unpack(meta)
-        if "Stream" in meta.kind and meta.num_datums >= count:
-            return True
-    return False
 
 
 # ---- the SDK's environment variables -------------------------------------------------------------------

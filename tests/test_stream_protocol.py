@@ -15,8 +15,8 @@ from google.longrunning import operations_pb2
 from gradwire import _convert
 from gradwire.v1 import datum_pb2
 from gradwire.v1 import training_service_pb2 as pb
-from reference import (assert_state_equal, finished, random_data, raw_request, run_state, succeeded,
-                       trained_run)
+from reference import (assert_state_equal, finished, new_run, random_data, raw_request, response_or_error,
+                       run_state, succeeded, trained_run, wait_for_stream_operation)
 
 
 def header(run_id: str, seq_id: int = 0) -> pb.ForwardBackwardStreamRequest:
@@ -88,8 +88,7 @@ def test_a_count_mismatch_aborts_the_step_queued_behind_the_stream(server, stubs
     """The optim_step submitted while the stream is still open (queued behind it) is
     ABORTED when the stream's count does not match: no step on a partial gradient."""
     training, operations = stubs
-    run_id = training.CreateModel(pb.CreateModelRequest(base_model="tiny-random",
-                                                        lora_config=pb.LoraConfig(rank=4, seed=3))).model_id
+    run_id = new_run(training, rank=4, seed=3)
     succeeded(operations, training.ForwardBackward(raw_request(run_id, 1, random_data(34))).name)
     before = run_state(server, run_id)
     go = threading.Event()
@@ -101,9 +100,10 @@ def test_a_count_mismatch_aborts_the_step_queued_behind_the_stream(server, stubs
         yield end(4)
 
     outcome: list = []
-    streaming = threading.Thread(target=lambda: outcome.append(_call(training.ForwardBackwardStream, messages())))
+    streaming = threading.Thread(
+        target=lambda: outcome.append(response_or_error(training.ForwardBackwardStream, messages())))
     streaming.start()
-    stream_op = _wait_for_stream_operation(operations, run_id, received=3)
+    stream_op = wait_for_stream_operation(operations, run_id, received=3)
     step = training.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=3,
                                                   adam_params=pb.AdamParams(learning_rate=1e-2)))
     go.set()
@@ -116,32 +116,11 @@ def test_a_count_mismatch_aborts_the_step_queued_behind_the_stream(server, stubs
     assert training.GetInfo(pb.GetInfoRequest(model_id=run_id)).step == 0
 
 
-def _call(method, request):
-    try:
-        return method(request)
-    except grpc.RpcError as error:
-        return error
-
-
 def _wait_until_all_done(operations, run_id: str) -> None:
     deadline = time.monotonic() + 30
     while not all(op.done for op in operations.ListOperations(operations_pb2.ListOperationsRequest(
             name=f"operations/{run_id}/")).operations):
         assert time.monotonic() < deadline, "an operation of the run never ended"
-        time.sleep(0.02)
-
-
-def _wait_for_stream_operation(operations, run_id: str, received: int) -> str:
-    """The stream's operation, once the server has received `received` datums of it."""
-    deadline = time.monotonic() + 30
-    while True:
-        for op in operations.ListOperations(operations_pb2.ListOperationsRequest(
-                name=f"operations/{run_id}/")).operations:
-            meta = pb.OperationMetadata()
-            op.metadata.Unpack(meta)
-            if "Stream" in meta.kind and meta.num_datums >= received:
-                return op.name
-        assert time.monotonic() < deadline, "the stream never reached the server"
         time.sleep(0.02)
 
 

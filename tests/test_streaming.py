@@ -11,17 +11,16 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.longrunning import operations_pb2
 
 import gradwire
 from gradwire import _convert, client
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server.models import tiny_random_model
 from test_custom_loss import variance_loss
 from reference import (assert_state_equal, random_data, raw_request, reference_gradients, reference_logprobs,
                        reference_model, relative_error, run_state, sender_held, server_gradients,
-                       trained_run)
+                       stream_operations, trained_run, wait_for_stream_operation)
 
 SMALL_BUDGET = 1024  # bytes of datums per message: forces many messages for small data
 
@@ -35,19 +34,6 @@ def small_messages(monkeypatch):
 def many_data(seed: int, count: int = 40) -> list[gradwire.Datum]:
     rng = np.random.default_rng(seed)
     return random_data(seed, lengths=tuple(rng.integers(4, 40, size=count)))
-
-
-def stream_operations(server, run_id: str) -> list[operations_pb2.Operation]:
-    with grpc.insecure_channel(server.address) as channel:
-        listed = operations_pb2_grpc.OperationsStub(channel).ListOperations(
-            operations_pb2.ListOperationsRequest(name=f"operations/{run_id}/"))
-    return [op for op in listed.operations if "Stream" in _metadata(op).kind]
-
-
-def _metadata(op) -> pb.OperationMetadata:
-    meta = pb.OperationMetadata()
-    op.metadata.Unpack(meta)
-    return meta
 
 
 def test_streamed_batch_equals_one_unary_call(server, service, monkeypatch):
@@ -137,7 +123,7 @@ def test_bad_datum_deep_in_a_stream_applies_nothing(server, service, monkeypatch
     assert_state_equal(before, run_state(server, tc.model_id))
 
 
-def test_client_data_failing_mid_stream_applies_nothing(server, service, small_messages):
+def test_client_data_failing_mid_stream_applies_nothing(server, service, stubs, small_messages):
     """The client's data source fails mid-stream: the SDK abandons the stream (closes it
     without StreamEnd) and re-raises the original exception; the operation ends
     INVALID_ARGUMENT "abandoned" and nothing is applied."""
@@ -151,11 +137,13 @@ def test_client_data_failing_mid_stream_applies_nothing(server, service, small_m
 
     with pytest.raises(OSError, match="disk went away"):
         tc.forward_backward(data(), "cross_entropy").result()
-    assert "abandoned" in _wait_for_failed_stream(server, tc.model_id, grpc.StatusCode.INVALID_ARGUMENT).error.message
+    _, operations = stubs
+    assert "abandoned" in _wait_for_failed_stream(operations, tc.model_id,
+                                                  grpc.StatusCode.INVALID_ARGUMENT).error.message
     assert_state_equal(before, run_state(server, tc.model_id))
 
 
-def test_deadline_passing_mid_stream_applies_nothing(server, service):
+def test_deadline_passing_mid_stream_applies_nothing(server, service, stubs):
     tc = trained_run(service)
     tc.forward_backward(random_data(74), "cross_entropy").result()
     before = run_state(server, tc.model_id)
@@ -167,11 +155,11 @@ def test_deadline_passing_mid_stream_applies_nothing(server, service):
             time.sleep(0.05)
             yield pb.ForwardBackwardStreamRequest(batch=pb.DatumBatch(data=[_convert.datum_to_proto(datum)]))
 
-    with grpc.insecure_channel(server.address) as channel:
-        with pytest.raises(grpc.RpcError) as raised:
-            pb_grpc.TrainingServiceStub(channel).ForwardBackwardStream(messages(), timeout=0.5)
+    training, operations = stubs
+    with pytest.raises(grpc.RpcError) as raised:
+        training.ForwardBackwardStream(messages(), timeout=0.5)
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _wait_for_failed_stream(server, tc.model_id, grpc.StatusCode.CANCELLED)
+    _wait_for_failed_stream(operations, tc.model_id, grpc.StatusCode.CANCELLED)
     assert_state_equal(before, run_state(server, tc.model_id))
 
 
@@ -193,37 +181,34 @@ KILLED_CLIENT = textwrap.dedent("""
 """)
 
 
-def test_client_killed_mid_stream_applies_nothing(server, service):
+def test_client_killed_mid_stream_applies_nothing(server, service, stubs):
     """SIGKILL the client process while it streams: the operation fails, nothing is applied,
     and the run keeps working."""
     tc = trained_run(service)
     tc.forward_backward(random_data(76), "cross_entropy").result()
     before = run_state(server, tc.model_id)
+    training, operations = stubs
     process = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, server.address, tc.model_id])
     try:
-        deadline = time.monotonic() + 60
-        while not any(_metadata(op).num_datums >= 20 for op in stream_operations(server, tc.model_id)):
-            assert time.monotonic() < deadline, "the client never streamed"
-            time.sleep(0.05)
+        wait_for_stream_operation(operations, tc.model_id, received=20, seconds=60)
         process.kill()
         process.wait()
         # The dead connection reaches the server as a cancellation or, when the end of
         # the request stream is read first, as a stream abandoned without StreamEnd.
-        _wait_for_failed_stream(server, tc.model_id, grpc.StatusCode.CANCELLED, grpc.StatusCode.INVALID_ARGUMENT)
+        _wait_for_failed_stream(operations, tc.model_id, grpc.StatusCode.CANCELLED,
+                                grpc.StatusCode.INVALID_ARGUMENT)
         assert_state_equal(before, run_state(server, tc.model_id))
         # The run keeps working (seq_id 0: after the killed client's request).
-        with grpc.insecure_channel(server.address) as channel:
-            name = pb_grpc.TrainingServiceStub(channel).ForwardBackward(
-                raw_request(tc.model_id, 0, random_data(77))).name
+        name = training.ForwardBackward(raw_request(tc.model_id, 0, random_data(77))).name
         assert not service._transport.wait_operation(name, 30).HasField("error")
     finally:
         process.kill()
 
 
-def _wait_for_failed_stream(server, run_id: str, *codes: grpc.StatusCode) -> operations_pb2.Operation:
+def _wait_for_failed_stream(operations, run_id: str, *codes: grpc.StatusCode) -> operations_pb2.Operation:
     deadline = time.monotonic() + 30
     while True:
-        done = [op for op in stream_operations(server, run_id) if op.done]
+        done = [op for op in stream_operations(operations, run_id) if op.done]
         if done:
             assert done[0].error.code in [code.value[0] for code in codes], done[0].error
             assert "nothing was applied" in done[0].error.message
