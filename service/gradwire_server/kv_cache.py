@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 BLOCK_TOKENS = 16
-ZERO_SLOT = 0  # block 0 holds zeros, never handed out: what padding positions read
+ZERO_SLOT = 0      # block 0 holds zeros, never handed out: what padding positions read
+SCRATCH_BLOCK = 1  # never handed out either: padding rows of a bucketed step write and read it
 
 
 def bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -37,17 +38,18 @@ class BlockPool:
     """The KV storage and its block allocator. Worker thread only."""
 
     def __init__(self, config, budget_bytes: int, dtype: torch.dtype, device: torch.device):
+        self.dtype = dtype
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.block_bytes = bytes_per_token(config, dtype) * BLOCK_TOKENS
-        self.num_blocks = max(budget_bytes // self.block_bytes, 2)  # the zero block and one more
+        self.num_blocks = max(budget_bytes // self.block_bytes, 3)  # zero and scratch blocks, and one more
         slots = self.num_blocks * BLOCK_TOKENS
         self.keys = [torch.empty(slots, self.kv_heads, self.head_dim, dtype=dtype, device=device)
                      for _ in range(config.num_hidden_layers)]
         self.values = [torch.empty_like(k) for k in self.keys]
         for pool in (*self.keys, *self.values):
             pool[:BLOCK_TOKENS] = 0
-        self._free = list(range(self.num_blocks - 1, 0, -1))
+        self._free = list(range(self.num_blocks - 1, SCRATCH_BLOCK, -1))
         self._holders = [0] * self.num_blocks
         self.reserved = 0  # blocks promised to admitted requests, not yet taken
 
@@ -56,9 +58,14 @@ class BlockPool:
         return self.num_blocks * self.block_bytes
 
     @property
+    def usable_blocks(self) -> int:
+        """Blocks sequences can hold: all but the zero and scratch blocks."""
+        return self.num_blocks - 2
+
+    @property
     def used_bytes(self) -> int:
         """Bytes of blocks held by sequences now."""
-        return (self.num_blocks - 1 - len(self._free)) * self.block_bytes
+        return (self.usable_blocks - len(self._free)) * self.block_bytes
 
     def reserve(self, blocks: int) -> bool:
         """Promises `blocks` future blocks; False (nothing changes) if they are not free."""
@@ -111,6 +118,14 @@ class Step:
     read_slots: torch.Tensor
     attend: torch.Tensor
 
+    def attention_mask(self, additive: bool) -> torch.Tensor:
+        """`attend` as the model's attention takes it: bool (sdpa), or 0 / most
+        negative float added to the scores (eager attention)."""
+        if not additive:
+            return self.attend
+        return torch.zeros(self.attend.shape, device=self.attend.device).masked_fill(
+            ~self.attend, torch.finfo(torch.float32).min)
+
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores the layer's new keys / values [B, H, Q, D] and returns every
@@ -128,10 +143,11 @@ class Step:
 
 
 def build_step(pool: BlockPool, tables: list[list[int]], starts: list[int], count: int,
-               device: torch.device) -> Step:
+               device: torch.device, length: int = 0) -> Step:
     """Row i writes `count` new tokens at positions starts[i].. of the sequence
-    whose block table is tables[i], and attends causally to positions 0..its own."""
-    length = max(starts) + count
+    whose block table is tables[i], and attends causally to positions 0..its own.
+    Every row reads at least `length` positions (a bucketed step's fixed width)."""
+    length = max(max(starts) + count, length)
     width = blocks_for(length)
     table = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.long)
     start = torch.tensor(starts, dtype=torch.long)[:, None]

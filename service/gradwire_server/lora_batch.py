@@ -39,41 +39,46 @@ def adapter_weights(model: torch.nn.Module, adapter: str) -> AdapterWeights:
 
 
 class StackedAdapters:
-    """Some adapters' factors stacked along the rank, per module: A [R, in],
-    B·scale [out, R] and owner [R] (the index in `adapters` of each column)."""
+    """Some adapters' factors stacked along the rank, per module: A [R, in] and
+    B·scale [out, R]. Adapter k owns the same columns in every module (zeros in a
+    module it leaves alone), so one per-row mask [B, 1, R] serves every module."""
 
     def __init__(self, adapters: list[AdapterWeights], device: torch.device):
         self.adapters = adapters  # held: the stack is found again by the adapters' identities
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for module in sorted({name for weights in adapters for name in weights}):
-            parts = [(index, *weights[module]) for index, weights in enumerate(adapters) if module in weights]
-            a = torch.cat([a for _, a, _ in parts]).to(device)
-            b = torch.cat([b for _, _, b in parts], dim=1).to(device)
-            owner = torch.cat([torch.full((a.shape[0],), index) for index, a, _ in parts]).to(device)
-            self.factors[module] = (a, b, owner)
+        ranks = [max((a.shape[0] for a, _ in weights.values()), default=0) for weights in adapters]
+        self.rank = sum(ranks)
+        self.owner = torch.cat([torch.full((r,), k) for k, r in enumerate(ranks)]).to(device)  # [R]
+        shapes = {name: (a.shape[1], b.shape[0]) for weights in adapters for name, (a, b) in weights.items()}
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for module, (fan_in, fan_out) in sorted(shapes.items()):
+            a_stack = torch.zeros(self.rank, fan_in, device=device)
+            b_stack = torch.zeros(fan_out, self.rank, device=device)
+            column = 0
+            for weights, rank in zip(adapters, ranks):
+                if module in weights:
+                    a, b = weights[module]
+                    a_stack[column:column + a.shape[0]] = a
+                    b_stack[:, column:column + a.shape[0]] = b
+                column += rank
+            self.factors[module] = (a_stack, b_stack)
 
-    def masks(self, rows: list[AdapterWeights | None]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per module (A, B, mask [B, 1, R]) for a batch whose row i uses rows[i] (None: no adapter)."""
+    def mask(self, rows: list[AdapterWeights | None]) -> torch.Tensor:
+        """[B, 1, R] float32: row i keeps the columns of its adapter rows[i] (None: no adapter)."""
         index = {id(weights): k for k, weights in enumerate(self.adapters)}
-        row_ids = torch.tensor([index[id(w)] if w is not None else -1 for w in rows])
-        out = {}
-        for module, (a, b, owner) in self.factors.items():
-            if row_ids.device != owner.device:
-                row_ids = row_ids.to(owner.device)  # once: every module's factors are on one device
-            mask = (row_ids[:, None] == owner[None, :]).to(a.dtype)
-            out[module] = (a, b, mask[:, None, :])
-        return out
+        row_ids = torch.tensor([index[id(w)] if w is not None else -1 for w in rows]).to(self.owner.device)
+        return (row_ids[:, None] == self.owner[None, :]).float()[:, None, :]
 
 
 @contextlib.contextmanager
-def applied(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+def applied(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor
             ) -> Iterator[None]:
-    """Adds each row's LoRA delta to the adapted modules' outputs while the block runs.
-    The caller switches the peft adapter layers off (their outputs are the base's)."""
+    """Adds each row's LoRA delta (factors per module, mask [B, 1, R]) to the
+    adapted modules' outputs while the block runs. The caller switches the peft
+    adapter layers off (their outputs are the base's)."""
     handles = []
     modules = dict(model.named_modules())
-    for name, (a, b, mask) in factors.items():
-        def add_delta(module, inputs, output, a=a, b=b, mask=mask):
+    for name, (a, b) in factors.items():
+        def add_delta(module, inputs, output, a=a, b=b):
             x = inputs[0]
             return output + ((x @ a.to(x.dtype).T) * mask.to(x.dtype)) @ b.to(x.dtype).T
         handles.append(modules[name].register_forward_hook(add_delta))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from gradwire_server import kv_cache, lora_batch
+from gradwire_server.decode_graphs import DecodeGraphs
 from gradwire_server.kv_cache import BLOCK_TOKENS, BlockPool, blocks_for
 from gradwire_server.lora_batch import AdapterWeights, StackedAdapters
 
@@ -234,13 +235,17 @@ class DecodeLoop:
     around each turn). Worker thread only."""
 
     def __init__(self, model: torch.nn.Module, pool: BlockPool, device: torch.device,
-                 base_weights: Callable[[], contextlib.AbstractContextManager]):
+                 base_weights: Callable[[], contextlib.AbstractContextManager], graphs: str = "off"):
+        """`graphs`: "captured" replays decode steps as CUDA graphs (decode_graphs);
+        "uncaptured" runs the same padded static steps eagerly (how CPU tests check them)."""
         self.model, self.pool, self.device = model, pool, device
         self.base_weights = base_weights
         attention = model.config._attn_implementation
         if attention not in ("sdpa", "eager"):
             raise ValueError(f"the sampler needs sdpa or eager attention, not {attention!r}")
         self._additive_mask = attention == "eager"
+        self.graphs = None if graphs == "off" else DecodeGraphs(model, pool, device, self._additive_mask,
+                                                                 capture=graphs == "captured")
         self.waiting: deque[Generation] = deque()   # not admitted yet (KV budget)
         self.prefilling: list[Generation] = []
         self._rows: list[tuple[Generation, _Sequence]] = []
@@ -300,7 +305,7 @@ class DecodeLoop:
         while self.waiting:
             generation = self.waiting[0]
             need = generation.blocks_needed()
-            if need > self.pool.num_blocks - 1:
+            if need > self.pool.usable_blocks:
                 self.waiting.popleft()
                 generation.error = KvBudgetError(need * self.pool.block_bytes, self.pool.budget_bytes)
                 continue
@@ -383,11 +388,16 @@ class DecodeLoop:
         for generation, sequence in self._rows:
             if sequence.length == len(sequence.blocks) * BLOCK_TOKENS:
                 sequence.blocks.append(generation.take(self.pool))
-        logits = self._forward(tokens[:, None], [s.blocks for _, s in self._rows],
-                               [s.length for _, s in self._rows], [g.adapter for g, _ in self._rows], keep=1)
+        tables, starts = [s.blocks for _, s in self._rows], [s.length for _, s in self._rows]
+        adapters = [g.adapter for g, _ in self._rows]
+        logits = None
+        if self.graphs is not None:
+            logits = self.graphs.logits(tokens, tables, starts, self._stack(adapters), adapters)
+        if logits is None:
+            logits = self._forward(tokens[:, None], tables, starts, adapters, keep=1)[:, -1].float()
         for _, sequence in self._rows:
             sequence.length += 1
-        self._logits = logits[:, -1].float()
+        self._logits = logits
 
     def _select(self, keep: list[int]) -> None:
         self._rows = [self._rows[i] for i in keep]
@@ -401,25 +411,22 @@ class DecodeLoop:
         """Logits [B, keep or Q, V] of B rows of Q new tokens each, written to the KV pool."""
         step = kv_cache.build_step(self.pool, tables, starts, tokens.shape[1], self.device)
         positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(tokens.shape[1], device=self.device)
-        mask = step.attend
-        if self._additive_mask:
-            mask = torch.zeros(mask.shape, device=self.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-        factors = self._stack(adapters)
-        with lora_batch.applied(self.model, factors) if factors else contextlib.nullcontext():
-            return self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=step,
-                              use_cache=True, logits_to_keep=keep).logits
+        stack = self._stack(adapters)
+        with lora_batch.applied(self.model, stack.factors, stack.mask(adapters)) if stack else contextlib.nullcontext():
+            return self.model(input_ids=tokens, attention_mask=step.attention_mask(self._additive_mask),
+                              position_ids=positions, cache=step, use_cache=True, logits_to_keep=keep).logits
 
-    def _stack(self, adapters: list[AdapterWeights | None]) -> dict:
-        """The per-module factors and row masks for rows using `adapters`."""
+    def _stack(self, adapters: list[AdapterWeights | None]) -> StackedAdapters | None:
+        """The stacked factors of the distinct adapters among `adapters` (None: base model only)."""
         distinct = sorted({id(a): a for a in adapters if a is not None}.values(), key=id)  # any row order
         if not distinct:
-            return {}
+            return None
         key = tuple(id(a) for a in distinct)
         if key not in self._stacks:
             if len(self._stacks) >= 16:
                 self._stacks.clear()
             self._stacks[key] = StackedAdapters(distinct, self.device)
-        return self._stacks[key].masks(adapters)
+        return self._stacks[key]
 
 
 class KvBudgetError(ValueError):

@@ -79,6 +79,8 @@ class ServerConfig:
     kv_cache_mb: float | None = None
     # Training recomputes each decoder layer in the backward pass instead of keeping its activations.
     activation_checkpointing: bool = False
+    # On CUDA the sampler's decode steps replay CUDA graphs (decode_graphs.py).
+    cuda_graphs: bool = True
     # How often checkpoints whose TTL ran out are deleted.
     checkpoint_expiry_interval_s: float = 60.0
 
@@ -146,7 +148,8 @@ class GradwireServer:
         self.scheduler.start()
         info = _model_info(loaded, device, plan)
         adapters = SamplerAdapters(self.engine)
-        decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights)
+        decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights,
+                                 graphs="captured" if device.type == "cuda" and config.cuda_graphs else "off")
         self.training.attach(self.engine, self.scheduler, info, adapters, decode_loop.usage)
         self.sampling.attach(self.engine, self.scheduler, info, adapters, decode_loop)
         self.resources.attach(self.scheduler)
