@@ -291,6 +291,25 @@ def forward_batches(server):
 
 
 @contextlib.contextmanager
+def decode_batches(server):
+    """Records the rows of every decode step of the server's sampler (eager or a
+    CUDA graph's replay, which no module hook sees)."""
+    loop = server.server.sampling.loop
+    rows: list[int] = []
+    decode_logits = loop._decode_logits
+
+    def record(tokens):
+        rows.append(tokens.shape[0])
+        return decode_logits(tokens)
+
+    server.call(lambda: setattr(loop, "_decode_logits", record))
+    try:
+        yield rows
+    finally:
+        server.call(lambda: delattr(loop, "_decode_logits"))
+
+
+@contextlib.contextmanager
 def micro_batch_tokens(server, tokens: int):
     """The server's micro-batch size set to `tokens` until the block ends."""
     engine = server.engine

@@ -24,7 +24,7 @@ from gradwire_server.kv_cache import BLOCK_TOKENS, BlockPool
 from gradwire_server.models import tiny_random_model
 from conftest import server_config
 from gradwire_server.server import BackgroundServer
-from reference import (finished, forward_batches, greedy_reference, new_run, operation_metadata, random_data,
+from reference import (decode_batches, finished, greedy_reference, new_run, operation_metadata, random_data,
                        raw_request, reference_base_model, reference_model, sequence_logprobs, succeeded,
                        trained_run, worker_busy)
 
@@ -89,7 +89,7 @@ def test_concurrent_requests_decode_in_one_batch_and_get_their_tokens_alone(serv
     requests = mixed_requests(adapters)
     alone = [sample_alone(raw, r) for r in requests]
     stub, operations = raw
-    with forward_batches(server) as sizes:
+    with decode_batches(server) as sizes:
         with worker_busy(server):
             names = [stub.Sample(r).name for r in requests]
         together = [outcome(operations, name) for name in names]
@@ -137,7 +137,7 @@ def test_an_ephemeral_snapshot_decodes_in_the_batch_like_its_saved_checkpoint(se
                 (dict(model_path=snapshot.model_path), dict(model_path=saved), dict(base_model="tiny-random"))]
     for r in requests:
         r.topk_sample_logprobs = 4
-    with forward_batches(server) as sizes:
+    with decode_batches(server) as sizes:
         with worker_busy(server):
             names = [stub.Sample(r).name for r in requests]
         responses = []
@@ -256,7 +256,7 @@ def test_admission_waits_for_room_in_the_kv_cache(small_cache_server):
         # 2 samples x blocks_for(7 + 100) = 14 blocks each: two never fit together.
         requests = [request(dict(base_model="tiny-random"), 2, max_tokens=100, seed=s) for s in range(3)]
         alone = [sample_alone(raw, r) for r in requests]
-        with forward_batches(server) as sizes:
+        with decode_batches(server) as sizes:
             with worker_busy(server):
                 names = [raw[0].Sample(r).name for r in requests]
             together = [outcome(raw[1], name) for name in names]

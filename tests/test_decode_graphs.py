@@ -95,6 +95,30 @@ def test_bucketed_sampled_steps_equal_the_unpadded_eager_loop(graphs):
             np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("graphs", MODES)
+def test_the_next_adapter_in_the_same_bucket_gets_its_own_factors(graphs):
+    """Two adapters of the same rank and modules, one after the other in one loop (one
+    bucket, one set of static factors): each decodes its own model's argmax."""
+    model, _ = adapted_model()
+    model.add_adapter("c", peft.LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B.c" in name:
+                parameter.normal_(0, 0.5)
+    pool = BlockPool(model.config, 2**22, torch.float32, DEVICE)
+    loop = sampler.DecodeLoop(model, pool, DEVICE, model.disable_adapter, graphs=graphs)
+    settings = sampler.SamplingSettings(max_tokens=12, seed=0, temperature=0.0)
+    for name in ("a", "c"):
+        generation = sampler.Generation(sampler.SampleSpec(np.array(PROMPTS[0]), 1, settings), str,
+                                        adapter_weights(model, name))
+        loop.add(generation)
+        while not generation.done:
+            loop.turn()
+        model.set_adapter(name)
+        with torch.no_grad():
+            assert generation.sequences[0].tokens == greedy_reference(model, PROMPTS[0], 12)
+
+
 def test_the_scratch_block_is_never_handed_out():
     pool = BlockPool(tiny_random_model().config, 2**20, torch.float32, torch.device("cpu"))
     pool.reserve(pool.usable_blocks)

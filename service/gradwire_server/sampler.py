@@ -388,16 +388,20 @@ class DecodeLoop:
         for generation, sequence in self._rows:
             if sequence.length == len(sequence.blocks) * BLOCK_TOKENS:
                 sequence.blocks.append(generation.take(self.pool))
-        tables, starts = [s.blocks for _, s in self._rows], [s.length for _, s in self._rows]
-        adapters = [g.adapter for g, _ in self._rows]
-        logits = None
-        if self.graphs is not None:
-            logits = self.graphs.logits(tokens, tables, starts, self._stack(adapters), adapters)
-        if logits is None:
-            logits = self._forward(tokens[:, None], tables, starts, adapters, keep=1)[:, -1].float()
+        self._logits = self._decode_logits(tokens)
         for _, sequence in self._rows:
             sequence.length += 1
-        self._logits = logits
+
+    def _decode_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Every row's next-token logits [B, V] (float32) after feeding it tokens [B]:
+        a CUDA graph's replay where there is one for the step's bucket, else eagerly."""
+        tables, starts = [s.blocks for _, s in self._rows], [s.length for _, s in self._rows]
+        adapters = [g.adapter for g, _ in self._rows]
+        if self.graphs is not None:
+            logits = self.graphs.logits(tokens, tables, starts, self._stack(adapters), adapters)
+            if logits is not None:
+                return logits
+        return self._forward(tokens[:, None], tables, starts, adapters, keep=1)[:, -1].float()
 
     def _select(self, keep: list[int]) -> None:
         self._rows = [self._rows[i] for i in keep]
