@@ -212,8 +212,8 @@ def test_optimizer_hyperparameters_out_of_bounds(server, stubs, run, adam, field
 def test_a_step_that_would_write_a_non_finite_weight_changes_nothing(server, service):
     """Within the bounds, learning_rate 10 and weight_decay 100 multiply every weight by
     -999 a step: within a few steps one would overflow to infinity. That step fails
-    FAILED_PRECONDITION and leaves weights, gradients, AdamW's moments and the step count
-    as they were."""
+    FAILED_PRECONDITION and leaves weights, AdamW's moments and the step count as they
+    were; its gradients too if they are finite, else they are discarded, as the error says."""
     tc = trained_run(service)
     steep = gradwire.AdamParams(learning_rate=10.0, weight_decay=100.0)
     for _ in range(40):
@@ -224,14 +224,20 @@ def test_a_step_that_would_write_a_non_finite_weight_changes_nothing(server, ser
             tc.optim_step(steep).result()
         except gradwire.ConflictError as error:
             assert error.code == grpc.StatusCode.FAILED_PRECONDITION and "infinite or NaN" in str(error)
+            refusal = str(error)
             break
         assert all(bool(weight.isfinite().all()) for weight, _ in run_state(server, tc.model_id).values())
     else:
         pytest.fail("no step overflowed")
     after = run_state(server, tc.model_id)
-    for name, (weight, grad) in before.items():  # exactly equal; NaN gradients of huge weights too
+    finite = all(bool(grad.isfinite().all()) for _, grad in before.values() if grad is not None)
+    assert ("gradients are not finite and were discarded" in refusal) == (not finite)
+    for name, (weight, grad) in before.items():
         torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
-        torch.testing.assert_close(after[name][1], grad, rtol=0, atol=0, equal_nan=True)
+        if finite:
+            torch.testing.assert_close(after[name][1], grad, rtol=0, atol=0)
+        else:
+            assert after[name][1] is None
     assert tc.get_info().step == step
     assert_optimizer_equal(moments, optimizer_state(server, tc.model_id))
     tc.forward(random_data(69), "cross_entropy").result()  # the run still answers
@@ -239,8 +245,9 @@ def test_a_step_that_would_write_a_non_finite_weight_changes_nothing(server, ser
 
 def test_a_refused_first_step_leaves_the_optimizer_as_new(server, service):
     """A run's first step, on gradients that overflow (cross-entropy weights of 1e38), is
-    refused; AdamW then holds no state (the next step starts fresh, as on a new run) and
-    its hyperparameters are the ones it had."""
+    refused; AdamW then holds no state (the next step starts fresh, as on a new run), its
+    hyperparameters are the ones it had, and the infinite gradients are discarded: the run
+    trains on as if that forward_backward had not happened."""
     tc = service.create_lora_training_client("tiny-random", rank=4, seed=5)
     data = [gradwire.Datum(model_input=d.model_input, loss_fn_inputs={
         "target_tokens": d.loss_fn_inputs["target_tokens"],
@@ -254,9 +261,14 @@ def test_a_refused_first_step_leaves_the_optimizer_as_new(server, service):
     assert server.call(lambda: [dict(g, params=None) for g in server.engine.run(tc.model_id).optimizer.param_groups]
                        ) == groups
     after = run_state(server, tc.model_id)
+    assert not all(bool(grad.isfinite().all()) for _, grad in before.values())
     for name, (weight, grad) in before.items():
         torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
-        torch.testing.assert_close(after[name][1], grad, rtol=0, atol=0, equal_nan=True)
+        assert after[name][1] is None
+    tc.forward_backward(random_data(71), "cross_entropy").result()
+    tc.optim_step(gradwire.AdamParams(learning_rate=0.5, beta1=0.5)).result()
+    assert tc.get_info().step == 1
+    assert all(bool(weight.isfinite().all()) for weight, _ in run_state(server, tc.model_id).values())
 
 
 @pytest.mark.parametrize("field", ["model_id", "checkpoint name", "checkpoint path", "operation name",

@@ -473,8 +473,15 @@ class Engine:
                     run.optimizer.state.pop(p, None)
             for group, kept in zip(run.optimizer.param_groups, hyperparameters):
                 group.update(kept)
+            outcome = "nothing was changed"
+            if not torch.isfinite(grad_norm):
+                # Non-finite gradients never give a finite step, and forward_backward only adds
+                # to them: kept, they would refuse every later step of the run.
+                run.optimizer.zero_grad(set_to_none=True)
+                outcome = ("its gradients are not finite and were discarded (weights and optimizer "
+                           "state are unchanged); run forward_backward again")
             raise NonFiniteStep(f"this step (grad norm {float(grad_norm):.4g}) would make a weight of "
-                                f"{run_id} infinite or NaN; nothing was changed")
+                                f"{run_id} infinite or NaN; {outcome}")
         run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
         return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": adam.learning_rate}

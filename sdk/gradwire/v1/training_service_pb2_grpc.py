@@ -197,6 +197,9 @@ class TrainingServiceServicer:
 
     def OptimStep(self, request, context):
         """Applies one AdamW step with the accumulated gradients, then clears them.
+        A step that would write an infinite or NaN weight fails FAILED_PRECONDITION
+        (reason NON_FINITE_STEP) and changes no weight or optimizer state; non-finite
+        gradients are then discarded (the error says so), finite ones kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
