@@ -56,8 +56,7 @@ class _Bucket:
     """A bucket's static inputs, its graph and the output it writes."""
 
     tokens: torch.Tensor       # [rows, 1]
-    positions: torch.Tensor    # [rows, 1]
-    step: Step                 # write_slots [rows], read_slots [rows, context], attend [rows, 1, 1, context]
+    step: Step                 # positions [rows, 1], write_slots [rows], read_slots [rows, context], attend
     mask: torch.Tensor | None  # [rows, 1, rank]
     logits: torch.Tensor | None = None  # [rows, V], written by each replay
     graph: torch.cuda.CUDAGraph | None = None
@@ -98,11 +97,10 @@ class DecodeGraphs:
             if bucket is None:
                 return None
         padding = key.rows - rows
-        starts = starts + [0] * padding
-        step = kv_cache.build_step(self.pool, tables + [[SCRATCH_BLOCK]] * padding, starts, 1,
-                                   torch.device("cpu"), length=key.context)
-        for static, fresh in ((bucket.step.write_slots, step.write_slots), (bucket.step.read_slots, step.read_slots),
-                              (bucket.step.attend, step.attend), (bucket.positions, torch.tensor(starts)[:, None])):
+        step = kv_cache.build_step(self.pool, tables + [[SCRATCH_BLOCK]] * padding, starts + [0] * padding,
+                                   [1] * key.rows, torch.device("cpu"), length=key.context)
+        for static, fresh in ((bucket.step.positions, step.positions), (bucket.step.write_slots, step.write_slots),
+                              (bucket.step.read_slots, step.read_slots), (bucket.step.attend, step.attend)):
             static.copy_(fresh)
         bucket.tokens[rows:] = 0
         bucket.tokens[:rows, 0] = tokens
@@ -120,9 +118,9 @@ class DecodeGraphs:
         """A bucket whose static inputs are all padding, its graph captured (CUDA)."""
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(*shape, dtype=dtype, device=self.device)
-        step = kv_cache.build_step(self.pool, [[SCRATCH_BLOCK]] * key.rows, [0] * key.rows, 1, self.device,
-                                   length=key.context)
-        bucket = _Bucket(tokens=zeros(key.rows, 1), positions=zeros(key.rows, 1), step=step,
+        step = kv_cache.build_step(self.pool, [[SCRATCH_BLOCK]] * key.rows, [0] * key.rows, [1] * key.rows,
+                                   self.device, length=key.context)
+        bucket = _Bucket(tokens=zeros(key.rows, 1), step=step,
                          mask=zeros(key.rows, 1, key.rank, dtype=torch.float32) if key.rank else None)
         if key.rank and (key.rank, key.modules) not in self._factors:
             self._factors[key.rank, key.modules] = self._new_factors(key)
@@ -164,7 +162,7 @@ class DecodeGraphs:
         factors = self._factors.get((key.rank, key.modules))
         with lora_batch.applied(self.model, factors, bucket.mask) if key.rank else contextlib.nullcontext():
             return self.model(input_ids=bucket.tokens, attention_mask=bucket.step.attention_mask(self.additive_mask),
-                              position_ids=bucket.positions, cache=bucket.step, use_cache=True,
+                              position_ids=bucket.step.positions, cache=bucket.step, use_cache=True,
                               logits_to_keep=1).logits[:, -1]
 
     def _capture(self, bucket: _Bucket, key: BucketKey) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

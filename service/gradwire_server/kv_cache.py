@@ -106,14 +106,18 @@ def blocks_for(tokens: int) -> int:
 
 @dataclass
 class Step:
-    """One forward pass over B rows of Q new tokens each, as the pool sees it.
+    """One forward pass over B rows of up to Q new tokens each, as the pool sees it.
+    A row with fewer new tokens is left-padded: its padding queries write the
+    scratch block and see what the row's first new token sees (finite, unused).
 
-    write_slots [B*Q]: the pool slot of each new token (row-major);
+    positions [B, Q]: each query's position in its sequence;
+    write_slots [B*Q]: the pool slot each query's key / value goes to (row-major);
     read_slots [B, T]: the slots each row attends to, its past and new tokens,
     padded with slot 0; attend [B, 1, Q, T] (bool): which of them each query sees.
     """
 
     pool: BlockPool
+    positions: torch.Tensor
     write_slots: torch.Tensor
     read_slots: torch.Tensor
     attend: torch.Tensor
@@ -142,22 +146,25 @@ class Step:
         return past_keys, past_values
 
 
-def build_step(pool: BlockPool, tables: list[list[int]], starts: list[int], count: int,
+def build_step(pool: BlockPool, tables: list[list[int]], starts: list[int], counts: list[int],
                device: torch.device, length: int = 0) -> Step:
-    """Row i writes `count` new tokens at positions starts[i].. of the sequence
+    """Row i writes counts[i] new tokens at positions starts[i].. of the sequence
     whose block table is tables[i], and attends causally to positions 0..its own.
     Every row reads at least `length` positions (a bucketed step's fixed width)."""
-    length = max(max(starts) + count, length)
-    width = blocks_for(length)
-    table = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.long)
-    start = torch.tensor(starts, dtype=torch.long)[:, None]
-    new = start + torch.arange(count)                                    # [B, Q] positions written
-    every = torch.arange(length)[None, :].expand(len(tables), -1)       # [B, T] positions read
+    start, count = torch.tensor(starts)[:, None], torch.tensor(counts)[:, None]
+    width = int(count.max())
+    length = max(int((start + count).max()), length)
+    table_width = blocks_for(length)
+    table = torch.tensor([t[:table_width] + [0] * (table_width - len(t[:table_width])) for t in tables])
+    padded = torch.arange(width)[None, :] < width - count                 # [B, Q] left padding
+    new = torch.where(padded, start, start + torch.arange(width) - (width - count))   # [B, Q] positions written
+    every = torch.arange(length)[None, :].expand(len(tables), -1)         # [B, T] positions read
 
     def slots(positions: torch.Tensor) -> torch.Tensor:
         return table.gather(1, positions // BLOCK_TOKENS) * BLOCK_TOKENS + positions % BLOCK_TOKENS
 
-    attend = every[:, None, :] <= new[:, :, None]                        # [B, Q, T]
+    attend = every[:, None, :] <= new[:, :, None]                          # [B, Q, T]
+    write = torch.where(padded, SCRATCH_BLOCK * BLOCK_TOKENS, slots(new))
     # Past a row's end: the zero block, never garbage (a NaN there would leak through the mask).
     read = torch.where(every < start + count, slots(every), ZERO_SLOT)
-    return Step(pool, slots(new).reshape(-1).to(device), read.to(device), attend[:, None].to(device))
+    return Step(pool, new.to(device), write.reshape(-1).to(device), read.to(device), attend[:, None].to(device))

@@ -40,6 +40,7 @@ TOPK_MASK_LOGPROB = -99999.0  # fills top-k rows that have no prediction (Tinker
 DECODE_STEPS_PER_TURN = 16     # decode steps per scheduler turn: what a pending training request waits at most
 PREFILL_CHUNK_TOKENS = 256     # prompt tokens per prefill forward pass
 PREFILL_TOKENS_PER_STEP = 512  # prompt tokens prefilled between two decode steps while others decode
+PREFILL_ROWS = 64              # requests prefilled together in one forward pass, at most
 
 
 @dataclass
@@ -315,25 +316,39 @@ class DecodeLoop:
             self.prefilling.append(self.waiting.popleft())
 
     def _prefill(self, budget: int | None) -> None:
-        """Prefills prompt chunks, oldest request first, up to `budget` tokens (None: all)."""
+        """Prefills prompt chunks, oldest request first, up to `budget` tokens (None: all):
+        the next chunk of several requests in one forward pass (a request whose prompt
+        is scored, which needs every position's logits, in a pass of its own)."""
         while self.prefilling and (budget is None or budget > 0):
-            generation = self.prefilling[0]
-            start = generation.prefilled
-            count = min(PREFILL_CHUNK_TOKENS, len(generation.spec.prompt) - start,
-                        budget if budget is not None else PREFILL_CHUNK_TOKENS)
-            while len(generation.prompt_blocks) * BLOCK_TOKENS < start + count:
-                generation.prompt_blocks.append(generation.take(self.pool))
-            tokens = torch.from_numpy(generation.spec.prompt[start:start + count]).to(self.device)[None]
-            logits = self._forward(tokens, [generation.prompt_blocks], [start], [generation.adapter],
-                                   keep=0 if generation.want_scores else 1)[0].float()
-            generation.prefilled += count
-            if budget is not None:
-                budget -= count
-            if generation.want_scores:
-                generation.prompt_logits.append(logits)
-            if generation.prefill_done:
-                self.prefilling.pop(0)
-                self._finish_prefill(generation, logits[-1:])
+            batch: list[tuple[Generation, int]] = []
+            for generation in self.prefilling[:PREFILL_ROWS]:
+                if generation.want_scores and batch:
+                    break
+                count = min(PREFILL_CHUNK_TOKENS, len(generation.spec.prompt) - generation.prefilled)
+                if budget is not None:
+                    count = min(count, budget)
+                    budget -= count
+                batch.append((generation, count))
+                if generation.want_scores or budget == 0:
+                    break
+            scored = batch[0][0].want_scores
+            width = max(count for _, count in batch)
+            tokens = np.zeros((len(batch), width), dtype=np.int64)  # left-padded (see kv_cache.Step)
+            for row, (generation, count) in enumerate(batch):
+                start = generation.prefilled
+                while len(generation.prompt_blocks) * BLOCK_TOKENS < start + count:
+                    generation.prompt_blocks.append(generation.take(self.pool))
+                tokens[row, width - count:] = generation.spec.prompt[start:start + count]
+            logits = self._forward(torch.from_numpy(tokens).to(self.device), [g.prompt_blocks for g, _ in batch],
+                                   [g.prefilled for g, _ in batch], [c for _, c in batch],
+                                   [g.adapter for g, _ in batch], keep=0 if scored else 1).float()
+            for row, (generation, count) in enumerate(batch):
+                generation.prefilled += count
+                if scored:
+                    generation.prompt_logits.append(logits[0])
+                if generation.prefill_done:
+                    self.prefilling.remove(generation)
+                    self._finish_prefill(generation, logits[row, -1:])
 
     def _finish_prefill(self, generation: Generation, last_logits: torch.Tensor) -> None:
         """Scores the prompt if asked; hands each sample its block table (sharing
@@ -401,7 +416,7 @@ class DecodeLoop:
             logits = self.graphs.logits(tokens, tables, starts, self._stack(adapters), adapters)
             if logits is not None:
                 return logits
-        return self._forward(tokens[:, None], tables, starts, adapters, keep=1)[:, -1].float()
+        return self._forward(tokens[:, None], tables, starts, [1] * len(starts), adapters, keep=1)[:, -1].float()
 
     def _select(self, keep: list[int]) -> None:
         self._rows = [self._rows[i] for i in keep]
@@ -410,15 +425,15 @@ class DecodeLoop:
         else:
             self._logits = self._logits[torch.tensor(keep, dtype=torch.long, device=self._logits.device)]
 
-    def _forward(self, tokens: torch.Tensor, tables: list[list[int]], starts: list[int],
+    def _forward(self, tokens: torch.Tensor, tables: list[list[int]], starts: list[int], counts: list[int],
                  adapters: list[AdapterWeights | None], keep: int) -> torch.Tensor:
-        """Logits [B, keep or Q, V] of B rows of Q new tokens each, written to the KV pool."""
-        step = kv_cache.build_step(self.pool, tables, starts, tokens.shape[1], self.device)
-        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(tokens.shape[1], device=self.device)
+        """Logits [B, keep or Q, V] of B rows of counts[i] new tokens each (tokens [B, Q],
+        left-padded), written to the KV pool."""
+        step = kv_cache.build_step(self.pool, tables, starts, counts, self.device)
         stack = self._stack(adapters)
         with lora_batch.applied(self.model, stack.factors, stack.mask(adapters)) if stack else contextlib.nullcontext():
             return self.model(input_ids=tokens, attention_mask=step.attention_mask(self._additive_mask),
-                              position_ids=positions, cache=step, use_cache=True, logits_to_keep=keep).logits
+                              position_ids=step.positions, cache=step, use_cache=True, logits_to_keep=keep).logits
 
     def _stack(self, adapters: list[AdapterWeights | None]) -> StackedAdapters | None:
         """The stacked factors of the distinct adapters among `adapters` (None: base model only)."""
