@@ -121,7 +121,7 @@ class DecodeGraphs:
         step = kv_cache.build_step(self.pool, [[SCRATCH_BLOCK]] * key.rows, [0] * key.rows, [1] * key.rows,
                                    self.device, length=key.context)
         bucket = _Bucket(tokens=zeros(key.rows, 1), step=step,
-                         mask=zeros(key.rows, 1, key.rank, dtype=torch.float32) if key.rank else None)
+                         mask=zeros(key.rows, 1, key.rank, dtype=self.pool.dtype) if key.rank else None)
         if key.rank and (key.rank, key.modules) not in self._factors:
             self._factors[key.rank, key.modules] = self._new_factors(key)
         if self.capture:

@@ -27,10 +27,15 @@ ZERO_SLOT = 0      # block 0 holds zeros, never handed out: what padding positio
 SCRATCH_BLOCK = 1  # never handed out either: padding rows of a bucketed step write and read it
 
 
+def kv_heads_and_dim(config) -> tuple[int, int]:
+    """The model's key / value heads per layer and their dimension."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim
+
+
 def bytes_per_token(config, dtype: torch.dtype) -> int:
     """KV bytes one token takes across all layers (keys and values)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_heads, head_dim = kv_heads_and_dim(config)
     return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
@@ -39,8 +44,7 @@ class BlockPool:
 
     def __init__(self, config, budget_bytes: int, dtype: torch.dtype, device: torch.device):
         self.dtype = dtype
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.kv_heads, self.head_dim = kv_heads_and_dim(config)
         self.block_bytes = bytes_per_token(config, dtype) * BLOCK_TOKENS
         self.num_blocks = max(budget_bytes // self.block_bytes, 3)  # zero and scratch blocks, and one more
         slots = self.num_blocks * BLOCK_TOKENS

@@ -40,19 +40,21 @@ def adapter_weights(model: torch.nn.Module, adapter: str) -> AdapterWeights:
 
 class StackedAdapters:
     """Some adapters' factors stacked along the rank, per module: A [R, in] and
-    B·scale [out, R]. Adapter k owns the same columns in every module (zeros in a
-    module it leaves alone), so one per-row mask [B, 1, R] serves every module."""
+    B·scale [out, R], in the model's dtype. Adapter k owns the same columns in every
+    module (zeros in a module it leaves alone), so one per-row mask [B, 1, R] serves
+    every module."""
 
-    def __init__(self, adapters: list[AdapterWeights], device: torch.device):
+    def __init__(self, adapters: list[AdapterWeights], device: torch.device, dtype: torch.dtype):
         self.adapters = adapters  # held: the stack is found again by the adapters' identities
+        self.dtype = dtype
         ranks = [max((a.shape[0] for a, _ in weights.values()), default=0) for weights in adapters]
         self.rank = sum(ranks)
         self.owner = torch.cat([torch.full((r,), k) for k, r in enumerate(ranks)]).to(device)  # [R]
         shapes = {name: (a.shape[1], b.shape[0]) for weights in adapters for name, (a, b) in weights.items()}
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for module, (fan_in, fan_out) in sorted(shapes.items()):
-            a_stack = torch.zeros(self.rank, fan_in, device=device)
-            b_stack = torch.zeros(fan_out, self.rank, device=device)
+            a_stack = torch.zeros(self.rank, fan_in, dtype=dtype, device=device)
+            b_stack = torch.zeros(fan_out, self.rank, dtype=dtype, device=device)
             column = 0
             for weights, rank in zip(adapters, ranks):
                 if module in weights:
@@ -63,10 +65,10 @@ class StackedAdapters:
             self.factors[module] = (a_stack, b_stack)
 
     def mask(self, rows: list[AdapterWeights | None]) -> torch.Tensor:
-        """[B, 1, R] float32: row i keeps the columns of its adapter rows[i] (None: no adapter)."""
+        """[B, 1, R]: 1 where row i keeps the column (its adapter rows[i]'s; None: no adapter)."""
         index = {id(weights): k for k, weights in enumerate(self.adapters)}
         row_ids = torch.tensor([index[id(w)] if w is not None else -1 for w in rows]).to(self.owner.device)
-        return (row_ids[:, None] == self.owner[None, :]).float()[:, None, :]
+        return (row_ids[:, None] == self.owner[None, :]).to(self.dtype)[:, None, :]
 
 
 @contextlib.contextmanager

@@ -384,9 +384,10 @@ class DecodeLoop:
 
     def _decode_step(self) -> None:
         """Picks every row's next token; finished rows leave; the rest are fed through the model."""
-        tokens, logprobs = choose_tokens(self._logits, [g.settings for g, _ in self._rows],
+        all_logprobs = torch.log_softmax(self._logits, dim=-1)
+        tokens, logprobs = choose_tokens(self._logits, all_logprobs, [g.settings for g, _ in self._rows],
                                          [s.generator for _, s in self._rows])
-        tops = _top_logprobs(self._logits, [g.spec.topk_sample_logprobs for g, _ in self._rows])
+        tops = _top_logprobs(all_logprobs, [g.spec.topk_sample_logprobs for g, _ in self._rows])
         keep = []
         for i, ((generation, sequence), token, logprob, top) in enumerate(
                 zip(self._rows, tokens.tolist(), logprobs.tolist(), tops)):
@@ -444,7 +445,7 @@ class DecodeLoop:
         if key not in self._stacks:
             if len(self._stacks) >= 16:
                 self._stacks.clear()
-            self._stacks[key] = StackedAdapters(distinct, self.device)
+            self._stacks[key] = StackedAdapters(distinct, self.device, self.pool.dtype)
         return self._stacks[key]
 
 
@@ -456,11 +457,10 @@ class KvBudgetError(ValueError):
                          f"more than the server's whole budget of {budget_bytes / 2**20:.1f} MiB")
 
 
-def choose_tokens(logits: torch.Tensor, settings: list[SamplingSettings], generators: list[torch.Generator]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Picks one token per row of logits [B, V], row i with settings[i] and
-    generators[i]; returns (tokens [B], their unscaled logprobs [B])."""
-    logprobs = torch.log_softmax(logits, dim=-1)
+def choose_tokens(logits: torch.Tensor, logprobs: torch.Tensor, settings: list[SamplingSettings],
+                  generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Picks one token per row of logits [B, V] (logprobs: their log_softmax), row i
+    with settings[i] and generators[i]; returns (tokens [B], their unscaled logprobs [B])."""
     chosen = logits.argmax(dim=-1)
     sampled_rows = [i for i, s in enumerate(settings) if s.temperature > 0]
     if sampled_rows:
@@ -489,13 +489,13 @@ def choose_tokens(logits: torch.Tensor, settings: list[SamplingSettings], genera
     return chosen, logprobs.gather(-1, chosen[:, None])[:, 0]
 
 
-def _top_logprobs(logits: torch.Tensor, ks: list[int]) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """Per row of logits [B, V], its ks[row] most likely tokens and their unscaled
-    logprobs (ids [k], logprobs [k]); None for a row whose k is 0."""
-    k = min(max(ks), logits.shape[-1])
+def _top_logprobs(logprobs: torch.Tensor, ks: list[int]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per row of logprobs [B, V] (unscaled), its ks[row] most likely tokens and
+    their logprobs (ids [k], logprobs [k]); None for a row whose k is 0."""
+    k = min(max(ks), logprobs.shape[-1])
     if k <= 0:
         return [None] * len(ks)
-    top = torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1)
+    top = torch.topk(logprobs, k, dim=-1)
     ids, values = top.indices.cpu().numpy().astype(np.int32), top.values.cpu().numpy()
     return [(ids[row, :n], values[row, :n]) if n > 0 else None for row, n in enumerate(ks)]
 
