@@ -5,6 +5,7 @@ training and sampling each wait at most one turn of the other."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import grpc
@@ -321,3 +322,32 @@ def test_the_loop_on_either_attention_implementation_equals_the_reference(attent
     for prompt, generation in zip(prompts, generations):
         assert [s.tokens for s in generation.sequences] == [greedy_reference(reference, prompt, 20)] * 2
     assert pool.used_bytes == 0 and pool.reserved == 0
+
+
+def test_a_request_arriving_mid_turn_joins_at_the_next_decode_step():
+    """A request that arrives (DecodeLoop.arrive, as the servicer calls it from its
+    thread) while the loop decodes another joins the running batch at the next step:
+    both finish within the one turn, each with its full-recompute argmax."""
+    model = tiny_random_model().eval()
+    pool = BlockPool(model.config, 2**20, torch.float32, torch.device("cpu"))
+    loop = sampler.DecodeLoop(model, pool, torch.device("cpu"), contextlib.nullcontext)
+    settings = sampler.SamplingSettings(max_tokens=14, seed=0, temperature=0.0)
+    first = sampler.Generation(sampler.SampleSpec(np.array(PROMPT), 1, settings), str)
+    later = sampler.Generation(sampler.SampleSpec(np.array(PROMPT[:3]), 1, dataclasses.replace(settings, max_tokens=8)),
+                               str)
+    loop.add(first)
+    rows, decode_logits = [], loop._decode_logits
+
+    def decode_and_arrive(tokens):
+        rows.append(tokens.shape[0])
+        if len(rows) == 3:
+            loop.arrive(lambda: loop.add(later))
+        return decode_logits(tokens)
+
+    loop._decode_logits = decode_and_arrive
+    loop.turn()
+    assert first.done and later.done and loop.turns == 1
+    assert rows[:4] == [1, 1, 1, 2]  # the step after the arrival decodes both
+    reference = tiny_random_model()
+    assert first.sequences[0].tokens == greedy_reference(reference, PROMPT, 14)
+    assert later.sequences[0].tokens == greedy_reference(reference, PROMPT[:3], 8)

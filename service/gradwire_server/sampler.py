@@ -247,6 +247,7 @@ class DecodeLoop:
         self._additive_mask = attention == "eager"
         self.graphs = None if graphs == "off" else DecodeGraphs(model, pool, device, self._additive_mask,
                                                                  capture=graphs == "captured")
+        self._arrivals: deque[Callable[[], None]] = deque()  # joins of requests that arrived (any thread)
         self.waiting: deque[Generation] = deque()   # not admitted yet (KV budget)
         self.prefilling: list[Generation] = []
         self._rows: list[tuple[Generation, _Sequence]] = []
@@ -276,20 +277,30 @@ class DecodeLoop:
             self._select(keep)
         generation.release_all(self.pool)
 
+    def arrive(self, join: Callable[[], None]) -> None:
+        """Any thread: `join` (which adds a request and raises nothing) runs on the
+        worker before the next decode step, so a request that arrives while the
+        loop is decoding joins the batch then, not at the next turn."""
+        self._arrivals.append(join)
+
     @torch.no_grad()
     def turn(self) -> None:
         """Admits what fits, prefills, and runs up to DECODE_STEPS_PER_TURN decode
         steps. A failure fails every request in the loop (their state is unknown)."""
         try:
-            with self.base_weights():
-                for _ in range(DECODE_STEPS_PER_TURN):
-                    self._admit()
-                    self._prefill(PREFILL_TOKENS_PER_STEP if self._rows else None)
-                    if not self._rows:
-                        if not self.prefilling:
-                            break
-                        continue
-                    self._decode_step()
+            steps = 0
+            while steps < DECODE_STEPS_PER_TURN:
+                while self._arrivals:  # outside base_weights: a join may load an adapter
+                    self._arrivals.popleft()()
+                with self.base_weights():
+                    while steps < DECODE_STEPS_PER_TURN and not self._arrivals:
+                        steps += 1
+                        self._admit()
+                        self._prefill(PREFILL_TOKENS_PER_STEP if self._rows else None)
+                        if self._rows:
+                            self._decode_step()
+                        elif not self.prefilling:
+                            return
         except Exception as failure:
             for generation in [*self.waiting, *self.prefilling, *{id(g): g for g, _ in self._rows}.values()]:
                 generation.error = failure

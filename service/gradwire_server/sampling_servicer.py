@@ -112,6 +112,7 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         task = SampleTask(self.loop, self.adapters, checkpoint, spec, self.engine.base.tokenizer.decode,
                           stream=stream)
         record = self.scheduler.submit_unordered(OPERATION_OWNER, kind, task)
+        self.loop.arrive(task.join)  # joins a running batch at its next step
         if request.request_id and not stream:
             self._remember(request.request_id, record.operation.name)
         return record

@@ -35,23 +35,39 @@ class SampleTask:
         self.loop, self.adapters, self.checkpoint = loop, adapters, checkpoint
         self.spec, self.decode_text, self.stream = spec, decode_text, stream
         self._generation: Generation | None = None
+        self._join_error: Exception | None = None
+        self._discarded = False
         self._seen_turn = -1       # the loop's turn count at this task's last turn
         self._scores_sent = False
 
     def ready(self) -> bool:
         return True
 
+    def join(self) -> None:
+        """Joins the decode loop (worker thread; raises nothing): from the loop before its
+        next decode step if the request arrived during a turn (see DecodeLoop.arrive),
+        else on this task's first step. The next step (any task's) admits it."""
+        if self._generation is not None or self._discarded or self._join_error is not None:
+            return
+        try:
+            self._generation = Generation(self.spec, self.decode_text, self._adapter())
+        except Exception as error:  # noqa: BLE001 - raised by this task's own step
+            self._join_error = error
+            return
+        self.loop.add(self._generation)
+        self._seen_turn = self.loop.turns
+
     def discard(self) -> None:
+        self._discarded = True
         if self._generation is not None:
             self.loop.remove(self._generation)  # frees its KV blocks now
             self._generation = None
 
     def step(self) -> Step:
         if self._generation is None:
-            # Joins the loop; the next turn (this task's or another's) admits it.
-            self._generation = Generation(self.spec, self.decode_text, self._adapter())
-            self.loop.add(self._generation)
-            self._seen_turn = self.loop.turns
+            self.join()
+            if self._join_error is not None:
+                raise self._join_error
             return Step(False)
         if self._seen_turn == self.loop.turns:
             self.loop.turn()
