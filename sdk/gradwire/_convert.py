@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
+from google.protobuf.message import Message
 
 from gradwire import types
 from gradwire.errors import UnsupportedFeatureError
@@ -85,20 +87,25 @@ def lora_config(response: pb.LoraConfig) -> types.LoraConfig:
 
 
 def server_capabilities(response: pb.GetServerCapabilitiesResponse) -> types.GetServerCapabilitiesResponse:
-    limits = response.limits
     return types.GetServerCapabilitiesResponse(
         supported_models=[types.SupportedModel(m.model_name, m.max_context_length, m.vocab_size)
                           for m in response.supported_models],
         loss_fns=list(response.loss_fns), device=response.device,
-        limits={"max_message_bytes": limits.max_message_bytes,
-                "max_lora_rank": limits.max_lora_rank,
-                "max_wait_seconds": limits.max_wait_seconds,
-                "operation_ttl_seconds": limits.operation_ttl_seconds,
-                "micro_batch_tokens": limits.micro_batch_tokens,
-                "keep_graph_budget_bytes": limits.keep_graph_budget_bytes,
-                "activation_bytes_per_token": limits.activation_bytes_per_token},
-        dtype=response.dtype,
-        kv_cache={f.name: getattr(response.kv_cache, f.name) for f in response.kv_cache.DESCRIPTOR.fields})
+        limits=_fields_by_name(response.limits), dtype=response.dtype,
+        kv_cache=_fields_by_name(response.kv_cache))
+
+
+def _fields_by_name(message: Message) -> dict[str, Any]:
+    """Every field of a message of scalars, by name: read from its descriptor, so a field
+    added to the proto reaches the SDK's dict without a change here."""
+    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}
+
+
+def run_info(response: pb.GetInfoResponse) -> types.GetInfoResponse:
+    return types.GetInfoResponse(model_id=response.model_id, model_name=response.model_name,
+                                 is_lora=response.is_lora, lora_rank=response.lora_rank,
+                                 lora_config=lora_config(response.lora_config),
+                                 model_data=dict(response.model_data), step=response.step)
 
 
 def checkpoint(message: rpb.Checkpoint) -> types.Checkpoint:

@@ -615,11 +615,7 @@ class TrainingClient:
 
     def get_info(self) -> types.GetInfoResponse:
         """Base model, LoRA rank and settings, steps taken."""
-        info = self.service._call("GetInfo", pb.GetInfoRequest(model_id=self.model_id))
-        return types.GetInfoResponse(model_id=info.model_id, model_name=info.model_name,
-                                     is_lora=info.is_lora, lora_rank=info.lora_rank,
-                                     lora_config=_convert.lora_config(info.lora_config),
-                                     model_data=dict(info.model_data), step=info.step)
+        return _convert.run_info(self.service._call("GetInfo", pb.GetInfoRequest(model_id=self.model_id)))
 
     async def get_info_async(self) -> types.GetInfoResponse:
         return await asyncio.to_thread(self.get_info)
