@@ -23,6 +23,7 @@ from gradwire.v1 import training_service_pb2_grpc as tpb_grpc
 from gradwire_server import sampler
 from gradwire_server.kv_cache import BLOCK_TOKENS, BlockPool
 from gradwire_server.models import tiny_random_model
+from gradwire_server.sampling_task import SampleTask
 from conftest import server_config
 from gradwire_server.server import BackgroundServer
 from reference import (decode_batches, finished, greedy_reference, new_run, operation_metadata, random_data,
@@ -351,3 +352,57 @@ def test_a_request_arriving_mid_turn_joins_at_the_next_decode_step():
     reference = tiny_random_model()
     assert first.sequences[0].tokens == greedy_reference(reference, PROMPT, 14)
     assert later.sequences[0].tokens == greedy_reference(reference, PROMPT[:3], 8)
+
+
+def test_a_sample_task_joins_the_loop_once():
+    """SampleTask.join runs once, whoever calls it: an arrival handled after the task
+    finished, or after it was discarded (cancelled), adds nothing to the loop."""
+    model = tiny_random_model().eval()
+    pool = BlockPool(model.config, 2**20, torch.float32, torch.device("cpu"))
+    loop = sampler.DecodeLoop(model, pool, torch.device("cpu"), contextlib.nullcontext)
+    spec = sampler.SampleSpec(np.array(PROMPT), 2, sampler.SamplingSettings(max_tokens=5, seed=0, temperature=0.0))
+    finished_task = SampleTask(loop, None, None, spec, str)
+    while not finished_task.step().done:
+        pass
+    discarded_task = SampleTask(loop, None, None, spec, str)
+    discarded_task.discard()
+    for task in (finished_task, discarded_task):
+        loop.arrive(task.join)  # late arrivals, as the servicer may queue them
+    steps = loop.steps
+    loop.turn()
+    assert loop.steps == steps  # nothing was decoded
+    assert loop.usage().running_sequences == 0 and not loop.waiting and not loop.prefilling
+    assert pool.used_bytes == 0 and pool.reserved == 0
+
+
+def test_a_prefill_pass_costs_at_most_its_budget_padding_included():
+    """One 300-token prompt and 40 short ones arrive while a request decodes: every
+    prefill pass, counted as rows x longest chunk, stays within the tokens allowed
+    between two decode steps, and every request gets its reference tokens."""
+    model = tiny_random_model().eval()
+    pool = BlockPool(model.config, 2**24, torch.float32, torch.device("cpu"))
+    loop = sampler.DecodeLoop(model, pool, torch.device("cpu"), contextlib.nullcontext)
+    greedy = sampler.SamplingSettings(max_tokens=6, seed=0, temperature=0.0)
+    running = sampler.Generation(sampler.SampleSpec(np.array(PROMPT), 1, dataclasses.replace(greedy, max_tokens=60)),
+                                 str)
+    loop.add(running)
+    loop.turn()
+    prompts = [list(range(3, 303))] + [[7 + i, 11, 5, i] for i in range(40)]
+    generations = [sampler.Generation(sampler.SampleSpec(np.array(p), 1, greedy), str) for p in prompts]
+    for generation in generations:
+        loop.add(generation)
+    passes, forward = [], loop._forward
+
+    def recorded(tokens, *args, **kwargs):
+        if tokens.shape[1] > 1:
+            passes.append((tokens.shape[0] * tokens.shape[1], len(loop._rows)))
+        return forward(tokens, *args, **kwargs)
+
+    loop._forward = recorded
+    while not all(g.done for g in [running, *generations]):
+        loop.turn()
+    assert passes and all(cost <= sampler.PREFILL_TOKENS_PER_STEP for cost, rows in passes if rows)
+    assert all(cost <= sampler.PREFILL_PASS_POSITIONS for cost, _ in passes)
+    reference = tiny_random_model()
+    for prompt, generation in list(zip(prompts, generations))[:3]:
+        assert generation.sequences[0].tokens == greedy_reference(reference, prompt, 6)

@@ -38,7 +38,7 @@ def adapted_model() -> tuple[peft.PeftModel, list]:
     return model.eval(), [adapter_weights(model, "a"), adapter_weights(model, "b")]
 
 
-def decode(model, adapters: list, graphs: str, settings: sampler.SamplingSettings, max_tokens: int):
+def decode(model, adapters: list, graphs: str, settings: sampler.SamplingSettings):
     """Every prompt x adapter (None, a, b) as one request of 2 samples, decoded together."""
     pool = BlockPool(model.config, 2**22, torch.float32, DEVICE)
 
@@ -64,7 +64,7 @@ def test_bucketed_greedy_steps_equal_each_models_reference(graphs):
     different ranks and modules: greedy tokens equal each model's full-recompute argmax."""
     model, adapters = adapted_model()
     generations, loop = decode(model, adapters, graphs, sampler.SamplingSettings(max_tokens=30, seed=0,
-                                                                                temperature=0.0), 30)
+                                                                                temperature=0.0))
     references = {}
     for generation in generations:
         name = {None: None, id(adapters[0]): "a", id(adapters[1]): "b"}[id(generation.adapter)
@@ -87,8 +87,8 @@ def test_bucketed_sampled_steps_equal_the_unpadded_eager_loop(graphs):
     logprobs within float32 rounding (padding changes matmul shapes, not the math)."""
     model, adapters = adapted_model()
     settings = sampler.SamplingSettings(max_tokens=40, seed=11, temperature=0.9, top_k=50, top_p=0.95)
-    eager, _ = decode(model, adapters, "off", settings, 40)
-    bucketed, _ = decode(model, adapters, graphs, settings, 40)
+    eager, _ = decode(model, adapters, "off", settings)
+    bucketed, _ = decode(model, adapters, graphs, settings)
     for expected, got in zip(eager, bucketed):
         for a, b in zip(expected.sequences, got.sequences):
             assert a.tokens == b.tokens

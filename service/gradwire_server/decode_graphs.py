@@ -33,7 +33,9 @@ from gradwire_server.lora_batch import AdapterWeights, StackedAdapters
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 512                 # larger batches decode eagerly
-MAX_ROW_POSITIONS = 2**20      # rows x context width of the largest bucket (its read slots and mask)
+# rows x context width of the largest bucket: its gathered keys / values stay in the graph pool
+# (1.1B model: 128 MiB a tensor, more where attention repeats KV heads)
+MAX_ROW_POSITIONS = 2**18
 MIN_CONTEXT = 64
 MIN_RANK = 8
 
@@ -74,6 +76,7 @@ class DecodeGraphs:
         self.capture = capture
         self.enabled = True                    # False after a capture failed: every step eager
         self._buckets: dict[BucketKey, _Bucket] = {}
+        self._eager: set[BucketKey] = set()    # buckets whose capture ran out of memory
         self._factors: dict[tuple[int, tuple[str, ...]], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._loaded: dict[tuple[int, tuple[str, ...]], StackedAdapters] = {}  # whose factors each stack holds
         self._memory = torch.cuda.graph_pool_handle() if capture else None
@@ -89,7 +92,8 @@ class DecodeGraphs:
         key = BucketKey(bucket_size(rows), bucket_size(max(starts) + 1, MIN_CONTEXT),
                         bucket_size(stack.rank, MIN_RANK) if stack else 0,
                         tuple(stack.factors) if stack else ())
-        if not self.enabled or key.rows > MAX_ROWS or key.rows * key.context > MAX_ROW_POSITIONS:
+        if (not self.enabled or key in self._eager or key.rows > MAX_ROWS
+                or key.rows * key.context > MAX_ROW_POSITIONS):
             return None
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -98,7 +102,7 @@ class DecodeGraphs:
                 return None
         padding = key.rows - rows
         step = kv_cache.build_step(self.pool, tables + [[SCRATCH_BLOCK]] * padding, starts + [0] * padding,
-                                   [1] * key.rows, torch.device("cpu"), length=key.context)
+                                   [1] * key.rows, self.device, length=key.context)
         for static, fresh in ((bucket.step.positions, step.positions), (bucket.step.write_slots, step.write_slots),
                               (bucket.step.read_slots, step.read_slots), (bucket.step.attend, step.attend)):
             static.copy_(fresh)
@@ -127,6 +131,10 @@ class DecodeGraphs:
         if self.capture:
             try:
                 bucket.graph, bucket.logits = self._capture(bucket, key)
+            except torch.OutOfMemoryError:  # this bucket decodes eagerly; the others keep their graphs
+                log.warning("no memory to capture the decode step for %s; it runs eagerly", key)
+                self._eager.add(key)
+                return None
             except Exception:  # noqa: BLE001 - an unsupported model or kernel: decode eagerly from now on
                 log.exception("capturing a CUDA graph of the decode step failed; decoding eagerly from now on")
                 self.enabled = False

@@ -474,7 +474,7 @@ class Engine:
             for group, kept in zip(run.optimizer.param_groups, hyperparameters):
                 group.update(kept)
             outcome = "nothing was changed"
-            if not torch.isfinite(grad_norm):
+            if not torch.isfinite(_flat_copy(grads)).all():  # (the norm itself may overflow)
                 # Non-finite gradients never give a finite step, and forward_backward only adds
                 # to them: kept, they would refuse every later step of the run.
                 run.optimizer.zero_grad(set_to_none=True)

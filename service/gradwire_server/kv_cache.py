@@ -154,15 +154,19 @@ def build_step(pool: BlockPool, tables: list[list[int]], starts: list[int], coun
                device: torch.device, length: int = 0) -> Step:
     """Row i writes counts[i] new tokens at positions starts[i].. of the sequence
     whose block table is tables[i], and attends causally to positions 0..its own.
-    Every row reads at least `length` positions (a bucketed step's fixed width)."""
-    start, count = torch.tensor(starts)[:, None], torch.tensor(counts)[:, None]
-    width = int(count.max())
-    length = max(int((start + count).max()), length)
+    Every row reads at least `length` positions (a bucketed step's fixed width).
+    Built on `device` from the block tables alone (no host-side [B, T] tensors)."""
+    width = max(counts)
+    length = max(max(s + c for s, c in zip(starts, counts)), length)
     table_width = blocks_for(length)
-    table = torch.tensor([t[:table_width] + [0] * (table_width - len(t[:table_width])) for t in tables])
-    padded = torch.arange(width)[None, :] < width - count                 # [B, Q] left padding
-    new = torch.where(padded, start, start + torch.arange(width) - (width - count))   # [B, Q] positions written
-    every = torch.arange(length)[None, :].expand(len(tables), -1)         # [B, T] positions read
+    table = torch.tensor([t[:table_width] + [0] * (table_width - len(t[:table_width])) for t in tables],
+                         device=device)
+    start = torch.tensor(starts, device=device)[:, None]
+    count = torch.tensor(counts, device=device)[:, None]
+    query = torch.arange(width, device=device)[None, :]
+    padded = query < width - count                                        # [B, Q] left padding
+    new = torch.where(padded, start, start + query - (width - count))     # [B, Q] positions written
+    every = torch.arange(length, device=device)[None, :].expand(len(tables), -1)  # [B, T] positions read
 
     def slots(positions: torch.Tensor) -> torch.Tensor:
         return table.gather(1, positions // BLOCK_TOKENS) * BLOCK_TOKENS + positions % BLOCK_TOKENS
@@ -171,4 +175,4 @@ def build_step(pool: BlockPool, tables: list[list[int]], starts: list[int], coun
     write = torch.where(padded, SCRATCH_BLOCK * BLOCK_TOKENS, slots(new))
     # Past a row's end: the zero block, never garbage (a NaN there would leak through the mask).
     read = torch.where(every < start + count, slots(every), ZERO_SLOT)
-    return Step(pool, new.to(device), write.reshape(-1).to(device), read.to(device), attend[:, None].to(device))
+    return Step(pool, new, write.reshape(-1), read, attend[:, None])

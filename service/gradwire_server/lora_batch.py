@@ -81,8 +81,9 @@ def applied(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch
     modules = dict(model.named_modules())
     for name, (a, b) in factors.items():
         def add_delta(module, inputs, output, a=a, b=b):
-            x = inputs[0]
-            return output + ((x @ a.to(x.dtype).T) * mask.to(x.dtype)) @ b.to(x.dtype).T
+            # The activation takes the factors' dtype, not the (larger) factors the activation's.
+            low_rank = (inputs[0].to(a.dtype) @ a.T) * mask
+            return output + (low_rank @ b.T).to(output.dtype)
         handles.append(modules[name].register_forward_hook(add_delta))
     try:
         yield

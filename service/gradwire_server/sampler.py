@@ -41,6 +41,7 @@ DECODE_STEPS_PER_TURN = 16     # decode steps per scheduler turn: what a pending
 PREFILL_CHUNK_TOKENS = 256     # prompt tokens per prefill forward pass
 PREFILL_TOKENS_PER_STEP = 512  # prompt tokens prefilled between two decode steps while others decode
 PREFILL_ROWS = 64              # requests prefilled together in one forward pass, at most
+PREFILL_PASS_POSITIONS = 4096  # rows x longest chunk of one prefill pass (padding counts), at most
 
 
 @dataclass
@@ -319,7 +320,8 @@ class DecodeLoop:
             need = generation.blocks_needed()
             if need > self.pool.usable_blocks:
                 self.waiting.popleft()
-                generation.error = KvBudgetError(need * self.pool.block_bytes, self.pool.budget_bytes)
+                generation.error = KvBudgetError(need * self.pool.block_bytes,
+                                                 self.pool.usable_blocks * self.pool.block_bytes)
                 continue
             if not self.pool.reserve(need):
                 return  # waits for running requests to free blocks
@@ -329,21 +331,23 @@ class DecodeLoop:
     def _prefill(self, budget: int | None) -> None:
         """Prefills prompt chunks, oldest request first, up to `budget` tokens (None: all):
         the next chunk of several requests in one forward pass (a request whose prompt
-        is scored, which needs every position's logits, in a pass of its own)."""
+        is scored, which needs every position's logits, in a pass of its own). A pass
+        costs its rows x its longest chunk (left padding counts)."""
         while self.prefilling and (budget is None or budget > 0):
+            limit = PREFILL_PASS_POSITIONS if budget is None else min(budget, PREFILL_PASS_POSITIONS)
             batch: list[tuple[Generation, int]] = []
+            width = 0
             for generation in self.prefilling[:PREFILL_ROWS]:
-                if generation.want_scores and batch:
+                count = min(PREFILL_CHUNK_TOKENS, len(generation.spec.prompt) - generation.prefilled, limit)
+                if batch and (generation.want_scores or (len(batch) + 1) * max(width, count) > limit):
                     break
-                count = min(PREFILL_CHUNK_TOKENS, len(generation.spec.prompt) - generation.prefilled)
-                if budget is not None:
-                    count = min(count, budget)
-                    budget -= count
                 batch.append((generation, count))
-                if generation.want_scores or budget == 0:
+                width = max(width, count)
+                if generation.want_scores:
                     break
+            if budget is not None:
+                budget -= len(batch) * width
             scored = batch[0][0].want_scores
-            width = max(count for _, count in batch)
             tokens = np.zeros((len(batch), width), dtype=np.int64)  # left-padded (see kv_cache.Step)
             for row, (generation, count) in enumerate(batch):
                 start = generation.prefilled
@@ -463,9 +467,9 @@ class DecodeLoop:
 class KvBudgetError(ValueError):
     """A request whose worst case exceeds the whole KV cache budget."""
 
-    def __init__(self, need_bytes: int, budget_bytes: int):
+    def __init__(self, need_bytes: int, usable_bytes: int):
         super().__init__(f"the prompt and samples need up to {need_bytes / 2**20:.1f} MiB of KV cache, "
-                         f"more than the server's whole budget of {budget_bytes / 2**20:.1f} MiB")
+                         f"more than the server's whole budget holds for sequences ({usable_bytes / 2**20:.1f} MiB)")
 
 
 def choose_tokens(logits: torch.Tensor, logprobs: torch.Tensor, settings: list[SamplingSettings],

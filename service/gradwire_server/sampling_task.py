@@ -36,6 +36,7 @@ class SampleTask:
         self.spec, self.decode_text, self.stream = spec, decode_text, stream
         self._generation: Generation | None = None
         self._join_error: Exception | None = None
+        self._joined = False       # join() ran (it runs once: from an arrival or the first step)
         self._discarded = False
         self._seen_turn = -1       # the loop's turn count at this task's last turn
         self._scores_sent = False
@@ -47,8 +48,9 @@ class SampleTask:
         """Joins the decode loop (worker thread; raises nothing): from the loop before its
         next decode step if the request arrived during a turn (see DecodeLoop.arrive),
         else on this task's first step. The next step (any task's) admits it."""
-        if self._generation is not None or self._discarded or self._join_error is not None:
+        if self._joined or self._discarded:
             return
+        self._joined = True
         try:
             self._generation = Generation(self.spec, self.decode_text, self._adapter())
         except Exception as error:  # noqa: BLE001 - raised by this task's own step
@@ -64,7 +66,7 @@ class SampleTask:
             self._generation = None
 
     def step(self) -> Step:
-        if self._generation is None:
+        if not self._joined:
             self.join()
             if self._join_error is not None:
                 raise self._join_error
