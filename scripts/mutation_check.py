@@ -232,10 +232,10 @@ MUTATIONS = [
              "mass_before >= top_p", "mass_before >= top_p + 0.1",
              ("tests/test_sampling_params.py",), "top_p keeps more tokens than asked"),
     Mutation("sampler-tempered-logprobs", SAMPLER,
-             "    logprobs = torch.log_softmax(logits, dim=-1)\n    chosen = logits.argmax(dim=-1)\n",
-             "    logprobs = torch.log_softmax(logits / torch.tensor([max(s.temperature, 1e-6) for s in settings],\n"
-             "                                                       device=logits.device)[:, None], dim=-1)\n"
-             "    chosen = logits.argmax(dim=-1)\n",
+             "        all_logprobs = torch.log_softmax(self._logits, dim=-1)\n",
+             "        all_logprobs = torch.log_softmax(self._logits / torch.tensor(\n"
+             "            [max(g.settings.temperature, 1e-6) for g, _ in self._rows], device=self._logits.device)[:, None],\n"
+             "            dim=-1)\n",
              ("tests/test_sampling.py",), "RL importance ratios compare the wrong logprobs"),
     Mutation("sampler-stop-tokens-ignored", SAMPLER,
              "if token in self.settings.stop_tokens or self._hit_stop_string(",
