@@ -1,13 +1,15 @@
 """Token generation for every request at once: one decode loop whose batch
 holds the samples of all running requests (continuous batching).
 
-A request's prompt is prefilled in chunks of at most PREFILL_CHUNK_TOKENS
-between decode steps, so a long prompt never stalls the running batch for
-long; its samples then join the batch at the next step and each leaves it the
-step it finishes. Rows may use different LoRA adapters (a sampler checkpoint,
-or none: the base model): see lora_batch. Keys and values live in a paged
-block pool under a byte budget (kv_cache); a request waits for admission
-until its worst case fits.
+A request that arrives while the loop decodes joins it before the next decode
+step. Its prompt is prefilled in chunks of at most PREFILL_CHUNK_TOKENS between
+decode steps (the chunks of several requests in one forward pass), so a long
+prompt never stalls the running batch for long; its samples then join the
+batch at the next step and each leaves it the step it finishes. Rows may use
+different LoRA adapters (a sampler checkpoint, or none: the base model): see
+lora_batch. Keys and values live in a paged block pool under a byte budget
+(kv_cache); a request waits for admission until its worst case fits. On CUDA
+decode steps replay CUDA graphs (decode_graphs).
 
 Every sample draws from its own torch.Generator, seeded from the request's
 `seed` and the sample's index, one uniform number per token (inverse-CDF
