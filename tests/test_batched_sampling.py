@@ -20,7 +20,7 @@ from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
 from gradwire.v1 import training_service_pb2 as tpb
 from gradwire.v1 import training_service_pb2_grpc as tpb_grpc
-from gradwire_server import sampler
+from gradwire_server import checkpoints, sampler
 from gradwire_server.kv_cache import BLOCK_TOKENS, BlockPool
 from gradwire_server.models import tiny_random_model
 from gradwire_server.sampling_task import SampleTask
@@ -406,3 +406,32 @@ def test_a_prefill_pass_costs_at_most_its_budget_padding_included():
     reference = tiny_random_model()
     for prompt, generation in list(zip(prompts, generations))[:3]:
         assert generation.sequences[0].tokens == greedy_reference(reference, prompt, 6)
+
+
+def test_a_request_that_fails_to_join_mid_turn_gets_its_own_error(server, raw, service):
+    """A request for a damaged sampler checkpoint that arrives while another request
+    decodes (so it joins from the loop, between decode steps) fails with the error it
+    gets alone; the running request finishes as usual."""
+    tc = trained_run(service, rank=RANK, seed=44)
+    path = tc.save_weights_for_sampler("damaged-mid-turn").result().path
+    weights_file = checkpoints.checkpoint_directory(server.server.checkpoint_root, path) / "adapter_model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-1] + b"\0")
+    stub, operations = raw
+    alone = finished(operations, stub.Sample(request(dict(model_path=path), 1)).name).error
+    assert alone.code == grpc.StatusCode.DATA_LOSS.value[0]
+    loop = server.server.sampling.loop
+    arrived, decode_logits = [], loop._decode_logits
+
+    def arrive_mid_turn(tokens):
+        if not arrived:  # on the worker, between decode steps: the servicer queues its join
+            arrived.append(stub.Sample(request(dict(model_path=path), 1)).name)
+        return decode_logits(tokens)
+
+    server.call(lambda: setattr(loop, "_decode_logits", arrive_mid_turn))
+    try:
+        running = stub.Sample(request(dict(base_model="tiny-random"), 2, max_tokens=20)).name
+        assert len(outcome(operations, running)) == 2
+        mid_turn = finished(operations, arrived[0]).error
+    finally:
+        server.call(lambda: delattr(loop, "_decode_logits"))
+    assert (mid_turn.code, mid_turn.message) == (alone.code, alone.message)

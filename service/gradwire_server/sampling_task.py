@@ -68,9 +68,10 @@ class SampleTask:
     def step(self) -> Step:
         if not self._joined:
             self.join()
-            if self._join_error is not None:
-                raise self._join_error
-            return Step(False)
+            if self._join_error is None:
+                return Step(False)
+        if self._join_error is not None:  # from this step's join, or an arrival's
+            raise self._join_error
         if self._seen_turn == self.loop.turns:
             self.loop.turn()
         self._seen_turn = self.loop.turns
