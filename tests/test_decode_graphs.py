@@ -65,10 +65,9 @@ def test_bucketed_greedy_steps_equal_each_models_reference(graphs):
     model, adapters = adapted_model()
     generations, loop = decode(model, adapters, graphs, sampler.SamplingSettings(max_tokens=30, seed=0,
                                                                                 temperature=0.0))
-    references = {}
+    references, names = {}, {id(adapters[0]): "a", id(adapters[1]): "b"}
     for generation in generations:
-        name = {None: None, id(adapters[0]): "a", id(adapters[1]): "b"}[id(generation.adapter)
-                                                                         if generation.adapter else None]
+        name = names.get(id(generation.adapter))  # None: the base model
         key = (tuple(generation.spec.prompt.tolist()), name)
         if key not in references:
             context = model.disable_adapter() if name is None else contextlib.nullcontext()
