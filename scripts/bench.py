@@ -31,6 +31,7 @@ the server's device (`--load-format dummy`, default memory settings and dtype):
 (`--size tiny` runs the same sections on tiny-random, to try them on a CPU.)
 
 Usage: .venv/bin/python scripts/bench.py [--steps 8] [--codec-mib 256] [--size 1b|8b [--calls 50]]
+       [--server-args=--compile]
 """
 from __future__ import annotations
 
@@ -345,7 +346,7 @@ def sampled_vs_training(service, tc, vocab: int) -> tuple[float, float]:
     return float(every.max()), float(every.mean())
 
 
-def device_main(size: str, calls: int, steps: int) -> list[tuple[str, str]]:
+def device_main(size: str, calls: int, steps: int, server_args: list[str]) -> list[tuple[str, str]]:
     preset, datums, tokens, rank = SIZES[size]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vocab = dummy_model(preset, torch.device("meta"), torch.float32)[0].config.vocab_size
@@ -359,7 +360,7 @@ def device_main(size: str, calls: int, steps: int) -> list[tuple[str, str]]:
         del model, local
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    server, address = start_server(preset, "--load-format", "dummy")
+    server, address = start_server(preset, "--load-format", "dummy", *server_args)
     try:
         service = gradwire.ServiceClient(base_url=address)
         capabilities = service._call("GetServerCapabilities", gradwire_pb.GetServerCapabilitiesRequest())
@@ -411,22 +412,25 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per sample")
     parser.add_argument("--size", choices=list(SIZES), help="a random Llama of this size on the device")
     parser.add_argument("--calls", type=int, default=50, help="--size: calls of each per custom-loss measurement")
+    parser.add_argument("--server-args", default="", help="extra gradwire-server flags, one string")
     args = parser.parse_args()
+    server_args = args.server_args.split()
+    flags = f"; server flags: {args.server_args}" if server_args else ""
     if args.size:
-        rows = device_main(args.size, args.calls, args.steps)
+        rows = device_main(args.size, args.calls, args.steps, server_args)
         device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         preset, datums, tokens, rank = SIZES[args.size]
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
               f"torch {torch.__version__}, {device}; model: random {preset} (--load-format dummy), "
-              f"batch {datums}x{tokens}, LoRA rank {rank}")
+              f"batch {datums}x{tokens}, LoRA rank {rank}{flags}")
         print_rows(rows)
         return
 
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as folder:
         parameters = write_model(folder)
-        fast_server, fast_address = start_server(folder)
-        off_server, off_address = start_server(folder, "--keep-graph-budget-mb", "0")
+        fast_server, fast_address = start_server(folder, *server_args)
+        off_server, off_address = start_server(folder, "--keep-graph-budget-mb", "0", *server_args)
         try:
             service = gradwire.ServiceClient(base_url=fast_address)
             off_service = gradwire.ServiceClient(base_url=off_address)
@@ -475,7 +479,7 @@ def main() -> None:
     device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU float32"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"torch {torch.__version__}, {device}; model: random Llama, {parameters / 1e6:.1f}M parameters, "
-          f"batch {BATCH}x{TOKENS}, LoRA rank {RANK}")
+          f"batch {BATCH}x{TOKENS}, LoRA rank {RANK}{flags}")
     print_rows(rows)
 
 

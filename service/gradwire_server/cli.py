@@ -1,6 +1,6 @@
 """`gradwire-server --model NAME_OR_PATH [--host H] [--port P] [--checkpoint-dir DIR]
 [--dtype auto|float32|bfloat16] [--load-format auto|dummy] [--micro-batch-tokens N]
-[--keep-graph-budget-mb MB] [--kv-cache-mb MB] [--activation-checkpointing] [--no-cuda-graphs]`."""
+[--keep-graph-budget-mb MB] [--kv-cache-mb MB] [--activation-checkpointing] [--compile] [--no-cuda-graphs]`."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,9 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
                         help="training keeps only each decoder layer's input and recomputes the layer in "
                              "the backward pass: about a third more compute for a fraction of the "
                              "activation memory (larger micro-batches, longer sequences)")
+    parser.add_argument("--compile", action="store_true",
+                        help="training runs the decoder layers compiled by torch.compile, one set of graphs for "
+                             "every run (compiled on first use: seconds to a minute); sampling stays eager")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="on CUDA, the sampler replays its decode steps as CUDA graphs, padded to "
                              "power-of-two buckets and captured on first use (no effect on the CPU)")
@@ -57,7 +60,8 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
                         keep_graph_budget_mb=args.keep_graph_budget_mb,
                         micro_batch_tokens=args.micro_batch_tokens, dtype=args.dtype,
                         load_format=args.load_format, kv_cache_mb=args.kv_cache_mb,
-                        activation_checkpointing=args.activation_checkpointing, cuda_graphs=args.cuda_graphs)
+                        activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+                        cuda_graphs=args.cuda_graphs)
 
 
 def main(argv: list[str] | None = None) -> None:

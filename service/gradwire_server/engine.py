@@ -11,7 +11,7 @@ import copy
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 
 from gradwire_server import memory
 from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings
+from gradwire_server.compiled_layers import CompiledLayers
 from gradwire_server.logprobs import model_target_logprobs
 from gradwire_server.losses import LOSSES
 from gradwire_server.memory import MemoryPlan, OutOfMemory
@@ -214,15 +215,15 @@ class LossPass:
         self.num_datums += count
 
     def _stage(self, loss: torch.Tensor) -> None:
-        # Another run's request may have run since the forward (a kept graph, a
-        # stream's earlier piece): peft leaves only the active adapter trainable.
-        self.engine._activate(self.run.run_id)
         params = self.run.params
         accumulated = [p.grad for p in params]
         for p, staged in zip(params, self.staged):
             p.grad = staged
         try:
-            loss.backward()
+            # Another run's request may have run since the forward (a kept graph, a stream's
+            # earlier piece), and the backward may recompute parts of it.
+            with self.engine.computing(self.run.run_id):
+                loss.backward()
             self.staged = [p.grad for p in params]
         finally:
             for p, grad in zip(params, accumulated):
@@ -305,11 +306,17 @@ class Engine:
     """Training runs on one device. Not thread-safe: call from one thread."""
 
     def __init__(self, base: LoadedModel, device: torch.device,
-                 keep_graph_timeout_s: float = KEEP_GRAPH_TIMEOUT_S, activation_checkpointing: bool = False):
+                 keep_graph_timeout_s: float = KEEP_GRAPH_TIMEOUT_S, activation_checkpointing: bool = False,
+                 compile_layers: bool = False):
         self.base = base
         self.device = device
+        if activation_checkpointing and compile_layers:
+            raise ValueError("--compile and --activation-checkpointing cannot be combined yet")
         if activation_checkpointing:
             _checkpoint_decoder_layers(base.model)
+        # Before peft wraps any module (see compiled_layers.py).
+        self.compiled = (CompiledLayers(base.model, ATTENTION_MODULES + MLP_MODULES + UNEMBED_MODULES)
+                         if compile_layers else None)
         self.peft_model: peft.PeftModel | None = None
         self.runs: dict[str, Run] = {}
         # Set by plan_memory(); the CPU defaults until then.
@@ -492,11 +499,10 @@ class Engine:
                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Target-token logprobs [B, L, K] of one micro-batch (0 on padding), and
         its loss inputs padded to the same shape."""
-        self._activate(run.run_id)
         tokens, inputs = self.pad(data)
         if self.before_forward is not None:
             self.before_forward(*tokens.shape)
-        with self.autocast():  # peft has put the LoRA layers into the base model's modules
+        with self.computing(run.run_id), self.autocast():
             logprobs = model_target_logprobs(self.base.model, tokens, inputs["target_tokens"])  # [B, L, K]
         return logprobs * inputs["mask"], inputs
 
@@ -535,7 +541,15 @@ class Engine:
     def _activate(self, run_id: str) -> None:
         self.run(run_id)
         if self.peft_model.active_adapter != run_id:
-            self.peft_model.set_adapter(run_id)
+            self.peft_model.set_adapter(run_id)  # peft leaves only the active adapter trainable
+
+    @contextlib.contextmanager
+    def computing(self, run_id: str) -> Iterator[None]:
+        """The model computes with the run's adapter while the block runs: peft's
+        layers with it active, or the compiled layers with it hooked in."""
+        self._activate(run_id)
+        with self.compiled.training(self.peft_model, run_id) if self.compiled else contextlib.nullcontext():
+            yield
 
     @property
     def dtype(self) -> torch.dtype:
@@ -585,7 +599,8 @@ class Engine:
             saved = _SavedTensorBytes(self.parameter_storages())
             with torch.enable_grad(), saved.hooks():
                 logprobs, inputs = self.micro_batch_logprobs(self.run(run_id), data)
-            self.loss(logprobs, inputs, "cross_entropy", {})[0].backward()
+            with self.computing(run_id):
+                self.loss(logprobs, inputs, "cross_entropy", {})[0].backward()
             peak = torch.cuda.max_memory_allocated(self.device) - allocated if cuda else 0
             return max(peak, saved.nbytes) // tokens
         finally:

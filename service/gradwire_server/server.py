@@ -79,6 +79,8 @@ class ServerConfig:
     kv_cache_mb: float | None = None
     # Training recomputes each decoder layer in the backward pass instead of keeping its activations.
     activation_checkpointing: bool = False
+    # Training runs the decoder layers compiled by torch.compile (compiled_layers.py).
+    compile: bool = False
     # On CUDA the sampler's decode steps replay CUDA graphs (decode_graphs.py).
     cuda_graphs: bool = True
     # How often checkpoints whose TTL ran out are deleted.
@@ -134,7 +136,8 @@ class GradwireServer:
             loaded = await asyncio.to_thread(load_model, config.model, device,
                                              resolve_dtype(config.dtype, device), config.load_format)
             self.engine = Engine(loaded, device, keep_graph_timeout_s=config.keep_graph_timeout_s,
-                                 activation_checkpointing=config.activation_checkpointing)
+                                 activation_checkpointing=config.activation_checkpointing,
+                                 compile_layers=config.compile)
             # The KV cache is allocated first, so the training plan sizes itself from what is left.
             pool = BlockPool(loaded.model.config, _kv_cache_bytes(config.kv_cache_mb, device), loaded.dtype, device)
             plan = await asyncio.to_thread(self.engine.plan_memory, config.micro_batch_tokens, budget)

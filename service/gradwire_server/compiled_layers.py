@@ -1,0 +1,114 @@
+"""Training through compiled decoder layers (`--compile`).
+
+torch.compile specialises a graph on what it reads. peft's LoRA layers read the
+active adapter's name and every adapter's requires_grad flag, so a compiled
+layer holding them would compile again for each run, and past dynamo's
+recompile limit run eagerly without a word. Here the compiled layers see one
+model for every run: peft's adapter layers are switched off, and a forward hook
+on each adaptable Linear adds the delta of the run being trained,
+
+    y = x @ W.T + ((x @ A.T) @ B.T) * scale
+
+with A [r, in], B [out, r] and scale the run's own parameters, set for the span
+of its forward and backward (None otherwise). The factors' rank and the batch
+and length are dynamic sizes of the graphs, so all runs share a few graphs, one
+per variant (batch 1 or more; grad or not; the first layer's input, which needs
+no grad; which modules carry an adapter), and every decoder layer shares them
+(one code object).
+
+Only training runs compiled: the sampler adds LoRA through hooks of its own
+(lora_batch.py), which a compiled layer would not see.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import peft
+import torch
+from peft.tuners.lora import LoraLayer
+from torch.fx.experimental import _config as shape_config
+
+# Dynamo's settings while the compiled layers run (they are per thread).
+DYNAMO_CONFIG = {
+    # LoRA factors (parameters, held by modules) of any rank: their rank dims are marked dynamic.
+    "force_parameter_static_shapes": False,
+    "force_nn_module_property_static_shapes": False,
+    # Graphs a layer may compile before dynamo gives up and runs it eagerly: the
+    # variants above multiply to a few dozen at most.
+    "recompile_limit": 64,
+}
+# A rank equal to the batch size must not tie the two sizes in a graph.
+SHAPE_CONFIG = {"use_duck_shape": False}
+
+# (A [r, in], B [out, r], scale []) of one adapted Linear.
+RunLora = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _add_run_lora(linear: torch.nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+                  ) -> torch.Tensor | None:
+    if linear.run_lora is None:
+        return None
+    a, b, scale = linear.run_lora
+    return output + ((inputs[0].to(a.dtype) @ a.T) @ b.T) * scale
+
+
+class CompiledLayers:
+    """The model's decoder layers, run compiled inside `training()` and eagerly elsewhere."""
+
+    def __init__(self, model: torch.nn.Module, adaptable: tuple[str, ...]):
+        layers = getattr(model.get_decoder(), "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList):
+            raise ValueError(f"--compile needs the decoder layers at .layers of {type(model.get_decoder()).__name__}")
+        # Hooked before peft wraps them: a wrapped Linear stays its LoraLayer's base_layer.
+        self.linears = [module for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in adaptable]
+        for linear in self.linears:
+            linear.run_lora = None  # a module's tensor, not an int or a closure: one graph serves every layer
+            linear.register_forward_hook(_add_run_lora)
+        self.scales: dict[tuple[float, torch.device], torch.Tensor] = {}  # a tensor: a float would be a constant
+        self.active = False
+        for layer in layers:
+            layer.forward = self._compiled_when_active(layer.forward)
+
+    def _compiled_when_active(self, eager: Callable) -> Callable:
+        compiled = torch.compile(eager)
+
+        def forward(hidden_states: torch.Tensor, *args, **kwargs):
+            if not self.active:
+                return eager(hidden_states, *args, **kwargs)
+            torch._dynamo.maybe_mark_dynamic(hidden_states, 0)  # batch
+            torch._dynamo.maybe_mark_dynamic(hidden_states, 1)  # length
+            for position_part in kwargs.get("position_embeddings") or ():
+                torch._dynamo.maybe_mark_dynamic(position_part, 1)
+            return compiled(hidden_states, *args, **kwargs)
+        return forward
+
+    def _scale(self, scale: float, device: torch.device) -> torch.Tensor:
+        if (scale, device) not in self.scales:
+            self.scales[scale, device] = torch.tensor(scale, device=device)
+        return self.scales[scale, device]
+
+    @contextlib.contextmanager
+    def training(self, peft_model: peft.PeftModel, adapter: str) -> Iterator[None]:
+        """While the block runs, the model computes `adapter`'s run through the
+        compiled layers: its forward, and its backward (which may recompute the
+        unembedding). Afterwards peft's adapter layers are back as they were."""
+        peft_model.base_model.disable_adapter_layers()  # and every adapter's requires_grad off
+        try:
+            for module in peft_model.modules():
+                if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                    a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+                    a.requires_grad_(True)
+                    b.requires_grad_(True)
+                    torch._dynamo.maybe_mark_dynamic(a, 0)  # the rank
+                    torch._dynamo.maybe_mark_dynamic(b, 1)
+                    module.get_base_layer().run_lora = (a, b, self._scale(module.scaling[adapter], a.device))
+            self.active = True
+            with torch._dynamo.config.patch(DYNAMO_CONFIG), shape_config.patch(SHAPE_CONFIG):
+                yield
+        finally:
+            self.active = False
+            for linear in self.linears:
+                linear.run_lora = None
+            peft_model.base_model.enable_adapter_layers()  # requires_grad as the active adapter has it

@@ -1,0 +1,132 @@
+"""--compile: training runs the decoder layers through torch.compile. Logprobs and
+gradients (built-in and custom losses) equal in-process peft on the same weights;
+every run shares the compiled graphs (no compile per run or per shape); sampling,
+which stays eager, is unchanged."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gradwire
+from conftest import server_config
+from gradwire_server import logprobs
+from gradwire_server.batch import DatumArrays, LoraSettings
+from gradwire_server.engine import Engine
+from gradwire_server.models import load_model
+from gradwire_server.server import BackgroundServer
+from reference import (greedy_reference, random_data, reference_gradients, reference_logprobs, reference_model,
+                       relative_error, server_gradients, trained_run)
+from test_custom_loss import logprob_squared_loss
+
+PROMPT = [72, 101, 108, 108, 111, 44, 32]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    background = BackgroundServer(server_config(compile=True, checkpoint_dir=tmp_path_factory.mktemp("compiled")))
+    yield background
+    background.stop()
+
+
+@pytest.fixture(scope="module")
+def service(server):
+    client = gradwire.ServiceClient(base_url=server.address, progress=False)
+    yield client
+    client.close()
+
+
+def compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["cross_entropy", "custom"])
+def test_logprobs_and_gradients_equal_the_reference(server, service, custom):
+    tc = trained_run(service)
+    data = random_data(3)
+    model = reference_model(server, tc.model_id, rank=4)
+    logprobs = [reference_logprobs(model, d) for d in data]
+    if custom:
+        result = tc.forward_backward_custom(data, logprob_squared_loss).result()
+        loss = logprob_squared_loss(data, logprobs)[0]
+    else:
+        result = tc.forward_backward(data, "cross_entropy").result()
+        loss = sum(-(lp * d.loss_fn_inputs["weights"].to_torch()).sum() for lp, d in zip(logprobs, data))
+    for output, expected in zip(result.loss_fn_outputs, logprobs):
+        np.testing.assert_allclose(output["logprobs"].to_numpy(), expected.detach().numpy(), atol=1e-5)
+    loss.backward()
+    assert relative_error(server_gradients(server, tc.model_id),
+                          reference_gradients(model, tc.model_id)) <= 1e-5
+
+
+def test_runs_of_other_ranks_and_shapes_reuse_the_graphs(server, service):
+    """After one run of each kind of batch has trained, runs of other ranks and batches of
+    other lengths and sizes compile nothing more, and still train exactly; sampling with
+    an adapter in between (its own hooks, peft's layers switched) changes nothing either."""
+    warm = trained_run(service, rank=4, seed=1)
+    warm.forward_backward(random_data(5, lengths=(7,)), "cross_entropy").result()  # batch 1
+    warm.forward(random_data(6), "cross_entropy").result()  # no grad
+    graphs = compiled_graphs()
+    assert graphs > 0, "training compiled nothing"
+    warm.save_weights_and_get_sampling_client().sample(
+        gradwire.ModelInput.from_ints(PROMPT), 2, gradwire.SamplingParams(max_tokens=4)).result()
+    for rank, lengths in [(2, (30, 3, 17)), (16, (11, 40)), (8, (60,))]:
+        tc = trained_run(service, rank=rank, seed=rank)
+        data = random_data(rank, lengths=lengths)
+        model = reference_model(server, tc.model_id, rank=rank)
+        tc.forward_backward(data, "cross_entropy").result()
+        sum(-(reference_logprobs(model, d) * d.loss_fn_inputs["weights"].to_torch()).sum() for d in data).backward()
+        assert relative_error(server_gradients(server, tc.model_id),
+                              reference_gradients(model, tc.model_id)) <= 1e-5
+    assert compiled_graphs() == graphs
+
+
+def test_sampling_a_trained_run_is_unchanged(server, service):
+    """The sampler adds LoRA through hooks of its own and never runs the compiled layers."""
+    tc = trained_run(service, rank=4, seed=2)
+    expected = greedy_reference(reference_model(server, tc.model_id, 4), PROMPT, 16)
+    sampler = tc.save_weights_and_get_sampling_client()
+    response = sampler.sample(gradwire.ModelInput.from_ints(PROMPT), 1,
+                              gradwire.SamplingParams(max_tokens=16, temperature=0.0)).result()
+    assert response.sequences[0].tokens == expected
+
+
+def batches(seed: int) -> list[list[DatumArrays]]:
+    rng = np.random.default_rng(seed)
+
+    def batch(lengths):
+        return [DatumArrays(rng.integers(0, 320, n), {"target_tokens": rng.integers(0, 320, n),
+                                                      "weights": rng.uniform(size=n).astype(np.float32)})
+                for n in lengths]
+    return [batch(lengths) for lengths in [(20, 19, 3), (33, 40), (50,), (9, 8, 7, 6)]]
+
+
+def test_runs_adapting_different_modules_train_as_peft_does(monkeypatch):
+    """Runs that adapt only attention, only the MLP, or also the unembedding, interleaved:
+    each step's loss and gradients equal the same engine's without --compile (peft's layers).
+    The unembedding runs in chunks of a few positions, recomputed in the backward pass."""
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_ELEMENTS", 8 * 320)
+    device = torch.device("cpu")
+    settings = [LoraSettings(rank=4, seed=1, train_mlp=False), LoraSettings(rank=8, seed=2, train_attn=False),
+                LoraSettings(rank=16, seed=3, train_unembed=True)]
+    results = {}
+    for compiled in (False, True):
+        engine = Engine(load_model("tiny-random", device), device, compile_layers=compiled)
+        runs = [engine.create_run(lora) for lora in settings]
+        for seed, run in enumerate(runs):  # non-zero B factors (the same in both engines)
+            generator = torch.Generator().manual_seed(seed)
+            for p in engine.run(run).params:
+                if not p.any():
+                    p.data.normal_(std=0.05, generator=generator)
+        results[compiled] = []
+        for step, data in enumerate(batches(0)):
+            run = runs[step % len(runs)]
+            loss_pass = engine.start_pass(run, "cross_entropy", {}, backward=True)
+            loss_pass.feed(data)
+            loss = loss_pass.commit()["loss:sum"]
+            grads = torch.cat([p.grad.reshape(-1) for p in engine.run(run).params])
+            engine.run(run).optimizer.zero_grad(set_to_none=True)
+            results[compiled].append((loss, grads))
+    for (eager_loss, eager_grads), (loss, grads) in zip(results[False], results[True]):
+        assert loss == pytest.approx(eager_loss, rel=1e-5)
+        assert float((grads - eager_grads).norm() / eager_grads.norm()) <= 1e-5
