@@ -210,6 +210,12 @@ MUTATIONS = [
              '    "force_parameter_static_shapes": False,', '    "force_parameter_static_shapes": True,',
              ("tests/test_compiled_layers.py",),
              "each run of a new rank compiles again (a minute on a GPU), then runs eagerly past the limit"),
+    Mutation("compiled-layers-other-runs-layers-left-on", S + "compiled_layers.py",
+             "            for layer in self.lora_layers:\n                layer._disable_adapters = True",
+             "            for layer in [x for x in self.lora_layers if adapter in x.lora_A]:\n"
+             "                layer._disable_adapters = True",
+             ("tests/test_compiled_layers.py",),
+             "runs adapting other modules than their neighbours compile again each (peft reads the run's name)"),
     Mutation("compiled-layers-lora-scale-dropped", S + "compiled_layers.py",
              "return output + ((inputs[0].to(a.dtype) @ a.T) @ b.T) * scale",
              "return output + ((inputs[0].to(a.dtype) @ a.T) @ b.T)",

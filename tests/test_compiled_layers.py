@@ -104,29 +104,34 @@ def batches(seed: int) -> list[list[DatumArrays]]:
 def test_runs_adapting_different_modules_train_as_peft_does(monkeypatch):
     """Runs that adapt only attention, only the MLP, or also the unembedding, interleaved:
     each step's loss and gradients equal the same engine's without --compile (peft's layers).
-    The unembedding runs in chunks of a few positions, recomputed in the backward pass."""
+    A second round of such runs, of other ranks, compiles nothing more. The unembedding runs
+    in chunks of a few positions, recomputed in the backward pass."""
     monkeypatch.setattr(logprobs, "LOGITS_CHUNK_ELEMENTS", 8 * 320)
     device = torch.device("cpu")
-    settings = [LoraSettings(rank=4, seed=1, train_mlp=False), LoraSettings(rank=8, seed=2, train_attn=False),
-                LoraSettings(rank=16, seed=3, train_unembed=True)]
-    results = {}
+    kinds = [dict(train_mlp=False), dict(train_attn=False), dict(train_unembed=True)]
+    results, graphs_after_round = {}, []
     for compiled in (False, True):
         engine = Engine(load_model("tiny-random", device), device, compile_layers=compiled)
-        runs = [engine.create_run(lora) for lora in settings]
-        for seed, run in enumerate(runs):  # non-zero B factors (the same in both engines)
-            generator = torch.Generator().manual_seed(seed)
-            for p in engine.run(run).params:
-                if not p.any():
-                    p.data.normal_(std=0.05, generator=generator)
         results[compiled] = []
-        for step, data in enumerate(batches(0)):
-            run = runs[step % len(runs)]
-            loss_pass = engine.start_pass(run, "cross_entropy", {}, backward=True)
-            loss_pass.feed(data)
-            loss = loss_pass.commit()["loss:sum"]
-            grads = torch.cat([p.grad.reshape(-1) for p in engine.run(run).params])
-            engine.run(run).optimizer.zero_grad(set_to_none=True)
-            results[compiled].append((loss, grads))
-    for (eager_loss, eager_grads), (loss, grads) in zip(results[False], results[True]):
+        for round_ in range(2):
+            runs = [engine.create_run(LoraSettings(rank=4 * (round_ + 1) * (k + 1), seed=k, **kind))
+                    for k, kind in enumerate(kinds)]
+            for seed, run in enumerate(runs):  # non-zero B factors (the same in both engines)
+                generator = torch.Generator().manual_seed(seed)
+                for p in engine.run(run).params:
+                    if not p.any():
+                        p.data.normal_(std=0.05, generator=generator)
+            for step, data in enumerate(batches(round_)):
+                run = runs[step % len(runs)]
+                loss_pass = engine.start_pass(run, "cross_entropy", {}, backward=True)
+                loss_pass.feed(data)
+                loss = loss_pass.commit()["loss:sum"]
+                grads = torch.cat([p.grad.reshape(-1) for p in engine.run(run).params])
+                engine.run(run).optimizer.zero_grad(set_to_none=True)
+                results[compiled].append((loss, grads))
+            if compiled:
+                graphs_after_round.append(compiled_graphs())
+    for (eager_loss, eager_grads), (loss, grads) in zip(results[False], results[True], strict=True):
         assert loss == pytest.approx(eager_loss, rel=1e-5)
         assert float((grads - eager_grads).norm() / eager_grads.norm()) <= 1e-5
+    assert graphs_after_round[1] == graphs_after_round[0]

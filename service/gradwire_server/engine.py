@@ -347,6 +347,8 @@ class Engine:
         for p in params:
             p.requires_grad_(True)
         self.runs[run_id] = Run(run_id, lora, params, self._adamw(params))
+        if self.compiled:
+            self.compiled.adapters_changed(self.peft_model)
         return run_id
 
     def save_state(self, run_id: str, with_optimizer: bool) -> RunState:
@@ -404,6 +406,8 @@ class Engine:
         self.run(run_id)
         self.drop_kept_graph(run_id)
         self.peft_model.delete_adapter(run_id)
+        if self.compiled:
+            self.compiled.adapters_changed(self.peft_model)
         del self.runs[run_id]
 
     def _adapter_parameters(self, run_id: str) -> dict[str, torch.nn.Parameter]:
@@ -548,7 +552,7 @@ class Engine:
         """The model computes with the run's adapter while the block runs: peft's
         layers with it active, or the compiled layers with it hooked in."""
         self._activate(run_id)
-        with self.compiled.training(self.peft_model, run_id) if self.compiled else contextlib.nullcontext():
+        with self.compiled.training(run_id) if self.compiled else contextlib.nullcontext():
             yield
 
     @property
