@@ -14,6 +14,7 @@ from gradwire_server import logprobs
 from gradwire_server.batch import DatumArrays, LoraSettings
 from gradwire_server.engine import Engine
 from gradwire_server.models import load_model
+from gradwire_server.sampler_weights import SamplerAdapters
 from gradwire_server.server import BackgroundServer
 from reference import (greedy_reference, random_data, reference_gradients, reference_logprobs, reference_model,
                        relative_error, server_gradients, trained_run)
@@ -101,6 +102,29 @@ def batches(seed: int) -> list[list[DatumArrays]]:
     return [batch(lengths) for lengths in [(20, 19, 3), (33, 40), (50,), (9, 8, 7, 6)]]
 
 
+def nonzero_factors(engine: Engine, run: str, seed: int) -> None:
+    """Random B factors too (the same in every engine), so that the adapter counts."""
+    generator = torch.Generator().manual_seed(seed)
+    for p in engine.run(run).params:
+        if not p.any():
+            p.data.normal_(std=0.05, generator=generator)
+
+
+def loss_and_gradients(engine: Engine, run: str, data: list[DatumArrays]) -> tuple[float, torch.Tensor]:
+    loss_pass = engine.start_pass(run, "cross_entropy", {}, backward=True)
+    loss_pass.feed(data)
+    loss = loss_pass.commit()["loss:sum"]
+    grads = torch.cat([p.grad.reshape(-1) for p in engine.run(run).params])
+    engine.run(run).optimizer.zero_grad(set_to_none=True)
+    return loss, grads
+
+
+def assert_same_training(eager: list, compiled: list) -> None:
+    for (eager_loss, eager_grads), (loss, grads) in zip(eager, compiled, strict=True):
+        assert loss == pytest.approx(eager_loss, rel=1e-5)
+        assert float((grads - eager_grads).norm() / eager_grads.norm()) <= 1e-5
+
+
 def test_runs_adapting_different_modules_train_as_peft_does(monkeypatch):
     """Runs that adapt only attention, only the MLP, or also the unembedding, interleaved:
     each step's loss and gradients equal the same engine's without --compile (peft's layers).
@@ -116,22 +140,37 @@ def test_runs_adapting_different_modules_train_as_peft_does(monkeypatch):
         for round_ in range(2):
             runs = [engine.create_run(LoraSettings(rank=4 * (round_ + 1) * (k + 1), seed=k, **kind))
                     for k, kind in enumerate(kinds)]
-            for seed, run in enumerate(runs):  # non-zero B factors (the same in both engines)
-                generator = torch.Generator().manual_seed(seed)
-                for p in engine.run(run).params:
-                    if not p.any():
-                        p.data.normal_(std=0.05, generator=generator)
+            for seed, run in enumerate(runs):
+                nonzero_factors(engine, run, seed)
             for step, data in enumerate(batches(round_)):
-                run = runs[step % len(runs)]
-                loss_pass = engine.start_pass(run, "cross_entropy", {}, backward=True)
-                loss_pass.feed(data)
-                loss = loss_pass.commit()["loss:sum"]
-                grads = torch.cat([p.grad.reshape(-1) for p in engine.run(run).params])
-                engine.run(run).optimizer.zero_grad(set_to_none=True)
-                results[compiled].append((loss, grads))
+                results[compiled].append(loss_and_gradients(engine, runs[step % len(runs)], data))
             if compiled:
                 graphs_after_round.append(compiled_graphs())
-    for (eager_loss, eager_grads), (loss, grads) in zip(results[False], results[True], strict=True):
-        assert loss == pytest.approx(eager_loss, rel=1e-5)
-        assert float((grads - eager_grads).norm() / eager_grads.norm()) <= 1e-5
+    assert_same_training(results[False], results[True])
     assert graphs_after_round[1] == graphs_after_round[0]
+
+
+def test_an_adapter_the_sampler_loads_on_modules_no_run_adapts_compiles_nothing_per_run():
+    """The sampler loads a checkpoint whose adapter wraps the MLP's Linears, which no
+    training run adapts (they adapt attention only): its new peft layers are switched off
+    in the compiled region like the others, so the runs trained after it share their
+    graphs, and train as the engine without --compile does."""
+    device = torch.device("cpu")
+    donor = Engine(load_model("tiny-random", device), device)
+    donor_adapters = SamplerAdapters(donor)
+    snapshot = donor_adapters.snapshot(donor_adapters.add_snapshot(donor.create_run(LoraSettings(rank=4))))
+    results, graphs = {}, []
+    for compiled in (False, True):
+        engine = Engine(load_model("tiny-random", device), device, compile_layers=compiled)
+        runs = [engine.create_run(LoraSettings(rank=rank, seed=rank, train_mlp=False)) for rank in (4, 8, 16)]
+        for run in runs:
+            nonzero_factors(engine, run, 0)
+        data = batches(0)
+        results[compiled] = [loss_and_gradients(engine, runs[0], data[0])]
+        SamplerAdapters(engine).adapter_for(snapshot)
+        for run, batch in zip(runs[1:], (data[1], data[3])):  # not data[2], of batch 1 (a graph of its own)
+            results[compiled].append(loss_and_gradients(engine, run, batch))
+            if compiled:
+                graphs.append(compiled_graphs())
+    assert_same_training(results[False], results[True])
+    assert graphs[1] == graphs[0], "a run trained after the sampler's adapter compiled again"

@@ -9,12 +9,13 @@ on each adaptable Linear adds the run's delta instead,
 
     y = x @ W.T + ((x @ A.T) @ B.T) * scale
 
-with A [r, in], B [out, r] and scale the run's own parameters, set for the span
-of its forward and backward (None otherwise). The factors' rank and the batch
-and length are dynamic sizes of the graphs, so all runs share a few graphs, one
-per variant (batch 1 or more; grad or not; the first layer's input, which needs
-no grad; which modules carry an adapter), and every decoder layer shares them
-(one code object).
+with A [r, in] and B [out, r] the run's own parameters and scale its LoRA scale
+(a 0-d tensor), set for the span of its forward and backward (None otherwise).
+The factors' rank and the batch and length are dynamic sizes of the graphs, so
+all runs share a few graphs, one per variant (a batch, length or rank of 1,
+which dynamo specialises, or more; grad or not; the first layer's input, which
+needs no grad; which modules carry an adapter), and every decoder layer shares
+them (one code object).
 
 Only training runs compiled: the sampler adds LoRA through hooks of its own
 (lora_batch.py), which a compiled layer would not see.
@@ -67,6 +68,7 @@ class CompiledLayers:
             linear.run_lora = None  # a module's tensor, not an int or a closure: one graph serves every layer
             linear.register_forward_hook(_add_run_lora)
         self.lora_layers: list[LoraLayer] = []  # peft's, once it wraps the Linears
+        self.adapter_names: set[str] = set()  # the adapters lora_layers were found with
         # adapter -> (a hooked Linear, the adapter's factors there), found once per run.
         self.adapted: dict[str, list[tuple[torch.nn.Linear, RunLora]]] = {}
         self.active = False
@@ -88,6 +90,7 @@ class CompiledLayers:
 
     def adapters_changed(self, peft_model: peft.PeftModel) -> None:
         """Finds the model's LoRA layers again, after an adapter was added or deleted."""
+        self.adapter_names = set(peft_model.peft_config)
         self.lora_layers = [module for module in peft_model.modules() if isinstance(module, LoraLayer)]
         present = {name for layer in self.lora_layers for name in layer.lora_A}
         self.adapted = {name: found for name, found in self.adapted.items() if name in present}
@@ -106,10 +109,14 @@ class CompiledLayers:
         return self.adapted[adapter]
 
     @contextlib.contextmanager
-    def training(self, adapter: str) -> Iterator[None]:
+    def training(self, peft_model: peft.PeftModel, adapter: str) -> Iterator[None]:
         """While the block runs, the model computes `adapter`'s run (the active, trainable
         one) through the compiled layers: its forward, and its backward (which may
         recompute the unembedding). Afterwards the peft layers are on again."""
+        assert not self.active, "training() does not nest: one run computes at a time"
+        if self.adapter_names != set(peft_model.peft_config):
+            # An adapter the sampler loaded may have wrapped Linears no run adapts.
+            self.adapters_changed(peft_model)
         adapted = self._adapted_layers(adapter)
         try:
             # Every LoRA layer off, not only the run's: one that holds only other runs' adapters

@@ -542,17 +542,14 @@ class Engine:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
 
-    def _activate(self, run_id: str) -> None:
-        self.run(run_id)
-        if self.peft_model.active_adapter != run_id:
-            self.peft_model.set_adapter(run_id)  # peft leaves only the active adapter trainable
-
     @contextlib.contextmanager
     def computing(self, run_id: str) -> Iterator[None]:
         """The model computes with the run's adapter while the block runs: peft's
         layers with it active, or the compiled layers with it hooked in."""
-        self._activate(run_id)
-        with self.compiled.training(run_id) if self.compiled else contextlib.nullcontext():
+        self.run(run_id)
+        if self.peft_model.active_adapter != run_id:
+            self.peft_model.set_adapter(run_id)  # peft leaves only the active adapter trainable
+        with self.compiled.training(self.peft_model, run_id) if self.compiled else contextlib.nullcontext():
             yield
 
     @property
