@@ -30,13 +30,15 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch.fx.experimental import _config as shape_config
 
-# Dynamo's settings while the compiled layers run (they are per thread).
+# Dynamo's settings while the compiled layers compile, in training()'s thread (they are per
+# thread). A checkpointed layer recomputed in the backward pass (on CUDA in autograd's thread)
+# runs the graph its forward compiled, with the same inputs: it compiles nothing there.
 DYNAMO_CONFIG = {
     # LoRA factors (parameters, held by modules) of any rank: their rank dims are marked dynamic.
     "force_parameter_static_shapes": False,
     "force_nn_module_property_static_shapes": False,
     # Graphs a layer may compile before dynamo gives up and runs it eagerly: the
-    # variants above multiply to a few dozen at most.
+    # variants (module docstring) multiply to a few dozen at most.
     "recompile_limit": 64,
 }
 # A rank equal to the batch size must not tie the two sizes in a graph.

@@ -310,8 +310,6 @@ class Engine:
                  compile_layers: bool = False):
         self.base = base
         self.device = device
-        if activation_checkpointing and compile_layers:
-            raise ValueError("--compile and --activation-checkpointing cannot be combined yet")
         if activation_checkpointing:
             _checkpoint_decoder_layers(base.model)
         # Before peft wraps any module (see compiled_layers.py).
