@@ -208,3 +208,29 @@ def test_with_activation_checkpointing_a_backward_in_another_thread_recomputes_t
     checkpointed = Engine(load_model("tiny-random", device), device, compile_layers=True,
                           activation_checkpointing=True).activation_bytes_per_token(64)
     assert checkpointed < plain / 2
+
+
+def test_a_kept_forward_used_after_another_runs_pass_trains_as_peft_does(monkeypatch):
+    """A custom loss's forward keeps its graph; another run trains; then the kept graph's
+    backward runs, recomputing the chunked unembedding of a run that adapts it: the
+    gradients equal the engine's without --compile."""
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_ELEMENTS", 8 * 320)
+    device = torch.device("cpu")
+    data = batches(2)
+    results = {}
+    for compiled in (False, True):
+        engine = Engine(load_model("tiny-random", device), device, compile_layers=compiled)
+        kept_run, other_run = (engine.create_run(LoraSettings(rank=4, seed=0, train_unembed=True)),
+                               engine.create_run(LoraSettings(rank=8, seed=1)))
+        nonzero_factors(engine, kept_run, 0)
+        nonzero_factors(engine, other_run, 1)
+        forward = engine.start_pass(kept_run, "cross_entropy", {}, backward=False, keep_graph=True)
+        forward.feed(data[0])
+        forward.commit(forward_op="forward-1")
+        results[compiled] = [loss_and_gradients(engine, other_run, data[1])]
+        backward = engine.start_pass(kept_run, "cross_entropy", {}, backward=True, reuse_forward="forward-1")
+        backward.feed(data[0])
+        loss = backward.commit()["loss:sum"]
+        assert backward.reused_datums == len(data[0]), "the kept graph was not used"
+        results[compiled].append((loss, torch.cat([p.grad.reshape(-1) for p in engine.run(kept_run).params])))
+    assert_same_training(results[False], results[True])
