@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Where bf16 sampled and training logprobs part: does a kernel's rounding depend on
+the sequence length or on the number of rows? In-process, on this machine's device,
+on a random model loaded as the server loads it (`--dtype bfloat16 --load-format dummy`).
+
+1. the training function (decoder + chunked logprobs, under the engine's autocast):
+   the logprobs of a sequence's first positions alone vs with more tokens after them
+   (what padding to a longer datum does), with SDPA and with eager attention;
+2. a matmul's rows computed among few rows (a decode step of few sequences) vs among
+   many (a training micro-batch);
+3. one query's attention over its past, with an explicit mask (how the sampler's
+   decode step calls it) vs its row of a causal pass over the same keys.
+
+0 everywhere means training and sampling can agree exactly; on the CPU (torch 2.13)
+SDPA changes with the length and a one-row matmul takes another kernel.
+
+Usage: python scripts/bench_bf16_invariance.py [--preset llama-1b] [--length 159]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from gradwire_server.logprobs import model_target_logprobs  # noqa: E402
+from gradwire_server.models import load_model  # noqa: E402
+
+
+def max_and_mean(a: torch.Tensor, b: torch.Tensor) -> str:
+    diff = (a.float() - b.float()).abs()
+    return f"{diff.max().item():.4f} / {diff.mean().item():.5f}"
+
+
+def set_attention(model: torch.nn.Module, attention: str) -> None:
+    model.config._attn_implementation = attention
+    for module in model.modules():
+        if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
+            module.config._attn_implementation = attention
+
+
+def training_logprobs_vs_length(model, tokens: torch.Tensor, length: int) -> list[tuple[str, str]]:
+    rows = []
+    for attention in ("sdpa", "eager"):
+        set_attention(model, attention)
+        with torch.no_grad(), torch.autocast(tokens.device.type, dtype=torch.bfloat16):
+            alone = model_target_logprobs(model, tokens[:, :length], tokens[:, 1:length + 1, None])[0, :, 0]
+            for more in (1, 7, 64):
+                longer = model_target_logprobs(model, tokens[:, :length + more],
+                                               tokens[:, 1:length + more + 1, None])[0, :length, 0]
+                rows.append((f"1. training, {attention}: {length} positions alone vs with {more} more after them",
+                             max_and_mean(alone, longer)))
+    set_attention(model, "sdpa")
+    return rows
+
+
+def matmul_rows(weight: torch.Tensor, generator: torch.Generator) -> list[tuple[str, str]]:
+    """64 rows of float32 activations times the weight under autocast (as in a layer),
+    computed `rows` at a time vs within one product of 256 rows."""
+    inputs = torch.randn(256, weight.shape[1], generator=generator).to(weight.device)
+    with torch.autocast(weight.device.type, dtype=torch.bfloat16):
+        among_many = F.linear(inputs, weight)[:64]
+        return [(f"2. matmul, 64 rows {rows} at a time vs among 256 rows ([{weight.shape[1]}] x "
+                 f"[{weight.shape[1]}, {weight.shape[0]}])",
+                 max_and_mean(torch.cat([F.linear(part, weight) for part in inputs[:64].split(rows)]), among_many))
+                for rows in (1, 2, 4, 16)]
+
+
+def one_query_attention(heads: int, head_dim: int, keys: int, device: torch.device,
+                        generator: torch.Generator) -> list[tuple[str, str]]:
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device, torch.bfloat16)
+    query, key, value = normal(1, heads, keys, head_dim), normal(1, heads, keys, head_dim), normal(1, heads, keys, head_dim)
+    causal = F.scaled_dot_product_attention(query, key, value, is_causal=True)[:, :, -1:]
+    mask = torch.ones(1, 1, 1, keys, dtype=torch.bool, device=device)
+    masked = F.scaled_dot_product_attention(query[:, :, -1:], key, value, attn_mask=mask)
+    return [(f"3. SDPA, the last of {keys} queries: alone with a mask vs in a causal pass", max_and_mean(masked, causal))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="llama-1b")
+    parser.add_argument("--length", type=int, default=159)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.preset, device, torch.bfloat16, "dummy").model.eval()
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (1, args.length + 65), generator=generator).to(device)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rows = [("device, model", f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
+                              f"{args.preset} (bf16 matmul weights), torch {torch.__version__}"),
+            ("max / mean abs diff", "(logprobs in 1; bf16 outputs in 2 and 3)")]
+    rows += training_logprobs_vs_length(model, tokens, args.length)
+    rows += matmul_rows(model.get_decoder().layers[0].mlp.gate_proj.weight, generator)
+    rows += one_query_attention(config.num_attention_heads, head_dim, args.length, device, generator)
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
