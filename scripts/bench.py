@@ -45,7 +45,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -360,12 +360,12 @@ def sampled_vs_training(service, tc) -> list[tuple[str, float, float]]:
             difference("  where from: training, 4 sequences in one batch vs each alone", batched)]
 
 
-def device_main(size: str, calls: int, steps: int, server_args: list[str]) -> list[tuple[str, str]]:
+def device_main(size: str, calls: int, steps: int, server_args: list[str]) -> Iterator[tuple[str, str]]:
+    """Sections 6-8, each row as soon as it is measured (a run cut short keeps what it had)."""
     preset, datums, tokens, rank = SIZES[size]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vocab = dummy_model(preset, torch.device("meta"), torch.float32)[0].config.vocab_size
     make_batch = lambda seed: batch(seed, datums, tokens, vocab)  # noqa: E731
-    rows: list[tuple[str, str]] = []
     if size != "8b":  # first, so the server then plans its memory with the card to itself
         model, _ = dummy_model(preset, device, torch.float32)
         local = in_process_step("", model, rank)
@@ -379,10 +379,10 @@ def device_main(size: str, calls: int, steps: int, server_args: list[str]) -> li
         service = gradwire.ServiceClient(base_url=address)
         capabilities = service._call("GetServerCapabilities", gradwire_pb.GetServerCapabilitiesRequest())
         limits = capabilities.limits
-        rows += [("server: device, base dtype", f"{capabilities.device}, {capabilities.dtype}"),
-                 ("micro-batch tokens / keep-graph budget MiB / activation bytes per token (chosen)",
-                  f"{limits.micro_batch_tokens} / {limits.keep_graph_budget_bytes / 2**20:,.0f} / "
-                  f"{limits.activation_bytes_per_token:,}")]
+        yield "server: device, base dtype", f"{capabilities.device}, {capabilities.dtype}"
+        yield ("micro-batch tokens / keep-graph budget MiB / activation bytes per token (chosen)",
+               f"{limits.micro_batch_tokens} / {limits.keep_graph_budget_bytes / 2**20:,.0f} / "
+               f"{limits.activation_bytes_per_token:,}")
         tc = service.create_lora_training_client(preset, rank=rank, seed=0)
         data = make_batch(1)
         memory = [memory_in_use(server)]
@@ -395,25 +395,23 @@ def device_main(size: str, calls: int, steps: int, server_args: list[str]) -> li
                 memory.append(memory_in_use(server))
         fb, custom = statistics.median(fb_s[1:] or fb_s), statistics.median(custom_s[1:] or custom_s)
         unit = "GiB on the card" if device.type == "cuda" else "GiB server RSS"
-        rows += [(f"{datums} x {tokens} tokens: forward_backward / custom, s per call (median of {calls})",
-                  f"{fb:.3f} / {custom:.3f}"),
-                 ("custom / forward_backward, default settings (goal <= 1.05)", f"{custom / fb:.3f}"),
-                 (f"memory in use, {unit}: start, after 1, {calls // 2 + 1}, {calls} calls of each",
-                  " -> ".join(memory))]
+        yield (f"{datums} x {tokens} tokens: forward_backward / custom, s per call (median of {calls})",
+               f"{fb:.3f} / {custom:.3f}")
+        yield "custom / forward_backward, default settings (goal <= 1.05)", f"{custom / fb:.3f}"
+        yield f"memory in use, {unit}: start, after 1, {calls // 2 + 1}, {calls} calls of each", " -> ".join(memory)
         remote = sdk_step(tc)
         loop_tokens_per_s(remote, 1, make_batch)  # warm up
         served = loop_tokens_per_s(remote, steps, make_batch)
-        rows.append(("gradwire loop (fb + optim_step, pipelined), tokens/s", f"{served:,.0f}"))
+        yield "gradwire loop (fb + optim_step, pipelined), tokens/s", f"{served:,.0f}"
         if size != "8b":
-            rows += [("in-process naive loop (float32 base, bf16 autocast on CUDA, AdamW), tokens/s",
-                      f"{in_process:,.0f}"),
-                     ("gradwire / in-process (goal >= 1.5 on CUDA)", f"{served / in_process:.3f}")]
-            rows += [(what, f"{worst:.4f} / {mean:.5f}") for what, worst, mean in sampled_vs_training(service, tc)]
+            yield "in-process naive loop (float32 base, bf16 autocast on CUDA, AdamW), tokens/s", f"{in_process:,.0f}"
+            yield "gradwire / in-process (goal >= 1.5 on CUDA)", f"{served / in_process:.3f}"
+            for what, worst, mean in sampled_vs_training(service, tc):
+                yield what, f"{worst:.4f} / {mean:.5f}"
         service.close()
     finally:
         server.terminate()
         server.wait(timeout=60)
-    return rows
 
 
 def main() -> None:
@@ -429,13 +427,13 @@ def main() -> None:
     server_args = args.server_args.split()
     flags = f"; server flags: {args.server_args}" if server_args else ""
     if args.size:
-        rows = device_main(args.size, args.calls, args.steps, server_args)
         device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         preset, datums, tokens, rank = SIZES[args.size]
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
               f"torch {torch.__version__}, {device}; model: random {preset} (--load-format dummy), "
-              f"batch {datums}x{tokens}, LoRA rank {rank}{flags}")
-        print_rows(rows)
+              f"batch {datums}x{tokens}, LoRA rank {rank}{flags}", flush=True)
+        for row in device_main(args.size, args.calls, args.steps, server_args):
+            print_rows([row], width=86)
         return
 
     rows: list[tuple[str, str]] = []
@@ -495,8 +493,8 @@ def main() -> None:
     print_rows(rows)
 
 
-def print_rows(rows: list[tuple[str, str]]) -> None:
-    width = max(len(name) for name, _ in rows) + 2
+def print_rows(rows: list[tuple[str, str]], width: int = 0) -> None:
+    width = width or max(len(name) for name, _ in rows) + 2
     for name, value in rows:
         print(f"{name:<{width}}{value:>14}", flush=True)
 
