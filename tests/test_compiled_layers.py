@@ -180,10 +180,11 @@ def test_an_adapter_the_sampler_loads_on_modules_no_run_adapts_compiles_nothing_
 
 def test_with_activation_checkpointing_a_backward_in_another_thread_recomputes_through_the_graphs():
     """With --activation-checkpointing the backward pass recomputes each decoder layer, on
-    CUDA in autograd's own thread, which does not have the training thread's dynamo settings
-    (they are per thread). Here each backward runs in a thread of its own: gradients equal
-    the engine's without --compile, runs of other ranks compile nothing more, and a token
-    of activations still costs a fraction of what it costs without checkpointing."""
+    CUDA in autograd's own thread, where the training thread's dynamo settings (per thread)
+    do not apply: the recompute must run the graphs the forward compiled. Here each backward
+    runs in a thread of its own: gradients equal the engine's without --compile, runs of
+    other ranks compile nothing more, and a token of activations still costs a fraction of
+    what it costs without checkpointing."""
     device = torch.device("cpu")
     results, graphs = {}, []
     for compiled in (False, True):
