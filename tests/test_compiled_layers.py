@@ -43,6 +43,10 @@ def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
+def test_capabilities_say_the_layers_are_compiled(service):
+    assert service.get_server_capabilities().training == {"compiled_layers": True, "activation_checkpointing": False}
+
+
 @pytest.mark.parametrize("custom", [False, True], ids=["cross_entropy", "custom"])
 def test_logprobs_and_gradients_equal_the_reference(server, service, custom):
     tc = trained_run(service)

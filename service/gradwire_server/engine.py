@@ -310,6 +310,7 @@ class Engine:
                  compile_layers: bool = False):
         self.base = base
         self.device = device
+        self.activation_checkpointing = activation_checkpointing
         if activation_checkpointing:
             _checkpoint_decoder_layers(base.model)
         # Before peft wraps any module (see compiled_layers.py).
