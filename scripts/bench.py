@@ -379,7 +379,10 @@ def device_main(size: str, calls: int, steps: int, server_args: list[str]) -> It
         service = gradwire.ServiceClient(base_url=address)
         capabilities = service._call("GetServerCapabilities", gradwire_pb.GetServerCapabilitiesRequest())
         limits = capabilities.limits
-        yield "server: device, base dtype", f"{capabilities.device}, {capabilities.dtype}"
+        training = capabilities.training
+        yield ("server: device, base dtype, compiled layers, activation checkpointing",
+               f"{capabilities.device}, {capabilities.dtype}, {training.compiled_layers}, "
+               f"{training.activation_checkpointing}")
         yield ("micro-batch tokens / keep-graph budget MiB / activation bytes per token (chosen)",
                f"{limits.micro_batch_tokens} / {limits.keep_graph_budget_bytes / 2**20:,.0f} / "
                f"{limits.activation_bytes_per_token:,}")

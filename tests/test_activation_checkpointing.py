@@ -33,6 +33,10 @@ def service(server):
     client.close()
 
 
+def test_capabilities_say_the_layers_are_recomputed(service):
+    assert service.get_server_capabilities().training == {"compiled_layers": False, "activation_checkpointing": True}
+
+
 @pytest.mark.parametrize("custom", [False, True], ids=["cross_entropy", "custom"])
 def test_gradients_equal_the_reference_without_checkpointing(server, service, custom):
     tc = trained_run(service)

@@ -43,6 +43,10 @@ def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
+def test_capabilities_say_the_layers_are_compiled(service):
+    assert service.get_server_capabilities().training == {"compiled_layers": True, "activation_checkpointing": False}
+
+
 @pytest.mark.parametrize("custom", [False, True], ids=["cross_entropy", "custom"])
 def test_logprobs_and_gradients_equal_the_reference(server, service, custom):
     tc = trained_run(service)
@@ -235,3 +239,18 @@ def test_a_kept_forward_used_after_another_runs_pass_trains_as_peft_does(monkeyp
         assert backward.reused_datums == len(data[0]), "the kept graph was not used"
         results[compiled].append((loss, torch.cat([p.grad.reshape(-1) for p in engine.run(kept_run).params])))
     assert_same_training(results[False], results[True])
+
+
+def test_the_memory_probe_compiles_the_graphs_that_training_batches_use():
+    """On CUDA the server measures a pass's memory before it reports SERVING; with --compile
+    that pass compiles the graphs a batch of several sequences trains with, so a first
+    request of another rank and batch waits for no compile."""
+    torch._dynamo.reset()  # no graph of an earlier test's engine to reuse
+    device = torch.device("cpu")
+    engine = Engine(load_model("tiny-random", device), device, compile_layers=True)
+    engine.activation_bytes_per_token(64)
+    graphs = compiled_graphs()
+    run = engine.create_run(LoraSettings(rank=8, seed=0))
+    nonzero_factors(engine, run, 0)
+    loss_and_gradients(engine, run, batches(3)[0])
+    assert compiled_graphs() == graphs

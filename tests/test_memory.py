@@ -206,6 +206,7 @@ def test_capabilities_report_the_sizes(server, service, stubs):
     assert sdk_capabilities.dtype == str(engine.dtype).removeprefix("torch.")
     assert sdk_capabilities.kv_cache["budget_bytes"] > 0
     assert sdk_capabilities.kv_cache["block_tokens"] == BLOCK_TOKENS
+    assert sdk_capabilities.training == {"compiled_layers": False, "activation_checkpointing": False}
     if engine.device.type == "cpu":
         assert limits.micro_batch_tokens == memory.CPU_MICRO_BATCH_TOKENS
         assert limits.keep_graph_budget_bytes == memory.CPU_KEEP_GRAPH_BUDGET_BYTES

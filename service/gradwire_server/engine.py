@@ -310,6 +310,7 @@ class Engine:
                  compile_layers: bool = False):
         self.base = base
         self.device = device
+        self.activation_checkpointing = activation_checkpointing
         if activation_checkpointing:
             _checkpoint_decoder_layers(base.model)
         # Before peft wraps any module (see compiled_layers.py).
@@ -582,14 +583,17 @@ class Engine:
         return MemoryPlan(self.micro_batch_tokens, self.keep_graph_budget_bytes, per_token)
 
     def activation_bytes_per_token(self, tokens: int) -> int:
-        """Memory one token of a forward-backward pass costs, measured on a sequence of
-        `tokens` through a temporary rank-32 adapter on every module: on CUDA the
+        """Memory one token of a forward-backward pass costs, measured on two sequences
+        of `tokens` // 2 through a temporary rank-32 adapter on every module: on CUDA the
         allocator's peak above what was allocated before; elsewhere the bytes autograd
-        saves for backward. The engine is left as it was."""
+        saves for backward. The engine is left as it was. (Two sequences, not one: with
+        --compile this pass compiles the graphs that training batches use, before the
+        server reports SERVING; a batch of one has graphs of its own.)"""
         run_id = self.create_run(LoraSettings(rank=PROBE_LORA_RANK, seed=0))
         try:
-            sequence = np.zeros(tokens, dtype=np.int64)
-            data = [DatumArrays(sequence, {"target_tokens": sequence})]
+            sequence = np.zeros(tokens // 2, dtype=np.int64)
+            data = [DatumArrays(sequence, {"target_tokens": sequence})] * 2
+            tokens = 2 * len(sequence)
             cuda = self.device.type == "cuda"
             if cuda:
                 torch.cuda.synchronize(self.device)

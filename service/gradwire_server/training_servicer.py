@@ -103,7 +103,9 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                                    micro_batch_tokens=info.memory.micro_batch_tokens,
                                    keep_graph_budget_bytes=info.memory.keep_graph_budget_bytes,
                                    activation_bytes_per_token=info.memory.activation_bytes_per_token),
-            kv_cache=pb.KvCacheUsage(**dataclasses.asdict(self.kv_cache_usage())))
+            kv_cache=pb.KvCacheUsage(**dataclasses.asdict(self.kv_cache_usage())),
+            training=pb.TrainingSettings(compiled_layers=self.engine.compiled is not None,
+                                         activation_checkpointing=self.engine.activation_checkpointing))
 
     async def CreateModel(self, request, context):
         try:

@@ -76,20 +76,30 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_wait_seconds: _Optional[float] = ..., operation_ttl_seconds: _Optional[float] = ..., micro_batch_tokens: _Optional[int] = ..., keep_graph_budget_bytes: _Optional[int] = ..., activation_bytes_per_token: _Optional[int] = ...) -> None: ...
 
 class GetServerCapabilitiesResponse(_message.Message):
-    __slots__ = ("supported_models", "loss_fns", "limits", "device", "dtype", "kv_cache")
+    __slots__ = ("supported_models", "loss_fns", "limits", "device", "dtype", "kv_cache", "training")
     SUPPORTED_MODELS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FNS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
     supported_models: _containers.RepeatedCompositeFieldContainer[SupportedModel]
     loss_fns: _containers.RepeatedScalarFieldContainer[str]
     limits: ServerLimits
     device: str
     dtype: str
     kv_cache: KvCacheUsage
-    def __init__(self, supported_models: _Optional[_Iterable[_Union[SupportedModel, _Mapping]]] = ..., loss_fns: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_cache: _Optional[_Union[KvCacheUsage, _Mapping]] = ...) -> None: ...
+    training: TrainingSettings
+    def __init__(self, supported_models: _Optional[_Iterable[_Union[SupportedModel, _Mapping]]] = ..., loss_fns: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_cache: _Optional[_Union[KvCacheUsage, _Mapping]] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ...) -> None: ...
+
+class TrainingSettings(_message.Message):
+    __slots__ = ("compiled_layers", "activation_checkpointing")
+    COMPILED_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    compiled_layers: bool
+    activation_checkpointing: bool
+    def __init__(self, compiled_layers: _Optional[bool] = ..., activation_checkpointing: _Optional[bool] = ...) -> None: ...
 
 class KvCacheUsage(_message.Message):
     __slots__ = ("budget_bytes", "used_bytes", "reserved_bytes", "block_tokens", "running_sequences", "waiting_requests")
