@@ -92,7 +92,8 @@ def server_capabilities(response: pb.GetServerCapabilitiesResponse) -> types.Get
                           for m in response.supported_models],
         loss_fns=list(response.loss_fns), device=response.device,
         limits=_fields_by_name(response.limits), dtype=response.dtype,
-        kv_cache=_fields_by_name(response.kv_cache), training=_fields_by_name(response.training))
+        kv_cache=_fields_by_name(response.kv_cache),
+        training=_fields_by_name(response.training) if response.HasField("training") else {})
 
 
 def _fields_by_name(message: Message) -> dict[str, Any]:

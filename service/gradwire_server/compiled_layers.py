@@ -37,9 +37,9 @@ DYNAMO_CONFIG = {
     # LoRA factors (parameters, held by modules) of any rank: their rank dims are marked dynamic.
     "force_parameter_static_shapes": False,
     "force_nn_module_property_static_shapes": False,
-    # Graphs a layer may compile before dynamo gives up and runs it eagerly: the
-    # variants (module docstring) multiply to a few dozen at most.
-    "recompile_limit": 64,
+    # Graphs the layers (one code object) may compile in all before dynamo gives up and
+    # runs them eagerly: the variants (module docstring) multiply to 72 at most.
+    "recompile_limit": 128,
 }
 # A rank equal to the batch size must not tie the two sizes in a graph.
 SHAPE_CONFIG = {"use_duck_shape": False}
@@ -70,7 +70,6 @@ class CompiledLayers:
             linear.run_lora = None  # a module's tensor, not an int or a closure: one graph serves every layer
             linear.register_forward_hook(_add_run_lora)
         self.lora_layers: list[LoraLayer] = []  # peft's, once it wraps the Linears
-        self.adapter_names: set[str] = set()  # the adapters lora_layers were found with
         # adapter -> (a hooked Linear, the adapter's factors there), found once per run.
         self.adapted: dict[str, list[tuple[torch.nn.Linear, RunLora]]] = {}
         self.active = False
@@ -91,8 +90,9 @@ class CompiledLayers:
         return forward
 
     def adapters_changed(self, peft_model: peft.PeftModel) -> None:
-        """Finds the model's LoRA layers again, after an adapter was added or deleted."""
-        self.adapter_names = set(peft_model.peft_config)
+        """Finds the model's LoRA layers again. Called whenever an adapter was added or
+        deleted, by the engine's runs and the sampler's adapters alike: adding one may
+        wrap Linears no other adapter has, and deleting it leaves them wrapped."""
         self.lora_layers = [module for module in peft_model.modules() if isinstance(module, LoraLayer)]
         present = {name for layer in self.lora_layers for name in layer.lora_A}
         self.adapted = {name: found for name, found in self.adapted.items() if name in present}
@@ -111,14 +111,11 @@ class CompiledLayers:
         return self.adapted[adapter]
 
     @contextlib.contextmanager
-    def training(self, peft_model: peft.PeftModel, adapter: str) -> Iterator[None]:
+    def training(self, adapter: str) -> Iterator[None]:
         """While the block runs, the model computes `adapter`'s run (the active, trainable
         one) through the compiled layers: its forward, and its backward (which may
         recompute the unembedding). Afterwards the peft layers are on again."""
         assert not self.active, "training() does not nest: one run computes at a time"
-        if self.adapter_names != set(peft_model.peft_config):
-            # An adapter the sampler loaded may have wrapped Linears no run adapts.
-            self.adapters_changed(peft_model)
         adapted = self._adapted_layers(adapter)
         try:
             # Every LoRA layer off, not only the run's: one that holds only other runs' adapters

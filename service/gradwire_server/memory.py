@@ -1,8 +1,8 @@
 """How many tokens a micro-batch may hold and how much graph a forward may keep,
 from the memory the device has free.
 
-On CUDA, once the model is loaded, a probe pass (forward and backward of one
-sequence through a temporary LoRA adapter) measures the peak memory a token of
+On CUDA, once the model is loaded, a probe pass (forward and backward of two
+sequences through a temporary LoRA adapter) measures the peak memory a token of
 activations costs; the micro-batch size and the keep-graph budget are cut from
 the free memory after a headroom. On the CPU the defaults are fixed: host
 memory is shared with everything else on the machine. Flags override either.

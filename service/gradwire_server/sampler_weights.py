@@ -187,6 +187,8 @@ class SamplerAdapters:
                     engine.peft_model.add_adapter(name, config)
             except ValueError as error:  # e.g. target modules this model lacks
                 raise AdapterLoadError(f"the adapter does not fit this model: {error}") from None
+            finally:
+                engine.adapters_changed()  # peft may have wrapped Linears no adapter had (kept if deleted)
         # Only the LoRA factors: the base weights are shared by every run (peft
         # may also save embedding layers' base weights into an adapter folder).
         lora_weights = {key: value for key, value in weights.items() if "lora_" in key}
