@@ -3,7 +3,7 @@
 torch.compile specialises a graph on what it reads. peft's LoRA layers read the
 active adapter's name and every adapter's requires_grad flag, so a compiled
 layer holding them would compile again for each run, and past dynamo's
-recompile limit run eagerly without a word. Here the compiled layers see one
+recompile limit run eagerly (a log warning all that says so). Here the compiled layers see one
 model for every run: the run's peft layers are switched off, and a forward hook
 on each adaptable Linear adds the run's delta instead,
 

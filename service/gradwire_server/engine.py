@@ -592,8 +592,8 @@ class Engine:
         allocator's peak above what was allocated before; elsewhere the bytes autograd
         saves for backward. The engine is left as it was. (Two sequences, not one: with
         --compile this pass compiles the graphs that training batches use, before the
-        server reports SERVING; a batch of one has graphs of its own. Memory quadratic
-        in the length, none with SDPA, would be measured at half its cost.)"""
+        server reports SERVING; a batch of one has graphs of its own. Memory that grows
+        with the square of the length would be measured at half its cost; SDPA has none.)"""
         run_id = self.create_run(LoraSettings(rank=PROBE_LORA_RANK, seed=0))
         try:
             sequence = np.zeros(tokens // 2, dtype=np.int64)
