@@ -131,15 +131,24 @@ def test_health_is_not_serving_and_calls_unavailable_while_the_model_loads(tmp_p
     """The port opens before the model is loaded: health says NOT_SERVING (overall and per
     service) and every call is UNAVAILABLE "still loading" until the model is in; then
     SERVING. The real loader runs, held back until the checks are done. The server is
-    configured from a command line, so --keep-graph-budget-mb reaches the engine."""
+    configured from a command line, so --keep-graph-budget-mb reaches the engine. The model
+    loads and the memory plan is made on the worker thread, which runs every later use of the
+    model (on a CPU host a torch op in another thread slowed the worker's small ops threefold)."""
     loading = threading.Event()
-    real_load = server_module.load_model
+    real_load, real_plan = server_module.load_model, server_module.Engine.plan_memory
+    threads = []
 
     def held_load(*args):
         loading.wait(60)
+        threads.append(threading.current_thread().name)
         return real_load(*args)
 
+    def plan_memory(engine, *args):
+        threads.append(threading.current_thread().name)
+        return real_plan(engine, *args)
+
     monkeypatch.setattr(server_module, "load_model", held_load)
+    monkeypatch.setattr(server_module.Engine, "plan_memory", plan_memory)
     port = free_port()
     config = cli.parse_config(["--model", "tiny-random", "--port", str(port), "--checkpoint-dir", str(tmp_path),
                                "--keep-graph-budget-mb", "1.5"])
@@ -172,6 +181,7 @@ def test_health_is_not_serving_and_calls_unavailable_while_the_model_loads(tmp_p
         assert training.GetServerCapabilities(
             pb.GetServerCapabilitiesRequest()).supported_models[0].model_name == "tiny-random"
         assert gradwire_server.engine.keep_graph_budget_bytes == int(1.5 * 2**20)
+        assert threads == ["gradwire-worker"] * 2
     finally:
         loading.set()
         channel.close()

@@ -571,8 +571,7 @@ class Engine:
                     keep_graph_budget_bytes: int | None = None) -> MemoryPlan:
         """Sets the micro-batch size and keep-graph budget: the given ones, else on CUDA
         derived from a probe pass's activation bytes per token and the free memory, else
-        the CPU defaults. (A probe at startup on the CPU halved later sampling speed, for
-        a cause not yet found: see BENCHMARKS.md.)"""
+        the CPU defaults. Call it on the thread that runs the model (see server.py)."""
         per_token = 0
         if micro_batch_tokens is None or keep_graph_budget_bytes is None:
             if self.device.type == "cuda":

@@ -130,29 +130,23 @@ class GradwireServer:
         await self._server.start()
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        config = self.config
-        budget = None if config.keep_graph_budget_mb is None else int(config.keep_graph_budget_mb * 2**20)
+        self.scheduler = Scheduler(self.store, asyncio.get_running_loop(), self.config.seq_gap_timeout_s)
+        self.scheduler.start()
         try:
-            loaded = await asyncio.to_thread(load_model, config.model, device,
-                                             resolve_dtype(config.dtype, device), config.load_format)
-            self.engine = Engine(loaded, device, keep_graph_timeout_s=config.keep_graph_timeout_s,
-                                 activation_checkpointing=config.activation_checkpointing,
-                                 compile_layers=config.compile)
-            # The KV cache is allocated first, so the training plan sizes itself from what is left.
-            pool = BlockPool(loaded.model.config, _kv_cache_bytes(config.kv_cache_mb, device), loaded.dtype, device)
-            plan = await asyncio.to_thread(self.engine.plan_memory, config.micro_batch_tokens, budget)
+            # On the worker, the thread that runs every later use of the model. On a CPU host each
+            # thread that runs a parallel torch op keeps an OpenMP team of its own, and with more
+            # teams' threads than cores every small op of the worker waits on the OS (sampling ran
+            # at a third of its speed after a probe pass in another thread, 2 cores).
+            loaded, plan, adapters, decode_loop = await self.scheduler.run_on_worker(
+                "startup", lambda: self._load(device))
         except BaseException:
+            await asyncio.to_thread(self.scheduler.stop)
             await self._server.stop(0)
             raise
         log.info("base weights %s on %s; micro-batches of %d tokens, keep-graph budget %.0f MiB "
                  "(%d bytes per token measured)", loaded.dtype, device, plan.micro_batch_tokens,
                  plan.keep_graph_budget_bytes / 2**20, plan.activation_bytes_per_token)
-        self.scheduler = Scheduler(self.store, asyncio.get_running_loop(), self.config.seq_gap_timeout_s)
-        self.scheduler.start()
         info = _model_info(loaded, device, plan)
-        adapters = SamplerAdapters(self.engine)
-        decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights,
-                                 graphs="captured" if device.type == "cuda" and config.cuda_graphs else "off")
         self.training.attach(self.engine, self.scheduler, info, adapters, decode_loop.usage)
         self.sampling.attach(self.engine, self.scheduler, info, adapters, decode_loop)
         self.resources.attach(self.scheduler)
@@ -161,6 +155,22 @@ class GradwireServer:
                         asyncio.create_task(self._expire_checkpoints())]
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("gradwire-server listening on %s:%d", self.config.host, self.port)
+
+    def _load(self, device: torch.device) -> tuple[LoadedModel, MemoryPlan, SamplerAdapters, DecodeLoop]:
+        """The model, the training engine and its memory plan, and the sampler (on the worker)."""
+        config = self.config
+        loaded = load_model(config.model, device, resolve_dtype(config.dtype, device), config.load_format)
+        self.engine = Engine(loaded, device, keep_graph_timeout_s=config.keep_graph_timeout_s,
+                             activation_checkpointing=config.activation_checkpointing,
+                             compile_layers=config.compile)
+        # The KV cache is allocated first, so the training plan sizes itself from what is left.
+        pool = BlockPool(loaded.model.config, _kv_cache_bytes(config.kv_cache_mb, device), loaded.dtype, device)
+        budget = None if config.keep_graph_budget_mb is None else int(config.keep_graph_budget_mb * 2**20)
+        plan = self.engine.plan_memory(config.micro_batch_tokens, budget)
+        adapters = SamplerAdapters(self.engine)
+        decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights,
+                                 graphs="captured" if device.type == "cuda" and config.cuda_graphs else "off")
+        return loaded, plan, adapters, decode_loop
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Drains: NOT_SERVING, stop accepting, let in-flight RPCs finish, stop the worker."""
