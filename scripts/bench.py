@@ -376,7 +376,7 @@ def device_main(size: str, calls: int, steps: int, server_args: list[str]) -> It
             torch.cuda.empty_cache()
     started = time.perf_counter()
     server, address = start_server(preset, "--load-format", "dummy", *server_args)
-    yield "server start until it listens, s (the startup probe compiles with --compile)", \
+    yield "server start until it listens, s (with --compile, the warm-up compiles)", \
         f"{time.perf_counter() - started:.1f}"
     try:
         service = gradwire.ServiceClient(base_url=address)
@@ -404,7 +404,8 @@ def device_main(size: str, calls: int, steps: int, server_args: list[str]) -> It
         yield (f"{datums} x {tokens} tokens: forward_backward / custom, s per call (median of {calls})",
                f"{fb:.3f} / {custom:.3f}")
         yield "custom / forward_backward, default settings (goal <= 1.05)", f"{custom / fb:.3f}"
-        yield "first call of each, s (compiles what the startup probe did not)", f"{fb_s[0]:.3f} / {custom_s[0]:.3f}"
+        yield ("first call of each, s (with --compile, graphs the warm-up did not compile)",
+               f"{fb_s[0]:.3f} / {custom_s[0]:.3f}")
         yield f"memory in use, {unit}: start, after 1, {calls // 2 + 1}, {calls} calls of each", " -> ".join(memory)
         remote = sdk_step(tc)
         loop_tokens_per_s(remote, 1, make_batch)  # warm up

@@ -267,6 +267,29 @@ def test_the_memory_probe_compiles_the_graphs_that_training_batches_use():
     assert compiled_graphs() == graphs
 
 
+def test_the_server_compiles_the_usual_graphs_before_it_serves(tmp_path):
+    """With --compile the server compiles, before it reports SERVING, the graphs that
+    forward_backward and forward of several sequences use (here on the CPU, where no
+    memory probe runs): a new run's first such requests compile nothing, and train exactly."""
+    torch._dynamo.reset()  # no graph of an earlier test's server to reuse
+    background = BackgroundServer(server_config(compile=True, checkpoint_dir=tmp_path))
+    client = gradwire.ServiceClient(base_url=background.address, progress=False)
+    try:
+        graphs = compiled_graphs()
+        tc = client.create_lora_training_client("tiny-random", rank=8, seed=3)
+        model = reference_model(background, tc.model_id, rank=8)
+        data = random_data(7)
+        tc.forward(data[:2], "cross_entropy").result()
+        tc.forward_backward(data, "cross_entropy").result()
+        assert compiled_graphs() == graphs
+        sum(-(reference_logprobs(model, d) * d.loss_fn_inputs["weights"].to_torch()).sum() for d in data).backward()
+        assert relative_error(server_gradients(background, tc.model_id),
+                              reference_gradients(model, tc.model_id)) <= 1e-5
+    finally:
+        client.close()
+        background.stop()
+
+
 def test_a_bfloat16_base_trains_within_bf16_rounding_of_the_eager_engine():
     """CUDA's default dtype: bf16 base weights under bf16 autocast, LoRA in float32. Compiled
     and eager round differently (fused kernels), so the bound is bf16's, not float32's:

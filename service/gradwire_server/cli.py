@@ -49,9 +49,8 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
                              "activation memory (larger micro-batches, longer sequences)")
     parser.add_argument("--compile", action="store_true",
                         help="training runs the decoder layers compiled by torch.compile, one set of graphs for "
-                             "every run (each kind of batch compiles on first use, seconds to a minute; on CUDA the "
-                             "startup memory probe, which flags setting both sizes skip, compiles the usual one); "
-                             "sampling stays eager")
+                             "every run (the usual kinds of batch compile before the server serves, the rarer ones "
+                             "on first use: seconds to a minute each); sampling stays eager")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="on CUDA, the sampler replays its decode steps as CUDA graphs, padded to "
                              "power-of-two buckets and captured on first use (no effect on the CPU)")

@@ -33,6 +33,7 @@ MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 UNEMBED_MODULES = ("lm_head",)
 KEEP_GRAPH_TIMEOUT_S = 60.0
 PROBE_LORA_RANK = 32
+WARM_UP_TOKENS = 64  # per sequence of the warm-up batch: lengths share graphs, so any short one does
 
 
 class NonFiniteStep(ArithmeticError):
@@ -590,9 +591,9 @@ class Engine:
         of `tokens` // 2 through a temporary rank-32 adapter on every module: on CUDA the
         allocator's peak above what was allocated before; elsewhere the bytes autograd
         saves for backward. The engine is left as it was. (Two sequences, not one: with
-        --compile this pass compiles the graphs that training batches use, before the
-        server reports SERVING; a batch of one has graphs of its own. Memory that grows
-        with the square of the length would be measured at half its cost; SDPA has none.)"""
+        --compile this pass then compiles the graphs that training batches use, which
+        warm_up_compiled_layers() reuses; a batch of one has graphs of its own. Memory that
+        grows with the square of the length would be measured at half its cost; SDPA has none.)"""
         run_id = self.create_run(LoraSettings(rank=PROBE_LORA_RANK, seed=0))
         try:
             sequence = np.zeros(tokens // 2, dtype=np.int64)
@@ -610,6 +611,21 @@ class Engine:
                 self.loss(logprobs, inputs, "cross_entropy", {})[0].backward()
             peak = torch.cuda.max_memory_allocated(self.device) - allocated if cuda else 0
             return max(peak, saved.nbytes) // tokens
+        finally:
+            self.unload(run_id)
+
+
+    def warm_up_compiled_layers(self) -> None:
+        """With --compile: compiles the graphs most requests use, those of several
+        sequences with gradients (forward_backward, a custom loss's forward) and without
+        (forward), through a temporary adapter, so that no first request waits for them.
+        Graphs the memory probe compiled are reused. The engine is left as it was."""
+        run_id = self.create_run(LoraSettings(rank=PROBE_LORA_RANK, seed=0))
+        try:
+            sequence = np.zeros(WARM_UP_TOKENS, dtype=np.int64)
+            data = [DatumArrays(sequence, {"target_tokens": sequence})] * 2
+            for backward in (True, False):
+                self.start_pass(run_id, "cross_entropy", {}, backward=backward).feed(data)  # never committed
         finally:
             self.unload(run_id)
 

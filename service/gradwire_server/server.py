@@ -167,6 +167,8 @@ class GradwireServer:
         pool = BlockPool(loaded.model.config, _kv_cache_bytes(config.kv_cache_mb, device), loaded.dtype, device)
         budget = None if config.keep_graph_budget_mb is None else int(config.keep_graph_budget_mb * 2**20)
         plan = self.engine.plan_memory(config.micro_batch_tokens, budget)
+        if config.compile:
+            self.engine.warm_up_compiled_layers()
         adapters = SamplerAdapters(self.engine)
         decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights,
                                  graphs="captured" if device.type == "cuda" and config.cuda_graphs else "off")
