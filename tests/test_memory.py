@@ -207,14 +207,41 @@ def test_capabilities_report_the_sizes(server, service, stubs):
     assert sdk_capabilities.kv_cache["budget_bytes"] > 0
     assert sdk_capabilities.kv_cache["block_tokens"] == BLOCK_TOKENS
     assert sdk_capabilities.training == {"compiled_layers": False, "activation_checkpointing": False}
-    if engine.device.type == "cpu":
+    assert limits.activation_bytes_per_token > 0  # the probe's measurement
+    if engine.device.type == "cpu":  # tiny-random: 256 MiB of activations is more than the most tokens
         assert limits.micro_batch_tokens == memory.CPU_MICRO_BATCH_TOKENS
         assert limits.keep_graph_budget_bytes == memory.CPU_KEEP_GRAPH_BUDGET_BYTES
-        assert limits.activation_bytes_per_token == 0  # no probe on the CPU
-    else:  # sized from the card's free memory by the probe's measurement
-        assert limits.activation_bytes_per_token > 0
+    else:  # sized from the card's free memory
         assert memory.MIN_MICRO_BATCH_TOKENS <= limits.micro_batch_tokens <= memory.MAX_MICRO_BATCH_TOKENS
         assert limits.keep_graph_budget_bytes > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's plan")
+@pytest.mark.parametrize("activation_mib", [2, 8])
+def test_on_the_cpu_a_micro_batch_holds_a_fixed_amount_of_activations(tmp_path, monkeypatch, activation_mib):
+    """The probe's bytes per token size the CPU's micro-batches to CPU_ACTIVATION_BYTES (made
+    small here, so that tiny-random's are below the cap): a batch then runs in several
+    micro-batches, and trains as one pass over it does."""
+    monkeypatch.setattr(memory, "CPU_ACTIVATION_BYTES", activation_mib * 2**20)
+    background = BackgroundServer(server_config(checkpoint_dir=tmp_path))
+    service = gradwire.ServiceClient(base_url=background.address, progress=False)
+    try:
+        limits = service.get_server_capabilities().limits
+        per_token = limits["activation_bytes_per_token"]
+        assert per_token > 0
+        expected = max(memory.MIN_MICRO_BATCH_TOKENS, activation_mib * 2**20 // per_token // 256 * 256)
+        assert expected < memory.CPU_MICRO_BATCH_TOKENS
+        assert limits["micro_batch_tokens"] == background.engine.micro_batch_tokens == expected
+        tc = service.create_lora_training_client("tiny-random", rank=4, seed=0)
+        data = random_data(11, lengths=(120,) * 8)  # 960 padded tokens: several micro-batches
+        model = reference_model(background, tc.model_id, rank=4)
+        tc.forward_backward(data, "cross_entropy").result()
+        sum(-(reference_logprobs(model, d) * d.loss_fn_inputs["weights"].to_torch()).sum() for d in data).backward()
+        assert relative_error(server_gradients(background, tc.model_id),
+                              reference_gradients(model, tc.model_id)) <= 1e-5
+    finally:
+        service.close()
+        background.stop()
 
 
 def test_flags_set_the_sizes(tmp_path):

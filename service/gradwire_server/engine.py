@@ -570,20 +570,20 @@ class Engine:
 
     def plan_memory(self, micro_batch_tokens: int | None = None,
                     keep_graph_budget_bytes: int | None = None) -> MemoryPlan:
-        """Sets the micro-batch size and keep-graph budget: the given ones, else on CUDA
-        derived from a probe pass's activation bytes per token and the free memory, else
-        the CPU defaults. Call it on the thread that runs the model (see server.py)."""
+        """Sets the micro-batch size and keep-graph budget: the given ones, else derived
+        from a probe pass's activation bytes per token (memory.py): on CUDA with the free
+        memory, on the CPU by a fixed share. Call it on the thread that runs the model
+        (see server.py)."""
+        cuda = self.device.type == "cuda"
         per_token = 0
-        if micro_batch_tokens is None or keep_graph_budget_bytes is None:
-            if self.device.type == "cuda":
-                per_token = self.activation_bytes_per_token(min(memory.PROBE_TOKENS, self.base.max_context_length))
-                derived_tokens, derived_budget = memory.plan_from_free(memory.free_bytes(self.device), per_token)
-            else:
-                derived_tokens, derived_budget = memory.CPU_MICRO_BATCH_TOKENS, memory.CPU_KEEP_GRAPH_BUDGET_BYTES
-            micro_batch_tokens = micro_batch_tokens if micro_batch_tokens is not None else derived_tokens
-            keep_graph_budget_bytes = (keep_graph_budget_bytes if keep_graph_budget_bytes is not None
-                                       else derived_budget)
-        self.micro_batch_tokens, self.keep_graph_budget_bytes = micro_batch_tokens, keep_graph_budget_bytes
+        if micro_batch_tokens is None or (cuda and keep_graph_budget_bytes is None):
+            probe_tokens = memory.PROBE_TOKENS if cuda else memory.CPU_PROBE_TOKENS
+            per_token = self.activation_bytes_per_token(min(probe_tokens, self.base.max_context_length))
+        derived_tokens, derived_budget = (memory.plan_from_free(memory.free_bytes(self.device), per_token) if cuda
+                                          else memory.cpu_plan(per_token))
+        self.micro_batch_tokens = micro_batch_tokens if micro_batch_tokens is not None else derived_tokens
+        self.keep_graph_budget_bytes = (keep_graph_budget_bytes if keep_graph_budget_bytes is not None
+                                        else derived_budget)
         return MemoryPlan(self.micro_batch_tokens, self.keep_graph_budget_bytes, per_token)
 
     def activation_bytes_per_token(self, tokens: int) -> int:

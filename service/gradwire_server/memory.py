@@ -1,11 +1,12 @@
 """How many tokens a micro-batch may hold and how much graph a forward may keep,
 from the memory the device has free.
 
-On CUDA, once the model is loaded, a probe pass (forward and backward of two
-sequences through a temporary LoRA adapter) measures the peak memory a token of
-activations costs; the micro-batch size and the keep-graph budget are cut from
-the free memory after a headroom. On the CPU the defaults are fixed: host
-memory is shared with everything else on the machine. Flags override either.
+Once the model is loaded, a probe pass (forward and backward of two sequences
+through a temporary LoRA adapter) measures what a token of activations costs. On
+CUDA the micro-batch size and the keep-graph budget are cut from the free memory
+after a headroom. On the CPU, whose memory is shared with everything else on the
+machine, a micro-batch holds a fixed amount of activations and the keep-graph
+budget is fixed. Flags override either.
 """
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-CPU_MICRO_BATCH_TOKENS = 16384
+CPU_MICRO_BATCH_TOKENS = 16384          # at most, on the CPU
+# One CPU micro-batch's activations. Smaller micro-batches were faster there, not only
+# leaner (smollm2-135m, 2 cores: 256 tokens 4.6 s, one of 1,016 tokens 5.3 s; BENCHMARKS.md).
+CPU_ACTIVATION_BYTES = 256 * 1024**2
 CPU_KEEP_GRAPH_BUDGET_BYTES = 2 * 1024**3
 PROBE_TOKENS = 1024
+CPU_PROBE_TOKENS = 256  # the CPU's probe is slow; bytes per token barely change with the length
 # Left free for what the plan does not see: optimizer state of new runs,
 # sampling, the allocator's fragmentation.
 HEADROOM_FRACTION = 0.15
@@ -65,6 +70,14 @@ def plan_from_free(free: int, bytes_per_token: int) -> tuple[int, int]:
     tokens = usable // 2 // max(1, bytes_per_token)
     tokens = min(MAX_MICRO_BATCH_TOKENS, max(MIN_MICRO_BATCH_TOKENS, tokens // 256 * 256))
     return tokens, max(0, usable - tokens * bytes_per_token)
+
+
+def cpu_plan(bytes_per_token: int) -> tuple[int, int]:
+    """(micro-batch tokens, keep-graph budget bytes) on the CPU: micro-batches of
+    CPU_ACTIVATION_BYTES of activations, within MIN_MICRO_BATCH_TOKENS and
+    CPU_MICRO_BATCH_TOKENS; the fixed keep-graph budget."""
+    tokens = CPU_ACTIVATION_BYTES // max(1, bytes_per_token) // 256 * 256
+    return min(CPU_MICRO_BATCH_TOKENS, max(MIN_MICRO_BATCH_TOKENS, tokens)), CPU_KEEP_GRAPH_BUDGET_BYTES
 
 
 def gib(nbytes: int) -> str:
