@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from google.longrunning import operations_pb2
+from peft.tuners.lora import LoraLayer
 
 import gradwire
 from gradwire.v1 import training_service_pb2 as pb
@@ -272,17 +273,29 @@ def test_probe_measures_a_token_and_leaves_the_engine_as_it_was(server, service)
 
 
 def test_probe_as_the_first_adapter_leaves_a_working_engine():
-    """On CUDA the probe runs right after loading, before any run: peft wraps the
-    model for it and it deletes its adapter; runs created after train as usual."""
-    engine = Engine(load_model("tiny-random", torch.device("cpu")), torch.device("cpu"))
-    assert engine.activation_bytes_per_token(16) > 0
-    assert not engine.runs and not engine.peft_model.peft_config
-    run_id = engine.create_run(LoraSettings(rank=2, seed=0))
-    training = engine.start_pass(run_id, "cross_entropy", {}, backward=True)
-    sequence = np.arange(10)
-    training.feed([DatumArrays(sequence, {"target_tokens": sequence})])
-    training.commit()
-    assert all(p.grad is not None for p in engine.run(run_id).params)
+    """The probe runs right after loading, before any run: peft wraps the model for it,
+    and afterwards the model is given back unwrapped (peft's wrappers would slow the
+    base model's sampling). Runs created after it train exactly as on an engine that
+    never probed."""
+    def trained_gradients(probe: bool) -> list[torch.Tensor]:
+        engine = Engine(load_model("tiny-random", torch.device("cpu")), torch.device("cpu"))
+        if probe:
+            assert engine.activation_bytes_per_token(16) > 0
+            assert not engine.runs and engine.peft_model is None
+            assert not any(isinstance(module, LoraLayer) for module in engine.base.model.modules())
+        run_id = engine.create_run(LoraSettings(rank=2, seed=0))
+        for p in engine.run(run_id).params:  # non-zero B factors too, so that every factor has a gradient
+            p.data.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        training = engine.start_pass(run_id, "cross_entropy", {}, backward=True)
+        sequence = np.arange(10)
+        training.feed([DatumArrays(sequence, {"target_tokens": sequence})])
+        training.commit()
+        return [p.grad for p in engine.run(run_id).params]
+
+    probed, plain = trained_gradients(True), trained_gradients(False)
+    assert all(g.abs().sum() > 0 for g in probed)
+    for a, b in zip(probed, plain, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_plan_from_free_memory():

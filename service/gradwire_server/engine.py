@@ -590,10 +590,13 @@ class Engine:
         """Memory one token of a forward-backward pass costs, measured on two sequences
         of `tokens` // 2 through a temporary rank-32 adapter on every module: on CUDA the
         allocator's peak above what was allocated before; elsewhere the bytes autograd
-        saves for backward. The engine is left as it was. (Two sequences, not one: with
-        --compile this pass then compiles the graphs that training batches use, which
-        warm_up_compiled_layers() reuses; a batch of one has graphs of its own. Memory that
-        grows with the square of the length would be measured at half its cost; SDPA has none.)"""
+        saves for backward. The engine is left as it was, the model without peft's
+        wrappers if it had none (they would slow the base model's sampling). (Two
+        sequences, not one: with --compile this pass then compiles the graphs that training
+        batches use, which warm_up_compiled_layers() reuses; a batch of one has graphs of
+        its own. Memory that grows with the square of the length would be measured at half
+        its cost; SDPA has none.)"""
+        wrapped = self.peft_model is not None
         run_id = self.create_run(LoraSettings(rank=PROBE_LORA_RANK, seed=0))
         try:
             sequence = np.zeros(tokens // 2, dtype=np.int64)
@@ -613,6 +616,11 @@ class Engine:
             return max(peak, saved.nbytes) // tokens
         finally:
             self.unload(run_id)
+            if not wrapped:
+                self.peft_model.unload()  # every wrapped module's base layer back in its place
+                self.peft_model = None
+                if self.compiled:
+                    self.compiled.adapters_changed(self.base.model)
 
 
     def warm_up_compiled_layers(self) -> None:
