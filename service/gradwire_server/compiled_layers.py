@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-import peft
 import torch
 from peft.tuners.lora import LoraLayer
 from torch.fx.experimental import _config as shape_config
@@ -89,11 +88,12 @@ class CompiledLayers:
             return compiled(hidden_states, *args, **kwargs)
         return forward
 
-    def adapters_changed(self, peft_model: peft.PeftModel) -> None:
+    def adapters_changed(self, model: torch.nn.Module) -> None:
         """Finds the model's LoRA layers again. Called whenever an adapter was added or
-        deleted, by the engine's runs and the sampler's adapters alike: adding one may
-        wrap Linears no other adapter has, and deleting it leaves them wrapped."""
-        self.lora_layers = [module for module in peft_model.modules() if isinstance(module, LoraLayer)]
+        deleted, by the engine's runs and the sampler's adapters alike (adding one may
+        wrap Linears no other adapter has, and deleting it leaves them wrapped), and
+        when the model is unwrapped."""
+        self.lora_layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
         present = {name for layer in self.lora_layers for name in layer.lora_A}
         self.adapted = {name: found for name, found in self.adapted.items() if name in present}
 
