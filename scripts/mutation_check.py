@@ -240,7 +240,7 @@ MUTATIONS = [
              "            self.engine.warm_up_compiled_layers()",
              "            pass",
              ("tests/test_compiled_layers.py",),
-             "with --compile on the CPU (no probe) the first requests wait for their compiles"),
+             "with --compile a first forward (no gradients) waits for a compile, whatever the probe compiled"),
     Mutation("cpu-micro-batches-not-sized-by-the-probe", S + "memory.py",
              "    tokens = CPU_ACTIVATION_BYTES // max(1, bytes_per_token) // 256 * 256",
              "    tokens = CPU_MICRO_BATCH_TOKENS",

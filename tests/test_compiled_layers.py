@@ -269,8 +269,8 @@ def test_the_memory_probe_compiles_the_graphs_that_training_batches_use():
 
 def test_the_server_compiles_the_usual_graphs_before_it_serves(tmp_path):
     """With --compile the server compiles, before it reports SERVING, the graphs that
-    forward_backward and forward of several sequences use (here on the CPU, where no
-    memory probe runs): a new run's first such requests compile nothing, and train exactly."""
+    forward_backward and forward of several sequences use (the memory probe compiles
+    only the first): a new run's first such requests compile nothing, and train exactly."""
     torch._dynamo.reset()  # no graph of an earlier test's server to reuse
     background = BackgroundServer(server_config(compile=True, checkpoint_dir=tmp_path))
     client = gradwire.ServiceClient(base_url=background.address, progress=False)
