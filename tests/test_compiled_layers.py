@@ -253,9 +253,9 @@ def test_a_kept_forward_used_after_another_runs_pass_trains_as_peft_does(monkeyp
 
 
 def test_the_memory_probe_compiles_the_graphs_that_training_batches_use():
-    """On CUDA the server measures a pass's memory before it reports SERVING; with --compile
-    that pass compiles the graphs a batch of several sequences trains with, so a first
-    request of another rank and batch waits for no compile."""
+    """The server measures a pass's memory before it reports SERVING; with --compile that
+    pass compiles the graphs a batch of several sequences trains with, so a first request
+    of another rank and batch waits for no compile."""
     torch._dynamo.reset()  # no graph of an earlier test's engine to reuse
     device = DEVICE
     engine = Engine(load_model("tiny-random", device), device, compile_layers=True)
@@ -267,14 +267,18 @@ def test_the_memory_probe_compiles_the_graphs_that_training_batches_use():
     assert compiled_graphs() == graphs
 
 
-def test_the_server_compiles_the_usual_graphs_before_it_serves(tmp_path):
+@pytest.mark.parametrize("probe", [True, False])
+def test_the_server_compiles_the_usual_graphs_before_it_serves(tmp_path, probe):
     """With --compile the server compiles, before it reports SERVING, the graphs that
-    forward_backward and forward of several sequences use (the memory probe compiles
-    only the first): a new run's first such requests compile nothing, and train exactly."""
+    forward_backward and forward of several sequences use, with or without a memory probe
+    (skipped when --micro-batch-tokens is set on the CPU): a new run's first such requests
+    compile nothing, and train exactly. The model is left without peft's wrappers."""
     torch._dynamo.reset()  # no graph of an earlier test's server to reuse
-    background = BackgroundServer(server_config(compile=True, checkpoint_dir=tmp_path))
+    sizes = {} if probe else {"micro_batch_tokens": 16384}
+    background = BackgroundServer(server_config(compile=True, checkpoint_dir=tmp_path, **sizes))
     client = gradwire.ServiceClient(base_url=background.address, progress=False)
     try:
+        assert background.engine.peft_model is None
         graphs = compiled_graphs()
         tc = client.create_lora_training_client("tiny-random", rank=8, seed=3)
         model = reference_model(background, tc.model_id, rank=8)

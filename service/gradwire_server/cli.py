@@ -35,7 +35,8 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--micro-batch-tokens", type=int, default=None,
                         help="padded tokens per forward pass (default: from a probe pass at startup, on CUDA "
                              f"with the free memory, on the CPU {memory.CPU_ACTIVATION_BYTES // 2**20} MB of "
-                             f"activations, at most {memory.CPU_MICRO_BATCH_TOKENS} tokens)")
+                             f"activations within {memory.MIN_MICRO_BATCH_TOKENS}-{memory.CPU_MICRO_BATCH_TOKENS} "
+                             "tokens)")
     parser.add_argument("--keep-graph-budget-mb", type=float, default=None,
                         help="activation memory a custom loss's forward leg may keep so its backward "
                              "leg needs no second forward pass; 0 always recomputes (default: from the "

@@ -319,7 +319,7 @@ class Engine:
                          if compile_layers else None)
         self.peft_model: peft.PeftModel | None = None
         self.runs: dict[str, Run] = {}
-        # Set by plan_memory(); the CPU defaults until then.
+        # Set by plan_memory(); the CPU's largest until then.
         self.micro_batch_tokens = memory.CPU_MICRO_BATCH_TOKENS               # padded tokens per forward pass
         self.keep_graph_budget_bytes = memory.CPU_KEEP_GRAPH_BUDGET_BYTES     # activations Forwards may keep
         self.keep_graph_timeout_s = keep_graph_timeout_s
@@ -410,9 +410,10 @@ class Engine:
 
     def adapters_changed(self) -> None:
         """To be called after any adapter is added to or deleted from peft_model (a run's,
-        the sampler's): the compiled layers find peft's layers again."""
-        if self.compiled and self.peft_model is not None:
-            self.compiled.adapters_changed(self.peft_model)
+        the sampler's), and after the model is unwrapped: the compiled layers find peft's
+        layers again."""
+        if self.compiled:
+            self.compiled.adapters_changed(self.peft_model if self.peft_model is not None else self.base.model)
 
     def _adapter_parameters(self, run_id: str) -> dict[str, torch.nn.Parameter]:
         """The run's parameters under peft's state-dict names."""
@@ -572,8 +573,8 @@ class Engine:
                     keep_graph_budget_bytes: int | None = None) -> MemoryPlan:
         """Sets the micro-batch size and keep-graph budget: the given ones, else derived
         from a probe pass's activation bytes per token (memory.py): on CUDA with the free
-        memory, on the CPU by a fixed share. Call it on the thread that runs the model
-        (see server.py)."""
+        memory, on the CPU to a fixed amount of activations. Call it on the thread that
+        runs the model (see server.py)."""
         cuda = self.device.type == "cuda"
         per_token = 0
         if micro_batch_tokens is None or (cuda and keep_graph_budget_bytes is None):
@@ -588,20 +589,13 @@ class Engine:
 
     def activation_bytes_per_token(self, tokens: int) -> int:
         """Memory one token of a forward-backward pass costs, measured on two sequences
-        of `tokens` // 2 through a temporary rank-32 adapter on every module: on CUDA the
-        allocator's peak above what was allocated before; elsewhere the bytes autograd
-        saves for backward. The engine is left as it was, the model without peft's
-        wrappers if it had none (they would slow the base model's sampling). (Two
-        sequences, not one: with --compile this pass then compiles the graphs that training
-        batches use, which warm_up_compiled_layers() reuses; a batch of one has graphs of
-        its own. Memory that grows with the square of the length would be measured at half
-        its cost; SDPA has none.)"""
-        wrapped = self.peft_model is not None
-        run_id = self.create_run(LoraSettings(rank=PROBE_LORA_RANK, seed=0))
-        try:
-            sequence = np.zeros(tokens // 2, dtype=np.int64)
-            data = [DatumArrays(sequence, {"target_tokens": sequence})] * 2
-            tokens = 2 * len(sequence)
+        of `tokens` // 2 through a temporary run: on CUDA the allocator's peak above what
+        was allocated before; elsewhere the bytes autograd saves for backward. (Two
+        sequences, not one: with --compile this pass compiles the graphs that training
+        batches use; a batch of one has graphs of its own. Memory that grows with the
+        square of the length would be measured at half its cost; SDPA has none.)"""
+        data = _two_sequences(tokens // 2)
+        with self._temporary_run() as run:
             cuda = self.device.type == "cuda"
             if cuda:
                 torch.cuda.synchronize(self.device)
@@ -609,33 +603,43 @@ class Engine:
                 allocated = torch.cuda.memory_allocated(self.device)
             saved = _SavedTensorBytes(self.parameter_storages())
             with torch.enable_grad(), saved.hooks():
-                logprobs, inputs = self.micro_batch_logprobs(self.run(run_id), data)
-            with self.computing(run_id):
+                logprobs, inputs = self.micro_batch_logprobs(run, data)
+            with self.computing(run.run_id):
                 self.loss(logprobs, inputs, "cross_entropy", {})[0].backward()
             peak = torch.cuda.max_memory_allocated(self.device) - allocated if cuda else 0
-            return max(peak, saved.nbytes) // tokens
+            return max(peak, saved.nbytes) // (2 * len(data[0].tokens))
+
+    def warm_up_compiled_layers(self) -> None:
+        """With --compile: compiles the graphs most requests use, those of several
+        sequences with gradients (forward_backward, a custom loss's forward; a probe pass
+        whose measurement goes unused) and without (forward), so that no first request
+        waits for them. Graphs the startup probe compiled are reused."""
+        length = min(WARM_UP_TOKENS, self.base.max_context_length)
+        self.activation_bytes_per_token(2 * length)
+        with self._temporary_run() as run, torch.no_grad():
+            self.micro_batch_logprobs(run, _two_sequences(length))
+
+    @contextlib.contextmanager
+    def _temporary_run(self) -> Iterator[Run]:
+        """A rank-32 run on the default modules for the span of the block; afterwards the
+        engine is as it was, the model without peft's wrappers if it had none (they
+        would slow the base model's sampling)."""
+        wrapped = self.peft_model is not None
+        run_id = self.create_run(LoraSettings(rank=PROBE_LORA_RANK, seed=0))
+        try:
+            yield self.run(run_id)
         finally:
             self.unload(run_id)
             if not wrapped:
                 self.peft_model.unload()  # every wrapped module's base layer back in its place
                 self.peft_model = None
-                if self.compiled:
-                    self.compiled.adapters_changed(self.base.model)
+                self.adapters_changed()
 
 
-    def warm_up_compiled_layers(self) -> None:
-        """With --compile: compiles the graphs most requests use, those of several
-        sequences with gradients (forward_backward, a custom loss's forward) and without
-        (forward), through a temporary adapter, so that no first request waits for them.
-        Graphs the memory probe compiled are reused. The engine is left as it was."""
-        run_id = self.create_run(LoraSettings(rank=PROBE_LORA_RANK, seed=0))
-        try:
-            sequence = np.zeros(WARM_UP_TOKENS, dtype=np.int64)
-            data = [DatumArrays(sequence, {"target_tokens": sequence})] * 2
-            for backward in (True, False):
-                self.start_pass(run_id, "cross_entropy", {}, backward=backward).feed(data)  # never committed
-        finally:
-            self.unload(run_id)
+def _two_sequences(length: int) -> list[DatumArrays]:
+    """Two sequences of `length` tokens, for a startup pass."""
+    sequence = np.zeros(length, dtype=np.int64)
+    return [DatumArrays(sequence, {"target_tokens": sequence})] * 2
 
 
 def _checkpoint_decoder_layers(model: torch.nn.Module) -> None:

@@ -140,7 +140,7 @@ class GradwireServer:
             loaded, plan, adapters, decode_loop = await self.scheduler.run_on_worker(
                 "startup", lambda: self._load(device))
         except BaseException:
-            await asyncio.to_thread(self.scheduler.stop)
+            await asyncio.to_thread(self.scheduler.stop)  # after the startup work the worker runs, if cancelled
             await self._server.stop(0)
             raise
         log.info("base weights %s on %s; micro-batches of %d tokens, keep-graph budget %.0f MiB "
