@@ -141,6 +141,13 @@ def relative_error(server_grads: dict[str, torch.Tensor], expected: dict[str, to
     return float((got - want).norm() / want.norm())
 
 
+def cross_entropy_gradient_error(server, run_id: str, model, data: list[gradwire.Datum]) -> float:
+    """Backpropagates the reference model's cross-entropy (weighted -logprobs) of `data`,
+    and gives relative_error of the server's accumulated gradients of `run_id` against it."""
+    sum(-(reference_logprobs(model, d) * d.loss_fn_inputs["weights"].to_torch()).sum() for d in data).backward()
+    return relative_error(server_gradients(server, run_id), reference_gradients(model, run_id))
+
+
 def checkpoint_files(server) -> list[str]:
     """Every file and folder under the server's checkpoint folder but the run index's files."""
     return sorted(str(p) for p in server.server.checkpoint_root.rglob("*") if "index.sqlite3" not in p.name)
