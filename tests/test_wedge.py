@@ -17,7 +17,7 @@ import gradwire
 from gradwire import _convert, client
 from gradwire.v1 import training_service_pb2 as pb
 from reference import (assert_state_equal, random_data, raw_request, run_state, succeeded,
-                       trained_run, wait_operation)
+                       trained_run, wait_for_stream_operation, wait_operation)
 
 STREAM = "/gradwire.v1.TrainingService/ForwardBackwardStream"
 ANSWER_S = 30  # every call below must be answered well within this (a wedge would hit it)
@@ -134,26 +134,28 @@ def test_job_aborted_underneath_a_live_stream_ends_its_rpc(server, service, stub
     tc = trained_run(service)
     first_seq = tc._seq + 1
     before = run_state(server, tc.model_id)
-    first_sent, stalled, release = threading.Event(), threading.Event(), threading.Event()
+    first_sent, release = threading.Event(), threading.Event()
     answers: dict[str, grpc.RpcError] = {}
+    second_data = random_data(5)
 
     def second_frames():
         yield header(tc.model_id, first_seq + 1, "second")
-        yield batch(random_data(5))
-        stalled.set()
-        release.wait(ANSWER_S)  # the client stalls with the stream open
+        yield batch(second_data)
+        release.wait(3 * ANSWER_S)  # the client stalls with the stream open, longer than the test waits
 
     def second():
         with grpc.insecure_channel(server.address) as channel:
             try:
-                raw_stream(channel, second_frames())
+                raw_stream(channel, second_frames(), timeout=3 * ANSWER_S)
             except grpc.RpcError as error:
                 answers["second"] = error
 
     def first_frames():
         yield header(tc.model_id, first_seq, "first")
         first_sent.set()
-        stalled.wait(ANSWER_S)
+        # seq 2 queued behind it on the server, not only handed to gRPC: had the bad batch
+        # failed first, seq 2 would be accepted as a later request and wait for its client.
+        wait_for_stream_operation(stubs[1], tc.model_id, received=len(second_data), seconds=ANSWER_S)
         bad = random_data(6)
         bad[0].loss_fn_inputs["target_tokens"].data[0] = 10**6
         yield batch(bad)
