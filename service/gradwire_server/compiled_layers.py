@@ -42,6 +42,10 @@ DYNAMO_CONFIG = {
 }
 # A rank equal to the batch size must not tie the two sizes in a graph.
 SHAPE_CONFIG = {"use_duck_shape": False}
+# Inductor's settings for the layers' graphs. A fused kernel would keep a bf16 op's result in
+# float32 until the kernel's end; rounded after every op instead, as eager rounds, training's
+# logprobs stay those of the eager sampler (on the H100 without this: 0.078 apart, 0.035 eager).
+INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 
 # (A [r, in], B [out, r], scale []) of one adapted Linear.
 RunLora = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -76,7 +80,7 @@ class CompiledLayers:
             layer.forward = self._compiled_when_active(layer.forward)
 
     def _compiled_when_active(self, eager: Callable) -> Callable:
-        compiled = torch.compile(eager)
+        compiled = torch.compile(eager, options=INDUCTOR_OPTIONS)
 
         def forward(hidden_states: torch.Tensor, *args, **kwargs):
             if not self.active:
@@ -85,6 +89,8 @@ class CompiledLayers:
             torch._dynamo.maybe_mark_dynamic(hidden_states, 1)  # length
             for position_part in kwargs.get("position_embeddings") or ():
                 torch._dynamo.maybe_mark_dynamic(position_part, 1)
+            if isinstance(kwargs.get("position_ids"), torch.Tensor):  # [1, length]; read on CUDA when checkpointed
+                torch._dynamo.maybe_mark_dynamic(kwargs["position_ids"], 1)
             return compiled(hidden_states, *args, **kwargs)
         return forward
 
