@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Where a training step's time goes: the engine as the server builds it (random weights,
+`--dtype auto`, the startup memory plan, `--compile` when asked), in-process on this
+machine's device, one forward_backward (cross-entropy) + optim_step per step on batches
+of `bench.py --size`'s shape, under torch.profiler.
+
+Prints the step's wall time and its two parts, the time the device ran kernels (on CUDA;
+the rest of a step the device waits for the host: launches, Python, a sync), and the
+kernels and host ops that took the most. Against `bench.py --size`'s loop tokens/s (the
+same step through the server), the difference is the server's own cost: gRPC, the
+scheduler, the codec.
+
+Usage: python scripts/bench_profile.py [--size 1b] [--compile] [--steps 3] [--rows 12]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings  # noqa: E402
+from gradwire_server.engine import Engine  # noqa: E402
+from gradwire_server.models import load_model, resolve_dtype  # noqa: E402
+
+SIZES = {"tiny": ("tiny-random", 8, 128, 8), "1b": ("llama-1b", 8, 1024, 32), "8b": ("llama-8b", 8, 2048, 32)}
+
+
+def random_batch(rng: np.random.Generator, datums: int, tokens: int, vocab: int) -> list[DatumArrays]:
+    return [DatumArrays(sequence[:-1], {"target_tokens": sequence[1:]})
+            for sequence in rng.integers(0, vocab, (datums, tokens + 1))]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(engine: Engine, run: str, data: list[DatumArrays]) -> tuple[float, float]:
+    """(forward_backward, optim_step) wall seconds, each until the device is done."""
+    started = time.perf_counter()
+    loss_pass = engine.start_pass(run, "cross_entropy", {}, backward=True)
+    loss_pass.feed(data)
+    loss_pass.commit()
+    synchronize(engine.device)
+    forward_backward = time.perf_counter() - started
+    engine.optim_step(run, AdamSettings())
+    synchronize(engine.device)
+    return forward_backward, time.perf_counter() - started - forward_backward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=list(SIZES), default="1b")
+    parser.add_argument("--compile", action="store_true", help="as the server's --compile")
+    parser.add_argument("--steps", type=int, default=3, help="steps profiled (after 2 unprofiled)")
+    parser.add_argument("--rows", type=int, default=12, help="kernels and host ops listed")
+    args = parser.parse_args()
+    preset, datums, tokens, rank = SIZES[args.size]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    started = time.perf_counter()
+    engine = Engine(load_model(preset, device, resolve_dtype("auto", device), "dummy"), device,
+                    compile_layers=args.compile)
+    plan = engine.plan_memory()
+    if args.compile:
+        engine.warm_up_compiled_layers()
+    print(f"{preset} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'the CPU'}, torch "
+          f"{torch.__version__}, {engine.dtype}, --compile {args.compile}; {datums} x {tokens} tokens, rank {rank}; "
+          f"micro-batch {plan.micro_batch_tokens} tokens; built in {time.perf_counter() - started:.1f} s")
+    run = engine.create_run(LoraSettings(rank=rank, seed=0))
+    rng = np.random.default_rng(0)
+    vocab = engine.base.vocab_size
+    for _ in range(2):  # allocator, cuBLAS handles, graphs of this batch's kind
+        timed_step(engine, run, random_batch(rng, datums, tokens, vocab))
+    batches = [random_batch(rng, datums, tokens, vocab) for _ in range(args.steps)]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        parts = [timed_step(engine, run, data) for data in batches]
+    forward_backward, optim_step = (float(np.median(part)) for part in zip(*parts))
+    step = forward_backward + optim_step
+    print(f"step {step * 1e3:.1f} ms (median of {args.steps}, profiled): forward_backward "
+          f"{forward_backward * 1e3:.1f} ms, optim_step {optim_step * 1e3:.1f} ms; "
+          f"{datums * tokens / step:,.0f} tokens/s")
+    events = profiler.key_averages()
+    if device.type == "cuda":
+        # Kernels of one stream run one at a time: their summed time is the time the device was busy
+        # (the host ops' rows repeat their kernels' time, so only the kernels' rows count).
+        kernel_us = sum(event.self_device_time_total for event in events
+                        if event.device_type == DeviceType.CUDA) / args.steps
+        print(f"device busy {kernel_us / 1e3:.1f} ms a step ({kernel_us / 1e6 / step:.0%}); "
+              f"idle, waiting for the host, {step * 1e3 - kernel_us / 1e3:.1f} ms")
+        print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
