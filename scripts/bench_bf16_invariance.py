@@ -7,9 +7,10 @@ on a random model loaded as the server loads it (`--dtype bfloat16 --load-format
    the logprobs of a sequence's first positions alone vs with more tokens after them
    (what padding to a longer datum does), with SDPA and with eager attention;
 2. a matmul's rows computed among few rows (a decode step of few sequences) vs among
-   many (a training micro-batch);
+   many (a training micro-batch), for each shape of weight a layer and the unembedding have;
 3. one query's attention over its past, with an explicit mask (how the sampler's
-   decode step calls it) vs its row of a causal pass over the same keys.
+   decode step calls it) vs its row of a causal pass over the same keys; then the same
+   with each SDPA backend forced on both sides, and what each costs a training-sized pass.
 
 0 everywhere means training and sampling can agree exactly; on the CPU (torch 2.13)
 SDPA changes with the length and a one-row matmul takes another kernel.
@@ -20,11 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from gradwire_server.logprobs import model_target_logprobs  # noqa: E402
 from gradwire_server.models import load_model  # noqa: E402
@@ -57,27 +61,68 @@ def training_logprobs_vs_length(model, tokens: torch.Tensor, length: int) -> lis
     return rows
 
 
-def matmul_rows(weight: torch.Tensor, generator: torch.Generator) -> list[tuple[str, str]]:
+def matmul_rows(name: str, weight: torch.Tensor, generator: torch.Generator) -> list[tuple[str, str]]:
     """64 rows of float32 activations times the weight under autocast (as in a layer),
-    computed `rows` at a time vs within one product of 256 rows."""
+    computed `rows` at a time (a decode step of that many sequences) vs within one
+    product of 256 rows (a training micro-batch)."""
     inputs = torch.randn(256, weight.shape[1], generator=generator).to(weight.device)
     with torch.autocast(weight.device.type, dtype=torch.bfloat16):
         among_many = F.linear(inputs, weight)[:64]
-        return [(f"2. matmul, 64 rows {rows} at a time vs among 256 rows ([{weight.shape[1]}] x "
-                 f"[{weight.shape[1]}, {weight.shape[0]}])",
+        return [(f"2. matmul {name} [{weight.shape[1]}] x [{weight.shape[1]}, {weight.shape[0]}], "
+                 f"64 rows {rows} at a time vs among 256",
                  max_and_mean(torch.cat([F.linear(part, weight) for part in inputs[:64].split(rows)]), among_many))
-                for rows in (1, 2, 4, 16)]
+                for rows in (1, 4)]
+
+
+def projections(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """One weight of each shape a decode step multiplies by: the first layer's and the unembedding's."""
+    by_shape = {}
+    for name, module in [*model.get_decoder().layers[0].named_modules(), ("lm_head", model.get_output_embeddings())]:
+        if isinstance(module, torch.nn.Linear):
+            by_shape.setdefault(tuple(module.weight.shape), (name.rsplit(".", 1)[-1], module.weight))
+    return dict(by_shape.values())
 
 
 def one_query_attention(heads: int, head_dim: int, keys: int, device: torch.device,
                         generator: torch.Generator) -> list[tuple[str, str]]:
+    """The last query's attention alone (a decode step's call: a bool mask, or for flash,
+    which takes none, no mask: the last query sees every key) vs its row of a causal pass
+    (training's call), each backend on both sides; and a training-sized forward + backward
+    in each backend, to price making it training's."""
     def normal(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(device, torch.bfloat16)
     query, key, value = normal(1, heads, keys, head_dim), normal(1, heads, keys, head_dim), normal(1, heads, keys, head_dim)
-    causal = F.scaled_dot_product_attention(query, key, value, is_causal=True)[:, :, -1:]
     mask = torch.ones(1, 1, 1, keys, dtype=torch.bool, device=device)
+    causal = F.scaled_dot_product_attention(query, key, value, is_causal=True)[:, :, -1:]
     masked = F.scaled_dot_product_attention(query[:, :, -1:], key, value, attn_mask=mask)
-    return [(f"3. SDPA, the last of {keys} queries: alone with a mask vs in a causal pass", max_and_mean(masked, causal))]
+    rows = [(f"3. SDPA, the last of {keys} queries: alone with a mask vs in a causal pass", max_and_mean(masked, causal))]
+    training = [normal(8, heads, 1024, head_dim).requires_grad_() for _ in range(3)]
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                    SDPBackend.MATH):
+        name = f"3. SDPA {backend.name.lower()} on both sides: the last query alone vs in a causal pass"
+        try:
+            with sdpa_kernel(backend):
+                causal = F.scaled_dot_product_attention(query, key, value, is_causal=True)[:, :, -1:]
+                alone = F.scaled_dot_product_attention(query[:, :, -1:], key, value,
+                                                       attn_mask=None if backend == SDPBackend.FLASH_ATTENTION else mask)
+                seconds = training_attention_seconds(training, device)
+        except RuntimeError:  # this backend does not run here
+            rows.append((name, "not available"))
+            continue
+        rows.append((name, f"{max_and_mean(alone, causal)}; training-sized fwd + bwd {seconds * 1e3:.2f} ms"))
+    return rows
+
+
+def training_attention_seconds(qkv: list[torch.Tensor], device: torch.device, repeats: int = 5) -> float:
+    """Median seconds of a causal attention forward + backward over [8, heads, 1024, head_dim]."""
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        F.scaled_dot_product_attention(*qkv, is_causal=True).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -95,7 +140,8 @@ def main() -> None:
                               f"{args.preset} (bf16 matmul weights), torch {torch.__version__}"),
             ("max / mean abs diff", "(logprobs in 1; bf16 outputs in 2 and 3)")]
     rows += training_logprobs_vs_length(model, tokens, args.length)
-    rows += matmul_rows(model.get_decoder().layers[0].mlp.gate_proj.weight, generator)
+    for name, weight in projections(model).items():
+        rows += matmul_rows(name, weight, generator)
     rows += one_query_attention(config.num_attention_heads, head_dim, args.length, device, generator)
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
