@@ -5,9 +5,11 @@ on a random model loaded as the server loads it (`--dtype bfloat16 --load-format
 
 1. the training function (decoder + chunked logprobs, under the engine's autocast):
    the logprobs of a sequence's first positions alone vs with more tokens after them
-   (what padding to a longer datum does), with SDPA and with eager attention;
-2. a matmul's rows computed among few rows (a decode step of few sequences) vs among
-   many (a training micro-batch), for each shape of weight a layer and the unembedding have;
+   (what padding to a longer datum does), with SDPA and with eager attention, and alone vs
+   among other sequences in one batch;
+2. a matmul's rows computed among few rows (a decode step of few sequences) or among many
+   (a micro-batch of several sequences) vs among those of one sequence, for each shape of
+   weight a layer and the unembedding have;
 3. one query's attention over its past, with an explicit mask (how the sampler's
    decode step calls it) vs its row of a causal pass over the same keys; then the same
    with each SDPA backend forced on both sides, and what each costs a training-sized pass.
@@ -61,17 +63,33 @@ def training_logprobs_vs_length(model, tokens: torch.Tensor, length: int) -> lis
     return rows
 
 
+def training_logprobs_vs_batch(model, tokens: torch.Tensor, length: int,
+                               generator: torch.Generator) -> list[tuple[str, str]]:
+    """A sequence's logprobs alone vs as the first of 4 sequences in one micro-batch (the
+    others as long, so no padding: only the batch's size changes)."""
+    others = torch.randint(0, model.config.vocab_size, (3, length + 1), generator=generator).to(tokens.device)
+    batch = torch.cat([tokens[:, :length + 1], others])
+    with torch.no_grad(), torch.autocast(tokens.device.type, dtype=torch.bfloat16):
+        alone = model_target_logprobs(model, batch[:1, :-1], batch[:1, 1:, None])[0, :, 0]
+        among = model_target_logprobs(model, batch[:, :-1], batch[:, 1:, None])[0, :, 0]
+    return [(f"1. training, sdpa: {length} positions alone vs as one of 4 sequences in a batch",
+             max_and_mean(alone, among))]
+
+
 def matmul_rows(name: str, weight: torch.Tensor, generator: torch.Generator) -> list[tuple[str, str]]:
     """64 rows of float32 activations times the weight under autocast (as in a layer),
-    computed `rows` at a time (a decode step of that many sequences) vs within one
-    product of 256 rows (a training micro-batch)."""
-    inputs = torch.randn(256, weight.shape[1], generator=generator).to(weight.device)
+    computed 1 or 4 at a time (a decode step of that many sequences), or within a product
+    of 1024 rows (a micro-batch of several sequences), vs within one of 256 rows (a sequence)."""
+    inputs = torch.randn(1024, weight.shape[1], generator=generator).to(weight.device)
+    shape = f"{name} [{weight.shape[1]}] x [{weight.shape[1]}, {weight.shape[0]}]"
     with torch.autocast(weight.device.type, dtype=torch.bfloat16):
-        among_many = F.linear(inputs, weight)[:64]
-        return [(f"2. matmul {name} [{weight.shape[1]}] x [{weight.shape[1]}, {weight.shape[0]}], "
-                 f"64 rows {rows} at a time vs among 256",
-                 max_and_mean(torch.cat([F.linear(part, weight) for part in inputs[:64].split(rows)]), among_many))
+        among_256 = F.linear(inputs[:256], weight)[:64]
+        rows = [(f"2. matmul {shape}, 64 rows {rows} at a time vs among 256",
+                 max_and_mean(torch.cat([F.linear(part, weight) for part in inputs[:64].split(rows)]), among_256))
                 for rows in (1, 4)]
+        rows.append((f"2. matmul {shape}, 64 rows among 1024 vs among 256",
+                     max_and_mean(F.linear(inputs, weight)[:64], among_256)))
+    return rows
 
 
 def projections(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -140,6 +158,7 @@ def main() -> None:
                               f"{args.preset} (bf16 matmul weights), torch {torch.__version__}"),
             ("max / mean abs diff", "(logprobs in 1; bf16 outputs in 2 and 3)")]
     rows += training_logprobs_vs_length(model, tokens, args.length)
+    rows += training_logprobs_vs_batch(model, tokens, args.length, generator)
     for name, weight in projections(model).items():
         rows += matmul_rows(name, weight, generator)
     rows += one_query_attention(config.num_attention_heads, head_dim, args.length, device, generator)
