@@ -5,14 +5,18 @@ through ServerConfig instead of waiting them out."""
 from __future__ import annotations
 
 import asyncio
+import os
 import pathlib
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import grpc
 import numpy as np
 import pytest
+import torch
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -209,6 +213,35 @@ def test_cli_flags_are_parsed_into_the_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.parse_config(["--model", "tiny-random", "--micro-batch-tokens", "0"])
     assert "--micro-batch-tokens must be at least 1" in capsys.readouterr().err
+
+
+STARTUP_FAILURES = {
+    "missing-folder": (["--model", "{tmp}/no-such-model"], {}, "--model {tmp}/no-such-model: no such folder"),
+    "unknown-preset": (["--model", "no-such-preset", "--load-format", "dummy"], {},
+                       "--model no-such-preset: --load-format dummy needs a preset"),
+    # A fresh inductor cache, so the layers' kernels must be built, and no C++ compiler to build them.
+    "compile-without-a-compiler": (["--model", "tiny-random", "--compile"],
+                                   {"CXX": "/no/such/compiler", "TORCHINDUCTOR_CACHE_DIR": "{tmp}/inductor"},
+                                   "--compile: torch.compile could not build the decoder layers' kernels"),
+}
+
+
+@pytest.mark.parametrize("failure", list(STARTUP_FAILURES))
+def test_a_server_that_cannot_start_says_which_flag_and_why(tmp_path, failure):
+    """A server that cannot start exits with status 1 and one line naming the flag and the
+    cause, not a traceback."""
+    if failure == "compile-without-a-compiler" and torch.cuda.is_available():
+        pytest.skip("on CUDA the layers compile with triton, not a C++ compiler")
+    args, env, expected = STARTUP_FAILURES[failure]
+    result = subprocess.run(
+        [sys.executable, "-m", "gradwire_server", "--port", "0", "--checkpoint-dir", str(tmp_path / "checkpoints"),
+         *(arg.format(tmp=tmp_path) for arg in args)],
+        env={**os.environ, **{key: value.format(tmp=tmp_path) for key, value in env.items()}},
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"gradwire-server: {expected.format(tmp=tmp_path)}"), \
+        result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # ---- SIGTERM ------------------------------------------------------------------------------------------------

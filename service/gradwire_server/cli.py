@@ -8,11 +8,12 @@ import asyncio
 import logging
 import os
 import pathlib
+import sys
 
 from gradwire_server import memory
 from gradwire_server.models import DTYPES, LOAD_FORMATS, preset_configs
 from gradwire_server.server import (CUDA_KV_CACHE_SHARE, DEFAULT_CHECKPOINT_DIR, DEFAULT_CPU_KV_CACHE_MB,
-                                   ServerConfig, serve)
+                                   ServerConfig, StartupError, serve)
 
 
 def parse_config(argv: list[str] | None = None) -> ServerConfig:
@@ -73,7 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     # read when CUDA first allocates, which is after this.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except StartupError as error:
+        sys.exit(f"gradwire-server: {error}")
 
 
 if __name__ == "__main__":

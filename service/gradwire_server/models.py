@@ -66,6 +66,9 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = tor
     elif name_or_path == SMOLLM2_135M:
         model, tokenizer = _smollm2_135m()
     else:
+        written_as_path = name_or_path.startswith(("/", "."))  # a hub id is Org/Name
+        if written_as_path and not pathlib.Path(name_or_path).is_dir():
+            raise ValueError("no such folder (a model's folder holds its config.json and weights)")
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     scaled = [key for key in _LOGIT_TRANSFORMS if getattr(model.config, key, None) not in (None, 0, 1)]

@@ -87,6 +87,10 @@ class ServerConfig:
     checkpoint_expiry_interval_s: float = 60.0
 
 
+class StartupError(Exception):
+    """The server cannot start as configured; the message names the flag and why."""
+
+
 class GradwireServer:
     """One running server. `await start()`, then `await wait_for_termination()` or `await stop()`."""
 
@@ -159,16 +163,24 @@ class GradwireServer:
     def _load(self, device: torch.device) -> tuple[LoadedModel, MemoryPlan, SamplerAdapters, DecodeLoop]:
         """The model, the training engine and its memory plan, and the sampler (on the worker)."""
         config = self.config
-        loaded = load_model(config.model, device, resolve_dtype(config.dtype, device), config.load_format)
+        try:
+            loaded = load_model(config.model, device, resolve_dtype(config.dtype, device), config.load_format)
+        except (OSError, ValueError) as error:  # no such folder, preset or cached hub id; no weights
+            raise StartupError(f"--model {config.model}: {error}") from error
         self.engine = Engine(loaded, device, keep_graph_timeout_s=config.keep_graph_timeout_s,
                              activation_checkpointing=config.activation_checkpointing,
                              compile_layers=config.compile)
         # The KV cache is allocated first, so the training plan sizes itself from what is left.
         pool = BlockPool(loaded.model.config, _kv_cache_bytes(config.kv_cache_mb, device), loaded.dtype, device)
         budget = None if config.keep_graph_budget_mb is None else int(config.keep_graph_budget_mb * 2**20)
-        plan = self.engine.plan_memory(config.micro_batch_tokens, budget)
-        if config.compile:
-            self.engine.warm_up_compiled_layers()
+        try:  # with --compile both passes compile the decoder layers
+            plan = self.engine.plan_memory(config.micro_batch_tokens, budget)
+            if config.compile:
+                self.engine.warm_up_compiled_layers()
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            raise StartupError(f"--compile: torch.compile could not build the decoder layers' kernels "
+                               f"({str(error).splitlines()[0]}). Inductor needs a C++ compiler on the CPU "
+                               f"and triton on CUDA; without --compile training runs eagerly") from error
         adapters = SamplerAdapters(self.engine)
         decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights,
                                  graphs="captured" if device.type == "cuda" and config.cuda_graphs else "off")
