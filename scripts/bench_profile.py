@@ -10,23 +10,30 @@ kernels and host ops that took the most. Against `bench.py --size`'s loop tokens
 same step through the server), the difference is the server's own cost: gRPC, the
 scheduler, the codec.
 
-Usage: python scripts/bench_profile.py [--size 1b] [--compile] [--steps 3] [--rows 12]
+With --plain it first times the same math written as a plain peft loop, without the
+engine (eager): what the engine's own bookkeeping costs.
+
+Usage: python scripts/bench_profile.py [--size 1b] [--compile] [--plain] [--steps 3] [--rows 12]
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import peft  # noqa: E402
 import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings  # noqa: E402
-from gradwire_server.engine import Engine  # noqa: E402
+from gradwire_server.engine import ATTENTION_MODULES, LORA_ALPHA, MLP_MODULES, UNEMBED_MODULES, Engine  # noqa: E402
+from gradwire_server.logprobs import model_target_logprobs  # noqa: E402
 from gradwire_server.models import load_model, resolve_dtype  # noqa: E402
 
 SIZES = {"tiny": ("tiny-random", 8, 128, 8), "1b": ("llama-1b", 8, 1024, 32), "8b": ("llama-8b", 8, 2048, 32)}
@@ -55,15 +62,51 @@ def timed_step(engine: Engine, run: str, data: list[DatumArrays]) -> tuple[float
     return forward_backward, time.perf_counter() - started - forward_backward
 
 
+def plain_loop_step_seconds(preset: str, device: torch.device, rank: int,
+                            batches: list[list[DatumArrays]]) -> float:
+    """Median seconds a step of the engine's math takes written as a plain loop, without the
+    engine: the same model and dtype, peft's LoRA on the same modules, the same chunked
+    logprobs under the same autocast, AdamW fused on CUDA. The first two steps warm up."""
+    loaded = load_model(preset, device, resolve_dtype("auto", device), "dummy")
+    peft.get_peft_model(loaded.model, peft.LoraConfig(r=rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=[
+        *ATTENTION_MODULES, *MLP_MODULES, *UNEMBED_MODULES]))  # wraps the model's Linears in place
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, weight_decay=0.0, fused=device.type == "cuda")
+    seconds = []
+    for data in batches:
+        tokens = torch.as_tensor(np.stack([d.tokens for d in data]), device=device)
+        targets = torch.as_tensor(np.stack([d.loss_fn_inputs["target_tokens"] for d in data]), device=device)
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=loaded.dtype == torch.bfloat16):
+            loss = -model_target_logprobs(loaded.model, tokens, targets[..., None]).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    del loaded, params, optimizer, loss
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the engine then plans its memory with the card to itself
+    return statistics.median(seconds[2:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=list(SIZES), default="1b")
     parser.add_argument("--compile", action="store_true", help="as the server's --compile")
-    parser.add_argument("--steps", type=int, default=3, help="steps profiled (after 2 unprofiled)")
+    parser.add_argument("--steps", type=int, default=3, help="steps timed, then as many profiled (after 2 to warm up)")
     parser.add_argument("--rows", type=int, default=12, help="kernels and host ops listed")
+    parser.add_argument("--plain", action="store_true",
+                        help="first time the same math as a plain peft loop (eager), without the engine")
     args = parser.parse_args()
     preset, datums, tokens, rank = SIZES[args.size]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rng = np.random.default_rng(0)
+    vocab = load_model(preset, torch.device("meta"), torch.float32, "dummy").vocab_size
+    plain_s = (plain_loop_step_seconds(preset, device, rank, [random_batch(rng, datums, tokens, vocab)
+                                                              for _ in range(args.steps + 2)])
+               if args.plain else None)
 
     started = time.perf_counter()
     engine = Engine(load_model(preset, device, resolve_dtype("auto", device), "dummy"), device,
@@ -75,27 +118,28 @@ def main() -> None:
           f"{torch.__version__}, {engine.dtype}, --compile {args.compile}; {datums} x {tokens} tokens, rank {rank}; "
           f"micro-batch {plan.micro_batch_tokens} tokens; built in {time.perf_counter() - started:.1f} s")
     run = engine.create_run(LoraSettings(rank=rank, seed=0))
-    rng = np.random.default_rng(0)
-    vocab = engine.base.vocab_size
     for _ in range(2):  # allocator, cuBLAS handles, graphs of this batch's kind
         timed_step(engine, run, random_batch(rng, datums, tokens, vocab))
+    parts = [timed_step(engine, run, random_batch(rng, datums, tokens, vocab)) for _ in range(args.steps)]
+    forward_backward, optim_step = (statistics.median(part) for part in zip(*parts))
+    step = forward_backward + optim_step
+    print(f"step {step * 1e3:.1f} ms (median of {args.steps}): forward_backward {forward_backward * 1e3:.1f} ms, "
+          f"optim_step {optim_step * 1e3:.1f} ms; {datums * tokens / step:,.0f} tokens/s")
+    if plain_s is not None:
+        print(f"step of the same math as a plain peft loop, eager: {plain_s * 1e3:.1f} ms "
+              f"(engine / plain: {step / plain_s:.3f})")
     batches = [random_batch(rng, datums, tokens, vocab) for _ in range(args.steps)]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
-        parts = [timed_step(engine, run, data) for data in batches]
-    forward_backward, optim_step = (float(np.median(part)) for part in zip(*parts))
-    step = forward_backward + optim_step
-    print(f"step {step * 1e3:.1f} ms (median of {args.steps}, profiled): forward_backward "
-          f"{forward_backward * 1e3:.1f} ms, optim_step {optim_step * 1e3:.1f} ms; "
-          f"{datums * tokens / step:,.0f} tokens/s")
+        profiled = sum(sum(timed_step(engine, run, data)) for data in batches) / args.steps
     events = profiler.key_averages()
     if device.type == "cuda":
         # Kernels of one stream run one at a time: their summed time is the time the device was busy
         # (the host ops' rows repeat their kernels' time, so only the kernels' rows count).
         kernel_us = sum(event.self_device_time_total for event in events
                         if event.device_type == DeviceType.CUDA) / args.steps
-        print(f"device busy {kernel_us / 1e3:.1f} ms a step ({kernel_us / 1e6 / step:.0%}); "
-              f"idle, waiting for the host, {step * 1e3 - kernel_us / 1e3:.1f} ms")
+        print(f"device busy {kernel_us / 1e3:.1f} ms of a profiled step's {profiled * 1e3:.1f} ms "
+              f"({kernel_us / 1e6 / profiled:.0%}); idle, waiting for the host, {profiled * 1e3 - kernel_us / 1e3:.1f} ms")
         print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
 
