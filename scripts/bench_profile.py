@@ -35,8 +35,8 @@ from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings  # noq
 from gradwire_server.engine import ATTENTION_MODULES, LORA_ALPHA, MLP_MODULES, UNEMBED_MODULES, Engine  # noqa: E402
 from gradwire_server.logprobs import model_target_logprobs  # noqa: E402
 from gradwire_server.models import load_model, resolve_dtype  # noqa: E402
+from bench import SIZES  # noqa: E402
 
-SIZES = {"tiny": ("tiny-random", 8, 128, 8), "1b": ("llama-1b", 8, 1024, 32), "8b": ("llama-8b", 8, 2048, 32)}
 
 
 def random_batch(rng: np.random.Generator, datums: int, tokens: int, vocab: int) -> list[DatumArrays]:
@@ -135,9 +135,9 @@ def main() -> None:
     events = profiler.key_averages()
     if device.type == "cuda":
         # Kernels of one stream run one at a time: their summed time is the time the device was busy
-        # (the host ops' rows repeat their kernels' time, so only the kernels' rows count).
+        # (host ops' rows and annotated regions repeat their kernels' time, so only the kernels' rows count).
         kernel_us = sum(event.self_device_time_total for event in events
-                        if event.device_type == DeviceType.CUDA) / args.steps
+                        if event.device_type == DeviceType.CUDA and not event.is_user_annotation) / args.steps
         print(f"device busy {kernel_us / 1e3:.1f} ms of a profiled step's {profiled * 1e3:.1f} ms "
               f"({kernel_us / 1e6 / profiled:.0%}); idle, waiting for the host, {profiled * 1e3 - kernel_us / 1e3:.1f} ms")
         print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))

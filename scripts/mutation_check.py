@@ -247,7 +247,7 @@ MUTATIONS = [
              ("tests/test_compiled_layers.py",),
              "with --compile and a bf16 base, training's logprobs drift from the eager sampler's"),
     Mutation("startup-failure-as-a-traceback", S + "cli.py",
-             '        sys.exit(f"gradwire-server: {error}")',
+             '        sys.exit(f"gradwire-server: {str(error).splitlines()[0]}")',
              "        raise",
              ("tests/test_server_lifecycle.py",),
              "a server that cannot start prints a traceback instead of the flag and the cause"),

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         asyncio.run(serve(config))
     except StartupError as error:
-        sys.exit(f"gradwire-server: {error}")
+        sys.exit(f"gradwire-server: {str(error).splitlines()[0]}")
 
 
 if __name__ == "__main__":

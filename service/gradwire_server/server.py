@@ -179,8 +179,9 @@ class GradwireServer:
                 self.engine.warm_up_compiled_layers()
         except torch._dynamo.exc.BackendCompilerFailed as error:
             raise StartupError(f"--compile: torch.compile could not build the decoder layers' kernels "
-                               f"({str(error).splitlines()[0]}). Inductor needs a C++ compiler on the CPU "
-                               f"and triton on CUDA; without --compile training runs eagerly") from error
+                               f"({str(error).splitlines()[0]}); a missing compiler is the usual cause (inductor "
+                               f"needs a C++ compiler on the CPU, triton on CUDA); without --compile training "
+                               f"runs eagerly") from error
         adapters = SamplerAdapters(self.engine)
         decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights,
                                  graphs="captured" if device.type == "cuda" and config.cuda_graphs else "off")
