@@ -292,8 +292,8 @@ def test_the_server_compiles_the_usual_graphs_before_it_serves(tmp_path, probe):
 
 def test_a_bfloat16_base_trains_within_bf16_rounding_of_the_eager_engine():
     """CUDA's default dtype: bf16 base weights under bf16 autocast, LoRA in float32. The fused
-    kernels round each op's result to bf16 as eager does, so training's logprobs stay those
-    of the (eager) sampler: on this CPU, tiny-random's loss and gradients are bit-equal (with
+    kernels round each op's result to bf16 as eager does, which keeps training's logprobs
+    close to the (eager) sampler's: on this CPU, tiny-random's loss and gradients are bit-equal (with
     bf16 results kept in float32 inside a kernel: 1.5e-4 and 0.015 relative). A reduction's
     sum (RMSNorm's) may still be taken in another order, so the bound leaves room; on CUDA it
     is bf16's."""
