@@ -238,9 +238,27 @@ def test_a_server_that_cannot_start_says_which_flag_and_why(tmp_path, failure):
          *(arg.format(tmp=tmp_path) for arg in args)],
         env={**os.environ, **{key: value.format(tmp=tmp_path) for key, value in env.items()}},
         capture_output=True, text=True, timeout=300)
+    assert_refused_to_start(result, expected.format(tmp=tmp_path))
+
+
+def test_a_second_server_on_a_port_in_use_refuses_to_start(server, tmp_path):
+    """A server started on the port of one already serving exits with status 1, naming
+    --port, instead of sharing the port (the kernel would split clients between the two)."""
+    port = server.server.port
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "gradwire_server", "--model", "tiny-random", "--port", str(port),
+             "--checkpoint-dir", str(tmp_path / "checkpoints")], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as still_running:  # killed by run()
+        pytest.fail(f"a second server started on port {port}: {still_running.stderr.decode()}")
+    assert_refused_to_start(result, f"--port {port}: cannot listen on 127.0.0.1:{port}: in use")
+    with raw_stubs(server.address) as (training, _):  # the first server still serves
+        assert new_run(training)
+
+
+def assert_refused_to_start(result: subprocess.CompletedProcess, expected: str) -> None:
     assert result.returncode == 1, result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(f"gradwire-server: {expected.format(tmp=tmp_path)}"), \
-        result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"gradwire-server: {expected}"), result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -117,7 +117,10 @@ class GradwireServer:
         self.health = health.aio.HealthServicer()
         self._server = grpc.aio.server(interceptors=[MalformedRequestGuard()], options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # gRPC shares a port between processes by default on Linux: a second server on this
+            # port would start, and the kernel would split clients (and their runs) between the two.
+            ("grpc.so_reuseport", 0)])
         pb_grpc.add_TrainingServiceServicer_to_server(self.training, self._server)
         rpb_grpc.add_ResourceServiceServicer_to_server(self.resources, self._server)
         sampling_service_pb2_grpc.add_SamplingServiceServicer_to_server(self.sampling, self._server)
@@ -128,9 +131,12 @@ class GradwireServer:
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self._server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as error:  # gRPC's log line above it gives the cause
+            raise StartupError(f"--port {self.config.port}: cannot listen on {address}: in use by another "
+                               f"process, or --host {self.config.host} is not an address of this machine") from error
         await self._server.start()
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
