@@ -9,7 +9,7 @@ on a random model loaded as the server loads it (`--dtype bfloat16 --load-format
    among other sequences in one batch;
 2. a matmul's rows computed among few rows (a decode step of few sequences) or among many
    (a micro-batch of several sequences) vs among those of one sequence, for each shape of
-   weight a layer and the unembedding have;
+   weight a layer and the unembedding have, and of a run's LoRA factors;
 3. one query's attention over its past, with an explicit mask (how the sampler's
    decode step calls it) vs its row of a causal pass over the same keys; then the same
    with each SDPA backend forced on both sides, and what each costs a training-sized pass.
@@ -17,7 +17,7 @@ on a random model loaded as the server loads it (`--dtype bfloat16 --load-format
 0 everywhere means training and sampling can agree exactly; on the CPU (torch 2.13)
 SDPA changes with the length and a one-row matmul takes another kernel.
 
-Usage: python scripts/bench_bf16_invariance.py [--preset llama-1b] [--length 159]
+Usage: python scripts/bench_bf16_invariance.py [--preset llama-1b] [--length 159] [--rank 32]
 """
 from __future__ import annotations
 
@@ -101,6 +101,16 @@ def projections(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(by_shape.values())
 
 
+def lora_factors(model: torch.nn.Module, rank: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """float32 LoRA factors of each shape a run of `rank` multiplies by (A [rank, in], B [out, rank]):
+    their narrow side is where a GEMM library splits the reduction by the row count."""
+    shapes = {tuple(weight.shape) for weight in projections(model).values()}
+    factors = {f"lora_A (in {n_in})": (rank, n_in) for _, n_in in shapes}
+    factors |= {f"lora_B (out {n_out})": (n_out, rank) for n_out, _ in shapes}
+    device = next(model.parameters()).device
+    return {name: (torch.randn(*shape, generator=generator) * 0.02).to(device) for name, shape in factors.items()}
+
+
 def one_query_attention(heads: int, head_dim: int, keys: int, device: torch.device,
                         generator: torch.Generator) -> list[tuple[str, str]]:
     """The last query's attention alone (a decode step's call: a bool mask, or for flash,
@@ -147,6 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="llama-1b")
     parser.add_argument("--length", type=int, default=159)
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank of the factors in 2")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.preset, device, torch.bfloat16, "dummy").model.eval()
@@ -159,7 +170,7 @@ def main() -> None:
             ("max / mean abs diff", "(logprobs in 1; bf16 outputs in 2 and 3)")]
     rows += training_logprobs_vs_length(model, tokens, args.length)
     rows += training_logprobs_vs_batch(model, tokens, args.length, generator)
-    for name, weight in projections(model).items():
+    for name, weight in {**projections(model), **lora_factors(model, args.rank, generator)}.items():
         rows += matmul_rows(name, weight, generator)
     rows += one_query_attention(config.num_attention_heads, head_dim, args.length, device, generator)
     width = max(len(name) for name, _ in rows)
