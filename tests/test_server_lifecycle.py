@@ -129,6 +129,30 @@ def test_a_missing_seq_id_aborts_the_held_requests_after_the_gap_timeout(short_s
         .HasField("error")
 
 
+def test_a_request_the_sdk_refuses_takes_no_seq_id(short_server):
+    """A field the SDK or protobuf refuses raises at once, naming it, before the request takes a
+    seq_id: the next request runs (after a gap it would wait the 1 s gap timeout and be ABORTED)."""
+    client = gradwire.ServiceClient(base_url=short_server.address)
+    tc = client.create_lora_training_client(base_model="tiny-random", rank=4)
+    data = random_data(86)
+    past_int32 = gradwire.Datum(model_input=gradwire.ModelInput([gradwire.EncodedTextChunk([5, 2**32 + 8])]),
+                                loss_fn_inputs={"target_tokens": [6, 7]})
+    refused = [(lambda: tc.forward_backward(data, "cross_entropy", {"beta": "x"}), TypeError,
+                "loss_fn_config['beta']: 'x' is not a number"),
+               (lambda: tc.forward(data, 123), TypeError, "loss_fn=123: "),
+               (lambda: tc.save_state(123), TypeError, "name=123: "),
+               (lambda: tc.forward([*data, past_int32], "cross_entropy"), ValueError,
+                f"data[{len(data)}]: model_input: token id 4294967304 (position 1) does not fit")]
+    try:
+        for call, error, message in refused:
+            with pytest.raises(error) as raised:
+                call().result(30)
+            assert str(raised.value).startswith(message)
+            assert tc.forward_backward(data, "cross_entropy").result(30).metrics["loss:sum"] > 0
+    finally:
+        client.close()
+
+
 # ---- health while the model loads ---------------------------------------------------------------------
 
 def test_health_is_not_serving_and_calls_unavailable_while_the_model_loads(tmp_path, monkeypatch):

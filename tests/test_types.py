@@ -1,6 +1,9 @@
 """SDK types and the wire codec (pure data, no server)."""
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +43,50 @@ def test_tensor_data_round_trips():
     assert gradwire.TensorData.from_torch(torch.ones(2, 2)).dtype == "float32"
     with pytest.raises(ValueError):
         gradwire.TensorData([1, 2, 3], "int64", (2, 2))
+
+
+def test_token_ids_a_cast_would_change_are_refused():
+    """Ids that are not integers, or do not fit the wire's int32, raise naming the id instead of
+    being truncated or wrapped (2**32 + 8 would arrive as 8 and train token 8)."""
+    for tokens in ([5, 6.7], ["5"], [5, None]):
+        with pytest.raises(TypeError, match="is not an integer"):
+            gradwire.ModelInput.from_ints(tokens)
+    for tokens in ([5, 2**32 + 8], [-(2**31) - 1], np.array([5, 2**31], dtype=np.int64)):
+        with pytest.raises(ValueError, match=f"token id {tokens[-1]} .* does not fit the wire's int32"):
+            codec.tokens_to_chunk(np.asarray(tokens))
+    with pytest.raises(TypeError, match="token ids must be integers, not float64"):
+        codec.tokens_to_chunk(np.array([5.0, 6.0]))
+    assert codec.tokens_from_text_chunk(codec.tokens_to_chunk(np.array([0, 2**31 - 1])).encoded_text).tolist() \
+        == [0, 2**31 - 1]
+
+
+def test_int64_loss_inputs_refuse_what_a_cast_would_change():
+    """target_tokens (int64 by key) keep whole numbers given as floats and refuse fractions, NaN
+    and values past int64, naming the key."""
+    def datum(targets):
+        return gradwire.Datum(model_input=gradwire.ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": targets})
+    assert datum(np.array([3.0, 4.0])).loss_fn_inputs["target_tokens"].tolist() == [3, 4]
+    assert datum(np.array([3, 2**63 - 1], dtype=np.uint64)).loss_fn_inputs["target_tokens"].tolist() == [3, 2**63 - 1]
+    for targets in ([3, 8.9], [3, float("nan")], np.array([3, 2**63], dtype=np.uint64), [3.0, 2.0**63]):
+        with pytest.raises(ValueError, match=r"loss_fn_inputs\['target_tokens'\]: int64 values must be"):
+            datum(targets)
+
+
+def test_a_future_waited_on_by_two_threads_honours_each_timeout():
+    """While one thread waits for a result, another's result(timeout) gives up within its own
+    timeout; once fetched, every waiter gets the value."""
+    release = threading.Event()
+    threading.Timer(10, release.set).start()  # (a waiter blocked behind the first would return then)
+    future = gradwire.APIFuture(lambda timeout: release.wait() and "value")
+    first = threading.Thread(target=future.result)
+    first.start()
+    while not future._lock.locked():
+        time.sleep(0.01)
+    with pytest.raises(gradwire.APITimeoutError, match="another thread is waiting"):
+        future.result(timeout=0.2)
+    release.set()
+    first.join(30)
+    assert future.result(timeout=1) == "value"
 
 
 def test_codec_dense_and_readable_forms_agree():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import numbers
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -32,7 +33,10 @@ def _chunk(chunk: types.ModelInputChunk) -> datum_pb2.Chunk:
 
 def datum_to_proto(datum: types.Datum, keys: Iterable[str] | None = None) -> datum_pb2.Datum:
     """Encodes a Datum; `keys` limits which loss_fn_inputs travel."""
-    chunks = model_input_chunks(datum.model_input)
+    try:
+        chunks = model_input_chunks(datum.model_input)
+    except (TypeError, ValueError) as error:
+        raise _naming(error, "model_input") from None
     inputs = datum.loss_fn_inputs if keys is None else {
         key: datum.loss_fn_inputs[key] for key in keys if key in datum.loss_fn_inputs}
     return datum_pb2.Datum(model_input=chunks,
@@ -47,10 +51,13 @@ def datum_pieces(data: Iterable[types.Datum], keys: Iterable[str] | None,
     keys = None if keys is None else tuple(keys)
     piece: list[datum_pb2.Datum] = []
     size = 0
-    for datum in data:
-        if not isinstance(datum, types.Datum):
-            datum = types.Datum(**datum)
-        message = datum_to_proto(datum, keys)
+    for index, datum in enumerate(data):
+        try:
+            if not isinstance(datum, types.Datum):
+                datum = types.Datum(**datum)
+            message = datum_to_proto(datum, keys)
+        except (TypeError, ValueError) as error:
+            raise _naming(error, f"data[{index}]") from None
         message_size = message.ByteSize() + 8  # + field tag and length prefix
         if piece and size + message_size > budget_bytes:
             yield piece
@@ -58,6 +65,40 @@ def datum_pieces(data: Iterable[types.Datum], keys: Iterable[str] | None,
         piece.append(message)
         size += message_size
     yield piece
+
+
+def loss_fn_config(config: dict[str, float] | None) -> dict[str, float]:
+    """The config as the request's map of names to float64 numbers; TypeError/ValueError naming
+    the entry that is not one."""
+    out = {}
+    for key, value in (config or {}).items():
+        if not isinstance(key, str):
+            raise TypeError(f"loss_fn_config: key {key!r} is not a str")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"loss_fn_config[{key!r}]: {value!r} is not a number")
+        try:
+            out[key] = float(value)
+        except OverflowError:
+            raise ValueError(f"loss_fn_config[{key!r}] is too large for a float64") from None
+    return out
+
+
+def message(message_type: type[Message], **fields: Any) -> Message:
+    """message_type(**fields); a field protobuf refuses is named in the TypeError / ValueError."""
+    try:
+        return message_type(**fields)
+    except (TypeError, ValueError) as error:
+        for name, value in fields.items():
+            try:
+                message_type(**{name: value})
+            except (TypeError, ValueError) as refused:
+                raise _naming(refused, f"{name}={value!r}") from None
+        raise error
+
+
+def _naming(error: TypeError | ValueError, where: str) -> TypeError | ValueError:
+    """The error again, its message prefixed with where in the request it arose."""
+    return (TypeError if isinstance(error, TypeError) else ValueError)(f"{where}: {error}")
 
 
 def forward_backward_output(output: pb.ForwardBackwardOutput,

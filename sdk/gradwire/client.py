@@ -105,24 +105,26 @@ class ServiceClient:
         client-streamed in messages of at most MESSAGE_BUDGET_BYTES; returns the
         operation's name. keep_graph / reuse_forward: see ForwardBackwardRequest.
 
-        The request takes its seq_id from next_seq() only once it is about to go
-        out, so data that fails before then leaves no gap in the run's order.
+        The request takes its seq_id from next_seq() only once its message is
+        whole and about to go out, so data or a field that fails before then
+        leaves no gap in the run's order.
         A stream that breaks on this side (the data's iterator raises, the
         connection drops) is settled on the server before the error reaches the
         caller, so whatever the caller sends next is not aborted by it (see
         _settle_stream)."""
+        config = _convert.loss_fn_config(loss_fn_config)
         pieces = _convert.datum_pieces(data, keys, MESSAGE_BUDGET_BYTES)
         first = next(pieces)
         second = next(pieces, None)
         if second is None:
-            request = pb.ForwardBackwardRequest(model_id=model_id, seq_id=next_seq(), loss_fn=loss_fn,
-                                                loss_fn_config=loss_fn_config or {}, data=first,
-                                                request_id=request_id(), keep_graph=keep_graph,
-                                                reuse_forward=reuse_forward)
+            request = _convert.message(pb.ForwardBackwardRequest, model_id=model_id, loss_fn=loss_fn,
+                                       loss_fn_config=config, data=first, request_id=request_id(),
+                                       keep_graph=keep_graph, reuse_forward=reuse_forward)
+            request.seq_id = next_seq()
             return self._call("Forward" if forward_only else "ForwardBackward", request).name
-        header = pb.StreamHeader(model_id=model_id, seq_id=next_seq(), loss_fn=loss_fn,
-                                 loss_fn_config=loss_fn_config or {}, request_id=request_id(),
-                                 keep_graph=keep_graph, reuse_forward=reuse_forward)
+        header = _convert.message(pb.StreamHeader, model_id=model_id, loss_fn=loss_fn, loss_fn_config=config,
+                                  request_id=request_id(), keep_graph=keep_graph, reuse_forward=reuse_forward)
+        header.seq_id = next_seq()
         total = len(data) if isinstance(data, Sized) else None
         rpc = getattr(self._transport.training, "ForwardStream" if forward_only else "ForwardBackwardStream")
         with tqdm(total=total, unit="datum", desc=f"uploading to {model_id}",
@@ -603,8 +605,9 @@ class TrainingClient:
         service, model_id = self.service, self.model_id
 
         def send(next_seq):
-            return service._call(rpc, request_type(model_id=model_id, seq_id=next_seq(),
-                                                   request_id=request_id(), **fields)).name
+            request = _convert.message(request_type, model_id=model_id, request_id=request_id(), **fields)
+            request.seq_id = next_seq()  # once the message is whole: a field refused here costs no seq_id
+            return service._call(rpc, request).name
 
         def fetch(name, timeout):
             return convert(service._transport.operation_result(name, response_type, timeout))

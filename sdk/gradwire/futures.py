@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
@@ -38,14 +39,22 @@ class APIFuture(Generic[T]):
 
         Raises the request's error, or APITimeoutError if the wait ran out (the
         request goes on; call result() again to keep waiting)."""
-        with self._lock:
+        started = time.monotonic()
+        # Another thread may be fetching: this one waits for it within its own timeout.
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise APITimeoutError(f"no result within {timeout} s (another thread is waiting for it); "
+                                  "the request goes on")
+        try:
             if not self._outcome.done():
+                left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
                 try:
-                    self._outcome.set_result(self._fetch(timeout))
+                    self._outcome.set_result(self._fetch(left))
                 except APITimeoutError:
                     raise
                 except Exception as error:
                     self._outcome.set_exception(error)
+        finally:
+            self._lock.release()
         return self._outcome.result()
 
     async def result_async(self, timeout: float | None = None) -> T:

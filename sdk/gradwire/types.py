@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 import datetime
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Union
@@ -47,7 +48,8 @@ class TensorData:
     def __post_init__(self) -> None:
         if self.dtype not in _NUMPY_DTYPES:
             raise ValueError(f"TensorData dtype must be int64 or float32, got {self.dtype!r}")
-        flat = np.asarray(self.data, dtype=_NUMPY_DTYPES[self.dtype]).reshape(-1)
+        flat = (_exact_int64(self.data) if self.dtype == "int64"
+                else np.asarray(self.data, dtype=np.float32)).reshape(-1)
         self.shape = tuple(self.shape) if self.shape is not None else (flat.size,)
         self.data = flat.reshape(self.shape)  # stored shaped; validates the size
 
@@ -81,6 +83,19 @@ class TensorData:
         return self.data.tolist()
 
 
+def _exact_int64(data: Any) -> np.ndarray:
+    """`data` as int64, refusing what a cast would change: fractions, NaN, values past int64."""
+    array = np.asarray(data)
+    if array.dtype.kind in "ib" or (array.dtype.kind == "u" and (not array.size or array.max() <= 2**63 - 1)):
+        return array.astype(np.int64)
+    if array.dtype.kind == "f":
+        exact = np.isfinite(array) & (array == np.round(array)) & (np.abs(array) < 2.0**63)
+        if exact.all():
+            return array.astype(np.int64)
+        raise ValueError(f"int64 values must be whole numbers, not {array.reshape(-1)[~exact.reshape(-1)][0]}")
+    raise ValueError(f"int64 values must be integers that fit int64, not {array.dtype} values")
+
+
 def as_tensor_data(value: Any, key: str = "") -> TensorData:
     """Converts a TensorData, torch tensor, numpy array or (nested) list to TensorData."""
     if isinstance(value, TensorData):
@@ -92,7 +107,17 @@ def as_tensor_data(value: Any, key: str = "") -> TensorData:
     dtype = _DTYPE_OF_KEY.get(key)
     if dtype is None:
         dtype = "int64" if np.issubdtype(array.dtype, np.integer) or array.dtype == bool else "float32"
-    return TensorData(array, dtype, array.shape)
+    try:
+        return TensorData(array, dtype, array.shape)
+    except ValueError as error:
+        raise ValueError(f"loss_fn_inputs[{key!r}]: {error}") from None
+
+
+def _token_id(value: Any) -> int:
+    try:
+        return operator.index(value)  # an int or numpy integer; a float would be truncated
+    except TypeError:
+        raise TypeError(f"token id {value!r} is not an integer") from None
 
 
 @dataclass
@@ -157,7 +182,7 @@ class ModelInput:
         """One chunk holding `tokens` (a list, numpy array or torch tensor of ids)."""
         if hasattr(tokens, "tolist"):
             tokens = tokens.tolist()
-        return cls([EncodedTextChunk([int(t) for t in tokens])])
+        return cls([EncodedTextChunk([_token_id(t) for t in tokens])])
 
     @classmethod
     def empty(cls) -> ModelInput:

@@ -89,7 +89,16 @@ def unpack_float32(packed: bytes) -> list[float]:
 
 
 def tokens_to_chunk(tokens: np.ndarray) -> datum_pb2.Chunk:
-    """An encoded_text chunk with packed int32 token ids."""
+    """An encoded_text chunk with packed int32 token ids; TypeError / ValueError for ids that
+    are not integers or do not fit int32 (a cast would change them silently)."""
+    tokens = np.asarray(tokens)
+    if tokens.size and tokens.dtype.kind not in "iu":
+        raise TypeError(f"token ids must be integers, not {tokens.dtype}")
+    int32 = np.iinfo(_INT32_LE)
+    outside = (tokens < int32.min) | (tokens > int32.max)
+    if outside.any():
+        raise ValueError(f"token id {tokens[outside][0]} (position {np.flatnonzero(outside)[0]}) does not fit "
+                         "the wire's int32")
     return datum_pb2.Chunk(encoded_text=datum_pb2.EncodedTextChunk(tokens=pack_int32(tokens)))
 
 
