@@ -237,6 +237,16 @@ def test_cli_flags_are_parsed_into_the_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.parse_config(["--model", "tiny-random", "--micro-batch-tokens", "0"])
     assert "--micro-batch-tokens must be at least 1" in capsys.readouterr().err
+    # Values that would serve somewhere else or with nonsense (70000 wrapped to port 4464; a
+    # negative budget was logged and used) are refused, naming the flag.
+    for flag, value, expected in [("--port", "70000", "70000 is not a port"), ("--port", "-1", "-1 is not a port"),
+                                  ("--kv-cache-mb", "0", "0 is not a size in MB"),
+                                  ("--kv-cache-mb", "nan", "nan is not a size in MB"),
+                                  ("--keep-graph-budget-mb", "-100", "-100 is not a size in MB"),
+                                  ("--keep-graph-budget-mb", "inf", "inf is not a size in MB")]:
+        with pytest.raises(SystemExit):
+            cli.parse_config(["--model", "tiny-random", flag, value])
+        assert f"argument {flag}: {expected}" in capsys.readouterr().err
 
 
 STARTUP_FAILURES = {
@@ -247,6 +257,17 @@ STARTUP_FAILURES = {
     "compile-without-a-compiler": (["--model", "tiny-random", "--compile"],
                                    {"CXX": "/no/such/compiler", "TORCHINDUCTOR_CACHE_DIR": "{tmp}/inductor"},
                                    "--compile: torch.compile could not build the decoder layers' kernels"),
+    "checkpoint-dir-a-file": (["--model", "tiny-random", "--checkpoint-dir", "{tmp}/a-file"], {},
+                              "--checkpoint-dir {tmp}/a-file: not a folder"),
+    "checkpoint-dir-under-a-file": (["--model", "tiny-random", "--checkpoint-dir", "{tmp}/a-file/checkpoints"], {},
+                                    "--checkpoint-dir {tmp}/a-file/checkpoints: [Errno 20] Not a directory"),
+    "damaged-run-index": (["--model", "tiny-random", "--checkpoint-dir", "{tmp}/damaged"], {},
+                          "--checkpoint-dir {tmp}/damaged: file is not a database"),
+    "kv-cache-too-large": (["--model", "tiny-random", "--kv-cache-mb", "1e9"], {},
+                           "--kv-cache-mb 1e+09: cannot allocate the sampler's KV cache, 1,000,000,000 MiB"),
+    # TEST-NET-1 (RFC 5737): an address of no machine, refused without a name lookup.
+    "host-not-of-this-machine": (["--model", "tiny-random", "--host", "192.0.2.1"], {},
+                                 "--host 192.0.2.1: cannot listen on 192.0.2.1:0: not an address of this machine"),
 }
 
 
@@ -257,6 +278,9 @@ def test_a_server_that_cannot_start_says_which_flag_and_why(tmp_path, failure):
     if failure == "compile-without-a-compiler" and torch.cuda.is_available():
         pytest.skip("on CUDA the layers compile with triton, not a C++ compiler")
     args, env, expected = STARTUP_FAILURES[failure]
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / server_module.INDEX_FILE).write_text("not a database")
     result = subprocess.run(
         [sys.executable, "-m", "gradwire_server", "--port", "0", "--checkpoint-dir", str(tmp_path / "checkpoints"),
          *(arg.format(tmp=tmp_path) for arg in args)],
@@ -269,15 +293,33 @@ def test_a_second_server_on_a_port_in_use_refuses_to_start(server, tmp_path):
     """A server started on the port of one already serving exits with status 1, naming
     --port, instead of sharing the port (the kernel would split clients between the two)."""
     port = server.server.port
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "gradwire_server", "--model", "tiny-random", "--port", str(port),
-             "--checkpoint-dir", str(tmp_path / "checkpoints")], capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired as still_running:  # killed by run()
-        pytest.fail(f"a second server started on port {port}: {still_running.stderr.decode()}")
+    result = second_server("--port", str(port), "--checkpoint-dir", str(tmp_path / "checkpoints"))
     assert_refused_to_start(result, f"--port {port}: cannot listen on 127.0.0.1:{port}: in use")
     with raw_stubs(server.address) as (training, _):  # the first server still serves
         assert new_run(training)
+
+
+def test_a_second_server_on_a_checkpoint_dir_in_use_refuses_to_start(server, service):
+    """A server started on the checkpoint folder of one already serving exits with status 1,
+    naming --checkpoint-dir and the other server, and leaves the folder as it was: the first
+    server's run stays loaded (a second server's startup would mark every run unloaded and
+    delete saves in progress)."""
+    root = server.server.checkpoint_root
+    tc = service.create_lora_training_client(base_model="tiny-random", rank=4)
+    tc.save_state("before-the-second-server").result()
+    result = second_server("--port", "0", "--checkpoint-dir", str(root))
+    assert_refused_to_start(result, f"--checkpoint-dir {root}: in use by another gradwire-server (pid {os.getpid()})")
+    assert service.create_rest_client().get_training_run(tc.model_id).result().loaded
+    tc.save_state("after-the-second-server").result()
+
+
+def second_server(*args: str) -> subprocess.CompletedProcess:
+    """A CLI server of tiny-random with `args`, expected to exit; a test failure if it serves instead."""
+    try:
+        return subprocess.run([sys.executable, "-m", "gradwire_server", "--model", "tiny-random", *args],
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as still_running:  # killed by run()
+        pytest.fail(f"the second server started: {still_running.stderr.decode()}")
 
 
 def assert_refused_to_start(result: subprocess.CompletedProcess, expected: str) -> None:

@@ -6,14 +6,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import pathlib
 import sys
+from collections.abc import Callable
 
 from gradwire_server import memory
 from gradwire_server.models import DTYPES, LOAD_FORMATS, preset_configs
 from gradwire_server.server import (CUDA_KV_CACHE_SHARE, DEFAULT_CHECKPOINT_DIR, DEFAULT_CPU_KV_CACHE_MB,
                                    ServerConfig, StartupError, serve)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (0..65535; 0 picks a free one)")
+    return int(text)
+
+
+def _megabytes(minimum_exclusive: bool) -> Callable[[str], float]:
+    """A finite size in MB, at least 0 (or more than 0)."""
+    def megabytes(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or value < 0 or (minimum_exclusive and value == 0):
+            raise argparse.ArgumentTypeError(f"{text} is not a size in MB (a finite number "
+                                             f"{'above' if minimum_exclusive else 'of at least'} 0)")
+        return value
+    return megabytes
 
 
 def parse_config(argv: list[str] | None = None) -> ServerConfig:
@@ -23,7 +42,7 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--model", required=True,
                         help="tiny-random, smollm2-135m, a local Hugging Face model folder or a hub id")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    parser.add_argument("--port", type=_port, default=50051, help="0 picks a free port")
     parser.add_argument("--checkpoint-dir", type=pathlib.Path, default=DEFAULT_CHECKPOINT_DIR,
                         help="where checkpoints and the run index are kept "
                              f"(default: ./{DEFAULT_CHECKPOINT_DIR})")
@@ -38,11 +57,11 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
                              f"with the free memory, on the CPU {memory.CPU_ACTIVATION_BYTES // 2**20} MB of "
                              f"activations within {memory.MIN_MICRO_BATCH_TOKENS}-{memory.CPU_MICRO_BATCH_TOKENS} "
                              "tokens)")
-    parser.add_argument("--keep-graph-budget-mb", type=float, default=None,
+    parser.add_argument("--keep-graph-budget-mb", type=_megabytes(minimum_exclusive=False), default=None,
                         help="activation memory a custom loss's forward leg may keep so its backward "
                              "leg needs no second forward pass; 0 always recomputes (default: from the "
                              f"free memory on CUDA, {memory.CPU_KEEP_GRAPH_BUDGET_BYTES // 2**20} on the CPU)")
-    parser.add_argument("--kv-cache-mb", type=float, default=None,
+    parser.add_argument("--kv-cache-mb", type=_megabytes(minimum_exclusive=True), default=None,
                         help="memory for the sampler's KV cache; sampling requests wait for room in it "
                              f"(default: {DEFAULT_CPU_KV_CACHE_MB:g} on CPU, "
                              f"{CUDA_KV_CACHE_SHARE:g} of the memory free after loading the model on CUDA)")

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import pathlib
 import signal
+import sqlite3
 import tempfile
 import threading
 import time
@@ -27,6 +28,7 @@ from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoint_ops, checkpoints
 from gradwire_server.engine import KEEP_GRAPH_TIMEOUT_S, Engine
+from gradwire_server.folder_lock import FolderInUse, FolderLock
 from gradwire_server.kv_cache import BlockPool
 from gradwire_server.malformed import MalformedRequestGuard
 from gradwire_server.memory import MemoryPlan, free_bytes
@@ -97,13 +99,22 @@ class GradwireServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.checkpoint_root = pathlib.Path(config.checkpoint_dir)
-        self.store = OperationStore(self.checkpoint_root / OUTPUTS_FOLDER, config.operation_ttl_s,
-                                    config.max_wait_s)
-        self.index = RunIndex(self.checkpoint_root / INDEX_FILE)
-        # Checkpoint folders are the truth; no run of an earlier process is in memory.
-        checkpoints.remove_leftovers(self.checkpoint_root)
-        self.index.unload_all()
-        self.index.reconcile(saved.record() for saved in checkpoints.scan(self.checkpoint_root))
+        self.folder_lock: FolderLock | None = None
+        try:
+            if self.checkpoint_root.exists() and not self.checkpoint_root.is_dir():
+                raise NotADirectoryError("not a folder")
+            self.checkpoint_root.mkdir(parents=True, exist_ok=True)
+            self.folder_lock = FolderLock(self.checkpoint_root)  # before anything in the folder is touched
+            self.store = OperationStore(self.checkpoint_root / OUTPUTS_FOLDER, config.operation_ttl_s,
+                                        config.max_wait_s)
+            self.index = RunIndex(self.checkpoint_root / INDEX_FILE)
+            # Checkpoint folders are the truth; no run of an earlier process is in memory.
+            checkpoints.remove_leftovers(self.checkpoint_root)
+            self.index.unload_all()
+            self.index.reconcile(saved.record() for saved in checkpoints.scan(self.checkpoint_root))
+        except (FolderInUse, OSError, sqlite3.DatabaseError) as error:  # not a folder, not writable, damaged index
+            self._release_folder()
+            raise StartupError(f"--checkpoint-dir {config.checkpoint_dir}: {error}") from error
         self.training = TrainingServicer(self.store, MAX_MESSAGE_BYTES, self.checkpoint_root, self.index)
         self.resources = ResourceServicer(self.checkpoint_root, self.index)
         self.sampling = SamplingServicer(self.store, self.checkpoint_root)
@@ -131,12 +142,16 @@ class GradwireServer:
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self._server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{self.config.host}:{self.config.port}"
+        host, port = self.config.host, self.config.port
+        address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # IPv6
         try:
             self.port = self._server.add_insecure_port(address)
         except RuntimeError as error:  # gRPC's log line above it gives the cause
-            raise StartupError(f"--port {self.config.port}: cannot listen on {address}: in use by another "
-                               f"process, or --host {self.config.host} is not an address of this machine") from error
+            self._release_folder()
+            cause = (f"--host {host}: cannot listen on {address}: not an address of this machine" if port == 0 else
+                     f"--port {port}: cannot listen on {address}: in use by another process, or --host {host} "
+                     "is not an address of this machine")
+            raise StartupError(cause) from error
         await self._server.start()
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -152,6 +167,7 @@ class GradwireServer:
         except BaseException:
             await asyncio.to_thread(self.scheduler.stop)  # after the startup work the worker runs, if cancelled
             await self._server.stop(0)
+            self._release_folder()
             raise
         log.info("base weights %s on %s; micro-batches of %d tokens, keep-graph budget %.0f MiB "
                  "(%d bytes per token measured)", loaded.dtype, device, plan.micro_batch_tokens,
@@ -177,7 +193,13 @@ class GradwireServer:
                              activation_checkpointing=config.activation_checkpointing,
                              compile_layers=config.compile)
         # The KV cache is allocated first, so the training plan sizes itself from what is left.
-        pool = BlockPool(loaded.model.config, _kv_cache_bytes(config.kv_cache_mb, device), loaded.dtype, device)
+        kv_cache_bytes = _kv_cache_bytes(config.kv_cache_mb, device)
+        try:
+            pool = BlockPool(loaded.model.config, kv_cache_bytes, loaded.dtype, device)
+        except RuntimeError as error:  # torch.OutOfMemoryError on CUDA, the allocator's RuntimeError on the CPU
+            flag = "--kv-cache-mb" + ("" if config.kv_cache_mb is None else f" {config.kv_cache_mb:g}")
+            raise StartupError(f"{flag}: cannot allocate the sampler's KV cache, {kv_cache_bytes / 2**20:,.0f} MiB "
+                               f"({str(error).splitlines()[0]})") from error
         budget = None if config.keep_graph_budget_mb is None else int(config.keep_graph_budget_mb * 2**20)
         try:  # with --compile both passes compile the decoder layers
             plan = self.engine.plan_memory(config.micro_batch_tokens, budget)
@@ -203,6 +225,11 @@ class GradwireServer:
             await asyncio.to_thread(self.scheduler.stop)
         self.store.close()
         self.index.close()
+        self._release_folder()
+
+    def _release_folder(self) -> None:
+        if self.folder_lock is not None:
+            self.folder_lock.release()
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
