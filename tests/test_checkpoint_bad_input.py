@@ -213,3 +213,24 @@ def test_a_rename_onto_an_existing_checkpoint_is_already_exists(tmp_path):
         checkpoints._rename_into_place(temp, folder, checkpoints.parse_path("gradwire://run-1/weights/new"))
     assert raised.value.code == grpc.StatusCode.ALREADY_EXISTS
     assert (folder / "file").read_text() == "new"
+
+
+def test_a_save_the_disk_refuses_is_failed_precondition_and_changes_nothing(server, service):
+    """A save the disk refuses (here a file blocks the run's checkpoint folder; a full or
+    read-only disk alike) is FAILED_PRECONDITION naming the checkpoint and the cause, not
+    INTERNAL (a server bug); nothing changes, and once the disk is fixed the same save works."""
+    tc = trained_run(service)
+    path = f"gradwire://{tc.model_id}/weights/blocked"
+    blocked = checkpoints.parse_path(path).folder(server.server.checkpoint_root).parent
+    assert not blocked.exists()
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("not a folder")
+    files_before, before = checkpoint_files(server), run_state(server, tc.model_id)
+    with pytest.raises(gradwire.APIStatusError) as raised:
+        tc.save_state("blocked").result()
+    assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert str(raised.value).startswith(f"FAILED_PRECONDITION: checkpoint {path} was not written: [Errno ")
+    assert checkpoint_files(server) == files_before
+    assert_state_equal(before, run_state(server, tc.model_id))
+    blocked.unlink()
+    assert tc.save_state("blocked").result().path == path

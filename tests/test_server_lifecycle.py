@@ -237,6 +237,8 @@ def test_cli_flags_are_parsed_into_the_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.parse_config(["--model", "tiny-random", "--micro-batch-tokens", "0"])
     assert "--micro-batch-tokens must be at least 1" in capsys.readouterr().err
+    assert [server_module.listen_address(host, 7) for host in ("127.0.0.1", "::1", "[::1]", "localhost")] == \
+        ["127.0.0.1:7", "[::1]:7", "[::1]:7", "localhost:7"]
     # Values that would serve somewhere else or with nonsense (70000 wrapped to port 4464; a
     # negative budget was logged and used) are refused, naming the flag.
     for flag, value, expected in [("--port", "70000", "70000 is not a port"), ("--port", "-1", "-1 is not a port"),

@@ -37,8 +37,13 @@ class CheckpointOps:
         """Writes the run's state as the checkpoint at `path` (weights/: with the optimizer);
         see checkpoints.write for the TTL and overwrite."""
         state = self.engine.save_state(path.run_id, with_optimizer=path.kind == "weights")
-        saved = checkpoints.write(self.root, path, state, self.base_model, ttl_seconds, overwrite,
-                                  user_metadata)
+        try:
+            saved = checkpoints.write(self.root, path, state, self.base_model, ttl_seconds, overwrite,
+                                      user_metadata)
+        except OSError as error:  # the disk's state (full, read-only, ...), not a bug: fixed by whoever runs the server
+            raise failed_precondition(f"checkpoint {path.path} was not written: {error} (the server's "
+                                      "--checkpoint-dir must be a writable folder with room)",
+                                      "CHECKPOINT_NOT_WRITTEN") from error
         record_change(f"checkpoint {path.path}", self.index.add_checkpoint, saved.record())
 
     def load(self, run_id: str, path: str, optimizer: bool) -> None:

@@ -143,7 +143,7 @@ class GradwireServer:
             self._server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         host, port = self.config.host, self.config.port
-        address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # IPv6
+        address = listen_address(host, port)
         try:
             self.port = self._server.add_insecure_port(address)
         except RuntimeError as error:  # gRPC's log line above it gives the cause
@@ -263,6 +263,11 @@ class GradwireServer:
         while True:
             await asyncio.sleep(self.config.keep_graph_timeout_s / 4)
             await self.scheduler.run_on_worker("expire-graphs", self.engine.drop_expired_graphs)
+
+
+def listen_address(host: str, port: int) -> str:
+    """host:port as gRPC takes it: an IPv6 literal in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def _kv_cache_bytes(budget_mb: float | None, device: torch.device) -> int:
