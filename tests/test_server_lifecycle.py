@@ -5,6 +5,7 @@ through ServerConfig instead of waiting them out."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pathlib
 import signal
@@ -331,6 +332,63 @@ def assert_refused_to_start(result: subprocess.CompletedProcess, expected: str) 
 
 
 # ---- SIGTERM ------------------------------------------------------------------------------------------------
+
+def test_a_stop_while_the_model_loads_never_serves(tmp_path, monkeypatch, caplog):
+    """A stop (SIGTERM) while the model loads: the server stops once the load ends (it cannot
+    be interrupted) and never turns SERVING or says it listens. The real loader runs, held back
+    until the stop has been asked for."""
+    loading, entered = threading.Event(), threading.Event()
+    real_load = server_module.load_model
+
+    def held_load(*args):
+        entered.set()
+        loading.wait(60)
+        return real_load(*args)
+
+    monkeypatch.setattr(server_module, "load_model", held_load)
+    caplog.set_level(logging.INFO, logger="gradwire_server")
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        stop = asyncio.Event()
+        served = asyncio.run_coroutine_threadsafe(
+            server_module.serve_until(server_config(checkpoint_dir=tmp_path), stop), loop)
+        assert entered.wait(60)
+        loop.call_soon_threadsafe(stop.set)  # queued before the load can end
+        loading.set()
+        served.result(60)
+        messages = [record.getMessage() for record in caplog.records]
+        assert any("stopping before it serves" in message for message in messages), messages
+        assert not any("listening on" in message for message in messages), messages
+    finally:
+        loading.set()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+
+
+def test_a_second_signal_exits_at_once_without_draining(tmp_path):
+    """SIGTERM, then SIGINT, while a 1.1B random model loads (tens of seconds here): the process
+    exits at once with status 1 and one line saying so, instead of waiting for the load."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gradwire_server", "--model", "llama-1b", "--load-format", "dummy", "--dtype", "float32",
+         "--port", str(port), "--checkpoint-dir", str(tmp_path)], stderr=subprocess.PIPE, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # the port opens before the load
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=120).status == NOT_SERVING
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1] == "gradwire-server: a second signal: exiting without draining"
+    assert "listening on" not in stderr
+
+
 
 def test_sigterm_drains_an_upload_in_flight_then_exits_cleanly(tmp_path):
     """SIGTERM while a client is mid-stream: health turns NOT_SERVING at once, the stream may

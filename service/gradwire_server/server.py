@@ -6,10 +6,13 @@ turns SERVING and one line `gradwire-server listening on HOST:PORT` is logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import pathlib
 import signal
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
@@ -289,14 +292,37 @@ def _model_info(loaded: LoadedModel, device: torch.device, plan: MemoryPlan) -> 
 
 
 async def serve(config: ServerConfig) -> None:
-    """Runs until SIGTERM or SIGINT, then drains and stops."""
-    server = GradwireServer(config)
+    """Runs until SIGTERM or SIGINT, then drains and stops; a second signal ends the
+    process at once (a load or a job in progress can take minutes; checkpoints are
+    written atomically, so none is left half-written)."""
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():  # os._exit: SystemExit would wait for the worker's load or job
+            print("gradwire-server: a second signal: exiting without draining", file=sys.stderr, flush=True)
+            os._exit(1)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    await stop.wait()
+        loop.add_signal_handler(sig, on_signal)
+    await serve_until(config, stop)
+
+
+async def serve_until(config: ServerConfig, stop: asyncio.Event) -> None:
+    """Serves until `stop` is set, then drains and stops. Set while the model loads, the
+    server never reports SERVING: it stops once the load (which cannot be interrupted) ends."""
+    server = GradwireServer(config)
+    starting, stopping = asyncio.ensure_future(server.start()), asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("gradwire-server stopping before it serves; the model's load ends first")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    starting.result()  # a StartupError ends serve here
+    await stopping
     log.info("gradwire-server stopping")
     await server.stop()
 
