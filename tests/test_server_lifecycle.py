@@ -390,9 +390,12 @@ def test_a_second_signal_exits_at_once_without_draining(tmp_path):
 
 
 
-def test_sigterm_drains_an_upload_in_flight_then_exits_cleanly(tmp_path):
-    """SIGTERM while a client is mid-stream: health turns NOT_SERVING at once, the stream may
-    still finish (and gets its operation), then the process exits with status 0."""
+def test_sigterm_fails_what_did_not_run_then_exits_cleanly(tmp_path):
+    """SIGTERM while a client is mid-stream and an optimizer step waits behind the stream:
+    health turns NOT_SERVING at once; the stream's RPC answers UNAVAILABLE "not run" (nothing
+    of it is applied) without waiting for the rest of its upload; the client long-polling the
+    step reads UNAVAILABLE "not run" too; a request made after the signal is refused
+    (UNAVAILABLE); then the process exits with status 0."""
     process, address = start_cli_server("--checkpoint-dir", str(tmp_path))
     try:
         channel = grpc.insecure_channel(address)
@@ -401,31 +404,41 @@ def test_sigterm_drains_an_upload_in_flight_then_exits_cleanly(tmp_path):
         rest = threading.Event()
 
         def messages():
-            yield pb.ForwardBackwardStreamRequest(header=pb.StreamHeader(model_id=run_id, loss_fn="cross_entropy"))
+            yield pb.ForwardBackwardStreamRequest(header=pb.StreamHeader(model_id=run_id, seq_id=1,
+                                                                         loss_fn="cross_entropy"))
             yield pb.ForwardBackwardStreamRequest(batch=pb.DatumBatch(
                 data=[_convert.datum_to_proto(d) for d in random_data(87)]))
             rest.wait(30)
-            yield pb.ForwardBackwardStreamRequest(batch=pb.DatumBatch(
-                data=[_convert.datum_to_proto(d) for d in random_data(88)]))
-            yield pb.ForwardBackwardStreamRequest(end=pb.StreamEnd(num_datums=8))
+            yield pb.ForwardBackwardStreamRequest(end=pb.StreamEnd(num_datums=4))
 
         outcome: list = []
         upload = threading.Thread(
             target=lambda: outcome.append(response_or_error(training.ForwardBackwardStream, messages())))
         upload.start()
         wait_for_stream_operation(operations, run_id, received=4)
+        step = training.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=2,
+                                                      adam_params=pb.AdamParams(learning_rate=1e-2))).name
+        polled: list = []
+        poll = threading.Thread(target=lambda: polled.append(wait_operation(operations, step)))
+        poll.start()  # a client waiting for the step's result, as result() does
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
         assert next(watch).status == SERVING
         process.send_signal(signal.SIGTERM)
         assert next(watch).status == NOT_SERVING
         watch.cancel()
-        rest.set()
         upload.join(30)
-        assert isinstance(outcome[0], operations_pb2.Operation), outcome[0]
-        assert outcome[0].name.startswith(f"operations/{run_id}/")
+        rest.set()
+        poll.join(30)
+        assert isinstance(outcome[0], grpc.RpcError) and outcome[0].code() == grpc.StatusCode.UNAVAILABLE, outcome
+        assert outcome[0].details().startswith("not run: the server is stopping")
+        assert polled[0].done and polled[0].error.code == grpc.StatusCode.UNAVAILABLE.value[0], polled
+        assert polled[0].error.message.startswith("not run: the server is stopping")
+        late = response_or_error(training.ForwardBackward, raw_request(run_id, 3, random_data(88)))
+        assert isinstance(late, grpc.RpcError) and late.code() == grpc.StatusCode.UNAVAILABLE, late
         assert process.wait(timeout=60) == 0
         channel.close()
     finally:
+        rest.set()
         process.kill()
         process.wait()
 

@@ -109,6 +109,12 @@ def resource_exhausted(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, "OUT_OF_MEMORY")
 
 
+def stopping() -> ServiceError:
+    """A request the server did not run because it is stopping (SIGTERM)."""
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "not run: the server is stopping; send it again to a "
+                        "server that is serving", "STOPPING")
+
+
 def cancelled(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.CANCELLED, message, "CANCELLED")
 

@@ -22,7 +22,7 @@ from google.protobuf import message
 
 from gradwire_server.engine import RunNotFound
 from gradwire_server.errors import (FieldViolation, ServiceError, aborted, already_used, cancelled,
-                                    failed_precondition, internal, invalid_argument, resource_exhausted)
+                                    failed_precondition, internal, invalid_argument, resource_exhausted, stopping)
 from gradwire_server.memory import OutOfMemory
 from gradwire_server.operations import OperationRecord, OperationStore
 
@@ -101,6 +101,7 @@ class Scheduler:
         self._rotation: deque[str] = deque()    # runs with a job to step now
         self._parked: set[str] = set()          # runs whose head job waits for input
         self._stopping = False
+        self._draining = False                  # event-loop side: new work is refused
         self._thread: threading.Thread | None = None
 
     # ---- event-loop side ------------------------------------------------------
@@ -118,6 +119,7 @@ class Scheduler:
     def submit(self, run_id: str, seq_id: int, request_id: str, kind: str,
                task: Task, num_datums: int = 0) -> OperationRecord:
         """Accepts a validated request (or a stream's header); returns its operation."""
+        self._check_accepting()
         order = self._orders.setdefault(run_id, RunOrder())
         seq_id = seq_id or self._next_free(order)
         if seq_id > MAX_SEQ_ID:
@@ -135,6 +137,7 @@ class Scheduler:
         """Accepts work outside any run's order (sampling); returns its operation.
         It is queued on its own, so it takes turns with every run and with other
         unordered work instead of waiting behind them."""
+        self._check_accepting()
         record = self.store.create(kind, owner, 0, 0)
         job = Job(record.operation.name, record.operation.name, 0, task)
         record.on_cancel = lambda: self._cancel(job)
@@ -165,6 +168,15 @@ class Scheduler:
         held[0].task = None
         self.store.finish(op_name, error=error)
         return True
+
+    def _check_accepting(self) -> None:
+        if self._draining:
+            raise stopping()
+
+    def abort_held(self, why: str) -> None:
+        """Fails every run's requests held for a lower seq_id (none of them ran)."""
+        for order in self._orders.values():
+            self._abort_held(order, why)
 
     def _next_free(self, order: RunOrder) -> int:
         return max([order.next_seq - 1, *order.held]) + 1
@@ -226,8 +238,28 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
 
+    def drain(self) -> None:
+        """Stops the worker once the step it computes ends, then fails every job that did
+        not finish (queued, waiting for a stream's input, or a stream part-way: nothing of
+        it is applied) with stopping(). Blocks: call it in a thread, after refuse_new_work()."""
+        self.stop()
+        with self._lock:
+            jobs = [job for queue in self._ready.values() for job in queue]
+            self._ready.clear()
+            self._rotation.clear()
+            self._parked.clear()
+        for job in jobs:
+            job.task.discard()
+            if job.op_name and not job.cancelled:
+                self.loop.call_soon_threadsafe(self.store.finish, job.op_name, None, stopping())
+
+    def refuse_new_work(self) -> None:
+        """From now on requests are refused with stopping() (event-loop side)."""
+        self._draining = True
+
     def run_on_worker(self, label: str, work: Callable[[], object]) -> asyncio.Future:
         """Runs unordered device work (e.g. creating a run) on the worker; awaitable."""
+        self._check_accepting()
         future = self.loop.create_future()
 
         def wrapped() -> None:

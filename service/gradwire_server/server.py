@@ -219,13 +219,17 @@ class GradwireServer:
         return loaded, plan, adapters, decode_loop
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Drains: NOT_SERVING, stop accepting, let in-flight RPCs finish, stop the worker."""
+        """Drains: NOT_SERVING; new requests are refused (UNAVAILABLE); the step the worker
+        computes ends, and every request that did not run fails UNAVAILABLE "not run";
+        then clients have `grace_s` to read the outcomes before the port closes."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self._server.stop(grace_s)
         for task in self._expiry:
             task.cancel()
         if self.scheduler is not None:
-            await asyncio.to_thread(self.scheduler.stop)
+            self.scheduler.refuse_new_work()
+            await asyncio.to_thread(self.scheduler.drain)
+            self.scheduler.abort_held("the server is stopping")
+        await self._server.stop(grace_s)
         self.store.close()
         self.index.close()
         self._release_folder()
