@@ -443,6 +443,22 @@ def test_sigterm_fails_what_did_not_run_then_exits_cleanly(tmp_path):
         process.wait()
 
 
+def test_a_closed_client_says_so(server):
+    """After ServiceClient.close(), every call raises APIConnectionError "the client is closed"
+    (gRPC's own error is a bare ValueError), and sends nothing."""
+    client = gradwire.ServiceClient(base_url=server.address)
+    tc = client.create_lora_training_client(base_model="tiny-random", rank=4)
+    sampler = client.create_sampling_client(base_model="tiny-random")
+    client.close()
+    prompt, params = gradwire.ModelInput.from_ints([1, 2, 3]), gradwire.SamplingParams(max_tokens=2)
+    for call in (lambda: tc.forward_backward(random_data(89), "cross_entropy").result(30),
+                 lambda: tc.save_state("after-close").result(30),
+                 lambda: sampler.sample(prompt, 1, params).result(30),
+                 lambda: list(sampler.sample_stream(prompt, 1, params))):
+        with pytest.raises(gradwire.APIConnectionError, match=r"the client is closed \(close\(\) was called\)"):
+            call()
+
+
 # ---- the SDK's environment variables -------------------------------------------------------------------
 
 def test_gradwire_base_url_is_the_default_address(server, monkeypatch):

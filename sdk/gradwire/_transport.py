@@ -17,7 +17,7 @@ import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 
-from gradwire.errors import APITimeoutError, GradwireError, error_from_rpc, error_from_status
+from gradwire.errors import APIConnectionError, APITimeoutError, GradwireError, error_from_rpc, error_from_status
 from gradwire.futures import APIFuture
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire.v1 import sampling_service_pb2_grpc as sampling_grpc
@@ -38,6 +38,7 @@ class Transport:
         self.metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + tuple(
             (key.lower(), value) for key, value in (headers or {}).items())
         self.channel = grpc.insecure_channel(target)
+        self.closed = False
         self.training = pb_grpc.TrainingServiceStub(self.channel)
         self.resources = rpb_grpc.ResourceServiceStub(self.channel)
         self.sampling = sampling_grpc.SamplingServiceStub(self.channel)
@@ -48,6 +49,7 @@ class Transport:
         (UNAVAILABLE) for up to `retry_s` seconds. Retrying is safe: a training request
         or a run's creation carries its request_id, so a copy that did arrive is the
         same request (AIP-155); the other calls only read, or delete by name."""
+        self.check_open()
         give_up = time.monotonic() + self.retry_s
         for pause in backoff():
             try:
@@ -91,7 +93,13 @@ class Transport:
         except grpc.RpcError:
             pass
 
+    def check_open(self) -> None:
+        """APIConnectionError once close() was called (gRPC's own error is a bare ValueError)."""
+        if self.closed:
+            raise APIConnectionError("the client is closed (close() was called): nothing was sent")
+
     def close(self) -> None:
+        self.closed = True
         self.channel.close()
 
 

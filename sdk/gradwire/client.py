@@ -93,6 +93,11 @@ class ServiceClient:
 
     # ---- plumbing shared by the clients ------------------------------------------
 
+    def _in_background(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """fn() run by one of the sampling senders (APIConnectionError once closed)."""
+        self._transport.check_open()
+        return self._sampling_senders.submit(fn)
+
     def _call(self, method: str, request, timeout: float | None = None, stub=None):
         """A TrainingService call (or one of `stub`'s); gRPC errors become SDK exceptions."""
         return self._transport.unary(getattr(stub or self._transport.training, method), request, timeout)
@@ -112,6 +117,7 @@ class ServiceClient:
         connection drops) is settled on the server before the error reaches the
         caller, so whatever the caller sends next is not aborted by it (see
         _settle_stream)."""
+        self._transport.check_open()
         config = _convert.loss_fn_config(loss_fn_config)
         pieces = _convert.datum_pieces(data, keys, MESSAGE_BUDGET_BYTES)
         first = next(pieces)

@@ -46,7 +46,7 @@ class RestClient:
         return self.service._call(method, request, stub=self.service._transport.resources)
 
     def _background(self, fn: Callable[[], T]) -> APIFuture[T]:
-        running = self.service._sampling_senders.submit(fn)
+        running = self.service._in_background(fn)
 
         def result(timeout: float | None) -> T:
             return waited(running, timeout, f"no answer within {timeout} s; call result() again to keep waiting")

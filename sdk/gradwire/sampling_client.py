@@ -89,6 +89,7 @@ class SamplingClient:
         request = pb.SampleRequest(**self._model(), prompt=_convert.model_input_chunks(prompt),
                                    num_samples=num_samples,
                                    sampling_params=_convert.sampling_params(sampling_params or types.SamplingParams()))
+        self.service._transport.check_open()
         call = self._stub.SampleStream(request, metadata=self.service._transport.metadata)
         try:
             for message in call:
@@ -163,7 +164,7 @@ class SamplingClient:
         def send() -> str:  # retried while UNAVAILABLE: the request_id makes a copy the same request
             return service._transport.unary(getattr(self._stub, method), request).name
 
-        submitted = self.service._sampling_senders.submit(send)
+        submitted = self.service._in_background(send)
 
         def fetch(timeout: float | None):
             name = waited(submitted, timeout, f"{method} was not submitted within {timeout} s")
