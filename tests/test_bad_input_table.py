@@ -211,48 +211,98 @@ def test_optimizer_hyperparameters_out_of_bounds(server, stubs, run, adam, field
 
 def test_a_step_that_would_write_a_non_finite_weight_changes_nothing(server, service):
     """Within the bounds, learning_rate 10 and weight_decay 100 multiply every weight by
-    -999 a step: within a few steps one would overflow to infinity. That step fails
-    FAILED_PRECONDITION and leaves weights, AdamW's moments and the step count as they
-    were; its gradients too if they are finite, else they are discarded, as the error says."""
+    -999 a step: within a few steps the model overflows. Whichever request meets it first is
+    refused FAILED_PRECONDITION and changes nothing: a forward_backward whose gradient is not
+    finite adds none of it; a step that would write an infinite weight leaves weights, AdamW's
+    moments, the step count and the (finite) gradients as they were."""
     tc = trained_run(service)
     steep = gradwire.AdamParams(learning_rate=10.0, weight_decay=100.0)
     for _ in range(40):
-        tc.forward_backward(random_data(68), "cross_entropy").result()
-        before, step = run_state(server, tc.model_id), tc.get_info().step
-        moments = optimizer_state(server, tc.model_id)
+        before_fb = run_state(server, tc.model_id)
+        moments, step = optimizer_state(server, tc.model_id), tc.get_info().step
+        try:
+            tc.forward_backward(random_data(68), "cross_entropy").result()
+        except gradwire.ConflictError as error:
+            assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "the gradient of this batch is not finite (loss:sum " in str(error)
+            expected = before_fb
+            break
+        before_step = run_state(server, tc.model_id)
         try:
             tc.optim_step(steep).result()
         except gradwire.ConflictError as error:
             assert error.code == grpc.StatusCode.FAILED_PRECONDITION and "infinite or NaN" in str(error)
-            refusal = str(error)
+            expected = before_step
             break
         assert all(bool(weight.isfinite().all()) for weight, _ in run_state(server, tc.model_id).values())
     else:
-        pytest.fail("no step overflowed")
+        pytest.fail("the model never overflowed")
     after = run_state(server, tc.model_id)
-    finite = all(bool(grad.isfinite().all()) for _, grad in before.values() if grad is not None)
-    assert ("gradients are not finite and were discarded" in refusal) == (not finite)
-    for name, (weight, grad) in before.items():
+    for name, (weight, grad) in expected.items():
         torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
-        if finite:
-            torch.testing.assert_close(after[name][1], grad, rtol=0, atol=0)
-        else:
-            assert after[name][1] is None
+        torch.testing.assert_close(after[name][1], grad, rtol=0, atol=0)
     assert tc.get_info().step == step
     assert_optimizer_equal(moments, optimizer_state(server, tc.model_id))
     tc.forward(random_data(69), "cross_entropy").result()  # the run still answers
 
 
-def test_a_refused_first_step_leaves_the_optimizer_as_new(server, service):
-    """A run's first step, on gradients that overflow (cross-entropy weights of 1e38), is
-    refused; AdamW then holds no state (the next step starts fresh, as on a new run), its
-    hyperparameters are the ones it had, and the infinite gradients are discarded: the run
-    trains on as if that forward_backward had not happened."""
+def test_a_forward_backward_whose_gradient_is_not_finite_adds_nothing(server, service):
+    """Cross-entropy weights of 1e38 overflow the gradient: that forward_backward is refused
+    FAILED_PRECONDITION naming its loss, the gradients accumulated before it stay exactly as
+    they were (added, an infinite gradient would make the step fail and discard them all), the
+    optimizer step queued behind it is aborted, and the next step applies the good gradient."""
     tc = service.create_lora_training_client("tiny-random", rank=4, seed=5)
-    data = [gradwire.Datum(model_input=d.model_input, loss_fn_inputs={
+    tc.forward_backward(random_data(70), "cross_entropy").result()
+    accumulated = run_state(server, tc.model_id)
+    overflowing = [gradwire.Datum(model_input=d.model_input, loss_fn_inputs={
         "target_tokens": d.loss_fn_inputs["target_tokens"],
-        "weights": np.full(d.model_input.length, 1e38, np.float32)}) for d in random_data(70)]
-    tc.forward_backward(data, "cross_entropy").result()
+        "weights": np.full(d.model_input.length, 1e38, np.float32)}) for d in random_data(71)]
+    refused, queued = tc.forward_backward(overflowing, "cross_entropy"), tc.optim_step(gradwire.AdamParams())
+    with pytest.raises(gradwire.ConflictError, match="the gradient of this batch is not finite") as raised:
+        refused.result()
+    assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(gradwire.AbortedError):
+        queued.result()
+    after = run_state(server, tc.model_id)
+    for name, (weight, grad) in accumulated.items():
+        torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
+        torch.testing.assert_close(after[name][1], grad, rtol=0, atol=0)
+    assert optimizer_state(server, tc.model_id) == {}
+    tc.optim_step(gradwire.AdamParams()).result()
+    assert tc.get_info().step == 1
+
+
+def test_a_refused_later_step_keeps_the_moments_and_the_finite_gradients(server, service):
+    """A step after others that would write an infinite weight is refused: weights, AdamW's
+    moments, the step count and the (finite) gradients are exactly as they were. (Here one
+    weight is set to 1e37 on the worker; weight_decay 100 at learning_rate 10 multiplies it by
+    -999.)"""
+    tc = trained_run(service)
+    for seed in (72, 73):
+        tc.forward_backward(random_data(seed), "cross_entropy").result()
+        tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
+    tc.forward_backward(random_data(74), "cross_entropy").result()
+    server.call(lambda: server.engine.run(tc.model_id).params[0].data.fill_(1e37))
+    before, moments, step = run_state(server, tc.model_id), optimizer_state(server, tc.model_id), tc.get_info().step
+    with pytest.raises(gradwire.ConflictError, match="infinite or NaN") as raised:
+        tc.optim_step(gradwire.AdamParams(learning_rate=10.0, weight_decay=100.0)).result()
+    assert "gradients are not finite" not in str(raised.value)
+    after = run_state(server, tc.model_id)
+    for name, (weight, grad) in before.items():
+        torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
+        torch.testing.assert_close(after[name][1], grad, rtol=0, atol=0)
+    assert_optimizer_equal(moments, optimizer_state(server, tc.model_id))
+    assert tc.get_info().step == step
+
+
+def test_a_refused_first_step_leaves_the_optimizer_as_new(server, service):
+    """A run's first step on gradients that overflowed while accumulating (each forward_backward's
+    own gradient is checked; here one is set to inf on the worker) is refused; AdamW then holds
+    no state (the next step starts fresh, as on a new run), its hyperparameters are the ones it
+    had, and the infinite gradients are discarded: the run trains on as if they had not been."""
+    tc = service.create_lora_training_client("tiny-random", rank=4, seed=5)
+    tc.forward_backward(random_data(70), "cross_entropy").result()
+    server.call(lambda: server.engine.run(tc.model_id).params[0].grad.fill_(float("inf")))
     before = run_state(server, tc.model_id)
     groups = server.call(lambda: [dict(g, params=None) for g in server.engine.run(tc.model_id).optimizer.param_groups])
     with pytest.raises(gradwire.ConflictError, match="infinite or NaN"):
@@ -261,7 +311,6 @@ def test_a_refused_first_step_leaves_the_optimizer_as_new(server, service):
     assert server.call(lambda: [dict(g, params=None) for g in server.engine.run(tc.model_id).optimizer.param_groups]
                        ) == groups
     after = run_state(server, tc.model_id)
-    assert not all(bool(grad.isfinite().all()) for _, grad in before.values())
     for name, (weight, grad) in before.items():
         torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
         assert after[name][1] is None

@@ -40,6 +40,10 @@ class NonFiniteStep(ArithmeticError):
     """An optimizer step would have written a non-finite weight (and was undone)."""
 
 
+class NonFiniteGradient(ArithmeticError):
+    """A pass's loss gave an infinite or NaN gradient (which was not added)."""
+
+
 class RunNotFound(LookupError):
     """No training run with this id is loaded."""
 
@@ -232,8 +236,20 @@ class LossPass:
 
     def commit(self, forward_op: str = "") -> dict[str, float]:
         """Adds the staged gradients to the run's (and hands a kept graph to the
-        engine); returns the merged metrics."""
+        engine); returns the merged metrics. NonFiniteGradient, adding nothing, if a
+        staged gradient is infinite or NaN: added, it would make the run's next step
+        fail and discard the gradients accumulated before it too."""
         self._finish_reuse()
+        staged = [grad for grad in self.staged if grad is not None]
+        finite = [torch.isfinite(_flat_copy(staged)).all().double()] if staged else []
+        # The pass's one host sync: the finiteness check and the metrics together.
+        values = torch.stack([*finite, *self.metrics.values()]).tolist() if finite or self.metrics else []
+        metrics = dict(zip(self.metrics, values[len(finite):]))
+        if finite and not values[0]:
+            self.staged, self.kept = [None] * len(self.run.params), None
+            shown = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items() if key.startswith("loss"))
+            raise NonFiniteGradient(f"the gradient of this batch is not finite ({shown or 'no loss metric'}); "
+                                    "it was not added: the run's gradients are as they were")
         for p, staged in zip(self.run.params, self.staged):
             if staged is None:
                 continue
@@ -248,10 +264,7 @@ class LossPass:
                 forward_op, deque(self.kept), self.saved_bytes.nbytes,
                 time.monotonic() + self.engine.keep_graph_timeout_s)
         self.kept = None
-        if not self.metrics:
-            return {}
-        values = torch.stack(list(self.metrics.values())).tolist()  # the pass's one host sync for metrics
-        return dict(zip(self.metrics, values))
+        return metrics
 
 
 def merge_metrics(merged: dict[str, torch.Tensor], merged_count: int,

@@ -12,8 +12,8 @@ from gradwire.v1 import codec
 from gradwire.v1 import tensor_pb2
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.batch import DatumArrays
-from gradwire_server.engine import Engine, LossPass
-from gradwire_server.errors import ServiceError
+from gradwire_server.engine import Engine, LossPass, NonFiniteGradient
+from gradwire_server.errors import ServiceError, failed_precondition
 from gradwire_server.scheduler import Step
 
 # Results up to this size ride inside the Operation; larger ones are read
@@ -73,7 +73,10 @@ class LossTask:
             self._keep_inline(outputs)
             self._consumed()
             return Step(False, outputs=outputs)
-        metrics = self._pass.commit(self.op_name)
+        try:
+            metrics = self._pass.commit(self.op_name)
+        except NonFiniteGradient as error:
+            raise failed_precondition(str(error), "NON_FINITE_GRADIENT") from None
         response = output_proto(self._inline, metrics)
         response.graph_kept, response.reused_datums = self._pass.graph_kept, self._pass.reused_datums
         return Step(True, response)
