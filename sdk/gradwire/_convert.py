@@ -87,13 +87,13 @@ def message(message_type: type[Message], **fields: Any) -> Message:
     """message_type(**fields); a field protobuf refuses is named in the TypeError / ValueError."""
     try:
         return message_type(**fields)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError):
         for name, value in fields.items():
             try:
                 message_type(**{name: value})
             except (TypeError, ValueError) as refused:
                 raise _naming(refused, f"{name}={value!r}") from None
-        raise error
+        raise
 
 
 def _naming(error: TypeError | ValueError, where: str) -> TypeError | ValueError:

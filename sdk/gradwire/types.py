@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-import operator
 import datetime
+import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Union
 
