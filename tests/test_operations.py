@@ -55,6 +55,25 @@ def test_result_survives_a_waiter_that_timed_out(stubs, run_id):
     assert again.response.Unpack(output) and output.metrics["loss:sum"] > 0
 
 
+def test_a_taken_seq_id_without_its_request_id_is_already_exists(server, stubs, run_id):
+    """Without a request_id a request is never taken for a retry: an OptimStep (or another
+    batch) sent with a seq_id a ForwardBackward took is ALREADY_EXISTS naming that operation,
+    and does not run (answered with the ForwardBackward's operation, it would silently not)."""
+    training, operations = stubs
+    first = training.ForwardBackward(fb_request(run_id, 1))
+    reused = [lambda: training.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=1,
+                                                             adam_params=pb.AdamParams(learning_rate=1e-3))),
+              lambda: training.ForwardBackward(fb_request(run_id, 1, seed=61)),
+              lambda: training.ForwardBackward(fb_request(run_id, 1, request_id="req-other"))]
+    for call in reused:
+        with pytest.raises(grpc.RpcError) as raised:
+            call()
+        assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert raised.value.details().startswith(f"seq_id 1 is already taken by {first.name}")
+    assert not wait_operation(operations, first.name).HasField("error")
+    assert training.GetInfo(pb.GetInfoRequest(model_id=run_id)).step == 0
+
+
 def test_retry_with_same_request_id_is_the_same_operation(server, stubs, run_id):
     """The retry gets the first request's operation and the work runs once: the gradient
     is exactly that of one forward_backward on a run with the same start."""

@@ -94,10 +94,10 @@ def aborted(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.ABORTED, message, "EARLIER_REQUEST_FAILED")
 
 
-def already_used(seq_id: int, request_id: str) -> ServiceError:
+def already_used(seq_id: int, operation: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.ALREADY_EXISTS,
-                        f"seq_id {seq_id} is already taken by request_id {request_id!r}",
-                        "SEQ_ID_ALREADY_USED")
+                        f"seq_id {seq_id} is already taken by {operation}; a retry returns that operation only "
+                        "when it carries the first request's request_id", "SEQ_ID_ALREADY_USED")
 
 
 def internal(error: BaseException) -> ServiceError:

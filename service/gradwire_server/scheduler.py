@@ -107,13 +107,15 @@ class Scheduler:
     # ---- event-loop side ------------------------------------------------------
 
     def existing(self, run_id: str, seq_id: int, request_id: str) -> str | None:
-        """The operation of an already-accepted (run, seq_id): a retry (AIP-155).
-        Raises ALREADY_EXISTS-style errors if the seq_id was used by another request."""
+        """The operation of an already-accepted (run, seq_id) when this request is its
+        retry (AIP-155: the same non-empty request_id). ALREADY_EXISTS otherwise: without a
+        request_id a request is never taken for a retry, which could be another RPC
+        (an OptimStep answered with a ForwardBackward's operation would never run)."""
         order = self._orders.get(run_id)
         if order is None or seq_id == 0 or seq_id not in order.op_of_seq:
             return None
-        if request_id and order.request_of_seq.get(seq_id, request_id) != request_id:
-            raise already_used(seq_id, order.request_of_seq[seq_id])
+        if not request_id or order.request_of_seq.get(seq_id) != request_id:
+            raise already_used(seq_id, order.op_of_seq[seq_id])
         return order.op_of_seq[seq_id]
 
     def submit(self, run_id: str, seq_id: int, request_id: str, kind: str,
