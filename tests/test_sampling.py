@@ -394,6 +394,8 @@ def test_unknown_weights_are_rejected(service, model, error, field):
     with pytest.raises(error) as raised:
         sample(sampler, 1, max_tokens=4)
     assert field in str(raised.value)
+    if "base_model" in model:
+        assert str(raised.value).endswith("base_model 'no-such-model' not found (this server serves 'tiny-random')")
     with pytest.raises(error):
         sampler.compute_logprobs(prompt_input()).result()
 

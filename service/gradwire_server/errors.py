@@ -72,8 +72,8 @@ def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, shown + more, "INVALID_INPUT", violations)
 
 
-def not_found(what: str, name: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.NOT_FOUND, f"{what} {cut(name)!r} not found",
+def not_found(what: str, name: str, hint: str = "") -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, f"{what} {cut(name)!r} not found" + (f" ({hint})" if hint else ""),
                         f"{what.upper().replace(' ', '_')}_NOT_FOUND")
 
 

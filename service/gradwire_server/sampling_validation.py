@@ -55,8 +55,8 @@ def weights_checkpoint(request: pb.SampleRequest | pb.ComputeLogprobsRequest, se
         raise invalid_argument([FieldViolation("model", "set model_path or base_model")])
     if which == "base_model":
         if request.base_model not in served_names:
-            raise not_found("base_model", f"{request.base_model} (this server serves "
-                                          f"{' = '.join(map(repr, served_names))})")
+            raise not_found("base_model", request.base_model,
+                            f"this server serves {' = '.join(map(repr, served_names))}")
         return None
     return sampler_checkpoint(checkpoint_root, request.model_path, served_names[0])
 
