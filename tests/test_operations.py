@@ -127,6 +127,16 @@ def test_cancel_list_and_delete(stubs, run_id):
     assert not wait_operation(operations, done).HasField("error")
     listed = operations.ListOperations(operations_pb2.ListOperationsRequest(name=f"operations/{run_id}"))
     assert {op.name for op in listed.operations} == {held, done}
+    running = training.ForwardBackward(fb_request(run_id, 4)).name  # waits for seq_id 3: not done
+    for query, expected in (("done=true", {held, done}), ("done = false", {running}), ("", {held, done, running})):
+        listed = operations.ListOperations(operations_pb2.ListOperationsRequest(name=f"operations/{run_id}",
+                                                                               filter=query))
+        assert {op.name for op in listed.operations} == expected, query
+    with pytest.raises(grpc.RpcError) as raised:  # a filter it cannot apply is refused, not ignored
+        operations.ListOperations(operations_pb2.ListOperationsRequest(name=f"operations/{run_id}",
+                                                                       filter="kind=ForwardBackward"))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "filter" in raised.value.details()
+    operations.CancelOperation(operations_pb2.CancelOperationRequest(name=running))
     operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=done))
     with pytest.raises(grpc.RpcError) as raised:
         operations.GetOperation(operations_pb2.GetOperationRequest(name=done))

@@ -177,9 +177,11 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     async def ListOperations(self, request, context):
         try:
             start, size = paging.page(request.page_token, request.page_size)
+            done = _done_filter(request.filter)
         except ServiceError as error:
             await abort(context, error)
-        names = self.store.names(request.name or request.filter or "")
+        names = [name for name in self.store.names(request.name)
+                 if done is None or self.store.get(name).operation.done == done]
         page = names[start:start + size]
         return operations_pb2.ListOperationsResponse(
             operations=[self.store.get(name).snapshot() for name in page],
@@ -200,6 +202,16 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         except ServiceError as error:
             await abort(context, error)
         return empty_pb2.Empty()
+
+
+def _done_filter(text: str) -> bool | None:
+    """ListOperations' filter (AIP-160): none, `done=true` or `done=false`; others are refused,
+    not ignored (a list that ignored its filter would look filtered)."""
+    compact = text.replace(" ", "")
+    if compact in ("", "done=true", "done=false"):
+        return None if not compact else compact == "done=true"
+    raise invalid_argument([FieldViolation("filter", f"{text!r} is not a supported filter: use done=true or "
+                                                     "done=false, or none (operations under `name` are listed)")])
 
 
 def _wait_seconds(request: operations_pb2.WaitOperationRequest, cap_s: float) -> float:
