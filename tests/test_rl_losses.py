@@ -28,7 +28,8 @@ def rl_data(model, seed: int, shapes, avoid=()) -> list[gradwire.Datum]:
     """Datums of random tokens (shapes: [N] or (N, K) targets per datum) whose sampler
     logprobs q put r = exp(lp - q) between 0.3 and 6, never within 2% of a value in
     `avoid` (the clip thresholds: float noise must not move a token across one).
-    Advantages are normal, so both signs occur."""
+    Advantages are normal, so both signs occur, but for the first two positions' (0, as a
+    prompt's)."""
     rng = np.random.default_rng(seed)
     data = []
     for shape in shapes:
@@ -44,15 +45,17 @@ def rl_data(model, seed: int, shapes, avoid=()) -> list[gradwire.Datum]:
             ratio[near] = threshold * 1.1 + 0.05
         datum.loss_fn_inputs["logprobs"] = gradwire.TensorData.from_numpy(
             (lp - np.log(ratio)).astype(np.float32))
-        datum.loss_fn_inputs["advantages"] = gradwire.TensorData.from_numpy(
-            rng.normal(size=target_shape).astype(np.float32))
+        advantages = rng.normal(size=target_shape).astype(np.float32)
+        advantages[:2] = 0  # prompt positions, as in an RL datum: trained on by no loss
+        datum.loss_fn_inputs["advantages"] = gradwire.TensorData.from_numpy(advantages)
         data.append(datum)
     return data
 
 
 def expected_loss(loss_fn: str, config: dict[str, float], lp: torch.Tensor, q: torch.Tensor,
                   advantages: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(the loss, the number of tokens whose ratio was clipped), token by token."""
+    """(the loss, the number of trained tokens (nonzero advantage) whose ratio was clipped),
+    token by token."""
     total, clipped = torch.zeros(()), 0
     for lp_t, q_t, a in zip(lp.reshape(-1), q.reshape(-1).tolist(), advantages.reshape(-1).tolist()):
         ratio = torch.exp(lp_t - q_t)
@@ -61,7 +64,7 @@ def expected_loss(loss_fn: str, config: dict[str, float], lp: torch.Tensor, q: t
             total = total - ratio * a
         elif loss_fn == "ppo":
             lo, hi = clip_range(loss_fn, config)
-            clipped += not lo <= r <= hi
+            clipped += a != 0 and not lo <= r <= hi
             if a >= 0 and r > hi:      # the clipped term is smaller: a constant, no gradient
                 total = total - hi * a
             elif a < 0 and r < lo:
@@ -70,7 +73,7 @@ def expected_loss(loss_fn: str, config: dict[str, float], lp: torch.Tensor, q: t
                 total = total - ratio * a
         elif loss_fn == "cispo":
             lo, hi = clip_range(loss_fn, config)
-            clipped += not lo <= r <= hi
+            clipped += a != 0 and not lo <= r <= hi
             weight = min(max(r, lo), hi)  # a plain float: no gradient through the ratio
             total = total - weight * lp_t * a
         elif loss_fn == "dro":
@@ -110,7 +113,7 @@ def test_loss_and_gradient_match_the_formula(server, service, seed, loss_fn, con
         np.testing.assert_allclose(output["logprobs"].to_numpy(), lp.detach().numpy(), atol=1e-5)
         datum_loss, clipped = expected_loss(loss_fn, config, lp, inputs["logprobs"], inputs["advantages"])
         loss = loss + datum_loss
-        fractions.append(clipped / lp.numel())
+        fractions.append(clipped / max(int((inputs["advantages"] != 0).sum()), 1))
         if loss_fn == "ppo":
             lo, hi = clip_range(loss_fn, config)
             ratio = torch.exp(lp.detach() - inputs["logprobs"])

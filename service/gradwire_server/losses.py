@@ -65,7 +65,7 @@ def ppo(logprobs: Tensor, inputs: dict[str, Tensor],
     advantages, mask = inputs["advantages"], inputs["mask"]
     objective = torch.minimum(ratio * advantages, ratio.clamp(lo, hi) * advantages)
     loss = -(objective * mask).sum()
-    return loss, {"loss:sum": loss.detach(), "clip_fraction:mean": _clip_fraction(ratio, mask, lo, hi)}
+    return loss, {"loss:sum": loss.detach(), "clip_fraction:mean": _clip_fraction(ratio, inputs, lo, hi)}
 
 
 def cispo(logprobs: Tensor, inputs: dict[str, Tensor],
@@ -78,7 +78,7 @@ def cispo(logprobs: Tensor, inputs: dict[str, Tensor],
     ratio = torch.exp(logprobs - inputs["logprobs"])
     mask = inputs["mask"]
     loss = -(ratio.clamp(lo, hi).detach() * logprobs * inputs["advantages"] * mask).sum()
-    return loss, {"loss:sum": loss.detach(), "clip_fraction:mean": _clip_fraction(ratio, mask, lo, hi)}
+    return loss, {"loss:sum": loss.detach(), "clip_fraction:mean": _clip_fraction(ratio, inputs, lo, hi)}
 
 
 def dro(logprobs: Tensor, inputs: dict[str, Tensor],
@@ -117,11 +117,13 @@ def gspo(logprobs: Tensor, inputs: dict[str, Tensor],
     return loss, {"loss:sum": loss.detach(), "clip_fraction:mean": clipped.mean()}
 
 
-def _clip_fraction(ratio: Tensor, mask: Tensor, lo: float, hi: float) -> Tensor:
-    """Mean over datums of each datum's fraction of real tokens with r outside [lo, hi]
-    (a datum mean, so merge_metrics combines micro-batches exactly)."""
-    outside = ((ratio < lo) | (ratio > hi)).float() * mask
-    per_datum = outside.sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
+def _clip_fraction(ratio: Tensor, inputs: dict[str, Tensor], lo: float, hi: float) -> Tensor:
+    """Mean over datums of each datum's fraction of trained tokens (nonzero advantage: not a
+    prompt's) with r outside [lo, hi]; 0 for a datum with none (a datum mean, so merge_metrics
+    combines micro-batches exactly)."""
+    trained = inputs["mask"] * (inputs["advantages"] != 0)
+    outside = ((ratio < lo) | (ratio > hi)).float() * trained
+    per_datum = outside.sum(dim=(1, 2)) / trained.sum(dim=(1, 2)).clamp(min=1)
     return per_datum.mean().detach()
 
 

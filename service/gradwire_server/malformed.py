@@ -82,6 +82,9 @@ async def _checked(requests: AsyncIterator) -> AsyncIterator:
 
 
 async def _fail(context, method: str, error: BaseException) -> None:
+    if context.done():  # answered or cancelled already (e.g. the client left mid-stream): nothing to tell
+        log.debug("%s: %r after its RPC ended", method, error)
+        return
     if isinstance(error, ServiceError):
         await abort(context, error)
     if isinstance(error, NotImplementedError):  # a generated servicer's default method
