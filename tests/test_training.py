@@ -145,6 +145,41 @@ def test_equal_seeds_give_equal_adapters_and_futures_await(server, service):
         np.testing.assert_array_equal(got["logprobs"].to_numpy(), want["logprobs"].to_numpy())
 
 
+def test_a_cancelled_wait_for_an_async_call_leaves_the_client_working(server, service):
+    """Cancelling the task that awaits optim_step_async (wait_for's timeout, a TaskGroup)
+    while the request still waits in the send queue only stops the wait: the step keeps its
+    place and runs, and the client's later calls are sent (before, the send thread died on
+    the cancelled future and every later call waited forever)."""
+    import asyncio
+
+    tc = service.create_lora_training_client("tiny-random", rank=4, seed=13)
+    queued = [tc.forward_backward(random_data(14), "cross_entropy") for _ in range(8)]
+
+    async def impatient() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(tc.optim_step_async(gradwire.AdamParams(learning_rate=1e-3)), 1e-3)
+    asyncio.run(impatient())
+    assert tc.forward(random_data(15), "cross_entropy").result(60).metrics["loss:sum"] > 0
+    assert all(future.result(60).metrics["loss:sum"] > 0 for future in queued)
+    assert tc.get_info().step == 1
+
+
+def test_a_training_client_holds_no_thread_once_idle(server, service):
+    """A training client's send thread ends once it has nothing to send, and a later call starts
+    another: a loop that makes a client per step (a reference run, an eval) does not gain a thread
+    per client."""
+    import threading
+    import time
+
+    tc = service.create_lora_training_client("tiny-random", rank=2, seed=16)
+    tc.forward(random_data(17), "cross_entropy").result()
+    deadline = time.monotonic() + 30
+    while any(t.name == f"gradwire-sender-{tc.model_id}" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the send thread outlived its queue"
+        time.sleep(0.1)
+    assert tc.forward(random_data(17), "cross_entropy").result(60).metrics["loss:sum"] > 0
+
+
 def test_server_info_and_tokenizer(service):
     """Capabilities list the model, losses and limits; the tokenizer arrives offline with its chat template."""
     caps = service.get_server_capabilities()

@@ -127,7 +127,9 @@ def request_id() -> str:
 async def submitted(future: APIFuture) -> APIFuture:
     """Waits (without blocking the loop) until the request has its place on the server."""
     try:
-        await asyncio.wrap_future(future._submitted)
+        # Shielded: a caller that stops waiting (a cancelled task, wait_for's timeout) must not
+        # cancel the send queue's future; the request keeps its place and runs.
+        await asyncio.shield(asyncio.wrap_future(future._submitted))
     except GradwireError:
         pass  # delivered by future.result()
     return future

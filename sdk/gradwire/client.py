@@ -40,6 +40,7 @@ MESSAGE_BUDGET_BYTES = 3 * 1024 * 1024  # datums per message: within gRPC's 4 Mi
 _BROKEN_HERE = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
                           grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 _SETTLE_S = 60.0  # how long settling a broken stream may take
+_SENDER_IDLE_S = 2.0  # a training client's sender thread ends after this long with nothing to send
 
 
 class ServiceClient:
@@ -365,9 +366,10 @@ class TrainingClient:
         self.base_model = base_model
         self._seq = 0
         self._queue: queue.Queue[_Pending] = queue.Queue()
-        self._sender = threading.Thread(target=self._send_loop, daemon=True,
-                                        name=f"gradwire-sender-{model_id}")
-        self._sender.start()
+        # The thread that sends the queue in order: started by a request, gone once idle,
+        # so a client that is done with holds no thread (and can be collected).
+        self._sender: threading.Thread | None = None
+        self._sender_lock = threading.Lock()
 
     # ---- training ---------------------------------------------------------------
 
@@ -660,7 +662,12 @@ class TrainingClient:
 
     def _enqueue(self, send, fetch, label: str) -> APIFuture:
         pending = _Pending(send, concurrent.futures.Future(), label)
-        self._queue.put(pending)
+        with self._sender_lock:
+            self._queue.put(pending)
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                                name=f"gradwire-sender-{self.model_id}")
+                self._sender.start()
 
         def result(timeout: float | None):
             submitted = waited(pending.submitted, timeout, f"{label} was not submitted within {timeout} s")
@@ -674,7 +681,14 @@ class TrainingClient:
 
     def _send_loop(self) -> None:
         while True:
-            pending = self._queue.get()
+            try:
+                pending = self._queue.get(timeout=_SENDER_IDLE_S)
+            except queue.Empty:
+                with self._sender_lock:  # a request queued meanwhile keeps this thread
+                    if self._queue.empty():
+                        self._sender = None
+                        return
+                continue
             try:
                 pending.submitted.set_result(pending.send(self._next_seq))
             except BaseException as error:  # noqa: BLE001 - delivered through the future
