@@ -452,6 +452,12 @@ MUTATIONS = [
              "                    if self._queue.empty():", "                    if False:",
              ("tests/test_training.py::test_a_training_client_holds_no_thread_once_idle",),
              "each training client keeps a thread for the life of the process"),
+    Mutation("sdk-async-stream-closed-under-its-reader", "sdk/gradwire/sampling_client.py",
+             "            # that next() then ends with the call.\n            call.cancel()",
+             "            # that next() then ends with the call.\n            pieces.close()",
+             ("tests/test_sampling.py::test_cancelling_an_async_stream_ends_it_on_the_server",),
+             "cancelling a task reading sample_stream_async raises 'generator already executing', "
+             "and the server keeps generating"),
     Mutation("cli-keep-graph-budget-dropped", S + "cli.py",
              "                        keep_graph_budget_mb=args.keep_graph_budget_mb,\n", "",
              ("tests/test_server_lifecycle.py",), "--keep-graph-budget-mb has no effect"),

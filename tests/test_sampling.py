@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 import time
 
 import grpc
@@ -203,6 +204,43 @@ def test_leaving_a_stream_ends_it_on_the_server(server, base_sampler):
     while sampling_left() != ([], operations_before) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sampling_left() == ([], operations_before)
+
+
+def test_cancelling_an_async_stream_ends_it_on_the_server(server, base_sampler):
+    """A task reading sample_stream_async that is cancelled (here by wait_for's timeout) ends
+    with the cancellation, not an error of its own, and the server drops the job and its
+    operation; the sampler serves the next request."""
+    operations_before = server.server.store.names("operations/sampling/")
+    first_piece, hold = asyncio.Event(), threading.Event()
+
+    async def read_all() -> None:
+        async for _ in base_sampler.sample_stream_async(prompt_input(), 2,
+                                                        gradwire.SamplingParams(max_tokens=1000, seed=1)):
+            first_piece.set()
+
+    async def impatient() -> None:
+        reading = asyncio.create_task(read_all())
+        await first_piece.wait()
+        # The worker held: no piece comes, so the reader's thread waits inside the stream.
+        threading.Thread(target=server.call, args=(lambda: hold.wait(30),), daemon=True).start()
+        await asyncio.sleep(1.0)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+    try:
+        asyncio.run(impatient())
+    finally:
+        hold.set()
+
+    def sampling_left():
+        queued = [key for key in server.server.scheduler._ready if key.startswith("operations/sampling/")]
+        return queued, server.server.store.names("operations/sampling/")
+
+    deadline = time.monotonic() + 30
+    while sampling_left() != ([], operations_before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sampling_left() == ([], operations_before)
+    assert sample(base_sampler, 1, max_tokens=4).sequences[0].tokens
 
 
 def test_async_twins_and_client_futures(service, base_sampler):

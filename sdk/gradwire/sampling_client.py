@@ -22,6 +22,16 @@ if TYPE_CHECKING:
     from gradwire.client import ServiceClient
 
 
+def _pieces(call) -> Iterator[types.SampledTokens]:
+    """The pieces of a SampleStream call, gRPC errors as SDK exceptions."""
+    try:
+        for message in call:
+            for piece in message.samples:
+                yield _convert.sampled_tokens(piece)
+    except grpc.RpcError as error:
+        raise error_from_rpc(error) from None
+
+
 class SamplingClient:
     """Samples from `model_path` (a `gradwire://<run_id>/sampler_weights/<name>`
     checkpoint: base model plus that LoRA adapter; or an ephemeral snapshot from
@@ -86,19 +96,18 @@ class SamplingClient:
         new tokens and logprobs; its last piece has stop_reason set. With the
         same seed the tokens are exactly those sample() returns. Leaving the
         loop early cancels the generation on the server."""
+        call = self._stream_call(prompt, num_samples, sampling_params)
+        try:
+            yield from _pieces(call)
+        finally:
+            call.cancel()  # no-op once the stream has ended
+
+    def _stream_call(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams | None):
         request = pb.SampleRequest(**self._model(), prompt=_convert.model_input_chunks(prompt),
                                    num_samples=num_samples,
                                    sampling_params=_convert.sampling_params(sampling_params or types.SamplingParams()))
         self.service._transport.check_open()
-        call = self._stub.SampleStream(request, metadata=self.service._transport.metadata)
-        try:
-            for message in call:
-                for piece in message.samples:
-                    yield _convert.sampled_tokens(piece)
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
-        finally:
-            call.cancel()  # no-op once the stream has ended
+        return self._stub.SampleStream(request, metadata=self.service._transport.metadata)
 
     async def sample_async(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams,
                            include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
@@ -115,15 +124,20 @@ class SamplingClient:
         """Submits compute_logprobs; the awaited APIFuture gives the result."""
         return await submitted(self.compute_logprobs(prompt, prompt_logprobs_last_n))
 
-    async def sample_stream_async(self, *args, **kwargs) -> AsyncIterator[types.SampledTokens]:
-        """sample_stream as an async iterator (`async for piece in ...`)."""
-        pieces = self.sample_stream(*args, **kwargs)
-        end = object()
+    async def sample_stream_async(self, prompt: types.ModelInput, num_samples: int = 1,
+                                  sampling_params: types.SamplingParams | None = None
+                                  ) -> AsyncIterator[types.SampledTokens]:
+        """sample_stream as an async iterator (`async for piece in ...`). Leaving the loop
+        early, or cancelling the task that runs it, cancels the generation on the server."""
+        call = self._stream_call(prompt, num_samples, sampling_params)
+        pieces, end = _pieces(call), object()
         try:
             while (piece := await asyncio.to_thread(next, pieces, end)) is not end:
                 yield piece
         finally:
-            pieces.close()
+            # Thread-safe, unlike closing `pieces` while a next() may still run in its thread:
+            # that next() then ends with the call.
+            call.cancel()
 
     def get_tokenizer(self):
         """The base model's Hugging Face tokenizer (fetched from the server, no download)."""
