@@ -12,7 +12,10 @@ from collections.abc import Iterator
 
 def start_server(model: str, *args: str) -> tuple[subprocess.Popen, str]:
     """`gradwire-server --model MODEL --port 0 ARGS...` and its address, once it listens.
-    Its output keeps draining in a thread, so it never blocks on a full pipe."""
+    Without --checkpoint-dir in ARGS it gets a fresh temporary one (a folder serves one server
+    at a time). Its output keeps draining in a thread, so it never blocks on a full pipe."""
+    if "--checkpoint-dir" not in args:
+        args = (*args, "--checkpoint-dir", tempfile.mkdtemp(prefix="gradwire-checkpoints-"))
     process = subprocess.Popen([sys.executable, "-m", "gradwire_server", "--model", model, "--port", "0", *args],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     address: list[str] = []
