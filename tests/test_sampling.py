@@ -188,14 +188,8 @@ def test_stream_sends_prompt_scores_first(server):
     channel.close()
 
 
-def test_leaving_a_stream_ends_it_on_the_server(server, base_sampler):
-    """Closing the iterator cancels the call; the server drops the job and its operation."""
-    operations_before = server.server.store.names("operations/sampling/")
-    pieces = base_sampler.sample_stream(prompt_input(), 2, gradwire.SamplingParams(max_tokens=1000, seed=1))
-    first = next(pieces)
-    assert first.tokens and first.stop_reason is None
-    pieces.close()
-
+def assert_sampling_dropped(server, operations_before: list[str]) -> None:
+    """Waits (30 s at most) until no sampling job is queued and only `operations_before` remain."""
     def sampling_left():
         queued = [key for key in server.server.scheduler._ready if key.startswith("operations/sampling/")]
         return queued, server.server.store.names("operations/sampling/")
@@ -206,10 +200,20 @@ def test_leaving_a_stream_ends_it_on_the_server(server, base_sampler):
     assert sampling_left() == ([], operations_before)
 
 
+def test_leaving_a_stream_ends_it_on_the_server(server, base_sampler):
+    """Closing the iterator cancels the call; the server drops the job and its operation."""
+    operations_before = server.server.store.names("operations/sampling/")
+    pieces = base_sampler.sample_stream(prompt_input(), 2, gradwire.SamplingParams(max_tokens=1000, seed=1))
+    first = next(pieces)
+    assert first.tokens and first.stop_reason is None
+    pieces.close()
+    assert_sampling_dropped(server, operations_before)
+
+
 def test_cancelling_an_async_stream_ends_it_on_the_server(server, base_sampler):
-    """A task reading sample_stream_async that is cancelled (here by wait_for's timeout) ends
-    with the cancellation, not an error of its own, and the server drops the job and its
-    operation; the sampler serves the next request."""
+    """A task reading sample_stream_async that is cancelled while its thread waits inside the
+    stream ends with the cancellation, not an error of its own, and the server drops the job and
+    its operation; the sampler serves the next request."""
     operations_before = server.server.store.names("operations/sampling/")
     first_piece, hold = asyncio.Event(), threading.Event()
 
@@ -231,15 +235,7 @@ def test_cancelling_an_async_stream_ends_it_on_the_server(server, base_sampler):
         asyncio.run(impatient())
     finally:
         hold.set()
-
-    def sampling_left():
-        queued = [key for key in server.server.scheduler._ready if key.startswith("operations/sampling/")]
-        return queued, server.server.store.names("operations/sampling/")
-
-    deadline = time.monotonic() + 30
-    while sampling_left() != ([], operations_before) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sampling_left() == ([], operations_before)
+    assert_sampling_dropped(server, operations_before)
     assert sample(base_sampler, 1, max_tokens=4).sequences[0].tokens
 
 
