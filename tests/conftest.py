@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,9 +29,10 @@ TEST_DTYPE, TEST_KV_CACHE_MB = "float32", 512
 
 
 def server_config(**fields) -> ServerConfig:
-    """A tiny-random ServerConfig on a free port with the test defaults; `fields` override."""
+    """A tiny-random ServerConfig on a free port with the test defaults and a fresh checkpoint
+    folder (a folder serves one server at a time); `fields` override."""
     return ServerConfig(**{"model": "tiny-random", "port": 0, "dtype": TEST_DTYPE, "kv_cache_mb": TEST_KV_CACHE_MB,
-                           **fields})
+                           "checkpoint_dir": tempfile.mkdtemp(prefix="gradwire-test-checkpoints-"), **fields})
 
 
 @pytest.fixture(scope="session")
