@@ -463,9 +463,9 @@ MUTATIONS = [
              ("tests/test_server_lifecycle.py",), "--keep-graph-budget-mb has no effect"),
     Mutation("server-serving-while-loading", SERVER,
              "        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)\n"
-             "        address = ",
+             "        host, port = ",
              "        await self._set_health(health_pb2.HealthCheckResponse.SERVING)\n"
-             "        address = ",
+             "        host, port = ",
              ("tests/test_server_lifecycle.py",), "load balancers route to a server still loading"),
     Mutation("server-sigterm-not-handled", SERVER,
              "    for sig in (signal.SIGTERM, signal.SIGINT):", "    for sig in (signal.SIGINT,):",
