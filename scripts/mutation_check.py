@@ -380,7 +380,7 @@ MUTATIONS = [
              "    except BaseException:\n        raise\n",
              ("tests/test_checkpoint_format.py",), "failed saves pile up hidden folders"),
     Mutation("checkpoint-leftovers-kept-at-start", SERVER,
-             "        checkpoints.remove_leftovers(self.checkpoint_root)\n", "",
+             "            checkpoints.remove_leftovers(self.checkpoint_root)\n", "",
              ("tests/test_crash_safety.py",), "crash leftovers fill the disk"),
     # ---- sampler -------------------------------------------------------------------------------------
     Mutation("sampler-top-k-ignored", SAMPLER,
