@@ -14,7 +14,8 @@ import gradwire
 from conftest import free_port, server_config
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.server import BackgroundServer
-from reference import new_run, operation_metadata, random_data, raw_request, server_gradients, wait_operation
+from reference import (assert_state_equal, new_run, operation_metadata, random_data, raw_request, run_state,
+                       server_gradients, wait_operation)
 
 
 @pytest.fixture()
@@ -61,6 +62,8 @@ def test_a_taken_seq_id_without_its_request_id_is_already_exists(server, stubs, 
     and does not run (answered with the ForwardBackward's operation, it would silently not)."""
     training, operations = stubs
     first = training.ForwardBackward(fb_request(run_id, 1))
+    assert not wait_operation(operations, first.name).HasField("error")
+    before = run_state(server, run_id)
     reused = [lambda: training.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=1,
                                                              adam_params=pb.AdamParams(learning_rate=1e-3))),
               lambda: training.ForwardBackward(fb_request(run_id, 1, seed=61)),
@@ -70,7 +73,7 @@ def test_a_taken_seq_id_without_its_request_id_is_already_exists(server, stubs, 
             call()
         assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
         assert raised.value.details().startswith(f"seq_id 1 is already taken by {first.name}")
-    assert not wait_operation(operations, first.name).HasField("error")
+    assert_state_equal(before, run_state(server, run_id))
     assert training.GetInfo(pb.GetInfoRequest(model_id=run_id)).step == 0
 
 
