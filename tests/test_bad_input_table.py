@@ -286,13 +286,47 @@ def test_a_refused_later_step_keeps_the_moments_and_the_finite_gradients(server,
     before, moments, step = run_state(server, tc.model_id), optimizer_state(server, tc.model_id), tc.get_info().step
     with pytest.raises(gradwire.ConflictError, match="infinite or NaN") as raised:
         tc.optim_step(gradwire.AdamParams(learning_rate=10.0, weight_decay=100.0)).result()
-    assert "gradients are not finite" not in str(raised.value)
+    assert "were discarded" not in str(raised.value)
     after = run_state(server, tc.model_id)
     for name, (weight, grad) in before.items():
         torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
         torch.testing.assert_close(after[name][1], grad, rtol=0, atol=0)
     assert_optimizer_equal(moments, optimizer_state(server, tc.model_id))
     assert tc.get_info().step == step
+
+
+def test_a_step_whose_second_moment_would_overflow_is_refused_and_its_gradient_discarded(server, service):
+    """Cross-entropy weights of 1e30 give a finite gradient (accepted) whose square is not: the
+    step would leave the weights finite but AdamW's second moment infinite, and those weights
+    would never move again. It is refused, weights and moments stay as they were, the gradient
+    (useless at any learning rate) is discarded, and the run trains on."""
+    tc = trained_run(service)
+    for seed in (75, 76):
+        tc.forward_backward(random_data(seed), "cross_entropy").result()
+        tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
+    huge = [gradwire.Datum(model_input=d.model_input, loss_fn_inputs={
+        "target_tokens": d.loss_fn_inputs["target_tokens"],
+        "weights": np.full(d.model_input.length, 1e30, np.float32)}) for d in random_data(77)]
+    tc.forward_backward(huge, "cross_entropy").result()
+    before, moments, step = run_state(server, tc.model_id), optimizer_state(server, tc.model_id), tc.get_info().step
+
+    with pytest.raises(gradwire.ConflictError, match="AdamW moment .* infinite or NaN; its gradients are too large "
+                                                     "or not finite and were discarded") as raised:
+        tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
+
+    assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    after = run_state(server, tc.model_id)
+    for name, (weight, _) in before.items():
+        torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
+        assert after[name][1] is None
+    assert_optimizer_equal(moments, optimizer_state(server, tc.model_id))
+    assert tc.get_info().step == step
+    tc.forward_backward(random_data(78), "cross_entropy").result()
+    tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
+    trained = run_state(server, tc.model_id)
+    assert all(not torch.equal(trained[name][0], weight) for name, (weight, _) in before.items())
+    assert all(bool(torch.isfinite(value).all()) for state in optimizer_state(server, tc.model_id).values()
+               for value in state.values() if isinstance(value, torch.Tensor))
 
 
 def test_a_refused_first_step_leaves_the_optimizer_as_new(server, service):

@@ -108,3 +108,13 @@ def test_a_save_that_fails_part_way_leaves_no_folder_and_the_name_free(server, s
     saved = checkpoints.write(tmp_path, path, state, "tiny-random")
     assert [p.name for p in kind_folder.iterdir()] == ["retried"]
     assert checkpoints.find(tmp_path, path.path).metadata["files"] == saved.metadata["files"]
+
+
+def test_every_checkpoint_file_has_the_same_permissions(server, service):
+    """The process's umask decides them for all files alike (safetensors alone wrote 0600),
+    so whoever may read one file of a checkpoint may read them all."""
+    tc = service.create_lora_training_client("tiny-random", rank=2)
+    path = tc.save_state("modes").result().path
+    folder = checkpoints.checkpoint_directory(server.server.checkpoint_root, path)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert len(set(modes.values())) == 1, modes

@@ -2,6 +2,7 @@
 checked against the files on the server's disk."""
 from __future__ import annotations
 
+import shutil
 import threading
 
 import grpc
@@ -115,6 +116,59 @@ def test_delete_checkpoint(server, service):
     with pytest.warns(DeprecationWarning, match="delete_checkpoint"):
         rest.delete_checkpoint(kept).result()
     assert rest.list_checkpoints(tc.model_id).result().checkpoints == []
+
+
+@pytest.mark.parametrize("removed", ["folder", "marker"])
+def test_a_listed_checkpoint_removed_by_hand_can_be_deleted_from_the_listing(server, service, removed):
+    """Someone removed a checkpoint's folder (or its marker) behind the server's back: it can
+    no longer be loaded, and deleting it clears its listing (and what is left of its folder)."""
+    tc = trained_run(service)
+    path = tc.save_state("by-hand").result().path
+    folder = checkpoints.checkpoint_directory(server.server.checkpoint_root, path)
+    if removed == "folder":
+        shutil.rmtree(folder)
+    else:
+        (folder / checkpoints.MARKER).unlink()
+    rest = service.create_rest_client()
+    with pytest.raises(gradwire.NotFoundError):
+        tc.load_state(path).result()
+
+    rest.delete_checkpoint_from_tinker_path(path).result()
+
+    assert rest.list_checkpoints(tc.model_id).result().checkpoints == []
+    assert not folder.exists()
+    with pytest.raises(gradwire.NotFoundError):
+        rest.delete_checkpoint_from_tinker_path(path).result()
+
+
+def test_a_damaged_checkpoint_is_not_downloaded(server, service, tmp_path):
+    """One flipped byte (same size): DATA_LOSS naming the file, as loading it gives, and no folder."""
+    tc = trained_run(service)
+    path = tc.save_state("flipped").result().path
+    weights = checkpoints.checkpoint_directory(server.server.checkpoint_root, path) / checkpoints.ADAPTER_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(gradwire.InternalServerError, match="adapter_model.safetensors does not match its sha256") as raised:
+        service.create_rest_client().download_checkpoint(path, tmp_path / "copy")
+    assert raised.value.code == grpc.StatusCode.DATA_LOSS
+    assert not (tmp_path / "copy").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("taken", ["folder with a file", "file"])
+def test_download_into_a_taken_destination_is_refused_before_it_starts(server, service, tmp_path, taken):
+    tc = trained_run(service)
+    path = tc.save_state("dest").result().path
+    dest = tmp_path / "dest"
+    if taken == "file":
+        dest.write_text("mine")
+    else:
+        dest.mkdir()
+        (dest / "mine.txt").write_text("mine")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="dest_dir .* must be absent or an empty folder"):
+        service.create_rest_client().download_checkpoint(path, dest)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
 def test_info_and_capabilities_describe_the_run_and_server(service):

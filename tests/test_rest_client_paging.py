@@ -3,6 +3,7 @@ tokens to the end (RestClient._every_page)."""
 from __future__ import annotations
 
 import grpc
+import pytest
 
 import gradwire
 from conftest import server_config
@@ -30,3 +31,13 @@ def test_list_training_runs_reads_every_page(tmp_path):
     finally:
         service.close()
         background.stop()
+
+
+@pytest.mark.parametrize("window", [{"limit": -1}, {"offset": -1}, {"limit": 2.5}, {"offset": True}])
+def test_a_negative_or_fractional_window_is_refused_naming_it(service, window):
+    """limit=-1 would cut the last item off a Python slice, offset=-1 would give an empty page."""
+    rest = service.create_rest_client()
+    [name] = window
+    for listing in (rest.list_user_checkpoints, rest.list_training_runs):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 0"):
+            listing(**window)

@@ -243,11 +243,12 @@ def test_async_twins_and_client_futures(service, base_sampler):
     async def run():
         sampler = await service.create_sampling_client_async(base_model="tiny-random")
         assert await sampler is sampler and sampler.result() is sampler
-        future = await sampler.sample_async(prompt_input(), 2, gradwire.SamplingParams(max_tokens=5, seed=4))
-        logprobs = await (await sampler.compute_logprobs_async(prompt_input()))
+        # One await gives the value, as in Tinker (training twins give the future: double await).
+        response = await sampler.sample_async(prompt_input(), 2, gradwire.SamplingParams(max_tokens=5, seed=4))
+        logprobs = await sampler.compute_logprobs_async(prompt_input())
         streamed = [piece async for piece in sampler.sample_stream_async(
             prompt_input(), 2, gradwire.SamplingParams(max_tokens=5, seed=4))]
-        return await future, logprobs, streamed
+        return response, logprobs, streamed
 
     response, logprobs, streamed = asyncio.run(run())
     assert response == sample(base_sampler, 2, max_tokens=5, seed=4)

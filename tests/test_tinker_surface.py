@@ -83,8 +83,9 @@ def test_a_checkpoints_ttl_can_be_set_and_removed(server, service):
     assert drop in server.expire_checkpoints()
     with pytest.raises(gradwire.NotFoundError):
         rest.set_checkpoint_ttl_from_tinker_path(drop, 10).result()
-    with pytest.raises(gradwire.BadRequestError, match="ttl_seconds"):
-        rest.set_checkpoint_ttl_from_tinker_path(keep, 0).result()
+    for bad in (0, 10**12):
+        with pytest.raises(gradwire.BadRequestError, match="ttl_seconds"):
+            rest.set_checkpoint_ttl_from_tinker_path(keep, bad).result()
     assert [c.expires_at for c in rest.list_checkpoints(tc.model_id).result().checkpoints] == [None]
 
 
@@ -102,13 +103,39 @@ def test_the_server_sweeps_expired_checkpoints_by_itself(tmp_path):
         background.stop()
 
 
-def test_bad_ttl_is_rejected_and_saves_nothing(server, service):
+@pytest.mark.parametrize("ttl_seconds", [0, 10**12])
+def test_bad_ttl_is_rejected_and_saves_nothing(server, service, ttl_seconds):
+    """Below a second or beyond a century (whose expiry no timestamp can list): refused, nothing saved."""
     tc = trained_run(service, seed=4)
     before = run_state(server, tc.model_id)
     with pytest.raises(gradwire.BadRequestError, match="ttl_seconds"):
-        tc.save_state("never", ttl_seconds=0).result()
+        tc.save_state("never", ttl_seconds=ttl_seconds).result()
     assert run_folders(server, tc.model_id) == []
     assert_state_equal(before, run_state(server, tc.model_id))
+    assert service.create_rest_client().list_user_checkpoints().result() is not None
+
+
+def test_an_expired_checkpoints_name_can_be_saved_again_before_the_sweep(server, service):
+    """Once its TTL ran out a checkpoint is gone for every reader, so its name is free: a new
+    save under it replaces the expired folder, and loads, lists and outlives the sweep."""
+    tc = trained_run(service, seed=11)
+    rest = service.create_rest_client()
+    path = tc.save_state("daily", ttl_seconds=1).result().path
+    time.sleep(1.1)
+    tc.forward_backward(random_data(12), "cross_entropy")
+    tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
+    saved = run_state(server, tc.model_id)
+
+    assert tc.save_state("daily").result().path == path
+
+    assert path not in server.expire_checkpoints()
+    [listed] = rest.list_checkpoints(tc.model_id).result().checkpoints
+    assert listed.path == path and listed.expires_at is None
+    tc.forward_backward(random_data(13), "cross_entropy")
+    tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
+    tc.load_state(path).result()
+    assert_state_equal({n: (w, None) for n, (w, _) in saved.items()},
+                       {n: (w, None) for n, (w, _) in run_state(server, tc.model_id).items()})
 
 
 def test_overwrite_replaces_a_checkpoint_and_only_when_asked(server, service):

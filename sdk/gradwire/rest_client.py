@@ -115,6 +115,8 @@ class RestClient:
         adapter, PeftModel.from_pretrained(base_model, dest_dir) loads it."""
         path = _convert.gradwire_path(path)
         dest = pathlib.Path(dest_dir)
+        if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
+            raise ValueError(f"dest_dir {str(dest)!r} must be absent or an empty folder: nothing was downloaded")
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
         partial.mkdir()
@@ -187,6 +189,10 @@ class RestClient:
               response_type: Callable[[list, types.Cursor], T]) -> APIFuture[T]:
         """`limit` items from `offset` of what fetch_all returns, with the cursor that places
         them in the whole. The listing is fetched whole (every page) and the window cut here."""
+        for name, value in (("limit", limit), ("offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
         def page() -> T:
             everything = fetch_all()
             return response_type(everything[offset:offset + limit], types.Cursor(offset, limit, len(everything)))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from gradwire import _convert, types
-from gradwire._transport import request_id, submitted, waited
+from gradwire._transport import request_id, waited
 from gradwire.errors import UnsupportedFeatureError, error_from_rpc
 from gradwire.futures import APIFuture
 from gradwire.v1 import sampling_service_pb2 as pb
@@ -113,16 +113,16 @@ class SamplingClient:
                            include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
                            topk_sample_logprobs: int = 0, target_prompt_logprobs: types.TensorData | None = None,
                            prompt_alt_tokens_k: int = 0, prompt_logprobs_last_n: int | None = None
-                           ) -> APIFuture[types.SampleResponse]:
-        """Submits sample; the awaited APIFuture gives the result."""
-        return await submitted(self.sample(prompt, num_samples, sampling_params, include_prompt_logprobs,
-                                           topk_prompt_logprobs, topk_sample_logprobs, target_prompt_logprobs,
-                                           prompt_alt_tokens_k, prompt_logprobs_last_n))
+                           ) -> types.SampleResponse:
+        """sample's result, awaited (one await, as in Tinker: samples have no order to keep)."""
+        return await self.sample(prompt, num_samples, sampling_params, include_prompt_logprobs,
+                                 topk_prompt_logprobs, topk_sample_logprobs, target_prompt_logprobs,
+                                 prompt_alt_tokens_k, prompt_logprobs_last_n)
 
     async def compute_logprobs_async(self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
-                                     ) -> APIFuture[list[float | None]]:
-        """Submits compute_logprobs; the awaited APIFuture gives the result."""
-        return await submitted(self.compute_logprobs(prompt, prompt_logprobs_last_n))
+                                     ) -> list[float | None]:
+        """compute_logprobs's result, awaited (one await, as in Tinker)."""
+        return await self.compute_logprobs(prompt, prompt_logprobs_last_n)
 
     async def sample_stream_async(self, prompt: types.ModelInput, num_samples: int = 1,
                                   sampling_params: types.SamplingParams | None = None

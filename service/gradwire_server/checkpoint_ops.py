@@ -4,6 +4,7 @@ here: the servicers validate requests and submit these to the scheduler."""
 from __future__ import annotations
 
 import pathlib
+import shutil
 import time
 
 from gradwire_server import checkpoints
@@ -108,7 +109,12 @@ def delete_expired(root: pathlib.Path, index: RunIndex, now: float) -> list[str]
 
 def delete(root: pathlib.Path, index: RunIndex, path: str) -> None:
     """Deletes the checkpoint at `path` and its index row (worker side, so it never races
-    a save, a load or another delete): NOT_FOUND if it is gone already."""
-    checkpoint = checkpoints.find(root, path)
-    checkpoints.delete(checkpoint)
+    a save, a load or another delete): NOT_FOUND if it is gone already. A listed checkpoint
+    whose marker was removed by hand (with its folder, or alone) is no checkpoint any more:
+    what is left of it goes with its row, so the listing can be cleaned."""
+    folder = checkpoints.parse_path(path).folder(root)
+    if index.get_checkpoint(path) is not None and not (folder / checkpoints.MARKER).exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        checkpoints.delete(checkpoints.find(root, path))
     record_change(f"deletion of {path}", index.remove_checkpoint, path)

@@ -21,8 +21,8 @@ and the old one swap names in one renameat2(RENAME_EXCHANGE) (rename(2) cannot
 replace a non-empty folder), and the old one is deleted.
 
 A checkpoint saved with a TTL records `expires_time` in its marker: from then on
-it is treated as absent (find() says NOT_FOUND, listings leave it out) and the
-server's sweep deletes it.
+it is treated as absent (find() says NOT_FOUND, listings leave it out, a save of
+its name replaces it as an overwrite does) and the server's sweep deletes it.
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def find(root: pathlib.Path, path: str, field: str = "path", include_expired: bo
     except (OSError, ValueError) as error:
         raise data_loss(f"checkpoint {path}: {MARKER} is unreadable ({error})") from None
     if expired(metadata) and not include_expired:
-        raise not_found("checkpoint", f"{path} (its TTL ran out)")
+        raise not_found("checkpoint", path, "its TTL ran out")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise failed_precondition(f"checkpoint {path} has format version "
                                   f"{metadata.get('format_version')!r}; this server reads "
@@ -194,9 +194,17 @@ def expired(metadata: dict[str, Any]) -> bool:
 
 
 def check_new(root: pathlib.Path, path: CheckpointPath) -> None:
-    """ALREADY_EXISTS if the name is taken (names are never reused)."""
-    if path.folder(root).exists():
-        raise _exists(path.path)
+    """ALREADY_EXISTS if the name is taken: by anything but a checkpoint whose TTL ran out
+    (gone for every reader, its folder waiting for the sweep), which a save replaces."""
+    folder = path.folder(root)
+    if not folder.exists():
+        return
+    try:
+        if expired(json.loads((folder / MARKER).read_text())):
+            return
+    except (OSError, ValueError):
+        pass
+    raise _exists(path.path)
 
 
 def _exists(path: str) -> ServiceError:
@@ -220,6 +228,7 @@ def write(root: pathlib.Path, path: CheckpointPath, state: RunState, base_model:
         (temp / ADAPTER_CONFIG).write_text(json.dumps(_adapter_config(state, base_model), indent=2))
         safetensors.torch.save_file(state.adapter, str(temp / ADAPTER_WEIGHTS),
                                     metadata={"format": "pt"})
+        shutil.copymode(temp / ADAPTER_CONFIG, temp / ADAPTER_WEIGHTS)  # safetensors writes 0600
         if state.optimizer is not None:
             torch.save(state.optimizer, temp / OPTIMIZER_STATE)
         files = {}
@@ -238,7 +247,7 @@ def write(root: pathlib.Path, path: CheckpointPath, state: RunState, base_model:
         _fsync(temp / MARKER)
         _fsync(temp)
         _crash_point("before_rename")
-        if overwrite and folder.exists():
+        if folder.exists():  # overwrite, or an expired checkpoint (check_new)
             _exchange(temp, folder)  # temp now holds the old checkpoint
             shutil.rmtree(temp, ignore_errors=True)
         else:
@@ -352,6 +361,12 @@ def _exchange(new: pathlib.Path, old: pathlib.Path) -> None:
     if libc.renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old), rename_exchange) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"cannot swap {new} and {old}: {os.strerror(error)}")
+
+
+def verify_files(checkpoint: Checkpoint) -> None:
+    """verify() of every file the marker records."""
+    for name in checkpoint.metadata["files"]:
+        verify(checkpoint, name)
 
 
 def verify(checkpoint: Checkpoint, name: str) -> None:

@@ -482,9 +482,7 @@ class Engine:
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)
         # Everything the step writes, kept (in one copy) until the step is known finite:
         # a step that would write inf/NaN is undone.
-        written = [p.detach() for p in run.params] + grads + [
-            value for p in run.params for value in run.optimizer.state.get(p, {}).values()
-            if isinstance(value, torch.Tensor)]
+        written = [p.detach() for p in run.params] + grads + _optimizer_tensors(run)
         before = _flat_copy(written)
         had_state = {p for p in run.params if p in run.optimizer.state}
         hyperparameters = [{key: value for key, value in group.items() if key != "params"}
@@ -495,7 +493,8 @@ class Engine:
             group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
                          weight_decay=adam.weight_decay)
         run.optimizer.step()
-        if not torch.isfinite(_flat_copy(run.params)).all():  # one host sync
+        # The moments too: a finite weight after an infinite second moment never moves again.
+        if not torch.isfinite(_flat_copy(run.params + _optimizer_tensors(run))).all():  # one host sync
             _restore(written, before)
             for p in run.params:
                 if p not in had_state:  # the first step created it
@@ -503,14 +502,15 @@ class Engine:
             for group, kept in zip(run.optimizer.param_groups, hyperparameters):
                 group.update(kept)
             outcome = "nothing was changed"
-            if not torch.isfinite(_flat_copy(grads)).all():  # (the norm itself may overflow)
-                # Non-finite gradients never give a finite step, and forward_backward only adds
-                # to them: kept, they would refuse every later step of the run.
+            if not torch.isfinite(_flat_copy(grads).square()).all():  # (the norm itself may overflow)
+                # A gradient that is not finite, or whose square is not (|g| > ~1.8e19), makes the
+                # second moment infinite at any learning rate, and forward_backward only adds to
+                # it: kept, it would refuse every later step of the run.
                 run.optimizer.zero_grad(set_to_none=True)
-                outcome = ("its gradients are not finite and were discarded (weights and optimizer "
-                           "state are unchanged); run forward_backward again")
-            raise NonFiniteStep(f"this step (grad norm {float(grad_norm):.4g}) would make a weight of "
-                                f"{run_id} infinite or NaN; {outcome}")
+                outcome = ("its gradients are too large or not finite and were discarded (weights and "
+                           "optimizer state are unchanged); run forward_backward again")
+            raise NonFiniteStep(f"this step (grad norm {float(grad_norm):.4g}) would make a weight or an "
+                                f"AdamW moment of {run_id} infinite or NaN; {outcome}")
         run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
         return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": adam.learning_rate}
@@ -668,6 +668,12 @@ def _checkpoint_decoder_layers(model: torch.nn.Module) -> None:
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False):
             module.train()  # transformers checkpoints a layer only in training mode
+
+
+def _optimizer_tensors(run: Run) -> list[torch.Tensor]:
+    """The run's AdamW state tensors (moments and step counts), in parameter order."""
+    return [value for p in run.params for value in run.optimizer.state.get(p, {}).values()
+            if isinstance(value, torch.Tensor)]
 
 
 def _flat_copy(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -98,6 +98,8 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
     async def DownloadCheckpoint(self, request, context):
         try:
             checkpoint = await asyncio.to_thread(checkpoints.find, self.checkpoint_root, request.path)
+            # DATA_LOSS before a byte is sent, as a load would fail: never hand out a damaged copy
+            await asyncio.to_thread(checkpoints.verify_files, checkpoint)
         except ServiceError as error:
             await abort(context, error)
         try:

@@ -26,6 +26,8 @@ MAX_CONFIG_VALUE = 1e6                 # |loss_fn_config value|: far beyond any 
 MAX_LEARNING_RATE = 10.0
 MAX_WEIGHT_DECAY = 100.0
 MAX_EPS = 1.0
+# A checkpoint's time to live: a century, so its expiry time stays a listable timestamp.
+MAX_TTL_SECONDS = 100 * 365 * 24 * 3600
 _MAX_VIOLATIONS = 20
 
 
@@ -91,9 +93,10 @@ def seq_id(value: int) -> None:
 
 
 def ttl_seconds(value: int | None) -> None:
-    """A checkpoint's time to live, if set, is at least one second."""
-    if value is not None and value < 1:
-        raise invalid_argument([FieldViolation("ttl_seconds", f"must be >= 1, got {value}")])
+    """A checkpoint's time to live, if set, is at least one second and at most MAX_TTL_SECONDS."""
+    if value is not None and not 1 <= value <= MAX_TTL_SECONDS:
+        raise invalid_argument([FieldViolation(
+            "ttl_seconds", f"must be within [1, {MAX_TTL_SECONDS}] (a century), got {value}")])
 
 
 def request_id(value: str) -> None:
