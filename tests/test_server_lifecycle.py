@@ -138,12 +138,18 @@ def test_a_request_the_sdk_refuses_takes_no_seq_id(short_server):
     data = random_data(86)
     past_int32 = gradwire.Datum(model_input=gradwire.ModelInput([gradwire.EncodedTextChunk([5, 2**32 + 8])]),
                                 loss_fn_inputs={"target_tokens": [6, 7]})
+    # [8, 70000] int64 candidates: 4.3 MiB, more than one message carries (gRPC answered
+    # RESOURCE_EXHAUSTED after the seq_id was taken).
+    past_a_message = gradwire.Datum(model_input=gradwire.ModelInput.from_ints(list(range(8))),
+                                    loss_fn_inputs={"target_tokens": np.full((8, 70000), 5, np.int64)})
     refused = [(lambda: tc.forward_backward(data, "cross_entropy", {"beta": "x"}), TypeError,
                 "loss_fn_config['beta']: 'x' is not a number"),
                (lambda: tc.forward(data, 123), TypeError, "loss_fn=123: "),
                (lambda: tc.save_state(123), TypeError, "name=123: "),
                (lambda: tc.forward([*data, past_int32], "cross_entropy"), ValueError,
-                f"data[{len(data)}]: model_input: token id 4294967304 (position 1) does not fit")]
+                f"data[{len(data)}]: model_input: token id 4294967304 (position 1) does not fit"),
+               (lambda: tc.forward([*data, past_a_message], "cross_entropy"), ValueError,
+                f"data[{len(data)}] is 4.27 MiB encoded, more than one gRPC message carries")]
     try:
         for call, error, message in refused:
             with pytest.raises(error) as raised:

@@ -44,10 +44,16 @@ def datum_to_proto(datum: types.Datum, keys: Iterable[str] | None = None) -> dat
                                            for key, value in inputs.items()})
 
 
+# The largest datum one message carries: the server's (and gRPC's default) 4 MiB limit, less
+# room for the rest of the request.
+MAX_DATUM_BYTES = 4 * 1024 * 1024 - 64 * 1024
+
+
 def datum_pieces(data: Iterable[types.Datum], keys: Iterable[str] | None,
                  budget_bytes: int) -> Iterator[list[datum_pb2.Datum]]:
     """Encodes datums lazily into consecutive lists of at most budget_bytes each
-    (a datum larger than the budget travels alone)."""
+    (a datum larger than the budget travels alone; one larger than a message is
+    a ValueError naming it, raised before anything of the request is sent)."""
     keys = None if keys is None else tuple(keys)
     piece: list[datum_pb2.Datum] = []
     size = 0
@@ -59,6 +65,9 @@ def datum_pieces(data: Iterable[types.Datum], keys: Iterable[str] | None,
         except (TypeError, ValueError) as error:
             raise _naming(error, f"data[{index}]") from None
         message_size = message.ByteSize() + 8  # + field tag and length prefix
+        if message_size > MAX_DATUM_BYTES:
+            raise ValueError(f"data[{index}] is {message_size / 2**20:.2f} MiB encoded, more than one gRPC "
+                             f"message carries ({MAX_DATUM_BYTES / 2**20:.2f} MiB): split it into shorter datums")
         if piece and size + message_size > budget_bytes:
             yield piece
             piece, size = [], 0
