@@ -2,6 +2,10 @@
 operations' own start/end timestamps (no durations are asserted)."""
 from __future__ import annotations
 
+import time
+
+import pytest
+
 import gradwire
 from reference import new_run, operation_metadata, random_data, raw_request, succeeded, worker_busy
 
@@ -14,6 +18,30 @@ def test_optim_step_runs_without_the_client_fetching_the_gradient_result(service
     step = tc.optim_step(gradwire.AdamParams(learning_rate=1e-3))
     assert step.result(timeout=60).metrics["grad_norm:mean"] > 0
     assert backward.result().metrics["loss:sum"] > 0
+
+
+def test_done_turns_true_once_the_server_finishes_without_anyone_asking_for_the_result(server, service):
+    """A loop polling done() (as code written for concurrent futures does) ends: a training
+    request, a sample and a refused request each read done() False while queued, then True
+    once the server has finished them; result() then gives the value or the error."""
+    tc = service.create_lora_training_client("tiny-random", rank=2, seed=0)
+    sampler = service.create_sampling_client(base_model="tiny-random")
+    with worker_busy(server):
+        futures = [tc.forward_backward(random_data(71), "cross_entropy"),
+                   sampler.sample(gradwire.ModelInput.from_ints([1, 2, 3]), 1,
+                                  gradwire.SamplingParams(max_tokens=3, seed=0)),
+                   tc.optim_step(gradwire.AdamParams(learning_rate=1e-3, beta1=2.0))]
+        time.sleep(0.5)
+        assert [future.done() for future in futures] == [False, False, True]  # refused at once
+    deadline = time.monotonic() + 60
+    while not all(future.done() for future in futures):
+        assert time.monotonic() < deadline, "done() never turned True"
+        time.sleep(0.05)
+    backward, sample, refused = futures
+    assert backward.result(timeout=0).metrics["loss:sum"] > 0
+    assert len(sample.result(timeout=0).sequences[0].tokens) == 3
+    with pytest.raises(gradwire.BadRequestError, match="beta1"):
+        refused.result(timeout=0)
 
 
 def test_runs_take_turns_instead_of_waiting_behind_a_whole_queue(server, stubs):

@@ -62,8 +62,16 @@ class APIFuture(Generic[T]):
         return await asyncio.to_thread(self.result, timeout)
 
     def done(self) -> bool:
-        """True once the value (or error) has been fetched."""
-        return self._outcome.done()
+        """Whether the request has finished (successfully or not). Asks the server without
+        waiting, and keeps the value or error it finds, so a loop polling done() ends."""
+        if not self._outcome.done():
+            try:
+                self.result(timeout=0)
+            except APITimeoutError:
+                return False
+            except Exception:  # noqa: BLE001 - the request's own error, kept for result()
+                pass
+        return True
 
     def __await__(self) -> Generator[Any, None, T]:
         return self.result_async().__await__()
