@@ -2,9 +2,12 @@
 and changes nothing: weights and accumulated gradients stay exactly as they were."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import numpy as np
 import pytest
+import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -131,3 +134,87 @@ def test_bad_adam_params_and_lora_config(server, service):
                                             train_unembed=False)
     with pytest.raises(gradwire.BadRequestError, match="base_model"):
         service.create_lora_training_client("some-other-model", rank=4)
+
+
+def _custom(loss: Callable[[list[torch.Tensor]], object]):
+    return lambda data, logprobs: loss(logprobs)
+
+
+PROMPT = gradwire.ModelInput.from_ints([1, 2, 3])
+# (call on (training client, sampler, service), error, words): refused in the SDK, naming the field.
+SDK_REFUSALS = [
+    ("lr None", lambda tc, s, sc: tc.optim_step(gradwire.AdamParams(learning_rate=None)), TypeError,
+     "optim_params.learning_rate: None is not a number"),
+    ("beta1 str", lambda tc, s, sc: tc.optim_step(gradwire.AdamParams(beta1="0.9")), TypeError,
+     "optim_params.beta1: '0.9' is not a number"),
+    ("lr bool", lambda tc, s, sc: tc.optim_step(gradwire.AdamParams(learning_rate=True)), TypeError,
+     "optim_params.learning_rate: True is not a number"),
+    ("rank 0", lambda tc, s, sc: sc.create_lora_training_client("tiny-random", rank=0), ValueError,
+     "rank: must be >= 1, got 0"),
+    ("rank float", lambda tc, s, sc: sc.create_lora_training_client("tiny-random", rank=4.0), TypeError,
+     "rank: 4.0 is not an int"),
+    ("train_mlp None", lambda tc, s, sc: sc.create_lora_training_client("tiny-random", rank=4, train_mlp=None),
+     TypeError, "train_mlp: None is not a bool"),
+    ("seed -1", lambda tc, s, sc: sc.create_lora_training_client("tiny-random", rank=4, seed=-1), ValueError,
+     "seed=-1: "),
+    ("metadata int", lambda tc, s, sc: sc.create_lora_training_client("tiny-random", rank=4, user_metadata={"a": 1}),
+     TypeError, "user_metadata="),
+    ("stop mixed", lambda tc, s, sc: s.sample(PROMPT, 1, gradwire.SamplingParams(stop=["54", 54])), TypeError,
+     "sampling_params.stop: ['54', 54] is neither all strings nor all token ids"),
+    ("stop float", lambda tc, s, sc: s.sample(PROMPT, 1, gradwire.SamplingParams(stop=[1.5])), TypeError,
+     "sampling_params.stop: [1.5] is neither"),
+    ("stop bytes", lambda tc, s, sc: s.sample(PROMPT, 1, gradwire.SamplingParams(stop=b"a")), TypeError,
+     "sampling_params.stop: b'a' is not a str, a list of str or a list of token ids"),
+    ("seed -1 sampling", lambda tc, s, sc: s.sample(PROMPT, 1, gradwire.SamplingParams(seed=-1)), ValueError,
+     "sampling_params: seed=-1: "),
+    ("max_tokens float", lambda tc, s, sc: s.sample(PROMPT, 1, gradwire.SamplingParams(max_tokens=1.5)), TypeError,
+     "sampling_params: max_tokens=1.5: "),
+    ("num_samples float", lambda tc, s, sc: s.sample(PROMPT, 2.0, gradwire.SamplingParams()), TypeError,
+     "num_samples=2.0: "),
+    ("prompt list", lambda tc, s, sc: s.sample([1, 2, 3], 1, gradwire.SamplingParams()), TypeError,
+     "prompt: [1, 2, 3] is not a ModelInput"),
+    ("params None", lambda tc, s, sc: s.sample(PROMPT, 1, None), TypeError,
+     "sampling_params: None is not a SamplingParams"),
+    ("logprobs prompt str", lambda tc, s, sc: s.compute_logprobs("hi"), TypeError,
+     "prompt: 'hi' is not a ModelInput"),
+    ("load_state None", lambda tc, s, sc: tc.load_state(None), TypeError, "path: None is not a str"),
+    ("model_input list", lambda tc, s, sc: tc.forward_backward(
+        [gradwire.Datum(model_input=[1, 2, 3], loss_fn_inputs={"target_tokens": [2, 3, 4]})], "cross_entropy"),
+     TypeError, "data[0]: model_input: [1, 2, 3] is not a ModelInput"),
+    ("loss_fn_inputs list", lambda tc, s, sc: gradwire.Datum(model_input=PROMPT, loss_fn_inputs=[[1, 2, 3]]),
+     TypeError, "loss_fn_inputs: a list is not a dict"),
+    ("metrics list", lambda tc, s, sc: tc.forward_backward_custom(
+        random_data(60), _custom(lambda lp: (lp[0].sum(), [1.0]))), gradwire.CustomLossError,
+     "must return its metrics as a dict, got list"),
+    ("metric str", lambda tc, s, sc: tc.forward_backward_custom(
+        random_data(60), _custom(lambda lp: (lp[0].sum(), {"m": "x"}))), gradwire.CustomLossError,
+     "metric 'm' = 'x' is not a number"),
+    ("metric key int", lambda tc, s, sc: tc.forward_backward_custom(
+        random_data(60), _custom(lambda lp: (lp[0].sum(), {7: 1.0}))), gradwire.CustomLossError,
+     "metric name 7 is not a str"),
+    ("complex loss", lambda tc, s, sc: tc.forward_backward_custom(
+        random_data(60), _custom(lambda lp: (lp[0].sum() * (1 + 1j), {}))), gradwire.CustomLossError,
+     "must return a real scalar tensor loss, got torch.complex64"),
+]
+
+
+@pytest.mark.parametrize("call, error, words", [case[1:] for case in SDK_REFUSALS],
+                         ids=[case[0] for case in SDK_REFUSALS])
+def test_the_sdk_refuses_a_mistyped_field_naming_it_and_nothing_changes(server, service, call, error, words):
+    """Values the SDK would otherwise have replaced by a default (None, rank 0), converted
+    wrongly (stop=[1.5] as token 1, b"a" as 97) or failed on with a bare error: a TypeError /
+    ValueError / CustomLossError naming the field. No run is created, the run's weights and
+    gradients are as before, and its next request runs at once."""
+    tc = trained_run(service)
+    sampler = service.create_sampling_client(base_model="tiny-random")
+    rest = service.create_rest_client()
+    runs = len(rest.list_training_runs(limit=10**6).result().training_runs)
+    before = run_state(server, tc.model_id)
+
+    with pytest.raises(error) as raised:
+        call(tc, sampler, service).result(30)
+
+    assert words in str(raised.value)
+    assert_state_equal(before, run_state(server, tc.model_id))
+    assert len(rest.list_training_runs(limit=10**6).result().training_runs) == runs
+    assert tc.forward_backward(random_data(61), "cross_entropy").result(30).metrics["loss:sum"] > 0

@@ -117,3 +117,13 @@ def test_sampled_tokens_follow_the_tempered_distribution(base_sampler, model):
     (m1, e1), (m2, e2), (m3, e3) = expectations.values()
     assert m1 - m2 > 10 * max(e1, e2) and m2 - m3 > 10 * max(e2, e3)
     assert distinct[0.02] < distinct[0.05] < distinct[0.2]
+
+
+def test_a_response_too_large_for_one_message_is_refused_naming_num_samples(base_sampler):
+    """256 samples of up to 1000 tokens with 20 top-k logprobs each (43 MB) cannot ride in one
+    Operation: INVALID_ARGUMENT naming num_samples, without pointing to SampleStream (which
+    carries no top-k logprobs)."""
+    prompt = gradwire.ModelInput.from_ints([1, 2, 3])
+    with pytest.raises(gradwire.BadRequestError, match="num_samples: 256 samples of up to 1000 tokens") as raised:
+        base_sampler.sample(prompt, 256, gradwire.SamplingParams(max_tokens=1000), topk_sample_logprobs=20).result()
+    assert "SampleStream" not in str(raised.value)

@@ -18,7 +18,17 @@ from gradwire.v1 import training_service_pb2 as pb
 
 
 def model_input_chunks(model_input: types.ModelInput) -> list[datum_pb2.Chunk]:
+    if not isinstance(model_input, types.ModelInput):
+        raise TypeError(f"{_cut(model_input)} is not a ModelInput (ModelInput.from_ints(tokens) makes one)")
     return [_chunk(chunk) for chunk in model_input.chunks]
+
+
+def prompt_chunks(prompt: types.ModelInput) -> list[datum_pb2.Chunk]:
+    """A sampling prompt's chunks; the TypeError / ValueError names `prompt`."""
+    try:
+        return model_input_chunks(prompt)
+    except (TypeError, ValueError) as error:
+        raise _naming(error, "prompt") from None
 
 
 def _chunk(chunk: types.ModelInputChunk) -> datum_pb2.Chunk:
@@ -105,6 +115,12 @@ def message(message_type: type[Message], **fields: Any) -> Message:
         raise
 
 
+def _cut(value: Any) -> str:
+    """repr(value), cut to a readable length for an error message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _naming(error: TypeError | ValueError, where: str) -> TypeError | ValueError:
     """The error again, its message prefixed with where in the request it arose."""
     return (TypeError if isinstance(error, TypeError) else ValueError)(f"{where}: {error}")
@@ -124,9 +140,30 @@ def forward_backward_output(output: pb.ForwardBackwardOutput,
 
 
 def adam_params(params: types.AdamParams) -> pb.AdamParams:
-    return pb.AdamParams(learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2,
-                         eps=params.eps, weight_decay=params.weight_decay,
-                         grad_clip_norm=params.grad_clip_norm)
+    """AdamParams as a message; a TypeError names a field that is not a number (None included:
+    a default is never put in its place)."""
+    values = {}
+    for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+        value = getattr(params, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"optim_params.{name}: {value!r} is not a number")
+        values[name] = float(value)
+    return pb.AdamParams(**values)
+
+
+def new_lora_config(rank: int, seed: int | None, train_mlp: bool, train_attn: bool, train_unembed: bool
+                    ) -> pb.LoraConfig:
+    """A new run's LoRA settings; TypeError / ValueError naming the one refused (rank 0 would
+    read as unset on the wire: the server's default rank)."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"rank: {rank!r} is not an int")
+    if rank < 1:
+        raise ValueError(f"rank: must be >= 1, got {rank}")
+    for name, value in (("train_mlp", train_mlp), ("train_attn", train_attn), ("train_unembed", train_unembed)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: {value!r} is not a bool")
+    return message(pb.LoraConfig, rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
+                   train_unembed=train_unembed)
 
 
 def lora_config(response: pb.LoraConfig) -> types.LoraConfig:
@@ -188,16 +225,30 @@ _STOP_REASONS = {sampling_pb.STOP_REASON_STOP: "stop", sampling_pb.STOP_REASON_L
 
 
 def sampling_params(params: types.SamplingParams) -> sampling_pb.SamplingParams:
-    """SamplingParams as a message; `stop` becomes stop_strs (strings) or stop_tokens (ids)."""
-    message = sampling_pb.SamplingParams(max_tokens=params.max_tokens, seed=params.seed,
-                                         temperature=params.temperature, top_k=params.top_k,
-                                         top_p=params.top_p)
-    stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
-    if stop and all(isinstance(s, str) for s in stop):
-        message.stop_strs.strings.extend(stop)
-    elif stop:
-        message.stop_tokens.tokens.extend(int(s) for s in stop)
-    return message
+    """SamplingParams as a message; `stop` becomes stop_strs (strings) or stop_tokens (ids).
+    A field that does not fit is a TypeError / ValueError naming it."""
+    if not isinstance(params, types.SamplingParams):
+        raise TypeError(f"sampling_params: {_cut(params)} is not a SamplingParams")
+    try:
+        built = message(sampling_pb.SamplingParams, max_tokens=params.max_tokens, seed=params.seed,
+                        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    except (TypeError, ValueError) as error:
+        raise _naming(error, "sampling_params") from None
+    stop = [params.stop] if isinstance(params.stop, str) else params.stop
+    if stop is None or stop == []:
+        return built
+    if not isinstance(stop, (list, tuple)):
+        raise TypeError(f"sampling_params.stop: {_cut(stop)} is not a str, a list of str or a list of token ids")
+    if all(isinstance(s, str) for s in stop):
+        built.stop_strs.strings.extend(stop)
+    elif all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in stop):
+        try:
+            built.stop_tokens.tokens.extend(int(s) for s in stop)
+        except ValueError as error:
+            raise _naming(error, "sampling_params.stop") from None
+    else:
+        raise TypeError(f"sampling_params.stop: {_cut(stop)} is neither all strings nor all token ids (ints)")
+    return built
 
 
 def sample_response(response: sampling_pb.SampleResponse) -> types.SampleResponse:
@@ -240,4 +291,6 @@ def sampled_tokens(piece: sampling_pb.SampledTokens) -> types.SampledTokens:
 
 def gradwire_path(path: str) -> str:
     """tinker://... (as code written for Tinker keeps paths) as gradwire://..."""
+    if not isinstance(path, str):
+        raise TypeError(f"path: {_cut(path)} is not a str (checkpoint paths read gradwire://<run_id>/weights/<name>)")
     return "gradwire://" + path.removeprefix("tinker://") if path.startswith("tinker://") else path

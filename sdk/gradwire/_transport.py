@@ -96,7 +96,8 @@ class Transport:
     def check_open(self) -> None:
         """APIConnectionError once close() was called (gRPC's own error is a bare ValueError)."""
         if self.closed:
-            raise APIConnectionError("the client is closed (close() was called): nothing was sent")
+            raise APIConnectionError("the client is closed (close() was called): nothing more is sent or "
+                                     "received (a request sent before it may still run on the server)")
 
     def close(self) -> None:
         self.closed = True

@@ -216,10 +216,9 @@ class ServiceClient:
         Returns the client, which also answers .result() and await (Tinker's future form).
         optimizer: AdamOptimizerConfig (the default); other families are not supported."""
         _check_optimizer(optimizer)
-        config = pb.LoraConfig(rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
-                               train_unembed=train_unembed)
-        response = self._call("CreateModel", pb.CreateModelRequest(
-            base_model=base_model, lora_config=config,
+        config = _convert.new_lora_config(rank, seed, train_mlp, train_attn, train_unembed)
+        response = self._call("CreateModel", _convert.message(
+            pb.CreateModelRequest, base_model=base_model, lora_config=config,
             user_metadata={**self.user_metadata, **(user_metadata or {})}, request_id=request_id()))
         return TrainingClient(self, response.model_id, base_model)
 

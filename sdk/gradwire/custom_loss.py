@@ -7,7 +7,8 @@ respect to the model's parameters as the user's loss.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,10 +36,10 @@ def logprob_gradients(data: Sequence[types.Datum], logprobs: Sequence[np.ndarray
         raise CustomLossError(f"custom loss function {_name(loss_fn)} must return (loss, metrics), "
                               f"got {type(result).__name__}")
     loss, metrics = result
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise CustomLossError(f"custom loss function {_name(loss_fn)} must return a scalar tensor "
-                              f"loss, got {shape}; nothing was applied")
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or loss.is_complex():
+        got = f"{loss.dtype} {list(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise CustomLossError(f"custom loss function {_name(loss_fn)} must return a real scalar tensor "
+                              f"loss, got {got}; nothing was applied")
     if not loss.requires_grad:
         raise CustomLossError(f"the loss of {_name(loss_fn)} does not depend on the logprobs "
                               "(no gradient); nothing was applied")
@@ -52,7 +53,28 @@ def logprob_gradients(data: Sequence[types.Datum], logprobs: Sequence[np.ndarray
         if not np.isfinite(grad).all():
             raise CustomLossError(f"the gradient of {_name(loss_fn)} with respect to datum {i}'s "
                                   "logprobs is not finite; nothing was applied")
-    return value, {key: float(v) for key, v in (metrics or {}).items()}, grads
+    return value, _metrics(metrics, loss_fn), grads
+
+
+def _metrics(metrics: Any, loss_fn: CustomLossFn) -> dict[str, float]:
+    """The user's metrics as floats (a scalar tensor or numpy number is one); CustomLossError
+    naming the one that is not."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise CustomLossError(f"custom loss function {_name(loss_fn)} must return its metrics as a dict, "
+                              f"got {type(metrics).__name__}; nothing was applied")
+    converted = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise CustomLossError(f"custom loss function {_name(loss_fn)}: metric name {key!r} is not a str; "
+                                  "nothing was applied")
+        try:
+            converted[key] = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise CustomLossError(f"custom loss function {_name(loss_fn)}: metric {key!r} = {value!r:.60} is not "
+                                  "a number; nothing was applied") from None
+    return converted
 
 
 def surrogate_data(data: Sequence[types.Datum], grads: Sequence[np.ndarray]) -> list[types.Datum]:

@@ -71,7 +71,7 @@ class SamplingClient:
             raise UnsupportedFeatureError("sample(target_prompt_logprobs=...)", "not implemented by gradwire yet")
         if prompt_alt_tokens_k:
             raise UnsupportedFeatureError("sample(prompt_alt_tokens_k=...)", "not implemented by gradwire yet")
-        request = pb.SampleRequest(**self._model(), prompt=_convert.model_input_chunks(prompt),
+        request = _convert.message(pb.SampleRequest, **self._model(), prompt=_convert.prompt_chunks(prompt),
                                    num_samples=num_samples,
                                    sampling_params=_convert.sampling_params(sampling_params),
                                    include_prompt_logprobs=include_prompt_logprobs,
@@ -84,9 +84,8 @@ class SamplingClient:
                          ) -> APIFuture[list[float | None]]:
         """The logprob of each prompt token given the ones before it (the first is None;
         with prompt_logprobs_last_n=n, all but the last n are None)."""
-        request = pb.ComputeLogprobsRequest(**self._model(), prompt=_convert.model_input_chunks(prompt),
-                                            prompt_logprobs_last_n=prompt_logprobs_last_n,
-                                            request_id=request_id())
+        request = _convert.message(pb.ComputeLogprobsRequest, **self._model(), prompt=_convert.prompt_chunks(prompt),
+                                   prompt_logprobs_last_n=prompt_logprobs_last_n, request_id=request_id())
         return self._submit("ComputeLogprobs", request, pb.ComputeLogprobsResponse,
                             lambda response: _convert.prompt_logprobs(response.logprobs))
 
@@ -103,7 +102,7 @@ class SamplingClient:
             call.cancel()  # no-op once the stream has ended
 
     def _stream_call(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams | None):
-        request = pb.SampleRequest(**self._model(), prompt=_convert.model_input_chunks(prompt),
+        request = _convert.message(pb.SampleRequest, **self._model(), prompt=_convert.prompt_chunks(prompt),
                                    num_samples=num_samples,
                                    sampling_params=_convert.sampling_params(sampling_params or types.SamplingParams()))
         self.service._transport.check_open()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -261,6 +262,9 @@ class Datum:
     provenance: dict[str, list[PromptProvenanceSpan | SampledProvenanceSpan]] | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.loss_fn_inputs, Mapping):
+            raise TypeError(f"loss_fn_inputs: a {type(self.loss_fn_inputs).__name__} is not a dict of "
+                            "field names to tensors")
         self.loss_fn_inputs = {key: as_tensor_data(value, key)
                                for key, value in self.loss_fn_inputs.items()}
 

@@ -91,10 +91,12 @@ def sample_spec(request: pb.SampleRequest, vocab_size: int, max_context: int, st
     response_bytes = num_samples * settings.max_tokens * (_BYTES_PER_SAMPLED_TOKEN + 8 * top) \
         + prompt_score_bytes if not violations else 0
     if (prompt_score_bytes if stream else response_bytes) > MAX_RESPONSE_BYTES:
+        # SampleStream carries the samples in pieces, but not their top-k logprobs
+        remedies = "fewer prompt scores" + (", or use SampleStream" if not (stream or top) else "")
         violations.append(FieldViolation(
             "num_samples", f"{num_samples} samples of up to {settings.max_tokens} tokens and the prompt's "
                            f"scores exceed one response message ({MAX_RESPONSE_BYTES} bytes): send fewer "
-                           "samples, a smaller max_tokens, fewer prompt scores, or use SampleStream"))
+                           f"samples, a smaller max_tokens, {remedies}"))
     if violations:
         raise invalid_argument(violations)
     return SampleSpec(prompt, num_samples, settings, request.include_prompt_logprobs, k, top, last_n)
