@@ -74,15 +74,17 @@ class Transport:
                                       "call result() again to keep waiting")
 
     def operation_result(self, name: str, message_type, timeout: float | None,
-                         convert: Callable[[Any], Any] = lambda response: response):
-        """convert(unpacked response) of a finished operation, which is then deleted."""
+                         convert: Callable[[Any], Any] = lambda response: response, delete: bool = True):
+        """convert(unpacked response) of a finished operation, which is then deleted (unless
+        not `delete`: the caller deletes it later, off its critical path)."""
         operation = self.wait_operation(name, timeout)
         if operation.HasField("error"):
             raise error_from_status(operation.error)
         response = message_type()
         operation.response.Unpack(response)
         result = convert(response)
-        self.delete_operation(name)
+        if delete:
+            self.delete_operation(name)
         return result
 
     def delete_operation(self, name: str) -> None:
@@ -90,7 +92,7 @@ class Transport:
         try:
             self.operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name),
                                             metadata=self.metadata)
-        except grpc.RpcError:
+        except (grpc.RpcError, ValueError):  # ValueError: the channel is closed
             pass
 
     def check_open(self) -> None:

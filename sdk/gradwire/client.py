@@ -170,8 +170,9 @@ class ServiceClient:
         except GradwireError:
             pass
 
-    def _forward_output(self, name: str, timeout: float | None) -> types.ForwardBackwardOutput:
-        """A finished forward(-backward) operation's result, reading streamed outputs if any."""
+    def _forward_output(self, name: str, timeout: float | None, delete: bool = True) -> types.ForwardBackwardOutput:
+        """A finished forward(-backward) operation's result, reading streamed outputs if any
+        (then the operation is deleted, unless not `delete`)."""
         def read(response: pb.ForwardBackwardOutput) -> types.ForwardBackwardOutput:
             streamed = []
             if response.outputs_streamed:
@@ -182,7 +183,7 @@ class ServiceClient:
                     raise error_from_rpc(error) from None
             return _convert.forward_backward_output(response, streamed)
 
-        return self._transport.operation_result(name, pb.ForwardBackwardOutput, timeout, read)
+        return self._transport.operation_result(name, pb.ForwardBackwardOutput, timeout, read, delete)
 
     def _tokenizer(self, base_model: str):
         if base_model not in self._tokenizers:
@@ -412,12 +413,17 @@ class TrainingClient:
         def send(next_seq: Callable[[], int]):
             forward = service._submit_loss(model_id, next_seq, True, data, "cross_entropy", None,
                                            keys=("target_tokens",), keep_graph=True)
-            logprobs = [out["logprobs"].data
-                        for out in service._forward_output(forward, None).loss_fn_outputs]
-            loss, metrics, grads = custom_loss.logprob_gradients(data, logprobs, loss_fn)
-            backward = service._submit_loss(model_id, next_seq, False,
-                                            custom_loss.surrogate_data(data, grads), "cross_entropy", None,
-                                            reuse_forward=forward)
+            # The forward leg's operation is deleted once the backward leg is on its way: the
+            # server waits for that leg, not for the delete.
+            try:
+                logprobs = [out["logprobs"].data
+                            for out in service._forward_output(forward, None, delete=False).loss_fn_outputs]
+                loss, metrics, grads = custom_loss.logprob_gradients(data, logprobs, loss_fn)
+                backward = service._submit_loss(model_id, next_seq, False,
+                                                custom_loss.surrogate_data(data, grads), "cross_entropy", None,
+                                                reuse_forward=forward)
+            finally:
+                service._transport.delete_operation(forward)
             return backward, loss, metrics
 
         def fetch(submitted, timeout):

@@ -68,18 +68,22 @@ class LossTask:
             raise self._error
         if self._pass is None:
             self._pass = self._start()
+        outputs = None
         if self._pending:
             outputs = self._pass.feed(self._pending.popleft())
             self._keep_inline(outputs)
             self._consumed()
-            return Step(False, outputs=outputs)
+            if self._pending or not self._closed:
+                return Step(False, outputs=outputs)
+        # The last piece is computed: commit in the same turn (a unary request takes one turn,
+        # not a second trip through the scheduler, which a custom loss's forward leg waits on).
         try:
             metrics = self._pass.commit(self.op_name)
         except NonFiniteGradient as error:
             raise failed_precondition(str(error), "NON_FINITE_GRADIENT") from None
         response = output_proto(self._inline, metrics)
         response.graph_kept, response.reused_datums = self._pass.graph_kept, self._pass.reused_datums
-        return Step(True, response)
+        return Step(True, response, outputs=outputs)
 
     def _keep_inline(self, outputs: list[np.ndarray]) -> None:
         if self._inline is None:
