@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import pathlib
+import pickle
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 
 import gradwire
 import tinker_loop
+from reference import random_data, worker_busy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIGNATURES = pathlib.Path(__file__).resolve().parent / "tinker_0_38_signatures.json"
@@ -162,3 +164,29 @@ def test_methods_gradwire_cannot_offer_raise_naming_themselves(service):
                 asyncio.run(method("x"))
             else:
                 method("x")
+
+
+def test_errors_are_caught_as_code_written_for_tinker_catches_them(server, service):
+    """A request that fails after the server accepted it raises its status class and, as
+    Tinker's failed futures do, a RequestFailedError naming the operation and whose failure
+    it was; a wait that runs out is a TimeoutError; every error has Tinker's message and
+    status_code, and pickles with all of it (errors cross to worker processes)."""
+    tc = service.create_lora_training_client("tiny-random", rank=2, seed=0)
+    overflowing = [gradwire.Datum(model_input=gradwire.ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={
+        "target_tokens": [2, 3, 4], "weights": [1e38, 1e38, 1e38]})]
+    with pytest.raises(gradwire.RequestFailedError) as raised:
+        tc.forward_backward(overflowing, "cross_entropy").result(30)
+    failed = raised.value
+    assert isinstance(failed, gradwire.ConflictError) and failed.status_code == 409
+    assert failed.category == gradwire.RequestErrorCategory.User == "user"
+    assert failed.request_id.startswith(f"operations/{tc.model_id}/")
+    assert failed.message.startswith("FAILED_PRECONDITION: the gradient of this batch is not finite")
+    copy = pickle.loads(pickle.dumps(failed))
+    assert (type(copy), copy.args, copy.request_id, copy.category, copy.code, copy.reason) == \
+        (type(failed), failed.args, failed.request_id, failed.category, failed.code, failed.reason)
+
+    with pytest.raises(gradwire.BadRequestError) as refused:  # refused at once: not a failed request
+        tc.optim_step(gradwire.AdamParams(learning_rate=1e-3, beta1=2.0)).result(30)
+    assert refused.value.status_code == 400 and not isinstance(refused.value, gradwire.RequestFailedError)
+    with worker_busy(server), pytest.raises(TimeoutError):
+        tc.forward(random_data(5), "cross_entropy").result(timeout=0)

@@ -12,7 +12,8 @@ from gradwire.errors import (AbortedError, APIConnectionError, APIError, APIResp
                              APIStatusError, APITimeoutError, AuthenticationError, BadRequestError,
                              ConflictError, CustomLossError, GradwireError, InternalServerError,
                              NotFoundError, PermissionDeniedError, RateLimitError, RequestCancelledError,
-                             TinkerError, UnprocessableEntityError, UnsupportedFeatureError)
+                             RequestErrorCategory, RequestFailedError, TinkerError, UnprocessableEntityError,
+                             UnsupportedFeatureError)
 from gradwire.futures import APIFuture
 from gradwire.rest_client import RestClient
 from gradwire.sampling_client import SamplingClient
@@ -36,7 +37,7 @@ __all__ = [
     "InternalServerError", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelID", "ModelInput",
     "ModelInputChunk", "NotFoundError", "OptimParams", "OptimStepResponse", "OptimizerConfig",
     "ParsedCheckpointTinkerPath", "PermissionDeniedError", "PromptProvenanceSpan", "RateLimitError",
-    "RequestCancelledError", "RestClient", "SampleResponse", "SampledProvenanceSpan", "SampledSequence",
+    "RequestCancelledError", "RequestErrorCategory", "RequestFailedError", "RestClient", "SampleResponse", "SampledProvenanceSpan", "SampledSequence",
     "SampledTokens", "SamplingClient", "SamplingParams", "SaveWeightsForSamplerResponse",
     "SaveWeightsResponse", "ServiceClient", "StopReason", "SupportedModel", "TensorData", "TensorDtype",
     "TinkerError",

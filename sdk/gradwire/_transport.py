@@ -17,7 +17,7 @@ import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 
-from gradwire.errors import APIConnectionError, APITimeoutError, GradwireError, error_from_rpc, error_from_status
+from gradwire.errors import APIConnectionError, APITimeoutError, GradwireError, error_from_rpc, failed_request
 from gradwire.futures import APIFuture
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire.v1 import sampling_service_pb2_grpc as sampling_grpc
@@ -79,7 +79,7 @@ class Transport:
         not `delete`: the caller deletes it later, off its critical path)."""
         operation = self.wait_operation(name, timeout)
         if operation.HasField("error"):
-            raise error_from_status(operation.error)
+            raise failed_request(operation.error, name)
         response = message_type()
         operation.response.Unpack(response)
         result = convert(response)

@@ -1,6 +1,13 @@
 """Exceptions raised by the SDK, named and nested as in the Tinker SDK, all under
-GradwireError (also exported as TinkerError, the official SDK's base class)."""
+GradwireError (also exported as TinkerError, the official SDK's base class).
+
+Every one pickles (it may cross to another process), and a request that failed after
+the server accepted it raises its status class as a RequestFailedError too, as Tinker's
+failed futures do (see failed_request)."""
 from __future__ import annotations
+
+import enum
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -8,6 +15,21 @@ from google.rpc import error_details_pb2, status_pb2
 
 class GradwireError(Exception):
     """Base class of every error the SDK raises."""
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self):
+        # Rebuilt without calling __init__ (whose signature differs by class), then given
+        # back its attributes.
+        return _unpickled, (type(self), self.args), self.__dict__
+
+
+def _unpickled(cls: type[GradwireError], args: tuple) -> GradwireError:
+    error = cls.__new__(cls)
+    error.args = args
+    return error
 
 
 TinkerError = GradwireError  # the official SDK's name of the base class
@@ -25,13 +47,18 @@ class UnsupportedFeatureError(GradwireError, NotImplementedError):
 class APIError(GradwireError):
     """The server (or the connection to it) reported a failure."""
 
+    body: Any = None  # the hosted SDK's HTTP body: gRPC has none
+
 
 class APIStatusError(APIError):
     """The server answered with a non-OK gRPC status.
 
     `code` is the grpc.StatusCode, `reason` the ErrorInfo reason, and
-    `field_violations` the BadRequest (field, description) pairs, if any.
+    `field_violations` the BadRequest (field, description) pairs, if any;
+    `status_code` is the HTTP status the hosted Tinker SDK gives the same error.
     """
+
+    status_code = 500
 
     def __init__(self, message: str, code: grpc.StatusCode,
                  reason: str = "", field_violations: list[tuple[str, str]] | None = None):
@@ -44,34 +71,50 @@ class APIStatusError(APIError):
 class BadRequestError(APIStatusError):
     """INVALID_ARGUMENT: the request was rejected; nothing was changed."""
 
+    status_code = 400
+
 
 class AuthenticationError(APIStatusError):
     """UNAUTHENTICATED."""
+
+    status_code = 401
 
 
 class PermissionDeniedError(APIStatusError):
     """PERMISSION_DENIED."""
 
+    status_code = 403
+
 
 class NotFoundError(APIStatusError):
     """NOT_FOUND: an unknown run, operation or checkpoint."""
+
+    status_code = 404
 
 
 class UnprocessableEntityError(APIStatusError):
     """A well-formed request the server cannot act on (the official SDK's HTTP 422;
     gradwire reports such requests as BadRequestError)."""
 
+    status_code = 422
+
 
 class ConflictError(APIStatusError):
     """ALREADY_EXISTS or FAILED_PRECONDITION."""
+
+    status_code = 409
 
 
 class AbortedError(APIStatusError):
     """ABORTED: an earlier request of the same run failed, so this one did not run."""
 
+    status_code = 409
+
 
 class RateLimitError(APIStatusError):
     """RESOURCE_EXHAUSTED."""
+
+    status_code = 429
 
 
 class InternalServerError(APIStatusError):
@@ -82,8 +125,9 @@ class APIConnectionError(APIError):
     """The server could not be reached (UNAVAILABLE)."""
 
 
-class APITimeoutError(APIConnectionError):
-    """A deadline passed before the server answered."""
+class APITimeoutError(APIConnectionError, TimeoutError):
+    """A deadline passed before the server answered, or a wait ran out (result(timeout=...)):
+    also a TimeoutError, as a timed-out Tinker future raises."""
 
 
 class APIResponseValidationError(APIError):
@@ -92,6 +136,27 @@ class APIResponseValidationError(APIError):
 
 class RequestCancelledError(APIError):
     """The operation was cancelled."""
+
+
+class RequestErrorCategory(enum.StrEnum):
+    """Whose failure a RequestFailedError is (Tinker's categories)."""
+
+    Unknown = enum.auto()
+    Server = enum.auto()
+    User = enum.auto()
+
+
+class RequestFailedError(GradwireError):
+    """A request the server accepted finished in a failed state (its operation's error),
+    as in the Tinker SDK. `request_id` is the operation's name, `category` whose failure
+    it was. Raised as its status class too: a refused forward_backward is a
+    BadRequestError and a RequestFailedError."""
+
+    def __init__(self, message: str, request_id: str = "",
+                 category: RequestErrorCategory = RequestErrorCategory.Unknown):
+        super().__init__(message)
+        self.request_id = request_id
+        self.category = category
 
 
 class CustomLossError(GradwireError):
@@ -135,6 +200,38 @@ def error_from_status(status: status_pb2.Status) -> GradwireError:
             violations = [(v.field, v.description) for v in bad.field_violations]
     cls = _CLASS_OF_CODE.get(code, InternalServerError)
     return cls(f"{code.name}: {status.message}", code, reason, violations)
+
+
+_USER_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND,
+                         grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION,
+                         grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
+_SERVER_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNAVAILABLE,
+                           grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+class Failed:
+    """Each error class a failed operation can raise, as a RequestFailedError too (a class
+    here, so that the error pickles and reads `gradwire.errors.Failed.BadRequestError`)."""
+
+
+for _cls in (*set(_CLASS_OF_CODE.values()), InternalServerError, APITimeoutError, APIConnectionError,
+             RequestCancelledError):
+    setattr(Failed, _cls.__name__, type(_cls.__name__, (_cls, RequestFailedError), {
+        "__module__": __name__, "__qualname__": f"Failed.{_cls.__name__}", "__doc__": _cls.__doc__}))
+del _cls
+
+
+def failed_request(status: status_pb2.Status, operation: str) -> GradwireError:
+    """The exception for an accepted request's failure (Operation.error): error_from_status's,
+    as a RequestFailedError too, naming the operation."""
+    error = error_from_status(status)
+    failed = _unpickled(getattr(Failed, type(error).__name__), error.args)
+    failed.__dict__.update(error.__dict__)
+    failed.request_id = operation
+    code = _code_of_number(status.code)
+    failed.category = (RequestErrorCategory.User if code in _USER_CODES else
+                       RequestErrorCategory.Server if code in _SERVER_CODES else RequestErrorCategory.Unknown)
+    return failed
 
 
 def error_from_rpc(error: grpc.RpcError) -> GradwireError:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 
+from gradwire.errors import RequestErrorCategory
+
 if TYPE_CHECKING:
     import torch
 
@@ -18,7 +20,8 @@ __all__ = [
     "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "GetInfoResponse", "GetServerCapabilitiesResponse",
     "ImageAssetPointerChunk", "ImageChunk", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelID",
     "ModelInput", "ModelInputChunk", "OptimParams", "OptimStepResponse", "OptimizerConfig",
-    "ParsedCheckpointTinkerPath", "PromptProvenanceSpan", "SampleResponse", "SampledProvenanceSpan",
+    "ParsedCheckpointTinkerPath", "PromptProvenanceSpan", "RequestErrorCategory", "SampleResponse",
+    "SampledProvenanceSpan",
     "SampledSequence", "SampledTokens", "SamplingParams", "SaveWeightsForSamplerResponse", "SaveWeightsResponse",
     "StopReason", "SupportedModel", "TensorData", "TensorDtype", "TopkLogprobs", "TrainingRun",
     "TrainingRunsResponse", "UnloadModelResponse",

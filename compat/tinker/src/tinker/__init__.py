@@ -13,8 +13,8 @@ import warnings
 from gradwire.errors import (APIConnectionError, APIError, APIResponseValidationError, APIStatusError,
                              APITimeoutError, AuthenticationError, BadRequestError, ConflictError,
                              InternalServerError, NotFoundError, PermissionDeniedError, RateLimitError,
-                             RequestCancelledError, TinkerError, UnprocessableEntityError,
-                             UnsupportedFeatureError)
+                             RequestCancelledError, RequestErrorCategory, RequestFailedError, TinkerError,
+                             UnprocessableEntityError, UnsupportedFeatureError)
 from gradwire.types import (AdamOptimizerConfig, AdamParams, Checkpoint, CheckpointsListResponse, CheckpointType,
                             Cursor, Datum, EncodedTextChunk, ForwardBackwardOutput, GetInfoResponse,
                             GetServerCapabilitiesResponse, ImageAssetPointerChunk, ImageChunk,
@@ -48,7 +48,7 @@ __all__ = [
     "ImageChunk", "InternalServerError", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelID",
     "ModelInput", "ModelInputChunk", "NotFoundError", "OptimParams", "OptimStepResponse", "OptimizerConfig",
     "ParsedCheckpointTinkerPath", "PermissionDeniedError", "PromptProvenanceSpan", "RateLimitError",
-    "RequestCancelledError", "RestClient", "SampleResponse", "SampledProvenanceSpan", "SampledSequence",
+    "RequestCancelledError", "RequestErrorCategory", "RequestFailedError", "RestClient", "SampleResponse", "SampledProvenanceSpan", "SampledSequence",
     "SamplingClient", "SamplingParams", "SaveWeightsForSamplerResponse", "SaveWeightsResponse",
     "ServiceClient", "StopReason", "SupportedModel", "TensorData", "TensorDtype", "TinkerError", "TrainingClient",
     "TrainingRun", "TrainingRunsResponse", "UnloadModelResponse", "UnprocessableEntityError",
