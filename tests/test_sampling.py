@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import multiprocessing
 import threading
 import time
 
@@ -497,3 +498,22 @@ def test_a_path_saved_again_after_delete_serves_the_new_weights(service):
     assert np.abs(expected - first).max() > 1e-3
     np.testing.assert_allclose(np.array(sampler.compute_logprobs(prompt_input(tokens)).result()[1:]),
                                expected, atol=1e-4)
+
+
+def seeded_tokens(sampler: gradwire.SamplingClient) -> list[list[int]]:
+    """Two seeded samples of PROMPT (module level: a spawned process calls it too)."""
+    response = sampler.sample(prompt_input(), 2, gradwire.SamplingParams(max_tokens=6, seed=3)).result(60)
+    return [sequence.tokens for sequence in response.sequences]
+
+
+def test_a_sampling_client_pickles_into_another_process(service, base_sampler, trained):
+    """As Tinker's, a SamplingClient pickles, to hand to worker processes: in a spawned process
+    the copies of a base-model client, a checkpoint's and an ephemeral snapshot's (its original
+    alive here) sample exactly what the originals do."""
+    tc, path = trained
+    samplers = [base_sampler, service.create_sampling_client(model_path=path),
+                tc.save_weights_and_get_sampling_client()]
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        elsewhere = pool.map(seeded_tokens, samplers)
+    assert elsewhere == [seeded_tokens(sampler) for sampler in samplers]
+    assert elsewhere[0] != elsewhere[1]  # the adapter is there

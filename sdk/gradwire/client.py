@@ -81,8 +81,12 @@ class ServiceClient:
         for scheme in ("grpc://", "http://"):
             target = target.removeprefix(scheme)
         self.base_url = target
-        self._transport = Transport(target, api_key or os.environ.get("GRADWIRE_API_KEY"), retry_s,
-                                    default_headers_overrides)
+        api_key = api_key or os.environ.get("GRADWIRE_API_KEY")
+        self._transport = Transport(target, api_key, retry_s, default_headers_overrides)
+        # What a copy in another process connects with (a pickled SamplingClient).
+        self._connection = {"base_url": target, "api_key": api_key, "retry_s": retry_s, "progress": self.progress,
+                            "default_headers_overrides": dict(default_headers_overrides or {}),
+                            "user_metadata": self.user_metadata}
         # Sampling requests being submitted at once, shared by this service's sampling
         # clients (an RL loop makes a new one per step).
         self._sampling_senders = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="gradwire-sampling")

@@ -7,6 +7,7 @@ many samples can be in flight together.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ class SamplingClient:
     unused: gradwire retries unreachable servers for ServiceClient(retry_s=...)."""
 
     def __init__(self, service: ServiceClient, model_path: str | None = None, base_model: str | None = None,
-                 retry_config: Any = None):
+                 retry_config: Any = None, *, _holds_snapshot: bool = True):
         if (model_path is None) == (base_model is None):
             raise ValueError("give exactly one of model_path and base_model")
         self.service = service
@@ -48,8 +49,14 @@ class SamplingClient:
         self.base_model = base_model
         self.retry_config = retry_config
         self._stub = service._transport.sampling
-        if model_path is not None and "/ephemeral/" in model_path:
+        if model_path is not None and "/ephemeral/" in model_path and _holds_snapshot:
             service._use_snapshot(model_path, self)
+
+    def __reduce__(self):
+        """Picklable, as Tinker's, to hand to worker processes: the copy connects to the same
+        server (one connection per process and server). A copy of an ephemeral snapshot's
+        client does not keep the snapshot: the client it was pickled from must live on."""
+        return _unpickled, (self.service._connection, self.model_path, self.base_model)
 
     def sample(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
@@ -184,3 +191,19 @@ class SamplingClient:
             return service._transport.operation_result(name, message_type, timeout, convert)
 
         return APIFuture(fetch, submitted)
+
+
+_services: dict[tuple, ServiceClient] = {}  # per connection, in a process that unpickled clients
+_services_lock = threading.Lock()
+
+
+def _unpickled(connection: dict[str, Any], model_path: str | None, base_model: str | None) -> SamplingClient:
+    from gradwire.client import ServiceClient
+
+    key = tuple(sorted((name, tuple(sorted(value.items())) if isinstance(value, dict) else value)
+                       for name, value in connection.items()))
+    with _services_lock:
+        if key not in _services:
+            _services[key] = ServiceClient(**connection)
+        service = _services[key]
+    return SamplingClient(service, model_path, base_model, _holds_snapshot=False)
