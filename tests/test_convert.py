@@ -49,8 +49,9 @@ def test_run_info_carries_every_field_of_get_info_response():
         {f.name for f in dataclasses.fields(types.GetInfoResponse)}
     response = pb.GetInfoResponse(model_id="run-1", model_name="tiny-random", is_lora=True, lora_rank=4,
                                   lora_config=pb.LoraConfig(rank=4, seed=7, train_mlp=True),
-                                  model_data={"arch": "LlamaForCausalLM"}, step=3)
+                                  model_data={"arch": "LlamaForCausalLM", "tokenizer": "tiny-random"}, step=3)
     assert _convert.run_info(response) == types.GetInfoResponse(
         model_id="run-1", model_name="tiny-random", is_lora=True, lora_rank=4,
         lora_config=types.LoraConfig(rank=4, seed=7, train_unembed=False, train_mlp=True, train_attn=False),
-        model_data={"arch": "LlamaForCausalLM"}, step=3)
+        model_data=types.ModelData(arch="LlamaForCausalLM", model_name="tiny-random", tokenizer_id="tiny-random"),
+        step=3)

@@ -175,6 +175,8 @@ def test_info_and_capabilities_describe_the_run_and_server(service):
     tc = service.create_lora_training_client("tiny-random", rank=3, seed=2, train_unembed=False)
     info = tc.get_info()
     assert (info.model_name, info.lora_rank, info.is_lora) == ("tiny-random", 3, True)
+    assert info.model_data == gradwire.types.ModelData(arch="LlamaForCausalLM", model_name="tiny-random",
+                                                       tokenizer_id="tiny-random")  # Tinker's attributes
     assert info.lora_config == gradwire.LoraConfig(rank=3, seed=2, train_unembed=False, train_mlp=True,
                                                    train_attn=True)
     capabilities = service.create_rest_client().get_server_capabilities().result()

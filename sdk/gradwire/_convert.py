@@ -193,7 +193,10 @@ def run_info(response: pb.GetInfoResponse) -> types.GetInfoResponse:
     return types.GetInfoResponse(model_id=response.model_id, model_name=response.model_name,
                                  is_lora=response.is_lora, lora_rank=response.lora_rank,
                                  lora_config=lora_config(response.lora_config),
-                                 model_data=dict(response.model_data), step=response.step)
+                                 model_data=types.ModelData(arch=response.model_data.get("arch", ""),
+                                                            model_name=response.model_name,
+                                                            tokenizer_id=response.model_data.get("tokenizer", "")),
+                                 step=response.step)
 
 
 def checkpoint(message: rpb.Checkpoint) -> types.Checkpoint:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AdamOptimizerConfig", "AdamParams", "Checkpoint", "CheckpointType", "CheckpointsListResponse", "Cursor",
     "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "GetInfoResponse", "GetServerCapabilitiesResponse",
-    "ImageAssetPointerChunk", "ImageChunk", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelID",
+    "ImageAssetPointerChunk", "ImageChunk", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelData", "ModelID",
     "ModelInput", "ModelInputChunk", "OptimParams", "OptimStepResponse", "OptimizerConfig",
     "ParsedCheckpointTinkerPath", "PromptProvenanceSpan", "RequestErrorCategory", "SampleResponse",
     "SampledProvenanceSpan",
@@ -354,6 +354,15 @@ class GetServerCapabilitiesResponse:
 
 
 @dataclass
+class ModelData:
+    """The base model of a training run: its architecture, name and tokenizer."""
+
+    arch: str
+    model_name: str
+    tokenizer_id: str
+
+
+@dataclass
 class GetInfoResponse:
     """Description of a training run."""
 
@@ -362,7 +371,7 @@ class GetInfoResponse:
     is_lora: bool
     lora_rank: int
     lora_config: LoraConfig
-    model_data: dict[str, str]
+    model_data: ModelData
     step: int
 
 
