@@ -116,3 +116,18 @@ def test_batched_tensor_round_trip():
     assert len(restored) == 3
     for a, b in zip(arrays, restored):
         np.testing.assert_array_equal(a, b)
+
+
+def test_model_copy_replaces_fields_as_pydantic_does_for_tinker_code():
+    """datum.model_copy(update=...) (code written for Tinker's pydantic types calls it): the
+    new fields are converted as the constructor converts them, the original is untouched, and
+    deep=True copies the tensors too."""
+    datum = gradwire.Datum(model_input=gradwire.ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": [2, 3]})
+    weighted = datum.model_copy(update={"loss_fn_inputs": {**datum.loss_fn_inputs, "weights": [1, 0]}})
+    assert weighted.loss_fn_inputs["weights"].data.dtype == np.float32
+    assert list(datum.loss_fn_inputs) == ["target_tokens"]
+    deep = datum.model_copy(deep=True)
+    deep.loss_fn_inputs["target_tokens"].data[0] = 7
+    assert datum.loss_fn_inputs["target_tokens"].data[0] == 2
+    assert gradwire.SamplingParams(max_tokens=5).model_copy(update={"seed": 3}) == \
+        gradwire.SamplingParams(max_tokens=5, seed=3)

@@ -1,6 +1,7 @@
 """SDK data types, named and shaped as in the Tinker API."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import operator
@@ -605,3 +606,16 @@ class SampledTokens:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: StopReason | None = None
+
+
+def _model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False):
+    """A copy with `update`'s fields replaced (converted as the constructor converts them),
+    as pydantic's model_copy, which code written for Tinker's (pydantic) types calls."""
+    source = copy.deepcopy(self) if deep else self
+    return dataclasses.replace(source, **(update or {}))
+
+
+for _name in __all__:
+    if dataclasses.is_dataclass(globals()[_name]):
+        globals()[_name].model_copy = _model_copy
+del _name
