@@ -23,6 +23,7 @@ from gradwire import _convert
 from gradwire.v1 import resource_service_pb2, sampling_service_pb2
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.models import cast_base, tiny_random_model
+from gradwire_server.server import OUTPUTS_FOLDER
 
 # Every service a gradwire server answers, and each (service name, method) pair.
 SERVICES = [pb.DESCRIPTOR.services_by_name["TrainingService"],
@@ -149,8 +150,12 @@ def cross_entropy_gradient_error(server, run_id: str, model, data: list[gradwire
 
 
 def checkpoint_files(server) -> list[str]:
-    """Every file and folder under the server's checkpoint folder but the run index's files."""
-    return sorted(str(p) for p in server.server.checkpoint_root.rglob("*") if "index.sqlite3" not in p.name)
+    """Every file and folder under the server's checkpoint folder but the run index's files and
+    the operations' output spools (which come and go with operations, e.g. as other tests'
+    results are fetched in the background)."""
+    root = server.server.checkpoint_root
+    return sorted(str(p) for p in root.rglob("*")
+                  if "index.sqlite3" not in p.name and OUTPUTS_FOLDER not in p.relative_to(root).parts)
 
 
 def server_gradients(server, run_id: str) -> dict[str, torch.Tensor]:

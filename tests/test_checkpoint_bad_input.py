@@ -2,6 +2,7 @@
 run keeps its weights, gradients and optimizer state exactly."""
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 
@@ -49,8 +50,8 @@ def undecodable(server, service):
     path, folder = donor_checkpoint(server, service)
     (folder / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     marker = json.loads((folder / checkpoints.MARKER).read_text())
-    marker["files"]["adapter_model.safetensors"] = {"size": 22, "sha256": checkpoints._sha256(
-        folder / "adapter_model.safetensors")}
+    marker["files"]["adapter_model.safetensors"] = {"size": 22, "sha256": hashlib.sha256(
+        b"not a safetensors file").hexdigest()}
     (folder / checkpoints.MARKER).write_text(json.dumps(marker))
     return path
 

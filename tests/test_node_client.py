@@ -93,5 +93,6 @@ def test_node_greedy_sample_matches_in_process_argmax(server):
     assert output["tokens"] == greedy_reference(base, prompt, 6)
     assert output["stop_reason"] == "STOP_REASON_LENGTH"
     full = prompt + output["tokens"]
-    expected = sequence_logprobs(base, full)[len(prompt) - 1:-1].gather(-1, torch.tensor(output["tokens"])[:, None])[:, 0]
+    scores = sequence_logprobs(base, full)[len(prompt) - 1:-1]
+    expected = scores.gather(-1, torch.tensor(output["tokens"])[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(output["logprobs"]), expected, rtol=0, atol=1e-5)

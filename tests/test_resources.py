@@ -118,19 +118,22 @@ def test_delete_checkpoint(server, service):
     assert rest.list_checkpoints(tc.model_id).result().checkpoints == []
 
 
-@pytest.mark.parametrize("removed", ["folder", "marker"])
-def test_a_listed_checkpoint_removed_by_hand_can_be_deleted_from_the_listing(server, service, removed):
-    """Someone removed a checkpoint's folder (or its marker) behind the server's back: it can
-    no longer be loaded, and deleting it clears its listing (and what is left of its folder)."""
+@pytest.mark.parametrize("damage", ["folder removed", "marker removed", "marker damaged"])
+def test_a_listed_checkpoint_removed_by_hand_can_be_deleted_from_the_listing(server, service, damage):
+    """Someone removed a checkpoint's folder or marker, or damaged the marker, behind the
+    server's back: it can no longer be loaded, and deleting it clears its listing (and what is
+    left of its folder)."""
     tc = trained_run(service)
     path = tc.save_state("by-hand").result().path
     folder = checkpoints.checkpoint_directory(server.server.checkpoint_root, path)
-    if removed == "folder":
+    if damage == "folder removed":
         shutil.rmtree(folder)
-    else:
+    elif damage == "marker removed":
         (folder / checkpoints.MARKER).unlink()
+    else:
+        (folder / checkpoints.MARKER).write_text('{"format_version": ')
     rest = service.create_rest_client()
-    with pytest.raises(gradwire.NotFoundError):
+    with pytest.raises((gradwire.NotFoundError, gradwire.InternalServerError)):
         tc.load_state(path).result()
 
     rest.delete_checkpoint_from_tinker_path(path).result()
@@ -149,7 +152,8 @@ def test_a_damaged_checkpoint_is_not_downloaded(server, service, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(gradwire.InternalServerError, match="adapter_model.safetensors does not match its sha256") as raised:
+    with pytest.raises(gradwire.InternalServerError,
+                       match="adapter_model.safetensors does not match its sha256") as raised:
         service.create_rest_client().download_checkpoint(path, tmp_path / "copy")
     assert raised.value.code == grpc.StatusCode.DATA_LOSS
     assert not (tmp_path / "copy").exists() and list(tmp_path.iterdir()) == []

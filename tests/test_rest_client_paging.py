@@ -3,6 +3,7 @@ tokens to the end (RestClient._every_page)."""
 from __future__ import annotations
 
 import grpc
+import numpy as np
 import pytest
 
 import gradwire
@@ -33,11 +34,14 @@ def test_list_training_runs_reads_every_page(tmp_path):
         background.stop()
 
 
-@pytest.mark.parametrize("window", [{"limit": -1}, {"offset": -1}, {"limit": 2.5}, {"offset": True}])
-def test_a_negative_or_fractional_window_is_refused_naming_it(service, window):
-    """limit=-1 would cut the last item off a Python slice, offset=-1 would give an empty page."""
+@pytest.mark.parametrize("window, error", [({"limit": -1}, ValueError), ({"offset": -1}, ValueError),
+                                           ({"limit": 2.5}, TypeError), ({"offset": True}, TypeError)])
+def test_a_negative_or_fractional_window_is_refused_naming_it(service, window, error):
+    """limit=-1 would cut the last item off a Python slice, offset=-1 would give an empty page;
+    numpy integers are ints."""
     rest = service.create_rest_client()
     [name] = window
     for listing in (rest.list_user_checkpoints, rest.list_training_runs):
-        with pytest.raises(ValueError, match=f"{name} must be an int >= 0"):
+        with pytest.raises(error, match=f"{name} must be an int >= 0"):
             listing(**window)
+    assert rest.list_user_checkpoints(limit=np.int64(1), offset=np.int64(0)).result().cursor.limit == 1

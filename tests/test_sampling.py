@@ -136,6 +136,8 @@ def test_stop_token_stop_string_and_length(base_sampler, base_model):
     by_token = sample(base_sampler, 1, max_tokens=24, temperature=0.0, stop=[stop_token]).sequences[0]
     assert by_token.stop_reason == "stop"
     assert by_token.tokens == greedy[:greedy.index(stop_token) + 1]
+    assert sample(base_sampler, 1, max_tokens=24, temperature=0.0,
+                  stop=np.array([stop_token])).sequences[0] == by_token  # a numpy array of ids, too
 
     tokenizer = tiny_random_tokenizer()
     text = tokenizer.decode(greedy)

@@ -5,6 +5,7 @@ through ServerConfig instead of waiting them out."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import pathlib
@@ -449,14 +450,44 @@ def test_sigterm_fails_what_did_not_run_then_exits_cleanly(tmp_path):
         process.wait()
 
 
+EXITS_WITH_REQUESTS_IN_FLIGHT = """
+import sys, gradwire
+service = gradwire.ServiceClient(base_url=sys.argv[1])
+tc = service.create_lora_training_client(base_model="tiny-random", rank=2)
+tc.forward_backward([gradwire.Datum(model_input=gradwire.ModelInput.from_ints([1, 2, 3]),
+                                    loss_fn_inputs={"target_tokens": [2, 3, 4]})], "cross_entropy")
+sampler = service.create_sampling_client(base_model="tiny-random")
+pending = [sampler.sample(gradwire.ModelInput.from_ints([1, 2]), 4, gradwire.SamplingParams(max_tokens=600))
+           for _ in range(3)]
+print("exiting", flush=True)
+"""
+
+
+def test_a_script_exits_cleanly_with_results_still_being_fetched(server):
+    """A script that ends with requests in flight (their results being fetched by background
+    threads, blocked in gRPC long-polls) exits at once with status 0, without gRPC crashing."""
+    done = subprocess.run([sys.executable, "-c", EXITS_WITH_REQUESTS_IN_FLIGHT, server.address],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "GRADWIRE_PROGRESS": "0"})
+    assert (done.returncode, done.stdout) == (0, "exiting\n"), done.stderr
+    assert "Fatal" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_a_closed_client_says_so(server):
     """After ServiceClient.close(), every call raises APIConnectionError "the client is closed"
-    (gRPC's own error is a bare ValueError), and sends nothing."""
+    (gRPC's own error is a bare ValueError), and sends nothing; so does the result of a request
+    still in flight at the close (its result's long-poll was cut: not CANCELLED, as if the
+    request had been)."""
     client = gradwire.ServiceClient(base_url=server.address)
     tc = client.create_lora_training_client(base_model="tiny-random", rank=4)
     sampler = client.create_sampling_client(base_model="tiny-random")
-    client.close()
     prompt, params = gradwire.ModelInput.from_ints([1, 2, 3]), gradwire.SamplingParams(max_tokens=2)
+    with worker_busy(server):
+        in_flight = [sampler.sample(prompt, 1, params), tc.forward(random_data(88), "cross_entropy")]
+        concurrent.futures.wait([future._submitted for future in in_flight], timeout=30)
+        client.close()
+    for future in in_flight:
+        with pytest.raises(gradwire.APIConnectionError, match=r"the client is closed \(close\(\) was called\)"):
+            future.result(30)
     for call in (lambda: tc.forward_backward(random_data(89), "cross_entropy").result(30),
                  lambda: tc.save_state("after-close").result(30),
                  lambda: sampler.sample(prompt, 1, params).result(30),

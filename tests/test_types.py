@@ -1,8 +1,8 @@
 """SDK types and the wire codec (pure data, no server)."""
 from __future__ import annotations
 
+import concurrent.futures
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -72,21 +72,28 @@ def test_int64_loss_inputs_refuse_what_a_cast_would_change():
             datum(targets)
 
 
-def test_a_future_waited_on_by_two_threads_honours_each_timeout():
-    """While one thread waits for a result, another's result(timeout) gives up within its own
-    timeout; once fetched, every waiter gets the value."""
+def test_a_future_is_fetched_in_the_background_and_waiters_keep_their_own_timeouts():
+    """The value is fetched without anyone asking (done() turns True, callbacks run, the
+    future is a concurrent.futures.Future); while one thread waits, another's
+    result(timeout) gives up within its own timeout with an APITimeoutError, which is a
+    TimeoutError; cancel() cannot take a request back."""
     release = threading.Event()
     threading.Timer(10, release.set).start()  # (a waiter blocked behind the first would return then)
     future = gradwire.APIFuture(lambda timeout: release.wait() and "value")
+    called = threading.Event()
+    future.add_done_callback(lambda done: called.set())
     first = threading.Thread(target=future.result)
     first.start()
-    while not future._lock.locked():
-        time.sleep(0.01)
-    with pytest.raises(gradwire.APITimeoutError, match="another thread is waiting"):
+    with pytest.raises(gradwire.APITimeoutError, match="no result within 0.2 s"):
         future.result(timeout=0.2)
+    assert not future.done() and not future.cancel()
     release.set()
+    done, _ = concurrent.futures.wait([future], timeout=30)
+    assert done == {future} and called.wait(30)
     first.join(30)
-    assert future.result(timeout=1) == "value"
+    assert future.result(timeout=0) == "value"
+    failing = gradwire.APIFuture(lambda timeout: 1 / 0)
+    assert isinstance(concurrent.futures.wait([failing], timeout=30).done.pop().exception(), ZeroDivisionError)
 
 
 def test_codec_dense_and_readable_forms_agree():
@@ -131,3 +138,13 @@ def test_model_copy_replaces_fields_as_pydantic_does_for_tinker_code():
     assert datum.loss_fn_inputs["target_tokens"].data[0] == 2
     assert gradwire.SamplingParams(max_tokens=5).model_copy(update={"seed": 3}) == \
         gradwire.SamplingParams(max_tokens=5, seed=3)
+
+
+def test_append_int_takes_only_ints():
+    """append_int(1.7) appended token 1 and append_int("5") token 5; now they are TypeErrors,
+    and numpy integers still go in."""
+    model_input = gradwire.ModelInput.from_ints([1])
+    assert model_input.append_int(np.int64(2)).append_int(3).to_ints() == [1, 2, 3]
+    for bad in (1.7, "5"):
+        with pytest.raises(TypeError):
+            model_input.append_int(bad)

@@ -63,7 +63,7 @@ def datum_pieces(data: Iterable[types.Datum], keys: Iterable[str] | None,
                  budget_bytes: int) -> Iterator[list[datum_pb2.Datum]]:
     """Encodes datums lazily into consecutive lists of at most budget_bytes each
     (a datum larger than the budget travels alone; one larger than a message is
-    a ValueError naming it, raised before anything of the request is sent)."""
+    a ValueError naming it, raised when its piece is encoded)."""
     keys = None if keys is None else tuple(keys)
     piece: list[datum_pb2.Datum] = []
     size = 0
@@ -238,10 +238,14 @@ def sampling_params(params: types.SamplingParams) -> sampling_pb.SamplingParams:
     except (TypeError, ValueError) as error:
         raise _naming(error, "sampling_params") from None
     stop = [params.stop] if isinstance(params.stop, str) else params.stop
-    if stop is None or stop == []:
+    if isinstance(stop, np.ndarray) and stop.ndim == 1:
+        stop = stop.tolist()
+    if stop is None:
         return built
     if not isinstance(stop, (list, tuple)):
         raise TypeError(f"sampling_params.stop: {_cut(stop)} is not a str, a list of str or a list of token ids")
+    if not stop:
+        return built
     if all(isinstance(s, str) for s in stop):
         built.stop_strs.strings.extend(stop)
     elif all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in stop):

@@ -55,6 +55,7 @@ class Transport:
             try:
                 return stub_method(request, metadata=self.metadata, timeout=timeout)
             except grpc.RpcError as error:
+                self.check_open()  # closed meanwhile: that, not the CANCELLED it caused
                 if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + pause > give_up:
                     raise error_from_rpc(error) from None
             time.sleep(pause)
@@ -66,8 +67,11 @@ class Transport:
             poll = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
             request = operations_pb2.WaitOperationRequest(
                 name=name, timeout=duration_pb2.Duration(seconds=int(poll), nanos=int(poll % 1 * 1e9)))
-            operation = self.unary(self.operations.WaitOperation, request, timeout=poll + 30.0)
-            if operation.done:
+            try:
+                operation = self.unary(self.operations.WaitOperation, request, timeout=poll + 30.0)
+            except APITimeoutError:  # this poll's own deadline (a stalled server): not done yet
+                operation = None
+            if operation is not None and operation.done:
                 return operation
             if deadline is not None and time.monotonic() >= deadline:
                 raise APITimeoutError(f"{name} is not done after {timeout} s; it keeps running, "
@@ -108,10 +112,9 @@ class Transport:
 
 def waited(future: concurrent.futures.Future, timeout: float | None, late: str) -> Any:
     """The future's result; APITimeoutError(`late`) if it is not done within `timeout` seconds."""
-    try:
-        return future.result(timeout)
-    except concurrent.futures.TimeoutError:
-        raise APITimeoutError(late) from None
+    if not concurrent.futures.wait([future], timeout).done:
+        raise APITimeoutError(late)
+    return future.result()
 
 
 def backoff() -> Iterator[float]:

@@ -5,6 +5,7 @@ Named after Tinker's RestClient; it speaks gRPC like the rest of the SDK.
 from __future__ import annotations
 
 import asyncio
+import numbers
 import os
 import pathlib
 import secrets
@@ -190,7 +191,9 @@ class RestClient:
         """`limit` items from `offset` of what fetch_all returns, with the cursor that places
         them in the whole. The listing is fetched whole (every page) and the window cut here."""
         for name, value in (("limit", limit), ("offset", offset)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int >= 0, got {value!r}")
+            if value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
         def page() -> T:

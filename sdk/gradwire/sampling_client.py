@@ -54,8 +54,9 @@ class SamplingClient:
 
     def __reduce__(self):
         """Picklable, as Tinker's, to hand to worker processes: the copy connects to the same
-        server (one connection per process and server). A copy of an ephemeral snapshot's
-        client does not keep the snapshot: the client it was pickled from must live on."""
+        server (one connection per process and server; the pickle holds the API key, if any).
+        A copy of an ephemeral snapshot's client does not keep the snapshot: the client it was
+        pickled from must live on."""
         return _unpickled, (self.service._connection, self.model_path, self.base_model)
 
     def sample(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams,
@@ -203,7 +204,7 @@ def _unpickled(connection: dict[str, Any], model_path: str | None, base_model: s
     key = tuple(sorted((name, tuple(sorted(value.items())) if isinstance(value, dict) else value)
                        for name, value in connection.items()))
     with _services_lock:
-        if key not in _services:
+        if key not in _services or _services[key]._transport.closed:
             _services[key] = ServiceClient(**connection)
         service = _services[key]
     return SamplingClient(service, model_path, base_model, _holds_snapshot=False)

@@ -212,11 +212,12 @@ class ModelInput:
         return ModelInput([*self.chunks, chunk])
 
     def append_int(self, token: int) -> ModelInput:
-        """A new ModelInput with one more token at the end."""
+        """A new ModelInput with one more token at the end (an int: 1.7 or "5" is a TypeError)."""
+        token = operator.index(token)
         if self.chunks and isinstance(self.chunks[-1], EncodedTextChunk):
-            last = EncodedTextChunk([*self.chunks[-1].tokens, int(token)])
+            last = EncodedTextChunk([*self.chunks[-1].tokens, token])
             return ModelInput([*self.chunks[:-1], last])
-        return self.append(EncodedTextChunk([int(token)]))
+        return self.append(EncodedTextChunk([token]))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,6 +7,8 @@ import pathlib
 import shutil
 import time
 
+import grpc
+
 from gradwire_server import checkpoints
 from gradwire_server.engine import Engine
 from gradwire_server.errors import FieldViolation, ServiceError, failed_precondition, invalid_argument
@@ -110,11 +112,14 @@ def delete_expired(root: pathlib.Path, index: RunIndex, now: float) -> list[str]
 def delete(root: pathlib.Path, index: RunIndex, path: str) -> None:
     """Deletes the checkpoint at `path` and its index row (worker side, so it never races
     a save, a load or another delete): NOT_FOUND if it is gone already. A listed checkpoint
-    whose marker was removed by hand (with its folder, or alone) is no checkpoint any more:
-    what is left of it goes with its row, so the listing can be cleaned."""
-    folder = checkpoints.parse_path(path).folder(root)
-    if index.get_checkpoint(path) is not None and not (folder / checkpoints.MARKER).exists():
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
+    that find() no longer gives (its marker removed or damaged by hand, its folder removed,
+    its TTL run out) goes too, what is left of its folder with its row: the listing can be
+    cleaned."""
+    try:
         checkpoints.delete(checkpoints.find(root, path))
+    except ServiceError as error:
+        gone = error.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS)
+        if not gone or index.get_checkpoint(path) is None:
+            raise
+        shutil.rmtree(checkpoints.parse_path(path).folder(root), ignore_errors=True)
     record_change(f"deletion of {path}", index.remove_checkpoint, path)

@@ -38,7 +38,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors.torch
 import torch
@@ -98,7 +98,7 @@ class Checkpoint:
     @property
     def size_bytes(self) -> int:
         """Bytes on disk, marker included."""
-        return sum(file.stat().st_size for file in files(self))
+        return sum((self.folder / name).stat().st_size for name in [*self.metadata["files"], MARKER])
 
     @property
     def lora(self) -> LoraSettings:
@@ -234,7 +234,8 @@ def write(root: pathlib.Path, path: CheckpointPath, state: RunState, base_model:
         files = {}
         for file in sorted(temp.iterdir()):
             _fsync(file)
-            files[file.name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+            with open(file, "rb") as handle:
+                files[file.name] = {"size": file.stat().st_size, "sha256": _sha256(handle)}
         now = time.time()
         metadata = {"format_version": FORMAT_VERSION, "run_id": path.run_id, "kind": path.kind,
                     "name": path.name, "base_model": base_model, "lora": asdict(state.lora),
@@ -304,10 +305,27 @@ def delete(checkpoint: Checkpoint) -> None:
     shutil.rmtree(doomed)
 
 
-def files(checkpoint: Checkpoint) -> list[pathlib.Path]:
-    """The checkpoint's files (marker last), for download."""
-    return [checkpoint.folder / name for name in sorted(checkpoint.metadata["files"])] \
-        + [checkpoint.folder / MARKER]
+def open_for_download(checkpoint: Checkpoint) -> list[tuple[str, BinaryIO]]:
+    """(name, open file) of each of the checkpoint's files, marker last, each checked against
+    the marker from that very handle and rewound: what is read from them is what was checked,
+    even if the folder is replaced or deleted meanwhile. DATA_LOSS naming a damaged file;
+    NOT_FOUND if the checkpoint is gone."""
+    opened: list[tuple[str, BinaryIO]] = []
+    try:
+        for name in [*sorted(checkpoint.metadata["files"]), MARKER]:
+            try:
+                handle = open(checkpoint.folder / name, "rb")
+            except FileNotFoundError:
+                raise not_found("checkpoint", checkpoint.path.path) from None
+            opened.append((name, handle))
+            if name != MARKER:
+                _check(checkpoint, name, handle)
+                handle.seek(0)
+    except BaseException:
+        for _, handle in opened:
+            handle.close()
+        raise
+    return opened
 
 
 def scan(root: pathlib.Path) -> Iterator[Checkpoint]:
@@ -363,25 +381,26 @@ def _exchange(new: pathlib.Path, old: pathlib.Path) -> None:
         raise OSError(error, f"cannot swap {new} and {old}: {os.strerror(error)}")
 
 
-def verify_files(checkpoint: Checkpoint) -> None:
-    """verify() of every file the marker records."""
-    for name in checkpoint.metadata["files"]:
-        verify(checkpoint, name)
-
-
 def verify(checkpoint: Checkpoint, name: str) -> None:
     """DATA_LOSS naming the file unless `name` has the size and sha256 the marker records."""
-    expected = checkpoint.metadata["files"].get(name)
+    if name not in checkpoint.metadata["files"]:
+        raise failed_precondition(f"checkpoint {checkpoint.path.path}: {name} is not part of this checkpoint",
+                                  "CHECKPOINT_KIND")
     file = checkpoint.folder / name
-    where = f"checkpoint {checkpoint.path.path}: {name}"
-    if expected is None:
-        raise failed_precondition(f"{where} is not part of this checkpoint", "CHECKPOINT_KIND")
     if not file.is_file():
-        raise data_loss(f"{where} is missing")
-    size = file.stat().st_size
+        raise data_loss(f"checkpoint {checkpoint.path.path}: {name} is missing")
+    with open(file, "rb") as handle:
+        _check(checkpoint, name, handle)
+
+
+def _check(checkpoint: Checkpoint, name: str, handle: BinaryIO) -> None:
+    """DATA_LOSS unless the open file has the size and sha256 the marker records for `name`."""
+    expected = checkpoint.metadata["files"][name]
+    where = f"checkpoint {checkpoint.path.path}: {name}"
+    size = os.fstat(handle.fileno()).st_size
     if size != expected["size"]:
         raise data_loss(f"{where} has {size} bytes, expected {expected['size']} (truncated or damaged)")
-    if _sha256(file) != expected["sha256"]:
+    if _sha256(handle) != expected["sha256"]:
         raise data_loss(f"{where} does not match its sha256 (damaged)")
 
 
@@ -394,11 +413,10 @@ def _adapter_config(state: RunState, base_model: str) -> dict[str, Any]:
     return config
 
 
-def _sha256(file: pathlib.Path) -> str:
+def _sha256(handle: BinaryIO) -> str:
     digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
+    while chunk := handle.read(1 << 20):
+        digest.update(chunk)
     return digest.hexdigest()
 
 

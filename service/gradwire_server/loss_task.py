@@ -73,7 +73,7 @@ class LossTask:
             outputs = self._pass.feed(self._pending.popleft())
             self._keep_inline(outputs)
             self._consumed()
-            if self._pending or not self._closed:
+            if not self._closed or self._pending:  # (closed is set after the last feed)
                 return Step(False, outputs=outputs)
         # The last piece is computed: commit in the same turn (a unary request takes one turn,
         # not a second trip through the scheduler, which a custom loss's forward leg waits on).

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
-from typing import BinaryIO
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -98,28 +97,26 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
     async def DownloadCheckpoint(self, request, context):
         try:
             checkpoint = await asyncio.to_thread(checkpoints.find, self.checkpoint_root, request.path)
-            # DATA_LOSS before a byte is sent, as a load would fail: never hand out a damaged copy
-            await asyncio.to_thread(checkpoints.verify_files, checkpoint)
+            # Checked before a byte is sent (DATA_LOSS, as a load would fail): a damaged copy is
+            # never handed out.
+            opened = await asyncio.to_thread(checkpoints.open_for_download, checkpoint)
         except ServiceError as error:
             await abort(context, error)
         try:
-            for file in checkpoints.files(checkpoint):
-                handle, size = await asyncio.to_thread(_open, file)
-                try:
-                    offset = 0
-                    while True:
-                        data = await asyncio.to_thread(handle.read, DOWNLOAD_CHUNK_BYTES)
-                        if offset and not data:
-                            break
-                        yield rpb.CheckpointChunk(relative_path=file.name, offset=offset, data=data,
-                                                  file_size=size)
-                        offset += len(data)
-                        if len(data) < DOWNLOAD_CHUNK_BYTES:  # an empty file still gets one chunk
-                            break
-                finally:
-                    handle.close()
-        except FileNotFoundError:  # deleted while streaming
-            await abort(context, not_found("checkpoint", request.path))
+            for name, handle in opened:
+                size = os.fstat(handle.fileno()).st_size
+                offset = 0
+                while True:
+                    data = await asyncio.to_thread(handle.read, DOWNLOAD_CHUNK_BYTES)
+                    if offset and not data:
+                        break
+                    yield rpb.CheckpointChunk(relative_path=name, offset=offset, data=data, file_size=size)
+                    offset += len(data)
+                    if len(data) < DOWNLOAD_CHUNK_BYTES:  # an empty file still gets one chunk
+                        break
+        finally:
+            for _, handle in opened:
+                handle.close()
 
     def _run(self, run: RunRecord) -> rpb.TrainingRun:
         lora = run.lora
@@ -135,12 +132,6 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
                 else message.last_sampler_checkpoint
             latest.CopyFrom(_checkpoint(saved))
         return message
-
-
-def _open(file: pathlib.Path) -> tuple[BinaryIO, int]:
-    """(the open file, its size in bytes)."""
-    handle = open(file, "rb")
-    return handle, os.fstat(handle.fileno()).st_size
 
 
 def _checkpoint(record: CheckpointRecord) -> rpb.Checkpoint:

@@ -42,10 +42,13 @@ function call(client, method, request) {
   });
 }
 
-// Waits for a long-running operation and unpacks its result into the named message type.
+// Waits for a long-running operation (each WaitOperation returns after at most the server's
+// long-poll cap, done or not) and unpacks its result into the named message type.
 async function result(operations, operation, typeName) {
-  const done = operation.done ? operation
-    : await call(operations, "WaitOperation", { name: operation.name, timeout: { seconds: 60 } });
+  let done = operation;
+  while (!done.done) {
+    done = await call(operations, "WaitOperation", { name: operation.name, timeout: { seconds: 30 } });
+  }
   if (done.error) {
     const error = new Error(done.error.message);
     error.code = done.error.code;
