@@ -79,7 +79,7 @@ def test_a_future_is_fetched_in_the_background_and_waiters_keep_their_own_timeou
     TimeoutError; cancel() cannot take a request back."""
     release = threading.Event()
     threading.Timer(10, release.set).start()  # (a waiter blocked behind the first would return then)
-    future = gradwire.APIFuture(lambda timeout: release.wait() and "value")
+    future = gradwire.APIFuture(lambda: release.wait() and "value")
     called = threading.Event()
     future.add_done_callback(lambda done: called.set())
     first = threading.Thread(target=future.result)
@@ -92,7 +92,7 @@ def test_a_future_is_fetched_in_the_background_and_waiters_keep_their_own_timeou
     assert done == {future} and called.wait(30)
     first.join(30)
     assert future.result(timeout=0) == "value"
-    failing = gradwire.APIFuture(lambda timeout: 1 / 0)
+    failing = gradwire.APIFuture(lambda: 1 / 0)
     assert isinstance(concurrent.futures.wait([failing], timeout=30).done.pop().exception(), ZeroDivisionError)
 
 

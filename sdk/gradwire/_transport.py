@@ -7,7 +7,6 @@ plumbing.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -77,11 +76,11 @@ class Transport:
                 raise APITimeoutError(f"{name} is not done after {timeout} s; it keeps running, "
                                       "call result() again to keep waiting")
 
-    def operation_result(self, name: str, message_type, timeout: float | None,
+    def operation_result(self, name: str, message_type,
                          convert: Callable[[Any], Any] = lambda response: response, delete: bool = True):
         """convert(unpacked response) of a finished operation, which is then deleted (unless
         not `delete`: the caller deletes it later, off its critical path)."""
-        operation = self.wait_operation(name, timeout)
+        operation = self.wait_operation(name, None)
         if operation.HasField("error"):
             raise failed_request(operation.error, name)
         response = message_type()
@@ -108,13 +107,6 @@ class Transport:
     def close(self) -> None:
         self.closed = True
         self.channel.close()
-
-
-def waited(future: concurrent.futures.Future, timeout: float | None, late: str) -> Any:
-    """The future's result; APITimeoutError(`late`) if it is not done within `timeout` seconds."""
-    if not concurrent.futures.wait([future], timeout).done:
-        raise APITimeoutError(late)
-    return future.result()
 
 
 def backoff() -> Iterator[float]:

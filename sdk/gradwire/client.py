@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from gradwire import _convert, custom_loss, types
 from gradwire.errors import AbortedError, GradwireError, UnsupportedFeatureError, error_from_rpc
-from gradwire._transport import Transport, request_id, submitted, waited
+from gradwire._transport import Transport, request_id, submitted
 from gradwire.futures import APIFuture
 from gradwire.rest_client import RestClient
 from gradwire.sampling_client import SamplingClient
@@ -174,7 +174,7 @@ class ServiceClient:
         except GradwireError:
             pass
 
-    def _forward_output(self, name: str, timeout: float | None, delete: bool = True) -> types.ForwardBackwardOutput:
+    def _forward_output(self, name: str, delete: bool = True) -> types.ForwardBackwardOutput:
         """A finished forward(-backward) operation's result, reading streamed outputs if any
         (then the operation is deleted, unless not `delete`)."""
         def read(response: pb.ForwardBackwardOutput) -> types.ForwardBackwardOutput:
@@ -187,7 +187,7 @@ class ServiceClient:
                     raise error_from_rpc(error) from None
             return _convert.forward_backward_output(response, streamed)
 
-        return self._transport.operation_result(name, pb.ForwardBackwardOutput, timeout, read, delete)
+        return self._transport.operation_result(name, pb.ForwardBackwardOutput, read, delete)
 
     def _tokenizer(self, base_model: str):
         if base_model not in self._tokenizers:
@@ -421,7 +421,7 @@ class TrainingClient:
             # server waits for that leg, not for the delete.
             try:
                 logprobs = [out["logprobs"].data
-                            for out in service._forward_output(forward, None, delete=False).loss_fn_outputs]
+                            for out in service._forward_output(forward, delete=False).loss_fn_outputs]
                 loss, metrics, grads = custom_loss.logprob_gradients(data, logprobs, loss_fn)
                 backward = service._submit_loss(model_id, next_seq, False,
                                                 custom_loss.surrogate_data(data, grads), "cross_entropy", None,
@@ -430,9 +430,9 @@ class TrainingClient:
                 service._transport.delete_operation(forward)
             return backward, loss, metrics
 
-        def fetch(submitted, timeout):
+        def fetch(submitted):
             name, loss, metrics = submitted
-            output = service._forward_output(name, timeout)
+            output = service._forward_output(name)
             output.metrics = {**metrics, "loss:sum": loss,
                               "surrogate_loss:sum": output.metrics["loss:sum"]}
             return output
@@ -626,8 +626,8 @@ class TrainingClient:
             request.seq_id = next_seq()  # once the message is whole: a field refused here costs no seq_id
             return service._call(rpc, request).name
 
-        def fetch(name, timeout):
-            return convert(service._transport.operation_result(name, response_type, timeout))
+        def fetch(name):
+            return convert(service._transport.operation_result(name, response_type))
 
         return self._enqueue(send, fetch, label)
 
@@ -678,11 +678,7 @@ class TrainingClient:
                                                 name=f"gradwire-sender-{self.model_id}")
                 self._sender.start()
 
-        def result(timeout: float | None):
-            submitted = waited(pending.submitted, timeout, f"{label} was not submitted within {timeout} s")
-            return fetch(submitted, timeout)
-
-        return APIFuture(result, pending.submitted)
+        return APIFuture(lambda: fetch(pending.submitted.result()), pending.submitted)
 
     def _next_seq(self) -> int:
         self._seq += 1

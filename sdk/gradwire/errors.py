@@ -149,8 +149,9 @@ class RequestErrorCategory(enum.StrEnum):
 class RequestFailedError(GradwireError):
     """A request the server accepted finished in a failed state (its operation's error),
     as in the Tinker SDK. `request_id` is the operation's name, `category` whose failure
-    it was. Raised as its status class too: a refused forward_backward is a
-    BadRequestError and a RequestFailedError."""
+    it was. Raised as its status class too: a forward_backward whose gradient is not finite
+    is a ConflictError and a RequestFailedError (one refused on arrival, before it was
+    accepted, is its status class only)."""
 
     def __init__(self, message: str, request_id: str = "",
                  category: RequestErrorCategory = RequestErrorCategory.Unknown):

@@ -20,10 +20,10 @@ class APIFuture(concurrent.futures.Future, Generic[T]):
     take it; `await future` and `await future.result_async()` wait without blocking the
     event loop. A sent request cannot be taken back: cancel() is False.
 
-    `fetch(timeout)` produces the value (long-polling the server), called once with None.
+    `fetch()` produces the value (long-polling the server); it is called once.
     """
 
-    def __init__(self, fetch: Callable[[float | None], T],
+    def __init__(self, fetch: Callable[[], T],
                  submitted: concurrent.futures.Future | None = None):
         super().__init__()
         self.set_running_or_notify_cancel()
@@ -73,7 +73,7 @@ class APIFuture(concurrent.futures.Future, Generic[T]):
 
     def _fetch_once(self) -> None:
         try:
-            value = self._fetch(None)
+            value = self._fetch()
         except concurrent.futures.CancelledError:  # its send was dropped by ServiceClient.close()
             self.set_exception(APIConnectionError("the client is closed (close() was called): the request "
                                                   "was not sent"))

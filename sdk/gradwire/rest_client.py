@@ -18,7 +18,6 @@ import grpc
 from google.protobuf.message import Message
 
 from gradwire import _convert, types
-from gradwire._transport import waited
 from gradwire.errors import APIError, UnsupportedFeatureError, error_from_rpc
 from gradwire.futures import APIFuture
 from gradwire.v1 import resource_service_pb2 as rpb
@@ -48,11 +47,7 @@ class RestClient:
 
     def _background(self, fn: Callable[[], T]) -> APIFuture[T]:
         running = self.service._in_background(fn)
-
-        def result(timeout: float | None) -> T:
-            return waited(running, timeout, f"no answer within {timeout} s; call result() again to keep waiting")
-
-        return APIFuture(result, running)
+        return APIFuture(running.result, running)
 
     # ---- training runs -------------------------------------------------------------------
 

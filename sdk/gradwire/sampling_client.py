@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from gradwire import _convert, types
-from gradwire._transport import request_id, waited
+from gradwire._transport import request_id
 from gradwire.errors import UnsupportedFeatureError, error_from_rpc
 from gradwire.futures import APIFuture
 from gradwire.v1 import sampling_service_pb2 as pb
@@ -187,9 +187,8 @@ class SamplingClient:
 
         submitted = self.service._in_background(send)
 
-        def fetch(timeout: float | None):
-            name = waited(submitted, timeout, f"{method} was not submitted within {timeout} s")
-            return service._transport.operation_result(name, message_type, timeout, convert)
+        def fetch():
+            return service._transport.operation_result(submitted.result(), message_type, convert)
 
         return APIFuture(fetch, submitted)
 
