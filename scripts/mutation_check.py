@@ -560,7 +560,7 @@ MUTATIONS = [
               "tests/test_tinker_surface.py::test_a_checkpoints_ttl_can_be_set_and_removed"),
              "a TTL of 10**12 s is stored, and every listing of the server fails INTERNAL from then on"),
     Mutation("expired-checkpoint-name-stays-taken", CHECKPOINTS,
-             "        if expired(json.loads((folder / MARKER).read_text())):\n            return\n",
+             "        if expired(find(root, path.path, include_expired=True).metadata):\n            return\n",
              "        if False:\n            return\n",
              ("tests/test_tinker_surface.py::test_an_expired_checkpoints_name_can_be_saved_again_before_the_sweep",),
              "saving the name of an expired checkpoint is ALREADY_EXISTS until the next sweep"),

@@ -111,12 +111,12 @@ def delete_expired(root: pathlib.Path, index: RunIndex, now: float) -> list[str]
 
 def delete(root: pathlib.Path, index: RunIndex, path: str) -> None:
     """Deletes the checkpoint at `path` and its index row (worker side, so it never races
-    a save, a load or another delete): NOT_FOUND if it is gone already. A listed checkpoint
-    that find() no longer gives (its marker removed or damaged by hand, its folder removed,
-    its TTL run out) goes too, what is left of its folder with its row: the listing can be
-    cleaned."""
+    a save, a load or another delete): NOT_FOUND if it is gone already. An expired one not yet
+    swept goes too, and so does a listed one that find() no longer gives (its marker removed or
+    damaged by hand, its folder removed): what is left of its folder goes with its row, so the
+    listing can be cleaned."""
     try:
-        checkpoints.delete(checkpoints.find(root, path))
+        checkpoints.delete(checkpoints.find(root, path, include_expired=True))
     except ServiceError as error:
         gone = error.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS)
         if not gone or index.get_checkpoint(path) is None:

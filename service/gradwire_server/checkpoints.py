@@ -196,13 +196,12 @@ def expired(metadata: dict[str, Any]) -> bool:
 def check_new(root: pathlib.Path, path: CheckpointPath) -> None:
     """ALREADY_EXISTS if the name is taken: by anything but a checkpoint whose TTL ran out
     (gone for every reader, its folder waiting for the sweep), which a save replaces."""
-    folder = path.folder(root)
-    if not folder.exists():
+    if not path.folder(root).exists():
         return
     try:
-        if expired(json.loads((folder / MARKER).read_text())):
+        if expired(find(root, path.path, include_expired=True).metadata):
             return
-    except (OSError, ValueError):
+    except ServiceError:  # no marker, a damaged one, another format: taken all the same
         pass
     raise _exists(path.path)
 
