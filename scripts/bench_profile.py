@@ -13,7 +13,12 @@ scheduler, the codec.
 With --plain it first times the same math written as a plain peft loop, without the
 engine (eager): what the engine's own bookkeeping costs.
 
-Usage: python scripts/bench_profile.py [--size 1b] [--compile] [--plain] [--steps 3] [--rows 12]
+With --narrow the model keeps the size's depth, modules and vocabulary but is 64 wide, with
+LoRA rank 1 and 16 tokens a datum: its kernels cost next to nothing, so a step's time is
+its host cost (Python, dispatch, launches), which a launch-bound GPU waits on. That part of
+the GPU's step the CPU can measure.
+
+Usage: python scripts/bench_profile.py [--size 1b] [--compile] [--plain] [--narrow] [--steps 3] [--rows 12]
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import argparse
 import gc
 import os
 import statistics
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,7 +40,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings  # noqa: E402
 from gradwire_server.engine import ATTENTION_MODULES, LORA_ALPHA, MLP_MODULES, UNEMBED_MODULES, Engine  # noqa: E402
 from gradwire_server.logprobs import model_target_logprobs  # noqa: E402
-from gradwire_server.models import load_model, resolve_dtype  # noqa: E402
+from gradwire_server.models import load_model, preset_configs, resolve_dtype  # noqa: E402
 from bench import SIZES  # noqa: E402
 
 
@@ -60,6 +66,16 @@ def timed_step(engine: Engine, run: str, data: list[DatumArrays]) -> tuple[float
     engine.optim_step(run, AdamSettings())
     synchronize(engine.device)
     return forward_backward, time.perf_counter() - started - forward_backward
+
+
+def narrow_config_folder(preset: str) -> str:
+    """A folder holding the preset's config at width 64 (--narrow), for --load-format dummy."""
+    config = preset_configs()[preset]
+    config.hidden_size, config.intermediate_size = 64, 64
+    config.head_dim = 64 // config.num_attention_heads
+    folder = tempfile.mkdtemp(prefix="narrow-")
+    config.save_pretrained(folder)
+    return folder
 
 
 def plain_loop_step_seconds(preset: str, device: torch.device, rank: int,
@@ -99,8 +115,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=12, help="kernels and host ops listed")
     parser.add_argument("--plain", action="store_true",
                         help="first time the same math as a plain peft loop (eager), without the engine")
+    parser.add_argument("--narrow", action="store_true",
+                        help="the size's depth and vocabulary at width 64, rank 1, 16 tokens: host cost alone")
     args = parser.parse_args()
     preset, datums, tokens, rank = SIZES[args.size]
+    if args.narrow:
+        preset, tokens, rank = narrow_config_folder(preset), 16, 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rng = np.random.default_rng(0)
     vocab = load_model(preset, torch.device("meta"), torch.float32, "dummy").vocab_size

@@ -295,15 +295,19 @@ def test_a_refused_later_step_keeps_the_moments_and_the_finite_gradients(server,
     assert tc.get_info().step == step
 
 
-def test_a_step_whose_second_moment_would_overflow_is_refused_and_its_gradient_discarded(server, service):
+@pytest.mark.parametrize("resumed", [False, True], ids=["trained", "resumed-with-its-optimizer"])
+def test_a_step_whose_second_moment_would_overflow_is_refused_and_its_gradient_discarded(server, service, resumed):
     """Cross-entropy weights of 1e30 give a finite gradient (accepted) whose square is not: the
     step would leave the weights finite but AdamW's second moment infinite, and those weights
     would never move again. It is refused, weights and moments stay as they were, the gradient
-    (useless at any learning rate) is discarded, and the run trains on."""
+    (useless at any learning rate) is discarded, and the run trains on. Also right after
+    load_state_with_optimizer, which replaces every moment the check reads."""
     tc = trained_run(service)
     for seed in (75, 76):
         tc.forward_backward(random_data(seed), "cross_entropy").result()
         tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
+    if resumed:
+        tc.load_state_with_optimizer(tc.save_state("before-overflow").result().path).result()
     huge = [gradwire.Datum(model_input=d.model_input, loss_fn_inputs={
         "target_tokens": d.loss_fn_inputs["target_tokens"],
         "weights": np.full(d.model_input.length, 1e30, np.float32)}) for d in random_data(77)]

@@ -8,6 +8,7 @@ import uuid
 
 import grpc
 import pytest
+import torch
 
 import gradwire
 from gradwire_server import checkpoints
@@ -56,6 +57,21 @@ def undecodable(server, service):
     return path
 
 
+def optimizer_edited(edit):
+    """A checkpoint whose optimizer.pt holds `edit(AdamW state_dict)`, vouched for by its marker."""
+    def make(server, service):
+        path, folder = donor_checkpoint(server, service)
+        state = torch.load(folder / "optimizer.pt", weights_only=True)
+        edit(state)
+        torch.save(state, folder / "optimizer.pt")
+        data = (folder / "optimizer.pt").read_bytes()
+        marker = json.loads((folder / checkpoints.MARKER).read_text())
+        marker["files"]["optimizer.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (folder / checkpoints.MARKER).write_text(json.dumps(marker))
+        return path
+    return make
+
+
 def other_base_model(server, service):
     path, folder = donor_checkpoint(server, service)
     marker = json.loads((folder / checkpoints.MARKER).read_text())
@@ -93,6 +109,12 @@ LOAD_CASES = [
      gradwire.InternalServerError, grpc.StatusCode.DATA_LOSS, "does not match its sha256"),
     ("undecodable adapter", undecodable, False,
      gradwire.InternalServerError, grpc.StatusCode.DATA_LOSS, "cannot be decoded"),
+    ("optimizer state of some parameters", optimizer_edited(lambda state: state["state"].pop(0)), True,
+     gradwire.ConflictError, grpc.StatusCode.FAILED_PRECONDITION, "optimizer state covers"),
+    ("optimizer state not AdamW's", optimizer_edited(lambda state: state["state"][1].pop("exp_avg")), True,
+     gradwire.ConflictError, grpc.StatusCode.FAILED_PRECONDITION, "state of parameter 1 is not AdamW's"),
+    ("optimizer step not a count", optimizer_edited(lambda state: state["state"][2].update(step=torch.zeros(2))),
+     True, gradwire.ConflictError, grpc.StatusCode.FAILED_PRECONDITION, "step of parameter 2 is not a count"),
 ]
 
 

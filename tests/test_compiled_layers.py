@@ -122,7 +122,7 @@ def loss_and_gradients(engine: Engine, run: str, data: list[DatumArrays]) -> tup
     loss_pass.feed(data)
     loss = loss_pass.commit()["loss:sum"]
     grads = torch.cat([p.grad.reshape(-1) for p in engine.run(run).params])
-    engine.run(run).optimizer.zero_grad(set_to_none=True)
+    engine.run(run).clear_gradient()
     return loss, grads
 
 

@@ -54,11 +54,59 @@ class RunNotFound(LookupError):
 
 @dataclass
 class Run:
+    """A training run's LoRA parameters and AdamW. Its accumulated gradient is one flat
+    buffer (each p.grad a view of it), and so is each kind of AdamW state once a step
+    has made it: a step's bookkeeping (its undo copy, its finiteness check) is then a
+    few whole-buffer ops, not a few per parameter, which a GPU's host would launch one
+    at a time while the device waits."""
+
     run_id: str
     lora: LoraSettings
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.AdamW
     step: int = 0
+    grad: torch.Tensor | None = None  # flat, in parameter order; None: no gradient since the last step
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)  # "exp_avg", ... -> flat; {}: none yet
+    weight_views: list[torch.Tensor] = field(init=False)  # each parameter, flattened (a view)
+
+    def __post_init__(self) -> None:
+        self.weight_views = [p.detach().reshape(-1) for p in self.params]
+
+    def weights(self) -> torch.Tensor:
+        """A copy of every parameter's values, flat."""
+        return torch.cat(self.weight_views)
+
+    def add_gradient(self, grad: torch.Tensor, views: list[torch.Tensor]) -> None:
+        """Adds a flat gradient (`views`: its parts shaped like the parameters) to the accumulated one."""
+        if self.grad is None:
+            self.grad = grad
+            for p, view in zip(self.params, views):
+                p.grad = view
+        else:
+            self.grad.add_(grad)
+
+    def clear_gradient(self) -> None:
+        self.grad = None
+        for p in self.params:
+            p.grad = None
+
+    def home_optimizer_state(self) -> None:
+        """Moves AdamW's state, once there is any (after a first step or a load; every
+        parameter has a gradient, so every one has state), into one flat buffer per key;
+        AdamW goes on updating views of them in place."""
+        if self.optimizer_state or not self.optimizer.state:
+            return
+        states = [self.optimizer.state[p] for p in self.params]
+        for key in states[0]:
+            values = [state[key] for state in states]
+            flat = _flat_copy(values)
+            for state, view in zip(states, _views(flat, values)):
+                state[key] = view
+            self.optimizer_state[key] = flat
+
+    def drop_optimizer_state(self) -> None:
+        self.optimizer.state.clear()
+        self.optimizer_state = {}
 
 
 @dataclass
@@ -140,7 +188,8 @@ class LossPass:
                  keep_graph: bool = False, reuse: KeptForward | None = None):
         self.engine, self.run = engine, run
         self.loss_fn, self.config, self.backward = loss_fn, config, backward
-        self.staged: list[torch.Tensor | None] = [None] * len(run.params)
+        self.staged: torch.Tensor | None = None  # this pass's gradient, flat like run.grad
+        self.staged_views: list[torch.Tensor] = []  # its parts, shaped like the parameters
         self.metrics: dict[str, torch.Tensor] = {}  # on the device, read once by commit()
         self.num_datums = 0
         self.reuse, self.reused_datums = reuse, 0
@@ -221,15 +270,18 @@ class LossPass:
 
     def _stage(self, loss: torch.Tensor) -> None:
         params = self.run.params
+        if self.staged is None:
+            self.staged = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
+                                      device=params[0].device)
+            self.staged_views = _views(self.staged, params)
         accumulated = [p.grad for p in params]
-        for p, staged in zip(params, self.staged):
-            p.grad = staged
+        for p, view in zip(params, self.staged_views):
+            p.grad = view  # backward adds into it in place
         try:
             # Another run's request may have run since the forward (a kept graph, a stream's
             # earlier piece), and the backward may recompute parts of it.
             with self.engine.computing(self.run.run_id):
                 loss.backward()
-            self.staged = [p.grad for p in params]
         finally:
             for p, grad in zip(params, accumulated):
                 p.grad = grad
@@ -240,24 +292,18 @@ class LossPass:
         staged gradient is infinite or NaN: added, it would make the run's next step
         fail and discard the gradients accumulated before it too."""
         self._finish_reuse()
-        staged = [grad for grad in self.staged if grad is not None]
-        finite = [torch.isfinite(_flat_copy(staged)).all().double()] if staged else []
+        finite = [torch.isfinite(self.staged).all().double()] if self.staged is not None else []
         # The pass's one host sync: the finiteness check and the metrics together.
         values = torch.stack([*finite, *self.metrics.values()]).tolist() if finite or self.metrics else []
         metrics = dict(zip(self.metrics, values[len(finite):]))
         if finite and not values[0]:
-            self.staged, self.kept = [None] * len(self.run.params), None
+            self.staged, self.kept = None, None
             shown = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items() if key.startswith("loss"))
             raise NonFiniteGradient(f"the gradient of this batch is not finite ({shown or 'no loss metric'}); "
                                     "it was not added: the run's gradients are as they were")
-        for p, staged in zip(self.run.params, self.staged):
-            if staged is None:
-                continue
-            if p.grad is None:
-                p.grad = staged
-            else:
-                p.grad.add_(staged)
-        self.staged = [None] * len(self.run.params)
+        if self.staged is not None:
+            self.run.add_gradient(self.staged, self.staged_views)
+        self.staged = None
         self.graph_kept = bool(self.kept)
         if self.kept:
             self.engine.kept[self.run.run_id] = KeptForward(
@@ -398,12 +444,13 @@ class Engine:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(adapter[name])
-        for p in run.params:
-            p.grad = None
+        run.clear_gradient()
         if optimizer is not None:
             run.optimizer.load_state_dict(optimizer)
         else:
             run.optimizer = self._adamw(run.params)
+        run.optimizer_state = {}
+        run.home_optimizer_state()
         run.step = step
 
     def _adamw(self, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
@@ -480,11 +527,11 @@ class Engine:
         grads = [p.grad for p in run.params if p.grad is not None]
         foreach = self.device.type == "cuda"  # one kernel for all parameters; the CPU keeps its numerics
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)
-        # Everything the step writes, kept (in one copy) until the step is known finite:
-        # a step that would write inf/NaN is undone.
-        written = [p.detach() for p in run.params] + grads + _optimizer_tensors(run)
-        before = _flat_copy(written)
-        had_state = {p for p in run.params if p in run.optimizer.state}
+        # Everything the step writes, kept until the step is known finite: a step that would
+        # write inf/NaN is undone.
+        had_state = bool(run.optimizer_state)
+        written = [t for t in (run.grad, *run.optimizer_state.values()) if t is not None]
+        weights_before, before = run.weights(), [t.clone() for t in written]
         hyperparameters = [{key: value for key, value in group.items() if key != "params"}
                            for group in run.optimizer.param_groups]
         if adam.grad_clip_norm > 0:
@@ -493,25 +540,27 @@ class Engine:
             group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
                          weight_decay=adam.weight_decay)
         run.optimizer.step()
+        run.home_optimizer_state()
         # The moments too: a finite weight after an infinite second moment never moves again.
-        if not torch.isfinite(_flat_copy(run.params + _optimizer_tensors(run))).all():  # one host sync
-            _restore(written, before)
-            for p in run.params:
-                if p not in had_state:  # the first step created it
-                    run.optimizer.state.pop(p, None)
+        if not torch.isfinite(torch.cat([*run.weight_views, *run.optimizer_state.values()])).all():  # one host sync
+            _restore(run.params, weights_before)
+            for tensor, values in zip(written, before):
+                tensor.copy_(values)
+            if not had_state:  # the first step made it
+                run.drop_optimizer_state()
             for group, kept in zip(run.optimizer.param_groups, hyperparameters):
                 group.update(kept)
             outcome = "nothing was changed"
-            if not torch.isfinite(_flat_copy(grads).square()).all():  # (the norm itself may overflow)
+            if run.grad is not None and not torch.isfinite(run.grad.square()).all():  # (the norm may overflow)
                 # A gradient that is not finite, or whose square is not (|g| > ~1.8e19), makes the
                 # second moment infinite at any learning rate, and forward_backward only adds to
                 # it: kept, it would refuse every later step of the run.
-                run.optimizer.zero_grad(set_to_none=True)
+                run.clear_gradient()
                 outcome = ("its gradients are too large or not finite and were discarded (weights and "
                            "optimizer state are unchanged); run forward_backward again")
             raise NonFiniteStep(f"this step (grad norm {float(grad_norm):.4g}) would make a weight or an "
                                 f"AdamW moment of {run_id} infinite or NaN; {outcome}")
-        run.optimizer.zero_grad(set_to_none=True)
+        run.clear_gradient()
         run.step += 1
         return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": adam.learning_rate}
 
@@ -670,22 +719,21 @@ def _checkpoint_decoder_layers(model: torch.nn.Module) -> None:
             module.train()  # transformers checkpoints a layer only in training mode
 
 
-def _optimizer_tensors(run: Run) -> list[torch.Tensor]:
-    """The run's AdamW state tensors (moments and step counts), in parameter order."""
-    return [value for p in run.params for value in run.optimizer.state.get(p, {}).values()
-            if isinstance(value, torch.Tensor)]
-
-
 def _flat_copy(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The tensors' values (all float32) in one new flat tensor: one copy kernel, not one per tensor."""
+    """The tensors' values (of one dtype) in one new flat tensor: one copy kernel, not one per tensor."""
     return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`flat`'s consecutive parts, each a view shaped like the tensor of `like` in its place."""
+    return [part.view_as(tensor) for part, tensor in zip(flat.split([t.numel() for t in like]), like)]
 
 
 def _restore(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
     """Writes _flat_copy(tensors)'s values back into the tensors."""
     with torch.no_grad():
-        for tensor, values in zip(tensors, flat.split([t.numel() for t in tensors])):
-            tensor.copy_(values.view_as(tensor))
+        for tensor, values in zip(tensors, _views(flat, tensors)):
+            tensor.copy_(values)
 
 
 def _cpu_copy(state: Any) -> Any:
@@ -704,11 +752,20 @@ def _check_optimizer_state(state: dict[str, Any], params: list[torch.nn.Paramete
     groups = state.get("param_groups") if isinstance(state, dict) else None
     if not isinstance(groups, list) or len(groups) != 1 or len(groups[0].get("params", ())) != len(params):
         raise ValueError("the checkpoint's optimizer state is not for this run's parameters")
-    for index, per_param in state.get("state", {}).items():
+    entries = state.get("state", {})
+    if entries and len(entries) != len(params):  # AdamW makes every parameter's state in one step
+        raise ValueError(f"the checkpoint's optimizer state covers {len(entries)} of this run's "
+                         f"{len(params)} parameters")
+    for index, per_param in entries.items():
         if not isinstance(index, int) or not 0 <= index < len(params):
             raise ValueError(f"the checkpoint's optimizer state names parameter {index!r}")
+        if not isinstance(per_param, dict) or per_param.keys() != {"step", "exp_avg", "exp_avg_sq"}:
+            raise ValueError(f"the checkpoint's optimizer state of parameter {index} is not AdamW's "
+                             "(step, exp_avg, exp_avg_sq)")
+        if not isinstance(per_param["step"], torch.Tensor) or per_param["step"].numel() != 1:
+            raise ValueError(f"the checkpoint's optimizer step of parameter {index} is not a count")
         for key in ("exp_avg", "exp_avg_sq"):
-            value = per_param.get(key)
+            value = per_param[key]
             if not isinstance(value, torch.Tensor) or value.shape != params[index].shape:
                 raise ValueError(f"the checkpoint's optimizer {key} of parameter {index} "
                                  f"does not match its shape {list(params[index].shape)}")
