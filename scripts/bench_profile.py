@@ -119,6 +119,7 @@ def main() -> None:
                         help="the size's depth and vocabulary at width 64, rank 1, 16 tokens: host cost alone")
     args = parser.parse_args()
     preset, datums, tokens, rank = SIZES[args.size]
+    label = f"{preset} at width 64" if args.narrow else preset
     if args.narrow:
         preset, tokens, rank = narrow_config_folder(preset), 16, 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,7 +135,7 @@ def main() -> None:
     plan = engine.plan_memory()
     if args.compile:
         engine.warm_up_compiled_layers()
-    print(f"{preset} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'the CPU'}, torch "
+    print(f"{label} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'the CPU'}, torch "
           f"{torch.__version__}, {engine.dtype}, --compile {args.compile}; {datums} x {tokens} tokens, rank {rank}; "
           f"micro-batch {plan.micro_batch_tokens} tokens; built in {time.perf_counter() - started:.1f} s")
     run = engine.create_run(LoraSettings(rank=rank, seed=0))
