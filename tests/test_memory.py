@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import warnings
+import weakref
 
 import grpc
 import numpy as np
@@ -290,6 +291,25 @@ def test_probe_as_the_first_adapter_leaves_a_working_engine():
     assert all(g.abs().sum() > 0 for g in probed)
     for a, b in zip(probed, plain, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_committed_pass_holds_no_gradient_buffer():
+    """A pass's staged gradient is a buffer the size of the run's LoRA weights: once the pass
+    has committed it (added into the run's gradient, or become it), the pass (which the
+    worker keeps until its next job) must not keep it alive."""
+    engine = Engine(load_model("tiny-random", torch.device("cpu")), torch.device("cpu"))
+    run_id = engine.create_run(LoraSettings(rank=2, seed=0))
+    sequence = np.arange(10)
+    passes = []
+    for _ in range(2):  # the first pass's buffer becomes the run's gradient; the second's is added to it
+        training = engine.start_pass(run_id, "cross_entropy", {}, backward=True)
+        training.feed([DatumArrays(sequence, {"target_tokens": sequence})])
+        staged = weakref.ref(training.staged)
+        training.commit()
+        passes.append((training, staged))
+    gc.collect()
+    assert passes[0][1]() is engine.run(run_id).grad
+    assert passes[1][1]() is None
 
 
 def test_plan_from_free_memory():

@@ -55,8 +55,9 @@ class RunNotFound(LookupError):
 @dataclass
 class Run:
     """A training run's LoRA parameters and AdamW. Its accumulated gradient is one flat
-    buffer (each p.grad a view of it), and so is each kind of AdamW state once a step
-    has made it: a step's bookkeeping (its undo copy, its finiteness check) is then a
+    buffer (the .grad of each parameter the passes reached is a view of it; the others'
+    stay None, which AdamW skips), and so is each kind of AdamW state of the parameters
+    that have state: a step's bookkeeping (its undo copy, its finiteness check) is then a
     few whole-buffer ops, not a few per parameter, which a GPU's host would launch one
     at a time while the device waits."""
 
@@ -66,7 +67,8 @@ class Run:
     optimizer: torch.optim.AdamW
     step: int = 0
     grad: torch.Tensor | None = None  # flat, in parameter order; None: no gradient since the last step
-    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)  # "exp_avg", ... -> flat; {}: none yet
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)  # "exp_avg", ... -> flat
+    homed: list[torch.nn.Parameter] = field(default_factory=list)  # whose state optimizer_state holds
     weight_views: list[torch.Tensor] = field(init=False)  # each parameter, flattened (a view)
 
     def __post_init__(self) -> None:
@@ -76,27 +78,46 @@ class Run:
         """A copy of every parameter's values, flat."""
         return torch.cat(self.weight_views)
 
-    def add_gradient(self, grad: torch.Tensor, views: list[torch.Tensor]) -> None:
-        """Adds a flat gradient (`views`: its parts shaped like the parameters) to the accumulated one."""
+    def add_gradient(self, grad: torch.Tensor, views: list[torch.Tensor], reached: list[bool]) -> None:
+        """Adds a pass's flat gradient (`views`: its parts shaped like the parameters;
+        `reached`: which parameters it has a gradient for) to the accumulated one."""
         if self.grad is None:
             self.grad = grad
-            for p, view in zip(self.params, views):
-                p.grad = view
         else:
             self.grad.add_(grad)
+            views = []  # the pass's, not the run's: made below if a parameter is reached for the first time
+        for i, p in enumerate(self.params):
+            if reached[i] and p.grad is None:
+                views = views or _views(self.grad, self.params)
+                p.grad = views[i]
 
     def clear_gradient(self) -> None:
         self.grad = None
         for p in self.params:
             p.grad = None
 
+    def unhomed_state(self) -> list[torch.Tensor]:
+        """AdamW state tensors not yet in optimizer_state (those a first step made)."""
+        if len(self.optimizer.state) == len(self.homed):
+            return []
+        homed = set(self.homed)
+        return [value for p in self.params if p in self.optimizer.state and p not in homed
+                for value in self.optimizer.state[p].values()]
+
+    def drop_unhomed_state(self) -> None:
+        homed = set(self.homed)
+        for p in [p for p in self.optimizer.state if p not in homed]:
+            del self.optimizer.state[p]
+
     def home_optimizer_state(self) -> None:
-        """Moves AdamW's state, once there is any (after a first step or a load; every
-        parameter has a gradient, so every one has state), into one flat buffer per key;
-        AdamW goes on updating views of them in place."""
-        if self.optimizer_state or not self.optimizer.state:
+        """Moves AdamW's state of every parameter that has some into one flat buffer per key
+        (again when more parameters have state than last time); AdamW goes on updating views
+        of them in place."""
+        if len(self.optimizer.state) == len(self.homed):
             return
-        states = [self.optimizer.state[p] for p in self.params]
+        self.homed = [p for p in self.params if p in self.optimizer.state]
+        states = [self.optimizer.state[p] for p in self.homed]
+        self.optimizer_state = {}
         for key in states[0]:
             values = [state[key] for state in states]
             flat = _flat_copy(values)
@@ -104,9 +125,10 @@ class Run:
                 state[key] = view
             self.optimizer_state[key] = flat
 
-    def drop_optimizer_state(self) -> None:
-        self.optimizer.state.clear()
-        self.optimizer_state = {}
+    def reset_optimizer_state(self) -> None:
+        """To be called after the optimizer or its state was replaced."""
+        self.optimizer_state, self.homed = {}, []
+        self.home_optimizer_state()
 
 
 @dataclass
@@ -190,6 +212,7 @@ class LossPass:
         self.loss_fn, self.config, self.backward = loss_fn, config, backward
         self.staged: torch.Tensor | None = None  # this pass's gradient, flat like run.grad
         self.staged_views: list[torch.Tensor] = []  # its parts, shaped like the parameters
+        self.reached = [False] * len(run.params)  # which parameters it has a gradient for
         self.metrics: dict[str, torch.Tensor] = {}  # on the device, read once by commit()
         self.num_datums = 0
         self.reuse, self.reused_datums = reuse, 0
@@ -270,18 +293,23 @@ class LossPass:
 
     def _stage(self, loss: torch.Tensor) -> None:
         params = self.run.params
-        if self.staged is None:
-            self.staged = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
-                                      device=params[0].device)
-            self.staged_views = _views(self.staged, params)
         accumulated = [p.grad for p in params]
-        for p, view in zip(params, self.staged_views):
-            p.grad = view  # backward adds into it in place
+        for p in params:
+            p.grad = None
         try:
             # Another run's request may have run since the forward (a kept graph, a stream's
             # earlier piece), and the backward may recompute parts of it.
             with self.engine.computing(self.run.run_id):
                 loss.backward()
+            reached = [i for i, p in enumerate(params) if p.grad is not None]
+            if reached:
+                if self.staged is None:
+                    self.staged = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
+                                              device=params[0].device)
+                    self.staged_views = _views(self.staged, params)
+                torch._foreach_add_([self.staged_views[i] for i in reached], [params[i].grad for i in reached])
+                for i in reached:
+                    self.reached[i] = True
         finally:
             for p, grad in zip(params, accumulated):
                 p.grad = grad
@@ -297,13 +325,13 @@ class LossPass:
         values = torch.stack([*finite, *self.metrics.values()]).tolist() if finite or self.metrics else []
         metrics = dict(zip(self.metrics, values[len(finite):]))
         if finite and not values[0]:
-            self.staged, self.kept = None, None
+            self.staged, self.staged_views, self.kept = None, [], None
             shown = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items() if key.startswith("loss"))
             raise NonFiniteGradient(f"the gradient of this batch is not finite ({shown or 'no loss metric'}); "
                                     "it was not added: the run's gradients are as they were")
         if self.staged is not None:
-            self.run.add_gradient(self.staged, self.staged_views)
-        self.staged = None
+            self.run.add_gradient(self.staged, self.staged_views, self.reached)
+        self.staged, self.staged_views = None, []
         self.graph_kept = bool(self.kept)
         if self.kept:
             self.engine.kept[self.run.run_id] = KeptForward(
@@ -449,8 +477,7 @@ class Engine:
             run.optimizer.load_state_dict(optimizer)
         else:
             run.optimizer = self._adamw(run.params)
-        run.optimizer_state = {}
-        run.home_optimizer_state()
+        run.reset_optimizer_state()
         run.step = step
 
     def _adamw(self, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
@@ -529,7 +556,6 @@ class Engine:
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)
         # Everything the step writes, kept until the step is known finite: a step that would
         # write inf/NaN is undone.
-        had_state = bool(run.optimizer_state)
         written = [t for t in (run.grad, *run.optimizer_state.values()) if t is not None]
         weights_before, before = run.weights(), [t.clone() for t in written]
         hyperparameters = [{key: value for key, value in group.items() if key != "params"}
@@ -540,14 +566,13 @@ class Engine:
             group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
                          weight_decay=adam.weight_decay)
         run.optimizer.step()
-        run.home_optimizer_state()
         # The moments too: a finite weight after an infinite second moment never moves again.
-        if not torch.isfinite(torch.cat([*run.weight_views, *run.optimizer_state.values()])).all():  # one host sync
+        state = [*run.optimizer_state.values(), *(t.reshape(-1) for t in run.unhomed_state())]
+        if not torch.isfinite(torch.cat([*run.weight_views, *state])).all():  # one host sync
             _restore(run.params, weights_before)
             for tensor, values in zip(written, before):
                 tensor.copy_(values)
-            if not had_state:  # the first step made it
-                run.drop_optimizer_state()
+            run.drop_unhomed_state()  # this step made it
             for group, kept in zip(run.optimizer.param_groups, hyperparameters):
                 group.update(kept)
             outcome = "nothing was changed"
@@ -560,6 +585,7 @@ class Engine:
                            "optimizer state are unchanged); run forward_backward again")
             raise NonFiniteStep(f"this step (grad norm {float(grad_norm):.4g}) would make a weight or an "
                                 f"AdamW moment of {run_id} infinite or NaN; {outcome}")
+        run.home_optimizer_state()
         run.clear_gradient()
         run.step += 1
         return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": adam.learning_rate}
@@ -752,11 +778,7 @@ def _check_optimizer_state(state: dict[str, Any], params: list[torch.nn.Paramete
     groups = state.get("param_groups") if isinstance(state, dict) else None
     if not isinstance(groups, list) or len(groups) != 1 or len(groups[0].get("params", ())) != len(params):
         raise ValueError("the checkpoint's optimizer state is not for this run's parameters")
-    entries = state.get("state", {})
-    if entries and len(entries) != len(params):  # AdamW makes every parameter's state in one step
-        raise ValueError(f"the checkpoint's optimizer state covers {len(entries)} of this run's "
-                         f"{len(params)} parameters")
-    for index, per_param in entries.items():
+    for index, per_param in state.get("state", {}).items():
         if not isinstance(index, int) or not 0 <= index < len(params):
             raise ValueError(f"the checkpoint's optimizer state names parameter {index!r}")
         if not isinstance(per_param, dict) or per_param.keys() != {"step", "exp_avg", "exp_avg_sq"}:
