@@ -23,8 +23,10 @@ Usage: python scripts/bench_profile.py [--size 1b] [--compile] [--plain] [--narr
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -74,6 +76,7 @@ def narrow_config_folder(preset: str) -> str:
     config.hidden_size, config.intermediate_size = 64, 64
     config.head_dim = 64 // config.num_attention_heads
     folder = tempfile.mkdtemp(prefix="narrow-")
+    atexit.register(shutil.rmtree, folder, True)
     config.save_pretrained(folder)
     return folder
 
