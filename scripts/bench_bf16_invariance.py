@@ -12,28 +12,48 @@ on a random model loaded as the server loads it (`--dtype bfloat16 --load-format
    weight a layer and the unembedding have, and of a run's LoRA factors;
 3. one query's attention over its past, with an explicit mask (how the sampler's
    decode step calls it) vs its row of a causal pass over the same keys; then the same
-   with each SDPA backend forced on both sides, and what each costs a training-sized pass.
+   with each SDPA backend forced on both sides, and what each costs a training-sized pass;
+4. the whole chain, for each candidate fix: the sampler's decode loop (in-process, its
+   static decode steps, with a rank-32 LoRA adapter) vs the training function on the
+   sampled tokens, with cuBLAS's bf16 GEMMs as they are, with float32 reductions only,
+   and without split-K; and with each attention (SDPA as it chooses, SDPA's backends
+   forced on both sides, eager); then what each cuBLAS setting and attention costs a
+   LoRA forward + backward of 4 x 1024 tokens.
 
 0 everywhere means training and sampling can agree exactly; on the CPU (torch 2.13)
-SDPA changes with the length and a one-row matmul takes another kernel.
+SDPA changes with the length and a one-row matmul takes another kernel. The cuBLAS
+settings act on CUDA only.
 
 Usage: python scripts/bench_bf16_invariance.py [--preset llama-1b] [--length 159] [--rank 32]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
+from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
+import peft  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from gradwire_server import sampler  # noqa: E402
+from gradwire_server.engine import ATTENTION_MODULES, LORA_ALPHA, MLP_MODULES, UNEMBED_MODULES  # noqa: E402
+from gradwire_server.kv_cache import BlockPool  # noqa: E402
 from gradwire_server.logprobs import model_target_logprobs  # noqa: E402
+from gradwire_server.lora_batch import adapter_weights  # noqa: E402
 from gradwire_server.models import load_model  # noqa: E402
+
+# torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction: (reduced-precision
+# reductions allowed, split-K allowed); torch's default allows both.
+CUBLAS_SETTINGS = {"cuBLAS default": (True, True), "no split-K": (False, False),
+                   "float32 reductions": (False, True)}
 
 
 def max_and_mean(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -153,11 +173,119 @@ def training_attention_seconds(qkv: list[torch.Tensor], device: torch.device, re
     return statistics.median(times[1:])
 
 
+@contextlib.contextmanager
+def cublas_bf16(setting: tuple[bool, bool]):
+    """cuBLAS's bf16 GEMMs with this (reduced-precision, split-K) setting while the block runs."""
+    matmul = torch.backends.cuda.matmul
+    before = (matmul.allow_bf16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction_split_k)
+    matmul.allow_bf16_reduced_precision_reduction = setting
+    try:
+        yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = before
+
+
+def attention_choice(model: torch.nn.Module, choice: str):
+    """"eager", or SDPA ("sdpa": as it chooses; else that backend forced) for the block."""
+    set_attention(model, "eager" if choice == "eager" else "sdpa")
+    if choice in ("sdpa", "eager"):
+        return contextlib.nullcontext()
+    return sdpa_kernel(getattr(SDPBackend, choice.upper()))
+
+
+def with_adapter(model: torch.nn.Module, rank: int) -> peft.PeftModel:
+    """The model wrapped in place with one rank-`rank` LoRA adapter on every module a run
+    trains, float32, its B factors non-zero (a trained run's)."""
+    torch.manual_seed(1)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(
+        r=rank, lora_alpha=LORA_ALPHA, target_modules=[*ATTENTION_MODULES, *MLP_MODULES, *UNEMBED_MODULES]),
+        adapter_name="run")
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    return wrapped
+
+
+def sampled_vs_training(wrapped: peft.PeftModel, prompt: list[int], samples: int, tokens: int
+                        ) -> tuple[str, str]:
+    """The decode loop's logprobs of `samples` x `tokens` sampled tokens (the adapter's
+    rows, the server's static decode steps) vs the training function's on each sequence
+    alone, and that vs all of them in one batch (the training function's own floor)."""
+    model = wrapped.get_base_model()
+    device = next(model.parameters()).device
+    pool = BlockPool(model.config, 2**30, torch.bfloat16, device)
+    @contextlib.contextmanager
+    def base_weights():  # as the server's (sampler_weights.py): peft's layers off, the engine's autocast
+        with wrapped.disable_adapter(), torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+
+    loop = sampler.DecodeLoop(model, pool, device, base_weights, graphs="uncaptured")
+    generation = sampler.Generation(sampler.SampleSpec(np.array(prompt), samples, sampler.SamplingSettings(
+        max_tokens=tokens, seed=0)), str, adapter_weights(model, "run"))
+    loop.add(generation)
+    while not generation.done:
+        loop.turn()
+    sequences = torch.tensor([prompt + s.tokens for s in generation.sequences], device=device)
+    sampled = torch.tensor([s.logprobs for s in generation.sequences], device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        alone = torch.cat([model_target_logprobs(model, row[None, :-1], row[None, 1:, None])
+                           for row in sequences])[:, len(prompt) - 1:, 0]
+        batched = model_target_logprobs(model, sequences[:, :-1], sequences[:, 1:, None])[:, len(prompt) - 1:, 0]
+    return max_and_mean(sampled, alone), max_and_mean(batched, alone)
+
+
+def lora_step_seconds(wrapped: peft.PeftModel, batch: torch.Tensor, repeats: int = 3) -> float:
+    """Median seconds of a training forward + backward (bf16 autocast, LoRA gradients) of `batch`."""
+    model = wrapped.get_base_model()
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16):
+            logprobs = model_target_logprobs(model, batch[:, :-1], batch[:, 1:, None])
+        logprobs.sum().backward()
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize(batch.device)
+        times.append(time.perf_counter() - started)
+    wrapped.zero_grad(set_to_none=True)
+    return statistics.median(times[1:])
+
+
+def candidate_fixes(model: torch.nn.Module, rank: int, samples: int, tokens: int,
+                    generator: torch.Generator) -> Iterator[tuple[str, str]]:
+    """Section 4's rows, each as it is measured (the slowest section: a run cut short keeps some)."""
+    wrapped = with_adapter(model, rank)
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (32,), generator=generator).tolist()
+    batch = torch.randint(0, vocab, (4, 1025), generator=generator).to(device)
+    attentions = ["sdpa", "efficient_attention", "math", "eager"] + (["flash_attention", "cudnn_attention"]
+                                                                     if device.type == "cuda" else [])
+    yield (f"4. {samples} x {tokens} sampled vs training alone; training alone vs in one batch",
+           "max / mean; max / mean")
+    for setting in CUBLAS_SETTINGS:
+        for attention in attentions:
+            name = f"4. {setting}, attention {attention}"
+            try:
+                with cublas_bf16(CUBLAS_SETTINGS[setting]), attention_choice(model, attention):
+                    versus_training, training_floor = sampled_vs_training(wrapped, prompt, samples, tokens)
+                    seconds = lora_step_seconds(wrapped, batch)
+            except (RuntimeError, TypeError, AttributeError) as error:  # a backend that does not run
+                # here; a torch without the setting
+                yield name, f"not available ({str(error).splitlines()[0][:80]})"
+                continue
+            yield name, f"{versus_training}; {training_floor}; LoRA fwd + bwd of 4 x 1024: {seconds * 1e3:.1f} ms"
+    set_attention(model, "sdpa")
+    wrapped.unload()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="llama-1b")
     parser.add_argument("--length", type=int, default=159)
-    parser.add_argument("--rank", type=int, default=32, help="LoRA rank of the factors in 2")
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank of the factors in 2 and the adapter in 4")
+    parser.add_argument("--samples", type=int, default=4, help="samples of the request in 4")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens each sample generates in 4")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.preset, device, torch.bfloat16, "dummy").model.eval()
@@ -176,6 +304,8 @@ def main() -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    for name, value in candidate_fixes(model, args.rank, args.samples, args.tokens, generator):
+        print(f"{name:<{width}}  {value}", flush=True)
 
 
 if __name__ == "__main__":
