@@ -13,12 +13,16 @@ scheduler, the codec.
 With --plain it first times the same math written as a plain peft loop, without the
 engine (eager): what the engine's own bookkeeping costs.
 
+With --custom each step's forward_backward is instead the two legs of a custom loss (the
+seed's logprob_squared_loss, the SDK's own client-side step between them), as the
+server runs them minus the round trip: what the legs cost beside a forward_backward.
+
 With --narrow the model keeps the size's depth, modules and vocabulary but is 64 wide, with
 LoRA rank 1 and 16 tokens a datum: its kernels cost next to nothing, so a step's time is
 its host cost (Python, dispatch, launches), which a launch-bound GPU waits on. That part of
 the GPU's step the CPU can measure.
 
-Usage: python scripts/bench_profile.py [--size 1b] [--compile] [--plain] [--narrow] [--steps 3] [--rows 12]
+Usage: python scripts/bench_profile.py [--size 1b] [--compile] [--plain] [--custom] [--narrow] [--steps 3] [--rows 12]
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -39,6 +44,7 @@ import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from gradwire import custom_loss  # noqa: E402
 from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings  # noqa: E402
 from gradwire_server.engine import ATTENTION_MODULES, LORA_ALPHA, MLP_MODULES, UNEMBED_MODULES, Engine  # noqa: E402
 from gradwire_server.logprobs import model_target_logprobs  # noqa: E402
@@ -57,17 +63,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(engine: Engine, run: str, data: list[DatumArrays]) -> tuple[float, float]:
-    """(forward_backward, optim_step) wall seconds, each until the device is done."""
-    started = time.perf_counter()
+def forward_backward(engine: Engine, run: str, data: list[DatumArrays]) -> None:
     loss_pass = engine.start_pass(run, "cross_entropy", {}, backward=True)
     loss_pass.feed(data)
     loss_pass.commit()
+
+
+def custom_legs(engine: Engine, run: str, data: list[DatumArrays]) -> None:
+    """A custom loss's forward leg (its graph kept), the client's step (loss_fn over the
+    logprobs, backpropagated to them: the SDK's own code), and the backward leg (cross
+    entropy weighted by -dLoss/dlogprobs, on the kept graph)."""
+    forward_leg = engine.start_pass(run, "cross_entropy", {}, backward=False, keep_graph=True)
+    logprobs = forward_leg.feed(data)
+    forward_leg.commit("forward-leg")
+    _, _, grads = custom_loss.logprob_gradients(
+        data, logprobs, lambda _, leaves: ((torch.cat(leaves) ** 2).sum(), {}))
+    backward_leg = engine.start_pass(run, "cross_entropy", {}, backward=True, reuse_forward="forward-leg")
+    backward_leg.feed([DatumArrays(d.tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"], "weights": -g})
+                       for d, g in zip(data, grads)])
+    backward_leg.commit()
+
+
+def timed_step(engine: Engine, run: str, data: list[DatumArrays],
+               gradient: Callable[[Engine, str, list[DatumArrays]], None] = forward_backward) -> tuple[float, float]:
+    """(forward_backward or custom_legs, optim_step) wall seconds, each until the device is done."""
+    started = time.perf_counter()
+    gradient(engine, run, data)
     synchronize(engine.device)
-    forward_backward = time.perf_counter() - started
+    gradient_s = time.perf_counter() - started
     engine.optim_step(run, AdamSettings())
     synchronize(engine.device)
-    return forward_backward, time.perf_counter() - started - forward_backward
+    return gradient_s, time.perf_counter() - started - gradient_s
 
 
 def narrow_config_folder(preset: str) -> str:
@@ -118,6 +144,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=12, help="kernels and host ops listed")
     parser.add_argument("--plain", action="store_true",
                         help="first time the same math as a plain peft loop (eager), without the engine")
+    parser.add_argument("--custom", action="store_true",
+                        help="a custom loss's two legs instead of each forward_backward (also timed beside it)")
     parser.add_argument("--narrow", action="store_true",
                         help="the size's depth and vocabulary at width 64, rank 1, 16 tokens: host cost alone")
     args = parser.parse_args()
@@ -145,17 +173,26 @@ def main() -> None:
     for _ in range(2):  # allocator, cuBLAS handles, graphs of this batch's kind
         timed_step(engine, run, random_batch(rng, datums, tokens, vocab))
     parts = [timed_step(engine, run, random_batch(rng, datums, tokens, vocab)) for _ in range(args.steps)]
-    forward_backward, optim_step = (statistics.median(part) for part in zip(*parts))
-    step = forward_backward + optim_step
-    print(f"step {step * 1e3:.1f} ms (median of {args.steps}): forward_backward {forward_backward * 1e3:.1f} ms, "
+    fb_s, optim_step = (statistics.median(part) for part in zip(*parts))
+    step = fb_s + optim_step
+    print(f"step {step * 1e3:.1f} ms (median of {args.steps}): forward_backward {fb_s * 1e3:.1f} ms, "
           f"optim_step {optim_step * 1e3:.1f} ms; {datums * tokens / step:,.0f} tokens/s")
+    gradient = custom_legs if args.custom else forward_backward
+    if args.custom:  # alternated with forward_backward, after one of each kind to warm up
+        for _ in range(2):
+            timed_step(engine, run, random_batch(rng, datums, tokens, vocab), custom_legs)
+        pairs = [(timed_step(engine, run, random_batch(rng, datums, tokens, vocab), custom_legs)[0],
+                  timed_step(engine, run, random_batch(rng, datums, tokens, vocab))[0]) for _ in range(args.steps)]
+        custom_s, fb_s = (statistics.median(part) for part in zip(*pairs))
+        print(f"step's custom loss legs {custom_s * 1e3:.1f} ms, forward_backward {fb_s * 1e3:.1f} ms "
+              f"(medians of {args.steps} alternated): custom / forward_backward {custom_s / fb_s:.3f}")
     if plain_s is not None:
         print(f"step of the same math as a plain peft loop, eager: {plain_s * 1e3:.1f} ms "
               f"(engine / plain: {step / plain_s:.3f})")
     batches = [random_batch(rng, datums, tokens, vocab) for _ in range(args.steps)]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
-        profiled = sum(sum(timed_step(engine, run, data)) for data in batches) / args.steps
+        profiled = sum(sum(timed_step(engine, run, data, gradient)) for data in batches) / args.steps
     events = profiler.key_averages()
     if device.type == "cuda":
         # Kernels of one stream run one at a time: their summed time is the time the device was busy

@@ -312,6 +312,30 @@ def test_a_committed_pass_holds_no_gradient_buffer():
     assert passes[1][1]() is None
 
 
+def test_a_kept_forward_counts_its_activations_and_not_the_weights():
+    """The keep-graph budget is charged what a kept forward holds: the tensors autograd saves
+    for its backward, except the weights (the base model's, the run's LoRA factors), which
+    are held anyway, with other runs' adapters in the model too. Counted again here by a
+    second, identical pass, every parameter of the model excluded."""
+    engine = Engine(load_model("tiny-random", torch.device("cpu")), torch.device("cpu"))
+    runs = [engine.create_run(LoraSettings(rank=rank, seed=0, train_unembed=True)) for rank in (2, 4)]
+    data = [DatumArrays(np.arange(12), {"target_tokens": np.arange(1, 13)})] * 2
+    for run_id in runs:
+        kept = engine.start_pass(run_id, "cross_entropy", {}, backward=False, keep_graph=True)
+        kept.feed(data)
+        weights = {p.untyped_storage().data_ptr() for p in engine.peft_model.parameters()}
+        saved: dict[int, int] = {}  # storage -> bytes, of what autograd saves that is no weight
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.untyped_storage().data_ptr() not in weights:
+                saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor.detach()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            logprobs, inputs = engine.micro_batch_logprobs(engine.run(run_id), data)
+            engine.loss(logprobs, inputs, "cross_entropy", {})
+        assert kept.saved_bytes.nbytes == sum(saved.values()) > 0
+
+
 def test_plan_from_free_memory():
     per_token = 2 * 2**20
     tokens, budget = memory.plan_from_free(80 * 2**30, per_token)

@@ -219,7 +219,7 @@ class LossPass:
         self.graph_kept = False
         keeping = keep_graph and not backward and engine.keep_graph_budget_bytes > 0
         self.kept: list[KeptMicroBatch] | None = [] if keeping else None
-        self.saved_bytes = _SavedTensorBytes(engine.parameter_storages()) if self.kept is not None else None
+        self.saved_bytes = _SavedTensorBytes(engine.parameter_storages(run)) if self.kept is not None else None
 
     def feed(self, data: list[DatumArrays]) -> list[np.ndarray]:
         """Computes the datums' losses (and staged gradients); returns their logprobs."""
@@ -404,6 +404,8 @@ class Engine:
         # Before peft wraps any module (see compiled_layers.py).
         self.compiled = (CompiledLayers(base.model, ATTENTION_MODULES + MLP_MODULES + UNEMBED_MODULES)
                          if compile_layers else None)
+        # Before peft adds any LoRA factor: the base model's own weights.
+        self._base_storages = {p.untyped_storage().data_ptr() for p in base.model.parameters()}
         self.peft_model: peft.PeftModel | None = None
         self.runs: dict[str, Run] = {}
         # Set by plan_memory(); the CPU's largest until then.
@@ -544,8 +546,11 @@ class Engine:
         for run_id in [r for r, kept in self.kept.items() if kept.expires_at <= now]:
             del self.kept[run_id]
 
-    def parameter_storages(self) -> set[int]:
-        return {p.untyped_storage().data_ptr() for p in self.peft_model.parameters()}
+    def parameter_storages(self, run: Run) -> set[int]:
+        """The storages of the weights a pass of `run` computes with: the base model's and the
+        run's LoRA factors. (Not every parameter of the peft model: walking its modules for
+        them took milliseconds a custom loss's forward leg waited on.)"""
+        return self._base_storages | {p.untyped_storage().data_ptr() for p in run.params}
 
     def optim_step(self, run_id: str, adam: AdamSettings) -> dict[str, float]:
         """One AdamW step on the accumulated gradients, which are then cleared."""
@@ -689,7 +694,7 @@ class Engine:
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
                 allocated = torch.cuda.memory_allocated(self.device)
-            saved = _SavedTensorBytes(self.parameter_storages())
+            saved = _SavedTensorBytes(self.parameter_storages(run))
             with torch.enable_grad(), saved.hooks():
                 logprobs, inputs = self.micro_batch_logprobs(run, data)
             with self.computing(run.run_id):
