@@ -383,9 +383,9 @@ def device_main(size: str, calls: int, steps: int, server_args: list[str]) -> It
         capabilities = service._call("GetServerCapabilities", gradwire_pb.GetServerCapabilitiesRequest())
         limits = capabilities.limits
         training = capabilities.training
-        yield ("server: device, base dtype, compiled layers, activation checkpointing",
+        yield ("server: device, base dtype, compiled layers, activation checkpointing, attention",
                f"{capabilities.device}, {capabilities.dtype}, {training.compiled_layers}, "
-               f"{training.activation_checkpointing}")
+               f"{training.activation_checkpointing}, {training.attention}")
         yield ("micro-batch tokens / keep-graph budget MiB / activation bytes per token (chosen)",
                f"{limits.micro_batch_tokens} / {limits.keep_graph_budget_bytes / 2**20:,.0f} / "
                f"{limits.activation_bytes_per_token:,}")

@@ -34,7 +34,8 @@ def service(server):
 
 
 def test_capabilities_say_the_layers_are_recomputed(service):
-    assert service.get_server_capabilities().training == {"compiled_layers": False, "activation_checkpointing": True}
+    assert service.get_server_capabilities().training == {"compiled_layers": False, "activation_checkpointing": True,
+                                                            "attention": "auto"}
 
 
 @pytest.mark.parametrize("custom", [False, True], ids=["cross_entropy", "custom"])

@@ -47,7 +47,8 @@ def compiled_graphs() -> int:
 
 
 def test_capabilities_say_the_layers_are_compiled(service):
-    assert service.get_server_capabilities().training == {"compiled_layers": True, "activation_checkpointing": False}
+    assert service.get_server_capabilities().training == {"compiled_layers": True, "activation_checkpointing": False,
+                                                            "attention": "auto"}
 
 
 @pytest.mark.parametrize("custom", [False, True], ids=["cross_entropy", "custom"])

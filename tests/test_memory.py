@@ -204,7 +204,8 @@ def test_capabilities_report_the_sizes(server, service, stubs):
     assert sdk_capabilities.dtype == str(engine.dtype).removeprefix("torch.")
     assert sdk_capabilities.kv_cache["budget_bytes"] > 0
     assert sdk_capabilities.kv_cache["block_tokens"] == BLOCK_TOKENS
-    assert sdk_capabilities.training == {"compiled_layers": False, "activation_checkpointing": False}
+    assert sdk_capabilities.training == {"compiled_layers": False, "activation_checkpointing": False,
+                                         "attention": "auto"}
     assert limits.activation_bytes_per_token > 0  # the probe's measurement
     if engine.device.type == "cpu":  # tiny-random: 256 MiB of activations is more than the most tokens
         assert limits.micro_batch_tokens == memory.CPU_MICRO_BATCH_TOKENS

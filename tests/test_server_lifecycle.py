@@ -232,16 +232,16 @@ def test_cli_flags_are_parsed_into_the_config(tmp_path, capsys):
     config = cli.parse_config(["--model", "tiny-random", "--host", "0.0.0.0", "--port", "0",
                                "--checkpoint-dir", str(tmp_path), "--dtype", "bfloat16", "--load-format", "dummy",
                                "--micro-batch-tokens", "256", "--keep-graph-budget-mb", "0", "--kv-cache-mb", "1.5",
-                               "--activation-checkpointing", "--no-cuda-graphs"])
+                               "--activation-checkpointing", "--no-cuda-graphs", "--attention", "eager"])
     assert config == ServerConfig(model="tiny-random", host="0.0.0.0", port=0, checkpoint_dir=tmp_path,
                                   dtype="bfloat16", load_format="dummy", micro_batch_tokens=256,
                                   keep_graph_budget_mb=0.0, kv_cache_mb=1.5, activation_checkpointing=True,
-                                  cuda_graphs=False)
+                                  cuda_graphs=False, attention="eager")
     # None: sized from the device's free memory; auto: the dtype that suits the device.
     assert cli.parse_config(["--model", "tiny-random"]) == ServerConfig(
         model="tiny-random", host="127.0.0.1", port=50051, checkpoint_dir=pathlib.Path("gradwire-checkpoints"),
         dtype="auto", load_format="auto", micro_batch_tokens=None, keep_graph_budget_mb=None, kv_cache_mb=None,
-        activation_checkpointing=False, cuda_graphs=True)
+        activation_checkpointing=False, cuda_graphs=True, attention="auto")
     with pytest.raises(SystemExit):
         cli.parse_config(["--model", "tiny-random", "--micro-batch-tokens", "0"])
     assert "--micro-batch-tokens must be at least 1" in capsys.readouterr().err
@@ -275,6 +275,10 @@ STARTUP_FAILURES = {
                           "--checkpoint-dir {tmp}/damaged: file is not a database"),
     "kv-cache-too-large": (["--model", "tiny-random", "--kv-cache-mb", "1e9"], {},
                            "--kv-cache-mb 1e+09: cannot allocate the sampler's KV cache, 1,000,000,000 MiB"),
+    # The CPU has no memory-efficient SDPA kernel.
+    "attention-kernel-missing": (["--model", "tiny-random", "--attention", "efficient"], {},
+                                 "--attention efficient: SDPA's efficient_attention kernel does not run on this "
+                                 "device (cpu)"),
     # TEST-NET-1 (RFC 5737): an address of no machine, refused without a name lookup.
     "host-not-of-this-machine": (["--model", "tiny-random", "--host", "192.0.2.1"], {},
                                  "--host 192.0.2.1: cannot listen on 192.0.2.1:0: not an address of this machine"),
@@ -287,6 +291,8 @@ def test_a_server_that_cannot_start_says_which_flag_and_why(tmp_path, failure):
     cause, not a traceback."""
     if failure == "compile-without-a-compiler" and torch.cuda.is_available():
         pytest.skip("on CUDA the layers compile with triton, not a C++ compiler")
+    if failure == "attention-kernel-missing" and torch.cuda.is_available():
+        pytest.skip("CUDA has the memory-efficient kernel")
     args, env, expected = STARTUP_FAILURES[failure]
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "damaged").mkdir()

@@ -1,6 +1,7 @@
 """`gradwire-server --model NAME_OR_PATH [--host H] [--port P] [--checkpoint-dir DIR]
 [--dtype auto|float32|bfloat16] [--load-format auto|dummy] [--micro-batch-tokens N]
-[--keep-graph-budget-mb MB] [--kv-cache-mb MB] [--activation-checkpointing] [--compile] [--no-cuda-graphs]`."""
+[--keep-graph-budget-mb MB] [--kv-cache-mb MB] [--activation-checkpointing] [--compile] [--no-cuda-graphs]
+[--attention auto|efficient|math|eager]`."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from gradwire_server import memory
+from gradwire_server.attention import ATTENTIONS
 from gradwire_server.models import DTYPES, LOAD_FORMATS, preset_configs
 from gradwire_server.server import (CUDA_KV_CACHE_SHARE, DEFAULT_CHECKPOINT_DIR, DEFAULT_CPU_KV_CACHE_MB,
                                    ServerConfig, StartupError, serve)
@@ -76,6 +78,12 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="on CUDA, the sampler replays its decode steps as CUDA graphs, padded to "
                              "power-of-two buckets and captured on first use (no effect on the CPU)")
+    parser.add_argument("--attention", choices=ATTENTIONS, default="auto",
+                        help="the attention kernel of training and sampling alike: auto lets PyTorch's SDPA "
+                             "choose per call (fastest; in bf16 a sampled token's logprob may then part from "
+                             "the training logprob of the same token by a kernel's rounding); efficient or "
+                             "math forces that SDPA kernel on both; eager is transformers' own attention. "
+                             "math and eager hold [batch, heads, length, length] attention weights")
     args = parser.parse_args(argv)
     if args.micro_batch_tokens is not None and args.micro_batch_tokens < 1:
         parser.error("--micro-batch-tokens must be at least 1")
@@ -84,7 +92,7 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
                         micro_batch_tokens=args.micro_batch_tokens, dtype=args.dtype,
                         load_format=args.load_format, kv_cache_mb=args.kv_cache_mb,
                         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-                        cuda_graphs=args.cuda_graphs)
+                        cuda_graphs=args.cuda_graphs, attention=args.attention)
 
 
 def main(argv: list[str] | None = None) -> None:

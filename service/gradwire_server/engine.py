@@ -20,6 +20,7 @@ import peft
 import torch
 
 from gradwire_server import memory
+from gradwire_server.attention import AttentionKernel
 from gradwire_server.batch import AdamSettings, DatumArrays, LoraSettings
 from gradwire_server.compiled_layers import CompiledLayers
 from gradwire_server.logprobs import model_target_logprobs
@@ -395,9 +396,10 @@ class Engine:
 
     def __init__(self, base: LoadedModel, device: torch.device,
                  keep_graph_timeout_s: float = KEEP_GRAPH_TIMEOUT_S, activation_checkpointing: bool = False,
-                 compile_layers: bool = False):
+                 compile_layers: bool = False, attention: AttentionKernel = contextlib.nullcontext):
         self.base = base
         self.device = device
+        self.attention = attention  # the attention kernel's context (attention.py), sampling's too
         self.activation_checkpointing = activation_checkpointing
         if activation_checkpointing:
             _checkpoint_decoder_layers(base.model)
@@ -643,11 +645,12 @@ class Engine:
     @contextlib.contextmanager
     def computing(self, run_id: str) -> Iterator[None]:
         """The model computes with the run's adapter while the block runs: peft's
-        layers with it active, or the compiled layers with it hooked in."""
+        layers with it active, or the compiled layers with it hooked in; and with the
+        server's attention kernel."""
         self.run(run_id)
         if self.peft_model.active_adapter != run_id:
             self.peft_model.set_adapter(run_id)  # peft leaves only the active adapter trainable
-        with self.compiled.training(run_id) if self.compiled else contextlib.nullcontext():
+        with self.compiled.training(run_id) if self.compiled else contextlib.nullcontext(), self.attention():
             yield
 
     @property

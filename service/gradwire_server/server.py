@@ -32,6 +32,7 @@ from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoint_ops, checkpoints
 from gradwire_server.engine import KEEP_GRAPH_TIMEOUT_S, Engine
 from gradwire_server.folder_lock import FolderInUse, FolderLock
+from gradwire_server.attention import use_attention
 from gradwire_server.kv_cache import BlockPool
 from gradwire_server.malformed import MalformedRequestGuard
 from gradwire_server.memory import MemoryPlan, free_bytes
@@ -88,6 +89,8 @@ class ServerConfig:
     compile: bool = False
     # On CUDA the sampler's decode steps replay CUDA graphs (decode_graphs.py).
     cuda_graphs: bool = True
+    # The attention kernel training and sampling use (attention.py): auto, efficient, math or eager.
+    attention: str = "auto"
     # How often checkpoints whose TTL ran out are deleted.
     checkpoint_expiry_interval_s: float = 60.0
 
@@ -175,7 +178,7 @@ class GradwireServer:
         log.info("base weights %s on %s; micro-batches of %d tokens, keep-graph budget %.0f MiB "
                  "(%d bytes per token measured)", loaded.dtype, device, plan.micro_batch_tokens,
                  plan.keep_graph_budget_bytes / 2**20, plan.activation_bytes_per_token)
-        info = _model_info(loaded, device, plan)
+        info = _model_info(loaded, device, plan, self.config.attention)
         self.training.attach(self.engine, self.scheduler, info, adapters, decode_loop.usage)
         self.sampling.attach(self.engine, self.scheduler, info, adapters, decode_loop)
         self.resources.attach(self.scheduler)
@@ -192,9 +195,13 @@ class GradwireServer:
             loaded = load_model(config.model, device, resolve_dtype(config.dtype, device), config.load_format)
         except (OSError, ValueError) as error:  # no such folder, preset or cached hub id; no weights
             raise StartupError(f"--model {config.model}: {error}") from error
+        try:
+            attention = use_attention(loaded.model, config.attention, loaded.dtype)
+        except ValueError as error:
+            raise StartupError(f"--attention {config.attention}: {error}") from error
         self.engine = Engine(loaded, device, keep_graph_timeout_s=config.keep_graph_timeout_s,
                              activation_checkpointing=config.activation_checkpointing,
-                             compile_layers=config.compile)
+                             compile_layers=config.compile, attention=attention)
         # The KV cache is allocated first, so the training plan sizes itself from what is left.
         kv_cache_bytes = _kv_cache_bytes(config.kv_cache_mb, device)
         try:
@@ -285,14 +292,14 @@ def _kv_cache_bytes(budget_mb: float | None, device: torch.device) -> int:
     return int(DEFAULT_CPU_KV_CACHE_MB * 2**20)
 
 
-def _model_info(loaded: LoadedModel, device: torch.device, plan: MemoryPlan) -> ModelInfo:
+def _model_info(loaded: LoadedModel, device: torch.device, plan: MemoryPlan, attention: str) -> ModelInfo:
     with tempfile.TemporaryDirectory() as folder:
         loaded.tokenizer.save_pretrained(folder)
         files = {path.name: path.read_bytes() for path in pathlib.Path(folder).iterdir() if path.is_file()}
     return ModelInfo(name=loaded.name, architecture=type(loaded.model).__name__,
                      vocab_size=loaded.vocab_size, max_context_length=loaded.max_context_length,
                      device=device.type, tokenizer_files=files, aliases=loaded.aliases,
-                     dtype=str(loaded.dtype).removeprefix("torch."), memory=plan)
+                     dtype=str(loaded.dtype).removeprefix("torch."), memory=plan, attention=attention)
 
 
 async def serve(config: ServerConfig) -> None:

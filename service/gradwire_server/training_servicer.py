@@ -46,6 +46,7 @@ class ModelInfo:
     tokenizer_files: dict[str, bytes]
     dtype: str
     memory: MemoryPlan
+    attention: str                 # gradwire-server --attention
     aliases: tuple[str, ...] = ()  # other names of the model (its Hugging Face hub id)
 
     @property
@@ -105,7 +106,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                                    activation_bytes_per_token=info.memory.activation_bytes_per_token),
             kv_cache=pb.KvCacheUsage(**dataclasses.asdict(self.kv_cache_usage())),
             training=pb.TrainingSettings(compiled_layers=self.engine.compiled is not None,
-                                         activation_checkpointing=self.engine.activation_checkpointing))
+                                         activation_checkpointing=self.engine.activation_checkpointing,
+                                         attention=info.attention))
 
     async def CreateModel(self, request, context):
         try:

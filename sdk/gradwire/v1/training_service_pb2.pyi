@@ -94,12 +94,14 @@ class GetServerCapabilitiesResponse(_message.Message):
     def __init__(self, supported_models: _Optional[_Iterable[_Union[SupportedModel, _Mapping]]] = ..., loss_fns: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_cache: _Optional[_Union[KvCacheUsage, _Mapping]] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("compiled_layers", "activation_checkpointing")
+    __slots__ = ("compiled_layers", "activation_checkpointing", "attention")
     COMPILED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
     compiled_layers: bool
     activation_checkpointing: bool
-    def __init__(self, compiled_layers: _Optional[bool] = ..., activation_checkpointing: _Optional[bool] = ...) -> None: ...
+    attention: str
+    def __init__(self, compiled_layers: _Optional[bool] = ..., activation_checkpointing: _Optional[bool] = ..., attention: _Optional[str] = ...) -> None: ...
 
 class KvCacheUsage(_message.Message):
     __slots__ = ("budget_bytes", "used_bytes", "reserved_bytes", "block_tokens", "running_sequences", "waiting_requests")
