@@ -102,6 +102,8 @@ def test_sampled_logprobs_equal_training_logprobs(bf16_service):
     assert sampled_vs_training(bf16_service) <= SAMPLED_TOLERANCE
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="which kernel makes them agree on a GPU is measured by "
+                    "scripts/bench_bf16_invariance.py (its section 4), not yet known")
 @pytest.mark.parametrize("attention", ["math", "eager"])
 def test_with_one_attention_kernel_sampled_logprobs_equal_training_logprobs_exactly(tmp_path, attention):
     """--attention puts training and sampling on one kernel: a sampled token's bf16 logprob
