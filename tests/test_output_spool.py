@@ -65,3 +65,25 @@ def test_large_outputs_are_spooled_read_exactly_and_removed_with_the_operation(s
 
     operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name))
     assert not spool.exists()
+
+
+def test_small_outputs_stay_in_memory_and_read_back_exactly(server, service, stubs):
+    """Outputs an inline response carries anyway stay in memory (no file per request, whose
+    system calls the event loop would pay on every training step); ReadOutputs still reads
+    them, equal to the inline ones."""
+    training, operations = stubs
+    tc = trained_run(service)
+    request = pb.ForwardBackwardRequest(model_id=tc.model_id, loss_fn="cross_entropy")
+    data = [gradwire.Datum(model_input=gradwire.ModelInput.from_ints(list(range(5, 5 + n))),
+                           loss_fn_inputs={"target_tokens": np.arange(6, 6 + n)}) for n in (7, 3, 12)]
+    request.data.extend(_convert.datum_to_proto(datum) for datum in data)
+    name = training.Forward(request).name
+    response = pb.ForwardBackwardOutput()
+    succeeded(operations, name).response.Unpack(response)
+    inline = _convert.forward_backward_output(response, []).loss_fn_outputs
+    read = _convert.forward_backward_output(pb.ForwardBackwardOutput(), training.ReadOutputs(
+        pb.ReadOutputsRequest(name=name, start_datum_index=1))).loss_fn_outputs
+    assert not (server.server.checkpoint_root / OUTPUTS_FOLDER / name.replace("/", "_")).exists()
+    assert [output["logprobs"].data.tolist() for output in read] == \
+        [output["logprobs"].data.tolist() for output in inline[1:]]
+    operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name))

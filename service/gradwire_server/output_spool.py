@@ -1,11 +1,13 @@
-"""Per-datum outputs of one forward(-backward) operation, kept in a file.
+"""Per-datum outputs of one forward(-backward) operation, kept in a file once they are many.
 
 A streamed batch of any size computes outputs (logprobs [N] or [N, K] per
 datum) as it goes; holding them in memory until the client reads them would
-make the server's memory grow with the dataset. They are appended to one file
-per operation instead (under the checkpoint folder), read back in chunks by
-ReadOutputs, and the file is removed with the operation. Used on the event
-loop only.
+make the server's memory grow with the dataset. Past MEMORY_BYTES they are
+appended to one file per operation instead (under the checkpoint folder), read
+back in chunks by ReadOutputs, and the file is removed with the operation.
+Fewer stay in memory (an inline response holds as many anyway): a file per
+request would cost the event loop a few system calls, each a GIL hand-over
+with the worker thread, for every training step. Used on the event loop only.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import shutil
 from dataclasses import dataclass
 
 import numpy as np
+
+MEMORY_BYTES = 3 * 1024 * 1024  # outputs kept in memory, at most (loss_task's INLINE_OUTPUT_BYTES)
 
 
 @dataclass(frozen=True)
@@ -29,11 +33,14 @@ class _Entry:
 
 
 class OutputSpool:
-    """Appends arrays to `path` and reads them back by index."""
+    """Appends arrays and reads them back by index: in memory while they hold at most
+    `memory_bytes`, in `path` from the append that takes them past it."""
 
-    def __init__(self, path: pathlib.Path):
+    def __init__(self, path: pathlib.Path, memory_bytes: int = MEMORY_BYTES):
         self.path = path
+        self.memory_bytes = memory_bytes
         self._file = None
+        self._held: list[np.ndarray] | None = []  # the arrays, until they move to the file
         self._entries: list[_Entry] = []
         self._size = 0
 
@@ -41,13 +48,19 @@ class OutputSpool:
         return len(self._entries)
 
     def append(self, arrays: list[np.ndarray]) -> None:
+        arrays = [np.ascontiguousarray(array) for array in arrays]
+        for array in arrays:
+            self._entries.append(_Entry(self._size, array.shape, array.dtype))
+            self._size += array.nbytes
+        if self._held is not None:
+            self._held.extend(arrays)
+            if self._size <= self.memory_bytes:
+                return
+            arrays, self._held = self._held, None  # past the limit: every array so far goes to the file
         if self._file is None:
             self._file = open(self.path, "w+b")  # noqa: SIM115 - closed by remove()
         for array in arrays:
-            data = np.ascontiguousarray(array)
-            self._entries.append(_Entry(self._size, data.shape, data.dtype))
-            self._file.write(data.data)
-            self._size += data.nbytes
+            self._file.write(array.data)
         self._file.flush()
 
     def read(self, start: int, max_bytes: int) -> list[np.ndarray]:
@@ -58,6 +71,8 @@ class OutputSpool:
             end += 1
         if end == start:
             return []
+        if self._held is not None:
+            return self._held[start:end]
         first = self._entries[start]
         data = os.pread(self._file.fileno(), size, first.offset)
         return [np.frombuffer(data, dtype=entry.dtype, count=entry.nbytes // entry.dtype.itemsize,
@@ -69,7 +84,7 @@ class OutputSpool:
             self._file.close()
             self._file = None
         self.path.unlink(missing_ok=True)
-        self._entries = []
+        self._held, self._entries = [], []
 
 
 def fresh_folder(folder: pathlib.Path) -> pathlib.Path:
