@@ -14,8 +14,8 @@ on a random model loaded as the server loads it (`--dtype bfloat16 --load-format
    decode step calls it) vs its row of a causal pass over the same keys; then the same
    with each SDPA backend forced on both sides, and what each costs a training-sized pass;
 4. the whole chain, for each candidate fix: the sampler's decode loop (in-process, its
-   static decode steps, with a rank-32 LoRA adapter) vs the training function on the
-   sampled tokens, with cuBLAS's bf16 GEMMs as they are, with float32 reductions only,
+   static decode steps, with a rank-32 LoRA adapter, two requests of different prompt
+   lengths decoded together) vs the training function on the sampled tokens, with cuBLAS's bf16 GEMMs as they are, with float32 reductions only,
    and without split-K; and with each attention (SDPA as it chooses, SDPA's backends
    forced on both sides, eager); then what each cuBLAS setting and attention costs a
    LoRA forward + backward of 4 x 1024 tokens.
@@ -207,32 +207,41 @@ def with_adapter(model: torch.nn.Module, rank: int) -> peft.PeftModel:
     return wrapped
 
 
-def sampled_vs_training(wrapped: peft.PeftModel, prompt: list[int], samples: int, tokens: int
+def sampled_vs_training(wrapped: peft.PeftModel, prompts: list[list[int]], samples: int, tokens: int
                         ) -> tuple[str, str]:
-    """The decode loop's logprobs of `samples` x `tokens` sampled tokens (the adapter's
-    rows, the server's static decode steps) vs the training function's on each sequence
-    alone, and that vs all of them in one batch (the training function's own floor)."""
+    """The decode loop's logprobs of `samples` x `tokens` sampled tokens after each prompt
+    (the requests decoded together: rows of different lengths; the adapter's rows; the
+    server's static decode steps) vs the training function's on each sequence alone, and
+    that vs all of them in one right-padded batch (the training function's own floor)."""
     model = wrapped.get_base_model()
     device = next(model.parameters()).device
     pool = BlockPool(model.config, 2**30, torch.bfloat16, device)
+
     @contextlib.contextmanager
     def base_weights():  # as the server's (sampler_weights.py): peft's layers off, the engine's autocast
         with wrapped.disable_adapter(), torch.autocast(device.type, dtype=torch.bfloat16):
             yield
 
     loop = sampler.DecodeLoop(model, pool, device, base_weights, graphs="uncaptured")
-    generation = sampler.Generation(sampler.SampleSpec(np.array(prompt), samples, sampler.SamplingSettings(
-        max_tokens=tokens, seed=0)), str, adapter_weights(model, "run"))
-    loop.add(generation)
-    while not generation.done:
+    adapter = adapter_weights(model, "run")
+    generations = [sampler.Generation(sampler.SampleSpec(np.array(prompt), samples, sampler.SamplingSettings(
+        max_tokens=tokens, seed=0)), str, adapter) for prompt in prompts]
+    for generation in generations:
+        loop.add(generation)
+    while not all(generation.done for generation in generations):
         loop.turn()
-    sequences = torch.tensor([prompt + s.tokens for s in generation.sequences], device=device)
-    sampled = torch.tensor([s.logprobs for s in generation.sequences], device=device)
+    rows = [(prompt, prompt + s.tokens, torch.tensor(s.logprobs))
+            for prompt, generation in zip(prompts, generations) for s in generation.sequences]
+    longest = max(len(sequence) for _, sequence, _ in rows)
+    padded = torch.tensor([sequence + [0] * (longest - len(sequence)) for _, sequence, _ in rows], device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-        alone = torch.cat([model_target_logprobs(model, row[None, :-1], row[None, 1:, None])
-                           for row in sequences])[:, len(prompt) - 1:, 0]
-        batched = model_target_logprobs(model, sequences[:, :-1], sequences[:, 1:, None])[:, len(prompt) - 1:, 0]
-    return max_and_mean(sampled, alone), max_and_mean(batched, alone)
+        alone = [model_target_logprobs(model, padded[i:i + 1, :len(sequence) - 1],
+                                       padded[i:i + 1, 1:len(sequence), None])[0, len(prompt) - 1:, 0].cpu()
+                 for i, (prompt, sequence, _) in enumerate(rows)]
+        batch = model_target_logprobs(model, padded[:, :-1], padded[:, 1:, None])[..., 0].cpu()
+    batched = [batch[i, len(prompt) - 1:len(sequence) - 1] for i, (prompt, sequence, _) in enumerate(rows)]
+    sampled = [logprobs for _, _, logprobs in rows]
+    return max_and_mean(torch.cat(sampled), torch.cat(alone)), max_and_mean(torch.cat(batched), torch.cat(alone))
 
 
 def lora_step_seconds(wrapped: peft.PeftModel, batch: torch.Tensor, repeats: int = 3) -> float:
@@ -258,17 +267,18 @@ def candidate_fixes(model: torch.nn.Module, rank: int, samples: int, tokens: int
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (32,), generator=generator).tolist()
+    prompts = [prompt, prompt[:13]]  # rows of two lengths in each decode step
     batch = torch.randint(0, vocab, (4, 1025), generator=generator).to(device)
     attentions = ["sdpa", "efficient_attention", "math", "eager"] + (["flash_attention", "cudnn_attention"]
                                                                      if device.type == "cuda" else [])
-    yield (f"4. {samples} x {tokens} sampled vs training alone; training alone vs in one batch",
+    yield (f"4. 2 prompts x {samples} x {tokens} sampled vs training alone; training alone vs in one batch",
            "max / mean; max / mean")
     for setting in CUBLAS_SETTINGS:
         for attention in attentions:
             name = f"4. {setting}, attention {attention}"
             try:
                 with cublas_bf16(CUBLAS_SETTINGS[setting]), attention_choice(model, attention):
-                    versus_training, training_floor = sampled_vs_training(wrapped, prompt, samples, tokens)
+                    versus_training, training_floor = sampled_vs_training(wrapped, prompts, samples, tokens)
                     seconds = lora_step_seconds(wrapped, batch)
             except (RuntimeError, TypeError, AttributeError) as error:  # a backend that does not run
                 # here; a torch without the setting

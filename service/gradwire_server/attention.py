@@ -5,7 +5,10 @@ decode step (one query, a padding mask) may then take different kernels, whose b
 roundings differ, and a sampled token's logprob parts from the training logprob of the
 same token (`scripts/bench_bf16_invariance.py` shows where on a given device). Forcing one
 SDPA backend for both, or transformers' eager attention, is what can make them agree, at
-the kernel's own speed and memory (math and eager keep [B, heads, L, L] attention weights).
+the kernel's own speed and memory (math and eager keep [B, heads, L, L] attention weights,
+which the startup probe measures at its own length only). On the CPU in bf16, eager makes
+them equal exactly; math does for the rows of one length (over a padded row of a mixed
+decode batch it may round differently).
 """
 from __future__ import annotations
 
@@ -33,19 +36,28 @@ def use_attention(model: torch.nn.Module, choice: str, dtype: torch.dtype) -> At
         return contextlib.nullcontext
     if choice == "auto":
         return contextlib.nullcontext
+    model.set_attn_implementation("sdpa")
     backend = _SDPA_BACKENDS[choice]
-    _check_runs(backend, next(model.parameters()).device, dtype)
+    _check_runs(backend, model.config, next(model.parameters()).device, dtype)
     return lambda: sdpa_kernel(backend)
 
 
-def _check_runs(backend: SDPBackend, device: torch.device, dtype: torch.dtype) -> None:
-    """Both calls the model makes: training's causal pass and a decode step's masked one."""
-    query = torch.zeros(1, 1, 4, 8, dtype=dtype, device=device)
+def _check_runs(backend: SDPBackend, config, device: torch.device, dtype: torch.dtype) -> None:
+    """The two calls transformers makes with the model's heads: training's causal pass over
+    grouped key/value heads (and its backward), and a decode step's masked one, which takes
+    a token's query heads as rows of their key/value head."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    query = torch.zeros(1, heads, 4, head_dim, dtype=dtype, device=device, requires_grad=True)
+    keys = torch.zeros(1, kv_heads, 4, head_dim, dtype=dtype, device=device)
     mask = torch.ones(1, 1, 1, 4, dtype=torch.bool, device=device)
     try:
         with sdpa_kernel(backend):
-            F.scaled_dot_product_attention(query, query, query, is_causal=True)
-            F.scaled_dot_product_attention(query[:, :, -1:], query, query, attn_mask=mask)
+            F.scaled_dot_product_attention(query, keys, keys, is_causal=True,
+                                           enable_gqa=heads != kv_heads).sum().backward()
+            token = query.detach()[:, :, -1].reshape(1, kv_heads, heads // kv_heads, head_dim)
+            F.scaled_dot_product_attention(token, keys, keys, attn_mask=mask)
     except RuntimeError as error:
         raise ValueError(f"SDPA's {backend.name.lower()} kernel does not run on this device "
                          f"({device.type}): {str(error).splitlines()[0]}") from None

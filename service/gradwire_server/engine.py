@@ -689,7 +689,8 @@ class Engine:
         was allocated before; elsewhere the bytes autograd saves for backward. (Two
         sequences, not one: with --compile this pass compiles the graphs that training
         batches use; a batch of one has graphs of its own. Memory that grows with the
-        square of the length would be measured at half its cost; SDPA has none.)"""
+        square of the length is measured at this length only: SDPA's fused kernels have
+        none, but --attention math and eager keep attention weights of length².)"""
         data = _two_sequences(tokens // 2)
         with self._temporary_run() as run:
             cuda = self.device.type == "cuda"
