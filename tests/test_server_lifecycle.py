@@ -277,8 +277,8 @@ STARTUP_FAILURES = {
                            "--kv-cache-mb 1e+09: cannot allocate the sampler's KV cache, 1,000,000,000 MiB"),
     # The CPU has no memory-efficient SDPA kernel.
     "attention-kernel-missing": (["--model", "tiny-random", "--attention", "efficient"], {},
-                                 "--attention efficient: SDPA's efficient_attention kernel does not run on this "
-                                 "device (cpu)"),
+                                 "--attention efficient: SDPA's efficient_attention kernel does not run this "
+                                 "model's attention on this device (cpu"),
     # TEST-NET-1 (RFC 5737): an address of no machine, refused without a name lookup.
     "host-not-of-this-machine": (["--model", "tiny-random", "--host", "192.0.2.1"], {},
                                  "--host 192.0.2.1: cannot listen on 192.0.2.1:0: not an address of this machine"),

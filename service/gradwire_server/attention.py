@@ -45,7 +45,8 @@ def use_attention(model: torch.nn.Module, choice: str, dtype: torch.dtype) -> At
 def _check_runs(backend: SDPBackend, config, device: torch.device, dtype: torch.dtype) -> None:
     """The two calls transformers makes with the model's heads: training's causal pass over
     grouped key/value heads (and its backward), and a decode step's masked one, which takes
-    a token's query heads as rows of their key/value head."""
+    a token's query heads as rows of their key/value head. (PyTorch documents grouped heads
+    for its flash and math kernels only.)"""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -59,5 +60,6 @@ def _check_runs(backend: SDPBackend, config, device: torch.device, dtype: torch.
             token = query.detach()[:, :, -1].reshape(1, kv_heads, heads // kv_heads, head_dim)
             F.scaled_dot_product_attention(token, keys, keys, attn_mask=mask)
     except RuntimeError as error:
-        raise ValueError(f"SDPA's {backend.name.lower()} kernel does not run on this device "
-                         f"({device.type}): {str(error).splitlines()[0]}") from None
+        raise ValueError(f"SDPA's {backend.name.lower()} kernel does not run this model's attention on this "
+                         f"device ({device.type}, {heads} query and {kv_heads} key/value heads of {head_dim}): "
+                         f"{str(error).splitlines()[0]}") from None
