@@ -178,7 +178,7 @@ def main() -> None:
     print(f"step {step * 1e3:.1f} ms (median of {args.steps}): forward_backward {fb_s * 1e3:.1f} ms, "
           f"optim_step {optim_step * 1e3:.1f} ms; {datums * tokens / step:,.0f} tokens/s")
     gradient = custom_legs if args.custom else forward_backward
-    if args.custom:  # alternated with forward_backward, after one of each kind to warm up
+    if args.custom:  # alternated with forward_backward, after two custom steps to warm up
         for _ in range(2):
             timed_step(engine, run, random_batch(rng, datums, tokens, vocab), custom_legs)
         pairs = [(timed_step(engine, run, random_batch(rng, datums, tokens, vocab), custom_legs)[0],

@@ -28,7 +28,8 @@ AttentionKernel = Callable[[], contextlib.AbstractContextManager]
 def use_attention(model: torch.nn.Module, choice: str, dtype: torch.dtype) -> AttentionKernel:
     """Sets the model's attention implementation for `choice` and returns the context every
     forward (and backward: activation checkpointing recomputes) of training and sampling
-    runs in. ValueError if this device has no such kernel for `dtype` (the base's)."""
+    runs in. ValueError if that kernel cannot run the model's attention on this device in
+    `dtype` (the base's)."""
     if choice not in ATTENTIONS:
         raise ValueError(f"no attention {choice!r} (one of {', '.join(ATTENTIONS)})")
     if choice == "eager":

@@ -205,9 +205,9 @@ class SamplerAdapters:
 
     @contextlib.contextmanager
     def base_weights(self) -> Iterator[None]:
-        """The model computes with its own weights (every adapter layer off), the
-        engine's autocast and attention kernel while the block runs: the sampler adds LoRA deltas itself.
-        Afterwards the active adapter and every requires_grad flag are as before."""
+        """The model computes with its own weights (every adapter layer off), the engine's
+        autocast and attention kernel while the block runs: the sampler adds LoRA deltas
+        itself. Afterwards the active adapter and every requires_grad flag are as before."""
         model = self.engine.peft_model
         with preserved_adapter_state(model), self.engine.autocast(), self.engine.attention():
             if model is None:

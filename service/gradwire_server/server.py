@@ -30,9 +30,9 @@ from gradwire.v1 import sampling_service_pb2, sampling_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoint_ops, checkpoints
+from gradwire_server.attention import use_attention
 from gradwire_server.engine import KEEP_GRAPH_TIMEOUT_S, Engine
 from gradwire_server.folder_lock import FolderInUse, FolderLock
-from gradwire_server.attention import use_attention
 from gradwire_server.kv_cache import BlockPool
 from gradwire_server.malformed import MalformedRequestGuard
 from gradwire_server.memory import MemoryPlan, free_bytes
