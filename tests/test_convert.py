@@ -35,12 +35,14 @@ def test_capabilities_carry_every_field_of_limits_and_kv_cache(name):
     assert getattr(_convert.server_capabilities(response), name) == values
 
 
-@pytest.mark.parametrize("settings", [dict(compiled_layers=True), dict(activation_checkpointing=True), None])
+@pytest.mark.parametrize("settings", [dict(compiled_layers=True), dict(activation_checkpointing=True),
+                                      dict(attention="eager"), None])
 def test_capabilities_carry_the_training_settings(settings):
-    """Every field of TrainingSettings, each on alone; none from a server too old to send it."""
+    """Every field of TrainingSettings, each set alone; none from a server too old to send it."""
     response = pb.GetServerCapabilitiesResponse(
         training=None if settings is None else pb.TrainingSettings(**settings))
-    expected = {} if settings is None else {f.name: f.name in settings for f in pb.TrainingSettings.DESCRIPTOR.fields}
+    expected = {} if settings is None else {f.name: settings.get(f.name, f.default_value)
+                                            for f in pb.TrainingSettings.DESCRIPTOR.fields}
     assert _convert.server_capabilities(response).training == expected
 
 

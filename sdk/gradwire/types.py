@@ -350,9 +350,9 @@ class GetServerCapabilitiesResponse:
     # The sampler's KV cache at the time of the call: budget_bytes, used_bytes, reserved_bytes,
     # block_tokens, running_sequences, waiting_requests.
     kv_cache: dict[str, int] = field(default_factory=dict)
-    # How training passes run: compiled_layers (--compile), activation_checkpointing ({} from a
-    # server too old to say).
-    training: dict[str, bool] = field(default_factory=dict)
+    # How training passes run: compiled_layers (--compile), activation_checkpointing, attention
+    # (--attention: "auto", "efficient", "math" or "eager"); {} from a server too old to say.
+    training: dict[str, bool | str] = field(default_factory=dict)
 
 
 @dataclass
