@@ -94,12 +94,10 @@ class CompiledLayers:
             return compiled(hidden_states, *args, **kwargs)
         return forward
 
-    def adapters_changed(self, model: torch.nn.Module) -> None:
-        """Finds the model's LoRA layers again. Called whenever an adapter was added or
-        deleted, by the engine's runs and the sampler's adapters alike (adding one may
-        wrap Linears no other adapter has, and deleting it leaves them wrapped), and
-        when the model is unwrapped."""
-        self.lora_layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    def adapters_changed(self, lora_layers: list[LoraLayer]) -> None:
+        """Takes the model's LoRA layers as they are now (Engine.adapters_changed: an
+        adapter was added or deleted, by a run or the sampler, or the model unwrapped)."""
+        self.lora_layers = lora_layers
         present = {name for layer in self.lora_layers for name in layer.lora_A}
         self.adapted = {name: found for name, found in self.adapted.items() if name in present}
 

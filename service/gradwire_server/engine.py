@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import peft
 import torch
+from peft.tuners.lora import LoraLayer
 
 from gradwire_server import memory
 from gradwire_server.attention import AttentionKernel
@@ -409,6 +410,7 @@ class Engine:
         # Before peft adds any LoRA factor: the base model's own weights.
         self._base_storages = {p.untyped_storage().data_ptr() for p in base.model.parameters()}
         self.peft_model: peft.PeftModel | None = None
+        self.lora_layers: list[LoraLayer] = []  # peft's, once it wraps the Linears (adapters_changed)
         self.runs: dict[str, Run] = {}
         # Set by plan_memory(); the CPU's largest until then.
         self.micro_batch_tokens = memory.CPU_MICRO_BATCH_TOKENS               # padded tokens per forward pass
@@ -501,10 +503,13 @@ class Engine:
 
     def adapters_changed(self) -> None:
         """To be called after any adapter is added to or deleted from peft_model (a run's,
-        the sampler's), and after the model is unwrapped: the compiled layers find peft's
-        layers again."""
+        the sampler's), and after the model is unwrapped: peft's layers are found again
+        (adding an adapter may wrap Linears no other adapter has; deleting one leaves them
+        wrapped)."""
+        model = self.peft_model if self.peft_model is not None else self.base.model
+        self.lora_layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
         if self.compiled:
-            self.compiled.adapters_changed(self.peft_model if self.peft_model is not None else self.base.model)
+            self.compiled.adapters_changed(self.lora_layers)
 
     def _adapter_parameters(self, run_id: str) -> dict[str, torch.nn.Parameter]:
         """The run's parameters under peft's state-dict names."""

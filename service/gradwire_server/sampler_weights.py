@@ -207,19 +207,19 @@ class SamplerAdapters:
     def base_weights(self) -> Iterator[None]:
         """The model computes with its own weights (every adapter layer off), the engine's
         autocast and attention kernel while the block runs: the sampler adds LoRA deltas
-        itself. Afterwards the active adapter and every requires_grad flag are as before."""
-        model = self.engine.peft_model
-        with preserved_adapter_state(model), self.engine.autocast(), self.engine.attention():
-            if model is None:
-                yield
-                return
-            # Not peft's disable_adapter(): its model-status check walks every module
-            # and parameter on each call.
-            model.base_model.disable_adapter_layers()
+        itself. Runs' adapters, their requires_grad flags and the active one are untouched."""
+        with self.engine.autocast(), self.engine.attention():
+            # peft's own switch, set directly, as the compiled layers do: its disable_adapter_layers()
+            # and enable_adapter_layers() walk every module and reset every adapter's requires_grad,
+            # ~10 ms a decode turn on a 22-layer model with one run loaded, 30 with six.
+            layers = self.engine.lora_layers
+            for layer in layers:
+                layer._disable_adapters = True
             try:
                 yield
             finally:
-                model.base_model.enable_adapter_layers()
+                for layer in layers:
+                    layer._disable_adapters = False
 
 
 def _key(source: Checkpoint | WeightsSnapshot) -> tuple[str, str]:
