@@ -29,6 +29,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch.fx.experimental import _config as shape_config
 
+from gradwire_server.lora_batch import adapter_layers_off
+
 # Dynamo's settings while the compiled layers compile, in training()'s thread (they are per
 # thread). A checkpointed layer recomputed in the backward pass (on CUDA in autograd's thread)
 # runs the graph its forward compiled, with the same inputs: it compiles nothing there.
@@ -121,21 +123,16 @@ class CompiledLayers:
         recompute the unembedding). Afterwards the peft layers are on again."""
         assert not self.active, "training() does not nest: one run computes at a time"
         adapted = self._adapted_layers(adapter)
-        try:
-            # Every LoRA layer off, not only the run's: one that holds only other runs' adapters
-            # would still read the active adapter's name, and the graph would be compiled per run.
-            # peft's own switch, set directly: its enable_adapters() also resets every adapter's
-            # requires_grad, ~10 ms a call on a 22-layer model.
-            for layer in self.lora_layers:
-                layer._disable_adapters = True
-            for linear, factors in adapted:
-                linear.run_lora = factors
-            self.active = True
-            with torch._dynamo.config.patch(DYNAMO_CONFIG), shape_config.patch(SHAPE_CONFIG):
-                yield
-        finally:
-            self.active = False
-            for layer in self.lora_layers:
-                layer._disable_adapters = False
-            for linear, _ in adapted:
-                linear.run_lora = None
+        # Every LoRA layer off, not only the run's: one that holds only other runs' adapters
+        # would still read the active adapter's name, and the graph would be compiled per run.
+        with adapter_layers_off(self.lora_layers):
+            try:
+                for linear, factors in adapted:
+                    linear.run_lora = factors
+                self.active = True
+                with torch._dynamo.config.patch(DYNAMO_CONFIG), shape_config.patch(SHAPE_CONFIG):
+                    yield
+            finally:
+                self.active = False
+                for linear, _ in adapted:
+                    linear.run_lora = None

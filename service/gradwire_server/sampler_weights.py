@@ -37,7 +37,7 @@ from gradwire_server import checkpoints
 from gradwire_server.checkpoints import Checkpoint
 from gradwire_server.engine import Engine
 from gradwire_server.errors import ServiceError
-from gradwire_server.lora_batch import AdapterWeights, adapter_weights
+from gradwire_server.lora_batch import AdapterWeights, adapter_layers_off, adapter_weights
 
 ADAPTER_WEIGHTS = checkpoints.ADAPTER_WEIGHTS
 EPHEMERAL_KIND = "ephemeral"
@@ -208,18 +208,8 @@ class SamplerAdapters:
         """The model computes with its own weights (every adapter layer off), the engine's
         autocast and attention kernel while the block runs: the sampler adds LoRA deltas
         itself. Runs' adapters, their requires_grad flags and the active one are untouched."""
-        with self.engine.autocast(), self.engine.attention():
-            # peft's own switch, set directly, as the compiled layers do: its disable_adapter_layers()
-            # and enable_adapter_layers() walk every module and reset every adapter's requires_grad,
-            # ~10 ms a decode turn on a 22-layer model with one run loaded, 30 with six.
-            layers = self.engine.lora_layers
-            for layer in layers:
-                layer._disable_adapters = True
-            try:
-                yield
-            finally:
-                for layer in layers:
-                    layer._disable_adapters = False
+        with self.engine.autocast(), self.engine.attention(), adapter_layers_off(self.engine.lora_layers):
+            yield
 
 
 def _key(source: Checkpoint | WeightsSnapshot) -> tuple[str, str]:
