@@ -232,16 +232,17 @@ def test_cli_flags_are_parsed_into_the_config(tmp_path, capsys):
     config = cli.parse_config(["--model", "tiny-random", "--host", "0.0.0.0", "--port", "0",
                                "--checkpoint-dir", str(tmp_path), "--dtype", "bfloat16", "--load-format", "dummy",
                                "--micro-batch-tokens", "256", "--keep-graph-budget-mb", "0", "--kv-cache-mb", "1.5",
-                               "--activation-checkpointing", "--no-cuda-graphs", "--attention", "eager"])
+                               "--activation-checkpointing", "--no-cuda-graphs", "--attention", "eager",
+                               "--sampler-logprobs", "training"])
     assert config == ServerConfig(model="tiny-random", host="0.0.0.0", port=0, checkpoint_dir=tmp_path,
                                   dtype="bfloat16", load_format="dummy", micro_batch_tokens=256,
                                   keep_graph_budget_mb=0.0, kv_cache_mb=1.5, activation_checkpointing=True,
-                                  cuda_graphs=False, attention="eager")
+                                  cuda_graphs=False, attention="eager", sampler_logprobs="training")
     # None: sized from the device's free memory; auto: the dtype that suits the device.
     assert cli.parse_config(["--model", "tiny-random"]) == ServerConfig(
         model="tiny-random", host="127.0.0.1", port=50051, checkpoint_dir=pathlib.Path("gradwire-checkpoints"),
         dtype="auto", load_format="auto", micro_batch_tokens=None, keep_graph_budget_mb=None, kv_cache_mb=None,
-        activation_checkpointing=False, cuda_graphs=True, attention="auto")
+        activation_checkpointing=False, cuda_graphs=True, attention="auto", sampler_logprobs="auto")
     with pytest.raises(SystemExit):
         cli.parse_config(["--model", "tiny-random", "--micro-batch-tokens", "0"])
     assert "--micro-batch-tokens must be at least 1" in capsys.readouterr().err

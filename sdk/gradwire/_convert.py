@@ -180,7 +180,8 @@ def server_capabilities(response: pb.GetServerCapabilitiesResponse) -> types.Get
         loss_fns=list(response.loss_fns), device=response.device,
         limits=_fields_by_name(response.limits), dtype=response.dtype,
         kv_cache=_fields_by_name(response.kv_cache),
-        training=_fields_by_name(response.training) if response.HasField("training") else {})
+        training=_fields_by_name(response.training) if response.HasField("training") else {},
+        sampler_logprobs=response.sampler_logprobs)
 
 
 def _fields_by_name(message: Message) -> dict[str, Any]:

@@ -67,8 +67,9 @@ class SamplingClient:
         """num_samples completions of `prompt` (decoded together as one batch).
 
         Each sequence's logprobs are the model's unscaled log_softmax at the
-        sampled tokens, comparable with training-side logprobs, and each has a
-        unique sequence_id. With include_prompt_logprobs the response has each
+        sampled tokens, comparable with training-side logprobs (exactly forward's
+        numbers for the sequence when the server's capabilities say
+        sampler_logprobs "training"), and each has a unique sequence_id. With include_prompt_logprobs the response has each
         prompt token's logprob (first None); topk_prompt_logprobs=k (up to 20)
         adds the k most likely (token, logprob) pairs at each prompt position
         (first None), topk_sample_logprobs=k the same at each generated position
@@ -100,7 +101,9 @@ class SamplingClient:
     def sample_stream(self, prompt: types.ModelInput, num_samples: int = 1,
                       sampling_params: types.SamplingParams | None = None) -> Iterator[types.SampledTokens]:
         """Yields tokens while they are generated: each piece holds one sample's
-        new tokens and logprobs; its last piece has stop_reason set. With the
+        new tokens and logprobs (a server whose sampler_logprobs is "training"
+        sends a sample's logprobs all in its last piece); its last piece has
+        stop_reason set. With the
         same seed the tokens are exactly those sample() returns. Leaving the
         loop early cancels the generation on the server."""
         call = self._stream_call(prompt, num_samples, sampling_params)

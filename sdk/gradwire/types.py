@@ -353,6 +353,10 @@ class GetServerCapabilitiesResponse:
     # How training passes run: compiled_layers (--compile), activation_checkpointing, attention
     # (--attention: "auto", "efficient", "math" or "eager"); {} from a server too old to say.
     training: dict[str, bool | str] = field(default_factory=dict)
+    # Where sampled, top-k and prompt logprobs come from (--sampler-logprobs): "training" (the
+    # training forward of each finished sample: forward's numbers exactly) or "decode" (the decode
+    # steps that drew the tokens); "" from a server too old to say.
+    sampler_logprobs: str = ""
 
 
 @dataclass

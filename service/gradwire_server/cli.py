@@ -1,7 +1,7 @@
 """`gradwire-server --model NAME_OR_PATH [--host H] [--port P] [--checkpoint-dir DIR]
 [--dtype auto|float32|bfloat16] [--load-format auto|dummy] [--micro-batch-tokens N]
 [--keep-graph-budget-mb MB] [--kv-cache-mb MB] [--activation-checkpointing] [--compile] [--no-cuda-graphs]
-[--attention auto|efficient|math|eager]`."""
+[--attention auto|efficient|math|eager] [--sampler-logprobs auto|training|decode]`."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from gradwire_server import memory
 from gradwire_server.attention import ATTENTIONS
 from gradwire_server.models import DTYPES, LOAD_FORMATS, preset_configs
+from gradwire_server.sampler import SAMPLER_LOGPROBS
 from gradwire_server.server import (CUDA_KV_CACHE_SHARE, DEFAULT_CHECKPOINT_DIR, DEFAULT_CPU_KV_CACHE_MB,
                                    ServerConfig, StartupError, serve)
 
@@ -84,6 +85,12 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
                              "the training logprob of the same token by a kernel's rounding); efficient or "
                              "math forces that SDPA kernel on both; eager is transformers' own attention. "
                              "math and eager hold [batch, heads, length, length] attention weights")
+    parser.add_argument("--sampler-logprobs", choices=SAMPLER_LOGPROBS, default="auto",
+                        help="where the logprobs the sampler returns come from: training runs the training "
+                             "forward on each finished sample (the numbers forward returns for it, bit for bit; "
+                             "one forward pass per sample); decode takes them from the decode steps that drew "
+                             "the tokens (in bf16 they part from training's by rounding); auto: training over "
+                             "bfloat16 base weights, decode over float32")
     args = parser.parse_args(argv)
     if args.micro_batch_tokens is not None and args.micro_batch_tokens < 1:
         parser.error("--micro-batch-tokens must be at least 1")
@@ -92,7 +99,8 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
                         micro_batch_tokens=args.micro_batch_tokens, dtype=args.dtype,
                         load_format=args.load_format, kv_cache_mb=args.kv_cache_mb,
                         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-                        cuda_graphs=args.cuda_graphs, attention=args.attention)
+                        cuda_graphs=args.cuda_graphs, attention=args.attention,
+                        sampler_logprobs=args.sampler_logprobs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,9 @@
 """Token logprobs from a causal LM: log_softmax over the vocabulary in float32,
 gathered at the target tokens. The sampler computes the same float32
 log_softmax of the unscaled logits (over its KV-cached decode), so sampled and
-training logprobs of the same tokens agree to the rounding of the model's dtype.
+training logprobs of the same tokens agree to the rounding of the model's dtype;
+with `--sampler-logprobs training` it calls model_target_logprobs itself on each
+finished sequence, so they agree exactly.
 
 Training unembeds the last hidden states in chunks of positions: the whole
 micro-batch's float32 logits ([B, L, V], 2 GiB for 8 x 1024 tokens and a 64k
@@ -31,8 +33,27 @@ def model_target_logprobs(model: torch.nn.Module, tokens: torch.Tensor, targets:
     the engine's autocast."""
     hidden = model.get_decoder()(input_ids=tokens, use_cache=False).last_hidden_state  # [B, L, H]
     unembed = model.get_output_embeddings()
-    chunk = CUDA_LOGITS_CHUNK_ELEMENTS if hidden.device.type == "cuda" else LOGITS_CHUNK_ELEMENTS
-    return chunked_target_logprobs(hidden, unembed, targets, unembed.weight.shape[0], chunk)
+    return chunked_target_logprobs(hidden, unembed, targets, unembed.weight.shape[0], _chunk_elements(hidden))
+
+
+@torch.no_grad()
+def model_target_and_top_logprobs(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor,
+                                  top: int) -> tuple[torch.Tensor, torch.return_types.topk]:
+    """model_target_logprobs's numbers, and each position's `top` most likely tokens
+    and their logprobs ((values, indices) [B, L, top]) from the same decoder pass."""
+    hidden = model.get_decoder()(input_ids=tokens, use_cache=False).last_hidden_state
+    unembed = model.get_output_embeddings()
+    vocab_size = unembed.weight.shape[0]
+    logprobs = chunked_target_logprobs(hidden, unembed, targets, vocab_size, _chunk_elements(hidden))
+    positions = max(1, _chunk_elements(hidden) // (tokens.shape[0] * vocab_size))
+    parts = [torch.topk(torch.log_softmax(unembed(hidden[:, start:start + positions]).float(), dim=-1),
+                        min(top, vocab_size), dim=-1) for start in range(0, tokens.shape[1], positions)]
+    return logprobs, torch.return_types.topk((torch.cat([part.values for part in parts], dim=1),
+                                              torch.cat([part.indices for part in parts], dim=1)))
+
+
+def _chunk_elements(hidden: torch.Tensor) -> int:
+    return CUDA_LOGITS_CHUNK_ELEMENTS if hidden.device.type == "cuda" else LOGITS_CHUNK_ELEMENTS
 
 
 def chunked_target_logprobs(hidden: torch.Tensor, unembed: torch.nn.Module, targets: torch.Tensor,

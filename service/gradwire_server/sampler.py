@@ -17,9 +17,17 @@ sampling), so its tokens do not depend on what else is in the batch and
 nothing touches the global RNG.
 
 A sampled token's logprob is log_softmax of the model's *unscaled* logits at
-that token: exactly what the training side computes for the same tokens (RL
-losses compare the two), not the temperature / top-k / top-p distribution the
-token was drawn from.
+that token: what the training side computes for the same tokens (RL losses
+compare the two), not the temperature / top-k / top-p distribution the token
+was drawn from. Where they come from is the server's choice (--sampler-logprobs):
+"decode", the logits of the decode step that drew the token (and the prefill's,
+for the prompt); or "training", the training function (logprobs.model_target_logprobs)
+run on each finished sample, prompt and tokens as one datum, with the sample's
+adapter: every logprob the sampler returns (sampled tokens', their top-k rows, the
+prompt's) is then the number forward returns for that datum alone, bit for bit.
+They differ in rounding: a decode step is a one-row pass against cached keys,
+training one causal pass (in bf16 on an H100, 1.1B model: up to 0.035). The
+training pass costs one forward of each finished sample.
 
 Runs on the worker thread; knows nothing about gRPC.
 """
@@ -36,6 +44,7 @@ import torch
 from gradwire_server import kv_cache, lora_batch
 from gradwire_server.decode_graphs import DecodeGraphs
 from gradwire_server.kv_cache import BLOCK_TOKENS, BlockPool, blocks_for
+from gradwire_server.logprobs import model_target_and_top_logprobs, model_target_logprobs
 from gradwire_server.lora_batch import AdapterWeights, StackedAdapters
 
 TOPK_MASK_LOGPROB = -99999.0  # fills top-k rows that have no prediction (Tinker's sentinel)
@@ -44,6 +53,15 @@ PREFILL_CHUNK_TOKENS = 256     # prompt tokens per prefill forward pass
 PREFILL_TOKENS_PER_STEP = 512  # prompt tokens prefilled between two decode steps while others decode
 PREFILL_ROWS = 64              # requests prefilled together in one forward pass, at most
 PREFILL_PASS_POSITIONS = 4096  # rows x longest chunk of one prefill pass (padding counts), at most
+SAMPLER_LOGPROBS = ("auto", "training", "decode")  # gradwire-server --sampler-logprobs
+
+
+def resolve_sampler_logprobs(choice: str, dtype: torch.dtype) -> str:
+    """--sampler-logprobs as the loop takes it: auto is "training" over bf16 base weights
+    (whose decode steps round differently from a training pass), else "decode"."""
+    if choice == "auto":
+        return "training" if dtype == torch.bfloat16 else "decode"
+    return choice
 
 
 @dataclass
@@ -87,7 +105,7 @@ class SequenceNews:
 
     index: int
     tokens: list[int]
-    logprobs: list[float]
+    logprobs: list[float]     # with training logprobs: none until the sample ends, then all of them
     stop_reason: str | None   # "stop" | "length" once finished
 
 
@@ -98,7 +116,8 @@ class _Sequence:
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
     topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (ids [k], logprobs [k]) per token
-    reported: int = 0
+    reported: int = 0          # tokens reported by news()
+    reported_logprobs: int = 0
     done_reported: bool = False
     blocks: list[int] = field(default_factory=list)  # KV block table
     length: int = 0                                   # tokens in the KV cache
@@ -159,11 +178,13 @@ class Generation:
         self.reservation -= 1
         return pool.take()
 
-    def record(self, sequence: _Sequence, token: int, logprob: float,
+    def record(self, sequence: _Sequence, token: int, logprob: float | None,
                top: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
-        """Appends a sampled token (and its top-k row); returns whether the sequence goes on."""
+        """Appends a sampled token (and its logprob and top-k row, unless they come
+        later); returns whether the sequence goes on."""
         sequence.tokens.append(token)
-        sequence.logprobs.append(logprob)
+        if logprob is not None:
+            sequence.logprobs.append(logprob)
         if top is not None:
             sequence.topk.append(top)
         if token in self.settings.stop_tokens or self._hit_stop_string(sequence.tokens):
@@ -214,9 +235,9 @@ class Generation:
             finished = sequence.stop_reason is not None and not sequence.done_reported
             if len(sequence.tokens) > sequence.reported or finished:
                 out.append(SequenceNews(index, sequence.tokens[sequence.reported:],
-                                        sequence.logprobs[sequence.reported:],
+                                        sequence.logprobs[sequence.reported_logprobs:],
                                         sequence.stop_reason))
-                sequence.reported = len(sequence.tokens)
+                sequence.reported, sequence.reported_logprobs = len(sequence.tokens), len(sequence.logprobs)
                 sequence.done_reported = sequence.stop_reason is not None
         return out
 
@@ -239,11 +260,16 @@ class DecodeLoop:
     around each turn). Worker thread only."""
 
     def __init__(self, model: torch.nn.Module, pool: BlockPool, device: torch.device,
-                 base_weights: Callable[[], contextlib.AbstractContextManager], graphs: str = "off"):
+                 base_weights: Callable[[], contextlib.AbstractContextManager], graphs: str = "off",
+                 logprobs: str = "decode"):
         """`graphs`: "captured" replays decode steps as CUDA graphs (decode_graphs);
-        "uncaptured" runs the same padded static steps eagerly (how CPU tests check them)."""
+        "uncaptured" runs the same padded static steps eagerly (how CPU tests check them).
+        `logprobs`: "decode" or "training", where returned logprobs come from (module doc)."""
         self.model, self.pool, self.device = model, pool, device
         self.base_weights = base_weights
+        self.logprobs = logprobs
+        self.training_logprobs = logprobs == "training"
+        self._vocab_size = model.get_output_embeddings().weight.shape[0]
         attention = model.config._attn_implementation
         if attention not in ("sdpa", "eager"):
             raise ValueError(f"the sampler needs sdpa or eager attention, not {attention!r}")
@@ -319,6 +345,11 @@ class DecodeLoop:
         """Admits waiting requests in arrival order while their worst case fits."""
         while self.waiting:
             generation = self.waiting[0]
+            if self.training_logprobs and not generation.sequences:  # scored by a training pass: no KV cache
+                self.waiting.popleft()
+                generation.scores = self._training_prompt_scores(generation)
+                generation.prefilled = len(generation.spec.prompt)
+                continue
             need = generation.blocks_needed()
             if need > self.pool.usable_blocks:
                 self.waiting.popleft()
@@ -341,15 +372,15 @@ class DecodeLoop:
             width = 0
             for generation in self.prefilling[:PREFILL_ROWS]:
                 count = min(PREFILL_CHUNK_TOKENS, len(generation.spec.prompt) - generation.prefilled, limit)
-                if batch and (generation.want_scores or (len(batch) + 1) * max(width, count) > limit):
+                if batch and (self._scored_by_prefill(generation) or (len(batch) + 1) * max(width, count) > limit):
                     break
                 batch.append((generation, count))
                 width = max(width, count)
-                if generation.want_scores:
+                if self._scored_by_prefill(generation):
                     break
             if budget is not None:
                 budget -= len(batch) * width
-            scored = batch[0][0].want_scores
+            scored = self._scored_by_prefill(batch[0][0])
             tokens = np.zeros((len(batch), width), dtype=np.int64)  # left-padded (see kv_cache.Step)
             for row, (generation, count) in enumerate(batch):
                 start = generation.prefilled
@@ -367,14 +398,21 @@ class DecodeLoop:
                     self.prefilling.remove(generation)
                     self._finish_prefill(generation, logits[row, -1:])
 
+    def _scored_by_prefill(self, generation: Generation) -> bool:
+        """Whether the prompt's scores come from its prefill's logits (every position's)."""
+        return generation.want_scores and not self.training_logprobs
+
     def _finish_prefill(self, generation: Generation, last_logits: torch.Tensor) -> None:
         """Scores the prompt if asked; hands each sample its block table (sharing
         the prompt's full blocks, copying its last partial one) and joins them."""
         prompt = generation.spec.prompt
-        if generation.want_scores:
+        if self._scored_by_prefill(generation):
             logits = torch.cat(generation.prompt_logits)
             generation.prompt_logits = []
-            generation.scores = _prompt_scores(logits, torch.from_numpy(prompt).to(self.device), generation.spec)
+            generation.scores = _prompt_scores_from_logits(logits, torch.from_numpy(prompt).to(self.device),
+                                                           generation.spec)
+        elif generation.want_scores:
+            generation.scores = self._training_prompt_scores(generation)
         if not generation.sequences:
             generation.release_all(self.pool)
             return
@@ -404,14 +442,17 @@ class DecodeLoop:
         all_logprobs = torch.log_softmax(self._logits, dim=-1)
         tokens, logprobs = choose_tokens(self._logits, all_logprobs, [g.settings for g, _ in self._rows],
                                          [s.generator for _, s in self._rows])
-        tops = _top_logprobs(all_logprobs, [g.spec.topk_sample_logprobs for g, _ in self._rows])
+        later = self.training_logprobs  # logprobs and top-k rows from a training pass once a sample ends
+        tops = _top_logprobs(all_logprobs, [0 if later else g.spec.topk_sample_logprobs for g, _ in self._rows])
         keep = []
         for i, ((generation, sequence), token, logprob, top) in enumerate(
                 zip(self._rows, tokens.tolist(), logprobs.tolist(), tops)):
-            if generation.record(sequence, token, logprob, top):
+            if generation.record(sequence, token, None if later else logprob, top):
                 keep.append(i)
             else:
                 generation.release_sequence(self.pool, sequence)
+                if later:
+                    self._score_sample(generation, sequence)
         self.steps += 1
         if len(keep) < len(self._rows):
             self._select(keep)
@@ -436,6 +477,45 @@ class DecodeLoop:
                 return logits
         return self._forward(tokens[:, None], tables, starts, [1] * len(starts), adapters, keep=1)[:, -1].float()
 
+    def _score_sample(self, generation: Generation, sequence: _Sequence) -> None:
+        """A finished sample's logprobs (and top-k rows) from a training pass over it."""
+        prompt = generation.spec.prompt
+        tokens = np.concatenate([prompt, sequence.tokens]).astype(np.int64)
+        logprobs, top = self._training_pass(tokens, generation.adapter, generation.spec.topk_sample_logprobs)
+        completion = slice(len(prompt) - 1, None)
+        sequence.logprobs = logprobs[completion].tolist()
+        if top is not None:
+            sequence.topk = list(zip(top[0][completion], top[1][completion]))
+
+    def _training_prompt_scores(self, generation: Generation) -> PromptScores:
+        spec = generation.spec
+        logprobs, top = self._training_pass(spec.prompt.astype(np.int64), generation.adapter,
+                                            spec.topk_prompt_logprobs)
+        return _prompt_scores(logprobs, top, spec)
+
+    def _training_pass(self, tokens: np.ndarray, adapter: AdapterWeights | None, top: int
+                       ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """Logprobs [L-1] of tokens[1:] after tokens[:-1], as training computes them for
+        this datum alone; with `top` > 0 also each position's top most likely tokens,
+        (ids, logprobs) [L-1, top]."""
+        top = min(top, self._vocab_size)
+        if len(tokens) < 2:  # nothing is predicted
+            empty = (np.zeros((0, top), dtype=np.int32), np.zeros((0, top), dtype=np.float32))
+            return np.zeros(0, dtype=np.float32), empty if top > 0 else None
+        inputs = torch.from_numpy(tokens[None, :-1]).to(self.device)
+        targets = torch.from_numpy(tokens[None, 1:, None]).to(self.device)
+        with self._adapted([adapter]):
+            if top <= 0:
+                return model_target_logprobs(self.model, inputs, targets)[0, :, 0].cpu().numpy(), None
+            logprobs, best = model_target_and_top_logprobs(self.model, inputs, targets, top)
+        return (logprobs[0, :, 0].cpu().numpy(),
+                (best.indices[0].cpu().numpy().astype(np.int32), best.values[0].cpu().numpy()))
+
+    def _adapted(self, adapters: list[AdapterWeights | None]) -> contextlib.AbstractContextManager:
+        """Rows i of the block's passes add adapters[i]'s LoRA delta (None: the base model's row)."""
+        stack = self._stack(adapters)
+        return lora_batch.applied(self.model, stack.factors, stack.mask(adapters)) if stack else contextlib.nullcontext()
+
     def _select(self, keep: list[int]) -> None:
         self._rows = [self._rows[i] for i in keep]
         if not keep:
@@ -448,8 +528,7 @@ class DecodeLoop:
         """Logits [B, keep or Q, V] of B rows of counts[i] new tokens each (tokens [B, Q],
         left-padded), written to the KV pool."""
         step = kv_cache.build_step(self.pool, tables, starts, counts, self.device)
-        stack = self._stack(adapters)
-        with lora_batch.applied(self.model, stack.factors, stack.mask(adapters)) if stack else contextlib.nullcontext():
+        with self._adapted(adapters):
             return self.model(input_ids=tokens, attention_mask=step.attention_mask(self._additive_mask),
                               position_ids=step.positions, cache=step, use_cache=True, logits_to_keep=keep).logits
 
@@ -527,23 +606,34 @@ def _nucleus(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.full_like(scores, float("-inf")).scatter(-1, order, ordered)
 
 
-def _prompt_scores(logits: torch.Tensor, prompt: torch.Tensor, spec: SampleSpec) -> PromptScores:
-    """Position i's logits predict prompt token i + 1; token 0 has no prediction."""
+def _prompt_scores_from_logits(logits: torch.Tensor, prompt: torch.Tensor, spec: SampleSpec) -> PromptScores:
+    """Position i's logits [L, V] predict prompt token i + 1."""
     logprobs = torch.log_softmax(logits[:-1], dim=-1)                     # [L-1, V]
+    chosen = logprobs.gather(-1, prompt[1:, None])[:, 0].cpu().numpy()
+    k = min(spec.topk_prompt_logprobs, logprobs.shape[-1])
+    top = None
+    if k > 0:
+        best = torch.topk(logprobs, k, dim=-1)
+        top = best.indices.cpu().numpy().astype(np.int32), best.values.cpu().numpy()
+    return _prompt_scores(chosen, top, spec)
+
+
+def _prompt_scores(logprobs: np.ndarray, top: tuple[np.ndarray, np.ndarray] | None, spec: SampleSpec
+                   ) -> PromptScores:
+    """The prompt's scores from the logprobs [L-1] of its tokens 1.. and their top-k rows
+    (ids, logprobs) [L-1, k]: token 0 has no prediction."""
+    length = len(spec.prompt)
     scores = PromptScores()
     if spec.prompt_logprobs:
-        chosen = logprobs.gather(-1, prompt[1:, None])[:, 0].cpu().numpy()
-        scores.logprobs = np.concatenate([[np.nan], chosen]).astype(np.float32)
-    k = min(spec.topk_prompt_logprobs, logprobs.shape[-1])
-    if k > 0:
-        top = torch.topk(logprobs, k, dim=-1)
-        ids = np.zeros((len(prompt), k), dtype=np.int32)
-        values = np.full((len(prompt), k), TOPK_MASK_LOGPROB, dtype=np.float32)
-        ids[1:] = top.indices.cpu().numpy()
-        values[1:] = top.values.cpu().numpy()
+        scores.logprobs = np.concatenate([[np.nan], logprobs]).astype(np.float32)
+    if top is not None:
+        k = top[0].shape[1]
+        ids = np.zeros((length, k), dtype=np.int32)
+        values = np.full((length, k), TOPK_MASK_LOGPROB, dtype=np.float32)
+        ids[1:], values[1:] = top
         scores.topk_ids, scores.topk_logprobs = ids, values
     if spec.prompt_logprobs_last_n is not None:  # positions before the last n are not scored
-        hidden = max(len(prompt) - spec.prompt_logprobs_last_n, 0)
+        hidden = max(length - spec.prompt_logprobs_last_n, 0)
         if scores.logprobs is not None:
             scores.logprobs[:hidden] = np.nan
         if scores.topk_ids is not None:

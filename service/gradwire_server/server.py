@@ -40,7 +40,7 @@ from gradwire_server.models import LoadedModel, load_model, resolve_dtype
 from gradwire_server.operations import OperationsServicer, OperationStore
 from gradwire_server.resource_servicer import ResourceServicer
 from gradwire_server.run_index import RunIndex
-from gradwire_server.sampler import DecodeLoop
+from gradwire_server.sampler import DecodeLoop, resolve_sampler_logprobs
 from gradwire_server.sampler_weights import SamplerAdapters
 from gradwire_server.sampling_servicer import SamplingServicer
 from gradwire_server.scheduler import Scheduler
@@ -91,6 +91,8 @@ class ServerConfig:
     cuda_graphs: bool = True
     # The attention kernel training and sampling use (attention.py): auto, efficient, math or eager.
     attention: str = "auto"
+    # Where the sampler's logprobs come from (sampler.py): auto, training or decode.
+    sampler_logprobs: str = "auto"
     # How often checkpoints whose TTL ran out are deleted.
     checkpoint_expiry_interval_s: float = 60.0
 
@@ -178,7 +180,7 @@ class GradwireServer:
         log.info("base weights %s on %s; micro-batches of %d tokens, keep-graph budget %.0f MiB "
                  "(%d bytes per token measured)", loaded.dtype, device, plan.micro_batch_tokens,
                  plan.keep_graph_budget_bytes / 2**20, plan.activation_bytes_per_token)
-        info = _model_info(loaded, device, plan, self.config.attention)
+        info = _model_info(loaded, device, plan, self.config.attention, decode_loop.logprobs)
         self.training.attach(self.engine, self.scheduler, info, adapters, decode_loop.usage)
         self.sampling.attach(self.engine, self.scheduler, info, adapters, decode_loop)
         self.resources.attach(self.scheduler)
@@ -222,7 +224,8 @@ class GradwireServer:
                                f"runs eagerly") from error
         adapters = SamplerAdapters(self.engine)
         decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights,
-                                 graphs="captured" if device.type == "cuda" and config.cuda_graphs else "off")
+                                 graphs="captured" if device.type == "cuda" and config.cuda_graphs else "off",
+                                 logprobs=resolve_sampler_logprobs(config.sampler_logprobs, loaded.dtype))
         return loaded, plan, adapters, decode_loop
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -292,14 +295,16 @@ def _kv_cache_bytes(budget_mb: float | None, device: torch.device) -> int:
     return int(DEFAULT_CPU_KV_CACHE_MB * 2**20)
 
 
-def _model_info(loaded: LoadedModel, device: torch.device, plan: MemoryPlan, attention: str) -> ModelInfo:
+def _model_info(loaded: LoadedModel, device: torch.device, plan: MemoryPlan, attention: str,
+                sampler_logprobs: str) -> ModelInfo:
     with tempfile.TemporaryDirectory() as folder:
         loaded.tokenizer.save_pretrained(folder)
         files = {path.name: path.read_bytes() for path in pathlib.Path(folder).iterdir() if path.is_file()}
     return ModelInfo(name=loaded.name, architecture=type(loaded.model).__name__,
                      vocab_size=loaded.vocab_size, max_context_length=loaded.max_context_length,
                      device=device.type, tokenizer_files=files, aliases=loaded.aliases,
-                     dtype=str(loaded.dtype).removeprefix("torch."), memory=plan, attention=attention)
+                     dtype=str(loaded.dtype).removeprefix("torch."), memory=plan, attention=attention,
+                     sampler_logprobs=sampler_logprobs)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -47,6 +47,7 @@ class ModelInfo:
     dtype: str
     memory: MemoryPlan
     attention: str                 # gradwire-server --attention
+    sampler_logprobs: str          # --sampler-logprobs, resolved: "training" or "decode"
     aliases: tuple[str, ...] = ()  # other names of the model (its Hugging Face hub id)
 
     @property
@@ -107,7 +108,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             kv_cache=pb.KvCacheUsage(**dataclasses.asdict(self.kv_cache_usage())),
             training=pb.TrainingSettings(compiled_layers=self.engine.compiled is not None,
                                          activation_checkpointing=self.engine.activation_checkpointing,
-                                         attention=info.attention))
+                                         attention=info.attention),
+            sampler_logprobs=info.sampler_logprobs)
 
     async def CreateModel(self, request, context):
         try:

@@ -76,7 +76,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_wait_seconds: _Optional[float] = ..., operation_ttl_seconds: _Optional[float] = ..., micro_batch_tokens: _Optional[int] = ..., keep_graph_budget_bytes: _Optional[int] = ..., activation_bytes_per_token: _Optional[int] = ...) -> None: ...
 
 class GetServerCapabilitiesResponse(_message.Message):
-    __slots__ = ("supported_models", "loss_fns", "limits", "device", "dtype", "kv_cache", "training")
+    __slots__ = ("supported_models", "loss_fns", "limits", "device", "dtype", "kv_cache", "training", "sampler_logprobs")
     SUPPORTED_MODELS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FNS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class GetServerCapabilitiesResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     supported_models: _containers.RepeatedCompositeFieldContainer[SupportedModel]
     loss_fns: _containers.RepeatedScalarFieldContainer[str]
     limits: ServerLimits
@@ -91,7 +92,8 @@ class GetServerCapabilitiesResponse(_message.Message):
     dtype: str
     kv_cache: KvCacheUsage
     training: TrainingSettings
-    def __init__(self, supported_models: _Optional[_Iterable[_Union[SupportedModel, _Mapping]]] = ..., loss_fns: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_cache: _Optional[_Union[KvCacheUsage, _Mapping]] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ...) -> None: ...
+    sampler_logprobs: str
+    def __init__(self, supported_models: _Optional[_Iterable[_Union[SupportedModel, _Mapping]]] = ..., loss_fns: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_cache: _Optional[_Union[KvCacheUsage, _Mapping]] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., sampler_logprobs: _Optional[str] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
     __slots__ = ("compiled_layers", "activation_checkpointing", "attention")

@@ -1,0 +1,116 @@
+"""--sampler-logprobs training: every logprob the sampler returns (a sampled token's,
+its top-k rows, the prompt's, compute_logprobs's) is the training forward's number for
+that sequence as one datum, bit for bit, and the top-k rows are the in-process
+reference's. (The float32 server of the other tests takes them from its decode steps:
+test_sampling.py; bf16 servers: test_bfloat16.py.)"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gradwire
+from conftest import server_config
+from gradwire_server.server import BackgroundServer
+from reference import reference_model, sequence_logprobs, trained_run
+
+PROMPT = [72, 101, 108, 108, 111, 44, 32]
+RANK = 4
+EARLY_STOPS = list(range(0, 320, 6))  # samples of one request end at different steps
+
+
+@pytest.fixture(scope="module")
+def training_server(tmp_path_factory):
+    background = BackgroundServer(server_config(sampler_logprobs="training",
+                                                checkpoint_dir=tmp_path_factory.mktemp("training-logprobs")))
+    yield background
+    background.stop()
+
+
+@pytest.fixture(scope="module")
+def training_service(training_server):
+    client = gradwire.ServiceClient(base_url=training_server.address)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def trained(training_service):
+    """(training client, its sampler weights' path) of a trained run."""
+    tc = trained_run(training_service, rank=RANK, seed=1)
+    return tc, tc.save_weights_for_sampler("trained").result().path
+
+
+def forward_alone(tc, tokens: list[int]) -> np.ndarray:
+    """The training forward's logprobs of tokens[1:], the sequence as one datum alone."""
+    datum = gradwire.Datum(model_input=gradwire.ModelInput.from_ints(tokens[:-1]),
+                           loss_fn_inputs={"target_tokens": np.array(tokens[1:])})
+    return tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+
+
+def test_capabilities_say_where_sampler_logprobs_come_from(service, training_service):
+    assert training_service.get_server_capabilities().sampler_logprobs == "training"
+    assert service.get_server_capabilities().sampler_logprobs == "decode"  # auto over float32
+
+
+@pytest.mark.parametrize("adapter", ["base", "trained"])
+def test_sampled_logprobs_and_their_top_k_are_the_training_forwards(training_server, training_service, trained,
+                                                                    adapter):
+    if adapter == "base":  # a fresh run's adapter is zero: the base model
+        tc = training_service.create_lora_training_client("tiny-random", rank=RANK, seed=5)
+        sampler = training_service.create_sampling_client(base_model="tiny-random")
+    else:
+        tc, model_path = trained
+        sampler = training_service.create_sampling_client(model_path=model_path)
+    model = reference_model(training_server, tc.model_id, RANK)
+    requests = [sampler.sample(gradwire.ModelInput.from_ints(prompt), 4,
+                               gradwire.SamplingParams(max_tokens=12, seed=11, stop=EARLY_STOPS),
+                               topk_sample_logprobs=3) for prompt in (PROMPT, PROMPT[:2])]
+    for prompt, request in zip((PROMPT, PROMPT[:2]), requests):  # decoded together: rows of one batch
+        sequences = request.result().sequences
+        assert len({len(s.tokens) for s in sequences}) > 1
+        for sequence in sequences:
+            tokens = prompt + sequence.tokens
+            np.testing.assert_array_equal(sequence.logprobs, forward_alone(tc, tokens)[len(prompt) - 1:])
+            expected = torch.topk(sequence_logprobs(model, tokens)[len(prompt) - 1:-1], 3, dim=-1)
+            assert [[t for t, _ in row] for row in sequence.topk_logprobs] == expected.indices.tolist()
+            np.testing.assert_allclose([[v for _, v in row] for row in sequence.topk_logprobs],
+                                       expected.values.numpy(), rtol=0, atol=1e-5)
+
+
+def test_prompt_logprobs_and_compute_logprobs_are_the_training_forwards(training_server, training_service, trained):
+    tc, model_path = trained
+    sampler = training_service.create_sampling_client(model_path=model_path)
+    response = sampler.sample(gradwire.ModelInput.from_ints(PROMPT), 2, gradwire.SamplingParams(max_tokens=3, seed=0),
+                              include_prompt_logprobs=True, topk_prompt_logprobs=4).result()
+    training = forward_alone(tc, PROMPT)
+    assert response.prompt_logprobs[0] is None
+    np.testing.assert_array_equal(response.prompt_logprobs[1:], training)
+    assert sampler.compute_logprobs(gradwire.ModelInput.from_ints(PROMPT)).result()[1:] == training.tolist()
+    assert sampler.compute_logprobs(gradwire.ModelInput.from_ints(PROMPT), prompt_logprobs_last_n=2).result() \
+        == [None] * (len(PROMPT) - 2) + training[-2:].tolist()
+    assert sampler.compute_logprobs(gradwire.ModelInput.from_ints(PROMPT[:1])).result() == [None]
+    expected = torch.topk(sequence_logprobs(reference_model(training_server, tc.model_id, RANK), PROMPT)[:-1], 4, dim=-1)
+    assert response.topk_prompt_logprobs[0] is None
+    assert [[t for t, _ in row] for row in response.topk_prompt_logprobs[1:]] == expected.indices.tolist()
+    np.testing.assert_allclose([[v for _, v in row] for row in response.topk_prompt_logprobs[1:]],
+                               expected.values.numpy(), rtol=0, atol=1e-5)
+
+
+def test_a_stream_sends_a_samples_logprobs_with_its_last_piece(training_service, trained):
+    """Tokens stream as they are drawn; a sample's logprobs (computed once it ends) come
+    in its last piece, so the pieces still add up to sample()'s response."""
+    _, model_path = trained
+    sampler = training_service.create_sampling_client(model_path=model_path)
+    params = gradwire.SamplingParams(max_tokens=60, seed=21, stop=[7, 9, 11])
+    expected = sampler.sample(gradwire.ModelInput.from_ints(PROMPT), 3, params).result().sequences
+    tokens, logprobs, pieces = [[], [], []], [[], [], []], 0
+    for piece in sampler.sample_stream(gradwire.ModelInput.from_ints(PROMPT), 3, params):
+        assert len(piece.logprobs) == (len(tokens[piece.sequence_index]) + len(piece.tokens)
+                                       if piece.stop_reason is not None else 0)
+        tokens[piece.sequence_index] += piece.tokens
+        logprobs[piece.sequence_index] += piece.logprobs
+        pieces += 1
+    assert pieces > 3  # several decode turns, not one final message
+    assert tokens == [s.tokens for s in expected]
+    assert logprobs == [s.logprobs for s in expected]
