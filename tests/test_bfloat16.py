@@ -108,6 +108,21 @@ def test_sampled_logprobs_are_the_training_logprobs_exactly_by_default(bf16_serv
     assert sampled_vs_training(bf16_service, PROMPTS) == 0
 
 
+def test_prompt_logprobs_are_the_training_logprobs_exactly_by_default(bf16_service):
+    """A prompt's logprobs (sample's and compute_logprobs's) are those forward returns for the
+    prompt as one datum, though the prompt's prefill for the samples is another pass."""
+    tc = trained_run(bf16_service)
+    sampler = bf16_service.create_sampling_client(model_path=tc.save_weights_for_sampler("prompts").result().path)
+    for prompt in PROMPTS:
+        datum = gradwire.Datum(model_input=gradwire.ModelInput.from_ints(prompt[:-1]),
+                               loss_fn_inputs={"target_tokens": np.array(prompt[1:])})
+        training = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy().tolist()
+        response = sampler.sample(gradwire.ModelInput.from_ints(prompt), 2, gradwire.SamplingParams(max_tokens=4),
+                                  include_prompt_logprobs=True).result()
+        assert response.prompt_logprobs == [None] + training
+        assert sampler.compute_logprobs(gradwire.ModelInput.from_ints(prompt)).result() == [None] + training
+
+
 def decode_logprobs_difference(tmp_path, attention: str, prompts: tuple[list[int], ...]) -> float:
     """sampled_vs_training on a bf16 server whose sampler takes logprobs from its decode steps."""
     background = BackgroundServer(server_config(dtype="bfloat16", attention=attention, sampler_logprobs="decode",

@@ -17,6 +17,7 @@ from reference import reference_model, sequence_logprobs, trained_run
 PROMPT = [72, 101, 108, 108, 111, 44, 32]
 RANK = 4
 EARLY_STOPS = list(range(0, 320, 6))  # samples of one request end at different steps
+LONG_PROMPT = np.random.default_rng(3).integers(0, 256, 300).tolist()  # prefilled in two chunks
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +80,20 @@ def test_sampled_logprobs_and_their_top_k_are_the_training_forwards(training_ser
 
 
 def test_prompt_logprobs_and_compute_logprobs_are_the_training_forwards(training_server, training_service, trained):
+    """(In float32 this prompt's prefill, two chunks, rounds apart from one training pass.)"""
     tc, model_path = trained
     sampler = training_service.create_sampling_client(model_path=model_path)
-    response = sampler.sample(gradwire.ModelInput.from_ints(PROMPT), 2, gradwire.SamplingParams(max_tokens=3, seed=0),
+    prompt = gradwire.ModelInput.from_ints(LONG_PROMPT)
+    response = sampler.sample(prompt, 2, gradwire.SamplingParams(max_tokens=3, seed=0),
                               include_prompt_logprobs=True, topk_prompt_logprobs=4).result()
-    training = forward_alone(tc, PROMPT)
-    assert response.prompt_logprobs[0] is None
-    np.testing.assert_array_equal(response.prompt_logprobs[1:], training)
-    assert sampler.compute_logprobs(gradwire.ModelInput.from_ints(PROMPT)).result()[1:] == training.tolist()
-    assert sampler.compute_logprobs(gradwire.ModelInput.from_ints(PROMPT), prompt_logprobs_last_n=2).result() \
-        == [None] * (len(PROMPT) - 2) + training[-2:].tolist()
+    training = forward_alone(tc, LONG_PROMPT).tolist()
+    assert response.prompt_logprobs == [None] + training
+    assert sampler.compute_logprobs(prompt).result() == [None] + training
+    assert sampler.compute_logprobs(prompt, prompt_logprobs_last_n=2).result() \
+        == [None] * (len(LONG_PROMPT) - 2) + training[-2:]
     assert sampler.compute_logprobs(gradwire.ModelInput.from_ints(PROMPT[:1])).result() == [None]
-    expected = torch.topk(sequence_logprobs(reference_model(training_server, tc.model_id, RANK), PROMPT)[:-1], 4, dim=-1)
+    model = reference_model(training_server, tc.model_id, RANK)
+    expected = torch.topk(sequence_logprobs(model, LONG_PROMPT)[:-1], 4, dim=-1)
     assert response.topk_prompt_logprobs[0] is None
     assert [[t for t, _ in row] for row in response.topk_prompt_logprobs[1:]] == expected.indices.tolist()
     np.testing.assert_allclose([[v for _, v in row] for row in response.topk_prompt_logprobs[1:]],
