@@ -27,8 +27,9 @@ the server's device (`--load-format dummy`, default memory settings and dtype):
 7. the gradwire loop vs the naive in-process loop (float32 base, bf16 autocast on
    CUDA, full log_softmax, AdamW) on the same device, tokens/s (goal >= 1.5), and
 8. sampled vs training logprobs of the same tokens, max and mean abs difference
-   (goal <= 0.02 in bf16), and where a difference comes from (the sampler's prefill;
-   the training forward at another batch shape).
+   (goal <= 0.02 in bf16; the sampled ones from the server's --sampler-logprobs), and
+   where a difference comes from (compute_logprobs; the training forward at another
+   batch shape).
 (`--size tiny` runs the same sections on tiny-random, to try them on a CPU.)
 
 Usage: .venv/bin/python scripts/bench.py [--steps 8] [--codec-mib 256] [--size 1b|8b [--calls 50]]
@@ -330,12 +331,12 @@ def memory_in_use(server) -> str:
 
 
 def sampled_vs_training(service, tc) -> list[tuple[str, float, float]]:
-    """(what, max, mean) abs difference of logprobs of the same tokens: sampled vs the
-    training forward of each sequence alone, and, to see where a difference comes from,
-    the sampler's prefill (compute_logprobs) vs that forward, and that forward vs the
-    training forward of all four sequences in one padded batch (the training function's
-    own floor: the kernels of another batch shape). 4 samples of 128 tokens from the
-    run's saved weights."""
+    """(what, max, mean) abs difference of logprobs of the same tokens: sampled (from the
+    server's --sampler-logprobs) vs the training forward of each sequence alone, and vs the
+    training forward of all four sequences in one padded batch (as an RL step trains them);
+    and, to see where a difference comes from, the sampler's compute_logprobs vs the forward
+    alone, and the two training forwards (the training function's own floor: the kernels of
+    another batch shape). 4 samples of 128 tokens from the run's saved weights."""
     prompt = list(range(40, 72))
     sampler = service.create_sampling_client(model_path=tc.save_weights_for_sampler("bench").result().path)
     response = sampler.sample(gradwire.ModelInput.from_ints(prompt), 4,
@@ -352,12 +353,14 @@ def sampled_vs_training(service, tc) -> list[tuple[str, float, float]]:
                  for tokens in sequences]
     sampled = [np.array(sequence.logprobs) for sequence in response.sequences]
 
-    def difference(what: str, ours: list[np.ndarray]) -> tuple[str, float, float]:
-        every = np.concatenate([np.abs(a - b) for a, b in zip(ours, alone)])
+    def difference(what: str, ours: list[np.ndarray], reference: list[np.ndarray]) -> tuple[str, float, float]:
+        every = np.concatenate([np.abs(a - b) for a, b in zip(ours, reference)])
         return what, float(every.max()), float(every.mean())
-    return [difference("sampled vs training logprobs, max / mean abs diff (goal <= 0.02)", sampled),
-            difference("  where from: the sampler's prefill (compute_logprobs) vs training", prefilled),
-            difference("  where from: training, 4 sequences in one batch vs each alone", batched)]
+    source = service.get_server_capabilities().sampler_logprobs
+    return [difference(f"sampled ({source}) vs training logprobs, max / mean abs diff (goal <= 0.02)", sampled, alone),
+            difference("  sampled vs training of the 4 sequences in one batch", sampled, batched),
+            difference("  where from: the sampler's compute_logprobs vs training", prefilled, alone),
+            difference("  where from: training, 4 sequences in one batch vs each alone", batched, alone)]
 
 
 def device_main(size: str, calls: int, steps: int, server_args: list[str]) -> Iterator[tuple[str, str]]:
