@@ -54,16 +54,21 @@ def test_capabilities_say_where_sampler_logprobs_come_from(service, training_ser
     assert service.get_server_capabilities().sampler_logprobs == "decode"  # auto over float32
 
 
-@pytest.mark.parametrize("adapter", ["base", "trained"])
+@pytest.mark.parametrize("adapter", ["base", "trained", "trained rank 3"])
 def test_sampled_logprobs_and_their_top_k_are_the_training_forwards(training_server, training_service, trained,
                                                                     adapter):
+    """(Rank 3: a LoRA scale, 32 / 3, that rounds the delta differently unless applied last, as peft does.)"""
+    rank = 3 if adapter == "trained rank 3" else RANK
     if adapter == "base":  # a fresh run's adapter is zero: the base model
         tc = training_service.create_lora_training_client("tiny-random", rank=RANK, seed=5)
         sampler = training_service.create_sampling_client(base_model="tiny-random")
-    else:
+    elif adapter == "trained":
         tc, model_path = trained
         sampler = training_service.create_sampling_client(model_path=model_path)
-    model = reference_model(training_server, tc.model_id, RANK)
+    else:
+        tc = trained_run(training_service, rank=rank, seed=2)
+        sampler = training_service.create_sampling_client(model_path=tc.save_weights_for_sampler("rank3").result().path)
+    model = reference_model(training_server, tc.model_id, rank)
     requests = [sampler.sample(gradwire.ModelInput.from_ints(prompt), 4,
                                gradwire.SamplingParams(max_tokens=12, seed=11, stop=EARLY_STOPS),
                                topk_sample_logprobs=3) for prompt in (PROMPT, PROMPT[:2])]

@@ -11,7 +11,8 @@ each replay:
   scratch block (their logits are dropped);
 - padding context positions read the zero block and are masked;
 - the batch's LoRA factors are copied into static stacks of the bucket's rank
-  (zero columns past the batch's own), and the per-row mask into a static mask.
+  (zero columns past the batch's own), and the per-row mask and scales into
+  static ones.
 
 A bucket's graph is captured the first time it is needed; all graphs share one
 memory pool (they never run at the same time, and each output is copied out
@@ -60,6 +61,7 @@ class _Bucket:
     tokens: torch.Tensor       # [rows, 1]
     step: Step                 # positions [rows, 1], write_slots [rows], read_slots [rows, context], attend
     mask: torch.Tensor | None  # [rows, 1, rank]
+    scales: torch.Tensor | None  # [modules, rows, 1, 1] float32
     logits: torch.Tensor | None = None  # [rows, V], written by each replay
     graph: torch.cuda.CUDAGraph | None = None
 
@@ -112,6 +114,7 @@ class DecodeGraphs:
             self._load(key, stack)
             bucket.mask.zero_()
             bucket.mask[:rows, :, :stack.rank] = stack.mask(adapters)
+            bucket.scales[:, :rows] = stack.row_scales(adapters)
         if bucket.graph is not None:
             bucket.graph.replay()
         else:
@@ -125,7 +128,8 @@ class DecodeGraphs:
         step = kv_cache.build_step(self.pool, [[SCRATCH_BLOCK]] * key.rows, [0] * key.rows, [1] * key.rows,
                                    self.device, length=key.context)
         bucket = _Bucket(tokens=zeros(key.rows, 1), step=step,
-                         mask=zeros(key.rows, 1, key.rank, dtype=self.pool.dtype) if key.rank else None)
+                         mask=zeros(key.rows, 1, key.rank, dtype=self.pool.dtype) if key.rank else None,
+                         scales=zeros(len(key.modules), key.rows, 1, 1, dtype=torch.float32) if key.rank else None)
         if key.rank and (key.rank, key.modules) not in self._factors:
             self._factors[key.rank, key.modules] = self._new_factors(key)
         if self.capture:
@@ -168,7 +172,8 @@ class DecodeGraphs:
 
     def _forward(self, bucket: _Bucket, key: BucketKey) -> torch.Tensor:
         factors = self._factors.get((key.rank, key.modules))
-        with lora_batch.applied(self.model, factors, bucket.mask) if key.rank else contextlib.nullcontext():
+        with lora_batch.applied(self.model, factors, bucket.mask, bucket.scales) if key.rank \
+                else contextlib.nullcontext():
             return self.model(input_ids=bucket.tokens, attention_mask=bucket.step.attention_mask(self.additive_mask),
                               position_ids=bucket.step.positions, cache=bucket.step, use_cache=True,
                               logits_to_keep=1).logits[:, -1]

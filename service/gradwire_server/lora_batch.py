@@ -4,13 +4,17 @@ S-LoRA idea, in plain torch).
 The model runs with its peft adapter layers switched off (the base weights);
 a forward hook on each adapted Linear adds every row's own low-rank delta.
 The factors of the batch's adapters are stacked along the rank: A [R, in] and
-B·scale [out, R], R the sum of their ranks. One matmul takes every row into
-the stacked rank space, a per-row 0/1 mask keeps the columns of the row's own
-adapter (none for a base-model row), one matmul takes it back:
+B [out, R], R the sum of their ranks. One matmul takes every row into the
+stacked rank space, a per-row 0/1 mask keeps the columns of the row's own
+adapter (none for a base-model row), one matmul takes it back, and the row's
+adapter's scale multiplies the result:
 
-    delta = ((x @ A.T) * mask[row]) @ B.T
+    delta = (((x @ A.T) * mask[row]) @ B.T) * scale[row]
 
-so N adapters cost two matmuls per module, not N.
+so N adapters cost two matmuls per module, not N. The scale comes last, in
+float32, as in peft's own `lora_B(lora_A(x)) * scaling`: a row's delta rounds
+as training's does (scaling B first rounds differently unless the scale is a
+power of two).
 """
 from __future__ import annotations
 
@@ -20,8 +24,8 @@ from collections.abc import Iterator
 import torch
 from peft.tuners.lora import LoraLayer
 
-# module name -> (A [r, in], B * scaling [out, r]) of one adapter.
-AdapterWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
+# module name -> (A [r, in], B [out, r], scaling) of one adapter.
+AdapterWeights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 
 def adapter_weights(model: torch.nn.Module, adapter: str) -> AdapterWeights:
@@ -32,25 +36,24 @@ def adapter_weights(model: torch.nn.Module, adapter: str) -> AdapterWeights:
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             if module.use_dora.get(adapter) or not isinstance(module.lora_A[adapter], torch.nn.Linear):
                 raise ValueError(f"{name}: only plain LoRA on Linear layers can be sampled")
-            a = module.lora_A[adapter].weight.detach()
-            b = module.lora_B[adapter].weight.detach() * module.scaling[adapter]
-            weights[name] = (a, b)
+            weights[name] = (module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach(),
+                             float(module.scaling[adapter]))
     return weights
 
 
 class StackedAdapters:
     """Some adapters' factors stacked along the rank, per module: A [R, in] and
-    B·scale [out, R], in the model's dtype. Adapter k owns the same columns in every
-    module (zeros in a module it leaves alone), so one per-row mask [B, 1, R] serves
-    every module."""
+    B [out, R], in the model's dtype, and their scales. Adapter k owns the same columns
+    in every module (zeros in a module it leaves alone), so one per-row mask [B, 1, R]
+    serves every module."""
 
     def __init__(self, adapters: list[AdapterWeights], device: torch.device, dtype: torch.dtype):
         self.adapters = adapters  # held: the stack is found again by the adapters' identities
         self.dtype = dtype
-        ranks = [max((a.shape[0] for a, _ in weights.values()), default=0) for weights in adapters]
+        ranks = [max((a.shape[0] for a, _, _ in weights.values()), default=0) for weights in adapters]
         self.rank = sum(ranks)
         self.owner = torch.cat([torch.full((r,), k) for k, r in enumerate(ranks)]).to(device)  # [R]
-        shapes = {name: (a.shape[1], b.shape[0]) for weights in adapters for name, (a, b) in weights.items()}
+        shapes = {name: (a.shape[1], b.shape[0]) for weights in adapters for name, (a, b, _) in weights.items()}
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for module, (fan_in, fan_out) in sorted(shapes.items()):
             a_stack = torch.zeros(self.rank, fan_in, dtype=dtype, device=device)
@@ -58,32 +61,43 @@ class StackedAdapters:
             column = 0
             for weights, rank in zip(adapters, ranks):
                 if module in weights:
-                    a, b = weights[module]
+                    a, b, _ = weights[module]
                     a_stack[column:column + a.shape[0]] = a
                     b_stack[:, column:column + a.shape[0]] = b
                 column += rank
             self.factors[module] = (a_stack, b_stack)
+        # [modules, adapters + 1] float32, in the factors' order; the last column (0) is a base-model row's.
+        self.scales = torch.tensor([[weights[module][2] if module in weights else 0.0 for weights in adapters] + [0.0]
+                                    for module in self.factors], dtype=torch.float32, device=device)
 
     def mask(self, rows: list[AdapterWeights | None]) -> torch.Tensor:
         """[B, 1, R]: 1 where row i keeps the column (its adapter rows[i]'s; None: no adapter)."""
+        return (self._row_ids(rows)[:, None] == self.owner[None, :]).to(self.dtype)[:, None, :]
+
+    def row_scales(self, rows: list[AdapterWeights | None]) -> torch.Tensor:
+        """[modules, B, 1, 1] float32, in the factors' order: row i's adapter's scale in each module."""
+        return self.scales[:, self._row_ids(rows)][:, :, None, None]
+
+    def _row_ids(self, rows: list[AdapterWeights | None]) -> torch.Tensor:
+        """[B]: each row's adapter's index among the stacked ones (-1: no adapter)."""
         index = {id(weights): k for k, weights in enumerate(self.adapters)}
-        row_ids = torch.tensor([index[id(w)] if w is not None else -1 for w in rows]).to(self.owner.device)
-        return (row_ids[:, None] == self.owner[None, :]).to(self.dtype)[:, None, :]
+        return torch.tensor([index[id(w)] if w is not None else -1 for w in rows]).to(self.owner.device)
 
 
 @contextlib.contextmanager
-def applied(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor
-            ) -> Iterator[None]:
-    """Adds each row's LoRA delta (factors per module, mask [B, 1, R]) to the
-    adapted modules' outputs while the block runs. The caller switches the peft
-    adapter layers off (their outputs are the base's)."""
+def applied(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
+            scales: torch.Tensor) -> Iterator[None]:
+    """Adds each row's LoRA delta (factors per module, mask [B, 1, R], scales
+    [modules, B, 1, 1] in the factors' order) to the adapted modules' outputs while
+    the block runs. The caller switches the peft adapter layers off (their outputs
+    are the base's)."""
     handles = []
     modules = dict(model.named_modules())
-    for name, (a, b) in factors.items():
-        def add_delta(module, inputs, output, a=a, b=b):
+    for (name, (a, b)), scale in zip(factors.items(), scales, strict=True):
+        def add_delta(module, inputs, output, a=a, b=b, scale=scale):
             # The activation takes the factors' dtype, not the (larger) factors the activation's.
             low_rank = (inputs[0].to(a.dtype) @ a.T) * mask
-            return output + (low_rank @ b.T).to(output.dtype)
+            return output + ((low_rank @ b.T) * scale).to(output.dtype)
         handles.append(modules[name].register_forward_hook(add_delta))
     try:
         yield

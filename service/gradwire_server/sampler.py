@@ -514,7 +514,9 @@ class DecodeLoop:
     def _adapted(self, adapters: list[AdapterWeights | None]) -> contextlib.AbstractContextManager:
         """Rows i of the block's passes add adapters[i]'s LoRA delta (None: the base model's row)."""
         stack = self._stack(adapters)
-        return lora_batch.applied(self.model, stack.factors, stack.mask(adapters)) if stack else contextlib.nullcontext()
+        if stack is None:
+            return contextlib.nullcontext()
+        return lora_batch.applied(self.model, stack.factors, stack.mask(adapters), stack.row_scales(adapters))
 
     def _select(self, keep: list[int]) -> None:
         self._rows = [self._rows[i] for i in keep]
