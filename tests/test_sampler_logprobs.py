@@ -5,6 +5,7 @@ reference's. (The float32 server of the other tests takes them from its decode s
 test_sampling.py; bf16 servers: test_bfloat16.py.)"""
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -122,3 +123,42 @@ def test_a_stream_sends_a_samples_logprobs_with_its_last_piece(training_service,
     assert pieces > 3  # several decode turns, not one final message
     assert tokens == [s.tokens for s in expected]
     assert logprobs == [s.logprobs for s in expected]
+
+
+def test_a_sample_whose_training_pass_runs_out_of_memory_fails_its_request_alone(training_server, training_service,
+                                                                                trained):
+    """The out-of-memory is injected where CUDA's allocator raises it, in the first training
+    pass over a finished sample (a forward without a KV cache): one of the victim request's
+    four samples, which end at different steps. Its other samples leave the batch with it;
+    the bystander, decoded in the same batch, goes on and is exact; the KV cache is all free."""
+    tc, model_path = trained
+    sampler = training_service.create_sampling_client(model_path=model_path)
+    prompt = gradwire.ModelInput.from_ints([1, 2, 3])
+    victim_params = gradwire.SamplingParams(max_tokens=30, seed=4, stop=EARLY_STOPS)
+    failures = []
+
+    def out_of_memory(module, args, kwargs):
+        if kwargs.get("use_cache") is False and not failures:
+            failures.append(kwargs["input_ids"].shape[1])
+            raise torch.OutOfMemoryError("injected")
+
+    decoder = training_server.engine.base.model.get_decoder()
+    handle = training_server.call(lambda: decoder.register_forward_pre_hook(out_of_memory, with_kwargs=True))
+    try:
+        bystander = sampler.sample(prompt, 2, gradwire.SamplingParams(max_tokens=40, seed=1))
+        victim = sampler.sample(prompt, 4, victim_params)
+        with pytest.raises(gradwire.APIStatusError) as raised:
+            victim.result()
+        sequences = bystander.result().sequences
+    finally:
+        training_server.call(handle.remove)
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"scoring a sample ({failures[0] + 1} tokens with its prompt)" in str(raised.value)
+    for sequence in sequences:
+        assert len(sequence.tokens) == 40
+        np.testing.assert_array_equal(sequence.logprobs, forward_alone(tc, [1, 2, 3] + sequence.tokens)[2:])
+    usage = training_service.get_server_capabilities().kv_cache
+    assert (usage["used_bytes"], usage["reserved_bytes"], usage["running_sequences"]) == (0, 0, 0)
+    again = sampler.sample(prompt, 4, victim_params).result().sequences  # the same tokens: the victim's
+    assert len({len(s.tokens) for s in again}) > 1 and min(len(s.tokens) for s in again) < 40
+    assert all(len(s.logprobs) == len(s.tokens) for s in again)

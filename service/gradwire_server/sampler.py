@@ -451,9 +451,14 @@ class DecodeLoop:
                 keep.append(i)
             else:
                 generation.release_sequence(self.pool, sequence)
-                if later:
+                if later and generation.error is None:
                     self._score_sample(generation, sequence)
         self.steps += 1
+        failed = {id(g): g for g, _ in self._rows if g.error is not None}
+        if failed:  # their rows leave; the other requests go on
+            for generation in failed.values():
+                generation.release_all(self.pool)
+            keep = [i for i in keep if self._rows[i][0].error is None]
         if len(keep) < len(self._rows):
             self._select(keep)
             tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
@@ -478,10 +483,16 @@ class DecodeLoop:
         return self._forward(tokens[:, None], tables, starts, [1] * len(starts), adapters, keep=1)[:, -1].float()
 
     def _score_sample(self, generation: Generation, sequence: _Sequence) -> None:
-        """A finished sample's logprobs (and top-k rows) from a training pass over it."""
+        """A finished sample's logprobs (and top-k rows) from a training pass over it. Out
+        of memory there fails its request alone (generation.error)."""
         prompt = generation.spec.prompt
         tokens = np.concatenate([prompt, sequence.tokens]).astype(np.int64)
-        logprobs, top = self._training_pass(tokens, generation.adapter, generation.spec.topk_sample_logprobs)
+        try:
+            logprobs, top = self._training_pass(tokens, generation.adapter, generation.spec.topk_sample_logprobs)
+        except torch.OutOfMemoryError as error:
+            generation.error = torch.OutOfMemoryError(f"scoring a sample ({len(tokens)} tokens with its prompt) by "
+                                                      f"a training pass (--sampler-logprobs training): {error}")
+            return
         completion = slice(len(prompt) - 1, None)
         sequence.logprobs = logprobs[completion].tolist()
         if top is not None:
