@@ -12,6 +12,7 @@ import torch
 
 import gradwire
 from conftest import server_config
+from gradwire_server.kv_cache import BLOCK_TOKENS
 from gradwire_server.server import BackgroundServer
 from reference import reference_model, sequence_logprobs, trained_run
 
@@ -104,6 +105,28 @@ def test_prompt_logprobs_and_compute_logprobs_are_the_training_forwards(training
     assert [[t for t, _ in row] for row in response.topk_prompt_logprobs[1:]] == expected.indices.tolist()
     np.testing.assert_allclose([[v for _, v in row] for row in response.topk_prompt_logprobs[1:]],
                                expected.values.numpy(), rtol=0, atol=1e-5)
+
+
+def test_compute_logprobs_needs_no_kv_cache(tmp_path):
+    """A prompt longer than the whole KV cache holds is scored (a training pass keeps no
+    keys and values), where scoring it by its prefill is refused."""
+    block_bytes = 2 * 2 * 2 * 16 * 4 * BLOCK_TOKENS  # k+v, layers, kv heads, head dim, float32
+    prompt = gradwire.ModelInput.from_ints(LONG_PROMPT)  # 19 blocks of the cache's 8
+    for source in ("training", "decode"):
+        background = BackgroundServer(server_config(sampler_logprobs=source, kv_cache_mb=8 * block_bytes / 2**20,
+                                                    checkpoint_dir=tmp_path / source))
+        service = gradwire.ServiceClient(base_url=background.address)
+        try:
+            sampler = service.create_sampling_client(base_model="tiny-random")
+            if source == "training":
+                tc = service.create_lora_training_client("tiny-random", rank=RANK, seed=5)  # zero adapter: the base
+                assert sampler.compute_logprobs(prompt).result() == [None] + forward_alone(tc, LONG_PROMPT).tolist()
+            else:
+                with pytest.raises(gradwire.BadRequestError, match="KV cache"):
+                    sampler.compute_logprobs(prompt).result()
+        finally:
+            service.close()
+            background.stop()
 
 
 def test_a_stream_sends_a_samples_logprobs_with_its_last_piece(training_service, trained):

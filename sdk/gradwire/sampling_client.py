@@ -69,8 +69,9 @@ class SamplingClient:
         Each sequence's logprobs are the model's unscaled log_softmax at the
         sampled tokens, comparable with training-side logprobs (exactly forward's
         numbers for the sequence when the server's capabilities say
-        sampler_logprobs "training"), and each has a unique sequence_id. With include_prompt_logprobs the response has each
-        prompt token's logprob (first None); topk_prompt_logprobs=k (up to 20)
+        sampler_logprobs "training"), and each has a unique sequence_id. With
+        include_prompt_logprobs the response has each prompt token's logprob
+        (first None); topk_prompt_logprobs=k (up to 20)
         adds the k most likely (token, logprob) pairs at each prompt position
         (first None), topk_sample_logprobs=k the same at each generated position
         (SampledSequence.topk_logprobs). prompt_logprobs_last_n=n scores only the
@@ -103,9 +104,9 @@ class SamplingClient:
         """Yields tokens while they are generated: each piece holds one sample's
         new tokens and logprobs (a server whose sampler_logprobs is "training"
         sends a sample's logprobs all in its last piece); its last piece has
-        stop_reason set. With the
-        same seed the tokens are exactly those sample() returns. Leaving the
-        loop early cancels the generation on the server."""
+        stop_reason set. With the same seed the tokens are exactly those
+        sample() returns. Leaving the loop early cancels the generation on the
+        server."""
         call = self._stream_call(prompt, num_samples, sampling_params)
         try:
             yield from _pieces(call)

@@ -39,21 +39,28 @@ def model_target_logprobs(model: torch.nn.Module, tokens: torch.Tensor, targets:
 @torch.no_grad()
 def model_target_and_top_logprobs(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor,
                                   top: int) -> tuple[torch.Tensor, torch.return_types.topk]:
-    """model_target_logprobs's numbers, and each position's `top` most likely tokens
-    and their logprobs ((values, indices) [B, L, top]) from the same decoder pass."""
+    """model_target_logprobs's numbers (the same chunks of positions, gathered from the
+    same log_softmax), and each position's `top` most likely tokens and their logprobs,
+    (values, indices) [B, L, top]."""
     hidden = model.get_decoder()(input_ids=tokens, use_cache=False).last_hidden_state
     unembed = model.get_output_embeddings()
     vocab_size = unembed.weight.shape[0]
-    logprobs = chunked_target_logprobs(hidden, unembed, targets, vocab_size, _chunk_elements(hidden))
-    positions = max(1, _chunk_elements(hidden) // (tokens.shape[0] * vocab_size))
-    parts = [torch.topk(torch.log_softmax(unembed(hidden[:, start:start + positions]).float(), dim=-1),
-                        min(top, vocab_size), dim=-1) for start in range(0, tokens.shape[1], positions)]
-    return logprobs, torch.return_types.topk((torch.cat([part.values for part in parts], dim=1),
-                                              torch.cat([part.indices for part in parts], dim=1)))
+    chunk = _positions_per_chunk(tokens.shape[0], vocab_size, _chunk_elements(hidden))
+    chosen, best = [], []
+    for start in range(0, tokens.shape[1], chunk):
+        logprobs = torch.log_softmax(unembed(hidden[:, start:start + chunk]).float(), dim=-1)
+        chosen.append(logprobs.gather(-1, targets[:, start:start + chunk]))
+        best.append(torch.topk(logprobs, min(top, vocab_size), dim=-1))
+    return torch.cat(chosen, dim=1), torch.return_types.topk((torch.cat([b.values for b in best], dim=1),
+                                                              torch.cat([b.indices for b in best], dim=1)))
 
 
 def _chunk_elements(hidden: torch.Tensor) -> int:
     return CUDA_LOGITS_CHUNK_ELEMENTS if hidden.device.type == "cuda" else LOGITS_CHUNK_ELEMENTS
+
+
+def _positions_per_chunk(batch: int, vocab_size: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // (batch * vocab_size))
 
 
 def chunked_target_logprobs(hidden: torch.Tensor, unembed: torch.nn.Module, targets: torch.Tensor,
@@ -62,7 +69,7 @@ def chunked_target_logprobs(hidden: torch.Tensor, unembed: torch.nn.Module, targ
     `chunk_elements // (B * vocab_size)` positions at a time (recomputed in backward
     when there is more than one chunk)."""
     batch, length = targets.shape[:2]
-    chunk = max(1, chunk_elements // (batch * vocab_size))
+    chunk = _positions_per_chunk(batch, vocab_size, chunk_elements)
     # One chunk holds the whole micro-batch within the budget: nothing to gain from recomputing it.
     recompute = torch.is_grad_enabled() and length > chunk
     parts = []

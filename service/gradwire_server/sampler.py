@@ -261,14 +261,13 @@ class DecodeLoop:
 
     def __init__(self, model: torch.nn.Module, pool: BlockPool, device: torch.device,
                  base_weights: Callable[[], contextlib.AbstractContextManager], graphs: str = "off",
-                 logprobs: str = "decode"):
+                 logprobs_from: str = "decode"):
         """`graphs`: "captured" replays decode steps as CUDA graphs (decode_graphs);
         "uncaptured" runs the same padded static steps eagerly (how CPU tests check them).
-        `logprobs`: "decode" or "training", where returned logprobs come from (module doc)."""
+        `logprobs_from`: "decode" or "training", where returned logprobs come from (module doc)."""
         self.model, self.pool, self.device = model, pool, device
         self.base_weights = base_weights
-        self.logprobs = logprobs
-        self.training_logprobs = logprobs == "training"
+        self.logprobs_from = logprobs_from
         self._vocab_size = model.get_output_embeddings().weight.shape[0]
         attention = model.config._attn_implementation
         if attention not in ("sdpa", "eager"):
@@ -342,14 +341,15 @@ class DecodeLoop:
             self.turns += 1
 
     def _admit(self) -> None:
-        """Admits waiting requests in arrival order while their worst case fits."""
+        """Admits waiting requests in arrival order while their worst case fits (prompt-only
+        requests scored by a training pass, which need no KV cache, at once)."""
+        if self.logprobs_from == "training":  # prompt-only requests need no KV cache: whatever waits ahead
+            for generation in [g for g in self.waiting if not g.sequences]:
+                self.waiting.remove(generation)
+                generation.scores = self._training_prompt_scores(generation)
+                generation.prefilled = len(generation.spec.prompt)  # done: nothing left to prefill
         while self.waiting:
             generation = self.waiting[0]
-            if self.training_logprobs and not generation.sequences:  # scored by a training pass: no KV cache
-                self.waiting.popleft()
-                generation.scores = self._training_prompt_scores(generation)
-                generation.prefilled = len(generation.spec.prompt)
-                continue
             need = generation.blocks_needed()
             if need > self.pool.usable_blocks:
                 self.waiting.popleft()
@@ -400,7 +400,7 @@ class DecodeLoop:
 
     def _scored_by_prefill(self, generation: Generation) -> bool:
         """Whether the prompt's scores come from its prefill's logits (every position's)."""
-        return generation.want_scores and not self.training_logprobs
+        return generation.want_scores and self.logprobs_from == "decode"
 
     def _finish_prefill(self, generation: Generation, last_logits: torch.Tensor) -> None:
         """Scores the prompt if asked; hands each sample its block table (sharing
@@ -442,7 +442,7 @@ class DecodeLoop:
         all_logprobs = torch.log_softmax(self._logits, dim=-1)
         tokens, logprobs = choose_tokens(self._logits, all_logprobs, [g.settings for g, _ in self._rows],
                                          [s.generator for _, s in self._rows])
-        later = self.training_logprobs  # logprobs and top-k rows from a training pass once a sample ends
+        later = self.logprobs_from == "training"  # logprobs and top-k rows come once a sample ends
         tops = _top_logprobs(all_logprobs, [0 if later else g.spec.topk_sample_logprobs for g, _ in self._rows])
         keep = []
         for i, ((generation, sequence), token, logprob, top) in enumerate(
@@ -499,6 +499,7 @@ class DecodeLoop:
             sequence.topk = list(zip(top[0][completion], top[1][completion]))
 
     def _training_prompt_scores(self, generation: Generation) -> PromptScores:
+        """The prompt's scores from a training pass over the prompt alone."""
         spec = generation.spec
         logprobs, top = self._training_pass(spec.prompt.astype(np.int64), generation.adapter,
                                             spec.topk_prompt_logprobs)

@@ -180,7 +180,7 @@ class GradwireServer:
         log.info("base weights %s on %s; micro-batches of %d tokens, keep-graph budget %.0f MiB "
                  "(%d bytes per token measured)", loaded.dtype, device, plan.micro_batch_tokens,
                  plan.keep_graph_budget_bytes / 2**20, plan.activation_bytes_per_token)
-        info = _model_info(loaded, device, plan, self.config.attention, decode_loop.logprobs)
+        info = _model_info(loaded, device, plan, self.config.attention, decode_loop.logprobs_from)
         self.training.attach(self.engine, self.scheduler, info, adapters, decode_loop.usage)
         self.sampling.attach(self.engine, self.scheduler, info, adapters, decode_loop)
         self.resources.attach(self.scheduler)
@@ -225,7 +225,7 @@ class GradwireServer:
         adapters = SamplerAdapters(self.engine)
         decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights,
                                  graphs="captured" if device.type == "cuda" and config.cuda_graphs else "off",
-                                 logprobs=resolve_sampler_logprobs(config.sampler_logprobs, loaded.dtype))
+                                 logprobs_from=resolve_sampler_logprobs(config.sampler_logprobs, loaded.dtype))
         return loaded, plan, adapters, decode_loop
 
     async def stop(self, grace_s: float = 5.0) -> None:
