@@ -80,7 +80,10 @@ def test_sampled_logprobs_and_their_top_k_are_the_training_forwards(training_ser
         for sequence in sequences:
             tokens = prompt + sequence.tokens
             np.testing.assert_array_equal(sequence.logprobs, forward_alone(tc, tokens)[len(prompt) - 1:])
-            expected = torch.topk(sequence_logprobs(model, tokens)[len(prompt) - 1:-1], 3, dim=-1)
+            reference = sequence_logprobs(model, tokens)[len(prompt) - 1:-1]  # in-process PyTorch, same weights
+            np.testing.assert_allclose(sequence.logprobs, reference.gather(-1, torch.tensor(sequence.tokens)[:, None])
+                                       [:, 0].numpy(), rtol=0, atol=1e-5)
+            expected = torch.topk(reference, 3, dim=-1)
             assert [[t for t, _ in row] for row in sequence.topk_logprobs] == expected.indices.tolist()
             np.testing.assert_allclose([[v for _, v in row] for row in sequence.topk_logprobs],
                                        expected.values.numpy(), rtol=0, atol=1e-5)
