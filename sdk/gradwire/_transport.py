@@ -57,6 +57,9 @@ class Transport:
                 self.check_open()  # closed meanwhile: that, not the CANCELLED it caused
                 if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + pause > give_up:
                     raise error_from_rpc(error) from None
+            except ValueError:  # grpc's "closed channel", when close() came after check_open() above
+                self.check_open()
+                raise
             time.sleep(pause)
 
     def wait_operation(self, name: str, timeout: float | None) -> operations_pb2.Operation:
