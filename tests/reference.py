@@ -322,6 +322,26 @@ def decode_batches(server):
 
 
 @contextlib.contextmanager
+def arriving_while_decoding(server, submit):
+    """While the block runs, the decode loop's first decode step calls submit() (on the
+    worker), so that request joins a batch that is decoding; yields the list that gets
+    submit()'s result (a future, an operation's name)."""
+    loop, submitted = server.server.sampling.loop, []
+    decode_logits = loop._decode_logits
+
+    def submit_then_decode(tokens):
+        if not submitted:
+            submitted.append(submit())
+        return decode_logits(tokens)
+
+    server.call(lambda: setattr(loop, "_decode_logits", submit_then_decode))
+    try:
+        yield submitted
+    finally:
+        server.call(lambda: delattr(loop, "_decode_logits"))
+
+
+@contextlib.contextmanager
 def micro_batch_tokens(server, tokens: int):
     """The server's micro-batch size set to `tokens` until the block ends."""
     engine = server.engine

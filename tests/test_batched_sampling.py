@@ -26,9 +26,9 @@ from gradwire_server.models import tiny_random_model
 from gradwire_server.sampling_task import SampleTask
 from conftest import server_config
 from gradwire_server.server import BackgroundServer
-from reference import (decode_batches, finished, greedy_reference, new_run, operation_metadata, random_data,
-                       raw_request, reference_base_model, reference_model, sequence_logprobs, succeeded,
-                       trained_run, worker_busy)
+from reference import (arriving_while_decoding, decode_batches, finished, greedy_reference, new_run,
+                       operation_metadata, random_data, raw_request, reference_base_model, reference_model,
+                       sequence_logprobs, succeeded, trained_run, worker_busy)
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32]
 RANK = 4
@@ -419,19 +419,44 @@ def test_a_request_that_fails_to_join_mid_turn_gets_its_own_error(server, raw, s
     stub, operations = raw
     alone = finished(operations, stub.Sample(request(dict(model_path=path), 1)).name).error
     assert alone.code == grpc.StatusCode.DATA_LOSS.value[0]
-    loop = server.server.sampling.loop
-    arrived, decode_logits = [], loop._decode_logits
-
-    def arrive_mid_turn(tokens):
-        if not arrived:  # on the worker, between decode steps: the servicer queues its join
-            arrived.append(stub.Sample(request(dict(model_path=path), 1)).name)
-        return decode_logits(tokens)
-
-    server.call(lambda: setattr(loop, "_decode_logits", arrive_mid_turn))
-    try:
+    # (Submitted on the worker, between decode steps: the servicer queues its join.)
+    with arriving_while_decoding(server, lambda: stub.Sample(request(dict(model_path=path), 1)).name) as arrived:
         running = stub.Sample(request(dict(base_model="tiny-random"), 2, max_tokens=20)).name
         assert len(outcome(operations, running)) == 2
         mid_turn = finished(operations, arrived[0]).error
-    finally:
-        server.call(lambda: delattr(loop, "_decode_logits"))
     assert (mid_turn.code, mid_turn.message) == (alone.code, alone.message)
+
+
+def test_a_prefill_pass_that_runs_out_of_memory_fails_its_requests_alone(server, raw):
+    """Out of memory in a prefill pass (injected where CUDA's allocator raises it: the
+    pass of the request that arrives while another decodes) fails that pass's request
+    with RESOURCE_EXHAUSTED; the decoding request finishes with the tokens it gets alone,
+    and the KV cache ends empty."""
+    stub, operations = raw
+    loop = server.server.sampling.loop
+    victim_prompt = PROMPT * 2
+    rows_at_failure = []
+
+    def out_of_memory(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] == len(victim_prompt) and not rows_at_failure:
+            rows_at_failure.append(len(loop._rows))
+            raise torch.OutOfMemoryError("injected")
+
+    bystander = request(dict(base_model="tiny-random"), 2, max_tokens=40, seed=7)
+    decoder = server.engine.base.model.get_decoder()
+    handle = server.call(lambda: decoder.register_forward_pre_hook(out_of_memory, with_kwargs=True))
+    try:
+        with arriving_while_decoding(server, lambda: stub.Sample(
+                request(dict(base_model="tiny-random"), 2, prompt=victim_prompt)).name) as arrived:
+            running = outcome(operations, stub.Sample(bystander).name)
+            failed = finished(operations, arrived[0]).error
+    finally:
+        server.call(handle.remove)
+    assert failed.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert f"prefilling a pass of 1 prompt chunks x {len(victim_prompt)} tokens" in failed.message
+    assert rows_at_failure == [2]  # the bystander's samples were decoding
+    alone = sample_alone(raw, bystander)
+    assert [tokens for tokens, _, _ in running] == [tokens for tokens, _, _ in alone]
+    usage = loop.usage()
+    assert (usage.used_bytes, usage.reserved_bytes, usage.running_sequences) == (0, 0, 0)
+    assert len(sample_alone(raw, request(dict(base_model="tiny-random"), 2, prompt=victim_prompt))) == 2

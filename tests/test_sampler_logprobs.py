@@ -5,6 +5,8 @@ reference's. (The float32 server of the other tests takes them from its decode s
 test_sampling.py; bf16 servers: test_bfloat16.py.)"""
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import gradwire
 from conftest import server_config
 from gradwire_server.kv_cache import BLOCK_TOKENS
 from gradwire_server.server import BackgroundServer
-from reference import reference_model, sequence_logprobs, trained_run
+from reference import arriving_while_decoding, reference_model, sequence_logprobs, trained_run
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32]
 RANK = 4
@@ -151,35 +153,45 @@ def test_a_stream_sends_a_samples_logprobs_with_its_last_piece(training_service,
     assert logprobs == [s.logprobs for s in expected]
 
 
+@contextlib.contextmanager
+def raising_in_a_training_pass(server, length: int | None, error: Exception):
+    """While the block runs, the first training pass (a forward without a KV cache) over
+    `length` input tokens (None: any) raises `error`, where CUDA's allocator raises out of
+    memory; yields the list that gets (its input length, the rows decoding at that moment)."""
+    failures, loop = [], server.server.sampling.loop
+
+    def fail(module, args, kwargs):
+        inputs = kwargs["input_ids"].shape[1]
+        if kwargs.get("use_cache") is False and length in (None, inputs) and not failures:
+            failures.append((inputs, len(loop._rows)))
+            raise error
+
+    decoder = server.engine.base.model.get_decoder()
+    handle = server.call(lambda: decoder.register_forward_pre_hook(fail, with_kwargs=True))
+    try:
+        yield failures
+    finally:
+        server.call(handle.remove)
+
+
 def test_a_sample_whose_training_pass_runs_out_of_memory_fails_its_request_alone(training_server, training_service,
                                                                                 trained):
     """The out-of-memory is injected where CUDA's allocator raises it, in the first training
-    pass over a finished sample (a forward without a KV cache): one of the victim request's
-    four samples, which end at different steps. Its other samples leave the batch with it;
-    the bystander, decoded in the same batch, goes on and is exact; the KV cache is all free."""
+    pass over a finished sample: one of the victim request's four samples, which end at
+    different steps. Its other samples leave the batch with it; the bystander, decoded in
+    the same batch, goes on and is exact; the KV cache is all free."""
     tc, model_path = trained
     sampler = training_service.create_sampling_client(model_path=model_path)
     prompt = gradwire.ModelInput.from_ints([1, 2, 3])
     victim_params = gradwire.SamplingParams(max_tokens=30, seed=4, stop=EARLY_STOPS)
-    failures = []
-
-    def out_of_memory(module, args, kwargs):
-        if kwargs.get("use_cache") is False and not failures:
-            failures.append(kwargs["input_ids"].shape[1])
-            raise torch.OutOfMemoryError("injected")
-
-    decoder = training_server.engine.base.model.get_decoder()
-    handle = training_server.call(lambda: decoder.register_forward_pre_hook(out_of_memory, with_kwargs=True))
-    try:
+    with raising_in_a_training_pass(training_server, None, torch.OutOfMemoryError("injected")) as failures:
         bystander = sampler.sample(prompt, 2, gradwire.SamplingParams(max_tokens=40, seed=1))
         victim = sampler.sample(prompt, 4, victim_params)
         with pytest.raises(gradwire.APIStatusError) as raised:
             victim.result()
         sequences = bystander.result().sequences
-    finally:
-        training_server.call(handle.remove)
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert f"scoring a sample ({failures[0] + 1} tokens with its prompt)" in str(raised.value)
+    assert f"scoring a sample ({failures[0][0] + 1} tokens with its prompt)" in str(raised.value)
     for sequence in sequences:
         assert len(sequence.tokens) == 40
         np.testing.assert_array_equal(sequence.logprobs, forward_alone(tc, [1, 2, 3] + sequence.tokens)[2:])
@@ -188,3 +200,67 @@ def test_a_sample_whose_training_pass_runs_out_of_memory_fails_its_request_alone
     again = sampler.sample(prompt, 4, victim_params).result().sequences  # the same tokens: the victim's
     assert len({len(s.tokens) for s in again}) > 1 and min(len(s.tokens) for s in again) < 40
     assert all(len(s.logprobs) == len(s.tokens) for s in again)
+
+
+@pytest.mark.parametrize("scored_by", ["compute_logprobs", "sample"])
+def test_a_prompt_whose_training_pass_runs_out_of_memory_fails_its_request_alone(training_server, training_service,
+                                                                                 trained, scored_by):
+    """A prompt's length is the client's to choose, and so is its training pass's memory:
+    out of memory there (in the pass over the victim's 300-token prompt, which arrives while
+    another request's samples decode) fails that request alone, for compute_logprobs (scored
+    as it is admitted) and a sample's prompt logprobs (scored after its prefill)."""
+    tc, model_path = trained
+    sampler = training_service.create_sampling_client(model_path=model_path)
+    prompt = gradwire.ModelInput.from_ints(LONG_PROMPT)
+
+    def victim() -> gradwire.APIFuture:
+        if scored_by == "compute_logprobs":
+            return sampler.compute_logprobs(prompt)
+        return sampler.sample(prompt, 2, gradwire.SamplingParams(max_tokens=5, seed=2), include_prompt_logprobs=True)
+
+    with raising_in_a_training_pass(training_server, len(LONG_PROMPT) - 1, torch.OutOfMemoryError("injected")) \
+            as failures, arriving_while_decoding(training_server, victim) as submitted:
+        sequences = sampler.sample(gradwire.ModelInput.from_ints([1, 2, 3]), 2,
+                                   gradwire.SamplingParams(max_tokens=60, seed=1)).result(timeout=120).sequences
+        with pytest.raises(gradwire.APIStatusError) as raised:
+            submitted[0].result(timeout=120)  # (a failure out of the loop's reach waited forever)
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"scoring a prompt ({len(LONG_PROMPT)} tokens) by a training pass" in str(raised.value)
+    assert failures[0][1] == 2  # the bystander's samples were decoding
+    for sequence in sequences:
+        assert len(sequence.tokens) == 60
+        np.testing.assert_array_equal(sequence.logprobs, forward_alone(tc, [1, 2, 3] + sequence.tokens)[2:])
+    usage = training_service.get_server_capabilities().kv_cache
+    assert (usage["used_bytes"], usage["reserved_bytes"], usage["running_sequences"]) == (0, 0, 0)
+    training = forward_alone(tc, LONG_PROMPT).tolist()
+    again = victim().result()
+    assert (again if scored_by == "compute_logprobs" else again.prompt_logprobs) == [None] + training
+
+
+@pytest.mark.parametrize("scored_by", ["compute_logprobs", "sample"])
+def test_any_other_failure_of_a_prompts_training_pass_fails_the_loop_and_waits_for_nothing(training_server,
+                                                                                          training_service, trained,
+                                                                                          scored_by):
+    """Not out of memory (a bug's error, injected): the loop's state is unknown, so every
+    request in it fails, the one being scored too. (That one waited forever when its pass ran
+    outside every list the loop's failure reaches and another request's task ran the turn:
+    the bystander's, here, which decodes when the victim arrives.) Then the loop serves again."""
+    _, model_path = trained
+    sampler = training_service.create_sampling_client(model_path=model_path)
+    prompt = gradwire.ModelInput.from_ints(LONG_PROMPT)
+
+    def victim() -> gradwire.APIFuture:
+        if scored_by == "compute_logprobs":
+            return sampler.compute_logprobs(prompt)
+        return sampler.sample(prompt, 2, gradwire.SamplingParams(max_tokens=5), include_prompt_logprobs=True)
+
+    with raising_in_a_training_pass(training_server, len(LONG_PROMPT) - 1, RuntimeError("injected failure")) \
+            as failures, arriving_while_decoding(training_server, victim) as submitted:
+        bystander = sampler.sample(gradwire.ModelInput.from_ints([1, 2, 3]), 2,
+                                   gradwire.SamplingParams(max_tokens=60, seed=1))
+        with pytest.raises(gradwire.APIStatusError, match="injected failure"):
+            bystander.result(timeout=120)
+        with pytest.raises(gradwire.APIStatusError, match="injected failure"):
+            submitted[0].result(timeout=120)
+    assert failures[0][1] == 2
+    assert len(sampler.compute_logprobs(prompt).result(timeout=120)) == len(LONG_PROMPT)

@@ -345,8 +345,8 @@ class DecodeLoop:
         requests scored by a training pass, which need no KV cache, at once)."""
         if self.logprobs_from == "training":  # prompt-only requests need no KV cache: whatever waits ahead
             for generation in [g for g in self.waiting if not g.sequences]:
+                self._score_prompt(generation)  # (still waiting: a failure of the loop reaches it)
                 self.waiting.remove(generation)
-                generation.scores = self._training_prompt_scores(generation)
                 generation.prefilled = len(generation.spec.prompt)  # done: nothing left to prefill
         while self.waiting:
             generation = self.waiting[0]
@@ -387,16 +387,24 @@ class DecodeLoop:
                 while len(generation.prompt_blocks) * BLOCK_TOKENS < start + count:
                     generation.prompt_blocks.append(generation.take(self.pool))
                 tokens[row, width - count:] = generation.spec.prompt[start:start + count]
-            logits = self._forward(torch.from_numpy(tokens).to(self.device), [g.prompt_blocks for g, _ in batch],
-                                   [g.prefilled for g, _ in batch], [c for _, c in batch],
-                                   [g.adapter for g, _ in batch], keep=0 if scored else 1).float()
+            try:
+                logits = self._forward(torch.from_numpy(tokens).to(self.device), [g.prompt_blocks for g, _ in batch],
+                                       [g.prefilled for g, _ in batch], [c for _, c in batch],
+                                       [g.adapter for g, _ in batch], keep=0 if scored else 1).float()
+            except torch.OutOfMemoryError as error:  # fails this pass's requests alone: no other row was in it
+                for generation, _ in batch:
+                    generation.error = torch.OutOfMemoryError(
+                        f"prefilling a pass of {len(batch)} prompt chunks x {width} tokens: {error}")
+                    self.prefilling.remove(generation)
+                    generation.release_all(self.pool)
+                continue
             for row, (generation, count) in enumerate(batch):
                 generation.prefilled += count
                 if scored:
                     generation.prompt_logits.append(logits[0])
                 if generation.prefill_done:
-                    self.prefilling.remove(generation)
                     self._finish_prefill(generation, logits[row, -1:])
+                    self.prefilling.remove(generation)
 
     def _scored_by_prefill(self, generation: Generation) -> bool:
         """Whether the prompt's scores come from its prefill's logits (every position's)."""
@@ -412,8 +420,8 @@ class DecodeLoop:
             generation.scores = _prompt_scores_from_logits(logits, torch.from_numpy(prompt).to(self.device),
                                                            generation.spec)
         elif generation.want_scores:
-            generation.scores = self._training_prompt_scores(generation)
-        if not generation.sequences:
+            self._score_prompt(generation)
+        if not generation.sequences or generation.error is not None:
             generation.release_all(self.pool)
             return
         full, partial = divmod(len(prompt), BLOCK_TOKENS)
@@ -487,23 +495,35 @@ class DecodeLoop:
         of memory there fails its request alone (generation.error)."""
         prompt = generation.spec.prompt
         tokens = np.concatenate([prompt, sequence.tokens]).astype(np.int64)
-        try:
-            logprobs, top = self._training_pass(tokens, generation.adapter, generation.spec.topk_sample_logprobs)
-        except torch.OutOfMemoryError as error:
-            generation.error = torch.OutOfMemoryError(f"scoring a sample ({len(tokens)} tokens with its prompt) by "
-                                                      f"a training pass (--sampler-logprobs training): {error}")
+        scored = self._request_training_pass(generation, tokens, generation.spec.topk_sample_logprobs,
+                                             f"a sample ({len(tokens)} tokens with its prompt)")
+        if scored is None:
             return
+        logprobs, top = scored
         completion = slice(len(prompt) - 1, None)
         sequence.logprobs = logprobs[completion].tolist()
         if top is not None:
             sequence.topk = list(zip(top[0][completion], top[1][completion]))
 
-    def _training_prompt_scores(self, generation: Generation) -> PromptScores:
-        """The prompt's scores from a training pass over the prompt alone."""
+    def _score_prompt(self, generation: Generation) -> None:
+        """The prompt's scores from a training pass over the prompt alone. Out of memory
+        there fails its request alone (generation.error)."""
         spec = generation.spec
-        logprobs, top = self._training_pass(spec.prompt.astype(np.int64), generation.adapter,
-                                            spec.topk_prompt_logprobs)
-        return _prompt_scores(logprobs, top, spec)
+        scored = self._request_training_pass(generation, spec.prompt.astype(np.int64), spec.topk_prompt_logprobs,
+                                             f"a prompt ({len(spec.prompt)} tokens)")
+        if scored is not None:
+            generation.scores = _prompt_scores(*scored, spec)
+
+    def _request_training_pass(self, generation: Generation, tokens: np.ndarray, top: int, what: str
+                               ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None] | None:
+        """_training_pass for one request, whose length is the client's to choose: out of
+        memory fails that request alone (generation.error; None), not the loop."""
+        try:
+            return self._training_pass(tokens, generation.adapter, top)
+        except torch.OutOfMemoryError as error:
+            generation.error = torch.OutOfMemoryError(
+                f"scoring {what} by a training pass (--sampler-logprobs training): {error}")
+            return None
 
     def _training_pass(self, tokens: np.ndarray, adapter: AdapterWeights | None, top: int
                        ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
