@@ -152,6 +152,28 @@ def test_stop_token_stop_string_and_length(base_sampler, base_model):
     assert never.stop_reason == "length" and never.tokens == greedy[:6]
 
 
+def test_stop_strings_are_matched_in_the_text_without_special_tokens(base_sampler):
+    """As vLLM's samplers: "<|im_end|>" and "<|im_start|>", special tokens these samples
+    draw, hold none of the stop strings' characters. Each sample ends at the first token whose
+    completion, decoded without special tokens, holds a stop string (the same seed draws the
+    same tokens up to there)."""
+    tokenizer = tiny_random_tokenizer()
+    prompt = tokenizer.encode("Hello")
+    free = sample(base_sampler, 4, prompt, max_tokens=30, seed=7).sequences
+    stops = ["|", "<", "e"]
+    stopped = sample(base_sampler, 4, prompt, max_tokens=30, seed=7, stop=stops).sequences
+    special_before_the_end = False
+    for free_sequence, sequence in zip(free, stopped):
+        tokens = free_sequence.tokens
+        end = next((j + 1 for j in range(len(tokens))
+                    if any(stop in tokenizer.decode(tokens[:j + 1], skip_special_tokens=True) for stop in stops)),
+                   None)
+        assert sequence.tokens == tokens[:end]
+        assert sequence.stop_reason == ("length" if end is None else "stop")
+        special_before_the_end |= bool(set(tokens[:end]) & set(tokenizer.all_special_ids))
+    assert special_before_the_end  # (else this test tests nothing)
+
+
 # ---- streaming ----------------------------------------------------------------------------------------
 
 def test_stream_yields_the_tokens_of_sample(service, trained):

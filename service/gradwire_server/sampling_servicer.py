@@ -109,13 +109,17 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         else:
             checkpoint = sampling_validation.weights_checkpoint(request, info.names, self.checkpoint_root)
         spec = validate(info)
-        task = SampleTask(self.loop, self.adapters, checkpoint, spec, self.engine.base.tokenizer.decode,
-                          stream=stream)
+        task = SampleTask(self.loop, self.adapters, checkpoint, spec, self._completion_text, stream=stream)
         record = self.scheduler.submit_unordered(OPERATION_OWNER, kind, task)
         self.loop.arrive(task.join)  # joins a running batch at its next step
         if request.request_id and not stream:
             self._remember(request.request_id, record.operation.name)
         return record
+
+    def _completion_text(self, tokens: list[int]) -> str:
+        """The text stop strings are matched in: without special tokens (as vLLM's, which
+        Tinker's samplers follow), so "<|im_end|>" holds no "e" and no "|"."""
+        return self.engine.base.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _remember(self, request_id: str, operation: str) -> None:
         """Maps request_id -> operation for retries, forgetting operations the store dropped."""
