@@ -250,6 +250,29 @@ def test_create_is_idempotent_per_request_id(server, service, stubs):
         assert other != first and set(server.engine.runs) - runs_before == {first, other}
 
 
+def test_a_request_id_sent_again_with_other_fields_is_refused(server, service, stubs):
+    """Not a retry: the first request's run would be this one's silently (a rank-2 run for a
+    rank-8 request). ALREADY_EXISTS names the request_id, and nothing is created."""
+    stub, _ = stubs
+    path = trained_run(service).save_state("reused-id").result().path
+    first = stub.CreateModel(pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=2),
+                                                   request_id="reused")).model_id
+    runs = set(server.engine.runs)
+    for create, request in [
+            (stub.CreateModel, pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=8),
+                                                     request_id="reused")),
+            (stub.CreateModel, pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=2),
+                                                     user_metadata={"a": "b"}, request_id="reused")),
+            (stub.CreateModelFromState, pb.CreateModelFromStateRequest(path=path, request_id="reused"))]:
+        with pytest.raises(grpc.RpcError) as raised:
+            create(request)
+        assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "request_id 'reused' was sent before with other fields" in raised.value.details()
+    assert set(server.engine.runs) == runs
+    assert stub.CreateModel(pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=2),
+                                                  request_id="reused")).model_id == first
+
+
 def test_a_failed_index_write_does_not_fail_a_change_already_made(server, service, caplog):
     """If the run index cannot be written after the engine changed a run (here a real
     SQLite error from a trigger), the optimizer step, load or creation still succeeds."""

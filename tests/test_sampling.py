@@ -284,7 +284,8 @@ def test_async_twins_and_client_futures(service, base_sampler):
 
 
 def test_sample_is_a_long_running_operation(server):
-    """Sample answers with an Operation that Operations.Get / Wait / Delete serve."""
+    """Sample answers with an Operation that Operations.Get / Wait / Delete serve; a retry
+    (the same request_id) gets it again, the request_id with other fields is refused."""
     channel = grpc.insecure_channel(server.address)
     operations = operations_pb2_grpc.OperationsStub(channel)
     request = pb.SampleRequest(base_model="tiny-random", prompt=[codec.tokens_to_chunk(np.array(PROMPT))],
@@ -299,10 +300,22 @@ def test_sample_is_a_long_running_operation(server):
     done.response.Unpack(response)
     assert np.frombuffer(response.sequences[0].tokens, "<i4").tolist() == greedy_reference(
         reference_base_model(server), PROMPT, 4)
+    for other in (pb.SampleRequest(base_model="tiny-random", prompt=request.prompt, request_id="retried-sample",
+                                   sampling_params=pb.SamplingParams(max_tokens=5, temperature=0.0)),
+                  pb.ComputeLogprobsRequest(base_model="tiny-random", prompt=request.prompt,
+                                            request_id="retried-sample")):
+        rpc = getattr(pb_grpc.SamplingServiceStub(channel), type(other).__name__.removesuffix("Request"))
+        with pytest.raises(grpc.RpcError) as reused:  # not a retry: it would get the first one's result
+            rpc(other)
+        assert reused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert f"request_id 'retried-sample' was sent before with other fields ({operation.name})" \
+            in reused.value.details()
     operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=operation.name))
     with pytest.raises(grpc.RpcError) as raised:
         operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    # Its operation is gone: the request_id is free again.
+    assert pb_grpc.SamplingServiceStub(channel).ComputeLogprobs(other).name != operation.name
     channel.close()
 
 

@@ -100,6 +100,14 @@ def already_used(seq_id: int, operation: str) -> ServiceError:
                         "when it carries the first request's request_id", "SEQ_ID_ALREADY_USED")
 
 
+def request_id_reused(request_id: str, first: str) -> ServiceError:
+    """A request_id sent again with other fields: not a retry (AIP-155), and the first
+    request's result would be this one's silently."""
+    return ServiceError(grpc.StatusCode.ALREADY_EXISTS,
+                        f"request_id {cut(request_id)!r} was sent before with other fields ({first}); a retry repeats "
+                        "the first request exactly, and a new request needs a new request_id", "REQUEST_ID_REUSED")
+
+
 def internal(error: BaseException) -> ServiceError:
     return ServiceError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}", "INTERNAL")
 

@@ -11,13 +11,15 @@ from google.protobuf import empty_pb2
 from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
 from gradwire_server import sampling_validation
 from gradwire_server.engine import Engine
-from gradwire_server.errors import FieldViolation, ServiceError, abort, abort_with_status, invalid_argument
+from gradwire_server.errors import (FieldViolation, ServiceError, abort, abort_with_status, invalid_argument,
+                                    request_id_reused)
 from gradwire_server.operations import OperationStore
 from gradwire_server.sampler import DecodeLoop, SampleSpec
 from gradwire_server.sampler_weights import SamplerAdapters, is_ephemeral_path
 from gradwire_server.sampling_task import SampleTask
 from gradwire_server.scheduler import Scheduler
 from gradwire_server.training_servicer import ModelInfo, loaded
+from gradwire_server.validation import request_fingerprint
 
 OPERATION_OWNER = "sampling"  # operations are named operations/sampling/...
 _MAX_REMEMBERED_REQUESTS = 4096  # request_ids kept before forgetting finished, dropped operations
@@ -32,7 +34,8 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         self.info: ModelInfo | None = None
         self.adapters: SamplerAdapters | None = None
         self.loop: DecodeLoop | None = None
-        self._operation_of_request: dict[str, str] = {}
+        # request_id -> (its operation, its request's fingerprint)
+        self._operation_of_request: dict[str, tuple[str, bytes]] = {}
 
     def attach(self, engine: Engine, scheduler: Scheduler, info: ModelInfo, adapters: SamplerAdapters,
                loop: DecodeLoop) -> None:
@@ -100,10 +103,15 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         info = self._ready()
         existing = self._operation_of_request.get(request.request_id) if request.request_id else None
         if existing is not None and not stream:
+            operation, fingerprint = existing
             try:
-                return self.store.get(existing)
+                record = self.store.get(operation)
             except ServiceError:
                 del self._operation_of_request[request.request_id]  # expired or deleted: a new request
+            else:
+                if fingerprint != request_fingerprint(request):
+                    raise request_id_reused(request.request_id, operation)
+                return record
         if request.WhichOneof("model") == "model_path" and is_ephemeral_path(request.model_path):
             checkpoint = self.adapters.snapshot(request.model_path)
         else:
@@ -113,7 +121,7 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         record = self.scheduler.submit_unordered(OPERATION_OWNER, kind, task)
         self.loop.arrive(task.join)  # joins a running batch at its next step
         if request.request_id and not stream:
-            self._remember(request.request_id, record.operation.name)
+            self._remember(request.request_id, record.operation.name, request_fingerprint(request))
         return record
 
     def _completion_text(self, tokens: list[int]) -> str:
@@ -121,12 +129,13 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         Tinker's samplers follow), so "<|im_end|>" holds no "e" and no "|"."""
         return self.engine.base.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def _remember(self, request_id: str, operation: str) -> None:
+    def _remember(self, request_id: str, operation: str, fingerprint: bytes) -> None:
         """Maps request_id -> operation for retries, forgetting operations the store dropped."""
         if len(self._operation_of_request) >= _MAX_REMEMBERED_REQUESTS:
             live = set(self.store.names(f"operations/{OPERATION_OWNER}/"))
-            self._operation_of_request = {r: o for r, o in self._operation_of_request.items() if o in live}
-        self._operation_of_request[request_id] = operation
+            self._operation_of_request = {r: kept for r, kept in self._operation_of_request.items()
+                                          if kept[0] in live}
+        self._operation_of_request[request_id] = (operation, fingerprint)
 
     def _ready(self) -> ModelInfo:
         return loaded(self.info)

@@ -21,7 +21,8 @@ from gradwire_server.checkpoint_ops import CheckpointOps
 from gradwire_server.batch import AdamSettings
 from gradwire_server.engine import Engine, NonFiniteStep
 from gradwire_server.errors import (FieldViolation, ServiceError, abort, abort_with_status, already_exists,
-                                    cancelled, cut, failed_precondition, invalid_argument, not_found)
+                                    cancelled, cut, failed_precondition, invalid_argument, not_found,
+                                    request_id_reused)
 from gradwire_server.loss_task import LossTask, output_records
 from gradwire_server.losses import LOSSES
 from gradwire_server.memory import MemoryPlan
@@ -76,8 +77,9 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         self.ops: CheckpointOps | None = None
         self.kv_cache_usage: Callable[[], object] | None = None  # the sampler's KV cache use (a dataclass)
         self.adapters: SamplerAdapters | None = None
-        # request_id -> the creation it started (a retry awaits the same one), newest last.
-        self._creations: OrderedDict[str, asyncio.Future] = OrderedDict()
+        # request_id -> (its request's fingerprint, the creation it started: a retry awaits the
+        # same one), newest last.
+        self._creations: OrderedDict[str, tuple[bytes, asyncio.Future]] = OrderedDict()
         # Checkpoint path -> the operation of a save of it admitted in this process.
         self._saves: dict[str, str] = {}
 
@@ -129,8 +131,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                 record_change(f"new run {run_id}", index.add_run, run_id, info.name, lora, user_metadata)
                 return run_id
 
-            run_id = await self._create_once(request.request_id,
-                                             lambda: self.scheduler.run_on_worker("create", create))
+            run_id = await self._create_once(request, lambda: self.scheduler.run_on_worker("create", create))
             return pb.CreateModelResponse(model_id=run_id)
         except ServiceError as error:
             await abort(context, error)
@@ -219,7 +220,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                 return await self.scheduler.run_on_worker(
                     "create_from_state", lambda: ops.create_from_state(path, optimizer, user_metadata))
 
-            run_id = await self._create_once(request.request_id, create)
+            run_id = await self._create_once(request, create)
             return pb.CreateModelResponse(model_id=run_id)
         except ServiceError as error:
             await abort(context, error)
@@ -293,25 +294,32 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         except ServiceError:  # expired or deleted: finished long ago
             return True
 
-    async def _create_once(self, request_id: str, create: Callable[[], Awaitable[str]]) -> str:
+    async def _create_once(self, request, create: Callable[[], Awaitable[str]]) -> str:
         """create()'s run id; a repeated request_id (a retry, AIP-155) gets the run of
-        the first request instead of creating another."""
+        the first request instead of creating another (ALREADY_EXISTS if its fields differ)."""
+        request_id = request.request_id
         validation.request_id(request_id)
         if not request_id:
             return await create()
+        fingerprint = validation.request_fingerprint(request)
         creation = self._creations.get(request_id)
         if creation is None:
-            creation = self._creations[request_id] = asyncio.ensure_future(create())
+            creation = asyncio.ensure_future(create())
+            self._creations[request_id] = (fingerprint, creation)
             creation.add_done_callback(lambda done: self._forget_failed(request_id, done))
             while len(self._creations) > REMEMBERED_CREATIONS:
                 self._creations.popitem(last=False)
+        else:
+            first, creation = creation
+            if first != fingerprint:
+                raise request_id_reused(request_id, f"by a {type(request).__name__}")
         # Shielded: a caller that disconnects does not cancel the creation its retry will get.
         return await asyncio.shield(creation)
 
     def _forget_failed(self, request_id: str, creation: asyncio.Future) -> None:
         """A failed creation created nothing: a retry of it tries again."""
         if (creation.cancelled() or creation.exception() is not None) \
-                and self._creations.get(request_id) is creation:
+                and self._creations.get(request_id, (None, None))[1] is creation:
             del self._creations[request_id]
 
     async def ForwardStream(self, request_iterator, context):

@@ -3,10 +3,12 @@ INVALID_ARGUMENT naming each offending datum index and field. Nothing here
 touches the model, so a rejected request changes nothing."""
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from google.protobuf import message
 
 from gradwire.v1 import codec
 from gradwire.v1 import training_service_pb2 as pb
@@ -104,6 +106,13 @@ def request_id(value: str) -> None:
     if len(value) > MAX_REQUEST_ID_CHARS:
         raise invalid_argument([FieldViolation(
             "request_id", f"has {len(value)} characters, at most {MAX_REQUEST_ID_CHARS} are allowed")])
+
+
+def request_fingerprint(request: message.Message) -> bytes:
+    """What a retry of a request_id must repeat: the request's kind and fields, digested."""
+    digest = hashlib.blake2b(request.DESCRIPTOR.full_name.encode(), digest_size=16)
+    digest.update(request.SerializeToString(deterministic=True))
+    return digest.digest()
 
 
 def _data(datums: Sequence, spec, vocab_size: int, max_context: int, index_offset: int,
