@@ -71,9 +71,10 @@ class DecodeGraphs:
     inside the decode loop's `base_weights` block (the graphs record the model as it
     computes there)."""
 
-    def __init__(self, model: torch.nn.Module, pool: BlockPool, device: torch.device, additive_mask: bool,
-                 capture: bool = True):
-        self.model, self.pool, self.device = model, pool, device
+    def __init__(self, model: torch.nn.Module, linears: dict[str, torch.nn.Linear], pool: BlockPool,
+                 device: torch.device, additive_mask: bool, capture: bool = True):
+        """`linears`: the model's adaptable Linears by name (lora_batch.adaptable_linears)."""
+        self.model, self.linears, self.pool, self.device = model, linears, pool, device
         self.additive_mask = additive_mask     # eager attention: see Step.attention_mask
         self.capture = capture
         self.enabled = True                    # False after a capture failed: every step eager
@@ -149,10 +150,9 @@ class DecodeGraphs:
 
     def _new_factors(self, key: BucketKey) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Static A [rank, in] and B [out, rank] per adapted module, in the pool's dtype (the model's)."""
-        modules = dict(self.model.named_modules())
         factors = {}
         for name in key.modules:
-            weight = modules[name].weight
+            weight = self.linears[name].weight
             factors[name] = (torch.zeros(key.rank, weight.shape[1], dtype=self.pool.dtype, device=self.device),
                              torch.zeros(weight.shape[0], key.rank, dtype=self.pool.dtype, device=self.device))
         return factors
@@ -172,7 +172,7 @@ class DecodeGraphs:
 
     def _forward(self, bucket: _Bucket, key: BucketKey) -> torch.Tensor:
         factors = self._factors.get((key.rank, key.modules))
-        with lora_batch.applied(self.model, factors, bucket.mask, bucket.scales) if key.rank \
+        with lora_batch.applied(self.linears, factors, bucket.mask, bucket.scales) if key.rank \
                 else contextlib.nullcontext():
             return self.model(input_ids=bucket.tokens, attention_mask=bucket.step.attention_mask(self.additive_mask),
                               position_ids=bucket.step.positions, cache=bucket.step, use_cache=True,

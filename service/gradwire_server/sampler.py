@@ -273,8 +273,9 @@ class DecodeLoop:
         if attention not in ("sdpa", "eager"):
             raise ValueError(f"the sampler needs sdpa or eager attention, not {attention!r}")
         self._additive_mask = attention == "eager"
-        self.graphs = None if graphs == "off" else DecodeGraphs(model, pool, device, self._additive_mask,
-                                                                 capture=graphs == "captured")
+        self._linears = lora_batch.adaptable_linears(model)
+        self.graphs = None if graphs == "off" else DecodeGraphs(model, self._linears, pool, device,
+                                                                 self._additive_mask, capture=graphs == "captured")
         self._arrivals: deque[Callable[[], None]] = deque()  # joins of requests that arrived (any thread)
         self.waiting: deque[Generation] = deque()   # not admitted yet (KV budget)
         self.prefilling: list[Generation] = []
@@ -548,7 +549,7 @@ class DecodeLoop:
         stack = self._stack(adapters)
         if stack is None:
             return contextlib.nullcontext()
-        return lora_batch.applied(self.model, stack.factors, stack.mask(adapters), stack.row_scales(adapters))
+        return lora_batch.applied(self._linears, stack.factors, stack.mask(adapters), stack.row_scales(adapters))
 
     def _select(self, keep: list[int]) -> None:
         self._rows = [self._rows[i] for i in keep]
