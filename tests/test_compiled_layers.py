@@ -1,7 +1,8 @@
 """--compile: training runs the decoder layers through torch.compile. Logprobs and
 gradients (built-in and custom losses) equal in-process peft on the same weights;
-every run shares the compiled graphs (no compile per run or per shape); sampling,
-which stays eager, is unchanged."""
+every run shares the compiled graphs (no compile per run or per shape); decode steps,
+which stay eager, are unchanged, and the sampler's training passes (--sampler-logprobs
+training) run the compiled graphs, so its logprobs are forward's."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,9 @@ from gradwire_server.engine import Engine
 from gradwire_server.models import load_model
 from gradwire_server.sampler_weights import AdapterLoadError, SamplerAdapters
 from gradwire_server.server import BackgroundServer
-from reference import (cross_entropy_gradient_error, greedy_reference, random_data, reference_gradients,
-                       reference_logprobs, reference_model, relative_error, server_gradients, trained_run)
+from reference import (arriving_while_decoding, cross_entropy_gradient_error, greedy_reference, random_data,
+                       reference_base_model, reference_gradients, reference_logprobs, reference_model,
+                       relative_error, server_gradients, trained_run)
 from test_custom_loss import logprob_squared_loss
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32]
@@ -30,7 +32,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    background = BackgroundServer(server_config(compile=True, checkpoint_dir=tmp_path_factory.mktemp("compiled")))
+    background = BackgroundServer(server_config(compile=True, sampler_logprobs="training",
+                                                checkpoint_dir=tmp_path_factory.mktemp("compiled")))
     yield background
     background.stop()
 
@@ -73,7 +76,9 @@ def test_logprobs_and_gradients_equal_the_reference(server, service, custom):
 def test_runs_of_other_ranks_and_shapes_reuse_the_graphs(server, service):
     """After one run of each kind of batch has trained, runs of other ranks and batches of
     other lengths and sizes compile nothing more, and still train exactly; sampling with
-    an adapter in between (its own hooks, peft's layers switched) changes nothing either."""
+    an adapter in between (decode steps with its own hooks, peft's layers switched; the
+    finished sample's training pass through the graphs a forward of one datum uses)
+    changes nothing either."""
     warm = trained_run(service, rank=4, seed=1)
     warm.forward_backward(random_data(5, lengths=(7,)), "cross_entropy").result()  # batch 1
     warm.forward(random_data(6), "cross_entropy").result()  # no grad
@@ -91,13 +96,57 @@ def test_runs_of_other_ranks_and_shapes_reuse_the_graphs(server, service):
 
 
 def test_sampling_a_trained_run_is_unchanged(server, service):
-    """The sampler adds LoRA through hooks of its own and never runs the compiled layers."""
+    """Decode steps add LoRA through hooks of their own and never run the compiled layers."""
     tc = trained_run(service, rank=4, seed=2)
     expected = greedy_reference(reference_model(server, tc.model_id, 4), PROMPT, 16)
     sampler = tc.save_weights_and_get_sampling_client()
     response = sampler.sample(gradwire.ModelInput.from_ints(PROMPT), 1,
                               gradwire.SamplingParams(max_tokens=16, temperature=0.0)).result()
     assert response.sequences[0].tokens == expected
+
+
+def test_the_samplers_training_logprobs_are_the_compiled_forwards(server, service):
+    """With --sampler-logprobs training the sampler's passes run through training's compiled
+    layers: sampled, top-k and prompt logprobs are forward's of the datum alone, bit for bit
+    (the eager layers round apart from the compiled ones), for a trained adapter of an
+    odd rank."""
+    tc = trained_run(service, rank=3, seed=4)
+    sampler = tc.save_weights_and_get_sampling_client()
+    response = sampler.sample(gradwire.ModelInput.from_ints(PROMPT), 3,
+                              gradwire.SamplingParams(max_tokens=20, seed=5, stop=list(range(0, 320, 7))),
+                              include_prompt_logprobs=True, topk_sample_logprobs=2).result()
+
+    def forward_alone(tokens: list[int]) -> list[float]:
+        datum = gradwire.Datum(model_input=gradwire.ModelInput.from_ints(tokens[:-1]),
+                               loss_fn_inputs={"target_tokens": np.array(tokens[1:])})
+        return tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy().tolist()
+
+    assert len({len(s.tokens) for s in response.sequences}) > 1  # samples ended at different steps
+    for sequence in response.sequences:
+        training = forward_alone(PROMPT + sequence.tokens)[len(PROMPT) - 1:]
+        assert sequence.logprobs == training
+        assert [dict(row)[token] for row, token in zip(sequence.topk_logprobs, sequence.tokens)
+                if token in dict(row)] == [lp for row, token, lp in zip(sequence.topk_logprobs, sequence.tokens,
+                                                                          training) if token in dict(row)]
+    assert response.prompt_logprobs == [None] + forward_alone(PROMPT)
+
+
+def test_rows_decoded_after_a_samples_compiled_pass_keep_their_own_weights(server, service):
+    """A sample's training pass (compiled) in the middle of a turn leaves the peft layers as
+    the decode loop had them (off): the base model's greedy row decoded after it is still
+    the base model's, not the trained run's."""
+    tc = trained_run(service, rank=4, seed=6)
+    base = reference_base_model(server)
+    expected = greedy_reference(base, PROMPT, 16)
+    assert greedy_reference(reference_model(server, tc.model_id, 4), PROMPT, 16) != expected  # (else moot)
+    trained = tc.save_weights_and_get_sampling_client()
+    base_sampler = service.create_sampling_client(base_model="tiny-random")
+    greedy = gradwire.SamplingParams(max_tokens=16, temperature=0.0)
+    with arriving_while_decoding(server, lambda: trained.sample(gradwire.ModelInput.from_ints(PROMPT), 1,
+                                                                gradwire.SamplingParams(max_tokens=1))) as short:
+        row = base_sampler.sample(gradwire.ModelInput.from_ints(PROMPT), 1, greedy).result()
+        short[0].result()
+    assert row.sequences[0].tokens == expected
 
 
 def batches(seed: int) -> list[list[DatumArrays]]:
@@ -269,9 +318,10 @@ def test_the_memory_probe_compiles_the_graphs_that_training_batches_use():
 @pytest.mark.parametrize("probe", [True, False])
 def test_the_server_compiles_the_usual_graphs_before_it_serves(tmp_path, probe):
     """With --compile the server compiles, before it reports SERVING, the graphs that
-    forward_backward and forward of several sequences use, with or without a memory probe
-    (skipped when --micro-batch-tokens is set on the CPU): a new run's first such requests
-    compile nothing, and train exactly. The model is left without peft's wrappers."""
+    forward_backward and forward of several sequences use, and forward of one, with or
+    without a memory probe (skipped when --micro-batch-tokens is set on the CPU): a new
+    run's first such requests compile nothing, and train exactly. The model is left
+    without peft's wrappers."""
     torch._dynamo.reset()  # no graph of an earlier test's server to reuse
     sizes = {} if probe else {"micro_batch_tokens": 16384}
     background = BackgroundServer(server_config(compile=True, checkpoint_dir=tmp_path, **sizes))
@@ -283,6 +333,7 @@ def test_the_server_compiles_the_usual_graphs_before_it_serves(tmp_path, probe):
         model = reference_model(background, tc.model_id, rank=8)
         data = random_data(7)
         tc.forward(data[:2], "cross_entropy").result()
+        tc.forward(data[:1], "cross_entropy").result()
         tc.forward_backward(data, "cross_entropy").result()
         assert compiled_graphs() == graphs
         assert cross_entropy_gradient_error(background, tc.model_id, model, data) <= 1e-5

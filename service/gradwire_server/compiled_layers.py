@@ -17,8 +17,9 @@ which dynamo specialises, or more; grad or not; the first layer's input, which
 needs no grad; which modules carry an adapter), and every decoder layer shares
 them (one code object).
 
-Only training runs compiled: the sampler adds LoRA through hooks of its own
-(lora_batch.py), which a compiled layer would not see.
+Training runs compiled, and so does the sampler's training pass (--sampler-logprobs
+training: its logprobs are training's own numbers); decode steps add LoRA through
+hooks of their own (lora_batch.py), which a compiled layer would not see, and run eagerly.
 """
 from __future__ import annotations
 
@@ -51,6 +52,15 @@ INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 
 # (A [r, in], B [out, r], scale []) of one adapted Linear.
 RunLora = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def run_lora(linear: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float
+             ) -> tuple[torch.nn.Linear, RunLora]:
+    """A hooked Linear and the factors its hook adds while computing() runs: any rank
+    without a compile of its own (dynamic), the scale a tensor (a float would be a constant)."""
+    torch._dynamo.maybe_mark_dynamic(a, 0)  # the rank
+    torch._dynamo.maybe_mark_dynamic(b, 1)
+    return linear, (a, b, torch.tensor(scale, device=a.device))
 
 
 def _add_run_lora(linear: torch.nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
@@ -105,15 +115,9 @@ class CompiledLayers:
 
     def _adapted_layers(self, adapter: str) -> list[tuple[torch.nn.Linear, RunLora]]:
         if adapter not in self.adapted:
-            found = []
-            for layer in self.lora_layers:
-                if adapter in layer.lora_A:
-                    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-                    torch._dynamo.maybe_mark_dynamic(a, 0)  # the rank
-                    torch._dynamo.maybe_mark_dynamic(b, 1)
-                    scale = torch.tensor(layer.scaling[adapter], device=a.device)  # a float would be a constant
-                    found.append((layer.get_base_layer(), (a, b, scale)))
-            self.adapted[adapter] = found
+            self.adapted[adapter] = [run_lora(layer.get_base_layer(), layer.lora_A[adapter].weight,
+                                              layer.lora_B[adapter].weight, layer.scaling[adapter])
+                                     for layer in self.lora_layers if adapter in layer.lora_A]
         return self.adapted[adapter]
 
     @contextlib.contextmanager
@@ -121,8 +125,14 @@ class CompiledLayers:
         """While the block runs, the model computes `adapter`'s run (the active, trainable
         one) through the compiled layers: its forward, and its backward (which may
         recompute the unembedding). Afterwards the peft layers are on again."""
-        assert not self.active, "training() does not nest: one run computes at a time"
-        adapted = self._adapted_layers(adapter)
+        with self.computing(self._adapted_layers(adapter)):
+            yield
+
+    @contextlib.contextmanager
+    def computing(self, adapted: list[tuple[torch.nn.Linear, RunLora]]) -> Iterator[None]:
+        """While the block runs, the model computes through the compiled layers with these
+        Linears' LoRA factors (run_lora; none: the base model), peft's layers off."""
+        assert not self.active, "the compiled layers compute one pass at a time"
         # Every LoRA layer off, not only the run's: one that holds only other runs' adapters
         # would still read the active adapter's name, and the graph would be compiled per run.
         with adapter_layers_off(self.lora_layers):

@@ -714,12 +714,14 @@ class Engine:
     def warm_up_compiled_layers(self) -> None:
         """With --compile: compiles the graphs most requests use, those of several
         sequences with gradients (forward_backward, a custom loss's forward; a probe pass
-        whose measurement goes unused) and without (forward), so that no first request
+        whose measurement goes unused) and without (forward), and of one sequence without
+        (a forward of one datum; the sampler's training passes), so that no first request
         waits for them. Graphs the startup probe compiled are reused."""
         length = min(WARM_UP_TOKENS, self.base.max_context_length)
         self.activation_bytes_per_token(2 * length)
         with self._temporary_run() as run, torch.no_grad():
             self.micro_batch_logprobs(run, _two_sequences(length))
+            self.micro_batch_logprobs(run, _two_sequences(length)[:1])
 
     @contextlib.contextmanager
     def _temporary_run(self) -> Iterator[Run]:

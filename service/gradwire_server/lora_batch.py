@@ -118,13 +118,15 @@ def applied(linears: dict[str, torch.nn.Linear], factors: dict[str, tuple[torch.
 
 @contextlib.contextmanager
 def adapter_layers_off(layers: list[LoraLayer]) -> Iterator[None]:
-    """peft's LoRA layers compute only their base layer while the block runs. Their own
-    switch, set directly: peft's enable_adapters() also resets every adapter's requires_grad,
-    and its model-wide switches walk every module (~10 ms a call on a 22-layer model)."""
+    """peft's LoRA layers compute only their base layer while the block runs (and as
+    before afterwards: blocks nest). Their own switch, set directly: peft's enable_adapters()
+    also resets every adapter's requires_grad, and its model-wide switches walk every module
+    (~10 ms a call on a 22-layer model)."""
+    before = [layer._disable_adapters for layer in layers]
     for layer in layers:
         layer._disable_adapters = True
     try:
         yield
     finally:
-        for layer in layers:
-            layer._disable_adapters = False
+        for layer, disabled in zip(layers, before):
+            layer._disable_adapters = disabled

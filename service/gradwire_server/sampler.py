@@ -23,8 +23,9 @@ was drawn from. Where they come from is the server's choice (--sampler-logprobs)
 "decode", the logits of the decode step that drew the token (and the prefill's,
 for the prompt); or "training", the training function (logprobs.model_target_logprobs)
 run on each finished sample, prompt and tokens as one datum, with the sample's
-adapter: every logprob the sampler returns (sampled tokens', their top-k rows, the
-prompt's) is then the number forward returns for that datum alone, bit for bit.
+adapter (with --compile through the compiled layers, as training): every logprob the
+sampler returns (sampled tokens', their top-k rows, the prompt's) is then the number
+forward returns for that datum alone, bit for bit.
 They differ in rounding: a decode step is a one-row pass against cached keys,
 training one causal pass (in bf16 on an H100, 1.1B model: up to 0.035). The
 training pass costs one forward of each finished sample.
@@ -41,7 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from gradwire_server import kv_cache, lora_batch
+from gradwire_server import compiled_layers, kv_cache, lora_batch
+from gradwire_server.compiled_layers import CompiledLayers
 from gradwire_server.decode_graphs import DecodeGraphs
 from gradwire_server.kv_cache import BLOCK_TOKENS, BlockPool, blocks_for
 from gradwire_server.logprobs import model_target_and_top_logprobs, model_target_logprobs
@@ -261,13 +263,17 @@ class DecodeLoop:
 
     def __init__(self, model: torch.nn.Module, pool: BlockPool, device: torch.device,
                  base_weights: Callable[[], contextlib.AbstractContextManager], graphs: str = "off",
-                 logprobs_from: str = "decode"):
+                 logprobs_from: str = "decode", compiled: CompiledLayers | None = None):
         """`graphs`: "captured" replays decode steps as CUDA graphs (decode_graphs);
         "uncaptured" runs the same padded static steps eagerly (how CPU tests check them).
-        `logprobs_from`: "decode" or "training", where returned logprobs come from (module doc)."""
+        `logprobs_from`: "decode" or "training", where returned logprobs come from (module doc).
+        `compiled`: training's compiled layers (--compile), which training passes then use."""
         self.model, self.pool, self.device = model, pool, device
         self.base_weights = base_weights
         self.logprobs_from = logprobs_from
+        self.compiled = compiled
+        # id(adapter) -> (the adapter, held so the id stays its own; its factors for the compiled layers)
+        self._compiled_factors: dict[int, tuple[AdapterWeights, list]] = {}
         self._vocab_size = model.get_output_embeddings().weight.shape[0]
         attention = model.config._attn_implementation
         if attention not in ("sdpa", "eager"):
@@ -537,12 +543,31 @@ class DecodeLoop:
             return np.zeros(0, dtype=np.float32), empty if top > 0 else None
         inputs = torch.from_numpy(tokens[None, :-1]).to(self.device)
         targets = torch.from_numpy(tokens[None, 1:, None]).to(self.device)
-        with self._adapted([adapter]):
+        with self._as_training(adapter):
             if top <= 0:
                 return model_target_logprobs(self.model, inputs, targets)[0, :, 0].cpu().numpy(), None
             logprobs, best = model_target_and_top_logprobs(self.model, inputs, targets, top)
         return (logprobs[0, :, 0].cpu().numpy(),
                 (best.indices[0].cpu().numpy().astype(np.int32), best.values[0].cpu().numpy()))
+
+    def _as_training(self, adapter: AdapterWeights | None) -> contextlib.AbstractContextManager:
+        """The model computes as training does, with `adapter`'s LoRA (None: the base
+        model's): through training's compiled layers when it has them (--compile), else
+        eagerly with the loop's hooks (which round as peft's layers do)."""
+        if self.compiled is None or (adapter is not None and not all(
+                hasattr(self._linears[name], "run_lora") for name in adapter)):
+            return self._adapted([adapter])  # (a module no training run adapts: no compiled LoRA hook)
+        if adapter is None:
+            return self.compiled.computing([])
+        if id(adapter) not in self._compiled_factors:
+            if len(self._compiled_factors) >= 16:
+                self._compiled_factors.clear()
+            # Parameters (views, no copies) that require grad, as a run's factors: the graphs check
+            # both (the sampler computes without grad either way).
+            self._compiled_factors[id(adapter)] = (adapter, [
+                compiled_layers.run_lora(self._linears[name], torch.nn.Parameter(a), torch.nn.Parameter(b), scale)
+                for name, (a, b, scale) in adapter.items()])
+        return self.compiled.computing(self._compiled_factors[id(adapter)][1])
 
     def _adapted(self, adapters: list[AdapterWeights | None]) -> contextlib.AbstractContextManager:
         """Rows i of the block's passes add adapters[i]'s LoRA delta (None: the base model's row)."""

@@ -225,7 +225,8 @@ class GradwireServer:
         adapters = SamplerAdapters(self.engine)
         decode_loop = DecodeLoop(loaded.model, pool, device, adapters.base_weights,
                                  graphs="captured" if device.type == "cuda" and config.cuda_graphs else "off",
-                                 logprobs_from=resolve_sampler_logprobs(config.sampler_logprobs, loaded.dtype))
+                                 logprobs_from=resolve_sampler_logprobs(config.sampler_logprobs, loaded.dtype),
+                                 compiled=self.engine.compiled)
         return loaded, plan, adapters, decode_loop
 
     async def stop(self, grace_s: float = 5.0) -> None:
