@@ -551,14 +551,14 @@ class DecodeLoop:
                 (best.indices[0].cpu().numpy().astype(np.int32), best.values[0].cpu().numpy()))
 
     def _as_training(self, adapter: AdapterWeights | None) -> contextlib.AbstractContextManager:
-        """The model computes as training does, with `adapter`'s LoRA (None: the base
-        model's): through training's compiled layers when it has them (--compile), else
-        eagerly with the loop's hooks (which round as peft's layers do)."""
-        if self.compiled is None or (adapter is not None and not all(
-                hasattr(self._linears[name], "run_lora") for name in adapter)):
-            return self._adapted([adapter])  # (a module no training run adapts: no compiled LoRA hook)
-        if adapter is None:
-            return self.compiled.computing([])
+        """The model computes as training does, with `adapter`'s LoRA: through training's
+        compiled layers when it has them (--compile), else eagerly with the loop's hooks
+        (which round as peft's layers do). The base model (None), which no run trains, and
+        an adapter of modules no run may adapt (no compiled hook) compute eagerly: a graph
+        of their own would be compiled while requests wait."""
+        if self.compiled is None or adapter is None or not all(
+                hasattr(self._linears[name], "run_lora") for name in adapter):
+            return self._adapted([adapter])
         if id(adapter) not in self._compiled_factors:
             if len(self._compiled_factors) >= 16:
                 self._compiled_factors.clear()
