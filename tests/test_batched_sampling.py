@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import time
+import weakref
 
 import grpc
 import numpy as np
@@ -169,6 +171,31 @@ def test_an_ephemeral_snapshot_decodes_in_the_batch_like_its_saved_checkpoint(se
                                    expected[torch.arange(len(tokens)), ids[0, len(PROMPT):]].numpy(),
                                    rtol=0, atol=1e-4)
     del snapshot
+
+
+def test_a_released_snapshots_factors_are_freed_once_other_weights_sample(server, service):
+    """The loop keeps the stacked factors of the adapters it samples (copies, on the device)
+    while requests use them, not after: once a snapshot is released and another one
+    samples, nothing holds the released factors."""
+    tc = trained_run(service, rank=RANK, seed=45)
+    adapters = server.server.sampling.adapters
+    params = gradwire.SamplingParams(max_tokens=4, seed=1)
+    first = tc.save_weights_and_get_sampling_client()
+    first.sample(gradwire.ModelInput.from_ints(PROMPT), 2, params).result()
+    weights = server.call(lambda: adapters.weights_for(adapters.snapshot(first.model_path)))
+    factor = weakref.ref(next(iter(weights.values()))[0])
+    snapshots = adapters.snapshot_count()
+    del first, weights
+    gc.collect()  # the client's last reference: the SDK releases the snapshot
+    deadline = time.monotonic() + 30
+    while adapters.snapshot_count() == snapshots and time.monotonic() < deadline:
+        time.sleep(0.05)
+    tc.forward_backward(random_data(46), "cross_entropy").result()
+    tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
+    second = tc.save_weights_and_get_sampling_client()
+    second.sample(gradwire.ModelInput.from_ints(PROMPT), 2, params).result()
+    gc.collect()
+    assert factor() is None
 
 
 def test_long_prompt_is_prefilled_in_chunks_exactly(server, service):
@@ -460,3 +487,34 @@ def test_a_prefill_pass_that_runs_out_of_memory_fails_its_requests_alone(server,
     usage = loop.usage()
     assert (usage.used_bytes, usage.reserved_bytes, usage.running_sequences) == (0, 0, 0)
     assert len(sample_alone(raw, request(dict(base_model="tiny-random"), 2, prompt=victim_prompt))) == 2
+
+
+def test_scoring_a_prompt_from_its_prefill_out_of_memory_fails_its_request_alone(server, raw, monkeypatch):
+    """A prefilled prompt's scores take its logits [L, V] in float32 a few times over, L the
+    client's to choose: out of memory there (injected in the scoring, for the compute_logprobs
+    that arrives while another request decodes) fails that request alone."""
+    stub, operations = raw
+    loop = server.server.sampling.loop
+    victim_prompt = PROMPT * 3
+    score = sampler._prompt_scores_from_logits
+
+    def out_of_memory(logits, prompt, spec):
+        if len(prompt) == len(victim_prompt):
+            raise torch.OutOfMemoryError("injected")
+        return score(logits, prompt, spec)
+
+    monkeypatch.setattr(sampler, "_prompt_scores_from_logits", out_of_memory)
+    bystander = request(dict(base_model="tiny-random"), 2, max_tokens=40, seed=8)
+    victim = pb.ComputeLogprobsRequest(base_model="tiny-random",
+                                       prompt=[codec.tokens_to_chunk(np.array(victim_prompt))])
+    with arriving_while_decoding(server, lambda: (stub.ComputeLogprobs(victim).name, len(loop._rows))) as arrived:
+        running = outcome(operations, stub.Sample(bystander).name)
+        failed = finished(operations, arrived[0][0]).error
+    monkeypatch.undo()
+    assert failed.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert f"scoring a prompt ({len(victim_prompt)} tokens) from its prefill's logits" in failed.message
+    assert arrived[0][1] == 2  # the bystander's samples were decoding
+    assert [tokens for tokens, _, _ in running] == [tokens for tokens, _, _ in sample_alone(raw, bystander)]
+    usage = loop.usage()
+    assert (usage.used_bytes, usage.reserved_bytes, usage.running_sequences) == (0, 0, 0)
+    assert succeeded(operations, stub.ComputeLogprobs(victim).name).done

@@ -156,7 +156,9 @@ def test_stop_strings_are_matched_in_the_text_without_special_tokens(base_sample
     """As vLLM's samplers: "<|im_end|>" and "<|im_start|>", special tokens these samples
     draw, hold none of the stop strings' characters. Each sample ends at the first token whose
     completion, decoded without special tokens, holds a stop string (the same seed draws the
-    same tokens up to there)."""
+    same tokens up to there). A stop string that is a special token's text stops at that
+    token; one that holds a special token among other text (which could never match) is
+    refused."""
     tokenizer = tiny_random_tokenizer()
     prompt = tokenizer.encode("Hello")
     free = sample(base_sampler, 4, prompt, max_tokens=30, seed=7).sequences
@@ -172,6 +174,15 @@ def test_stop_strings_are_matched_in_the_text_without_special_tokens(base_sample
         assert sequence.stop_reason == ("length" if end is None else "stop")
         special_before_the_end |= bool(set(tokens[:end]) & set(tokenizer.all_special_ids))
     assert special_before_the_end  # (else this test tests nothing)
+
+    # A stop string that is a special token's text ends a sample at that token, as its id does.
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    by_text = sample(base_sampler, 4, prompt, max_tokens=30, seed=7, stop=["<|im_end|>", "\x00never"]).sequences
+    assert [s.tokens for s in by_text] == [
+        s.tokens[:s.tokens.index(im_end) + 1] if im_end in s.tokens else s.tokens for s in free]
+    assert any(s.stop_reason == "stop" for s in by_text)
+    with pytest.raises(gradwire.BadRequestError, match=r"stop_strs.strings\[1\]: holds the special token"):
+        sample(base_sampler, 1, prompt, max_tokens=3, stop=["e", "ok<|im_end|>"])
 
 
 # ---- streaming ----------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ DYNAMO_CONFIG = {
 SHAPE_CONFIG = {"use_duck_shape": False}
 # Inductor's settings for the layers' graphs. A fused kernel would keep a bf16 op's result in
 # float32 until the kernel's end; rounded after every op instead, as eager rounds, training's
-# logprobs stay closer to the eager sampler's (on the H100 without this: 0.078 apart, 0.035 eager).
+# logprobs stay closer to the eager decode steps' (on the H100 without this: 0.078 apart, 0.035 eager).
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 
 # (A [r, in], B [out, r], scale []) of one adapted Linear.
@@ -72,7 +72,8 @@ def _add_run_lora(linear: torch.nn.Linear, inputs: tuple[torch.Tensor, ...], out
 
 
 class CompiledLayers:
-    """The model's decoder layers, run compiled inside `training()` and eagerly elsewhere."""
+    """The model's decoder layers, run compiled inside `training()` or `computing()` and
+    eagerly elsewhere."""
 
     def __init__(self, model: torch.nn.Module, adaptable: tuple[str, ...]):
         layers = getattr(model.get_decoder(), "layers", None)

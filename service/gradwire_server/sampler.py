@@ -422,10 +422,14 @@ class DecodeLoop:
         the prompt's full blocks, copying its last partial one) and joins them."""
         prompt = generation.spec.prompt
         if self._scored_by_prefill(generation):
-            logits = torch.cat(generation.prompt_logits)
-            generation.prompt_logits = []
-            generation.scores = _prompt_scores_from_logits(logits, torch.from_numpy(prompt).to(self.device),
-                                                           generation.spec)
+            logits, generation.prompt_logits = generation.prompt_logits, []
+            try:  # [L, V] float32 a few times over, L the client's to choose: fails this request alone
+                generation.scores = _prompt_scores_from_logits(torch.cat(logits),
+                                                               torch.from_numpy(prompt).to(self.device),
+                                                               generation.spec)
+            except torch.OutOfMemoryError as error:
+                generation.error = torch.OutOfMemoryError(
+                    f"scoring a prompt ({len(prompt)} tokens) from its prefill's logits: {error}")
         elif generation.want_scores:
             self._score_prompt(generation)
         if not generation.sequences or generation.error is not None:
@@ -560,8 +564,7 @@ class DecodeLoop:
                 hasattr(self._linears[name], "run_lora") for name in adapter):
             return self._adapted([adapter])
         if id(adapter) not in self._compiled_factors:
-            if len(self._compiled_factors) >= 16:
-                self._compiled_factors.clear()
+            self._compiled_factors = self._kept_for_use(self._compiled_factors)
             # Parameters (views, no copies) that require grad, as a run's factors: the graphs check
             # both (the sampler computes without grad either way).
             self._compiled_factors[id(adapter)] = (adapter, [
@@ -599,10 +602,20 @@ class DecodeLoop:
             return None
         key = tuple(id(a) for a in distinct)
         if key not in self._stacks:
-            if len(self._stacks) >= 16:
-                self._stacks.clear()
+            self._stacks = self._kept_for_use(self._stacks)
             self._stacks[key] = StackedAdapters(distinct, self.device, self.pool.dtype)
         return self._stacks[key]
+
+    def _kept_for_use(self, cache: dict) -> dict:
+        """A cache keyed by adapters' ids (one, or a tuple), before an entry is added: only the
+        entries of adapters a request of the loop still uses, 15 at most. The entries hold
+        the adapters, and copies of their factors, on the device: a released snapshot's
+        would otherwise stay there."""
+        generations = [*self.waiting, *self.prefilling, *(g for g, _ in self._rows)]
+        in_use = {id(g.adapter) for g in generations if g.adapter is not None}
+        kept = {key: value for key, value in cache.items()
+                if in_use.issuperset(key if isinstance(key, tuple) else (key,))}
+        return kept if len(kept) < 16 else {}
 
 
 class KvBudgetError(ValueError):

@@ -34,6 +34,7 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         self.info: ModelInfo | None = None
         self.adapters: SamplerAdapters | None = None
         self.loop: DecodeLoop | None = None
+        self.special_tokens: dict[str, int] = {}  # the tokenizer's special tokens' texts and ids
         # request_id -> (its operation, its request's fingerprint)
         self._operation_of_request: dict[str, tuple[str, bytes]] = {}
 
@@ -41,11 +42,14 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
                loop: DecodeLoop) -> None:
         """Called once the model is loaded; until then every call is UNAVAILABLE."""
         self.engine, self.scheduler, self.info, self.adapters, self.loop = engine, scheduler, info, adapters, loop
+        tokenizer = engine.base.tokenizer
+        self.special_tokens = dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))
 
     async def Sample(self, request, context):
         try:
             return self._submit(request, "Sample", lambda info: sampling_validation.sample_spec(
-                request, info.vocab_size, info.max_context_length)).snapshot()
+                request, info.vocab_size, info.max_context_length,
+                special_tokens=self.special_tokens)).snapshot()
         except ServiceError as error:
             await abort(context, error)
 
@@ -61,7 +65,8 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         deleted at the end. A client that goes away cancels the generation."""
         try:
             record = self._submit(request, "SampleStream", lambda info: sampling_validation.sample_spec(
-                request, info.vocab_size, info.max_context_length, stream=True), stream=True)
+                request, info.vocab_size, info.max_context_length, stream=True,
+                special_tokens=self.special_tokens), stream=True)
         except ServiceError as error:
             await abort(context, error)
         name, sent = record.operation.name, 0

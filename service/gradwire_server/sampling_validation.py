@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import pathlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -61,10 +61,11 @@ def weights_checkpoint(request: pb.SampleRequest | pb.ComputeLogprobsRequest, se
     return sampler_checkpoint(checkpoint_root, request.model_path, served_names[0])
 
 
-def sample_spec(request: pb.SampleRequest, vocab_size: int, max_context: int, stream: bool = False
-                ) -> SampleSpec:
+def sample_spec(request: pb.SampleRequest, vocab_size: int, max_context: int, stream: bool = False,
+                special_tokens: Mapping[str, int] | None = None) -> SampleSpec:
     """Validates a SampleRequest's prompt, counts and params, reporting every violation at once.
-    A Sample's whole result must fit one message; a stream sends it per decode turn."""
+    A Sample's whole result must fit one message; a stream sends it per decode turn.
+    `special_tokens`: the tokenizer's special tokens' texts and ids (see _stops)."""
     violations: list[FieldViolation] = []
     prompt = _prompt(request.prompt, vocab_size, violations)
     if prompt.size >= max_context:
@@ -74,7 +75,8 @@ def sample_spec(request: pb.SampleRequest, vocab_size: int, max_context: int, st
     num_samples = request.num_samples if request.HasField("num_samples") else 1
     if not 1 <= num_samples <= MAX_NUM_SAMPLES:
         violations.append(FieldViolation("num_samples", f"must be in [1, {MAX_NUM_SAMPLES}], got {num_samples}"))
-    settings = _settings(request.sampling_params, prompt.size, vocab_size, max_context, violations)
+    settings = _settings(request.sampling_params, prompt.size, vocab_size, max_context, special_tokens or {},
+                         violations)
     k = request.topk_prompt_logprobs
     if not 0 <= k <= MAX_TOPK_PROMPT_LOGPROBS:
         violations.append(FieldViolation("topk_prompt_logprobs",
@@ -146,7 +148,7 @@ def _prompt(chunks: Sequence, vocab_size: int, violations: list[FieldViolation])
 
 
 def _settings(params: pb.SamplingParams, prompt_length: int, vocab_size: int, max_context: int,
-              violations: list[FieldViolation]) -> SamplingSettings:
+              special_tokens: Mapping[str, int], violations: list[FieldViolation]) -> SamplingSettings:
     where = "sampling_params"
     room = max_context - prompt_length
     if params.HasField("max_tokens"):
@@ -170,13 +172,33 @@ def _settings(params: pb.SamplingParams, prompt_length: int, vocab_size: int, ma
     top_p = params.top_p if params.HasField("top_p") else 1.0
     if not 0 < top_p <= 1:  # also false for NaN
         violations.append(FieldViolation(f"{where}.top_p", f"must be in (0, 1], got {top_p}"))
-    stop_strings = tuple(params.stop_strs.strings)
-    for i, stop in enumerate(stop_strings):
-        if not stop:
-            violations.append(FieldViolation(f"{where}.stop_strs.strings[{i}]", "is empty"))
+    stop_strings, special_stops = _stops(params.stop_strs.strings, special_tokens, violations)
     stop_tokens = np.asarray(params.stop_tokens.tokens, dtype=np.int64)
     check_token_range(stop_tokens, f"{where}.stop_tokens.tokens", vocab_size, violations)
     seed = params.seed if params.HasField("seed") else secrets.randbits(63)
     return SamplingSettings(max_tokens=max_tokens, seed=seed, temperature=temperature, top_k=max(top_k, 0),
                             top_p=top_p, stop_strings=stop_strings,
-                            stop_tokens=frozenset(stop_tokens.tolist()))
+                            stop_tokens=frozenset(stop_tokens.tolist()) | special_stops)
+
+
+def _stops(strings: Sequence[str], special_tokens: Mapping[str, int], violations: list[FieldViolation]
+           ) -> tuple[tuple[str, ...], frozenset[int]]:
+    """Stop strings to match in the completion's text (decoded without special tokens), and
+    the ids of those that are a special token's text ("<|im_end|>"), which end a sample as
+    that token does: in that text they never appear. A string holding a special token among
+    other text could never match, so it is refused."""
+    texts, tokens = [], set()
+    for i, stop in enumerate(strings):
+        held = next((special for special in special_tokens if special in stop), None)
+        if not stop:
+            violations.append(FieldViolation(f"sampling_params.stop_strs.strings[{i}]", "is empty"))
+        elif stop in special_tokens:
+            tokens.add(special_tokens[stop])
+        elif held is not None:
+            violations.append(FieldViolation(
+                f"sampling_params.stop_strs.strings[{i}]",
+                f"holds the special token {held!r} among other text, which never matches: stop strings are "
+                f"matched in the text without special tokens; send {held!r} as a stop string of its own"))
+        else:
+            texts.append(stop)
+    return tuple(texts), frozenset(tokens)

@@ -312,7 +312,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         else:
             first, creation = creation
             if first != fingerprint:
-                raise request_id_reused(request_id, f"by a {type(request).__name__}")
+                raise request_id_reused(request_id, "by a creation of a run")
         # Shielded: a caller that disconnects does not cancel the creation its retry will get.
         return await asyncio.shield(creation)
 
