@@ -202,6 +202,14 @@ def test_a_sample_whose_training_pass_runs_out_of_memory_fails_its_request_alone
     assert all(len(s.logprobs) == len(s.tokens) for s in again)
 
 
+def scoring_the_long_prompt(sampler, scored_by: str) -> gradwire.APIFuture:
+    """A request that scores LONG_PROMPT: compute_logprobs, or a sample's prompt logprobs."""
+    prompt = gradwire.ModelInput.from_ints(LONG_PROMPT)
+    if scored_by == "compute_logprobs":
+        return sampler.compute_logprobs(prompt)
+    return sampler.sample(prompt, 2, gradwire.SamplingParams(max_tokens=5, seed=2), include_prompt_logprobs=True)
+
+
 @pytest.mark.parametrize("scored_by", ["compute_logprobs", "sample"])
 def test_a_prompt_whose_training_pass_runs_out_of_memory_fails_its_request_alone(training_server, training_service,
                                                                                  trained, scored_by):
@@ -211,12 +219,9 @@ def test_a_prompt_whose_training_pass_runs_out_of_memory_fails_its_request_alone
     as it is admitted) and a sample's prompt logprobs (scored after its prefill)."""
     tc, model_path = trained
     sampler = training_service.create_sampling_client(model_path=model_path)
-    prompt = gradwire.ModelInput.from_ints(LONG_PROMPT)
 
     def victim() -> gradwire.APIFuture:
-        if scored_by == "compute_logprobs":
-            return sampler.compute_logprobs(prompt)
-        return sampler.sample(prompt, 2, gradwire.SamplingParams(max_tokens=5, seed=2), include_prompt_logprobs=True)
+        return scoring_the_long_prompt(sampler, scored_by)
 
     with raising_in_a_training_pass(training_server, len(LONG_PROMPT) - 1, torch.OutOfMemoryError("injected")) \
             as failures, arriving_while_decoding(training_server, victim) as submitted:
@@ -247,12 +252,9 @@ def test_any_other_failure_of_a_prompts_training_pass_fails_the_loop_and_waits_f
     the bystander's, here, which decodes when the victim arrives.) Then the loop serves again."""
     _, model_path = trained
     sampler = training_service.create_sampling_client(model_path=model_path)
-    prompt = gradwire.ModelInput.from_ints(LONG_PROMPT)
 
     def victim() -> gradwire.APIFuture:
-        if scored_by == "compute_logprobs":
-            return sampler.compute_logprobs(prompt)
-        return sampler.sample(prompt, 2, gradwire.SamplingParams(max_tokens=5), include_prompt_logprobs=True)
+        return scoring_the_long_prompt(sampler, scored_by)
 
     with raising_in_a_training_pass(training_server, len(LONG_PROMPT) - 1, RuntimeError("injected failure")) \
             as failures, arriving_while_decoding(training_server, victim) as submitted:
@@ -263,4 +265,4 @@ def test_any_other_failure_of_a_prompts_training_pass_fails_the_loop_and_waits_f
         with pytest.raises(gradwire.APIStatusError, match="injected failure"):
             submitted[0].result(timeout=120)
     assert failures[0][1] == 2
-    assert len(sampler.compute_logprobs(prompt).result(timeout=120)) == len(LONG_PROMPT)
+    assert len(scoring_the_long_prompt(sampler, "compute_logprobs").result(timeout=120)) == len(LONG_PROMPT)
