@@ -43,7 +43,6 @@ import numpy as np
 import torch
 
 from gradwire_server import compiled_layers, kv_cache, lora_batch
-from gradwire_server.compiled_layers import CompiledLayers
 from gradwire_server.decode_graphs import DecodeGraphs
 from gradwire_server.kv_cache import BLOCK_TOKENS, BlockPool, blocks_for
 from gradwire_server.logprobs import model_target_and_top_logprobs, model_target_logprobs
@@ -263,7 +262,7 @@ class DecodeLoop:
 
     def __init__(self, model: torch.nn.Module, pool: BlockPool, device: torch.device,
                  base_weights: Callable[[], contextlib.AbstractContextManager], graphs: str = "off",
-                 logprobs_from: str = "decode", compiled: CompiledLayers | None = None):
+                 logprobs_from: str = "decode", compiled: compiled_layers.CompiledLayers | None = None):
         """`graphs`: "captured" replays decode steps as CUDA graphs (decode_graphs);
         "uncaptured" runs the same padded static steps eagerly (how CPU tests check them).
         `logprobs_from`: "decode" or "training", where returned logprobs come from (module doc).
