@@ -504,6 +504,14 @@ def test_damaged_adapter_file_fails_the_operation(server, service, trained):
     _assert_training_view_equal(before, _training_view(server, tc.model_id))
 
 
+def test_prompt_logprobs_last_n_without_prompt_scores_is_refused(base_sampler):
+    """It would be ignored: the response has no prompt scores to cut (with them:
+    test_tinker_surface.py)."""
+    with pytest.raises(gradwire.BadRequestError, match="prompt_logprobs_last_n: scores nothing without"):
+        base_sampler.sample(gradwire.ModelInput.from_ints(PROMPT), 1, gradwire.SamplingParams(max_tokens=2),
+                            prompt_logprobs_last_n=2).result()
+
+
 def test_topk_prompt_logprobs_limit(base_sampler):
     with pytest.raises(gradwire.BadRequestError, match="topk_prompt_logprobs"):
         base_sampler.sample(prompt_input(), 1, gradwire.SamplingParams(max_tokens=1),

@@ -89,6 +89,9 @@ def sample_spec(request: pb.SampleRequest, vocab_size: int, max_context: int, st
         violations.append(FieldViolation("topk_sample_logprobs",
                                          "is not supported by SampleStream; use Sample"))
     last_n = _last_n(request, violations)
+    if last_n is not None and not (request.include_prompt_logprobs or k):
+        violations.append(FieldViolation("prompt_logprobs_last_n", "scores nothing without include_prompt_logprobs "
+                                                                   "or topk_prompt_logprobs"))
     prompt_score_bytes = prompt.size * (4 * request.include_prompt_logprobs + 8 * k)
     response_bytes = num_samples * settings.max_tokens * (_BYTES_PER_SAMPLED_TOKEN + 8 * top) \
         + prompt_score_bytes if not violations else 0
