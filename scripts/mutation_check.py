@@ -816,7 +816,7 @@ MUTATIONS = [
              "every released snapshot's factors stay on the device (up to 15 adapters' worth)"),
     Mutation("prompt-logprobs-last-n-alone-ignored", S + "sampling_validation.py",
              "    if last_n is not None and not (request.include_prompt_logprobs or k):\n", "    if False:\n",
-             ("tests/test_sampling.py::test_prompt_logprobs_last_n_without_prompt_scores_is_refused",),
+             ("tests/test_sampling.py::test_prompt_logprobs_last_n_without_prompt_scores_is_refused_and_changes_nothing",),
              "sample(prompt_logprobs_last_n=2) without prompt scores is silently ignored"),
     Mutation("prefill-out-of-memory-fails-the-loop", S + "sampler.py",
              "            except torch.OutOfMemoryError as error:  # fails this pass's requests alone",

@@ -157,8 +157,8 @@ def test_stop_strings_are_matched_in_the_text_without_special_tokens(base_sample
     draw, hold none of the stop strings' characters. Each sample ends at the first token whose
     completion, decoded without special tokens, holds a stop string (the same seed draws the
     same tokens up to there). A stop string that is a special token's text stops at that
-    token; one that holds a special token among other text (which could never match) is
-    refused."""
+    token (one that holds a special token among other text, which could never match, is
+    refused: BAD_PARAMS)."""
     tokenizer = tiny_random_tokenizer()
     prompt = tokenizer.encode("Hello")
     free = sample(base_sampler, 4, prompt, max_tokens=30, seed=7).sequences
@@ -181,8 +181,6 @@ def test_stop_strings_are_matched_in_the_text_without_special_tokens(base_sample
     assert [s.tokens for s in by_text] == [
         s.tokens[:s.tokens.index(im_end) + 1] if im_end in s.tokens else s.tokens for s in free]
     assert any(s.stop_reason == "stop" for s in by_text)
-    with pytest.raises(gradwire.BadRequestError, match=r"stop_strs.strings\[1\]: holds the special token"):
-        sample(base_sampler, 1, prompt, max_tokens=3, stop=["e", "ok<|im_end|>"])
 
 
 # ---- streaming ----------------------------------------------------------------------------------------
@@ -311,6 +309,7 @@ def test_sample_is_a_long_running_operation(server):
     done.response.Unpack(response)
     assert np.frombuffer(response.sequences[0].tokens, "<i4").tolist() == greedy_reference(
         reference_base_model(server), PROMPT, 4)
+    sampling_operations = server.server.store.names("operations/sampling/")
     for other in (pb.SampleRequest(base_model="tiny-random", prompt=request.prompt, request_id="retried-sample",
                                    sampling_params=pb.SamplingParams(max_tokens=5, temperature=0.0)),
                   pb.ComputeLogprobsRequest(base_model="tiny-random", prompt=request.prompt,
@@ -321,6 +320,7 @@ def test_sample_is_a_long_running_operation(server):
         assert reused.value.code() == grpc.StatusCode.ALREADY_EXISTS
         assert f"request_id 'retried-sample' was sent before with other fields ({operation.name})" \
             in reused.value.details()
+    assert server.server.store.names("operations/sampling/") == sampling_operations  # nothing was started
     operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=operation.name))
     with pytest.raises(grpc.RpcError) as raised:
         operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name))
@@ -448,6 +448,8 @@ BAD_PARAMS = [
     ("stop token outside vocab", 1, PROMPT, dict(max_tokens=4, stop=[5, -1]), "sampling_params.stop_tokens.tokens",
      "outside the vocabulary"),
     ("empty prompt", 1, [], dict(max_tokens=4), "prompt", "empty"),
+    ("stop string holding a special token", 1, PROMPT, dict(max_tokens=4, stop=["e", "ok<|im_end|>"]),
+     "sampling_params.stop_strs.strings[1]", "holds the special token '<|im_end|>' among other text"),
 ]
 
 
@@ -504,12 +506,18 @@ def test_damaged_adapter_file_fails_the_operation(server, service, trained):
     _assert_training_view_equal(before, _training_view(server, tc.model_id))
 
 
-def test_prompt_logprobs_last_n_without_prompt_scores_is_refused(base_sampler):
+def test_prompt_logprobs_last_n_without_prompt_scores_is_refused_and_changes_nothing(server, service, trained):
     """It would be ignored: the response has no prompt scores to cut (with them:
-    test_tinker_surface.py)."""
+    test_tinker_surface.py). As BAD_PARAMS: no sampling operation, the run untouched."""
+    tc, model_path = trained
+    tc.forward_backward(random_data(4), "cross_entropy").result()
+    before, operations = _training_view(server, tc.model_id), server.server.store.names("operations/sampling/")
     with pytest.raises(gradwire.BadRequestError, match="prompt_logprobs_last_n: scores nothing without"):
-        base_sampler.sample(gradwire.ModelInput.from_ints(PROMPT), 1, gradwire.SamplingParams(max_tokens=2),
-                            prompt_logprobs_last_n=2).result()
+        service.create_sampling_client(model_path=model_path).sample(
+            prompt_input(PROMPT), 1, gradwire.SamplingParams(max_tokens=2), prompt_logprobs_last_n=2).result()
+    assert server.server.store.names("operations/sampling/") == operations
+    _assert_training_view_equal(before, _training_view(server, tc.model_id))
+    tc.optim_step(gradwire.AdamParams(learning_rate=1e-3)).result()  # clears the gradients
 
 
 def test_topk_prompt_logprobs_limit(base_sampler):
