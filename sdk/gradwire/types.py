@@ -510,7 +510,7 @@ class SamplingParams:
     """How to pick tokens.
 
     max_tokens: most tokens per sample (None: up to the end of the context).
-    seed: the same seed gives the same tokens (None: random).
+    seed: the same seed gives the same tokens (None: random; in bf16 see the README).
     stop: a string, strings (matched in the completion's text decoded without
     special tokens; a special token's text, "<|im_end|>", stops at that token) or
     token ids that end a sequence; the stop's own tokens end the sequence.
