@@ -200,16 +200,22 @@ def test_a_released_snapshots_factors_are_freed_once_other_weights_sample(server
 
 def test_long_prompt_is_prefilled_in_chunks_exactly(server, service):
     """A prompt longer than one prefill chunk, ending mid-block, sampled 3 ways:
-    prompt logprobs and greedy tokens equal the in-process model's."""
+    prompt logprobs, their top-k rows (scored chunk by chunk) and greedy tokens
+    equal the in-process model's."""
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 256, size=2 * sampler.PREFILL_CHUNK_TOKENS + BLOCK_TOKENS // 2).tolist()
     client = service.create_sampling_client(base_model="tiny-random")
     response = client.sample(gradwire.ModelInput.from_ints(prompt), 3, gradwire.SamplingParams(
-        max_tokens=12, temperature=0.0), include_prompt_logprobs=True).result()
+        max_tokens=12, temperature=0.0), include_prompt_logprobs=True, topk_prompt_logprobs=3).result()
     model = reference_base_model(server)
     logprobs = sequence_logprobs(model, prompt)
     expected = logprobs[:-1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0].numpy()
     np.testing.assert_allclose(response.prompt_logprobs[1:], expected, rtol=0, atol=1e-5)
+    top = torch.topk(logprobs[:-1], 3, dim=-1)
+    assert response.topk_prompt_logprobs[0] is None
+    assert [[t for t, _ in row] for row in response.topk_prompt_logprobs[1:]] == top.indices.tolist()
+    np.testing.assert_allclose([[v for _, v in row] for row in response.topk_prompt_logprobs[1:]],
+                               top.values.numpy(), rtol=0, atol=1e-5)
     assert [s.tokens for s in response.sequences] == [greedy_reference(model, prompt, 12)] * 3
 
 
@@ -490,20 +496,24 @@ def test_a_prefill_pass_that_runs_out_of_memory_fails_its_requests_alone(server,
 
 
 def test_scoring_a_prompt_from_its_prefill_out_of_memory_fails_its_request_alone(server, raw, monkeypatch):
-    """A prefilled prompt's scores take its logits [L, V] in float32 a few times over, L the
-    client's to choose: out of memory there (injected in the scoring, for the compute_logprobs
-    that arrives while another request decodes) fails that request alone."""
+    """A prompt is scored chunk by chunk as it is prefilled, each chunk's logits [C, V] in
+    float32 a few times over: out of memory there (injected in the scoring of a later
+    chunk, for the compute_logprobs that arrives while another request decodes) fails
+    that request alone and frees the blocks of the chunks before it."""
     stub, operations = raw
     loop = server.server.sampling.loop
-    victim_prompt = PROMPT * 3
-    score = sampler._prompt_scores_from_logits
+    victim_prompt = PROMPT * 100  # three chunks or more
+    assert len(victim_prompt) > 2 * sampler.PREFILL_CHUNK_TOKENS
+    score = sampler._chunk_scores
+    chunks = []
 
-    def out_of_memory(logits, prompt, spec):
-        if len(prompt) == len(victim_prompt):
+    def out_of_memory(logits, targets, k):
+        chunks.append(len(targets))
+        if len(chunks) == 2:
             raise torch.OutOfMemoryError("injected")
-        return score(logits, prompt, spec)
+        return score(logits, targets, k)
 
-    monkeypatch.setattr(sampler, "_prompt_scores_from_logits", out_of_memory)
+    monkeypatch.setattr(sampler, "_chunk_scores", out_of_memory)
     bystander = request(dict(base_model="tiny-random"), 2, max_tokens=40, seed=8)
     victim = pb.ComputeLogprobsRequest(base_model="tiny-random",
                                        prompt=[codec.tokens_to_chunk(np.array(victim_prompt))])
@@ -513,6 +523,7 @@ def test_scoring_a_prompt_from_its_prefill_out_of_memory_fails_its_request_alone
     monkeypatch.undo()
     assert failed.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert f"scoring a prompt ({len(victim_prompt)} tokens) from its prefill's logits" in failed.message
+    assert len(chunks) == 2  # its prefill stopped there
     assert arrived[0][1] == 2  # the bystander's samples were decoding
     assert [tokens for tokens, _, _ in running] == [tokens for tokens, _, _ in sample_alone(raw, bystander)]
     usage = loop.usage()

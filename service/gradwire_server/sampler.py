@@ -147,7 +147,9 @@ class Generation:
         self.prompt_blocks: list[int] = []
         self.reservation = 0               # KV blocks reserved, not yet taken
         self.error: Exception | None = None
-        self.prompt_logits: list[torch.Tensor] = []  # per prefill chunk, when the prompt is scored
+        # Per prefill chunk, when the prompt is scored from its prefill: the logprobs of the
+        # prompt tokens it predicts and their top-k rows (ids, logprobs), as _chunk_scores gives.
+        self.prompt_chunks: list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]] = []
         self._longest_stop = max((len(s) for s in self.settings.stop_strings), default=0)
 
     @property
@@ -405,10 +407,13 @@ class DecodeLoop:
                     generation.release_all(self.pool)
                 continue
             for row, (generation, count) in enumerate(batch):
-                generation.prefilled += count
                 if scored:
-                    generation.prompt_logits.append(logits[0])
-                if generation.prefill_done:
+                    self._score_prefill_chunk(generation, logits[0])
+                generation.prefilled += count
+                if generation.error is not None:
+                    self.prefilling.remove(generation)
+                    generation.release_all(self.pool)
+                elif generation.prefill_done:
                     self._finish_prefill(generation, logits[row, -1:])
                     self.prefilling.remove(generation)
 
@@ -416,19 +421,32 @@ class DecodeLoop:
         """Whether the prompt's scores come from its prefill's logits (every position's)."""
         return generation.want_scores and self.logprobs_from == "decode"
 
+    def _score_prefill_chunk(self, generation: Generation, logits: torch.Tensor) -> None:
+        """Scores the prompt tokens that the chunk prefilled next predicts from its logits
+        [C, V], so that a prompt's [L, V] logits are never held at once. Out of memory
+        there fails its request alone (generation.error)."""
+        prompt = generation.spec.prompt
+        start = generation.prefilled
+        targets = prompt[start + 1:start + 1 + len(logits)]  # the prompt's last position predicts none
+        try:
+            generation.prompt_chunks.append(_chunk_scores(logits[:len(targets)],
+                                                          torch.from_numpy(targets).to(self.device),
+                                                          generation.spec.topk_prompt_logprobs))
+        except torch.OutOfMemoryError as error:
+            generation.error = torch.OutOfMemoryError(
+                f"scoring a prompt ({len(prompt)} tokens) from its prefill's logits: {error}")
+
     def _finish_prefill(self, generation: Generation, last_logits: torch.Tensor) -> None:
         """Scores the prompt if asked; hands each sample its block table (sharing
         the prompt's full blocks, copying its last partial one) and joins them."""
         prompt = generation.spec.prompt
         if self._scored_by_prefill(generation):
-            logits, generation.prompt_logits = generation.prompt_logits, []
-            try:  # [L, V] float32 a few times over, L the client's to choose: fails this request alone
-                generation.scores = _prompt_scores_from_logits(torch.cat(logits),
-                                                               torch.from_numpy(prompt).to(self.device),
-                                                               generation.spec)
-            except torch.OutOfMemoryError as error:
-                generation.error = torch.OutOfMemoryError(
-                    f"scoring a prompt ({len(prompt)} tokens) from its prefill's logits: {error}")
+            chunks, generation.prompt_chunks = generation.prompt_chunks, []
+            top = None
+            if chunks[0][1] is not None:
+                top = tuple(np.concatenate([chunk_top[i] for _, chunk_top in chunks]) for i in range(2))
+            generation.scores = _prompt_scores(np.concatenate([logprobs for logprobs, _ in chunks]), top,
+                                               generation.spec)
         elif generation.want_scores:
             self._score_prompt(generation)
         if not generation.sequences or generation.error is not None:
@@ -678,16 +696,17 @@ def _nucleus(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.full_like(scores, float("-inf")).scatter(-1, order, ordered)
 
 
-def _prompt_scores_from_logits(logits: torch.Tensor, prompt: torch.Tensor, spec: SampleSpec) -> PromptScores:
-    """Position i's logits [L, V] predict prompt token i + 1."""
-    logprobs = torch.log_softmax(logits[:-1], dim=-1)                     # [L-1, V]
-    chosen = logprobs.gather(-1, prompt[1:, None])[:, 0].cpu().numpy()
-    k = min(spec.topk_prompt_logprobs, logprobs.shape[-1])
-    top = None
-    if k > 0:
-        best = torch.topk(logprobs, k, dim=-1)
-        top = best.indices.cpu().numpy().astype(np.int32), best.values.cpu().numpy()
-    return _prompt_scores(chosen, top, spec)
+def _chunk_scores(logits: torch.Tensor, targets: torch.Tensor, k: int
+                  ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """The logprobs [T] of targets [T] (int64), row i of logits [T, V] predicting target i,
+    and with k > 0 each row's k most likely tokens (ids, logprobs) [T, k]."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(-1, targets[:, None])[:, 0].cpu().numpy()
+    k = min(k, logprobs.shape[-1])
+    if k <= 0:
+        return chosen, None
+    best = torch.topk(logprobs, k, dim=-1)
+    return chosen, (best.indices.cpu().numpy().astype(np.int32), best.values.cpu().numpy())
 
 
 def _prompt_scores(logprobs: np.ndarray, top: tuple[np.ndarray, np.ndarray] | None, spec: SampleSpec
