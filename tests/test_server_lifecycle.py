@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gradwire
 from gradwire import _convert, client
-from gradwire.v1 import sampling_service_pb2, sampling_service_pb2_grpc
+from gradwire.v1 import codec, sampling_service_pb2, sampling_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import cli, server as server_module
@@ -406,9 +406,9 @@ def test_a_second_signal_exits_at_once_without_draining(tmp_path):
 
 def test_sigterm_fails_what_did_not_run_then_exits_cleanly(tmp_path):
     """SIGTERM while a client is mid-stream and an optimizer step waits behind the stream:
-    health turns NOT_SERVING at once; the stream's RPC answers UNAVAILABLE "not run" (nothing
+    health turns NOT_SERVING at once; the stream's RPC answers UNAVAILABLE "not finished" (nothing
     of it is applied) without waiting for the rest of its upload; the client long-polling the
-    step reads UNAVAILABLE "not run" too; a request made after the signal is refused
+    step reads UNAVAILABLE "not finished" too; a request made after the signal is refused
     (UNAVAILABLE); then the process exits with status 0."""
     process, address = start_cli_server("--checkpoint-dir", str(tmp_path))
     try:
@@ -444,15 +444,46 @@ def test_sigterm_fails_what_did_not_run_then_exits_cleanly(tmp_path):
         rest.set()
         poll.join(30)
         assert isinstance(outcome[0], grpc.RpcError) and outcome[0].code() == grpc.StatusCode.UNAVAILABLE, outcome
-        assert outcome[0].details().startswith("not run: the server is stopping")
+        assert outcome[0].details().startswith("not finished: the server is stopping")
         assert polled[0].done and polled[0].error.code == grpc.StatusCode.UNAVAILABLE.value[0], polled
-        assert polled[0].error.message.startswith("not run: the server is stopping")
+        assert polled[0].error.message.startswith("not finished: the server is stopping")
         late = response_or_error(training.ForwardBackward, raw_request(run_id, 3, random_data(88)))
         assert isinstance(late, grpc.RpcError) and late.code() == grpc.StatusCode.UNAVAILABLE, late
         assert process.wait(timeout=60) == 0
         channel.close()
     finally:
         rest.set()
+        process.kill()
+        process.wait()
+
+
+def test_sigterm_fails_a_sample_still_decoding():
+    """SIGTERM while a Sample decodes: the client long-polling it reads UNAVAILABLE "not
+    finished" (reason STOPPING), none of its tokens, and the process exits with status 0."""
+    process, address = start_cli_server()
+    try:
+        channel = grpc.insecure_channel(address)
+        sampling = sampling_service_pb2_grpc.SamplingServiceStub(channel)
+        operations = operations_pb2_grpc.OperationsStub(channel)
+        training = pb_grpc.TrainingServiceStub(channel)
+        name = sampling.Sample(sampling_service_pb2.SampleRequest(
+            base_model="tiny-random", prompt=[codec.tokens_to_chunk(np.array([1, 2, 3]))], num_samples=4,
+            sampling_params=sampling_service_pb2.SamplingParams(max_tokens=1000))).name
+        deadline = time.monotonic() + 60
+        while (training.GetServerCapabilities(pb.GetServerCapabilitiesRequest()).kv_cache.running_sequences < 4
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        polled: list = []
+        poll = threading.Thread(target=lambda: polled.append(wait_operation(operations, name)))
+        poll.start()
+        process.send_signal(signal.SIGTERM)
+        poll.join(30)
+        assert polled[0].done and polled[0].error.code == grpc.StatusCode.UNAVAILABLE.value[0], polled
+        assert polled[0].error.message.startswith("not finished: the server is stopping"), polled
+        assert not polled[0].HasField("response")
+        assert process.wait(timeout=60) == 0
+        channel.close()
+    finally:
         process.kill()
         process.wait()
 

@@ -118,9 +118,10 @@ def resource_exhausted(message: str) -> ServiceError:
 
 
 def stopping() -> ServiceError:
-    """A request the server did not run because it is stopping (SIGTERM)."""
-    return ServiceError(grpc.StatusCode.UNAVAILABLE, "not run: the server is stopping; send it again to a "
-                        "server that is serving", "STOPPING")
+    """A request the server did not finish because it is stopping (SIGTERM): queued, a stream
+    still uploading, a Sample still decoding. Nothing of it took effect or was delivered."""
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "not finished: the server is stopping and nothing of this "
+                        "request took effect; send it again to a server that is serving", "STOPPING")
 
 
 def cancelled(message: str) -> ServiceError:

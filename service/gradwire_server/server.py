@@ -231,8 +231,8 @@ class GradwireServer:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Drains: NOT_SERVING; new requests are refused (UNAVAILABLE); the step the worker
-        computes ends, and every request that did not run fails UNAVAILABLE "not run", which
-        clients long-polling it read; then RPCs in flight have `grace_s` before the port closes."""
+        computes ends, and every request that did not finish fails UNAVAILABLE "not finished",
+        which clients long-polling it read; then RPCs in flight have `grace_s` before the port closes."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         for task in self._expiry:
             task.cancel()
