@@ -266,6 +266,35 @@ def wait_for_stream_operation(operations, run_id: str, received: int, seconds: f
 
 
 @contextlib.contextmanager
+def engine_setting(server, name: str, value):
+    """Sets the server engine's attribute `name` (on its worker) while the block runs."""
+    engine = server.engine
+    before = getattr(engine, name)
+    server.call(lambda: setattr(engine, name, value))
+    try:
+        yield
+    finally:
+        server.call(lambda: setattr(engine, name, before))
+
+
+@contextlib.contextmanager
+def forwards_held(server):
+    """Holds every training forward pass of the server at its start until the block ends;
+    yields the event set once one is held (a request's turn is being computed)."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(*shape: int) -> None:
+        holding.set()
+        release.wait(60)
+
+    with engine_setting(server, "before_forward", hold):
+        try:
+            yield holding
+        finally:
+            release.set()
+
+
+@contextlib.contextmanager
 def worker_busy(server):
     """Keeps the server's worker thread occupied until the block ends, so requests
     made inside it stay queued."""

@@ -4,7 +4,6 @@ exactly over 30+ calls; a request that runs out of memory fails alone with
 RESOURCE_EXHAUSTED and changes nothing; the sizes the server chose are reported."""
 from __future__ import annotations
 
-import contextlib
 import gc
 import warnings
 import weakref
@@ -26,8 +25,8 @@ from gradwire_server.kv_cache import BLOCK_TOKENS
 from gradwire_server.models import load_model
 from conftest import server_config
 from gradwire_server.server import BackgroundServer
-from reference import (assert_state_equal, cross_entropy_gradient_error, finished, micro_batch_tokens, random_data,
-                       raw_request, reference_model, run_state, succeeded, trained_run, worker_busy)
+from reference import (assert_state_equal, cross_entropy_gradient_error, engine_setting, finished, micro_batch_tokens,
+                       random_data, raw_request, reference_model, run_state, succeeded, trained_run, worker_busy)
 
 CALLS = 30
 LENGTHS = (64, 64, 64, 64)
@@ -46,17 +45,6 @@ def live_tensors(server) -> int:
             warnings.simplefilter("ignore")
             return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
     return server.call(count)
-
-
-@contextlib.contextmanager
-def engine_setting(server, name: str, value):
-    engine = server.engine
-    before = getattr(engine, name)
-    server.call(lambda: setattr(engine, name, value))
-    try:
-        yield
-    finally:
-        server.call(lambda: setattr(engine, name, before))
 
 
 def out_of_memory_at(calls: set[int]):

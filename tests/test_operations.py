@@ -11,11 +11,12 @@ import torch
 from google.longrunning import operations_pb2
 
 import gradwire
+from gradwire import _convert
 from conftest import free_port, server_config
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.server import BackgroundServer
-from reference import (assert_state_equal, new_run, operation_metadata, random_data, raw_request, run_state,
-                       server_gradients, wait_operation)
+from reference import (assert_state_equal, forwards_held, new_run, operation_metadata, random_data, raw_request,
+                       response_or_error, run_state, server_gradients, wait_for_stream_operation, wait_operation)
 
 
 @pytest.fixture()
@@ -88,12 +89,18 @@ def test_retry_with_same_request_id_is_the_same_operation(server, stubs, run_id)
         training.ForwardBackward(fb_request(run_id, 1, request_id="req-other"))
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert not wait_operation(operations, first.name).HasField("error")
+    assert_gradient_of_one_pass(server, stubs, run_id)
+
+
+def assert_gradient_of_one_pass(server, stubs, run_id: str) -> None:
+    """The run's gradient is exactly that of one fb_request(seq 1) on a fresh run."""
+    training, operations = stubs
     once = new_run(training)
     assert not wait_operation(operations, training.ForwardBackward(fb_request(once, 1)).name).HasField("error")
-    retried, single = server_gradients(server, run_id), server_gradients(server, once)
-    assert retried.keys() == {name.replace(once, run_id) for name in single}
+    added, single = server_gradients(server, run_id), server_gradients(server, once)
+    assert added.keys() == {name.replace(once, run_id) for name in single}
     for name, grad in single.items():
-        assert torch.equal(retried[name.replace(once, run_id)], grad), name
+        assert torch.equal(added[name.replace(once, run_id)], grad), name
 
 
 def test_rejected_request_keeps_the_order_moving(stubs, run_id):
@@ -118,6 +125,9 @@ def test_held_requests_behind_a_rejected_one_are_aborted(stubs, run_id):
     result = wait_operation(operations, held)
     assert result.done and result.error.code == grpc.StatusCode.ABORTED.value[0]
     assert "rejected" in result.error.message
+    # The run goes on after the aborted seq_id 2 (taken: it cannot be sent again).
+    after = wait_operation(operations, training.ForwardBackward(fb_request(run_id, 3)).name)
+    assert after.done and not after.HasField("error"), after.error
 
 
 def test_cancel_list_and_delete(stubs, run_id):
@@ -144,6 +154,66 @@ def test_cancel_list_and_delete(stubs, run_id):
     with pytest.raises(grpc.RpcError) as raised:
         operations.GetOperation(operations_pb2.GetOperationRequest(name=done))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_cancel_while_the_request_is_computed_leaves_its_result_standing(server, stubs, run_id):
+    """CancelOperation is best effort (AIP-151): a ForwardBackward whose pass is being computed
+    when the cancel arrives finishes, and reads as done with its result, its gradient added
+    once. (Read as CANCELLED with its gradient added anyway, a client that sent it again
+    would add it twice.)"""
+    training, operations = stubs
+    with forwards_held(server) as holding:
+        name = training.ForwardBackward(fb_request(run_id, 1)).name
+        assert holding.wait(30)
+        operations.CancelOperation(operations_pb2.CancelOperationRequest(name=name))
+    result = wait_operation(operations, name)
+    assert result.done and not result.HasField("error"), result.error
+    assert_gradient_of_one_pass(server, stubs, run_id)
+
+
+def stream_messages(run_id: str, rest: threading.Event):
+    """A stream of seq_id 1: its header and 4 datums, then (once `rest` is set) its end."""
+    yield pb.ForwardBackwardStreamRequest(header=pb.StreamHeader(model_id=run_id, seq_id=1, loss_fn="cross_entropy"))
+    yield pb.ForwardBackwardStreamRequest(batch=pb.DatumBatch(data=[_convert.datum_to_proto(d)
+                                                                    for d in random_data(87)]))
+    rest.wait(30)
+    yield pb.ForwardBackwardStreamRequest(end=pb.StreamEnd(num_datums=4))
+
+
+@pytest.mark.parametrize("when", ["while a piece is computed", "while it waits for more input"])
+def test_a_cancelled_stream_applies_nothing_and_its_run_goes_on(server, stubs, run_id, when):
+    """A stream cancelled part-way, while its first piece's pass is computed (the cancel
+    takes effect after that turn) or while it waits for its next message: its RPC ends
+    CANCELLED, no weight or gradient changed, and the run's next requests (an OptimStep,
+    which nothing else would wake) run."""
+    training, operations = stubs
+    before = run_state(server, run_id)
+    rest, outcome = threading.Event(), []
+    upload = threading.Thread(target=lambda: outcome.append(
+        response_or_error(training.ForwardBackwardStream, stream_messages(run_id, rest))))
+    try:
+        if when == "while a piece is computed":
+            with forwards_held(server) as holding:
+                upload.start()
+                assert holding.wait(30)
+                name = wait_for_stream_operation(operations, run_id, received=4)
+                operations.CancelOperation(operations_pb2.CancelOperationRequest(name=name))
+        else:
+            upload.start()
+            name = wait_for_stream_operation(operations, run_id, received=4)
+            server.call(lambda: None)  # a turn after the piece's: the stream now waits for input
+            operations.CancelOperation(operations_pb2.CancelOperationRequest(name=name))
+        upload.join(30)
+    finally:
+        rest.set()
+        upload.join(30)
+    assert isinstance(outcome[0], grpc.RpcError) and outcome[0].code() == grpc.StatusCode.CANCELLED, outcome
+    assert wait_operation(operations, name).error.code == grpc.StatusCode.CANCELLED.value[0]
+    assert_state_equal(before, run_state(server, run_id))
+    step = wait_operation(operations, training.OptimStep(pb.OptimStepRequest(
+        model_id=run_id, seq_id=2, adam_params=pb.AdamParams(learning_rate=1e-2))).name)
+    assert step.done and not step.HasField("error"), step.error
+    assert training.GetInfo(pb.GetInfoRequest(model_id=run_id)).step == 1
 
 
 def test_sdk_retries_while_the_server_is_not_up_yet(tmp_path):

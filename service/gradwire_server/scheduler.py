@@ -78,6 +78,9 @@ class Job:
     task: Task | None        # None: a rejected request that only holds its place
     cancelled: bool = False
     started: bool = False
+    stepping: bool = False   # the worker computes a turn of it now (under the lock)
+    cancel_asked: bool = False  # while stepping: cancelled after the turn, unless it finishes the job
+    finished: bool = False   # computed or failed: its outcome is on its way to the operation
 
 
 @dataclass
@@ -202,6 +205,9 @@ class Scheduler:
                     self._enqueue(job)
 
     def _abort_held(self, order: RunOrder, why: str) -> None:
+        """Fails the held jobs; the run's order goes on after them (their seq_ids are taken)."""
+        if order.held:
+            order.next_seq = max(order.next_seq, max(order.held) + 1)
         for seq in sorted(order.held):
             job = order.held.pop(seq)
             self.store.finish(job.op_name, error=aborted(f"not run: {why}"))
@@ -209,16 +215,22 @@ class Scheduler:
     def _gap_expired(self, run_id: str, seq_id: int) -> None:
         order = self._orders[run_id]
         if seq_id in order.held and order.next_seq < seq_id:
-            missing = order.next_seq
-            order.next_seq = max(order.held) + 1
-            self._abort_held(order, f"seq_id {missing} of {run_id} never arrived "
+            self._abort_held(order, f"seq_id {order.next_seq} of {run_id} never arrived "
                                     f"within {self.gap_timeout_s:g} s")
 
     def _cancel(self, job: Job) -> bool:
+        """CancelOperation, best effort (AIP-151): a job the worker is not computing now is
+        dropped (nothing of it was applied) and fails CANCELLED. One whose turn is being
+        computed is cancelled after that turn, unless the turn finishes it: then it was
+        applied, and its result stands."""
         with self._lock:
-            if job.cancelled:
+            if job.cancelled or job.finished:
+                return False
+            if job.stepping:
+                job.cancel_asked = True
                 return False
             job.cancelled = True  # the worker skips it; a held one still releases its place
+            self._unpark(job.run_id)  # a parked run's cancelled head is dropped at its turn
         self.store.finish(job.op_name, error=cancelled("cancelled by the client"))
         return True
 
@@ -279,10 +291,13 @@ class Scheduler:
     def wake(self, run_id: str) -> None:
         """A parked run's task has input again (called after feeding it)."""
         with self._lock:
-            if run_id in self._parked:
-                self._parked.discard(run_id)
-                self._rotation.append(run_id)
-                self._lock.notify()
+            self._unpark(run_id)
+
+    def _unpark(self, run_id: str) -> None:  # caller holds _lock
+        if run_id in self._parked:
+            self._parked.discard(run_id)
+            self._rotation.append(run_id)
+            self._lock.notify()
 
     def _enqueue(self, job: Job) -> None:  # caller holds _lock
         queue = self._ready.setdefault(job.run_id, deque())
@@ -305,8 +320,9 @@ class Scheduler:
                         self._pop_head(run_id)
                         continue
                     if not queue[0].task.ready():
-                        self._parked.add(run_id)  # wake() brings it back
+                        self._parked.add(run_id)  # wake() or a cancel brings it back
                         continue
+                    queue[0].stepping = True
                     return queue[0]
                 self._lock.wait()
 
@@ -345,12 +361,23 @@ class Scheduler:
                 self._fail(job, error)
                 continue
             with self._lock:
-                if step.done:
+                job.stepping = False
+                cancelled_now = job.cancel_asked and not step.done
+                if cancelled_now:  # cancelled during the turn, which applied nothing
+                    job.cancelled = True
+                    job.task.discard()
+                    self._pop_head(job.run_id)
+                elif step.done:
+                    job.finished = True
                     self._pop_head(job.run_id)
                 elif job.task.ready():
                     self._rotation.append(job.run_id)  # one piece per turn: others interleave
                 else:
                     self._parked.add(job.run_id)
+            if cancelled_now:
+                self.loop.call_soon_threadsafe(self.store.finish, job.op_name, None,
+                                               cancelled("cancelled by the client"))
+                continue
             if step.outputs:
                 self.loop.call_soon_threadsafe(self.store.add_outputs, job.op_name, step.outputs)
             if step.done and job.op_name:
@@ -359,6 +386,7 @@ class Scheduler:
     def _fail(self, failed: Job, error: ServiceError) -> None:
         """Fails a job and aborts its run's jobs queued behind it."""
         with self._lock:
+            failed.stepping, failed.finished = False, True
             queue = self._ready.pop(failed.run_id, deque())
             self._parked.discard(failed.run_id)
         queue.popleft()
