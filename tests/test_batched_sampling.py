@@ -441,6 +441,34 @@ def test_a_prefill_pass_costs_at_most_its_budget_padding_included():
         assert generation.sequences[0].tokens == greedy_reference(reference, prompt, 6)
 
 
+@pytest.mark.parametrize("change", ["deleted", "saved again"])
+def test_a_sampler_checkpoint_changed_while_its_requests_wait_is_not_called_damaged(server, raw, service, change):
+    """A Sample and a ComputeLogprobs of a sampler checkpoint find it when they arrive and
+    read its files when their turn comes. The checkpoint deleted in between (or after
+    its file was checked) reads NOT_FOUND, saved again ABORTED (CHECKPOINT_REPLACED):
+    not DATA_LOSS, which says a stored file is damaged."""
+    tc = trained_run(service, rank=RANK, seed=45)
+    path = tc.save_weights_for_sampler(f"changed-{change.replace(' ', '-')}").result().path
+    checkpoint = checkpoints.find(server.server.checkpoint_root, path)
+    tc.forward_backward(random_data(101), "cross_entropy")
+    tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
+    newer = server.call(lambda: server.engine.save_state(tc.model_id, with_optimizer=False))
+    stub, operations = raw
+    with worker_busy(server):
+        names = [stub.Sample(request(dict(model_path=path), 1)).name,
+                 stub.ComputeLogprobs(pb.ComputeLogprobsRequest(model_path=path, prompt=[
+                     codec.tokens_to_chunk(np.array(PROMPT))])).name]
+        if change == "deleted":
+            checkpoints.delete(checkpoint)
+        else:
+            checkpoints.write(server.server.checkpoint_root, checkpoint.path, newer, "tiny-random", overwrite=True)
+    expected = {"deleted": (grpc.StatusCode.NOT_FOUND, "deleted while this request waited"),
+                "saved again": (grpc.StatusCode.ABORTED, "was saved again while this request waited")}[change]
+    for name in names:
+        error = finished(operations, name).error
+        assert (error.code, expected[1] in error.message) == (expected[0].value[0], True), error
+
+
 def test_a_request_that_fails_to_join_mid_turn_gets_its_own_error(server, raw, service):
     """A request for a damaged sampler checkpoint that arrives while another request
     decodes (so it joins from the loop, between decode steps) fails with the error it

@@ -106,7 +106,8 @@ class ConflictError(APIStatusError):
 
 
 class AbortedError(APIStatusError):
-    """ABORTED: an earlier request of the same run failed, so this one did not run."""
+    """ABORTED: an earlier request of the same run failed, so this one did not run; or a
+    checkpoint it names was saved again while it waited (send it again)."""
 
     status_code = 409
 

@@ -45,7 +45,7 @@ import torch
 
 from gradwire_server.batch import LoraSettings
 from gradwire_server.engine import RunState
-from gradwire_server.errors import (FieldViolation, ServiceError, already_exists, data_loss,
+from gradwire_server.errors import (FieldViolation, ServiceError, already_exists, checkpoint_replaced, data_loss,
                                     failed_precondition, invalid_argument, not_found)
 from gradwire_server.run_index import CheckpointRecord
 
@@ -288,6 +288,7 @@ def read(checkpoint: Checkpoint, with_optimizer: bool
         optimizer = torch.load(checkpoint.folder / OPTIMIZER_STATE, weights_only=True) \
             if with_optimizer else None
     except Exception as error:  # noqa: BLE001 - any decoding failure means a damaged file
+        check_unchanged(checkpoint)  # or deleted or saved again since verify()
         raise data_loss(f"checkpoint {checkpoint.path.path} cannot be decoded: {error}") from None
     return adapter, optimizer
 
@@ -386,10 +387,12 @@ def verify(checkpoint: Checkpoint, name: str) -> None:
         raise failed_precondition(f"checkpoint {checkpoint.path.path}: {name} is not part of this checkpoint",
                                   "CHECKPOINT_KIND")
     file = checkpoint.folder / name
-    if not file.is_file():
-        raise data_loss(f"checkpoint {checkpoint.path.path}: {name} is missing")
-    with open(file, "rb") as handle:
-        _check(checkpoint, name, handle)
+    try:
+        with open(file, "rb") as handle:
+            _check(checkpoint, name, handle)
+    except FileNotFoundError:
+        check_unchanged(checkpoint)
+        raise data_loss(f"checkpoint {checkpoint.path.path}: {name} is missing") from None
 
 
 def _check(checkpoint: Checkpoint, name: str, handle: BinaryIO) -> None:
@@ -398,9 +401,25 @@ def _check(checkpoint: Checkpoint, name: str, handle: BinaryIO) -> None:
     where = f"checkpoint {checkpoint.path.path}: {name}"
     size = os.fstat(handle.fileno()).st_size
     if size != expected["size"]:
+        check_unchanged(checkpoint)
         raise data_loss(f"{where} has {size} bytes, expected {expected['size']} (truncated or damaged)")
     if _sha256(handle) != expected["sha256"]:
+        check_unchanged(checkpoint)
         raise data_loss(f"{where} does not match its sha256 (damaged)")
+
+
+def check_unchanged(checkpoint: Checkpoint) -> None:
+    """Before a file that is missing or does not match reads as damage: NOT_FOUND if the
+    checkpoint was deleted since it was found (while a request naming it waited), ABORTED
+    if it was saved again meanwhile (its files are other files now)."""
+    try:
+        metadata = json.loads((checkpoint.folder / MARKER).read_text())
+    except FileNotFoundError:
+        raise not_found("checkpoint", checkpoint.path.path, "deleted while this request waited") from None
+    except (OSError, ValueError):
+        return  # an unreadable marker is damage too
+    if metadata.get("files") != checkpoint.metadata["files"]:
+        raise checkpoint_replaced(checkpoint.path.path)
 
 
 def _adapter_config(state: RunState, base_model: str) -> dict[str, Any]:

@@ -94,6 +94,12 @@ def aborted(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.ABORTED, message, "EARLIER_REQUEST_FAILED")
 
 
+def checkpoint_replaced(path: str) -> ServiceError:
+    """A checkpoint saved again (other weights at its path) while a request naming it waited."""
+    return ServiceError(grpc.StatusCode.ABORTED, f"checkpoint {path} was saved again while this request waited; "
+                        "send the request again for the weights it holds now", "CHECKPOINT_REPLACED")
+
+
 def already_used(seq_id: int, operation: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.ALREADY_EXISTS,
                         f"seq_id {seq_id} is already taken by {operation}; a retry returns that operation only "

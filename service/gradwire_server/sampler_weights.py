@@ -115,7 +115,12 @@ class SamplerAdapters:
                        {k: t.to(self.engine.device) for k, t in source.weights.items()}, name)
         else:
             checkpoints.verify(source, ADAPTER_WEIGHTS)
-            self._load(*_read_adapter(source.folder, self.engine.device), name)
+            try:
+                adapter = _read_adapter(source.folder, self.engine.device)
+            except AdapterLoadError:
+                checkpoints.check_unchanged(source)  # or deleted or saved again since verify()
+                raise
+            self._load(*adapter, name)
         self._loaded[key] = name
         if len(self._loaded) > self.capacity:
             self._unload(next(iter(self._loaded)))
