@@ -14,6 +14,7 @@ import gradwire
 from gradwire.v1 import codec, sampling_service_pb2, tensor_pb2
 from gradwire.v1 import sampling_service_pb2_grpc, training_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
+from gradwire_server import validation
 from reference import (METHODS, assert_optimizer_equal, assert_state_equal, checkpoint_files, greedy_reference,
                        optimizer_state, random_data, raw_request, reference_base_model, run_state, succeeded,
                        trained_run)
@@ -386,6 +387,22 @@ def test_100_kb_ids_are_cut_in_the_error(server, service, stubs, run, field):
     assert_state_equal(before, run_state(server, run.model_id))
     assert checkpoint_files(server) == files_before
     assert service.create_rest_client().list_checkpoints(run.model_id).result().checkpoints == []
+
+
+@pytest.mark.parametrize("rpc", ["Sample", "ComputeLogprobs"])
+def test_a_sampling_request_id_over_the_limit_is_refused(server, rpc):
+    """As a training request's: INVALID_ARGUMENT naming request_id, and no operation starts
+    (nor is the id kept, as a retry's would be)."""
+    kind = {"Sample": sampling_service_pb2.SampleRequest, "ComputeLogprobs": sampling_service_pb2.ComputeLogprobsRequest}
+    request = kind[rpc](base_model="tiny-random", prompt=[codec.tokens_to_chunk(np.array([1, 2, 3]))],
+                        request_id="r" * (validation.MAX_REQUEST_ID_CHARS + 1))
+    before = server.server.store.names("operations/sampling/")
+    with grpc.insecure_channel(server.address) as channel:
+        error = status_of(getattr(sampling_service_pb2_grpc.SamplingServiceStub(channel), rpc), request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert error.details().startswith("request_id: has 257 characters"), error.details()
+    assert server.server.store.names("operations/sampling/") == before
+    assert request.request_id not in server.server.sampling._operation_of_request
 
 
 def test_stream_message_of_no_kind(server, run):

@@ -450,6 +450,10 @@ BAD_PARAMS = [
     ("empty prompt", 1, [], dict(max_tokens=4), "prompt", "empty"),
     ("stop string holding a special token", 1, PROMPT, dict(max_tokens=4, stop=["e", "ok<|im_end|>"]),
      "sampling_params.stop_strs.strings[1]", "holds the special token '<|im_end|>' among other text"),
+    ("too many stop strings", 1, PROMPT, dict(max_tokens=4, stop=[f"s{i}" for i in range(65)]),
+     "sampling_params.stop_strs.strings", "has 65 stop strings, at most 64"),
+    ("stop string too long", 1, PROMPT, dict(max_tokens=4, stop=["e", "x" * 257]),
+     "sampling_params.stop_strs.strings[1]", "has 257 characters, at most 256"),
 ]
 
 

@@ -512,7 +512,8 @@ class SamplingParams:
     max_tokens: most tokens per sample (None: up to the end of the context).
     seed: the same seed gives the same tokens (None: random; in bf16 see the README).
     stop: a string, strings (matched in the completion's text decoded without
-    special tokens; a special token's text, "<|im_end|>", stops at that token) or
+    special tokens; a special token's text, "<|im_end|>", stops at that token; at most
+    64 strings of at most 256 characters) or
     token ids that end a sequence; the stop's own tokens end the sequence.
     temperature: 0 is greedy. top_k: -1 or 0 is off. top_p: 1.0 is off.
     """

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from google.protobuf import empty_pb2
 
 from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
-from gradwire_server import sampling_validation
+from gradwire_server import sampling_validation, validation
 from gradwire_server.engine import Engine
 from gradwire_server.errors import (FieldViolation, ServiceError, abort, abort_with_status, invalid_argument,
                                     request_id_reused)
@@ -19,7 +19,6 @@ from gradwire_server.sampler_weights import SamplerAdapters, is_ephemeral_path
 from gradwire_server.sampling_task import SampleTask
 from gradwire_server.scheduler import Scheduler
 from gradwire_server.training_servicer import ModelInfo, loaded
-from gradwire_server.validation import request_fingerprint
 
 OPERATION_OWNER = "sampling"  # operations are named operations/sampling/...
 _MAX_REMEMBERED_REQUESTS = 4096  # request_ids kept before forgetting finished, dropped operations
@@ -106,6 +105,8 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
     def _submit(self, request, kind: str, validate: Callable[[ModelInfo], SampleSpec], stream: bool = False):
         """The operation of a retried request_id, or a new one for a valid request."""
         info = self._ready()
+        if not stream:  # (SampleStream ignores request_id)
+            validation.request_id(request.request_id)
         existing = self._operation_of_request.get(request.request_id) if request.request_id else None
         if existing is not None and not stream:
             operation, fingerprint = existing
@@ -114,7 +115,7 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
             except ServiceError:
                 del self._operation_of_request[request.request_id]  # expired or deleted: a new request
             else:
-                if fingerprint != request_fingerprint(request):
+                if fingerprint != validation.request_fingerprint(request):
                     raise request_id_reused(request.request_id, operation)
                 return record
         if request.WhichOneof("model") == "model_path" and is_ephemeral_path(request.model_path):
@@ -126,7 +127,7 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         record = self.scheduler.submit_unordered(OPERATION_OWNER, kind, task)
         self.loop.arrive(task.join)  # joins a running batch at its next step
         if request.request_id and not stream:
-            self._remember(request.request_id, record.operation.name, request_fingerprint(request))
+            self._remember(request.request_id, record.operation.name, validation.request_fingerprint(request))
         return record
 
     def _completion_text(self, tokens: list[int]) -> str:

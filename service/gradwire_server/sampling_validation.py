@@ -26,6 +26,10 @@ MAX_RESPONSE_BYTES = 3 * 1024 * 1024
 # divided by a tiny one overflow float32.
 GREEDY_BELOW_TEMPERATURE = 1e-5
 _BYTES_PER_SAMPLED_TOKEN = 8   # int32 token + float32 logprob
+# Every decode step matches each row's stop strings in its completion's last (longest stop)
+# characters, on the worker every request shares: bounded, so one request cannot slow the rest.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 256
 
 
 def sampler_checkpoint(checkpoint_root: pathlib.Path, model_path: str, served_model: str
@@ -191,10 +195,18 @@ def _stops(strings: Sequence[str], special_tokens: Mapping[str, int], violations
     that token does: in that text they never appear. A string holding a special token among
     other text could never match, so it is refused."""
     texts, tokens = [], set()
+    if len(strings) > MAX_STOP_STRINGS:
+        violations.append(FieldViolation("sampling_params.stop_strs.strings",
+                                         f"has {len(strings)} stop strings, at most {MAX_STOP_STRINGS} are allowed"))
+        return (), frozenset()
     for i, stop in enumerate(strings):
         held = next((special for special in special_tokens if special in stop), None)
         if not stop:
             violations.append(FieldViolation(f"sampling_params.stop_strs.strings[{i}]", "is empty"))
+        elif len(stop) > MAX_STOP_STRING_CHARS:
+            violations.append(FieldViolation(f"sampling_params.stop_strs.strings[{i}]",
+                                             f"has {len(stop)} characters, at most {MAX_STOP_STRING_CHARS} "
+                                             "are allowed"))
         elif stop in special_tokens:
             tokens.add(special_tokens[stop])
         elif held is not None:
