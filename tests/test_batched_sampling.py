@@ -301,19 +301,28 @@ def test_admission_waits_for_room_in_the_kv_cache(small_cache_server):
     assert (usage.used_bytes, usage.reserved_bytes, usage.running_sequences) == (0, 0, 0)
 
 
-def test_a_request_larger_than_the_whole_cache_is_rejected_and_changes_nothing(small_cache_server):
-    """Its error names max_tokens and the budget; a request running beside it is unaffected."""
+@pytest.mark.parametrize("too_big, field", [
+    (request(dict(base_model="tiny-random"), 4, max_tokens=200, seed=4), "num_samples"),  # one would fit
+    (request(dict(base_model="tiny-random"), 1, max_tokens=400, seed=4), "sampling_params.max_tokens"),
+    (pb.ComputeLogprobsRequest(base_model="tiny-random", prompt=[codec.tokens_to_chunk(np.array(PROMPT * 60))]),
+     "prompt"),
+], ids=["samples", "max_tokens", "prompt"])
+def test_a_request_larger_than_the_whole_cache_is_refused_and_changes_nothing(small_cache_server, too_big, field):
+    """Refused when it arrives (it could never be admitted), INVALID_ARGUMENT naming what to
+    cut and the budget; no operation starts, and a request running beside it is unaffected."""
     server = small_cache_server
     with grpc.insecure_channel(server.address) as channel:
         stub, operations = pb_grpc.SamplingServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
         fits = request(dict(base_model="tiny-random"), 1, max_tokens=60, seed=4)
         alone = outcome(operations, stub.Sample(fits).name)
+        started = server.server.store.names("operations/sampling/")
         with worker_busy(server):
             beside = stub.Sample(fits).name
-            too_big = stub.Sample(request(dict(base_model="tiny-random"), 4, max_tokens=200, seed=4)).name
-        failed = finished(operations, too_big)
-        assert failed.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        assert "sampling_params.max_tokens" in failed.error.message and "budget" in failed.error.message
+            with pytest.raises(grpc.RpcError) as refused:
+                getattr(stub, type(too_big).__name__.removesuffix("Request"))(too_big)
+            assert server.server.store.names("operations/sampling/") == [*started, beside]
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details().startswith(f"{field}: the prompt") and "whole budget" in refused.value.details()
         assert [t for t, _, _ in outcome(operations, beside)] == [t for t, _, _ in alone]
     usage = capabilities(server).kv_cache
     assert (usage.used_bytes, usage.reserved_bytes) == (0, 0)

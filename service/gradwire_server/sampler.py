@@ -90,6 +90,20 @@ class SampleSpec:
     topk_sample_logprobs: int = 0             # k most likely tokens at each generated position
     prompt_logprobs_last_n: int | None = None  # score only the prompt's last n positions
 
+    def worst_case_blocks(self, num_samples: int | None = None) -> int:
+        """KV blocks of the worst case of `num_samples` samples (None: the request's): the
+        prompt's full blocks (shared by the samples), and per sample the rest of the prompt
+        and max_tokens; a prompt alone, its blocks."""
+        samples = self.num_samples if num_samples is None else num_samples
+        length = len(self.prompt)
+        if not samples:
+            return blocks_for(length)
+        return length // BLOCK_TOKENS + samples * self.blocks_per_sample()
+
+    def blocks_per_sample(self) -> int:
+        length = len(self.prompt)
+        return blocks_for(length + self.settings.max_tokens) - length // BLOCK_TOKENS
+
 
 @dataclass
 class PromptScores:
@@ -164,19 +178,6 @@ class Generation:
     def done(self) -> bool:
         return self.prefill_done and all(s.stop_reason is not None for s in self.sequences)
 
-    def blocks_needed(self) -> int:
-        """KV blocks of the worst case: the prompt's full blocks (shared by the
-        samples), and per sample the rest of the prompt and max_tokens."""
-        length = len(self.spec.prompt)
-        if not self.sequences:
-            return blocks_for(length)
-        full = length // BLOCK_TOKENS
-        return full + len(self.sequences) * self._blocks_per_sample()
-
-    def _blocks_per_sample(self) -> int:
-        length = len(self.spec.prompt)
-        return blocks_for(length + self.settings.max_tokens) - length // BLOCK_TOKENS
-
     def take(self, pool: BlockPool) -> int:
         self.reservation -= 1
         return pool.take()
@@ -215,7 +216,7 @@ class Generation:
     def release_sequence(self, pool: BlockPool, sequence: _Sequence) -> None:
         """Frees a finished sample's blocks and hands back its unused reservation."""
         own = len(sequence.blocks) - len(self.spec.prompt) // BLOCK_TOKENS
-        unused = self._blocks_per_sample() - own
+        unused = self.spec.blocks_per_sample() - own
         pool.release(sequence.blocks)
         sequence.blocks = []
         self.reservation -= unused
@@ -356,14 +357,9 @@ class DecodeLoop:
                 self._score_prompt(generation)  # (still waiting: a failure of the loop reaches it)
                 self.waiting.remove(generation)
                 generation.prefilled = len(generation.spec.prompt)  # done: nothing left to prefill
-        while self.waiting:
+        while self.waiting:  # (a request larger than the whole budget was refused when it came)
             generation = self.waiting[0]
-            need = generation.blocks_needed()
-            if need > self.pool.usable_blocks:
-                self.waiting.popleft()
-                generation.error = KvBudgetError(need * self.pool.block_bytes,
-                                                 self.pool.usable_blocks * self.pool.block_bytes)
-                continue
+            need = generation.spec.worst_case_blocks()
             if not self.pool.reserve(need):
                 return  # waits for running requests to free blocks
             generation.reservation = need
@@ -633,14 +629,6 @@ class DecodeLoop:
         kept = {key: value for key, value in cache.items()
                 if in_use.issuperset(key if isinstance(key, tuple) else (key,))}
         return kept if len(kept) < 16 else {}
-
-
-class KvBudgetError(ValueError):
-    """A request whose worst case exceeds the whole KV cache budget."""
-
-    def __init__(self, need_bytes: int, usable_bytes: int):
-        super().__init__(f"the prompt and samples need up to {need_bytes / 2**20:.1f} MiB of KV cache, "
-                         f"more than the server's whole budget holds for sequences ({usable_bytes / 2**20:.1f} MiB)")
 
 
 def choose_tokens(logits: torch.Tensor, logprobs: torch.Tensor, settings: list[SamplingSettings],

@@ -19,7 +19,7 @@ from gradwire.v1 import codec
 from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire_server.checkpoints import Checkpoint
 from gradwire_server.errors import FieldViolation, invalid_argument
-from gradwire_server.sampler import DecodeLoop, Generation, KvBudgetError, SampleSpec, SequenceNews
+from gradwire_server.sampler import DecodeLoop, Generation, SampleSpec, SequenceNews
 from gradwire_server.sampler_weights import AdapterLoadError, SamplerAdapters, WeightsSnapshot
 from gradwire_server.scheduler import Step
 
@@ -78,7 +78,7 @@ class SampleTask:
         generation = self._generation
         if generation.error is not None:
             self.discard()
-            raise _service_error(generation.error)
+            raise generation.error
         outputs = None
         if self.stream and (news := self._stream_message(generation)).ByteSize():
             outputs = [news]
@@ -138,9 +138,3 @@ def _topk_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> pb.TopkSampleLogpro
                                  logprobs=codec.pack_float32(np.stack([lps for _, lps in rows])),
                                  k=len(rows[0][0]))
 
-
-def _service_error(error: Exception) -> Exception:
-    """What a loop-side failure of this request means to its client."""
-    if isinstance(error, KvBudgetError):
-        return invalid_argument([FieldViolation("sampling_params.max_tokens", str(error))])
-    return error

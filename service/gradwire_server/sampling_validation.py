@@ -188,6 +188,24 @@ def _settings(params: pb.SamplingParams, prompt_length: int, vocab_size: int, ma
                             stop_tokens=frozenset(stop_tokens.tolist()) | special_stops)
 
 
+def check_kv_budget(spec: SampleSpec, usable_blocks: int, block_bytes: int) -> None:
+    """INVALID_ARGUMENT if the request's worst case exceeds the whole KV cache (it could
+    never be admitted), naming what to cut: the prompt, the samples or max_tokens."""
+    need = spec.worst_case_blocks()
+    if need <= usable_blocks:
+        return
+    if not spec.num_samples:
+        field = "prompt"
+    elif spec.worst_case_blocks(num_samples=1) <= usable_blocks:
+        field = "num_samples"
+    else:
+        field = "sampling_params.max_tokens"
+    raise invalid_argument([FieldViolation(field, (
+        f"the prompt ({len(spec.prompt)} tokens) and {spec.num_samples} samples of up to {spec.settings.max_tokens} "
+        f"tokens need up to {need * block_bytes / 2**20:.1f} MiB of KV cache, more than the server's whole budget "
+        f"holds for sequences ({usable_blocks * block_bytes / 2**20:.1f} MiB, --kv-cache-mb)"))])
+
+
 def _stops(strings: Sequence[str], special_tokens: Mapping[str, int], violations: list[FieldViolation]
            ) -> tuple[tuple[str, ...], frozenset[int]]:
     """Stop strings to match in the completion's text (decoded without special tokens), and
