@@ -3,6 +3,8 @@ asserts its status code and that nothing changed (the run's weights and accumula
 gradients are exactly as before)."""
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -15,9 +17,10 @@ from gradwire.v1 import codec, sampling_service_pb2, tensor_pb2
 from gradwire.v1 import sampling_service_pb2_grpc, training_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server import validation
+from gradwire_server.engine import LARGEST_SQUARABLE
 from reference import (METHODS, assert_optimizer_equal, assert_state_equal, checkpoint_files, greedy_reference,
-                       optimizer_state, random_data, raw_request, reference_base_model, run_state, succeeded,
-                       trained_run)
+                       optimizer_state, random_data, raw_request, reference_base_model, run_state,
+                       server_gradients, succeeded, trained_run, worker_busy)
 
 KB_100 = "x" * 100_000
 
@@ -225,7 +228,7 @@ def test_a_step_that_would_write_a_non_finite_weight_changes_nothing(server, ser
             tc.forward_backward(random_data(68), "cross_entropy").result()
         except gradwire.ConflictError as error:
             assert error.code == grpc.StatusCode.FAILED_PRECONDITION
-            assert "the gradient of this batch is not finite (loss:sum " in str(error)
+            assert "the gradient of this batch is not finite or too large" in str(error) and "loss:sum " in str(error)
             expected = before_fb
             break
         before_step = run_state(server, tc.model_id)
@@ -247,19 +250,33 @@ def test_a_step_that_would_write_a_non_finite_weight_changes_nothing(server, ser
     tc.forward(random_data(69), "cross_entropy").result()  # the run still answers
 
 
-def test_a_forward_backward_whose_gradient_is_not_finite_adds_nothing(server, service):
-    """Cross-entropy weights of 1e38 overflow the gradient: that forward_backward is refused
+def weighted(data: list[gradwire.Datum], weight: float) -> list[gradwire.Datum]:
+    """The datums with every cross-entropy weight `weight` (their gradient scales with it)."""
+    return [gradwire.Datum(model_input=d.model_input, loss_fn_inputs={
+        "target_tokens": d.loss_fn_inputs["target_tokens"],
+        "weights": np.full(d.model_input.length, weight, np.float32)}) for d in data]
+
+
+@pytest.mark.parametrize("weight", [1e38, 1e30], ids=["infinite", "square-overflows"])
+def test_a_forward_backward_whose_gradient_is_not_finite_adds_nothing(server, service, weight):
+    """Cross-entropy weights of 1e38 overflow the gradient, of 1e30 give a finite one whose
+    square (AdamW's second moment, the norm) overflows: that forward_backward is refused
     FAILED_PRECONDITION naming its loss, the gradients accumulated before it stay exactly as
-    they were (added, an infinite gradient would make the step fail and discard them all), the
-    optimizer step queued behind it is aborted, and the next step applies the good gradient."""
+    they were (added, it would make the step fail and discard them all), the optimizer step
+    queued behind it is aborted, and the next step applies the good gradient."""
     tc = service.create_lora_training_client("tiny-random", rank=4, seed=5)
     tc.forward_backward(random_data(70), "cross_entropy").result()
     accumulated = run_state(server, tc.model_id)
-    overflowing = [gradwire.Datum(model_input=d.model_input, loss_fn_inputs={
-        "target_tokens": d.loss_fn_inputs["target_tokens"],
-        "weights": np.full(d.model_input.length, 1e38, np.float32)}) for d in random_data(71)]
-    refused, queued = tc.forward_backward(overflowing, "cross_entropy"), tc.optim_step(gradwire.AdamParams())
-    with pytest.raises(gradwire.ConflictError, match="the gradient of this batch is not finite") as raised:
+    overflowing = weighted(random_data(71), weight)
+    accepted = len(server.server.store.names(f"operations/{tc.model_id}/"))
+    with worker_busy(server):  # both are queued before the first fails
+        refused, queued = tc.forward_backward(overflowing, "cross_entropy"), tc.optim_step(gradwire.AdamParams())
+        deadline = time.monotonic() + 30
+        while len(server.server.store.names(f"operations/{tc.model_id}/")) < accepted + 2:
+            assert time.monotonic() < deadline, "the requests never reached the server"
+            time.sleep(0.01)
+    with pytest.raises(gradwire.ConflictError, match="the gradient of this batch is not finite or too large") \
+            as raised:
         refused.result()
     assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(gradwire.AbortedError):
@@ -298,24 +315,24 @@ def test_a_refused_later_step_keeps_the_moments_and_the_finite_gradients(server,
 
 @pytest.mark.parametrize("resumed", [False, True], ids=["trained", "resumed-with-its-optimizer"])
 def test_a_step_whose_second_moment_would_overflow_is_refused_and_its_gradient_discarded(server, service, resumed):
-    """Cross-entropy weights of 1e30 give a finite gradient (accepted) whose square is not: the
-    step would leave the weights finite but AdamW's second moment infinite, and those weights
-    would never move again. It is refused, weights and moments stay as they were, the gradient
-    (useless at any learning rate) is discarded, and the run trains on. Also right after
-    load_state_with_optimizer, which replaces every moment the check reads."""
+    """Batches whose gradients were each accepted (every element's square finite) can add up to
+    one so large that the step would leave the weights finite but AdamW's second moment
+    infinite, and those weights would never move again (here the accumulated gradient is set
+    to 1e21 on the worker, what about 60 batches at the per-batch limit add up to). It is
+    refused, weights and moments stay as they were, the gradient (useless at any learning
+    rate) is discarded, and the run trains on. Also right after load_state_with_optimizer,
+    which replaces every moment the check reads."""
     tc = trained_run(service)
     for seed in (75, 76):
         tc.forward_backward(random_data(seed), "cross_entropy").result()
         tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
     if resumed:
         tc.load_state_with_optimizer(tc.save_state("before-overflow").result().path).result()
-    huge = [gradwire.Datum(model_input=d.model_input, loss_fn_inputs={
-        "target_tokens": d.loss_fn_inputs["target_tokens"],
-        "weights": np.full(d.model_input.length, 1e30, np.float32)}) for d in random_data(77)]
-    tc.forward_backward(huge, "cross_entropy").result()
+    tc.forward_backward(random_data(77), "cross_entropy").result()
+    server.call(lambda: server.engine.run(tc.model_id).params[0].grad.fill_(1e21))
     before, moments, step = run_state(server, tc.model_id), optimizer_state(server, tc.model_id), tc.get_info().step
 
-    with pytest.raises(gradwire.ConflictError, match="AdamW moment .* infinite or NaN; its gradients are too large "
+    with pytest.raises(gradwire.ConflictError, match="AdamW moment infinite or NaN; its gradients are too large "
                                                      "or not finite and were discarded") as raised:
         tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
 
@@ -332,6 +349,42 @@ def test_a_step_whose_second_moment_would_overflow_is_refused_and_its_gradient_d
     assert all(not torch.equal(trained[name][0], weight) for name, (weight, _) in before.items())
     assert all(bool(torch.isfinite(value).all()) for state in optimizer_state(server, tc.model_id).values()
                for value in state.values() if isinstance(value, torch.Tensor))
+
+
+def unit_gradient_size(server, tc, data: list[gradwire.Datum]) -> tuple[float, float]:
+    """(largest element, norm) of the gradient of `data` at weight 1 on the run's weights as
+    they are; the run's gradient is then cleared by a step that moves no weight (lr 0)."""
+    tc.forward_backward(weighted(data, 1.0), "cross_entropy").result()
+    grads = list(server_gradients(server, tc.model_id).values())
+    tc.optim_step(gradwire.AdamParams(learning_rate=0.0, weight_decay=0.0)).result()
+    return max(float(g.abs().max()) for g in grads), float(torch.linalg.vector_norm(torch.cat([g.flatten()
+                                                                                              for g in grads])))
+
+
+def test_a_clipped_step_whose_gradient_norm_overflows_is_refused_and_its_gradient_discarded(server, service):
+    """A gradient whose every square is finite (accepted) but whose norm overflows float32:
+    clipped by that norm (grad_clip_norm), every gradient would become 0 and the step move
+    nothing while reporting success. It is refused FAILED_PRECONDITION saying so; weights,
+    moments and the step count stay as they were, the gradient is discarded, the run trains on."""
+    tc = trained_run(service)
+    largest, norm = unit_gradient_size(server, tc, random_data(79))
+    assert norm > 2 * largest  # so 0.6 of the largest squarable element overflows the norm
+    tc.forward_backward(weighted(random_data(79), 0.6 * LARGEST_SQUARABLE / largest), "cross_entropy").result()
+    before, moments, step = run_state(server, tc.model_id), optimizer_state(server, tc.model_id), tc.get_info().step
+    with pytest.raises(gradwire.ConflictError, match="its gradient norm overflows float32, and clipping by it "
+                                                     "\\(grad_clip_norm\\) would zero every gradient; its gradients "
+                                                     "are too large or not finite and were discarded") as raised:
+        tc.optim_step(gradwire.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
+    assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    after = run_state(server, tc.model_id)
+    for name, (weight, _) in before.items():
+        torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
+        assert after[name][1] is None
+    assert_optimizer_equal(moments, optimizer_state(server, tc.model_id))
+    assert tc.get_info().step == step
+    tc.forward_backward(random_data(80), "cross_entropy").result()
+    tc.optim_step(gradwire.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
+    assert tc.get_info().step == step + 1
 
 
 def test_a_refused_first_step_leaves_the_optimizer_as_new(server, service):

@@ -36,6 +36,9 @@ UNEMBED_MODULES = ("lm_head",)
 KEEP_GRAPH_TIMEOUT_S = 60.0
 PROBE_LORA_RANK = 32
 WARM_UP_TOKENS = 64  # per sequence of the warm-up batch: lengths share graphs, so any short one does
+# A gradient element larger than this has an infinite square (float32): AdamW's second moment
+# and the gradient norm overflow, at any learning rate.
+LARGEST_SQUARABLE = torch.finfo(torch.float32).max ** 0.5
 
 
 class NonFiniteStep(ArithmeticError):
@@ -43,7 +46,13 @@ class NonFiniteStep(ArithmeticError):
 
 
 class NonFiniteGradient(ArithmeticError):
-    """A pass's loss gave an infinite or NaN gradient (which was not added)."""
+    """A pass's loss gave an infinite, NaN or overflowing gradient (which was not added)."""
+
+
+def squares_finite(gradient: torch.Tensor) -> torch.Tensor:
+    """Whether every element's square is finite (no inf, NaN or |g| > LARGEST_SQUARABLE):
+    a 0-dim bool tensor, no host sync and no gradient-sized temporary."""
+    return torch.linalg.vector_norm(gradient, float("inf")) < LARGEST_SQUARABLE
 
 
 class RunNotFound(LookupError):
@@ -319,18 +328,20 @@ class LossPass:
     def commit(self, forward_op: str = "") -> dict[str, float]:
         """Adds the staged gradients to the run's (and hands a kept graph to the
         engine); returns the merged metrics. NonFiniteGradient, adding nothing, if a
-        staged gradient is infinite or NaN: added, it would make the run's next step
-        fail and discard the gradients accumulated before it too."""
+        staged gradient is infinite, NaN or too large to square: added, it would make
+        the run's next step fail and discard the gradients accumulated before it too."""
         self._finish_reuse()
-        finite = [torch.isfinite(self.staged).all().double()] if self.staged is not None else []
+        finite = [squares_finite(self.staged).double()] if self.staged is not None else []
         # The pass's one host sync: the finiteness check and the metrics together.
         values = torch.stack([*finite, *self.metrics.values()]).tolist() if finite or self.metrics else []
         metrics = dict(zip(self.metrics, values[len(finite):]))
         if finite and not values[0]:
             self.staged, self.staged_views, self.kept = None, [], None
             shown = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items() if key.startswith("loss"))
-            raise NonFiniteGradient(f"the gradient of this batch is not finite ({shown or 'no loss metric'}); "
-                                    "it was not added: the run's gradients are as they were")
+            raise NonFiniteGradient(f"the gradient of this batch is not finite or too large (an element above "
+                                    f"{LARGEST_SQUARABLE:.3g}, whose square overflows float32; "
+                                    f"{shown or 'no loss metric'}); it was not added: the run's gradients are "
+                                    "as they were")
         if self.staged is not None:
             self.run.add_gradient(self.staged, self.staged_views, self.reached)
         self.staged, self.staged_views = None, []
@@ -580,7 +591,10 @@ class Engine:
         run.optimizer.step()
         # The moments too: a finite weight after an infinite second moment never moves again.
         state = [*run.optimizer_state.values(), *(t.reshape(-1) for t in run.unhomed_state())]
-        if not torch.isfinite(torch.cat([*run.weight_views, *state])).all():  # one host sync
+        stepped = torch.isfinite(torch.cat([*run.weight_views, *state])).all()
+        if adam.grad_clip_norm > 0:  # clipped by an overflowing norm, every gradient became 0: no step at all
+            stepped = stepped & torch.isfinite(grad_norm)
+        if not stepped:  # one host sync
             _restore(run.params, weights_before)
             for tensor, values in zip(written, before):
                 tensor.copy_(values)
@@ -588,15 +602,19 @@ class Engine:
             for group, kept in zip(run.optimizer.param_groups, hyperparameters):
                 group.update(kept)
             outcome = "nothing was changed"
-            if run.grad is not None and not torch.isfinite(run.grad.square()).all():  # (the norm may overflow)
-                # A gradient that is not finite, or whose square is not (|g| > ~1.8e19), makes the
-                # second moment infinite at any learning rate, and forward_backward only adds to
+            overflowed = not torch.isfinite(grad_norm)
+            if run.grad is not None and (overflowed or not squares_finite(run.grad)):
+                # A gradient that is not finite, or whose square is not, makes the second moment
+                # infinite at any learning rate, and its norm too; forward_backward only adds to
                 # it: kept, it would refuse every later step of the run.
                 run.clear_gradient()
                 outcome = ("its gradients are too large or not finite and were discarded (weights and "
                            "optimizer state are unchanged); run forward_backward again")
-            raise NonFiniteStep(f"this step (grad norm {float(grad_norm):.4g}) would make a weight or an "
-                                f"AdamW moment of {run_id} infinite or NaN; {outcome}")
+            what = ("its gradient norm overflows float32, and clipping by it (grad_clip_norm) would zero every "
+                    "gradient" if overflowed and adam.grad_clip_norm > 0 else
+                    "it would make a weight or an AdamW moment infinite or NaN")
+            raise NonFiniteStep(f"this step of {run_id} (grad norm {float(grad_norm):.4g}) was not taken: {what}; "
+                                f"{outcome}")
         run.home_optimizer_state()
         run.clear_gradient()
         run.step += 1
