@@ -121,6 +121,7 @@ def test_extra_inputs_reach_the_loss_but_not_the_server(server, service):
     (lambda data, lps: (_ for _ in ()).throw(ZeroDivisionError("boom")), "ZeroDivisionError: boom"),
     (lambda data, lps: (torch.cat(lps) ** 2, {}), "scalar"),
     (lambda data, lps: (torch.tensor(1.0), {}), "does not depend"),
+    (lambda data, lps: (torch.tensor(1.0, requires_grad=True), {}), "does not depend"),
     (lambda data, lps: torch.cat(lps).sum(), r"\(loss, metrics\)"),
 ])
 def test_bad_custom_loss_raises_and_changes_nothing(server, service, bad_loss, message):

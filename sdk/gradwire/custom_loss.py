@@ -47,6 +47,9 @@ def logprob_gradients(data: Sequence[types.Datum], logprobs: Sequence[np.ndarray
     if not np.isfinite(value):
         raise CustomLossError(f"custom loss function {_name(loss_fn)} returned {value}; nothing was applied")
     loss.reshape(()).backward()
+    if all(leaf.grad is None for leaf in leaves):  # a tensor that requires grad, made without them
+        raise CustomLossError(f"the loss of {_name(loss_fn)} does not depend on the logprobs "
+                              "(no gradient reaches them); nothing was applied")
     grads = [leaf.grad.numpy() if leaf.grad is not None else np.zeros(leaf.shape, np.float32)
              for leaf in leaves]
     for i, grad in enumerate(grads):
