@@ -88,7 +88,14 @@ def test_retry_with_same_request_id_is_the_same_operation(server, stubs, run_id)
     with pytest.raises(grpc.RpcError) as raised:
         training.ForwardBackward(fb_request(run_id, 1, request_id="req-other"))
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.RpcError) as raised:  # another RPC with its ids is no retry: it would never run
+        training.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=1, request_id="req-1",
+                                               adam_params=pb.AdamParams(learning_rate=1e-2)))
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert f"request_id 'req-1' was sent before with other fields ({first.name}, a ForwardBackward)" \
+        in raised.value.details()
     assert not wait_operation(operations, first.name).HasField("error")
+    assert training.GetInfo(pb.GetInfoRequest(model_id=run_id)).step == 0
     assert_gradient_of_one_pass(server, stubs, run_id)
 
 

@@ -22,7 +22,8 @@ from google.protobuf import message
 
 from gradwire_server.engine import RunNotFound
 from gradwire_server.errors import (FieldViolation, ServiceError, aborted, already_used, cancelled,
-                                    failed_precondition, internal, invalid_argument, resource_exhausted, stopping)
+                                    failed_precondition, internal, invalid_argument, request_id_reused,
+                                    resource_exhausted, stopping)
 from gradwire_server.memory import OutOfMemory
 from gradwire_server.operations import OperationRecord, OperationStore
 
@@ -88,7 +89,7 @@ class RunOrder:
     next_seq: int = 1
     held: dict[int, Job] = field(default_factory=dict)
     op_of_seq: dict[int, str] = field(default_factory=dict)
-    request_of_seq: dict[int, str] = field(default_factory=dict)
+    request_of_seq: dict[int, tuple[str, str]] = field(default_factory=dict)  # (request_id, kind)
 
 
 class Scheduler:
@@ -109,16 +110,21 @@ class Scheduler:
 
     # ---- event-loop side ------------------------------------------------------
 
-    def existing(self, run_id: str, seq_id: int, request_id: str) -> str | None:
+    def existing(self, run_id: str, seq_id: int, request_id: str, kind: str) -> str | None:
         """The operation of an already-accepted (run, seq_id) when this request is its
-        retry (AIP-155: the same non-empty request_id). ALREADY_EXISTS otherwise: without a
-        request_id a request is never taken for a retry, which could be another RPC
-        (an OptimStep answered with a ForwardBackward's operation would never run)."""
+        retry (AIP-155: the same non-empty request_id, and the same RPC). ALREADY_EXISTS
+        otherwise: without a request_id a request is never taken for a retry, which could
+        be another RPC (an OptimStep answered with a ForwardBackward's operation would
+        never run). (Fields other than the RPC are not compared: hashing a batch of many
+        MB on the event loop would cost every request.)"""
         order = self._orders.get(run_id)
         if order is None or seq_id == 0 or seq_id not in order.op_of_seq:
             return None
-        if not request_id or order.request_of_seq.get(seq_id) != request_id:
+        first_request_id, first_kind = order.request_of_seq[seq_id]
+        if not request_id or first_request_id != request_id:
             raise already_used(seq_id, order.op_of_seq[seq_id])
+        if first_kind != kind:
+            raise request_id_reused(request_id, f"{order.op_of_seq[seq_id]}, a {first_kind}")
         return order.op_of_seq[seq_id]
 
     def submit(self, run_id: str, seq_id: int, request_id: str, kind: str,
@@ -135,7 +141,7 @@ class Scheduler:
         record = self.store.create(kind, run_id, seq_id, num_datums)
         job = Job(record.operation.name, run_id, seq_id, task)
         record.on_cancel = lambda: self._cancel(job)
-        self._place(order, job, request_id)
+        self._place(order, job, request_id, kind)
         return record
 
     def submit_unordered(self, owner: str, kind: str, task: Task) -> OperationRecord:
@@ -150,7 +156,7 @@ class Scheduler:
             self._enqueue(job)
         return record
 
-    def reject(self, run_id: str, seq_id: int, request_id: str, error: ServiceError) -> None:
+    def reject(self, run_id: str, seq_id: int, request_id: str, kind: str, error: ServiceError) -> None:
         """A request failed validation: it still consumes its seq_id, and the
         run's requests held behind it are aborted."""
         if seq_id == 0:
@@ -160,7 +166,7 @@ class Scheduler:
             return
         record = self.store.create("Rejected", run_id, seq_id, 0)
         self.store.finish(record.operation.name, error=error)
-        self._place(order, Job(record.operation.name, run_id, seq_id, None), request_id)
+        self._place(order, Job(record.operation.name, run_id, seq_id, None), request_id, kind)
 
     def fail_held(self, run_id: str, op_name: str, error: ServiceError) -> bool:
         """Fails a job still held for a lower seq_id (never queued) at once: it keeps
@@ -186,9 +192,9 @@ class Scheduler:
     def _next_free(self, order: RunOrder) -> int:
         return max([order.next_seq - 1, *order.held]) + 1
 
-    def _place(self, order: RunOrder, job: Job, request_id: str) -> None:
+    def _place(self, order: RunOrder, job: Job, request_id: str, kind: str) -> None:
         order.op_of_seq[job.seq_id] = job.op_name
-        order.request_of_seq[job.seq_id] = request_id
+        order.request_of_seq[job.seq_id] = (request_id, kind)
         order.held[job.seq_id] = job
         if job.seq_id > order.next_seq:
             self.loop.call_later(self.gap_timeout_s, self._gap_expired, job.run_id, job.seq_id)

@@ -258,7 +258,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         run's seq_id order; returns its Operation (the same one for a retry)."""
         try:
             self._ready()
-            existing, valid = self._admit(request.model_id, request.seq_id, request.request_id, validate)
+            existing, valid = self._admit(request.model_id, request.seq_id, request.request_id, kind, validate)
             if existing is not None:
                 return existing
             record = self.scheduler.submit(request.model_id, request.seq_id, request.request_id, kind,
@@ -358,7 +358,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         try:
             info = self._ready()
             existing, loss_request = self._admit(
-                request.model_id, request.seq_id, request.request_id,
+                request.model_id, request.seq_id, request.request_id, kind,
                 lambda: validation.loss_request(request, info.vocab_size, info.max_context_length))
             if existing is not None:
                 return existing
@@ -391,7 +391,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             if first is None or not first.HasField("header"):
                 raise invalid_argument([FieldViolation("header", "the first message must be a StreamHeader")])
             header = first.header
-            existing, _ = self._admit(header.model_id, header.seq_id, header.request_id,
+            existing, _ = self._admit(header.model_id, header.seq_id, header.request_id, kind,
                                       lambda: validation.loss_header(header.loss_fn, header.loss_fn_config))
             if existing is not None:
                 return existing  # a retry: the first stream's operation, whatever became of it
@@ -463,19 +463,19 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         task.op_name = record.operation.name  # the task is not ready before its first feed()
         return task, record
 
-    def _admit(self, model_id: str, seq_id: int, request_id: str, validate: Callable[[], T]
+    def _admit(self, model_id: str, seq_id: int, request_id: str, kind: str, validate: Callable[[], T]
                ) -> tuple[operations_pb2.Operation | None, T | None]:
         """(the operation of a retried request, None) or (None, validate()). A request
         that fails validation still uses up its seq_id, so the run's order moves on."""
         validation.seq_id(seq_id)
         validation.request_id(request_id)
         self._run(model_id)
-        if (existing := self.scheduler.existing(model_id, seq_id, request_id)) is not None:
+        if (existing := self.scheduler.existing(model_id, seq_id, request_id, kind)) is not None:
             return self.store.get(existing).snapshot(), None
         try:
             return None, validate()
         except ServiceError as error:
-            self.scheduler.reject(model_id, seq_id, request_id, error)
+            self.scheduler.reject(model_id, seq_id, request_id, kind, error)
             raise
 
     def _ready(self) -> ModelInfo:
