@@ -603,10 +603,10 @@ class Engine:
                 group.update(kept)
             outcome = "nothing was changed"
             overflowed = not torch.isfinite(grad_norm)
-            if run.grad is not None and (overflowed or not squares_finite(run.grad)):
-                # A gradient that is not finite, or whose square is not, makes the second moment
-                # infinite at any learning rate, and its norm too; forward_backward only adds to
-                # it: kept, it would refuse every later step of the run.
+            if run.grad is not None and overflowed:
+                # The gradient is not finite or an element's square is not (the float32 norm
+                # overflows): it makes the second moment infinite at any learning rate, or the clip
+                # zero, and forward_backward only adds to it: kept, it would refuse every later step.
                 run.clear_gradient()
                 outcome = ("its gradients are too large or not finite and were discarded (weights and "
                            "optimizer state are unchanged); run forward_backward again")
