@@ -406,7 +406,8 @@ class TrainingClient:
         -dLoss/dlogprobs applies exactly the loss's gradient. Every
         loss_fn_inputs key reaches loss_fn; only target_tokens travels.
         Result metrics: loss:sum (the custom loss), surrogate_loss:sum, and
-        the user's metrics. (Tinker's loss_type_input is not supported.)
+        the user's metrics (one of theirs named like those two is replaced).
+        (Tinker's loss_type_input is not supported.)
         """
         if loss_type_input is not None:
             raise UnsupportedFeatureError("forward_backward_custom(loss_type_input=...)",
@@ -449,7 +450,8 @@ class TrainingClient:
             optim_params = adam_params
         if not isinstance(optim_params, types.AdamParams):
             raise UnsupportedFeatureError(f"optim_step({type(optim_params).__name__})",
-                                          "gradwire trains with AdamW: pass an AdamParams")
+                                          "it takes an AdamParams (gradwire trains with AdamW), e.g. "
+                                          "AdamParams(learning_rate=1e-4)")
         return self._ordered_call("OptimStep", pb.OptimStepRequest, pb.OptimStepResponse,
                                   lambda r: types.OptimStepResponse(metrics=dict(r.metrics)), "optim_step",
                                   adam_params=_convert.adam_params(optim_params))

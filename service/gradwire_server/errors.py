@@ -125,9 +125,10 @@ def resource_exhausted(message: str) -> ServiceError:
 
 def stopping() -> ServiceError:
     """A request the server did not finish because it is stopping (SIGTERM): queued, a stream
-    still uploading, a Sample still decoding. Nothing of it took effect or was delivered."""
-    return ServiceError(grpc.StatusCode.UNAVAILABLE, "not finished: the server is stopping and nothing of this "
-                        "request took effect; send it again to a server that is serving", "STOPPING")
+    still uploading, a sample still decoding. A training request of these applied nothing."""
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "not finished: the server is stopping (a training request "
+                        "that did not finish applied nothing); send it again to a server that is serving",
+                        "STOPPING")
 
 
 def cancelled(message: str) -> ServiceError:
