@@ -17,12 +17,12 @@ from gradwire.v1 import codec, sampling_service_pb2, tensor_pb2
 from gradwire.v1 import sampling_service_pb2_grpc, training_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server import validation
-from gradwire_server.engine import LARGEST_SQUARABLE
 from reference import (METHODS, assert_optimizer_equal, assert_state_equal, checkpoint_files, greedy_reference,
                        optimizer_state, random_data, raw_request, reference_base_model, run_state,
                        server_gradients, succeeded, trained_run, worker_busy)
 
 KB_100 = "x" * 100_000
+FLOAT32_NORM_LIMIT = torch.finfo(torch.float32).max ** 0.5  # a larger norm's square overflows
 
 
 @pytest.fixture()
@@ -257,10 +257,10 @@ def weighted(data: list[gradwire.Datum], weight: float) -> list[gradwire.Datum]:
         "weights": np.full(d.model_input.length, weight, np.float32)}) for d in data]
 
 
-@pytest.mark.parametrize("weight", [1e38, 1e30], ids=["infinite", "square-overflows"])
+@pytest.mark.parametrize("weight", [1e38, 1e30], ids=["infinite", "norm-overflows"])
 def test_a_forward_backward_whose_gradient_is_not_finite_adds_nothing(server, service, weight):
     """Cross-entropy weights of 1e38 overflow the gradient, of 1e30 give a finite one whose
-    square (AdamW's second moment, the norm) overflows: that forward_backward is refused
+    norm (and AdamW's second moment) overflows float32: that forward_backward is refused
     FAILED_PRECONDITION naming its loss, the gradients accumulated before it stay exactly as
     they were (added, it would make the step fail and discard them all), the optimizer step
     queued behind it is aborted, and the next step applies the good gradient."""
@@ -351,29 +351,30 @@ def test_a_step_whose_second_moment_would_overflow_is_refused_and_its_gradient_d
                for value in state.values() if isinstance(value, torch.Tensor))
 
 
-def unit_gradient_size(server, tc, data: list[gradwire.Datum]) -> tuple[float, float]:
-    """(largest element, norm) of the gradient of `data` at weight 1 on the run's weights as
-    they are; the run's gradient is then cleared by a step that moves no weight (lr 0)."""
+def unit_gradient_norm(server, tc, data: list[gradwire.Datum]) -> float:
+    """The norm of the gradient of `data` at weight 1 on the run's weights as they are; the
+    run's gradient is then cleared by a step that moves no weight (lr 0)."""
     tc.forward_backward(weighted(data, 1.0), "cross_entropy").result()
-    grads = list(server_gradients(server, tc.model_id).values())
+    grads = [g.flatten() for g in server_gradients(server, tc.model_id).values()]
     tc.optim_step(gradwire.AdamParams(learning_rate=0.0, weight_decay=0.0)).result()
-    return max(float(g.abs().max()) for g in grads), float(torch.linalg.vector_norm(torch.cat([g.flatten()
-                                                                                              for g in grads])))
+    return float(torch.linalg.vector_norm(torch.cat(grads)))
 
 
 def test_a_clipped_step_whose_gradient_norm_overflows_is_refused_and_its_gradient_discarded(server, service):
-    """A gradient whose every square is finite (accepted) but whose norm overflows float32:
-    clipped by that norm (grad_clip_norm), every gradient would become 0 and the step move
-    nothing while reporting success. It is refused FAILED_PRECONDITION saying so; weights,
-    moments and the step count stay as they were, the gradient is discarded, the run trains on."""
+    """Two batches whose gradients' norms are each finite (accepted) add up to one whose norm
+    overflows float32: clipped by it (grad_clip_norm), every gradient would become 0 and the
+    step move nothing while reporting success. It is refused FAILED_PRECONDITION saying so;
+    weights, moments and the step count stay as they were, the gradient is discarded, the
+    run trains on."""
     tc = trained_run(service)
-    largest, norm = unit_gradient_size(server, tc, random_data(79))
-    assert norm > 2 * largest  # so 0.6 of the largest squarable element overflows the norm
-    tc.forward_backward(weighted(random_data(79), 0.6 * LARGEST_SQUARABLE / largest), "cross_entropy").result()
+    large = weighted(random_data(79), 0.6 * FLOAT32_NORM_LIMIT / unit_gradient_norm(server, tc, random_data(79)))
+    tc.forward_backward(large, "cross_entropy").result()
+    tc.forward_backward(large, "cross_entropy").result()
     before, moments, step = run_state(server, tc.model_id), optimizer_state(server, tc.model_id), tc.get_info().step
-    with pytest.raises(gradwire.ConflictError, match="its gradient norm overflows float32, and clipping by it "
-                                                     "\\(grad_clip_norm\\) would zero every gradient; its gradients "
-                                                     "are too large or not finite and were discarded") as raised:
+    with pytest.raises(gradwire.ConflictError, match="the gradient overflowed float32 as batches added up, and "
+                                                     "clipping by its norm \\(grad_clip_norm\\) would zero every "
+                                                     "gradient; its gradients are too large or not finite and were "
+                                                     "discarded") as raised:
         tc.optim_step(gradwire.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
     assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
     after = run_state(server, tc.model_id)
@@ -446,7 +447,8 @@ def test_100_kb_ids_are_cut_in_the_error(server, service, stubs, run, field):
 def test_a_sampling_request_id_over_the_limit_is_refused(server, rpc):
     """As a training request's: INVALID_ARGUMENT naming request_id, and no operation starts
     (nor is the id kept, as a retry's would be)."""
-    kind = {"Sample": sampling_service_pb2.SampleRequest, "ComputeLogprobs": sampling_service_pb2.ComputeLogprobsRequest}
+    kind = {"Sample": sampling_service_pb2.SampleRequest,
+            "ComputeLogprobs": sampling_service_pb2.ComputeLogprobsRequest}
     request = kind[rpc](base_model="tiny-random", prompt=[codec.tokens_to_chunk(np.array([1, 2, 3]))],
                         request_id="r" * (validation.MAX_REQUEST_ID_CHARS + 1))
     before = server.server.store.names("operations/sampling/")

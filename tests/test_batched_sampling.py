@@ -306,7 +306,8 @@ def test_admission_waits_for_room_in_the_kv_cache(small_cache_server):
     (request(dict(base_model="tiny-random"), 1, max_tokens=400, seed=4), "sampling_params.max_tokens"),
     (pb.ComputeLogprobsRequest(base_model="tiny-random", prompt=[codec.tokens_to_chunk(np.array(PROMPT * 60))]),
      "prompt"),
-], ids=["samples", "max_tokens", "prompt"])
+    (request(dict(base_model="tiny-random"), 1, prompt=PROMPT * 60, max_tokens=1, seed=4), "prompt"),
+], ids=["samples", "max_tokens", "prompt-only", "prompt-of-a-sample"])
 def test_a_request_larger_than_the_whole_cache_is_refused_and_changes_nothing(small_cache_server, too_big, field):
     """Refused when it arrives (it could never be admitted), INVALID_ARGUMENT naming what to
     cut and the budget; no operation starts, and a request running beside it is unaffected."""
@@ -365,6 +366,23 @@ def test_the_loop_on_either_attention_implementation_equals_the_reference(attent
     for prompt, generation in zip(prompts, generations):
         assert [s.tokens for s in generation.sequences] == [greedy_reference(reference, prompt, 20)] * 2
     assert pool.used_bytes == 0 and pool.reserved == 0
+
+
+def test_a_generation_larger_than_the_cache_given_to_the_loop_fails_and_blocks_nothing():
+    """The servicer refuses such a request; a caller of DecodeLoop (a benchmark, a test) that
+    adds one anyway gets its error instead of every request behind it waiting forever."""
+    model = tiny_random_model().eval()
+    pool = BlockPool(model.config, 2**16, torch.float32, torch.device("cpu"))
+    loop = sampler.DecodeLoop(model, pool, torch.device("cpu"), contextlib.nullcontext)
+    settings = sampler.SamplingSettings(max_tokens=4, seed=0, temperature=0.0)
+    too_big = sampler.Generation(sampler.SampleSpec(np.array(PROMPT), 1, dataclasses.replace(
+        settings, max_tokens=BLOCK_TOKENS * pool.usable_blocks)), str)
+    behind = sampler.Generation(sampler.SampleSpec(np.array(PROMPT), 1, settings), str)
+    loop.add(too_big)
+    loop.add(behind)
+    loop.turn()
+    assert isinstance(too_big.error, ValueError) and "KV blocks" in str(too_big.error)
+    assert behind.done and behind.sequences[0].tokens == greedy_reference(tiny_random_model(), PROMPT, 4)
 
 
 def test_a_request_arriving_mid_turn_joins_at_the_next_decode_step():
@@ -453,9 +471,9 @@ def test_a_prefill_pass_costs_at_most_its_budget_padding_included():
 @pytest.mark.parametrize("change", ["deleted", "saved again"])
 def test_a_sampler_checkpoint_changed_while_its_requests_wait_is_not_called_damaged(server, raw, service, change):
     """A Sample and a ComputeLogprobs of a sampler checkpoint find it when they arrive and
-    read its files when their turn comes. The checkpoint deleted in between (or after
-    its file was checked) reads NOT_FOUND, saved again ABORTED (CHECKPOINT_REPLACED):
-    not DATA_LOSS, which says a stored file is damaged."""
+    read its files when their turn comes. The checkpoint deleted in between reads
+    NOT_FOUND, saved again ABORTED (CHECKPOINT_REPLACED): not DATA_LOSS, which says a
+    stored file is damaged."""
     tc = trained_run(service, rank=RANK, seed=45)
     path = tc.save_weights_for_sampler(f"changed-{change.replace(' ', '-')}").result().path
     checkpoint = checkpoints.find(server.server.checkpoint_root, path)
@@ -471,8 +489,8 @@ def test_a_sampler_checkpoint_changed_while_its_requests_wait_is_not_called_dama
             checkpoints.delete(checkpoint)
         else:
             checkpoints.write(server.server.checkpoint_root, checkpoint.path, newer, "tiny-random", overwrite=True)
-    expected = {"deleted": (grpc.StatusCode.NOT_FOUND, "deleted while this request waited"),
-                "saved again": (grpc.StatusCode.ABORTED, "was saved again while this request waited")}[change]
+    expected = {"deleted": (grpc.StatusCode.NOT_FOUND, "deleted since this request found it"),
+                "saved again": (grpc.StatusCode.ABORTED, "was saved again since this request found it")}[change]
     for name in names:
         error = finished(operations, name).error
         assert (error.code, expected[1] in error.message) == (expected[0].value[0], True), error

@@ -92,7 +92,7 @@ def test_retry_with_same_request_id_is_the_same_operation(server, stubs, run_id)
         training.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=1, request_id="req-1",
                                                adam_params=pb.AdamParams(learning_rate=1e-2)))
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert f"request_id 'req-1' was sent before with other fields ({first.name}, a ForwardBackward)" \
+    assert f"request_id 'req-1' was sent before with another RPC ({first.name}, a ForwardBackward)" \
         in raised.value.details()
     assert not wait_operation(operations, first.name).HasField("error")
     assert training.GetInfo(pb.GetInfoRequest(model_id=run_id)).step == 0
@@ -132,9 +132,28 @@ def test_held_requests_behind_a_rejected_one_are_aborted(stubs, run_id):
     result = wait_operation(operations, held)
     assert result.done and result.error.code == grpc.StatusCode.ABORTED.value[0]
     assert "rejected" in result.error.message
-    # The run goes on after the aborted seq_id 2 (taken: it cannot be sent again).
+    # The run goes on after the aborted seq_id 2 (taken: it cannot be sent again), which never runs.
     after = wait_operation(operations, training.ForwardBackward(fb_request(run_id, 3)).name)
     assert after.done and not after.HasField("error"), after.error
+    assert training.GetInfo(pb.GetInfoRequest(model_id=run_id)).step == 0
+
+
+def test_a_lower_seq_id_arriving_after_the_requests_held_above_it_were_aborted_runs(stubs, run_id):
+    """seq_id 4 is held (2 and 3 have not arrived); 2 is rejected, which aborts 4; 3, sent
+    later, runs as it would have without 4 (whether a request runs does not depend on which
+    later ones arrived first), and 5 runs after it."""
+    training, operations = stubs
+    assert not wait_operation(operations, training.ForwardBackward(fb_request(run_id, 1)).name).HasField("error")
+    held = training.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=4)).name
+    bad = fb_request(run_id, 2)
+    bad.loss_fn = "nope"
+    with pytest.raises(grpc.RpcError):
+        training.ForwardBackward(bad)
+    assert wait_operation(operations, held).error.code == grpc.StatusCode.ABORTED.value[0]
+    for seq_id in (3, 5):
+        later = wait_operation(operations, training.ForwardBackward(fb_request(run_id, seq_id)).name)
+        assert later.done and not later.HasField("error"), (seq_id, later.error)
+    assert training.GetInfo(pb.GetInfoRequest(model_id=run_id)).step == 0
 
 
 def test_cancel_list_and_delete(stubs, run_id):

@@ -406,9 +406,9 @@ def test_a_second_signal_exits_at_once_without_draining(tmp_path):
 
 def test_sigterm_fails_what_did_not_run_then_exits_cleanly(tmp_path):
     """SIGTERM while a client is mid-stream and an optimizer step waits behind the stream:
-    health turns NOT_SERVING at once; the stream's RPC answers UNAVAILABLE "not finished" (nothing
-    of it is applied) without waiting for the rest of its upload; the client long-polling the
-    step reads UNAVAILABLE "not finished" too; a request made after the signal is refused
+    health turns NOT_SERVING at once; the stream's RPC answers UNAVAILABLE "the server is
+    stopping" (nothing of it is applied) without waiting for the rest of its upload; the clients
+    long-polling the step, and a step held for a seq_id that never came, read that too; a request made after the signal is refused
     (UNAVAILABLE); then the process exits with status 0."""
     process, address = start_cli_server("--checkpoint-dir", str(tmp_path))
     try:
@@ -432,9 +432,13 @@ def test_sigterm_fails_what_did_not_run_then_exits_cleanly(tmp_path):
         wait_for_stream_operation(operations, run_id, received=4)
         step = training.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=2,
                                                       adam_params=pb.AdamParams(learning_rate=1e-2))).name
+        held = training.OptimStep(pb.OptimStepRequest(model_id=run_id, seq_id=4,
+                                                      adam_params=pb.AdamParams(learning_rate=1e-2))).name
         polled: list = []
-        poll = threading.Thread(target=lambda: polled.append(wait_operation(operations, step)))
-        poll.start()  # a client waiting for the step's result, as result() does
+        polls = [threading.Thread(target=lambda name=name: polled.append(wait_operation(operations, name)))
+                 for name in (step, held)]
+        for poll in polls:
+            poll.start()  # clients waiting for the steps' results, as result() does
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
         assert next(watch).status == SERVING
         process.send_signal(signal.SIGTERM)
@@ -442,11 +446,14 @@ def test_sigterm_fails_what_did_not_run_then_exits_cleanly(tmp_path):
         watch.cancel()
         upload.join(30)
         rest.set()
-        poll.join(30)
+        for poll in polls:
+            poll.join(30)
         assert isinstance(outcome[0], grpc.RpcError) and outcome[0].code() == grpc.StatusCode.UNAVAILABLE, outcome
-        assert outcome[0].details().startswith("not finished: the server is stopping")
-        assert polled[0].done and polled[0].error.code == grpc.StatusCode.UNAVAILABLE.value[0], polled
-        assert polled[0].error.message.startswith("not finished: the server is stopping")
+        assert outcome[0].details().startswith("the server is stopping")
+        for waited in polled:
+            assert waited.done and waited.error.code == grpc.StatusCode.UNAVAILABLE.value[0], polled
+            assert waited.error.message.startswith("the server is stopping")
+        assert len(polled) == 2
         late = response_or_error(training.ForwardBackward, raw_request(run_id, 3, random_data(88)))
         assert isinstance(late, grpc.RpcError) and late.code() == grpc.StatusCode.UNAVAILABLE, late
         assert process.wait(timeout=60) == 0
@@ -479,7 +486,7 @@ def test_sigterm_fails_a_sample_still_decoding():
         process.send_signal(signal.SIGTERM)
         poll.join(30)
         assert polled[0].done and polled[0].error.code == grpc.StatusCode.UNAVAILABLE.value[0], polled
-        assert polled[0].error.message.startswith("not finished: the server is stopping"), polled
+        assert polled[0].error.message.startswith("the server is stopping"), polled
         assert not polled[0].HasField("response")
         assert process.wait(timeout=60) == 0
         channel.close()

@@ -288,7 +288,6 @@ def read(checkpoint: Checkpoint, with_optimizer: bool
         optimizer = torch.load(checkpoint.folder / OPTIMIZER_STATE, weights_only=True) \
             if with_optimizer else None
     except Exception as error:  # noqa: BLE001 - any decoding failure means a damaged file
-        check_unchanged(checkpoint)  # or deleted or saved again since verify()
         raise data_loss(f"checkpoint {checkpoint.path.path} cannot be decoded: {error}") from None
     return adapter, optimizer
 
@@ -309,7 +308,7 @@ def open_for_download(checkpoint: Checkpoint) -> list[tuple[str, BinaryIO]]:
     """(name, open file) of each of the checkpoint's files, marker last, each checked against
     the marker from that very handle and rewound: what is read from them is what was checked,
     even if the folder is replaced or deleted meanwhile. DATA_LOSS naming a damaged file;
-    NOT_FOUND if the checkpoint is gone."""
+    NOT_FOUND if the checkpoint is gone, ABORTED if it was saved again since it was found."""
     opened: list[tuple[str, BinaryIO]] = []
     try:
         for name in [*sorted(checkpoint.metadata["files"]), MARKER]:
@@ -410,12 +409,12 @@ def _check(checkpoint: Checkpoint, name: str, handle: BinaryIO) -> None:
 
 def check_unchanged(checkpoint: Checkpoint) -> None:
     """Before a file that is missing or does not match reads as damage: NOT_FOUND if the
-    checkpoint was deleted since it was found (while a request naming it waited), ABORTED
-    if it was saved again meanwhile (its files are other files now)."""
+    checkpoint was deleted since it was found (e.g. while a request naming it waited for
+    the worker), ABORTED if it was saved again meanwhile (its files are other files now)."""
     try:
         metadata = json.loads((checkpoint.folder / MARKER).read_text())
     except FileNotFoundError:
-        raise not_found("checkpoint", checkpoint.path.path, "deleted while this request waited") from None
+        raise not_found("checkpoint", checkpoint.path.path, "deleted since this request found it") from None
     except (OSError, ValueError):
         return  # an unreadable marker is damage too
     if metadata.get("files") != checkpoint.metadata["files"]:

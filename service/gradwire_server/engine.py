@@ -36,9 +36,6 @@ UNEMBED_MODULES = ("lm_head",)
 KEEP_GRAPH_TIMEOUT_S = 60.0
 PROBE_LORA_RANK = 32
 WARM_UP_TOKENS = 64  # per sequence of the warm-up batch: lengths share graphs, so any short one does
-# A gradient element larger than this has an infinite square (float32): AdamW's second moment
-# and the gradient norm overflow, at any learning rate.
-LARGEST_SQUARABLE = torch.finfo(torch.float32).max ** 0.5
 
 
 class NonFiniteStep(ArithmeticError):
@@ -46,13 +43,7 @@ class NonFiniteStep(ArithmeticError):
 
 
 class NonFiniteGradient(ArithmeticError):
-    """A pass's loss gave an infinite, NaN or overflowing gradient (which was not added)."""
-
-
-def squares_finite(gradient: torch.Tensor) -> torch.Tensor:
-    """Whether every element's square is finite (no inf, NaN or |g| > LARGEST_SQUARABLE):
-    a 0-dim bool tensor, no host sync and no gradient-sized temporary."""
-    return torch.linalg.vector_norm(gradient, float("inf")) < LARGEST_SQUARABLE
+    """A pass's loss gave a gradient whose norm is not finite (which was not added)."""
 
 
 class RunNotFound(LookupError):
@@ -327,21 +318,21 @@ class LossPass:
 
     def commit(self, forward_op: str = "") -> dict[str, float]:
         """Adds the staged gradients to the run's (and hands a kept graph to the
-        engine); returns the merged metrics. NonFiniteGradient, adding nothing, if a
-        staged gradient is infinite, NaN or too large to square: added, it would make
-        the run's next step fail and discard the gradients accumulated before it too."""
+        engine); returns the merged metrics. NonFiniteGradient, adding nothing, if the
+        staged gradient's norm is not finite (an element inf or NaN, or the float32 sum of
+        squares overflowing): added, it would make the run's next step fail, or a clipped
+        one zero every gradient, and discard the gradients accumulated before it too."""
         self._finish_reuse()
-        finite = [squares_finite(self.staged).double()] if self.staged is not None else []
+        finite = [] if self.staged is None else [torch.isfinite(torch.linalg.vector_norm(self.staged)).double()]
         # The pass's one host sync: the finiteness check and the metrics together.
         values = torch.stack([*finite, *self.metrics.values()]).tolist() if finite or self.metrics else []
         metrics = dict(zip(self.metrics, values[len(finite):]))
         if finite and not values[0]:
             self.staged, self.staged_views, self.kept = None, [], None
             shown = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items() if key.startswith("loss"))
-            raise NonFiniteGradient(f"the gradient of this batch is not finite or too large (an element above "
-                                    f"{LARGEST_SQUARABLE:.3g}, whose square overflows float32; "
-                                    f"{shown or 'no loss metric'}); it was not added: the run's gradients are "
-                                    "as they were")
+            raise NonFiniteGradient(f"the gradient of this batch is not finite or too large (its norm overflows "
+                                    f"float32; {shown or 'no loss metric'}); it was not added: the run's "
+                                    "gradients are as they were")
         if self.staged is not None:
             self.run.add_gradient(self.staged, self.staged_views, self.reached)
         self.staged, self.staged_views = None, []
@@ -610,8 +601,8 @@ class Engine:
                 run.clear_gradient()
                 outcome = ("its gradients are too large or not finite and were discarded (weights and "
                            "optimizer state are unchanged); run forward_backward again")
-            what = ("its gradient norm overflows float32, and clipping by it (grad_clip_norm) would zero every "
-                    "gradient" if overflowed and adam.grad_clip_norm > 0 else
+            what = ("the gradient overflowed float32 as batches added up, and clipping by its norm "
+                    "(grad_clip_norm) would zero every gradient" if overflowed and adam.grad_clip_norm > 0 else
                     "it would make a weight or an AdamW moment infinite or NaN")
             raise NonFiniteStep(f"this step of {run_id} (grad norm {float(grad_norm):.4g}) was not taken: {what}; "
                                 f"{outcome}")

@@ -95,9 +95,9 @@ def aborted(message: str) -> ServiceError:
 
 
 def checkpoint_replaced(path: str) -> ServiceError:
-    """A checkpoint saved again (other weights at its path) while a request naming it waited."""
-    return ServiceError(grpc.StatusCode.ABORTED, f"checkpoint {path} was saved again while this request waited; "
-                        "send the request again for the weights it holds now", "CHECKPOINT_REPLACED")
+    """A checkpoint saved again (other weights at its path) since a request naming it found it."""
+    return ServiceError(grpc.StatusCode.ABORTED, f"checkpoint {path} was saved again since this request found "
+                        "it; send the request again for the weights it holds now", "CHECKPOINT_REPLACED")
 
 
 def already_used(seq_id: int, operation: str) -> ServiceError:
@@ -106,11 +106,11 @@ def already_used(seq_id: int, operation: str) -> ServiceError:
                         "when it carries the first request's request_id", "SEQ_ID_ALREADY_USED")
 
 
-def request_id_reused(request_id: str, first: str) -> ServiceError:
-    """A request_id sent again with other fields: not a retry (AIP-155), and the first
-    request's result would be this one's silently."""
+def request_id_reused(request_id: str, first: str, what: str = "other fields") -> ServiceError:
+    """A request_id sent again with `what` (other fields, another RPC): not a retry (AIP-155),
+    and the first request's result would be this one's silently."""
     return ServiceError(grpc.StatusCode.ALREADY_EXISTS,
-                        f"request_id {cut(request_id)!r} was sent before with other fields ({first}); a retry repeats "
+                        f"request_id {cut(request_id)!r} was sent before with {what} ({first}); a retry repeats "
                         "the first request exactly, and a new request needs a new request_id", "REQUEST_ID_REUSED")
 
 
@@ -124,11 +124,11 @@ def resource_exhausted(message: str) -> ServiceError:
 
 
 def stopping() -> ServiceError:
-    """A request the server did not finish because it is stopping (SIGTERM): queued, a stream
-    still uploading, a sample still decoding. A training request of these applied nothing."""
-    return ServiceError(grpc.StatusCode.UNAVAILABLE, "not finished: the server is stopping (a training request "
-                        "that did not finish applied nothing); send it again to a server that is serving",
-                        "STOPPING")
+    """A request the server refuses or does not finish because it is stopping (SIGTERM): new,
+    held, queued, a stream still uploading, a sample still decoding. A training request of
+    these applied nothing."""
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is stopping: send the request again to a server "
+                        "that is serving (a training request it did not finish applied nothing)", "STOPPING")
 
 
 def cancelled(message: str) -> ServiceError:

@@ -357,9 +357,14 @@ class DecodeLoop:
                 self._score_prompt(generation)  # (still waiting: a failure of the loop reaches it)
                 self.waiting.remove(generation)
                 generation.prefilled = len(generation.spec.prompt)  # done: nothing left to prefill
-        while self.waiting:  # (a request larger than the whole budget was refused when it came)
+        while self.waiting:
             generation = self.waiting[0]
             need = generation.spec.worst_case_blocks()
+            if need > self.pool.usable_blocks:  # never admitted (the servicer refuses such requests): fails
+                self.waiting.popleft()
+                generation.error = ValueError(f"needs {need} KV blocks, more than the cache's "
+                                              f"{self.pool.usable_blocks}")
+                continue
             if not self.pool.reserve(need):
                 return  # waits for running requests to free blocks
             generation.reservation = need

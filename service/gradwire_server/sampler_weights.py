@@ -114,13 +114,8 @@ class SamplerAdapters:
             self._load(copy.deepcopy(source.config),
                        {k: t.to(self.engine.device) for k, t in source.weights.items()}, name)
         else:
-            checkpoints.verify(source, ADAPTER_WEIGHTS)
-            try:
-                adapter = _read_adapter(source.folder, self.engine.device)
-            except AdapterLoadError:
-                checkpoints.check_unchanged(source)  # or deleted or saved again since verify()
-                raise
-            self._load(*adapter, name)
+            checkpoints.verify(source, ADAPTER_WEIGHTS)  # (saves and deletes run on this thread too)
+            self._load(*_read_adapter(source.folder, self.engine.device), name)
         self._loaded[key] = name
         if len(self._loaded) > self.capacity:
             self._unload(next(iter(self._loaded)))

@@ -15,6 +15,7 @@ from gradwire.v1 import codec
 from gradwire.v1 import sampling_service_pb2 as pb
 from gradwire_server import checkpoints
 from gradwire_server.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from gradwire_server.kv_cache import blocks_for
 from gradwire_server.sampler import SampleSpec, SamplingSettings
 from gradwire_server.validation import check_token_range
 
@@ -194,15 +195,19 @@ def check_kv_budget(spec: SampleSpec, usable_blocks: int, block_bytes: int) -> N
     need = spec.worst_case_blocks()
     if need <= usable_blocks:
         return
-    if not spec.num_samples:
+    length = len(spec.prompt)
+    if not spec.num_samples or blocks_for(length + 1) > usable_blocks:  # not even one token after it fits
         field = "prompt"
     elif spec.worst_case_blocks(num_samples=1) <= usable_blocks:
         field = "num_samples"
     else:
         field = "sampling_params.max_tokens"
+    what = f"the prompt ({length} tokens)"
+    if spec.num_samples:
+        samples = "1 sample" if spec.num_samples == 1 else f"{spec.num_samples} samples"
+        what += f" and {samples} of up to {spec.settings.max_tokens} tokens"
     raise invalid_argument([FieldViolation(field, (
-        f"the prompt ({len(spec.prompt)} tokens) and {spec.num_samples} samples of up to {spec.settings.max_tokens} "
-        f"tokens need up to {need * block_bytes / 2**20:.1f} MiB of KV cache, more than the server's whole budget "
+        f"{what} need up to {need * block_bytes / 2**20:.1f} MiB of KV cache, more than the server's whole budget "
         f"holds for sequences ({usable_blocks * block_bytes / 2**20:.1f} MiB, --kv-cache-mb)"))])
 
 

@@ -82,6 +82,7 @@ class Job:
     stepping: bool = False   # the worker computes a turn of it now (under the lock)
     cancel_asked: bool = False  # while stepping: cancelled after the turn, unless it finishes the job
     finished: bool = False   # computed or failed: its outcome is on its way to the operation
+    aborted: bool = False    # failed while held: it only keeps its seq_id, which is passed over
 
 
 @dataclass
@@ -124,7 +125,7 @@ class Scheduler:
         if not request_id or first_request_id != request_id:
             raise already_used(seq_id, order.op_of_seq[seq_id])
         if first_kind != kind:
-            raise request_id_reused(request_id, f"{order.op_of_seq[seq_id]}, a {first_kind}")
+            raise request_id_reused(request_id, f"{order.op_of_seq[seq_id]}, a {first_kind}", "another RPC")
         return order.op_of_seq[seq_id]
 
     def submit(self, run_id: str, seq_id: int, request_id: str, kind: str,
@@ -173,7 +174,7 @@ class Scheduler:
         its place and, once released, aborts what is held behind it, as a rejected
         request does. False if the job is not held (the worker fails it then)."""
         order = self._orders.get(run_id)
-        held = [job for job in order.held.values() if job.op_name == op_name] if order else []
+        held = [job for job in order.held.values() if job.op_name == op_name and not job.aborted] if order else []
         if not held:
             return False
         held[0].task = None
@@ -184,10 +185,10 @@ class Scheduler:
         if self._draining:
             raise stopping()
 
-    def abort_held(self, why: str) -> None:
-        """Fails every run's requests held for a lower seq_id (none of them ran)."""
+    def abort_held(self, error: ServiceError) -> None:
+        """Fails every run's requests held for a lower seq_id (none of them ran) with `error`."""
         for order in self._orders.values():
-            self._abort_held(order, why)
+            self._abort_held(order, error)
 
     def _next_free(self, order: RunOrder) -> int:
         return max([order.next_seq - 1, *order.held]) + 1
@@ -204,25 +205,30 @@ class Scheduler:
         while order.next_seq in order.held:
             job = order.held.pop(order.next_seq)
             order.next_seq += 1
+            if job.aborted:
+                continue
             if job.task is None:
-                self._abort_held(order, f"request {job.op_name} (seq_id {job.seq_id}) was rejected")
+                why = f"not run: request {job.op_name} (seq_id {job.seq_id}) was rejected"
+                self._abort_held(order, aborted(why))
             else:  # a cancelled job too: the worker discards it, freeing what it holds
                 with self._lock:
                     self._enqueue(job)
 
-    def _abort_held(self, order: RunOrder, why: str) -> None:
-        """Fails the held jobs; the run's order goes on after them (their seq_ids are taken)."""
-        if order.held:
-            order.next_seq = max(order.next_seq, max(order.held) + 1)
-        for seq in sorted(order.held):
-            job = order.held.pop(seq)
-            self.store.finish(job.op_name, error=aborted(f"not run: {why}"))
+    def _abort_held(self, order: RunOrder, error: ServiceError) -> None:
+        """Fails the held jobs. Each keeps its seq_id, passed over once the order reaches
+        it, so a lower seq_id that arrives later still runs."""
+        for job in order.held.values():
+            if not job.aborted:
+                job.aborted = True
+                self.store.finish(job.op_name, error=error)
 
     def _gap_expired(self, run_id: str, seq_id: int) -> None:
         order = self._orders[run_id]
         if seq_id in order.held and order.next_seq < seq_id:
-            self._abort_held(order, f"seq_id {order.next_seq} of {run_id} never arrived "
-                                    f"within {self.gap_timeout_s:g} s")
+            self._abort_held(order, aborted(f"not run: seq_id {order.next_seq} of {run_id} never arrived "
+                                            f"within {self.gap_timeout_s:g} s"))
+            order.next_seq = max(order.held) + 1  # the missing seq_ids are skipped
+            order.held.clear()
 
     def _cancel(self, job: Job) -> bool:
         """CancelOperation, best effort (AIP-151): a job the worker is not computing now is
@@ -243,7 +249,7 @@ class Scheduler:
     def _on_failure(self, run_id: str, failed_op: str) -> None:
         order = self._orders.get(run_id)
         if order is not None:
-            self._abort_held(order, f"earlier request {failed_op} failed")
+            self._abort_held(order, aborted(f"not run: earlier request {failed_op} failed"))
 
     # ---- worker side ------------------------------------------------------------
 

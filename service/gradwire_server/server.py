@@ -32,6 +32,7 @@ from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 from gradwire_server import checkpoint_ops, checkpoints
 from gradwire_server.attention import use_attention
 from gradwire_server.engine import KEEP_GRAPH_TIMEOUT_S, Engine
+from gradwire_server.errors import stopping
 from gradwire_server.folder_lock import FolderInUse, FolderLock
 from gradwire_server.kv_cache import BlockPool
 from gradwire_server.malformed import MalformedRequestGuard
@@ -239,7 +240,7 @@ class GradwireServer:
         if self.scheduler is not None:
             self.scheduler.refuse_new_work()
             await asyncio.to_thread(self.scheduler.drain)
-            self.scheduler.abort_held("the server is stopping")
+            self.scheduler.abort_held(stopping())
         await self._server.stop(grace_s)
         self.store.close()
         self.index.close()
