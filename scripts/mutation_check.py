@@ -159,8 +159,8 @@ MUTATIONS = [
              ("tests/test_operations.py::test_held_requests_behind_a_rejected_one_are_aborted",),
              "an OptimStep aborted while held (ABORTED to its client) runs anyway once the order reaches it"),
     Mutation("aborted-held-requests-block-the-order", SCHEDULER,
-             "            if job.aborted:\n                continue\n",
-             "            if job.aborted:\n                break\n",
+             "        for job in order.held.values():\n            if not job.aborted:\n",
+             "        for job in [order.held.pop(seq) for seq in sorted(order.held)]:\n            if not job.aborted:\n",
              ("tests/test_operations.py::test_held_requests_behind_a_rejected_one_are_aborted",),
              "after a rejected request aborts the one held behind it, the run's next request waits for the "
              "aborted seq_id, then fails"),
