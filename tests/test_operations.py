@@ -4,11 +4,13 @@ as a client in another language would use them."""
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
 import torch
 from google.longrunning import operations_pb2
+from google.protobuf import duration_pb2
 
 import gradwire
 from gradwire import _convert
@@ -16,7 +18,8 @@ from conftest import free_port, server_config
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server.server import BackgroundServer
 from reference import (assert_state_equal, forwards_held, new_run, operation_metadata, random_data, raw_request,
-                       response_or_error, run_state, server_gradients, wait_for_stream_operation, wait_operation)
+                       response_or_error, run_state, server_gradients, wait_for_stream_operation, wait_operation,
+                       worker_busy)
 
 
 @pytest.fixture()
@@ -240,6 +243,37 @@ def test_a_cancelled_stream_applies_nothing_and_its_run_goes_on(server, stubs, r
         model_id=run_id, seq_id=2, adam_params=pb.AdamParams(learning_rate=1e-2))).name)
     assert step.done and not step.HasField("error"), step.error
     assert training.GetInfo(pb.GetInfoRequest(model_id=run_id)).step == 1
+
+
+def test_deleting_an_operation_ends_its_waiters_and_readers_with_not_found(server, stubs, run_id):
+    """DeleteOperation while clients long-poll an operation (WaitOperation) and read its
+    outputs (ReadOutputs) as they come: both end NOT_FOUND at once, neither waiting out its
+    timeout nor ending as if the outputs were complete."""
+    training, operations = stubs
+    outcomes: dict[str, object] = {}
+
+    def wait() -> None:
+        outcomes["wait"] = response_or_error(operations.WaitOperation, operations_pb2.WaitOperationRequest(
+            name=name, timeout=duration_pb2.Duration(seconds=25)))
+
+    def read() -> None:
+        try:
+            outcomes["read"] = list(training.ReadOutputs(pb.ReadOutputsRequest(name=name), timeout=25))
+        except grpc.RpcError as error:
+            outcomes["read"] = error
+
+    with worker_busy(server):
+        name = training.Forward(fb_request(run_id, 1)).name
+        clients = [threading.Thread(target=wait), threading.Thread(target=read)]
+        for client in clients:
+            client.start()
+        time.sleep(0.5)  # both calls wait on the server (the Forward cannot run: the worker is busy)
+        operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=name))
+        for client in clients:
+            client.join(30)
+    for call in ("wait", "read"):
+        assert isinstance(outcomes[call], grpc.RpcError), (call, outcomes[call])
+        assert outcomes[call].code() == grpc.StatusCode.NOT_FOUND, (call, outcomes[call].details())
 
 
 def test_sdk_retries_while_the_server_is_not_up_yet(tmp_path):

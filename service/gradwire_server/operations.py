@@ -35,6 +35,7 @@ class OperationRecord:
     outputs: list = field(default_factory=list)  # streamed pieces (sampling), as computed
     spool: OutputSpool | None = None  # per-datum arrays of a forward(-backward), on disk
     progress: asyncio.Condition = field(default_factory=asyncio.Condition)
+    deleted: bool = False  # dropped from the store (DeleteOperation, its TTL, the server stopping)
 
     @property
     def output_count(self) -> int:
@@ -45,9 +46,17 @@ class OperationRecord:
             self.progress.notify_all()
 
     async def wait_progress(self, seen_outputs: int) -> None:
-        """Returns once there are more than `seen_outputs` outputs or the operation is done."""
+        """Returns once there are more than `seen_outputs` outputs or the operation is done
+        or deleted."""
         async with self.progress:
-            await self.progress.wait_for(lambda: self.output_count > seen_outputs or self.operation.done)
+            await self.progress.wait_for(lambda: self.output_count > seen_outputs or self.operation.done
+                                         or self.deleted)
+
+    def check_present(self) -> None:
+        """NOT_FOUND once the operation was deleted (a call waiting on it or reading its
+        outputs ends with that, not with a result cut short)."""
+        if self.deleted:
+            raise not_found("operation", self.operation.name, "deleted while this call waited on it")
 
     def snapshot(self) -> operations_pb2.Operation:
         self.operation.metadata.Pack(self.metadata)
@@ -119,12 +128,17 @@ class OperationStore:
         asyncio.ensure_future(record.notify_progress())
 
     async def wait(self, name: str, timeout_s: float) -> OperationRecord:
+        """The operation once done, or as it is after `timeout_s` (at most max_wait_s);
+        NOT_FOUND if it is deleted meanwhile."""
         record = self.get(name)
         if not record.operation.done:
             try:
-                await asyncio.wait_for(record.done.wait(), min(timeout_s, self.max_wait_s))
+                async with record.progress:
+                    await asyncio.wait_for(record.progress.wait_for(lambda: record.operation.done or record.deleted),
+                                           min(timeout_s, self.max_wait_s))
             except asyncio.TimeoutError:
                 pass
+        record.check_present()
         return record
 
     def delete(self, name: str) -> None:
@@ -132,8 +146,10 @@ class OperationStore:
 
     def _drop(self, record: OperationRecord) -> None:
         del self._records[record.operation.name]
+        record.deleted = True
         if record.spool is not None:
             record.spool.remove()
+        asyncio.ensure_future(record.notify_progress())  # waiters end NOT_FOUND
 
     def names(self, prefix: str) -> list[str]:
         return [name for name in self._records if name.startswith(prefix)]

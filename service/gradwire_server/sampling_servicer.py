@@ -12,7 +12,7 @@ from gradwire.v1 import sampling_service_pb2_grpc as pb_grpc
 from gradwire_server import sampling_validation, validation
 from gradwire_server.engine import Engine
 from gradwire_server.errors import (FieldViolation, ServiceError, abort, abort_with_status, invalid_argument,
-                                    request_id_reused)
+                                    not_found, request_id_reused)
 from gradwire_server.operations import OperationStore
 from gradwire_server.sampler import DecodeLoop, SampleSpec
 from gradwire_server.sampler_weights import SamplerAdapters, is_ephemeral_path
@@ -72,6 +72,8 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         try:
             while True:
                 await record.wait_progress(sent)
+                if record.deleted and not record.operation.done:  # by a client, through Operations
+                    await abort(context, not_found("operation", name, "deleted while it streamed"))
                 while sent < len(record.outputs):
                     yield record.outputs[sent]
                     sent += 1

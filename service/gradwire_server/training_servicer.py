@@ -342,6 +342,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             await abort(context, error)
         index = request.start_datum_index
         while True:
+            if record.deleted:
+                await abort(context, not_found("operation", request.name, "deleted while its outputs were read"))
             if index < record.output_count:
                 chunk = record.spool.read(index, READ_CHUNK_BYTES)
                 yield pb.ForwardBackwardOutput(loss_fn_output_type="TensorData", first_datum_index=index,
