@@ -16,6 +16,7 @@ import gradwire
 from gradwire import _convert
 from conftest import free_port, server_config
 from gradwire.v1 import training_service_pb2 as pb
+from gradwire_server import checkpoints
 from gradwire_server.server import BackgroundServer
 from reference import (assert_state_equal, forwards_held, new_run, operation_metadata, random_data, raw_request,
                        response_or_error, run_state, server_gradients, wait_for_stream_operation, wait_operation,
@@ -295,3 +296,30 @@ def test_sdk_retries_while_the_server_is_not_up_yet(tmp_path):
     with gradwire.ServiceClient(base_url=f"127.0.0.1:{free_port()}", retry_s=0.5) as service:
         with pytest.raises(gradwire.APIConnectionError):
             service.get_server_capabilities()
+
+
+def test_a_download_started_while_the_server_restarts_gets_through(tmp_path):
+    """download_checkpoint retries UNAVAILABLE as the other calls do: started while the
+    server is down, it completes once a server is up again on the same folder."""
+    port, folder = free_port(), tmp_path / "checkpoints"
+    first = BackgroundServer(server_config(port=port, checkpoint_dir=folder))
+    try:
+        with gradwire.ServiceClient(base_url=f"127.0.0.1:{port}") as service:
+            tc = service.create_lora_training_client("tiny-random", rank=2, seed=0)
+            path = tc.save_weights_for_sampler("across-a-restart").result().path
+    finally:
+        first.stop()
+    restarted: list[BackgroundServer] = []
+    starter = threading.Timer(1.0, lambda: restarted.append(
+        BackgroundServer(server_config(port=port, checkpoint_dir=folder))))
+    starter.start()
+    try:
+        with gradwire.ServiceClient(base_url=f"127.0.0.1:{port}") as service:
+            copy = service.create_rest_client().download_checkpoint(path, tmp_path / "copy")
+    finally:
+        starter.join()
+        for server in restarted:
+            server.stop()
+    stored = checkpoints.parse_path(path).folder(folder)
+    assert {f.name: f.read_bytes() for f in copy.iterdir()} == {
+        f.name: f.read_bytes() for f in stored.iterdir() if not f.name.startswith(".")}

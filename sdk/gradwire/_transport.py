@@ -10,7 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
@@ -21,6 +21,8 @@ from gradwire.futures import APIFuture
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire.v1 import sampling_service_pb2_grpc as sampling_grpc
 from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 POLL_S = 30.0  # one WaitOperation long-poll; the server caps it too
 
@@ -48,11 +50,16 @@ class Transport:
         (UNAVAILABLE) for up to `retry_s` seconds. Retrying is safe: a training request
         or a run's creation carries its request_id, so a copy that did arrive is the
         same request (AIP-155); the other calls only read, or delete by name."""
+        return self.retrying(lambda: stub_method(request, metadata=self.metadata, timeout=timeout))
+
+    def retrying(self, call: Callable[[], T]) -> T:
+        """call(), again (from the start) while it fails UNAVAILABLE, for up to `retry_s`
+        seconds; another failure raises as the SDK's error."""
         self.check_open()
         give_up = time.monotonic() + self.retry_s
         for pause in backoff():
             try:
-                return stub_method(request, metadata=self.metadata, timeout=timeout)
+                return call()
             except grpc.RpcError as error:
                 self.check_open()  # closed meanwhile: that, not the CANCELLED it caused
                 if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + pause > give_up:

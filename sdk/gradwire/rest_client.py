@@ -14,11 +14,10 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-import grpc
 from google.protobuf.message import Message
 
 from gradwire import _convert, types
-from gradwire.errors import APIError, UnsupportedFeatureError, error_from_rpc
+from gradwire.errors import APIError, UnsupportedFeatureError
 from gradwire.futures import APIFuture
 from gradwire.v1 import resource_service_pb2 as rpb
 
@@ -115,18 +114,21 @@ class RestClient:
             raise ValueError(f"dest_dir {str(dest)!r} must be absent or an empty folder: nothing was downloaded")
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
-        partial.mkdir()
-        try:
+        transport = self.service._transport
+
+        def download() -> tuple[dict[str, int], dict[str, int]]:  # from the start on every try
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
             written: dict[str, int] = {}
             announced: dict[str, int] = {}
-            try:
-                transport = self.service._transport
-                for chunk in transport.resources.DownloadCheckpoint(
-                        rpb.DownloadCheckpointRequest(path=path), metadata=transport.metadata):
-                    _write_chunk(partial, chunk, written)
-                    announced[chunk.relative_path] = chunk.file_size
-            except grpc.RpcError as error:
-                raise error_from_rpc(error) from None
+            for chunk in transport.resources.DownloadCheckpoint(rpb.DownloadCheckpointRequest(path=path),
+                                                                metadata=transport.metadata):
+                _write_chunk(partial, chunk, written)
+                announced[chunk.relative_path] = chunk.file_size
+            return written, announced
+
+        try:
+            written, announced = transport.retrying(download)
             short = {name: size for name, size in written.items() if size != announced[name]}
             if short or not written:
                 raise APIError(f"download of {path} is incomplete: {short or 'no file'}")
