@@ -179,6 +179,14 @@ def test_cancel_list_and_delete(stubs, run_id):
         operations.ListOperations(operations_pb2.ListOperationsRequest(name=f"operations/{run_id}",
                                                                        filter="kind=ForwardBackward"))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "filter" in raised.value.details()
+    # The name is a collection: a prefix of the run's id lists no run's operations, a bare id is refused.
+    assert not operations.ListOperations(operations_pb2.ListOperationsRequest(name=f"operations/{run_id[:-1]}")
+                                         ).operations
+    assert {held, done, running} <= {op.name for op in operations.ListOperations(
+        operations_pb2.ListOperationsRequest(name="operations", page_size=1000)).operations}
+    with pytest.raises(grpc.RpcError) as raised:
+        operations.ListOperations(operations_pb2.ListOperationsRequest(name=run_id))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "name" in raised.value.details()
     operations.CancelOperation(operations_pb2.CancelOperationRequest(name=running))
     operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=done))
     with pytest.raises(grpc.RpcError) as raised:

@@ -243,9 +243,10 @@ def test_cli_flags_are_parsed_into_the_config(tmp_path, capsys):
         model="tiny-random", host="127.0.0.1", port=50051, checkpoint_dir=pathlib.Path("gradwire-checkpoints"),
         dtype="auto", load_format="auto", micro_batch_tokens=None, keep_graph_budget_mb=None, kv_cache_mb=None,
         activation_checkpointing=False, cuda_graphs=True, attention="auto", sampler_logprobs="auto")
-    with pytest.raises(SystemExit):
-        cli.parse_config(["--model", "tiny-random", "--micro-batch-tokens", "0"])
-    assert "--micro-batch-tokens must be at least 1" in capsys.readouterr().err
+    for tokens in ("0", str(2**31)):  # (the capabilities' int64 once failed on 1e20: every call INTERNAL)
+        with pytest.raises(SystemExit):
+            cli.parse_config(["--model", "tiny-random", "--micro-batch-tokens", tokens])
+        assert f"--micro-batch-tokens must be in [1, {2**31 - 1}]" in capsys.readouterr().err
     assert [server_module.listen_address(host, 7) for host in ("127.0.0.1", "::1", "[::1]", "localhost")] == \
         ["127.0.0.1:7", "[::1]:7", "[::1]:7", "localhost:7"]
     # Values that would serve somewhere else or with nonsense (70000 wrapped to port 4464; a
@@ -253,6 +254,7 @@ def test_cli_flags_are_parsed_into_the_config(tmp_path, capsys):
     for flag, value, expected in [("--port", "70000", "70000 is not a port"), ("--port", "-1", "-1 is not a port"),
                                   ("--kv-cache-mb", "0", "0 is not a size in MB"),
                                   ("--kv-cache-mb", "nan", "nan is not a size in MB"),
+                                  ("--kv-cache-mb", "1e300", "1e300 is not a size in MB"),  # (it crashed)
                                   ("--keep-graph-budget-mb", "-100", "-100 is not a size in MB"),
                                   ("--keep-graph-budget-mb", "inf", "inf is not a size in MB")]:
         with pytest.raises(SystemExit):

@@ -27,13 +27,18 @@ def _port(text: str) -> int:
     return int(text)
 
 
+MAX_MEGABYTES = 2**40  # an exbibyte: a size past this is a typo (and overflows an int64 of bytes)
+MAX_MICRO_BATCH_TOKENS = 2**31 - 1
+
+
 def _megabytes(minimum_exclusive: bool) -> Callable[[str], float]:
-    """A finite size in MB, at least 0 (or more than 0)."""
+    """A finite size in MB, at least 0 (or more than 0), at most MAX_MEGABYTES."""
     def megabytes(text: str) -> float:
         value = float(text)
-        if not math.isfinite(value) or value < 0 or (minimum_exclusive and value == 0):
+        if not math.isfinite(value) or value < 0 or (minimum_exclusive and value == 0) or value > MAX_MEGABYTES:
             raise argparse.ArgumentTypeError(f"{text} is not a size in MB (a finite number "
-                                             f"{'above' if minimum_exclusive else 'of at least'} 0)")
+                                             f"{'above' if minimum_exclusive else 'of at least'} 0, "
+                                             f"at most {MAX_MEGABYTES})")
         return value
     return megabytes
 
@@ -92,8 +97,8 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
                              "the tokens (in bf16 they part from training's by rounding); auto: training over "
                              "bfloat16 base weights, decode over float32")
     args = parser.parse_args(argv)
-    if args.micro_batch_tokens is not None and args.micro_batch_tokens < 1:
-        parser.error("--micro-batch-tokens must be at least 1")
+    if args.micro_batch_tokens is not None and not 1 <= args.micro_batch_tokens <= MAX_MICRO_BATCH_TOKENS:
+        parser.error(f"--micro-batch-tokens must be in [1, {MAX_MICRO_BATCH_TOKENS}]")
     return ServerConfig(model=args.model, host=args.host, port=args.port, checkpoint_dir=args.checkpoint_dir,
                         keep_graph_budget_mb=args.keep_graph_budget_mb,
                         micro_batch_tokens=args.micro_batch_tokens, dtype=args.dtype,

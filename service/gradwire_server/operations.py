@@ -19,7 +19,7 @@ from google.protobuf import empty_pb2, message, timestamp_pb2
 
 from gradwire.v1 import training_service_pb2 as pb
 from gradwire_server import paging
-from gradwire_server.errors import FieldViolation, ServiceError, abort, invalid_argument, not_found
+from gradwire_server.errors import FieldViolation, ServiceError, abort, cut, invalid_argument, not_found
 from gradwire_server.output_spool import OutputSpool, fresh_folder
 
 State = pb.OperationMetadata.State
@@ -169,8 +169,8 @@ class OperationStore:
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
-    """google.longrunning.Operations over the store. `name` filters List by prefix
-    (e.g. "operations/run-abc")."""
+    """google.longrunning.Operations over the store. List's `name` is a collection:
+    "operations" (every one), "operations/<run_id>" (a run's), "operations/sampling"."""
 
     def __init__(self, store: OperationStore):
         self.store = store
@@ -194,9 +194,10 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         try:
             start, size = paging.page(request.page_token, request.page_size)
             done = _done_filter(request.filter)
+            collection = _collection(request.name)
         except ServiceError as error:
             await abort(context, error)
-        names = [name for name in self.store.names(request.name)
+        names = [name for name in self.store.names(collection + "/")
                  if done is None or self.store.get(name).operation.done == done]
         page = names[start:start + size]
         return operations_pb2.ListOperationsResponse(
@@ -218,6 +219,18 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         except ServiceError as error:
             await abort(context, error)
         return empty_pb2.Empty()
+
+
+def _collection(name: str) -> str:
+    """ListOperations' name without a trailing slash: "operations" or a collection under it
+    (INVALID_ARGUMENT otherwise: a bare run id lists nothing, and a prefix of one run's id
+    must not list another's)."""
+    collection = name.rstrip("/")
+    if collection != "operations" and not collection.startswith("operations/"):
+        raise invalid_argument([FieldViolation("name", f"{cut(name)!r} is no collection of operations: use "
+                                                       "\"operations\", \"operations/<run_id>\" or "
+                                                       "\"operations/sampling\"")])
+    return collection
 
 
 def _done_filter(text: str) -> bool | None:

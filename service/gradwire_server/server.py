@@ -189,7 +189,7 @@ class GradwireServer:
                         asyncio.create_task(self._expire_kept_graphs()),
                         asyncio.create_task(self._expire_checkpoints())]
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("gradwire-server listening on %s:%d", self.config.host, self.port)
+        log.info("gradwire-server listening on %s", listen_address(self.config.host, self.port))
 
     def _load(self, device: torch.device) -> tuple[LoadedModel, MemoryPlan, SamplerAdapters, DecodeLoop]:
         """The model, the training engine and its memory plan, and the sampler (on the worker)."""
