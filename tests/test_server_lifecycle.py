@@ -556,6 +556,23 @@ def test_gradwire_base_url_is_the_default_address(server, monkeypatch):
     with gradwire.ServiceClient(retry_s=0) as service:
         with pytest.raises(gradwire.APIConnectionError):
             service.get_server_capabilities()
+    with gradwire.ServiceClient(base_url=f"http://{server.address}/", retry_s=0) as service:  # a trailing slash
+        assert service.get_server_capabilities().supported_models[0].model_name == "tiny-random"
+
+
+@pytest.mark.parametrize("base_url", ["https://127.0.0.1:50051", "127.0.0.1:50051/v1", ""])
+def test_a_base_url_grpc_cannot_reach_is_refused_at_once(base_url):
+    """Not retried for retry_s seconds as if the server were down: ValueError naming it."""
+    with pytest.raises(ValueError, match="gradwire serves plain gRPC at host:port"):
+        gradwire.ServiceClient(base_url=base_url or " ")
+
+
+@pytest.mark.parametrize("headers, named", [({"X-Title": "café"}, "X-Title"), ({"Bad Key": "x"}, "Bad Key"),
+                                            ({"x-bin": "abc"}, "x-bin")])
+def test_headers_grpc_cannot_send_are_refused_at_once(headers, named):
+    """Not an InternalServerError on every call (a server bug, the README says): ValueError naming the header."""
+    with pytest.raises(ValueError, match=f"header '{named}'"):
+        gradwire.ServiceClient(base_url="127.0.0.1:50051", default_headers_overrides=headers)
 
 
 @pytest.mark.parametrize("setting, shown", [(None, True), ("1", True), ("0", False)])

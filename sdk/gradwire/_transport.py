@@ -25,6 +25,7 @@ from gradwire.v1 import training_service_pb2_grpc as pb_grpc
 T = TypeVar("T")
 
 POLL_S = 30.0  # one WaitOperation long-poll; the server caps it too
+METADATA_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 
 class Transport:
@@ -35,9 +36,7 @@ class Transport:
     def __init__(self, target: str, api_key: str | None, retry_s: float,
                  headers: dict[str, str] | None = None):
         self.retry_s = retry_s
-        # Extra headers travel as gRPC metadata (whose keys are lower case).
-        self.metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + tuple(
-            (key.lower(), value) for key, value in (headers or {}).items())
+        self.metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + _metadata(headers or {})
         self.channel = grpc.insecure_channel(target)
         self.closed = False
         self.training = pb_grpc.TrainingServiceStub(self.channel)
@@ -117,6 +116,20 @@ class Transport:
     def close(self) -> None:
         self.closed = True
         self.channel.close()
+
+
+def _metadata(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """Extra headers as gRPC metadata (lower-case keys); ValueError naming one gRPC cannot
+    send (it would fail every call as if the server had failed)."""
+    metadata = []
+    for key, value in headers.items():
+        name = key.lower() if isinstance(key, str) else key
+        if not (isinstance(name, str) and name and all(c in METADATA_KEY_CHARS for c in name)) or name.endswith("-bin"):
+            raise ValueError(f"header {key!r}: a name of letters, digits, '-', '_' or '.' (not ending in -bin)")
+        if not (isinstance(value, str) and all(" " <= c <= "~" for c in value)):
+            raise ValueError(f"header {key!r}: its value must be printable ASCII text, got {value!r}")
+        metadata.append((name, value))
+    return tuple(metadata)
 
 
 def backoff() -> Iterator[float]:

@@ -43,6 +43,19 @@ _SETTLE_S = 60.0  # how long settling a broken stream may take
 _SENDER_IDLE_S = 2.0  # a training client's sender thread ends after this long with nothing to send
 
 
+
+def _grpc_target(base_url: str) -> str:
+    """host:port from a base URL (grpc:// or http:// and a trailing slash dropped); ValueError
+    for what gRPC would retry as an unreachable server for retry_s seconds."""
+    target = base_url.strip()
+    for scheme in ("grpc://", "http://"):
+        target = target.removeprefix(scheme)
+    target = target.rstrip("/")
+    if "://" in target or "/" in target or not target:
+        raise ValueError(f"base_url {base_url!r}: gradwire serves plain gRPC at host:port (optionally grpc:// or "
+                         "http://), without a path or TLS")
+    return target
+
 class ServiceClient:
     """Entry point: connects to a gradwire server and creates clients.
 
@@ -77,9 +90,7 @@ class ServiceClient:
         self.display_name = display_name
         self.retry_s = retry_s
         self.progress = progress if progress is not None else os.environ.get("GRADWIRE_PROGRESS", "1") != "0"
-        target = base_url or os.environ.get("GRADWIRE_BASE_URL") or DEFAULT_BASE_URL
-        for scheme in ("grpc://", "http://"):
-            target = target.removeprefix(scheme)
+        target = _grpc_target(base_url or os.environ.get("GRADWIRE_BASE_URL") or DEFAULT_BASE_URL)
         self.base_url = target
         api_key = api_key or os.environ.get("GRADWIRE_API_KEY")
         self._transport = Transport(target, api_key, retry_s, default_headers_overrides)
