@@ -13,7 +13,9 @@ from gradwire.v1 import resource_service_pb2 as rpb
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
 from gradwire_server import checkpoints
 from gradwire_server.resource_servicer import DOWNLOAD_CHUNK_BYTES
-from reference import trained_run, worker_busy
+from gradwire_server.server import BackgroundServer
+from conftest import server_config
+from reference import random_data, trained_run, worker_busy
 
 
 def test_runs_and_checkpoints_are_listed(server, service):
@@ -245,3 +247,37 @@ def test_list_checkpoints_pages(server, service):
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in raised.value.details()
     assert pages == [saved[:2], saved[2:]]
     assert [c.path for c in service.create_rest_client().list_checkpoints(tc.model_id).result().checkpoints] == saved
+
+
+def test_a_lost_run_index_is_rebuilt_from_the_checkpoint_folders(tmp_path):
+    """The folders are the truth: a server started on a checkpoint folder whose index was
+    lost (deleted, or a backup without it) lists each run that has a checkpoint again, with
+    what its checkpoints recorded (base model, LoRA settings, step), and their checkpoints."""
+    folder = tmp_path / "checkpoints"
+    first = BackgroundServer(server_config(checkpoint_dir=folder))
+    try:
+        with gradwire.ServiceClient(base_url=first.address) as service:
+            tc = service.create_lora_training_client("tiny-random", rank=4, seed=1, train_mlp=False)
+            tc.forward_backward(random_data(3), "cross_entropy")
+            tc.optim_step(gradwire.AdamParams(learning_rate=1e-2))
+            paths = [tc.save_state("first").result().path, tc.save_weights_for_sampler("first").result().path]
+            rest = service.create_rest_client()
+            before = rest.get_training_run(tc.model_id).result()
+            listed = [c.path for c in rest.list_checkpoints(tc.model_id).result().checkpoints]
+    finally:
+        first.stop()
+    for index in folder.glob("index.sqlite3*"):
+        index.unlink()
+    again = BackgroundServer(server_config(checkpoint_dir=folder))
+    try:
+        with gradwire.ServiceClient(base_url=again.address) as service:
+            rest = service.create_rest_client()
+            run = rest.get_training_run(tc.model_id).result()
+            assert (run.base_model, run.lora_rank, run.lora_config, run.step, run.loaded) == \
+                (before.base_model, before.lora_rank, before.lora_config, 1, False)
+            assert tc.model_id in [r.training_run_id for r in rest.list_training_runs(limit=100).result().training_runs]
+            assert [c.path for c in rest.list_checkpoints(tc.model_id).result().checkpoints] == listed == paths
+            resumed = service.create_training_client_from_state(paths[0])
+            assert resumed.get_info().step == 1
+    finally:
+        again.stop()

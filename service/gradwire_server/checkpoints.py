@@ -47,7 +47,7 @@ from gradwire_server.batch import LoraSettings
 from gradwire_server.engine import RunState
 from gradwire_server.errors import (FieldViolation, ServiceError, already_exists, checkpoint_replaced, data_loss,
                                     failed_precondition, invalid_argument, not_found)
-from gradwire_server.run_index import CheckpointRecord
+from gradwire_server.run_index import CheckpointRecord, RunRecord
 
 SCHEME = "gradwire://"
 FORMAT_VERSION = 1
@@ -107,6 +107,14 @@ class Checkpoint:
     @property
     def step(self) -> int:
         return int(self.metadata["step"])
+
+    def run_record(self) -> RunRecord:
+        """What it says of its run, for an index that lost the run's row (the run's own
+        metadata is not in a checkpoint; it was not loaded by this process)."""
+        created = self.metadata["created_time"]
+        return RunRecord(run_id=self.path.run_id, base_model=self.metadata["base_model"], lora=self.lora,
+                         user_metadata={}, created_time=created, last_request_time=created, last_step=self.step,
+                         loaded=False, source_checkpoint=None)
 
     def record(self) -> CheckpointRecord:
         """Its row in the run index."""

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from gradwire_server.batch import LoraSettings
 
@@ -102,12 +102,16 @@ class RunIndex:
     def add_run(self, run_id: str, base_model: str, lora: LoraSettings, user_metadata: dict[str, str],
                 step: int = 0, source_checkpoint: str | None = None) -> None:
         now = time.time()
+        self._insert_run(RunRecord(run_id, base_model, lora, user_metadata, created_time=now, last_request_time=now,
+                                   last_step=step, loaded=True, source_checkpoint=source_checkpoint))
+
+    def _insert_run(self, run: RunRecord) -> None:
         self._execute(
             "INSERT INTO training_runs (run_id, base_model, lora_rank, lora_config, user_metadata,"
             " created_time, last_request_time, last_step, loaded, source_checkpoint)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
-            (run_id, base_model, lora.rank, json.dumps(asdict(lora)), json.dumps(user_metadata),
-             now, now, step, source_checkpoint))
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run.run_id, run.base_model, run.lora.rank, json.dumps(asdict(run.lora)), json.dumps(run.user_metadata),
+             run.created_time, run.last_request_time, run.last_step, int(run.loaded), run.source_checkpoint))
 
     def set_step(self, run_id: str, step: int) -> None:
         self._execute("UPDATE training_runs SET last_step = ?, last_request_time = ? WHERE run_id = ?",
@@ -175,9 +179,20 @@ class RunIndex:
         return [row["path"] for row in self._query(
             "SELECT path FROM checkpoints WHERE expires_time IS NOT NULL AND expires_time <= ?", (now,))]
 
-    def reconcile(self, on_disk: Iterable[CheckpointRecord]) -> None:
-        """Makes the checkpoint rows exactly the complete folders found on disk."""
-        records = {record.path: record for record in on_disk}
+    def reconcile(self, on_disk: Iterable[tuple[CheckpointRecord, RunRecord]]) -> None:
+        """Makes the checkpoint rows exactly the complete folders found on disk (each with
+        what it says of its run), and adds a row for each of their runs the index lacks (an
+        index lost or restored from a backup): its checkpoints are listed again."""
+        found = list(on_disk)
+        runs: dict[str, RunRecord] = {}
+        for _, run in sorted(found, key=lambda pair: pair[1].last_request_time):  # the newest checkpoint last
+            earlier = runs.get(run.run_id)
+            runs[run.run_id] = run if earlier is None else replace(
+                run, created_time=earlier.created_time, last_step=max(earlier.last_step, run.last_step))
+        for run in runs.values():
+            if self.get_run(run.run_id) is None:
+                self._insert_run(run)
+        records = {record.path: record for record, _ in found}
         for stale in {r.path for r in self.list_checkpoints(include_expired=True)} - records.keys():
             self.remove_checkpoint(stale)
         known = {r.path for r in self.list_checkpoints(include_expired=True)}

@@ -120,7 +120,8 @@ class GradwireServer:
             # Checkpoint folders are the truth; no run of an earlier process is in memory.
             checkpoints.remove_leftovers(self.checkpoint_root)
             self.index.unload_all()
-            self.index.reconcile(saved.record() for saved in checkpoints.scan(self.checkpoint_root))
+            self.index.reconcile((saved.record(), saved.run_record())
+                                 for saved in checkpoints.scan(self.checkpoint_root))
         except (FolderInUse, OSError, sqlite3.DatabaseError) as error:  # not a folder, not writable, damaged index
             self._release_folder()
             raise StartupError(f"--checkpoint-dir {config.checkpoint_dir}: {error}") from error
