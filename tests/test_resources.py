@@ -249,6 +249,38 @@ def test_list_checkpoints_pages(server, service):
     assert [c.path for c in service.create_rest_client().list_checkpoints(tc.model_id).result().checkpoints] == saved
 
 
+def test_deleting_what_a_page_listed_skips_nothing_on_the_next_page(server, service):
+    """The usual cleanup loop (list a page, delete its items, follow the token) reaches
+    every checkpoint: a token holds the last item's place, not an offset that the deletions
+    shift. A token is tied to its list: another run's ListCheckpoints, or ListTrainingRuns,
+    refuses it."""
+    tc = service.create_lora_training_client("tiny-random", rank=2, seed=0)
+    saved = [tc.save_weights_for_sampler(f"cleanup{i}").result().path for i in range(5)]
+    other = service.create_lora_training_client("tiny-random", rank=2, seed=0)
+    rest = service.create_rest_client()
+    seen, token = [], ""
+    with grpc.insecure_channel(server.address) as channel:
+        stub = rpb_grpc.ResourceServiceStub(channel)
+        while True:
+            page = stub.ListCheckpoints(rpb.ListCheckpointsRequest(training_run_id=tc.model_id, page_size=2,
+                                                                   page_token=token))
+            for checkpoint in page.checkpoints:
+                seen.append(checkpoint.path)
+                rest.delete_checkpoint_from_tinker_path(checkpoint.path).result()
+            token = page.next_page_token
+            if not token:
+                break
+            for foreign in (rpb.ListCheckpointsRequest(training_run_id=other.model_id, page_token=token),
+                            rpb.ListTrainingRunsRequest(page_token=token)):
+                method = stub.ListCheckpoints if isinstance(foreign, rpb.ListCheckpointsRequest) else \
+                    stub.ListTrainingRuns
+                with pytest.raises(grpc.RpcError) as raised:
+                    method(foreign)
+                assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+    assert seen == saved
+    assert rest.list_checkpoints(tc.model_id).result().checkpoints == []
+
+
 def test_a_lost_run_index_is_rebuilt_from_the_checkpoint_folders(tmp_path):
     """The folders are the truth: a server started on a checkpoint folder whose index was
     lost (deleted, or a backup without it) lists each run that has a checkpoint again, with

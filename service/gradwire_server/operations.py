@@ -192,17 +192,19 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     async def ListOperations(self, request, context):
         try:
-            start, size = paging.page(request.page_token, request.page_size)
             done = _done_filter(request.filter)
             collection = _collection(request.name)
+            listing = f"operations {collection} {request.filter.replace(' ', '')}"
+            after, size = paging.page(request.page_token, request.page_size, listing)
         except ServiceError as error:
             await abort(context, error)
-        names = [name for name in self.store.names(collection + "/")
-                 if done is None or self.store.get(name).operation.done == done]
-        page = names[start:start + size]
+        names = [name for name in self.store.names(collection + "/")  # in creation order
+                 if (after is None or _creation(name) > after[0])
+                 and (done is None or self.store.get(name).operation.done == done)][:size + 1]
+        last = [_creation(names[size - 1])] if len(names) > size else None
         return operations_pb2.ListOperationsResponse(
-            operations=[self.store.get(name).snapshot() for name in page],
-            next_page_token=paging.next_token(start, size, len(names) - start))
+            operations=[self.store.get(name).snapshot() for name in names[:size]],
+            next_page_token=paging.next_token(listing, last, bool(last)))
 
     async def CancelOperation(self, request, context):
         try:
@@ -219,6 +221,11 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         except ServiceError as error:
             await abort(context, error)
         return empty_pb2.Empty()
+
+
+def _creation(name: str) -> int:
+    """An operation's place in creation order: the counter its name holds (".../<n>-<hex>")."""
+    return int(name.rsplit("/", 1)[1].split("-", 1)[0])
 
 
 def _collection(name: str) -> str:

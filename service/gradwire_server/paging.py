@@ -1,39 +1,44 @@
-"""List pagination (AIP-158) shared by every List method: an opaque page token
-that stands for an offset, and a bounded page size."""
+"""List pagination (AIP-158) shared by every List method: an opaque page token that
+holds the sort key of the last item returned (so items deleted between pages skip
+nothing, and items added appear once), tied to the list it came from, and a
+bounded page size."""
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 
 from gradwire_server.errors import FieldViolation, cut, invalid_argument
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-_MAX_OFFSET = 2**31  # far beyond any list this server holds
 
 
-def page(token: str, page_size: int) -> tuple[int, int]:
-    """(offset, size) of the page a List request asks for; INVALID_ARGUMENT for a
-    negative or too large page_size or a token this server did not issue."""
+def page(token: str, page_size: int, listing: str) -> tuple[list | None, int]:
+    """(the sort key the page starts after, None for the first page; its size) of a List
+    request of `listing` (the list and what narrows it, e.g. "checkpoints of run-1");
+    INVALID_ARGUMENT for a negative or too large page_size, or a token this server did
+    not issue for that listing."""
     if not 0 <= page_size <= MAX_PAGE_SIZE:
         raise invalid_argument([FieldViolation("page_size", f"must be in [0, {MAX_PAGE_SIZE}], got {page_size}")])
-    return _offset(token), page_size or DEFAULT_PAGE_SIZE
+    return _after(token, listing), page_size or DEFAULT_PAGE_SIZE
 
 
-def next_token(offset: int, size: int, fetched: int) -> str:
-    """The next page's token when more than `size` items were fetched; else ""."""
-    if fetched <= size:
+def next_token(listing: str, last_key: list | None, more: bool) -> str:
+    """The next page's token, after the page's last item, when `more` items follow; else ""."""
+    if not more or last_key is None:
         return ""
-    return base64.urlsafe_b64encode(f"offset:{offset + size}".encode()).decode()
+    return base64.urlsafe_b64encode(json.dumps({"list": listing, "after": last_key}).encode()).decode()
 
 
-def _offset(token: str) -> int:
+def _after(token: str, listing: str) -> list | None:
     if not token:
-        return 0
+        return None
     try:
-        kind, _, offset = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind == "offset" and offset.isascii() and offset.isdigit() and int(offset) <= _MAX_OFFSET:
-            return int(offset)
+        decoded = json.loads(base64.urlsafe_b64decode(token.encode()).decode())
+        if isinstance(decoded, dict) and decoded.get("list") == listing and isinstance(decoded.get("after"), list):
+            return decoded["after"]
     except (binascii.Error, UnicodeError, ValueError):
         pass
-    raise invalid_argument([FieldViolation("page_token", f"{cut(token)!r} is not a page token of this server")])
+    raise invalid_argument([FieldViolation("page_token", f"{cut(token)!r} is not a page token of this server "
+                                                         f"for {cut(listing)}")])

@@ -34,10 +34,11 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
 
     async def ListTrainingRuns(self, request, context):
         def page() -> rpb.ListTrainingRunsResponse:
-            offset, size = paging.page(request.page_token, request.page_size)
-            runs = self.index.list_runs(offset, size + 1)
+            after, size = paging.page(request.page_token, request.page_size, "training runs")
+            runs = self.index.list_runs(after, size + 1)
+            last = [runs[size - 1].created_time, runs[size - 1].run_id] if len(runs) > size else None
             return rpb.ListTrainingRunsResponse(training_runs=[self._run(r) for r in runs[:size]],
-                                                next_page_token=paging.next_token(offset, size, len(runs)))
+                                                next_page_token=paging.next_token("training runs", last, bool(last)))
 
         try:
             return await asyncio.to_thread(page)
@@ -58,12 +59,14 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
 
     async def ListCheckpoints(self, request, context):
         def page() -> rpb.ListCheckpointsResponse:
-            offset, size = paging.page(request.page_token, request.page_size)
+            listing = f"checkpoints of {request.training_run_id}"
+            after, size = paging.page(request.page_token, request.page_size, listing)
             if self.index.get_run(request.training_run_id) is None:
                 raise not_found("training run", request.training_run_id)
-            saved = self.index.list_checkpoints(request.training_run_id, offset, size + 1)
+            saved = self.index.list_checkpoints(request.training_run_id, after, size + 1)
+            last = [saved[size - 1].created_time, saved[size - 1].path] if len(saved) > size else None
             return rpb.ListCheckpointsResponse(checkpoints=[_checkpoint(c) for c in saved[:size]],
-                                               next_page_token=paging.next_token(offset, size, len(saved)))
+                                               next_page_token=paging.next_token(listing, last, bool(last)))
 
         try:
             return await asyncio.to_thread(page)

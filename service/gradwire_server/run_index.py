@@ -128,10 +128,11 @@ class RunIndex:
         rows = self._query("SELECT * FROM training_runs WHERE run_id = ?", (run_id,))
         return _run(rows[0]) if rows else None
 
-    def list_runs(self, offset: int = 0, limit: int = -1) -> list[RunRecord]:
-        """Runs, oldest first."""
+    def list_runs(self, after: list | None = None, limit: int = -1) -> list[RunRecord]:
+        """Runs, oldest first (by created_time, run_id), those after the key `after` only."""
+        where, args = ("WHERE (created_time, run_id) > (?, ?)", tuple(after)) if after else ("", ())
         return [_run(row) for row in self._query(
-            "SELECT * FROM training_runs ORDER BY created_time, run_id LIMIT ? OFFSET ?", (limit, offset))]
+            f"SELECT * FROM training_runs {where} ORDER BY created_time, run_id LIMIT ?", (*args, limit))]
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -158,11 +159,15 @@ class RunIndex:
     def remove_checkpoint(self, path: str) -> None:
         self._execute("DELETE FROM checkpoints WHERE path = ?", (path,))
 
-    def list_checkpoints(self, run_id: str | None = None, offset: int = 0, limit: int = -1,
+    def list_checkpoints(self, run_id: str | None = None, after: list | None = None, limit: int = -1,
                          include_expired: bool = False) -> list[CheckpointRecord]:
-        """A run's checkpoints (all when run_id is None), oldest first; those whose TTL
-        ran out only with include_expired."""
+        """A run's checkpoints (all when run_id is None), oldest first (by created_time,
+        path), those after the key `after` only; those whose TTL ran out only with
+        include_expired."""
         conditions, args = [], []
+        if after:
+            conditions.append("(created_time, path) > (?, ?)")
+            args.extend(after)
         if run_id is not None:
             conditions.append("run_id = ?")
             args.append(run_id)
@@ -171,8 +176,7 @@ class RunIndex:
             args.append(time.time())
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         return [_checkpoint(row) for row in self._query(
-            f"SELECT * FROM checkpoints {where} ORDER BY created_time, path LIMIT ? OFFSET ?",
-            (*args, limit, offset))]
+            f"SELECT * FROM checkpoints {where} ORDER BY created_time, path LIMIT ?", (*args, limit))]
 
     def expired_checkpoints(self, now: float) -> list[str]:
         """Paths of the checkpoints whose TTL ran out by `now`."""
