@@ -335,20 +335,25 @@ def test_a_step_whose_second_moment_would_overflow_is_refused_and_its_gradient_d
     with pytest.raises(gradwire.ConflictError, match="AdamW moment infinite or NaN; its gradients are too large "
                                                      "or not finite and were discarded") as raised:
         tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
-
     assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    after = run_state(server, tc.model_id)
-    for name, (weight, _) in before.items():
-        torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
-        assert after[name][1] is None
-    assert_optimizer_equal(moments, optimizer_state(server, tc.model_id))
-    assert tc.get_info().step == step
+    assert_step_refused_and_gradient_discarded(server, tc, before, moments, step)
     tc.forward_backward(random_data(78), "cross_entropy").result()
     tc.optim_step(gradwire.AdamParams(learning_rate=1e-2)).result()
     trained = run_state(server, tc.model_id)
     assert all(not torch.equal(trained[name][0], weight) for name, (weight, _) in before.items())
     assert all(bool(torch.isfinite(value).all()) for state in optimizer_state(server, tc.model_id).values()
                for value in state.values() if isinstance(value, torch.Tensor))
+
+
+def assert_step_refused_and_gradient_discarded(server, tc, before: dict, moments: dict, step: int) -> None:
+    """After a refused step: the weights, AdamW's moments and the step count are as they were
+    (`before`, `moments`, `step`), and the run holds no gradient."""
+    after = run_state(server, tc.model_id)
+    for name, (weight, _) in before.items():
+        torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
+        assert after[name][1] is None
+    assert_optimizer_equal(moments, optimizer_state(server, tc.model_id))
+    assert tc.get_info().step == step
 
 
 def unit_gradient_norm(server, tc, data: list[gradwire.Datum]) -> float:
@@ -377,12 +382,7 @@ def test_a_clipped_step_whose_gradient_norm_overflows_is_refused_and_its_gradien
                                                      "discarded") as raised:
         tc.optim_step(gradwire.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
     assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    after = run_state(server, tc.model_id)
-    for name, (weight, _) in before.items():
-        torch.testing.assert_close(after[name][0], weight, rtol=0, atol=0)
-        assert after[name][1] is None
-    assert_optimizer_equal(moments, optimizer_state(server, tc.model_id))
-    assert tc.get_info().step == step
+    assert_step_refused_and_gradient_discarded(server, tc, before, moments, step)
     tc.forward_backward(random_data(80), "cross_entropy").result()
     tc.optim_step(gradwire.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
     assert tc.get_info().step == step + 1

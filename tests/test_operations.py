@@ -3,6 +3,8 @@ never lose a result, idempotent retries, cancel, delete, list — over raw stubs
 as a client in another language would use them."""
 from __future__ import annotations
 
+import contextlib
+import pathlib
 import threading
 import time
 
@@ -285,22 +287,30 @@ def test_deleting_an_operation_ends_its_waiters_and_readers_with_not_found(serve
         assert outcomes[call].code() == grpc.StatusCode.NOT_FOUND, (call, outcomes[call].details())
 
 
-def test_sdk_retries_while_the_server_is_not_up_yet(tmp_path):
-    """A loop started before its server (or across a restart) gets through: UNAVAILABLE
-    is retried with the same request. A server that never comes raises APIConnectionError."""
-    port = free_port()
+@contextlib.contextmanager
+def server_starting_soon(port: int, folder: pathlib.Path):
+    """A server on `port` and `folder` that starts a second after the block begins (its
+    clients meet UNAVAILABLE first); stopped when the block ends."""
     started: list[BackgroundServer] = []
     starter = threading.Timer(1.0, lambda: started.append(
-        BackgroundServer(server_config(port=port, checkpoint_dir=tmp_path))))
+        BackgroundServer(server_config(port=port, checkpoint_dir=folder))))
     starter.start()
     try:
-        with gradwire.ServiceClient(base_url=f"127.0.0.1:{port}") as service:
-            tc = service.create_lora_training_client("tiny-random", rank=2, seed=0)
-            assert tc.forward_backward(random_data(61), "cross_entropy").result().metrics["loss:sum"] > 0
+        yield
     finally:
         starter.join()
         for server in started:
             server.stop()
+
+
+def test_sdk_retries_while_the_server_is_not_up_yet(tmp_path):
+    """A loop started before its server (or across a restart) gets through: UNAVAILABLE
+    is retried with the same request. A server that never comes raises APIConnectionError."""
+    port = free_port()
+    with server_starting_soon(port, tmp_path):
+        with gradwire.ServiceClient(base_url=f"127.0.0.1:{port}") as service:
+            tc = service.create_lora_training_client("tiny-random", rank=2, seed=0)
+            assert tc.forward_backward(random_data(61), "cross_entropy").result().metrics["loss:sum"] > 0
     with gradwire.ServiceClient(base_url=f"127.0.0.1:{free_port()}", retry_s=0.5) as service:
         with pytest.raises(gradwire.APIConnectionError):
             service.get_server_capabilities()
@@ -317,17 +327,9 @@ def test_a_download_started_while_the_server_restarts_gets_through(tmp_path):
             path = tc.save_weights_for_sampler("across-a-restart").result().path
     finally:
         first.stop()
-    restarted: list[BackgroundServer] = []
-    starter = threading.Timer(1.0, lambda: restarted.append(
-        BackgroundServer(server_config(port=port, checkpoint_dir=folder))))
-    starter.start()
-    try:
+    with server_starting_soon(port, folder):
         with gradwire.ServiceClient(base_url=f"127.0.0.1:{port}") as service:
             copy = service.create_rest_client().download_checkpoint(path, tmp_path / "copy")
-    finally:
-        starter.join()
-        for server in restarted:
-            server.stop()
     stored = checkpoints.parse_path(path).folder(folder)
     assert {f.name: f.read_bytes() for f in copy.iterdir()} == {
         f.name: f.read_bytes() for f in stored.iterdir() if not f.name.startswith(".")}
