@@ -101,6 +101,7 @@ class SampleSpec:
         return length // BLOCK_TOKENS + samples * self.blocks_per_sample()
 
     def blocks_per_sample(self) -> int:
+        """KV blocks one sample holds of its own: the rest of the prompt, and max_tokens."""
         length = len(self.prompt)
         return blocks_for(length + self.settings.max_tokens) - length // BLOCK_TOKENS
 
