@@ -410,8 +410,8 @@ def test_sigterm_fails_what_did_not_run_then_exits_cleanly(tmp_path):
     """SIGTERM while a client is mid-stream and an optimizer step waits behind the stream:
     health turns NOT_SERVING at once; the stream's RPC answers UNAVAILABLE "the server is
     stopping" (nothing of it is applied) without waiting for the rest of its upload; the clients
-    long-polling the step, and a step held for a seq_id that never came, read that too; a request made after the signal is refused
-    (UNAVAILABLE); then the process exits with status 0."""
+    long-polling the step, and a step held for a seq_id that never came, read that too; a
+    request made after the signal is refused (UNAVAILABLE); then the process exits with status 0."""
     process, address = start_cli_server("--checkpoint-dir", str(tmp_path))
     try:
         channel = grpc.insecure_channel(address)
