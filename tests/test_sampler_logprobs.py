@@ -16,7 +16,7 @@ import gradwire
 from conftest import server_config
 from gradwire_server.kv_cache import BLOCK_TOKENS
 from gradwire_server.server import BackgroundServer
-from reference import arriving_while_decoding, reference_model, sequence_logprobs, trained_run
+from reference import arriving_while_decoding, decode_batches, reference_model, sequence_logprobs, trained_run
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32]
 RANK = 4
@@ -223,12 +223,14 @@ def test_a_prompt_whose_training_pass_runs_out_of_memory_fails_its_request_alone
     def victim() -> gradwire.APIFuture:
         return scoring_the_long_prompt(sampler, scored_by)
 
-    with raising_in_a_training_pass(training_server, len(LONG_PROMPT) - 1, torch.OutOfMemoryError("injected")) \
-            as failures, arriving_while_decoding(training_server, victim) as submitted:
+    with decode_batches(training_server) as rows, raising_in_a_training_pass(
+            training_server, len(LONG_PROMPT) - 1, torch.OutOfMemoryError("injected")) as failures, \
+            arriving_while_decoding(training_server, victim) as submitted:
         sequences = sampler.sample(gradwire.ModelInput.from_ints([1, 2, 3]), 2,
                                    gradwire.SamplingParams(max_tokens=60, seed=1)).result(timeout=120).sequences
         with pytest.raises(gradwire.APIStatusError) as raised:
             submitted[0].result(timeout=120)  # (a failure out of the loop's reach waited forever)
+    assert max(rows) == 2  # the victim's samples never decoded
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"scoring a prompt ({len(LONG_PROMPT)} tokens) by a training pass" in str(raised.value)
     assert failures[0][1] == 2  # the bystander's samples were decoding
