@@ -335,19 +335,29 @@ def forward_batches(server):
 def decode_batches(server):
     """Records the rows of every decode step of the server's sampler (eager or a
     CUDA graph's replay, which no module hook sees)."""
-    loop = server.server.sampling.loop
     rows: list[int] = []
-    decode_logits = loop._decode_logits
 
-    def record(tokens):
-        rows.append(tokens.shape[0])
-        return decode_logits(tokens)
+    def recording(decode_logits):
+        def record(tokens):
+            rows.append(tokens.shape[0])
+            return decode_logits(tokens)
+        return record
 
-    server.call(lambda: setattr(loop, "_decode_logits", record))
-    try:
+    with decode_steps_wrapped(server, recording):
         yield rows
+
+
+@contextlib.contextmanager
+def decode_steps_wrapped(server, wrap):
+    """The sampler's decode step (DecodeLoop._decode_logits) replaced by wrap(the step as it
+    was) while the block runs; such blocks nest."""
+    loop = server.server.sampling.loop
+    own, before = "_decode_logits" in vars(loop), loop._decode_logits
+    server.call(lambda: setattr(loop, "_decode_logits", wrap(before)))
+    try:
+        yield
     finally:
-        server.call(lambda: delattr(loop, "_decode_logits"))
+        server.call(lambda: setattr(loop, "_decode_logits", before) if own else delattr(loop, "_decode_logits"))
 
 
 @contextlib.contextmanager
@@ -355,19 +365,17 @@ def arriving_while_decoding(server, submit):
     """While the block runs, the decode loop's first decode step calls submit() (on the
     worker), so that request joins a batch that is decoding; yields the list that gets
     submit()'s result (a future, an operation's name)."""
-    loop, submitted = server.server.sampling.loop, []
-    decode_logits = loop._decode_logits
+    submitted = []
 
-    def submit_then_decode(tokens):
-        if not submitted:
-            submitted.append(submit())
-        return decode_logits(tokens)
+    def submitting(decode_logits):
+        def submit_then_decode(tokens):
+            if not submitted:
+                submitted.append(submit())
+            return decode_logits(tokens)
+        return submit_then_decode
 
-    server.call(lambda: setattr(loop, "_decode_logits", submit_then_decode))
-    try:
+    with decode_steps_wrapped(server, submitting):
         yield submitted
-    finally:
-        server.call(lambda: delattr(loop, "_decode_logits"))
 
 
 @contextlib.contextmanager
