@@ -864,11 +864,6 @@ MUTATIONS = [
              ("tests/test_sampler_logprobs.py::test_a_sample_whose_training_pass_runs_out_of_memory_fails_its_request_alone",
               "tests/test_sampler_logprobs.py::test_a_prompt_whose_training_pass_runs_out_of_memory_fails_its_request_alone"),
              "one sample's or prompt's training pass running out of memory fails every request being sampled"),
-    Mutation("prompt-scoring-failure-joins-its-samples", S + "sampler.py",
-             "        if not generation.sequences or generation.error is not None:\n",
-             "        if not generation.sequences:\n",
-             ("tests/test_sampler_logprobs.py::test_a_prompt_whose_training_pass_runs_out_of_memory_fails_its_request_alone",),
-             "a request whose prompt could not be scored decodes its samples anyway"),
     Mutation("prompt-scored-outside-the-loops-reach", S + "sampler.py",
              "                self._score_prompt(generation)  # (still waiting: a failure of the loop reaches it)\n"
              "                self.waiting.remove(generation)\n",
