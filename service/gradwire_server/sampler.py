@@ -353,8 +353,8 @@ class DecodeLoop:
     def _admit(self) -> None:
         """Admits waiting requests in arrival order while their worst case fits (prompt-only
         requests scored by a training pass, which need no KV cache, at once)."""
-        if self.logprobs_from == "training":  # prompt-only requests need no KV cache: whatever waits ahead
-            for generation in [g for g in self.waiting if not g.sequences]:
+        if self.logprobs_from == "training":  # whatever waits ahead of them
+            for generation in [g for g in self.waiting if not self.uses_kv_cache(g.spec)]:
                 self._score_prompt(generation)  # (still waiting: a failure of the loop reaches it)
                 self.waiting.remove(generation)
                 generation.prefilled = len(generation.spec.prompt)  # done: nothing left to prefill
@@ -418,6 +418,10 @@ class DecodeLoop:
                 elif generation.prefill_done:
                     self._finish_prefill(generation, logits[row, -1:])
                     self.prefilling.remove(generation)
+
+    def uses_kv_cache(self, spec: SampleSpec) -> bool:
+        """Whether the request takes KV blocks: not a prompt alone scored by a training pass."""
+        return bool(spec.num_samples) or self.logprobs_from == "decode"
 
     def _scored_by_prefill(self, generation: Generation) -> bool:
         """Whether the prompt's scores come from its prefill's logits (every position's)."""

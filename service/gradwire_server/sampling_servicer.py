@@ -125,7 +125,7 @@ class SamplingServicer(pb_grpc.SamplingServiceServicer):
         else:
             checkpoint = sampling_validation.weights_checkpoint(request, info.names, self.checkpoint_root)
         spec = validate(info)
-        if spec.num_samples or self.loop.logprobs_from == "decode":  # (else scored by a training pass: no KV)
+        if self.loop.uses_kv_cache(spec):
             sampling_validation.check_kv_budget(spec, self.loop.pool.usable_blocks, self.loop.pool.block_bytes)
         task = SampleTask(self.loop, self.adapters, checkpoint, spec, self._completion_text, stream=stream)
         record = self.scheduler.submit_unordered(OPERATION_OWNER, kind, task)
