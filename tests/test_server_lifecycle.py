@@ -385,11 +385,13 @@ def test_a_stop_while_the_model_loads_never_serves(tmp_path, monkeypatch, caplog
 
 def test_a_second_signal_exits_at_once_without_draining(tmp_path):
     """SIGTERM, then SIGINT, while a 1.1B random model loads (tens of seconds here): the process
-    exits at once with status 1 and one line saying so, instead of waiting for the load."""
+    exits at once with status 1 and one line saying so, instead of waiting for the load. The server
+    is kept off any GPU: there the load takes a second or two and would end before the signals."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "gradwire_server", "--model", "llama-1b", "--load-format", "dummy", "--dtype", "float32",
-         "--port", str(port), "--checkpoint-dir", str(tmp_path)], stderr=subprocess.PIPE, text=True)
+         "--port", str(port), "--checkpoint-dir", str(tmp_path)], stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # the port opens before the load
             health = health_pb2_grpc.HealthStub(channel)
