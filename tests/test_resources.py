@@ -2,6 +2,8 @@
 checked against the files on the server's disk."""
 from __future__ import annotations
 
+import os
+import pathlib
 import shutil
 import threading
 
@@ -159,6 +161,22 @@ def test_a_damaged_checkpoint_is_not_downloaded(server, service, tmp_path):
         service.create_rest_client().download_checkpoint(path, tmp_path / "copy")
     assert raised.value.code == grpc.StatusCode.DATA_LOSS
     assert not (tmp_path / "copy").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_download_into_the_working_directory_when_it_is_empty(server, service, tmp_path, monkeypatch):
+    """dest_dir "." (an empty working directory) receives the files and stays the working
+    directory; nothing of the download is left beside it."""
+    tc = trained_run(service)
+    path = tc.save_state("here").result().path
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    downloaded = service.create_rest_client().download_checkpoint(path, ".")
+    assert downloaded == pathlib.Path(".")
+    assert os.getcwd() == str(here) and os.path.samefile(".", here)  # not unlinked under its user
+    folder = checkpoints.checkpoint_directory(server.server.checkpoint_root, path)
+    assert {p.name: p.read_bytes() for p in here.iterdir()} == {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]
 
 
 @pytest.mark.parametrize("taken", ["folder with a file", "file"])

@@ -106,14 +106,16 @@ class RestClient:
 
     def download_checkpoint(self, path: str, dest_dir: str | os.PathLike) -> pathlib.Path:
         """Writes the checkpoint's files into `dest_dir` (created; must be absent or
-        empty) and returns it. The folder appears only once complete: for a peft
-        adapter, PeftModel.from_pretrained(base_model, dest_dir) loads it."""
+        empty) and returns it. The files appear only once all are complete (an absent
+        folder appears whole): for a peft adapter, PeftModel.from_pretrained(base_model,
+        dest_dir) loads it."""
         path = _convert.gradwire_path(path)
         dest = pathlib.Path(dest_dir)
         if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
             raise ValueError(f"dest_dir {str(dest)!r} must be absent or an empty folder: nothing was downloaded")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
+        absolute = pathlib.Path(os.path.abspath(dest))  # "." or "..": no name to put the partial folder beside
+        absolute.parent.mkdir(parents=True, exist_ok=True)
+        partial = absolute.parent / f".{absolute.name}.partial-{secrets.token_hex(4)}"
         transport = self.service._transport
 
         def download() -> tuple[dict[str, int], dict[str, int]]:  # from the start on every try
@@ -132,7 +134,7 @@ class RestClient:
             short = {name: size for name, size in written.items() if size != announced[name]}
             if short or not written:
                 raise APIError(f"download of {path} is incomplete: {short or 'no file'}")
-            os.replace(partial, dest)
+            _move_into_place(partial, dest)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -272,6 +274,18 @@ def _check_scope(access_scope: str) -> None:
     if access_scope != "owned":
         raise UnsupportedFeatureError(f"access_scope={access_scope!r}",
                                       "runs shared across accounts are a feature of the hosted Tinker service")
+
+
+def _move_into_place(partial: pathlib.Path, dest: pathlib.Path) -> None:
+    """The complete download becomes `dest`: renamed whole where dest is absent; moved in file
+    by file where it is an empty folder, which renaming over would unlink (as "." it is the
+    caller's working directory)."""
+    if not dest.exists():
+        os.replace(partial, dest)
+        return
+    for file in partial.iterdir():
+        os.replace(file, dest / file.name)
+    partial.rmdir()
 
 
 def _write_chunk(folder: pathlib.Path, chunk: rpb.CheckpointChunk, written: dict[str, int]) -> None:
