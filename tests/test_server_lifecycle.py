@@ -521,7 +521,7 @@ def test_a_script_exits_cleanly_with_results_still_being_fetched(server):
     assert "Fatal" not in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
-def test_a_closed_client_says_so(server):
+def test_a_closed_client_says_so(server, monkeypatch):
     """After ServiceClient.close(), every call raises APIConnectionError "the client is closed"
     (gRPC's own error is a bare ValueError), and sends nothing; so does the result of a request
     still in flight at the close (its result's long-poll was cut: not CANCELLED, as if the
@@ -530,9 +530,20 @@ def test_a_closed_client_says_so(server):
     tc = client.create_lora_training_client(base_model="tiny-random", rank=4)
     sampler = client.create_sampling_client(base_model="tiny-random")
     prompt, params = gradwire.ModelInput.from_ints([1, 2, 3]), gradwire.SamplingParams(max_tokens=2)
+    polled: set[str] = set()
+    both_polled = threading.Event()
+    store_wait = server.server.store.wait
+
+    async def wait(name: str, timeout_s: float):  # the server's long-poll of a result, as it starts
+        polled.add(name)
+        if len(polled) == 2:
+            both_polled.set()
+        return await store_wait(name, timeout_s)
+
+    monkeypatch.setattr(server.server.store, "wait", wait)
     with worker_busy(server):
         in_flight = [sampler.sample(prompt, 1, params), tc.forward(random_data(88), "cross_entropy")]
-        concurrent.futures.wait([future._submitted for future in in_flight], timeout=30)
+        assert both_polled.wait(30)  # the close cuts both long-polls mid-call
         client.close()
     for future in in_flight:
         with pytest.raises(gradwire.APIConnectionError, match=r"the client is closed \(close\(\) was called\)"):
