@@ -42,6 +42,24 @@ def test_forward_backward_gradient_matches_autograd(server, service):
                           reference_gradients(model, tc.model_id)) <= 1e-5
 
 
+def test_a_datum_without_weights_counts_each_token_once_beside_datums_with_them(server, service):
+    """Weights default to 1 on every real token per datum, whatever the rest of the batch
+    sends: a datum without them, batched with one that has them, adds Σ -logprob to the loss
+    and gradient, as in-process autograd on the same weights does."""
+    tc = trained_run(service)
+    weighted, plain = random_data(5)[0], random_data(6)[0]
+    plain = gradwire.Datum(model_input=plain.model_input,
+                           loss_fn_inputs={"target_tokens": plain.loss_fn_inputs["target_tokens"]})
+    model = reference_model(server, tc.model_id, rank=4)
+    out = tc.forward_backward([weighted, plain], "cross_entropy").result()
+    loss = (-(reference_logprobs(model, weighted) * weighted.loss_fn_inputs["weights"].to_torch()).sum()
+            - reference_logprobs(model, plain).sum())
+    loss.backward()
+    assert out.metrics["loss:sum"] == pytest.approx(float(loss), rel=1e-5)
+    assert relative_error(server_gradients(server, tc.model_id),
+                          reference_gradients(model, tc.model_id)) <= 1e-5
+
+
 def test_gradients_accumulate_until_optim_step(server, service):
     """Two forward_backward calls accumulate the sum of both gradients; optim_step clears them."""
     tc = trained_run(service)

@@ -632,7 +632,9 @@ class Engine:
 
     def pad(self, data: list[DatumArrays]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Right-pads tokens to [B, L] and loss inputs (plus a 0/1 `mask`) to
-        [B, L, K]. Causal attention keeps real positions blind to the padding after them."""
+        [B, L, K]. Causal attention keeps real positions blind to the padding after them.
+        An input that other datums have and one lacks is 1 on its real tokens: the default
+        of every optional input (weights, sequence_ratio_mask), as for a batch without it."""
         lengths = [len(d.tokens) for d in data]
         widths = [_width(d) for d in data]
         batch, length, width = len(data), max(lengths), max(widths)
@@ -644,8 +646,9 @@ class Engine:
         for i, (d, n, k) in enumerate(zip(data, lengths, widths)):
             tokens[i, :n] = d.tokens
             padded["mask"][i, :n, :k] = 1.0
-            for key, value in d.loss_fn_inputs.items():
-                padded[key][i, :n, :k] = value.reshape(n, k)
+            for key in keys:
+                value = d.loss_fn_inputs.get(key)
+                padded[key][i, :n, :k] = 1.0 if value is None else value.reshape(n, k)
         as_tensor = {key: self._upload(value) for key, value in padded.items()}
         return self._upload(tokens), as_tensor
 

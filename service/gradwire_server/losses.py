@@ -99,8 +99,8 @@ def gspo(logprobs: Tensor, inputs: dict[str, Tensor],
     -Σ min(s·A, clip(s, lo, hi)·A) over every real token.
 
     The ratio tokens are those where `sequence_ratio_mask` is 1 (default, and for a datum
-    whose mask is all zero, as padding makes it for a datum sent without one: every real
-    token; pass it to leave out prompt positions, whose q is no sampler logprob).
+    whose mask is all zero: every real token; pass it to leave out prompt positions, whose
+    q is no sampler logprob).
     lo/hi = clip_low/high_threshold, defaults 1 - 3e-4 and 1 + 4e-4 (the paper's ranges).
     clip_fraction:mean is the fraction of datums whose s lies outside [lo, hi]."""
     lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
