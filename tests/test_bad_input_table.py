@@ -16,7 +16,7 @@ import gradwire
 from gradwire.v1 import codec, sampling_service_pb2, tensor_pb2
 from gradwire.v1 import sampling_service_pb2_grpc, training_service_pb2_grpc
 from gradwire.v1 import training_service_pb2 as pb
-from gradwire_server import validation
+from gradwire_server import scheduler, validation
 from reference import (METHODS, assert_optimizer_equal, assert_state_equal, checkpoint_files, greedy_reference,
                        optimizer_state, random_data, raw_request, reference_base_model, run_state,
                        server_gradients, succeeded, trained_run, worker_busy)
@@ -140,15 +140,31 @@ def test_bad_target_tensor(server, stubs, run, target, words):
     assert_state_equal(before, run_state(server, run.model_id))
 
 
-def test_seq_id_past_the_range_then_zero(server, stubs, service):
-    """seq_id 2^31 - 1 is the last one; 0 (the next free one) after it does not exist."""
+def test_a_seq_id_far_past_the_runs_order_is_refused_and_holds_nothing(server, stubs, service):
+    """seq_id 2^31 - 1 on a run at its first steps: INVALID_ARGUMENT naming seq_id. Held, it
+    wedged the run: once its gap expired the order moved past it, where no seq_id exists. So
+    is one scheduler.MAX_SEQ_AHEAD past the next, also when another field is bad too; nothing
+    changes, and the run's next requests run at once, by seq_id 0 or the next one."""
     run = trained_run(service)
     before = run_state(server, run.model_id)
-    training, _ = stubs
-    training.Forward(raw_request(run.model_id, 2**31 - 1, random_data(62)), timeout=30)  # held for its gap
-    error = status_of(training.ForwardBackward, raw_request(run.model_id, 0, random_data(63)))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "seq_id" in error.details()
+    training, operations = stubs
+    bad_loss = raw_request(run.model_id, 2**31 - 1, random_data(63))
+    bad_loss.loss_fn = "nope"
+    next_seq = server.server.scheduler._orders[run.model_id].next_seq
+    for call, request in ((training.Forward, raw_request(run.model_id, 2**31 - 1, random_data(62))),
+                          (training.ForwardBackward, bad_loss),
+                          (training.OptimStep, pb.OptimStepRequest(model_id=run.model_id,
+                                                                   seq_id=next_seq + scheduler.MAX_SEQ_AHEAD))):
+        error = status_of(call, request)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert error.details().startswith(f"seq_id: {request.seq_id} is too far past the next seq_id of "
+                                          f"{run.model_id}, {next_seq}"), error.details()
     assert_state_equal(before, run_state(server, run.model_id))
+    assert server.server.scheduler._orders[run.model_id].held == {}
+    succeeded(operations, training.ForwardBackward(raw_request(run.model_id, 0, random_data(64)), timeout=30).name)
+    succeeded(operations, training.OptimStep(pb.OptimStepRequest(
+        model_id=run.model_id, seq_id=next_seq + 1, adam_params=pb.AdamParams()), timeout=30).name)
+    assert run.get_info().step == 2
 
 
 def test_negative_seq_id(server, stubs, run):
@@ -487,3 +503,33 @@ def test_read_outputs_of_an_operation_without_outputs(server, stubs, run):
     error = status_of(lambda request, timeout: list(training.ReadOutputs(request, timeout=timeout)),
                       pb.ReadOutputsRequest(name=name))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "OptimStep" in error.details()
+
+
+@pytest.mark.parametrize("rpc", ["CreateModel", "CreateModelFromState", "SaveWeights", "SaveWeightsForSampler"])
+def test_user_metadata_over_the_limit_is_refused(server, stubs, run, rpc):
+    """Labels past MAX_USER_METADATA_BYTES (a listing of runs carries them: unbounded, one
+    client's labels could make every listing outgrow a gRPC message) get INVALID_ARGUMENT
+    naming user_metadata; no run, checkpoint or weight changes. At the limit they are kept."""
+    training = stubs[0]
+    state = run.save_state("labelled").result().path
+    limit = validation.MAX_USER_METADATA_BYTES
+    requests = {
+        "CreateModel": lambda labels: pb.CreateModelRequest(base_model="tiny-random", lora_config=pb.LoraConfig(rank=2),
+                                                            user_metadata=labels),
+        "CreateModelFromState": lambda labels: pb.CreateModelFromStateRequest(path=state, user_metadata=labels),
+        "SaveWeights": lambda labels: pb.SaveWeightsRequest(model_id=run.model_id, name="big", user_metadata=labels),
+        "SaveWeightsForSampler": lambda labels: pb.SaveWeightsForSamplerRequest(model_id=run.model_id, name="big",
+                                                                                user_metadata=labels)}
+    over = {"ключ": "é" * (limit // 2)}  # limit / 2 + 4 characters, limit + 8 bytes in UTF-8: bytes count
+    runs_before, files_before = set(server.engine.runs), checkpoint_files(server)
+    before = run_state(server, run.model_id)
+    error = status_of(getattr(training, rpc), requests[rpc](over))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert error.details().startswith(f"user_metadata: has {limit + 8} bytes"), error.details()
+    assert set(server.engine.runs) == runs_before and checkpoint_files(server) == files_before
+    assert_state_equal(before, run_state(server, run.model_id))
+
+    at_limit = {"k": "v" * (limit - 1)}
+    answer = getattr(training, rpc)(requests[rpc](at_limit), timeout=30)
+    if isinstance(answer, operations_pb2.Operation):
+        succeeded(stubs[1], answer.name)

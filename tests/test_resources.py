@@ -13,7 +13,9 @@ import pytest
 import gradwire
 from gradwire.v1 import resource_service_pb2 as rpb
 from gradwire.v1 import resource_service_pb2_grpc as rpb_grpc
-from gradwire_server import checkpoints
+from gradwire.v1 import training_service_pb2 as pb
+from gradwire.v1 import training_service_pb2_grpc as pb_grpc
+from gradwire_server import checkpoints, paging, validation
 from gradwire_server.resource_servicer import DOWNLOAD_CHUNK_BYTES
 from gradwire_server.server import BackgroundServer
 from conftest import server_config
@@ -69,6 +71,32 @@ def test_list_training_runs_pages(server, service):
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert all(len(page) <= 2 for page in pages) and len(pages) >= 2
     assert [run for page in pages for run in page] == [r.training_run_id for r in everything]
+
+
+def test_runs_whose_labels_outgrow_a_message_are_listed_over_more_pages(tmp_path):
+    """Runs with user_metadata at its limit: a page of 1000 would be 2.5 MB, so it ends early,
+    at the size a gRPC message holds with room to spare, and its token lists the rest; the SDK,
+    which reads every page, lists them all."""
+    labels = {"notes": "n" * (validation.MAX_USER_METADATA_BYTES - len("notes"))}
+    server = BackgroundServer(server_config(checkpoint_dir=tmp_path))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            training = pb_grpc.TrainingServiceStub(channel)
+            created = [training.CreateModel(pb.CreateModelRequest(
+                base_model="tiny-random", lora_config=pb.LoraConfig(rank=1), user_metadata=labels)).model_id
+                for _ in range(150)]
+            stub = rpb_grpc.ResourceServiceStub(channel)
+            first = stub.ListTrainingRuns(rpb.ListTrainingRunsRequest(page_size=1000))
+            rest = stub.ListTrainingRuns(rpb.ListTrainingRunsRequest(page_size=1000, page_token=first.next_page_token))
+        assert 0 < len(first.training_runs) < 150 and first.ByteSize() <= paging.PAGE_BYTES
+        assert rest.next_page_token == ""
+        assert sorted(r.training_run_id for r in [*first.training_runs, *rest.training_runs]) == sorted(created)
+        with gradwire.ServiceClient(base_url=server.address) as service:
+            listed = service.create_rest_client().list_training_runs(limit=1000).result().training_runs
+        assert sorted(r.training_run_id for r in listed) == sorted(created)
+        assert all(r.user_metadata == labels for r in listed)
+    finally:
+        server.stop()
 
 
 def test_download_streams_the_files_in_chunks(server, service, tmp_path):

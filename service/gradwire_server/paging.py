@@ -1,17 +1,21 @@
 """List pagination (AIP-158) shared by every List method: an opaque page token that
 holds the sort key of the last item returned (so items deleted between pages skip
 nothing, and items added appear once), tied to the list it came from, and a
-bounded page size."""
+bounded page size; a page of large items ends early (PAGE_BYTES)."""
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+from collections.abc import Sequence
+
+from google.protobuf.message import Message
 
 from gradwire_server.errors import FieldViolation, cut, invalid_argument
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+PAGE_BYTES = 2 * 2**20  # a page ends early rather than outgrow gRPC's 4 MiB message limit
 
 
 def page(token: str, page_size: int, listing: str) -> tuple[list | None, int]:
@@ -22,6 +26,16 @@ def page(token: str, page_size: int, listing: str) -> tuple[list | None, int]:
     if not 0 <= page_size <= MAX_PAGE_SIZE:
         raise invalid_argument([FieldViolation("page_size", f"must be in [0, {MAX_PAGE_SIZE}], got {page_size}")])
     return _after(token, listing), page_size or DEFAULT_PAGE_SIZE
+
+
+def fitting(items: Sequence[Message], budget: int = PAGE_BYTES) -> int:
+    """How many of `items`, from the first, one page holds within `budget` bytes (at least one)."""
+    total = 0
+    for count, item in enumerate(items):
+        total += item.ByteSize()
+        if total > budget and count:
+            return count
+    return len(items)
 
 
 def next_token(listing: str, last_key: list | None, more: bool) -> str:

@@ -36,8 +36,10 @@ class ResourceServicer(rpb_grpc.ResourceServiceServicer):
         def page() -> rpb.ListTrainingRunsResponse:
             after, size = paging.page(request.page_token, request.page_size, "training runs")
             runs = self.index.list_runs(after, size + 1)
+            listed = [self._run(r) for r in runs[:size]]
+            size = paging.fitting(listed)  # user_metadata can make runs large
             last = [runs[size - 1].created_time, runs[size - 1].run_id] if len(runs) > size else None
-            return rpb.ListTrainingRunsResponse(training_runs=[self._run(r) for r in runs[:size]],
+            return rpb.ListTrainingRunsResponse(training_runs=listed[:size],
                                                 next_page_token=paging.next_token("training runs", last, bool(last)))
 
         try:

@@ -30,6 +30,7 @@ from gradwire_server.operations import OperationRecord, OperationStore
 log = logging.getLogger(__name__)
 
 MAX_SEQ_ID = 2**31 - 1  # seq_id is an int32: 1..MAX_SEQ_ID, and 0 asks for the next free one
+MAX_SEQ_AHEAD = 2**16  # how far past a run's next seq_id a request is accepted (and held)
 
 @dataclass
 class Step:
@@ -127,6 +128,17 @@ class Scheduler:
         if first_kind != kind:
             raise request_id_reused(request_id, f"{order.op_of_seq[seq_id]}, a {first_kind}", "another RPC")
         return order.op_of_seq[seq_id]
+
+    def check_reach(self, run_id: str, seq_id: int) -> None:
+        """INVALID_ARGUMENT for a seq_id MAX_SEQ_AHEAD or more past the run's next one. Held,
+        it would wait for requests no client sends, and once its gap expired the run's order
+        would move past it: from the last seq_id, to where no request can follow."""
+        order = self._orders.get(run_id)
+        next_seq = order.next_seq if order else 1
+        if seq_id >= next_seq + MAX_SEQ_AHEAD:
+            raise invalid_argument([FieldViolation(
+                "seq_id", f"{seq_id} is too far past the next seq_id of {run_id}, {next_seq}: "
+                          f"at most {MAX_SEQ_AHEAD - 1} past it are accepted")])
 
     def submit(self, run_id: str, seq_id: int, request_id: str, kind: str,
                task: Task, num_datums: int = 0) -> OperationRecord:

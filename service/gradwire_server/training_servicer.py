@@ -121,6 +121,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                     "base_model", f"this server serves {' = '.join(map(repr, info.names))}, "
                                   f"not {cut(request.base_model)!r}")])
             lora = validation.lora_settings(request.lora_config)
+            validation.user_metadata(request.user_metadata)
             engine, index, user_metadata = self.engine, self.index, dict(request.user_metadata)
 
             def create() -> str:
@@ -213,6 +214,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         try:
             self._ready()
             ops, path, optimizer = self.ops, request.path, request.optimizer
+            validation.user_metadata(request.user_metadata)
             user_metadata = dict(request.user_metadata)
 
             async def create() -> str:
@@ -244,12 +246,14 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             ops.save(path, ttl, overwrite, user_metadata)
             return response_type(path=path.path)
 
+        def validate() -> checkpoints.CheckpointPath:
+            validation.user_metadata(request.user_metadata)
+            return self._new_checkpoint(request.model_id, kind, request.name, ttl, overwrite)
+
         def remember(path: checkpoints.CheckpointPath, operation: str) -> None:
             self._saves[path.path] = operation
 
-        return await self._one_shot_rpc(
-            request, context, label,
-            lambda: self._new_checkpoint(request.model_id, kind, request.name, ttl, overwrite), save, remember)
+        return await self._one_shot_rpc(request, context, label, validate, save, remember)
 
     async def _one_shot_rpc(self, request, context, kind: str, validate: Callable[[], T],
                             work: Callable[[T], Message],
@@ -472,6 +476,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         validation.seq_id(seq_id)
         validation.request_id(request_id)
         self._run(model_id)
+        self.scheduler.check_reach(model_id, seq_id)  # refused so, it uses up nothing
         if (existing := self.scheduler.existing(model_id, seq_id, request_id, kind)) is not None:
             return self.store.get(existing).snapshot(), None
         try:

@@ -23,6 +23,7 @@ MAX_LORA_RANK = 256
 MAX_DATUM_INPUT_BYTES = 64 * 2**20    # all loss_fn_inputs of one datum
 MAX_REQUEST_INPUT_BYTES = 256 * 2**20  # all datums of a unary request, or of one stream message
 MAX_REQUEST_ID_CHARS = 256
+MAX_USER_METADATA_BYTES = 16 * 2**10  # a run's or checkpoint's labels: listings of runs carry them
 MAX_CONFIG_VALUE = 1e6                 # |loss_fn_config value|: far beyond any sensible setting
 # AdamW hyperparameters: finite, and bounded so a step cannot overflow float32 weights.
 MAX_LEARNING_RATE = 10.0
@@ -99,6 +100,15 @@ def ttl_seconds(value: int | None) -> None:
     if value is not None and not 1 <= value <= MAX_TTL_SECONDS:
         raise invalid_argument([FieldViolation(
             "ttl_seconds", f"must be within [1, {MAX_TTL_SECONDS}] (a century), got {value}")])
+
+
+def user_metadata(value: Mapping[str, str]) -> None:
+    """A run's or checkpoint's labels hold at most MAX_USER_METADATA_BYTES of keys and values
+    (UTF-8): they are stored with it, and a run's come back in every listing of runs."""
+    size = sum(len(key.encode()) + len(text.encode()) for key, text in value.items())
+    if size > MAX_USER_METADATA_BYTES:
+        raise invalid_argument([FieldViolation(
+            "user_metadata", f"has {size} bytes of keys and values, at most {MAX_USER_METADATA_BYTES} are allowed")])
 
 
 def request_id(value: str) -> None:
