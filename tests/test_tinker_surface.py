@@ -86,6 +86,8 @@ def test_a_checkpoints_ttl_can_be_set_and_removed(server, service):
     for bad in (0, 10**12):
         with pytest.raises(gradwire.BadRequestError, match="ttl_seconds"):
             rest.set_checkpoint_ttl_from_tinker_path(keep, bad).result()
+    with pytest.raises(TypeError, match=r"^ttl_seconds=1\.5: "):  # refused before it is sent
+        rest.set_checkpoint_ttl_from_tinker_path(keep, 1.5)
     assert [c.expires_at for c in rest.list_checkpoints(tc.model_id).result().checkpoints] == [None]
 
 

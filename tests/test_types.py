@@ -72,6 +72,14 @@ def test_int64_loss_inputs_refuse_what_a_cast_would_change():
             datum(targets)
 
 
+def test_loss_inputs_that_are_no_numbers_are_refused_naming_the_key():
+    """A dict or text where a loss input's numbers go: TypeError or ValueError naming the key."""
+    for key, value, error in (("weights", {"a": 1}, TypeError), ("weights", ["x", "y"], ValueError),
+                              ("target_tokens", {"a": 1}, ValueError), ("advantages", [object()], TypeError)):
+        with pytest.raises(error, match=rf"loss_fn_inputs\['{key}'\]: "):
+            gradwire.Datum(model_input=gradwire.ModelInput.from_ints([1, 2]), loss_fn_inputs={key: value})
+
+
 def test_a_future_is_fetched_in_the_background_and_waiters_keep_their_own_timeouts():
     """The value is fetched without anyone asking (done() turns True, callbacks run, the
     future is a concurrent.futures.Future); while one thread waits, another's

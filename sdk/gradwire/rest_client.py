@@ -101,7 +101,8 @@ class RestClient:
     def set_checkpoint_ttl_from_tinker_path(self, tinker_path: str, ttl_seconds: int | None) -> APIFuture[None]:
         """Sets the checkpoint's TTL to ttl_seconds from now (the server then deletes it),
         or with None removes it (kept until deleted)."""
-        request = rpb.SetCheckpointTtlRequest(path=_convert.gradwire_path(tinker_path), ttl_seconds=ttl_seconds)
+        request = _convert.message(rpb.SetCheckpointTtlRequest, path=_convert.gradwire_path(tinker_path),
+                                   ttl_seconds=ttl_seconds)
         return self._background(lambda: self._call("SetCheckpointTtl", request) and None)
 
     def download_checkpoint(self, path: str, dest_dir: str | os.PathLike) -> pathlib.Path:

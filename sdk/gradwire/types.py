@@ -114,8 +114,8 @@ def as_tensor_data(value: Any, key: str = "") -> TensorData:
         dtype = "int64" if np.issubdtype(array.dtype, np.integer) or array.dtype == bool else "float32"
     try:
         return TensorData(array, dtype, array.shape)
-    except ValueError as error:
-        raise ValueError(f"loss_fn_inputs[{key!r}]: {error}") from None
+    except (TypeError, ValueError) as error:  # TypeError: values that are no numbers (e.g. a dict)
+        raise type(error)(f"loss_fn_inputs[{key!r}]: {error}") from None
 
 
 def _token_id(value: Any) -> int:
