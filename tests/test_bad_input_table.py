@@ -151,6 +151,7 @@ def test_a_seq_id_far_past_the_runs_order_is_refused_and_holds_nothing(server, s
     bad_loss = raw_request(run.model_id, 2**31 - 1, random_data(63))
     bad_loss.loss_fn = "nope"
     next_seq = server.server.scheduler._orders[run.model_id].next_seq
+    operations_before = server.server.store.names(f"operations/{run.model_id}/")
     for call, request in ((training.Forward, raw_request(run.model_id, 2**31 - 1, random_data(62))),
                           (training.ForwardBackward, bad_loss),
                           (training.OptimStep, pb.OptimStepRequest(model_id=run.model_id,
@@ -161,6 +162,7 @@ def test_a_seq_id_far_past_the_runs_order_is_refused_and_holds_nothing(server, s
                                           f"{run.model_id}, {next_seq}"), error.details()
     assert_state_equal(before, run_state(server, run.model_id))
     assert server.server.scheduler._orders[run.model_id].held == {}
+    assert server.server.store.names(f"operations/{run.model_id}/") == operations_before  # none, not even a rejected one
     succeeded(operations, training.ForwardBackward(raw_request(run.model_id, 0, random_data(64)), timeout=30).name)
     succeeded(operations, training.OptimStep(pb.OptimStepRequest(
         model_id=run.model_id, seq_id=next_seq + 1, adam_params=pb.AdamParams()), timeout=30).name)
@@ -522,11 +524,13 @@ def test_user_metadata_over_the_limit_is_refused(server, stubs, run, rpc):
                                                                                 user_metadata=labels)}
     over = {"ключ": "é" * (limit // 2)}  # limit / 2 + 4 characters, limit + 8 bytes in UTF-8: bytes count
     runs_before, files_before = set(server.engine.runs), checkpoint_files(server)
+    listed_before = server.server.index.list_runs()
     before = run_state(server, run.model_id)
     error = status_of(getattr(training, rpc), requests[rpc](over))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert error.details().startswith(f"user_metadata: has {limit + 8} bytes"), error.details()
     assert set(server.engine.runs) == runs_before and checkpoint_files(server) == files_before
+    assert server.server.index.list_runs() == listed_before
     assert_state_equal(before, run_state(server, run.model_id))
 
     at_limit = {"k": "v" * (limit - 1)}
