@@ -71,13 +71,15 @@ def test_ttl_checkpoints_expire_leave_listings_and_are_deleted(server, service):
 def test_a_checkpoints_ttl_can_be_set_and_removed(server, service):
     tc = trained_run(service, seed=10)
     rest = service.create_rest_client()
-    keep = tc.save_state("keep", ttl_seconds=1).result().path
-    drop = tc.save_weights_for_sampler("drop").result().path
+    saved_at = time.monotonic()
+    keep = tc.save_state("keep", ttl_seconds=3).result().path
+    # removed at once (a loaded machine took over 1 s for the next save): then kept past those 3 s
     assert rest.set_checkpoint_ttl_from_tinker_path(keep.replace("gradwire://", "tinker://"), None).result() is None
+    drop = tc.save_weights_for_sampler("drop").result().path
     rest.set_checkpoint_ttl_from_tinker_path(drop, 1).result()
     listed = {c.path: c.expires_at for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
     assert listed[keep] is None and listed[drop] is not None
-    time.sleep(1.1)
+    time.sleep(max(1.1, saved_at + 3.1 - time.monotonic()))
     assert [c.path for c in rest.list_checkpoints(tc.model_id).result().checkpoints] == [keep]
     tc.load_state(keep).result()
     assert drop in server.expire_checkpoints()
